@@ -1,0 +1,232 @@
+"""The Typer commands: parse, build a config, call one library function, render the result.
+
+Option values are parsed by the strict parsers of balprune.config inside Click callbacks, so a
+bad value is a usage error (exit 2) before any file is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .. import __version__
+from ..config import (
+    PruneOptions, build_pattern, build_schedule, load_config, parse_block_shape, parse_nm,
+    parse_positive_int, parse_sparsity, rules_from_config,
+)
+from ..errors import ConfigError, UsageError
+from . import render
+
+app = typer.Typer(
+    name="balprune",
+    help="Balanced Sparsity pruning: prune checkpoints, write packed balanced-sparse safetensors, "
+    "verify and inspect them.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_STATE = {"debug": False}
+
+
+def _usage(fn):
+    """Wrap a strict parser as a Click callback raising typer.BadParameter (exit 2)."""
+
+    def callback(value):
+        if value is None:
+            return None
+        try:
+            return fn(value)
+        except UsageError as exc:
+            raise typer.BadParameter(exc.message) from None
+
+    return callback
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    _STATE["debug"] = debug
+    if version:
+        typer.echo(f"balprune {__version__}")
+        raise typer.Exit(0)
+
+
+def _progress_bar(enabled: bool):
+    """A rich progress bar on stderr, or None when output is not for a person."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                    console=render.console(stderr=True), transient=True)
+
+
+@app.command()
+def prune(
+    checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.bin state dict, a .safetensors file, or a sharded folder / *.index.json."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", callback=_usage(parse_sparsity),
+                                           help="Fraction of weights to remove, in [0, 1), e.g. 0.9."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", "-b", callback=_usage(lambda v: parse_positive_int(v, what="--blocks")),
+                                         help="Balanced: blocks per row (default 32)."),
+    block_size: Optional[str] = typer.Option(None, "--block-size", callback=_usage(lambda v: parse_positive_int(v, what="--block-size")),
+                                             help="Balanced: block length L instead of --blocks."),
+    nm: Optional[str] = typer.Option(None, "--nm", callback=_usage(lambda v: (parse_nm(v), v)[1]),
+                                     help="Balanced N:M, e.g. 2:4 (block length M, keep N); replaces --sparsity."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="balanced (default), unstructured or block."),
+    block_shape: Optional[str] = typer.Option(None, "--block-shape", callback=_usage(lambda v: ("x".join(map(str, parse_block_shape(v))))),
+                                              help="Block pattern: tile shape HxW (default 8x8)."),
+    scope: Optional[str] = typer.Option(None, "--scope", help="Unstructured: tensor (default) or global."),
+    include: List[str] = typer.Option([], "--include", help="Only prune tensors matching this glob (repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Never prune tensors matching this glob (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML recipe: [prune], [schedule], [[layers]] rules."),
+    steps: Optional[str] = typer.Option(None, "--steps", callback=_usage(lambda v: parse_positive_int(v, what="--steps")),
+                                        help="Schedule steps of Algorithm 1 (one-shot without fine-tuning)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cubic (default) or linear."),
+    key: Optional[str] = typer.Option(None, "--key", help="Entry of a torch checkpoint holding the state dict (dotted path)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse non-float matrices instead of passing them through."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: <input>.<pattern>.safetensors beside the input)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file (atomically)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+) -> None:
+    """Prune a checkpoint and write the packed balanced-sparse safetensors file."""
+    from ..checkpoint import open_checkpoint
+    from ..prune.engine import default_output, prune_checkpoint
+
+    options = _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope,
+                             include, exclude, steps, schedule, strict)
+    err = render.console(stderr=True)
+    if options.pattern.sparsity == 0:
+        err.print("warning: sparsity 0 prunes nothing; tensors pass through unchanged")
+    ckpt = open_checkpoint(checkpoint, key=key)
+    out = output if output is not None else default_output(checkpoint, options.pattern.kind.value)
+    bar = _progress_bar(not as_json)
+    if bar is None:
+        report = prune_checkpoint(ckpt, out, options, force=force)
+    else:
+        with bar:
+            task = bar.add_task("pruning", total=sum(t.nbytes for t in ckpt.tensors))
+            report = prune_checkpoint(ckpt, out, options, force=force,
+                                      progress=lambda done, total, name: bar.update(task, completed=done, description=name[-40:]))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        render.console().print(render.prune_table(report))
+    for note in report.notes:
+        err.print(f"note: {note}")
+
+
+def _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope, include, exclude,
+                   steps, schedule, strict) -> PruneOptions:
+    data = load_config(config) if config is not None else {}
+    base = data.get("prune", {})
+    cli = {"sparsity": sparsity, "blocks": blocks, "block_size": block_size, "block_shape": block_shape,
+           "nm": nm, "scope": scope}
+    # CLI values win over the config's [prune] table, which wins over the defaults.
+    merged = {k: (cli[k] if cli[k] is not None else base.get(k)) for k in cli}
+    if cli["blocks"] is not None or cli["block_size"] is not None or cli["nm"] is not None:
+        for k in ("blocks", "block_size", "nm"):
+            merged[k] = cli[k]
+    if merged["nm"] is None and merged["sparsity"] is None:
+        raise UsageError("--sparsity is required (or --nm N:M, or sparsity in the config's [prune] table)")
+    kind = pattern if pattern is not None else base.get("pattern")
+    error = UsageError if config is None else ConfigError
+    p = build_pattern(kind, error=error, **merged)
+    sched_cfg = data.get("schedule", {})
+    sched = build_schedule(schedule if schedule is not None else sched_cfg.get("kind"),
+                           steps if steps is not None else sched_cfg.get("steps"),
+                           sched_cfg.get("values"), error=error)
+    sched.sparsities(p.sparsity)  # a list schedule must end at the target
+    inc = tuple(include) or tuple(base.get("include", ()))
+    exc = tuple(exclude) or tuple(base.get("exclude", ()))
+    strict = strict or bool(base.get("strict", False))
+    return PruneOptions(p, include=inc, exclude=exc, rules=rules_from_config(data.get("layers", []), p),
+                        schedule=sched, strict=strict)
+
+
+@app.command()
+def unpack(
+    packed: Path = typer.Argument(..., help="A packed file written by `balprune prune`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Dense safetensors file to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Write the dense-with-zeros checkpoint back: every tensor at its name, shape and dtype."""
+    from ..formats.packed_file import unpack as unpack_file
+
+    n = unpack_file(packed, output, force=force)
+    render.console().print(f"wrote {n} tensors to {output}")
+
+
+@app.command()
+def verify(
+    packed: Path = typer.Argument(..., help="A packed file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check every invariant of a packed file; exit 4 naming the first violation."""
+    from ..formats.packed_file import summarize, verify_packed
+
+    pf = verify_packed(packed)
+    rows = summarize(pf)
+    if as_json:
+        typer.echo(json.dumps({"schema": "balprune.verify/1", "file": str(packed), "ok": True, "tensors": len(rows)}))
+    else:
+        pruned = sum(r.pattern != "dense" for r in rows)
+        render.console().print(f"ok: {packed}: {len(rows)} tensors ({pruned} packed) satisfy format v1")
+
+
+@app.command()
+def inspect(
+    packed: Path = typer.Argument(..., help="A packed file."),
+    as_json: bool = typer.Option(False, "--json", help="Print header, manifest and layers as JSON."),
+) -> None:
+    """Show the header, manifest and per-layer pattern, sparsity and bytes of a packed file."""
+    from ..formats.packed_file import read_packed, summarize
+
+    pf = read_packed(packed)
+    rows = summarize(pf)
+    if as_json:
+        typer.echo(json.dumps({
+            "schema": "balprune.inspect/1", "file": str(packed), "file_bytes": pf.parsed.file_size,
+            "header_bytes": len(pf.parsed.header_bytes), "format_version": "1", "tool_version": pf.tool_version,
+            "manifest": pf.manifest,
+            "layers": [{"name": r.name, "pattern": r.pattern, "shape": list(r.shape), "dtype": r.dtype,
+                        "detail": r.detail, "sparsity_achieved": r.sparsity_achieved,
+                        "dense_bytes": r.dense_bytes, "packed_bytes": r.packed_bytes} for r in rows],
+        }, indent=2))
+        return
+    con = render.console()
+    for line in render.header_lines(pf):
+        con.print(line)
+    con.print(render.layers_table("layers", rows))
+
+
+@app.command()
+def example(
+    name: str = typer.Argument(..., help="vgg16, lstm-lm, ctc-bilstm or tiny-cnn ('list' to describe them)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint to write (.pt or .safetensors)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the weights."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Write a checkpoint of one of the paper's workloads with random weights."""
+    from ..examples import EXAMPLES, example_state_dict
+    from ..save import save_state_dict
+
+    if name == "list":
+        for n, (desc, _) in EXAMPLES.items():
+            typer.echo(f"{n:12s} {desc}")
+        return
+    if name not in EXAMPLES:
+        raise UsageError(f"unknown example {name!r}; choose one of {', '.join(EXAMPLES)}")
+    if output is None:
+        raise UsageError("--output/-o is required")
+    sd = example_state_dict(name, seed)
+    save_state_dict(sd, output, force=force)
+    n = sum(t.numel() for t in sd.values())
+    render.console().print(f"wrote {name} ({len(sd)} tensors, {n / 1e6:.1f}M parameters) to {output}")

@@ -1,0 +1,395 @@
+"""Frozen, validated configuration: sparsity patterns, schedules, layer rules and prune options.
+
+Every value a user can type arrives through one of the strict parsers here, from the CLI or from
+a TOML file, so the two accept exactly the same spellings. Invalid values raise the project's
+UsageError (CLI) or ConfigError (TOML); never ``assert``.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import math
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Union
+
+from .errors import ConfigError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+_DECIMAL = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def parse_sparsity(text: object, *, what: str = "--sparsity", error=UsageError) -> float:
+    """A sparsity in [0, 1) from a plain decimal ('0.9', '.5', '9e-1'); nothing else.
+
+    Refused: negatives, 1 and above, nan, inf, percentages, underscores, empty strings. 0 is
+    allowed (the caller warns: nothing is pruned).
+    """
+    if isinstance(text, bool):
+        raise error(f"{what}: expected a number in [0, 1), got {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+        if not math.isfinite(value):
+            raise error(f"{what}: expected a number in [0, 1), got {text!r}")
+    else:
+        s = str(text).strip()
+        if not _DECIMAL.match(s):
+            raise error(f"{what}: expected a decimal number in [0, 1) such as 0.9, got {str(text)!r}")
+        value = float(s)
+    if not 0.0 <= value < 1.0:
+        raise error(f"{what}: must be in [0, 1) (1.0 would remove every weight), got {value:g}")
+    return value
+
+
+def parse_positive_int(text: object, *, what: str, error=UsageError, minimum: int = 1) -> int:
+    """A plain integer >= ``minimum`` ('32'); refuses '2.5', '1_0', '', booleans."""
+    if isinstance(text, bool):
+        raise error(f"{what}: expected an integer, got {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        s = str(text).strip()
+        if not _INTEGER.match(s):
+            raise error(f"{what}: expected an integer, got {str(text)!r}")
+        value = int(s)
+    if value < minimum:
+        raise error(f"{what}: must be >= {minimum}, got {value}")
+    return value
+
+
+def parse_block_shape(text: object, *, what: str = "--block-shape", error=UsageError) -> tuple[int, int]:
+    """'8x8' (or a [8, 8] list from TOML) -> (8, 8)."""
+    if isinstance(text, (list, tuple)) and len(text) == 2:
+        parts = list(text)
+    else:
+        parts = str(text).lower().split("x")
+        if len(parts) != 2:
+            raise error(f"{what}: expected HxW such as 8x8, got {str(text)!r}")
+    h = parse_positive_int(parts[0], what=what, error=error)
+    w = parse_positive_int(parts[1], what=what, error=error)
+    return (h, w)
+
+
+def parse_nm(text: str, *, what: str = "--nm", error=UsageError) -> tuple[int, int]:
+    """'2:4' -> (2, 4): keep N of every M consecutive weights (balanced with block length M)."""
+    parts = str(text).split(":")
+    if len(parts) != 2:
+        raise error(f"{what}: expected N:M such as 2:4, got {text!r}")
+    n = parse_positive_int(parts[0], what=what, error=error)
+    m = parse_positive_int(parts[1], what=what, error=error, minimum=2)
+    if n >= m:
+        raise error(f"{what}: N must be smaller than M, got {text!r}")
+    return (n, m)
+
+
+def keep_count(sparsity: float, length: int) -> int:
+    """Entries kept out of ``length`` at ``sparsity``: the documented rounding rule.
+
+    k = floor((1 - s) * length + 1/2), computed exactly from the shortest decimal form of ``s``
+    (so 0.9 means nine tenths, not the binary float nearest to it), clamped to [1, length].
+    Halves round up. Every pattern uses this rule: per block (balanced), per tensor
+    (unstructured), per tile count (block).
+    """
+    exact = (1 - Fraction(repr(float(sparsity)))) * length + Fraction(1, 2)
+    return max(1, min(length, math.floor(exact)))
+
+
+class PatternKind(str, enum.Enum):
+    BALANCED = "balanced"
+    UNSTRUCTURED = "unstructured"
+    BLOCK = "block"
+
+
+class UnstructuredScope(str, enum.Enum):
+    TENSOR = "tensor"
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class BalancedPattern:
+    """Balanced sparsity: each row split into blocks; every block keeps the same k entries.
+
+    Exactly one of ``blocks`` (B per row; block length L = ceil(K / B)) and ``block_size``
+    (L directly; B = ceil(K / L)) is set. N:M is ``block_size=M, sparsity=1 - N/M``.
+    """
+
+    sparsity: float
+    blocks: int | None = 32
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        parse_sparsity(self.sparsity, what="sparsity", error=ConfigError)
+        if (self.blocks is None) == (self.block_size is None):
+            raise ConfigError("balanced pattern: set exactly one of blocks and block_size")
+        for name in ("blocks", "block_size"):
+            v = getattr(self, name)
+            if v is not None:
+                parse_positive_int(v, what=name, error=ConfigError)
+
+    @property
+    def kind(self) -> PatternKind:
+        return PatternKind.BALANCED
+
+
+@dataclass(frozen=True)
+class UnstructuredPattern:
+    """Unstructured magnitude pruning, per tensor or with one global threshold."""
+
+    sparsity: float
+    scope: UnstructuredScope = UnstructuredScope.TENSOR
+
+    def __post_init__(self) -> None:
+        parse_sparsity(self.sparsity, what="sparsity", error=ConfigError)
+
+    @property
+    def kind(self) -> PatternKind:
+        return PatternKind.UNSTRUCTURED
+
+
+@dataclass(frozen=True)
+class BlockPattern:
+    """Block sparsity: bh x bw tiles kept or dropped whole, ranked by tile L2 norm."""
+
+    sparsity: float
+    block_shape: tuple[int, int] = (8, 8)
+
+    def __post_init__(self) -> None:
+        parse_sparsity(self.sparsity, what="sparsity", error=ConfigError)
+        parse_block_shape(self.block_shape, what="block_shape", error=ConfigError)
+
+    @property
+    def kind(self) -> PatternKind:
+        return PatternKind.BLOCK
+
+
+Pattern = Union[BalancedPattern, UnstructuredPattern, BlockPattern]
+
+
+def pattern_to_dict(p: Pattern) -> dict[str, object]:
+    """A JSON-ready description of a pattern (recorded in the packed file's manifest)."""
+    out: dict[str, object] = {"pattern": p.kind.value, "sparsity": p.sparsity}
+    if isinstance(p, BalancedPattern):
+        out["blocks" if p.blocks is not None else "block_size"] = p.blocks if p.blocks is not None else p.block_size
+    elif isinstance(p, UnstructuredPattern):
+        out["scope"] = p.scope.value
+    else:
+        out["block_shape"] = list(p.block_shape)
+    return out
+
+
+class ScheduleKind(str, enum.Enum):
+    CUBIC = "cubic"
+    LINEAR = "linear"
+    LIST = "list"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """GraduallyIncrease of Algorithm 1: the sparsities of the steps, ending at the target.
+
+    cubic: s_t = s_f * (1 - (1 - t/n)^3) (Zhu & Gupta 2017), t = 1..n; linear: s_t = s_f * t/n;
+    list: the given values, which must be non-decreasing and end at the target.
+    """
+
+    kind: ScheduleKind = ScheduleKind.CUBIC
+    steps: int = 1
+    values: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        parse_positive_int(self.steps, what="schedule steps", error=ConfigError)
+        if self.kind is ScheduleKind.LIST:
+            if not self.values:
+                raise ConfigError("schedule kind 'list' needs values")
+            for v in self.values:
+                parse_sparsity(v, what="schedule value", error=ConfigError)
+            if any(b < a for a, b in zip(self.values, self.values[1:])):
+                raise ConfigError("schedule values must be non-decreasing")
+
+    def sparsities(self, target: float) -> list[float]:
+        if self.kind is ScheduleKind.LIST:
+            if not math.isclose(self.values[-1], target):
+                raise ConfigError(f"schedule values end at {self.values[-1]}, target sparsity is {target}")
+            return list(self.values[:-1]) + [target]
+        n = self.steps
+        if self.kind is ScheduleKind.LINEAR:
+            out = [target * t / n for t in range(1, n + 1)]
+        else:
+            out = [target * (1 - (1 - t / n) ** 3) for t in range(1, n + 1)]
+        out[-1] = target
+        return [round(s, 12) for s in out]
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """A per-layer override: the first rule whose glob matches a tensor name wins."""
+
+    match: str
+    skip: bool = False
+    pattern: Pattern | None = None
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.match)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Everything one prune run needs besides its input and output paths."""
+
+    pattern: Pattern
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    rules: tuple[LayerRule, ...] = ()
+    schedule: Schedule = field(default_factory=Schedule)
+    strict: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            **pattern_to_dict(self.pattern),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "rules": [
+                {"match": r.match, "skip": r.skip, **(pattern_to_dict(r.pattern) if r.pattern else {})}
+                for r in self.rules
+            ],
+            "schedule": {"kind": self.schedule.kind.value, "steps": self.schedule.steps,
+                         "values": list(self.schedule.values)},
+            "strict": self.strict,
+        }
+
+
+# --------------------------------------------------------------------------- TOML
+
+_PRUNE_KEYS = {"pattern", "sparsity", "blocks", "block_size", "block_shape", "nm", "scope", "include", "exclude", "strict"}
+_LAYER_KEYS = {"match", "skip", "pattern", "sparsity", "blocks", "block_size", "block_shape", "nm", "scope"}
+_SCHEDULE_KEYS = {"kind", "steps", "values"}
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def build_pattern(
+    kind: str | None,
+    *,
+    sparsity: object,
+    blocks: object = None,
+    block_size: object = None,
+    block_shape: object = None,
+    nm: object = None,
+    scope: object = None,
+    error=UsageError,
+    base: Pattern | None = None,
+) -> Pattern:
+    """One pattern from loose values (CLI or TOML), layered over ``base`` where values are None."""
+    kind_value = kind if kind is not None else (base.kind.value if base else "balanced")
+    try:
+        pk = PatternKind(kind_value)
+    except ValueError:
+        raise error(f"pattern: expected balanced, unstructured or block, got {kind_value!r}") from None
+    if nm is not None:
+        if pk is not PatternKind.BALANCED:
+            raise error("nm: N:M applies to the balanced pattern only")
+        if sparsity is not None or blocks is not None or block_size is not None:
+            raise error("nm: N:M sets sparsity and block size itself; drop sparsity/blocks/block-size")
+        n, m = parse_nm(nm, error=error)
+        return BalancedPattern(sparsity=float(Fraction(m - n, m)), blocks=None, block_size=m)
+    if sparsity is None:
+        if base is None:
+            raise error("sparsity: required")
+        s = base.sparsity
+    else:
+        s = parse_sparsity(sparsity, what="sparsity", error=error)
+    if pk is PatternKind.BALANCED:
+        if blocks is not None and block_size is not None:
+            raise error("blocks and block-size are exclusive: give one")
+        if blocks is not None:
+            return BalancedPattern(s, blocks=parse_positive_int(blocks, what="blocks", error=error))
+        if block_size is not None:
+            return BalancedPattern(s, blocks=None, block_size=parse_positive_int(block_size, what="block-size", error=error))
+        if isinstance(base, BalancedPattern):
+            return replace(base, sparsity=s)
+        return BalancedPattern(s)
+    if pk is PatternKind.UNSTRUCTURED:
+        if scope is not None:
+            try:
+                sc = UnstructuredScope(scope)
+            except ValueError:
+                raise error(f"scope: expected tensor or global, got {scope!r}") from None
+        else:
+            sc = base.scope if isinstance(base, UnstructuredPattern) else UnstructuredScope.TENSOR
+        return UnstructuredPattern(s, scope=sc)
+    if block_shape is not None:
+        shape = parse_block_shape(block_shape, error=error)
+    else:
+        shape = base.block_shape if isinstance(base, BlockPattern) else (8, 8)
+    return BlockPattern(s, block_shape=shape)
+
+
+def load_config(path: Path) -> dict:
+    """Read a TOML recipe: {'prune': {...}, 'schedule': {...}, 'layers': [...]}; strict keys."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
+    _check_keys(data, {"prune", "schedule", "layers"}, str(path))
+    prune = data.get("prune", {})
+    if not isinstance(prune, dict):
+        raise ConfigError(f"{path}: [prune] must be a table")
+    _check_keys(prune, _PRUNE_KEYS, f"{path} [prune]")
+    schedule = data.get("schedule", {})
+    if not isinstance(schedule, dict):
+        raise ConfigError(f"{path}: [schedule] must be a table")
+    _check_keys(schedule, _SCHEDULE_KEYS, f"{path} [schedule]")
+    layers = data.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+        raise ConfigError(f"{path}: layers must be an array of tables ([[layers]])")
+    for i, layer in enumerate(layers):
+        _check_keys(layer, _LAYER_KEYS, f"{path} [[layers]] #{i + 1}")
+        if "match" not in layer or not isinstance(layer["match"], str):
+            raise ConfigError(f"{path} [[layers]] #{i + 1}: 'match' (a glob string) is required")
+    return data
+
+
+def build_schedule(kind: object = None, steps: object = None, values: object = None, *, error=UsageError) -> Schedule:
+    try:
+        sk = ScheduleKind(kind) if kind is not None else ScheduleKind.CUBIC
+    except ValueError:
+        raise error(f"schedule: expected cubic, linear or list, got {kind!r}") from None
+    if values is not None:
+        if not isinstance(values, (list, tuple)):
+            raise error("schedule values: expected a list of sparsities")
+        vals = tuple(parse_sparsity(v, what="schedule value", error=error) for v in values)
+        return Schedule(ScheduleKind.LIST, steps=len(vals), values=vals)
+    n = parse_positive_int(steps, what="steps", error=error) if steps is not None else 1
+    if sk is ScheduleKind.LIST:
+        raise error("schedule: kind 'list' needs values")
+    return Schedule(sk, steps=n)
+
+
+def rules_from_config(layers: list[dict], base: Pattern) -> tuple[LayerRule, ...]:
+    rules = []
+    for layer in layers:
+        skip = layer.get("skip", False)
+        if not isinstance(skip, bool):
+            raise ConfigError(f"layer rule {layer['match']!r}: skip must be true or false")
+        over = {k: layer.get(k) for k in ("sparsity", "blocks", "block_size", "block_shape", "nm", "scope")}
+        if skip:
+            rules.append(LayerRule(layer["match"], skip=True))
+            continue
+        pattern = build_pattern(layer.get("pattern"), error=ConfigError, base=base, **over)
+        rules.append(LayerRule(layer["match"], pattern=pattern))
+    return tuple(rules)

@@ -1,0 +1,1 @@
+"""Pruning passes over whole checkpoints: planning, one-shot and iterative masks, packing."""

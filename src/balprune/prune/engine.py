@@ -1,0 +1,208 @@
+"""One pruning run over a checkpoint: plan, prune tensor by tensor, stream the packed file.
+
+Peak memory is about the largest pruned tensor times a small constant: tensors are read, pruned,
+packed and written one at a time into a file whose layout was fixed by the plan.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoint import Checkpoint
+from ..config import PruneOptions, UnstructuredPattern, UnstructuredScope
+from ..container import AtomicOutput, StreamingWriter, check_not_an_input, verify_written
+from ..errors import InvalidInputError, OutputError
+from ..formats import BalancedTensor, BsrTensor, CsrTensor
+from ..formats import spec
+from ..patterns.ranking import check_finite
+from ..patterns.unstructured import global_keep_counts
+from .masks import one_shot_mask
+from .plan import TensorPlan, plan_tensor
+
+#: progress(done_bytes, total_bytes, tensor_name): called after each tensor.
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    action: str  # "pruned" | "passed"
+    reason: str
+    shape: tuple[int, ...]
+    dtype: str
+    sparsity_achieved: float | None
+    dense_bytes: int
+    packed_bytes: int
+
+
+@dataclass
+class PruneReport:
+    """What a prune run did; the CLI renders it as a table or JSON."""
+
+    source: str
+    output: str
+    source_sha256: str
+    tensors: list[TensorReport] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(t.dense_bytes for t in self.tensors)
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(t.packed_bytes for t in self.tensors)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": "balprune.prune-report/1", "source": self.source, "output": self.output,
+            "source_sha256": self.source_sha256, "aliases": self.aliases, "notes": self.notes,
+            "dense_bytes": self.dense_bytes, "packed_bytes": self.packed_bytes,
+            "tensors": [
+                {"name": t.name, "action": t.action, "reason": t.reason, "shape": list(t.shape), "dtype": t.dtype,
+                 "sparsity_achieved": t.sparsity_achieved, "dense_bytes": t.dense_bytes, "packed_bytes": t.packed_bytes}
+                for t in self.tensors
+            ],
+        }
+
+
+def default_output(source: Path, pattern_name: str) -> Path:
+    """model.pt -> model.<pattern>.safetensors beside it; a folder -> <folder>.<pattern>.safetensors."""
+    source = Path(source)
+    if source.name.endswith(".index.json"):
+        source = source.parent
+    if source.is_dir():
+        return source.parent / f"{source.name}.{pattern_name}.safetensors"
+    stem = source.name
+    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return source.with_name(f"{stem}.{pattern_name}.safetensors")
+
+
+def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions) -> list[TensorPlan]:
+    """Plans for every tensor in source order; global unstructured scope reads magnitudes first."""
+    plans = [plan_tensor(t, options) for t in ckpt.tensors]
+    global_ = [p for p in plans if isinstance(p.pattern, UnstructuredPattern) and p.pattern.scope is UnstructuredScope.GLOBAL]
+    if global_:
+        sparsities = {p.pattern.sparsity for p in global_}
+        if len(sparsities) > 1:
+            raise InvalidInputError("global unstructured pruning needs one sparsity for all its tensors")
+        mags = []
+        for p in global_:
+            t = ckpt.load(p.source.name)
+            check_finite(t, p.source.name)
+            mags.append(t.reshape(-1))
+        counts = global_keep_counts(mags, sparsities.pop())
+        by_name = {p.source.name: c for p, c in zip(global_, counts)}
+        plans = [plan_tensor(t, options, keep_override=max(1, by_name[t.name])) if t.name in by_name else p
+                 for t, p in zip(ckpt.tensors, plans)]
+    return plans
+
+
+def _memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def preflight(plans: list[TensorPlan], output: Path) -> None:
+    """Refuse early when memory or disk clearly cannot hold the run."""
+    largest = max((p.source.nbytes for p in plans if p.pruned), default=0)
+    # Per tensor: the tensor, its float copy for ranking keys (chunked), the dense-with-zeros
+    # copy and the packed parts; 4x plus the key chunk budget covers it.
+    need = 4 * largest + (768 << 20)
+    avail = _memory_available()
+    if avail is not None and largest and need > avail:
+        raise InvalidInputError(
+            f"the largest tensor ({largest / 2**30:.1f} GiB) needs about {need / 2**30:.1f} GiB to prune; "
+            f"{avail / 2**30:.1f} GiB is available",
+            hint="exclude it or run on a machine with more memory",
+        )
+    out_bytes = sum(p.packed_bytes for p in plans) + (1 << 20)
+    free = shutil.disk_usage(output.parent).free
+    if out_bytes > free:
+        raise OutputError(f"{output.parent} has {free / 2**20:.0f} MiB free; the output needs {out_bytes / 2**20:.0f} MiB")
+
+
+def pack_tensor(plan: TensorPlan, weight: torch.Tensor):
+    """Prune one tensor by its plan and pack it: mask -> dense-with-zeros -> packed object."""
+    name = plan.source.name
+    check_finite(weight, name)
+    matrix = weight.reshape(weight.shape[0], -1)
+    mask = one_shot_mask(matrix, plan.pattern, keep_override=plan.keep)
+    dense = torch.where(mask, matrix, torch.zeros((), dtype=matrix.dtype)).reshape(weight.shape)
+    kind = plan.entry["pattern"]
+    if kind == "balanced":
+        packed = BalancedTensor.from_dense(dense, plan.pattern)
+    elif kind == "unstructured":
+        packed = CsrTensor.from_dense(dense, plan.keep, plan.pattern.sparsity)
+    else:
+        packed = BsrTensor.from_dense(dense, plan.pattern.block_shape, plan.keep, plan.pattern.sparsity)
+    if packed.manifest() != plan.entry:  # the plan fixed the file layout; packing must agree
+        raise AssertionError(f"tensor {name!r}: packed manifest differs from the plan")
+    return packed
+
+
+def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, force: bool = False,
+                     progress: Progress | None = None) -> PruneReport:
+    """Prune ``ckpt`` by ``options`` into the packed file ``output`` (atomic; see AtomicOutput).
+
+    Raises the project's errors only; on any error no file appears at ``output``.
+    """
+    output = Path(output)
+    check_not_an_input(output, ckpt.files)
+    plans = plan_checkpoint(ckpt, options)
+    preflight(plans, output)
+    with AtomicOutput(output, force=force) as out:
+        sha = ckpt.sha256()
+        manifest = {
+            "tensors": [{"name": p.source.name, **p.entry} for p in plans],
+            "aliases": dict(ckpt.aliases),
+            "options": options.to_dict(),
+            "source": {"name": Path(ckpt.display).name, "sha256": sha},
+        }
+        metadata = {"format": spec.FORMAT_NAME, "format_version": spec.FORMAT_VERSION,
+                    "tool_version": __version__, "manifest": spec.dumps(manifest)}
+        writer = StreamingWriter(out.file, [o for p in plans for o in p.outputs], metadata)
+        report = PruneReport(ckpt.display, str(output), sha, aliases=dict(ckpt.aliases))
+        total = sum(p.source.nbytes for p in plans)
+        done = 0
+        for plan in plans:
+            name = plan.source.name
+            if plan.pruned:
+                packed = pack_tensor(plan, ckpt.load(name))
+                for o, (part, tensor) in zip(plan.outputs, packed.parts().items()):
+                    writer.write(o.name, tensor)
+                achieved = float(plan.entry["sparsity_achieved"])
+                action = "pruned"
+            else:
+                writer.write(name, ckpt.raw(name))
+                achieved, action = None, "passed"
+            report.tensors.append(TensorReport(name, action, plan.reason, plan.source.shape, plan.source.dtype,
+                                               achieved, plan.source.nbytes, plan.packed_bytes))
+            done += plan.source.nbytes
+            if progress:
+                progress(done, total, name)
+        writer.finish()
+        out.commit(lambda tmp: verify_written(tmp, writer.header_bytes, writer.crc32))
+    if options.schedule.steps > 1:
+        report.notes.append(
+            f"schedule of {options.schedule.steps} steps: without fine-tuning between steps, iterative pruning "
+            "reaches the one-shot mask, so this run pruned in one shot (to train between steps, use "
+            "balprune.prune.iterative.iterative_prune with a hook)"
+        )
+    return report

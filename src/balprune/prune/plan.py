@@ -1,0 +1,109 @@
+"""Deciding, from names, dtypes and shapes alone, what happens to every tensor of a checkpoint.
+
+A plan is complete before any tensor data is read: each tensor's action (pruned or passed
+through, and why), its manifest entry, and the exact dtype and shape of every output tensor. So
+bad options fail before minutes of work, and the output file's header can be written first.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from ..checkpoint import SourceTensor
+from ..config import BalancedPattern, BlockPattern, Pattern, PruneOptions, UnstructuredPattern, keep_count
+from ..container import PRUNABLE_CODES, PlannedTensor
+from ..errors import InvalidInputError
+from ..formats import PACKED_CLASSES, balanced_entry, bsr_entry, csr_entry
+from ..formats.spec import describe_entry, part_name
+from ..patterns.balanced import geometry_for
+from ..patterns.block import tile_grid
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one source tensor. ``pattern`` is None when it passes through."""
+
+    source: SourceTensor
+    pattern: Pattern | None
+    reason: str
+    entry: dict
+    outputs: tuple[PlannedTensor, ...]
+    keep: int | None = None  # unstructured nnz / block tile count; None for balanced and dense
+
+    @property
+    def pruned(self) -> bool:
+        return self.pattern is not None
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return shape[0], cols
+
+
+def _dense(src: SourceTensor, reason: str) -> TensorPlan:
+    entry = {"pattern": "dense", "shape": list(src.shape), "dtype": src.dtype, "reason": reason}
+    return TensorPlan(src, None, reason, entry, (PlannedTensor(src.name, src.dtype, src.shape),))
+
+
+def _target(src: SourceTensor, options: PruneOptions) -> tuple[Pattern | None, str, bool]:
+    """(pattern or None, reason, explicitly chosen) from rules, include/exclude and defaults."""
+    for rule in options.rules:
+        if rule.matches(src.name):
+            if rule.skip:
+                return None, f"skipped by rule {rule.match!r}", True
+            return rule.pattern, f"rule {rule.match!r}", True
+    if options.include and not any(fnmatch.fnmatchcase(src.name, g) for g in options.include):
+        return None, "not matched by --include", False
+    if any(fnmatch.fnmatchcase(src.name, g) for g in options.exclude):
+        return None, "excluded by --exclude", False
+    return options.pattern, "default", bool(options.include)
+
+
+def plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | None = None) -> TensorPlan:
+    """The plan of one tensor (see module doc). InvalidInputError for impossible requests."""
+    pattern, why, explicit = _target(src, options)
+    if pattern is None:
+        return _dense(src, why)
+    if src.dtype not in PRUNABLE_CODES:
+        if options.strict and len(src.shape) >= 2:
+            raise InvalidInputError(f"tensor {src.name!r}: dtype {src.dtype} cannot be pruned (--strict)",
+                                    hint="exclude it, or drop --strict to pass it through")
+        return _dense(src, f"dtype {src.dtype} is not pruned")
+    if len(src.shape) < 2:
+        return _dense(src, f"{len(src.shape)}-D tensor")
+    if len(src.shape) not in (2, 4) and not explicit:
+        return _dense(src, f"{len(src.shape)}-D tensor is not a default target (select it with --include)")
+    if src.numel == 0:
+        return _dense(src, "empty tensor")
+    if pattern.sparsity == 0:
+        return _dense(src, "sparsity 0")
+    rows, cols = _matrix_shape(src.shape)
+    if isinstance(pattern, BalancedPattern):
+        try:
+            g = geometry_for(rows, cols, pattern)
+        except ValueError as exc:
+            raise InvalidInputError(f"tensor {src.name!r} (K={cols}): {exc}", hint="use more --blocks") from None
+        if not g.prunes_anything:
+            return _dense(src, f"row too short: K={cols} gives block length {g.block_length}, "
+                               f"keeping {g.keep} of {g.block_length} prunes nothing")
+        entry = balanced_entry(src.shape, src.dtype, g, pattern.sparsity)
+        keep = None
+    elif isinstance(pattern, UnstructuredPattern):
+        keep = keep_override if keep_override is not None else keep_count(pattern.sparsity, rows * cols)
+        entry = csr_entry(src.shape, src.dtype, keep, pattern.sparsity)
+    else:
+        assert isinstance(pattern, BlockPattern)
+        rb, cb = tile_grid(rows, cols, pattern.block_shape)
+        keep = keep_count(pattern.sparsity, rb * cb)
+        entry = bsr_entry(src.shape, src.dtype, pattern.block_shape, keep, pattern.sparsity)
+    specs = PACKED_CLASSES[entry["pattern"]].part_specs(entry, src.name)
+    outputs = tuple(PlannedTensor(part_name(src.name, part), ps.dtype, ps.shape) for part, ps in specs.items())
+    reason = f"{pattern.kind.value} {describe_entry(entry)}" + ("" if why == "default" else f" ({why})")
+    return TensorPlan(src, pattern, reason, entry, outputs, keep)
