@@ -48,15 +48,19 @@ def _usage(fn):
     return callback
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"balprune {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main_options(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     _STATE["debug"] = debug
-    if version:
-        typer.echo(f"balprune {__version__}")
-        raise typer.Exit(0)
 
 
 def _progress_bar(enabled: bool):
@@ -195,7 +199,7 @@ def inspect(
         typer.echo(json.dumps({
             "schema": "balprune.inspect/1", "file": str(packed), "file_bytes": pf.parsed.file_size,
             "header_bytes": len(pf.parsed.header_bytes), "format_version": "1", "tool_version": pf.tool_version,
-            "manifest": pf.manifest,
+            "manifest": json.loads(pf.parsed.metadata["manifest"]),  # as stored: tensors in source order
             "layers": [{"name": r.name, "pattern": r.pattern, "shape": list(r.shape), "dtype": r.dtype,
                         "detail": r.detail, "sparsity_achieved": r.sparsity_achieved,
                         "dense_bytes": r.dense_bytes, "packed_bytes": r.packed_bytes} for r in rows],

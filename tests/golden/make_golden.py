@@ -1,0 +1,56 @@
+"""Regenerate the format v1 golden files: python tests/golden/make_golden.py
+
+Only run this when the format changes on purpose; then bump FORMAT_VERSION and FORMAT.md too.
+The source checkpoint is built from integer arithmetic (no random generator), so it is the
+same on every machine and torch version.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "src"))
+
+from balprune.checkpoint import open_checkpoint  # noqa: E402
+from balprune.config import BalancedPattern, BlockPattern, PruneOptions, UnstructuredPattern  # noqa: E402
+from balprune.prune.engine import prune_checkpoint  # noqa: E402
+from balprune.save import save_state_dict  # noqa: E402
+
+
+def source_state_dict() -> dict[str, torch.Tensor]:
+    def grid(rows: int, cols: int, a: int, b: int) -> torch.Tensor:
+        r = torch.arange(rows).view(-1, 1)
+        c = torch.arange(cols).view(1, -1)
+        return (((r * a + c * b) % 29) - 14).to(torch.float32) / 8
+
+    return {
+        "fc.weight": grid(6, 20, 7, 3),                     # K=20: 4 blocks of 5
+        "fc.bias": torch.arange(6, dtype=torch.float32),
+        "conv.weight": grid(4, 18, 5, 11).reshape(4, 2, 3, 3).to(torch.float16),
+        "ragged.weight": grid(3, 10, 3, 5).to(torch.bfloat16),  # K=10 with 4 blocks: L=3, padding
+        "ids": torch.arange(12, dtype=torch.int32).reshape(3, 4),
+    }
+
+
+GOLDEN = {
+    "balanced": PruneOptions(BalancedPattern(0.6, blocks=4)),
+    "nm24": PruneOptions(BalancedPattern(0.5, blocks=None, block_size=4)),
+    "unstructured": PruneOptions(UnstructuredPattern(0.7)),
+    "block": PruneOptions(BlockPattern(0.5, (2, 4))),
+}
+
+
+def write_all(folder: Path) -> None:
+    src = folder / "source.safetensors"
+    save_state_dict(source_state_dict(), src, force=True)
+    for name, options in GOLDEN.items():
+        prune_checkpoint(open_checkpoint(src), folder / f"{name}.safetensors", options, force=True)
+
+
+if __name__ == "__main__":
+    write_all(HERE)
+    print(f"wrote golden files to {HERE}")

@@ -1,0 +1,34 @@
+"""Plain helpers for tests (importable as `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_subprocess(*args: str, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m balprune ARGS` in a fresh interpreter (for exit codes and signals)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, "-m", "balprune", *map(str, args)], capture_output=True, text=True,
+                          env=env, **kw)
+
+
+def small_state_dict(seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """A model-like state dict: linears (ragged K), a conv, 1-D tensors, an int buffer."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv.weight": torch.randn(16, 3, 3, 3, generator=g).to(dtype),
+        "conv2.weight": torch.randn(8, 16, 3, 3, generator=g).to(dtype),
+        "fc1.weight": torch.randn(24, 100, generator=g).to(dtype),
+        "fc1.bias": torch.randn(24, generator=g).to(dtype),
+        "fc2.weight": torch.randn(10, 64, generator=g).to(dtype),
+        "norm.running_mean": torch.randn(8, generator=g).to(dtype),
+        "norm.num_batches_tracked": torch.tensor(7),
+        "q.weight": torch.randint(-128, 127, (12, 40), generator=g, dtype=torch.int8),
+    }
