@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, run_subprocess, small_state_dict
 from safetensors.torch import load_file
 
 from balprune.save import save_state_dict
-
-from helpers import REPO, run_subprocess, small_state_dict
 
 
 def _sha(p: Path) -> str:

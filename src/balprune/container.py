@@ -409,7 +409,7 @@ class AtomicOutput:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> "AtomicOutput":
+    def __enter__(self) -> AtomicOutput:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

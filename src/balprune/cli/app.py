@@ -9,14 +9,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import typer
 
 from .. import __version__
 from ..config import (
-    PruneOptions, build_pattern, build_schedule, load_config, parse_block_shape, parse_nm,
-    parse_positive_int, parse_sparsity, rules_from_config,
+    PruneOptions,
+    build_pattern,
+    build_schedule,
+    load_config,
+    parse_block_shape,
+    parse_nm,
+    parse_positive_int,
+    parse_sparsity,
+    rules_from_config,
 )
 from ..errors import ConfigError, UsageError
 from . import render
@@ -76,27 +83,27 @@ def _progress_bar(enabled: bool):
 @app.command()
 def prune(
     checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.bin state dict, a .safetensors file, or a sharded folder / *.index.json."),
-    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", callback=_usage(parse_sparsity),
+    sparsity: str | None = typer.Option(None, "--sparsity", "-s", callback=_usage(parse_sparsity),
                                            help="Fraction of weights to remove, in [0, 1), e.g. 0.9."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", "-b", callback=_usage(lambda v: parse_positive_int(v, what="--blocks")),
+    blocks: str | None = typer.Option(None, "--blocks", "-b", callback=_usage(lambda v: parse_positive_int(v, what="--blocks")),
                                          help="Balanced: blocks per row (default 32)."),
-    block_size: Optional[str] = typer.Option(None, "--block-size", callback=_usage(lambda v: parse_positive_int(v, what="--block-size")),
+    block_size: str | None = typer.Option(None, "--block-size", callback=_usage(lambda v: parse_positive_int(v, what="--block-size")),
                                              help="Balanced: block length L instead of --blocks."),
-    nm: Optional[str] = typer.Option(None, "--nm", callback=_usage(lambda v: (parse_nm(v), v)[1]),
+    nm: str | None = typer.Option(None, "--nm", callback=_usage(lambda v: (parse_nm(v), v)[1]),
                                      help="Balanced N:M, e.g. 2:4 (block length M, keep N); replaces --sparsity."),
-    pattern: Optional[str] = typer.Option(None, "--pattern", "-p", help="balanced (default), unstructured or block."),
-    block_shape: Optional[str] = typer.Option(None, "--block-shape", callback=_usage(lambda v: ("x".join(map(str, parse_block_shape(v))))),
+    pattern: str | None = typer.Option(None, "--pattern", "-p", help="balanced (default), unstructured or block."),
+    block_shape: str | None = typer.Option(None, "--block-shape", callback=_usage(lambda v: ("x".join(map(str, parse_block_shape(v))))),
                                               help="Block pattern: tile shape HxW (default 8x8)."),
-    scope: Optional[str] = typer.Option(None, "--scope", help="Unstructured: tensor (default) or global."),
+    scope: str | None = typer.Option(None, "--scope", help="Unstructured: tensor (default) or global."),
     include: List[str] = typer.Option([], "--include", help="Only prune tensors matching this glob (repeatable)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Never prune tensors matching this glob (repeatable)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML recipe: [prune], [schedule], [[layers]] rules."),
-    steps: Optional[str] = typer.Option(None, "--steps", callback=_usage(lambda v: parse_positive_int(v, what="--steps")),
+    config: Path | None = typer.Option(None, "--config", help="TOML recipe: [prune], [schedule], [[layers]] rules."),
+    steps: str | None = typer.Option(None, "--steps", callback=_usage(lambda v: parse_positive_int(v, what="--steps")),
                                         help="Schedule steps of Algorithm 1 (one-shot without fine-tuning)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="cubic (default) or linear."),
-    key: Optional[str] = typer.Option(None, "--key", help="Entry of a torch checkpoint holding the state dict (dotted path)."),
+    schedule: str | None = typer.Option(None, "--schedule", help="cubic (default) or linear."),
+    key: str | None = typer.Option(None, "--key", help="Entry of a torch checkpoint holding the state dict (dotted path)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse non-float matrices instead of passing them through."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: <input>.<pattern>.safetensors beside the input)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: <input>.<pattern>.safetensors beside the input)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
 ) -> None:
@@ -214,7 +221,7 @@ def inspect(
 @app.command()
 def example(
     name: str = typer.Argument(..., help="vgg16, lstm-lm, ctc-bilstm or tiny-cnn ('list' to describe them)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint to write (.pt or .safetensors)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Checkpoint to write (.pt or .safetensors)."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the weights."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:

@@ -32,7 +32,7 @@ class BalancedTensor:
     pattern = "balanced"
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, pattern: BalancedPattern) -> "BalancedTensor":
+    def from_dense(cls, dense: torch.Tensor, pattern: BalancedPattern) -> BalancedTensor:
         """Pack a dense-with-zeros tensor whose every block holds at most k non-zeros.
 
         The kept positions are the block's non-zeros, filled up to k with its zeros by the
@@ -94,7 +94,7 @@ class BalancedTensor:
         return {"values": PartSpec(entry["dtype"], (rows, keep, blocks)), "indices": PartSpec(want_index, (rows, keep, blocks))}
 
     @classmethod
-    def from_parts(cls, entry: dict, parts: dict[str, torch.Tensor], name: str) -> "BalancedTensor":
+    def from_parts(cls, entry: dict, parts: dict[str, torch.Tensor], name: str) -> BalancedTensor:
         specs = cls.part_specs(entry, name)
         for part, ps in specs.items():
             check_part(name, part, parts[part], ps)

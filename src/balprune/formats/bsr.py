@@ -41,7 +41,7 @@ class BsrTensor:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, block_shape: tuple[int, int], nnz_blocks: int,
-                   sparsity_target: float) -> "BsrTensor":
+                   sparsity_target: float) -> BsrTensor:
         """Pack a dense-with-zeros tensor with at most ``nnz_blocks`` non-zero tiles.
 
         The stored tiles are the non-zero ones, filled up to nnz_blocks with zero tiles of lowest
@@ -101,7 +101,7 @@ class BsrTensor:
         }
 
     @classmethod
-    def from_parts(cls, entry: dict, parts: dict[str, torch.Tensor], name: str) -> "BsrTensor":
+    def from_parts(cls, entry: dict, parts: dict[str, torch.Tensor], name: str) -> BsrTensor:
         for part, ps in cls.part_specs(entry, name).items():
             check_part(name, part, parts[part], ps)
         return cls(tuple(entry["shape"]), torch_dtype(entry["dtype"], name), tuple(entry["block_shape"]),

@@ -39,7 +39,7 @@ class CsrTensor:
         return int(torch.tensor(self.shape[1:]).prod()) if len(self.shape) > 1 else 1
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, nnz: int, sparsity_target: float) -> "CsrTensor":
+    def from_dense(cls, dense: torch.Tensor, nnz: int, sparsity_target: float) -> CsrTensor:
         """Pack a dense-with-zeros tensor with at most ``nnz`` non-zeros into exactly nnz entries.
 
         The stored set is the non-zeros filled up with zeros by the ranking rule (lower flat
@@ -91,7 +91,7 @@ class CsrTensor:
         }
 
     @classmethod
-    def from_parts(cls, entry: dict, parts: dict[str, torch.Tensor], name: str) -> "CsrTensor":
+    def from_parts(cls, entry: dict, parts: dict[str, torch.Tensor], name: str) -> CsrTensor:
         for part, ps in cls.part_specs(entry, name).items():
             check_part(name, part, parts[part], ps)
         return cls(tuple(entry["shape"]), torch_dtype(entry["dtype"], name), parts["crow_indices"],

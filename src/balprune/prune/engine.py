@@ -18,8 +18,7 @@ from ..checkpoint import Checkpoint
 from ..config import PruneOptions, UnstructuredPattern, UnstructuredScope
 from ..container import AtomicOutput, StreamingWriter, check_not_an_input, verify_written
 from ..errors import InvalidInputError, OutputError
-from ..formats import BalancedTensor, BsrTensor, CsrTensor
-from ..formats import spec
+from ..formats import BalancedTensor, BsrTensor, CsrTensor, spec
 from ..patterns.ranking import check_finite
 from ..patterns.unstructured import global_keep_counts
 from .masks import one_shot_mask
@@ -185,7 +184,7 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
             name = plan.source.name
             if plan.pruned:
                 packed = pack_tensor(plan, ckpt.load(name))
-                for o, (part, tensor) in zip(plan.outputs, packed.parts().items()):
+                for o, tensor in zip(plan.outputs, packed.parts().values()):
                     writer.write(o.name, tensor)
                 achieved = float(plan.entry["sparsity_achieved"])
                 action = "pruned"
