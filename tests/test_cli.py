@@ -179,20 +179,23 @@ def test_sharded_safetensors_folder(cli, tmp_path):
 
 
 def test_torchvision_vgg16_state_dict_prunes(cli, tmp_path):
-    import torchvision
-
-    model = torchvision.models.vgg16(weights=None)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.0")}  # keep the test quick
+    """The whole torchvision VGG-16 (random weights): torchvision imports, every layer is handled."""
     src = tmp_path / "vgg16.pt"
-    torch.save(sd, src)
-    out = tmp_path / "vgg16.balanced.safetensors"
+    r = cli("example", "vgg16", "-o", src)
+    assert r.code == 0, r.err
     r = cli("prune", src, "--blocks", "32", "--sparsity", "0.9", "--json")
     assert r.code == 0, r.err
     by = {t["name"]: t for t in json.loads(r.out)["tensors"]}
+    assert len(by) == 32  # 13 conv + 3 fc layers, weight and bias each
     assert by["features.0.weight"]["action"] == "passed" and "too short" in by["features.0.weight"]["reason"]
-    assert by["features.28.weight"]["action"] == "pruned"
-    assert by["classifier.3.weight"]["sparsity_achieved"] == pytest.approx(0.898, abs=0.01)
-    assert cli("verify", out).code == 0
+    for name in ("features.2.weight", "features.28.weight", "classifier.0.weight", "classifier.6.weight"):
+        assert by[name]["action"] == "pruned"
+    # fc6: K=25088, 32 blocks of 784 (uint16 indices), k=78: 1 - 78*32/25088
+    assert by["classifier.0.weight"]["reason"].startswith("balanced B=32 L=784 k=78 idx=U16")
+    assert by["classifier.0.weight"]["sparsity_achieved"] == pytest.approx(1 - 78 * 32 / 25088)
+    rep = json.loads(r.out)
+    assert rep["packed_bytes"] < 0.2 * rep["dense_bytes"]
+    assert cli("verify", tmp_path / "vgg16.balanced.safetensors").code == 0
 
 
 def test_example_lstm_lm_shapes(cli, tmp_path):

@@ -65,3 +65,18 @@ def test_without_hook_equals_one_shot():
     for name in m_once:
         assert torch.equal(m_iter[name], m_once[name])
         assert torch.equal(a[name], b[name])
+
+
+def test_preflight_refuses_a_tensor_larger_than_memory(tmp_path):
+    import pytest
+
+    from balprune.checkpoint import SourceTensor
+    from balprune.errors import InvalidInputError
+    from balprune.prune.engine import preflight
+    from balprune.prune.plan import plan_tensor
+
+    big = SourceTensor("huge.weight", "F16", (200_000, 50_000), 200_000 * 50_000 * 2)
+    plan = plan_tensor(big, PruneOptions(BalancedPattern(0.9)))
+    with pytest.raises(InvalidInputError, match="largest tensor"):
+        preflight([plan], tmp_path / "o.safetensors", memory_available=8 << 30)
+    preflight([plan], tmp_path / "o.safetensors", memory_available=200 << 30)  # fits: no error

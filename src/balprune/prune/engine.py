@@ -118,13 +118,16 @@ def _memory_available() -> int | None:
     return None
 
 
-def preflight(plans: list[TensorPlan], output: Path) -> None:
-    """Refuse early when memory or disk clearly cannot hold the run."""
+def preflight(plans: list[TensorPlan], output: Path, memory_available: int | None = None) -> None:
+    """Refuse early when memory or disk clearly cannot hold the run.
+
+    ``memory_available`` defaults to the kernel's MemAvailable estimate.
+    """
     largest = max((p.source.nbytes for p in plans if p.pruned), default=0)
     # Per tensor: the tensor, its float copy for ranking keys (chunked), the dense-with-zeros
     # copy and the packed parts; 4x plus the key chunk budget covers it.
     need = 4 * largest + (768 << 20)
-    avail = _memory_available()
+    avail = memory_available if memory_available is not None else _memory_available()
     if avail is not None and largest and need > avail:
         raise InvalidInputError(
             f"the largest tensor ({largest / 2**30:.1f} GiB) needs about {need / 2**30:.1f} GiB to prune; "
