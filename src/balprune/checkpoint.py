@@ -196,30 +196,36 @@ def _disallowed(globals_found: list[str]) -> list[str]:
 
 
 def _torch_load(path: Path) -> object:
+    import warnings
+
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zipfile" not in str(exc):
-                raise
-            # Legacy (pre-zipfile) format cannot be memory-mapped: load it whole, still safely.
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about old pickle protocols and the like on stderr; balprune's contract is
+        # one line per error, so its own messages are the only ones shown.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc) and "zipfile" not in str(exc):
+                    raise
+                # Legacy (pre-zipfile) format cannot be memory-mapped: load it whole, still safely.
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "weights_only" in msg:
-            bad = _disallowed(_pickle_globals(path)) or _unsupported_from_message(msg)
+        bad = _disallowed(_pickle_globals(path)) or _unsupported_from_message(msg)
+        if bad:
             module_like = any(g.startswith("torch.nn.modules") or g.startswith("__main__") for g in bad)
             hint = ("save model.state_dict() instead of the whole model, or convert it to safetensors in a trusted environment"
                     if module_like else
                     "if you trust the file, convert it to safetensors in a trusted environment")
             raise UnsafeInputError(
-                f"{path}: refused: the pickle needs globals outside torch's safe set: {', '.join(bad) or 'unknown'}",
+                f"{path}: refused: the pickle needs globals outside torch's safe set: {', '.join(bad)}",
                 hint=hint,
             ) from None
-        raise InvalidInputError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0] if msg else exc})") from None
-    except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, AttributeError, ImportError) as exc:
+        raise InvalidInputError(f"{path}: not a readable torch checkpoint (corrupt pickle stream)") from None
+    except Exception as exc:  # torch.load fails in many ways on corrupt files (KeyError, EOFError, ...)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InvalidInputError(f"{path}: not a readable torch checkpoint ({first})") from None
+        raise InvalidInputError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {first[:200]})") from None
 
 
 def _unsupported_from_message(msg: str) -> list[str]:

@@ -167,9 +167,10 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
     """
     output = Path(output)
     check_not_an_input(output, ckpt.files)
-    plans = plan_checkpoint(ckpt, options)
-    preflight(plans, output)
+    # Opening the output first makes a missing or unwritable folder fail before any work.
     with AtomicOutput(output, force=force) as out:
+        plans = plan_checkpoint(ckpt, options)
+        preflight(plans, output)
         sha = ckpt.sha256()
         manifest = {
             "tensors": [{"name": p.source.name, **p.entry} for p in plans],
