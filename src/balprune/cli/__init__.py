@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or os.environ.get("BALPRUNE_DEBUG") == "1"
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="balprune", standalone_mode=False)
-        return 0
+        # Without standalone mode, Click returns an Exit's code instead of raising it.
+        rv = command.main(args=args, prog_name="balprune", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
     except exit_types as exc:
         return exc.exit_code
     except abort_types:

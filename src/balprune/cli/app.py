@@ -241,3 +241,33 @@ def example(
     save_state_dict(sd, output, force=force)
     n = sum(t.numel() for t in sd.values())
     render.console().print(f"wrote {name} ({len(sd)} tensors, {n / 1e6:.1f}M parameters) to {output}")
+
+
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="Baseline report (bench --json)."),
+    new: Path = typer.Argument(..., help="New report to check against the baseline."),
+    max_slowdown: str = typer.Option("0.10", "--max-slowdown",
+                                               callback=_usage(lambda v: parse_sparsity(v, what="--max-slowdown")),
+                                               help="Allowed slowdown as a fraction of the baseline (0.10 = 10%)."),
+    kernel: List[str] = typer.Option(["balanced"], "--kernel", help="Kernels to compare (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Compare two benchmark reports; exit 1 if anything got slower beyond the bound."""
+    from ..bench.compare import compare_reports, regressions
+    from ..bench.report import load_report
+
+    changes = compare_reports(load_report(base), load_report(new), max_slowdown=max_slowdown, kernels=tuple(kernel))
+    bad = regressions(changes)
+    if as_json:
+        typer.echo(json.dumps({"schema": "balprune.compare/1", "max_slowdown": max_slowdown,
+                               "regressions": len(bad),
+                               "changes": [{"layer": c.layer, "batch": c.batch, "mode": c.mode, "graph": c.graph,
+                                            "kernel": c.kernel, "base_us": c.base_us, "new_us": c.new_us,
+                                            "ratio": c.ratio, "status": c.status} for c in changes]}, indent=2))
+    else:
+        render.console().print(render.compare_table(changes, max_slowdown))
+    if bad:
+        render.console(stderr=True).print(
+            f"{len(bad)} regression(s) beyond {100 * max_slowdown:.0f}% (slower, missing or incorrect)")
+        raise typer.Exit(1)

@@ -73,3 +73,17 @@ def console(stderr: bool = False) -> Console:
     if not c.is_terminal:
         c = Console(stderr=stderr, highlight=False, width=140)
     return c
+
+
+def compare_table(changes, max_slowdown: float) -> Table:
+    t = Table(title=f"balprune compare (max slowdown {100 * max_slowdown:.0f}%)", title_justify="left")
+    for col, just in (("layer", "left"), ("batch", "right"), ("mode", "left"), ("graph", "left"), ("kernel", "left"),
+                      ("base us", "right"), ("new us", "right"), ("new/base", "right"), ("status", "left")):
+        t.add_column(col, justify=just)
+    style = {"slower": "red", "missing": "red", "incorrect": "red", "faster": "green"}
+    for c in changes:
+        st = style.get(c.status)
+        t.add_row(c.layer, str(c.batch), c.mode, "yes" if c.graph else "no", c.kernel,
+                  "-" if c.base_us is None else f"{c.base_us:.2f}", "-" if c.new_us is None else f"{c.new_us:.2f}",
+                  "-" if c.ratio is None else f"{c.ratio:.3f}", f"[{st}]{c.status}[/]" if st else c.status)
+    return t
