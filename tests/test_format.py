@@ -186,3 +186,24 @@ def test_packed_tensors_are_aligned_to_their_element_size():
 
     for e in pf.parsed.entries:
         assert e.begin % max(1, DTYPE_BITS[e.dtype] // 8) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.sampled_from(DTYPES), st.sampled_from([1, 4, 32]), st.sampled_from([0.3, 0.5, 0.9]),
+       st.integers(0, 10**6), st.booleans())
+def test_one_ranking_fast_path_equals_from_dense_of_masked(shape, dtype, blocks, s, seed, sparse_input):
+    """The CLI's from_offsets path and the dense-with-zeros contract give identical packed arrays."""
+    from balprune.patterns.balanced import balanced_offsets
+
+    g_ = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g_)
+    if sparse_input:  # zeros and ties, including kept zeros
+        w = torch.where(torch.rand(*shape, generator=g_) < 0.7, torch.zeros(()), w.round())
+    w = w.to(dtype)
+    p = BalancedPattern(s, blocks=blocks)
+    m = w.reshape(shape[0], -1)
+    geo = geometry_for(*m.shape, p)
+    fast = BalancedTensor.from_offsets(w, p, balanced_offsets(m, geo, dtype=geo.index_dtype))
+    slow = BalancedTensor.from_dense(torch.where(one_shot_mask(m, p), m, torch.zeros((), dtype=dtype)).reshape(shape), p)
+    assert torch.equal(fast.indices, slow.indices)
+    assert torch.equal(fast.values.reshape(-1).view(torch.uint8), slow.values.reshape(-1).view(torch.uint8))

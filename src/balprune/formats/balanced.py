@@ -54,6 +54,28 @@ class BalancedTensor:
             pattern.sparsity,
         )
 
+    @classmethod
+    def from_offsets(cls, weight: torch.Tensor, pattern: BalancedPattern, offsets: torch.Tensor) -> BalancedTensor:
+        """Pack ``weight`` keeping the in-block ``offsets`` [R, B, k] (ascending) chosen for it.
+
+        The one-shot fast path: ``offsets = balanced_offsets(matrix, g)`` followed by this gives
+        the same object as ``from_dense(where(mask, weight, 0))`` (if a kept entry is zero, every
+        dropped entry of its block is zero too, so the fill-up rule picks the same zeros), without
+        the mask, the dense copy or a second ranking. Gathers chunk by chunk.
+        """
+        m = as_matrix(weight)
+        g = geometry_for(m.shape[0], m.shape[1], pattern)
+        if tuple(offsets.shape) != (g.rows, g.blocks, g.keep):
+            raise ValueError(f"offsets shape {tuple(offsets.shape)} != {(g.rows, g.blocks, g.keep)}")
+        vals = torch.empty(g.rows, g.keep, g.blocks, dtype=m.dtype)
+        step = max(1, (8 << 20) // (g.padded_width * 8))
+        for r0 in range(0, g.rows, step):
+            r1 = min(g.rows, r0 + step)
+            blocks = _padded(m[r0:r1], g)
+            vals[r0:r1] = torch.gather(blocks, -1, offsets[r0:r1].to(torch.int64)).permute(0, 2, 1)
+        return cls(g, tuple(weight.shape), weight.dtype, vals,
+                   offsets.permute(0, 2, 1).to(g.index_dtype).contiguous(), pattern.sparsity)
+
     def to_dense(self) -> torch.Tensor:
         g = self.geometry
         out = torch.zeros(g.rows, g.blocks, g.block_length, dtype=self.dtype)
@@ -144,10 +166,11 @@ def balanced_entry(shape: tuple[int, ...], dtype: str, g: BalancedGeometry, targ
 
 
 def _padded(m: torch.Tensor, g: BalancedGeometry) -> torch.Tensor:
+    """[rows of m, B, L] view of m zero-padded to B*L columns (m may be a chunk of rows)."""
     pad = g.padded_width - g.cols
     if pad:
         m = torch.nn.functional.pad(m, (0, pad))
-    return m.reshape(g.rows, g.blocks, g.block_length)
+    return m.reshape(m.shape[0], g.blocks, g.block_length)
 
 
 def _prod(xs) -> int:

@@ -89,11 +89,17 @@ def _padded_blocks(matrix: torch.Tensor, g: BalancedGeometry) -> torch.Tensor:
 
 
 def _block_keys(magnitudes: torch.Tensor, g: BalancedGeometry, eligible: torch.Tensor | None) -> torch.Tensor:
-    """int64 keys [r, B, L]: real columns by (magnitude, lower offset); padding below; ineligible lowest."""
+    """Integer keys [r, B, L]: real columns by (magnitude, lower offset); padding below; ineligible lowest.
+
+    int32 for F16/BF16 (15 magnitude bits + at most 16 offset bits fit in 31 bits), int64 for F32:
+    half the memory traffic for the common half-precision checkpoints.
+    """
     L = g.block_length
     offset_bits = max(1, (L - 1).bit_length())
-    rank_by_offset = torch.arange(L - 1, -1, -1, dtype=torch.int64)
-    keys = (_padded_blocks(magnitude_bits(magnitudes), g) << offset_bits) | rank_by_offset
+    key_dtype = torch.int32 if magnitudes.dtype in (torch.float16, torch.bfloat16) else torch.int64
+    rank_by_offset = torch.arange(L - 1, -1, -1, dtype=key_dtype)
+    bits = magnitude_bits(magnitudes).to(key_dtype)
+    keys = (_padded_blocks(bits, g) << offset_bits) | rank_by_offset
     if g.padded_width != g.cols:
         real = _padded_blocks(torch.ones(1, g.cols, dtype=torch.bool), g)
         # Padding ranks below every real column (real keys are >= 0), lower offset first.
@@ -103,28 +109,34 @@ def _block_keys(magnitudes: torch.Tensor, g: BalancedGeometry, eligible: torch.T
     return keys
 
 
-def _chunk_rows(g: BalancedGeometry, budget_bytes: int = 1 << 28) -> int:
-    return max(1, budget_bytes // (g.padded_width * 8 * 3))
+#: Bytes of one chunk's key array. Small on purpose: temporaries under glibc's 32 MB mmap threshold
+#: are reused from the heap; larger ones are mapped, faulted and zeroed anew for every chunk, which
+#: measured 5x slower on the 1e9-parameter benchmark (BENCHMARKS.md).
+CHUNK_KEY_BYTES = 8 << 20
 
 
-def balanced_offsets(matrix: torch.Tensor, g: BalancedGeometry, eligible: torch.Tensor | None = None) -> torch.Tensor:
-    """In-block offsets [R, B, k] (int64, ascending per block) of the kept entries.
+def _chunk_rows(g: BalancedGeometry) -> int:
+    return max(1, CHUNK_KEY_BYTES // (g.padded_width * 8))
+
+
+def balanced_offsets(matrix: torch.Tensor, g: BalancedGeometry, eligible: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """In-block offsets [R, B, k] (``dtype``, ascending per block) of the kept entries.
 
     ``matrix`` is [R, K] F16/BF16/F32/F64 with finite values. ``eligible`` (bool [R, B, L],
     optional) restricts the choice to a previous mask, which is how iterative masks stay nested;
-    it must hold at least k entries per block. Work is chunked by rows so temporaries stay
-    within a few hundred MB whatever the tensor size.
+    it must hold at least k entries per block. Work is chunked by rows so temporaries stay small
+    whatever the tensor size.
     """
-    mags = matrix.abs()
-    if mags.dtype == torch.float64:
+    if matrix.dtype == torch.float64:
         # 63-bit magnitudes leave no room for the offset in an int64 key: compare as float64,
         # keeping the same rule through a stable sort.
-        return _balanced_offsets_f64(mags, g, eligible)
-    out = torch.empty(g.rows, g.blocks, g.keep, dtype=torch.int64)
+        return _balanced_offsets_f64(matrix.abs(), g, eligible).to(dtype)
+    out = torch.empty(g.rows, g.blocks, g.keep, dtype=dtype)
     step = _chunk_rows(g)
     for r0 in range(0, g.rows, step):
         r1 = min(g.rows, r0 + step)
-        keys = _block_keys(mags[r0:r1], g, None if eligible is None else eligible[r0:r1])
+        keys = _block_keys(matrix[r0:r1], g, None if eligible is None else eligible[r0:r1])
         idx = torch.topk(keys, g.keep, dim=-1, sorted=False).indices
         out[r0:r1] = torch.sort(idx, dim=-1).values
     return out
