@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import struct
 import zlib
@@ -83,10 +84,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -188,10 +186,7 @@ def parse_file(path: str | os.PathLike[str]) -> ParsedFile:
         begin, end = offsets
         if end > buffer_len:
             raise _bad(p, f"{where}: data ends at {end}, past the {buffer_len}-byte data buffer (truncated?)")
-        numel = 1
-        for d in shape:
-            numel *= d
-        bits = numel * DTYPE_BITS[dtype]
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
         if bits % 8 != 0 or bits // 8 != end - begin:
             raise _bad(
                 p, f"{where}: {dtype} x {shape} needs {bits / 8:g} bytes but spans {end - begin}"
@@ -256,10 +251,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BITS[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n // 8
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
 
 
 def _alignment(dtype: str) -> int:

@@ -9,6 +9,7 @@ block j reads one coalesced run per slot, and lane j only ever touches x[j*L : (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +105,7 @@ class BalancedTensor:
             spec.req_int(entry, "blocks_requested", name, 1)
         spec.req_float(entry, "sparsity_target", name)
         spec.req_float(entry, "sparsity_achieved", name)
-        if len(shape) < 2 or shape[0] != rows or _prod(shape[1:]) != cols:
+        if len(shape) < 2 or shape[0] != rows or math.prod(shape[1:]) != cols:
             raise FormatError(f"manifest entry {name!r}: shape {list(shape)} is not rows x cols = {rows} x {cols}")
         if length > 65536 or keep > length or blocks != -(-cols // length):
             raise FormatError(
@@ -171,10 +172,3 @@ def _padded(m: torch.Tensor, g: BalancedGeometry) -> torch.Tensor:
     if pad:
         m = torch.nn.functional.pad(m, (0, pad))
     return m.reshape(m.shape[0], g.blocks, g.block_length)
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n

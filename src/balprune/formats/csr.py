@@ -7,6 +7,7 @@ that happens to be zero is stored explicitly and the size is known before any da
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class CsrTensor:
 
     @property
     def cols(self) -> int:
-        return int(torch.tensor(self.shape[1:]).prod()) if len(self.shape) > 1 else 1
+        return math.prod(self.shape[1:])
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, nnz: int, sparsity_target: float) -> CsrTensor:
@@ -82,7 +83,7 @@ class CsrTensor:
         nnz = spec.req_int(entry, "nnz", name, 0)
         spec.req_float(entry, "sparsity_target", name)
         spec.req_float(entry, "sparsity_achieved", name)
-        if len(shape) < 2 or shape[0] != rows or _prod(shape[1:]) != cols or nnz > rows * cols:
+        if len(shape) < 2 or shape[0] != rows or math.prod(shape[1:]) != cols or nnz > rows * cols:
             raise FormatError(f"manifest entry {name!r}: shape {list(shape)}, rows {rows}, cols {cols}, nnz {nnz} disagree")
         return {
             "crow_indices": PartSpec("I32", (rows + 1,)),
@@ -115,16 +116,9 @@ class CsrTensor:
 
 def csr_entry(shape: tuple[int, ...], dtype: str, nnz: int, target: float) -> dict:
     """The manifest entry of a CSR tensor, known before packing."""
-    rows, cols = shape[0], _prod(shape[1:])
+    rows, cols = shape[0], math.prod(shape[1:])
     return {
         "pattern": "unstructured", "shape": list(shape), "dtype": dtype,
         "layout": spec.Layout.CSR.value, "rows": rows, "cols": cols, "nnz": nnz,
         "index_dtype": "I32", "sparsity_target": target, "sparsity_achieved": 1.0 - nnz / (rows * cols),
     }
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n

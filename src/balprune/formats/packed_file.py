@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +105,7 @@ def summarize(pf: PackedFile) -> list[LayerSummary]:
     rows = []
     for name, entry in pf.manifest["tensors"].items():
         shape = tuple(entry["shape"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        dense_bytes = numel * container.DTYPE_BITS[entry["dtype"]] // 8
+        dense_bytes = math.prod(shape) * container.DTYPE_BITS[entry["dtype"]] // 8
         p = entry["pattern"]
         if p == "dense":
             packed, achieved = stored[name].nbytes, None

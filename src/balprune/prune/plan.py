@@ -8,6 +8,7 @@ bad options fail before minutes of work, and the output file's header can be wri
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 from ..checkpoint import SourceTensor
@@ -41,10 +42,7 @@ class TensorPlan:
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    cols = 1
-    for d in shape[1:]:
-        cols *= d
-    return shape[0], cols
+    return shape[0], math.prod(shape[1:])
 
 
 def _dense(src: SourceTensor, reason: str) -> TensorPlan:
