@@ -1,0 +1,256 @@
+// bp_common.cuh: value types, conversions and cache-hinted loads shared by balprune kernels.
+//
+// No CUDA headers are included: under NVRTC (CuPy RawModule) cuda_fp16.h / cuda_bf16.h are not
+// guaranteed to be on the include path, so the 16-bit float types are plain bit containers whose
+// layout is identical to __half / __nv_bfloat16 (IEEE binary16, bfloat16), converted with PTX
+// cvt instructions. The runtime inlines this file into the source string before compiling
+// (CuPy's cache keys on the source text, not on files reached through -I).
+#pragma once
+
+namespace bp {
+
+// 16-bit float storage types: 2 bytes, the raw bits of a __half / __nv_bfloat16.
+struct f16 { unsigned short bits; };
+struct bf16 { unsigned short bits; };
+
+// ---- weight loads -------------------------------------------------------------------------
+// Weights are read exactly once per launch: stream them past L1 (no_allocate) so that L1 keeps
+// whatever else the kernel reads (x in the global-memory fallback). BP_WEIGHT_HINT selects the
+// qualifier at compile time (pass -DBP_WEIGHT_HINT=n): 0 plain read-only load, 1 L1::no_allocate
+// (default), 2 .cs (evict-first in L1 and L2).
+#ifndef BP_WEIGHT_HINT
+#define BP_WEIGHT_HINT 1
+#endif
+#if BP_WEIGHT_HINT == 0
+#define BP_LDW "ld.global.nc"
+#elif BP_WEIGHT_HINT == 1
+#define BP_LDW "ld.global.nc.L1::no_allocate"
+#else
+#define BP_LDW "ld.global.nc.cs"
+#endif
+
+// NW 32-bit words read with one vector load (NW * 4 bytes, naturally aligned: the alignment lets
+// a plain dereference of shared memory compile to one LDS.64 / LDS.128).
+template <int NW>
+struct alignas(4 * NW) Words {
+  unsigned w[NW];
+};
+
+template <int NW>
+__device__ __forceinline__ Words<NW> ld_words(const void* p);
+
+template <>
+__device__ __forceinline__ Words<1> ld_words<1>(const void* p) {
+  Words<1> r;
+  asm(BP_LDW ".u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));
+  return r;
+}
+
+template <>
+__device__ __forceinline__ Words<2> ld_words<2>(const void* p) {
+  Words<2> r;
+  asm(BP_LDW ".v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));
+  return r;
+}
+
+template <>
+__device__ __forceinline__ Words<4> ld_words<4>(const void* p) {
+  Words<4> r;
+  asm(BP_LDW ".v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
+      : "l"(p));
+  return r;
+}
+
+// Scalar weight / index loads, zero-extended into a 32-bit register (PTX allows a destination
+// wider than the load type for ld).
+__device__ __forceinline__ unsigned ld_u32(const void* p) {
+  unsigned r;
+  asm(BP_LDW ".u32 %0, [%1];" : "=r"(r) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ unsigned ld_u16(const void* p) {
+  unsigned r;
+  asm(BP_LDW ".u16 %0, [%1];" : "=r"(r) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ unsigned ld_u8(const void* p) {
+  unsigned r;
+  asm(BP_LDW ".u8 %0, [%1];" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// BYTES (1, 2, 4, 8 or 16, naturally aligned) read with one load into ceil(BYTES / 4) words.
+template <int BYTES>
+struct Bytes {
+  static constexpr int kWords = BYTES < 4 ? 1 : BYTES / 4;
+  __device__ static __forceinline__ Words<kWords> load(const void* p) {
+    if (BYTES == 1) {
+      Words<kWords> r;
+      r.w[0] = ld_u8(p);
+      return r;
+    } else if (BYTES == 2) {
+      Words<kWords> r;
+      r.w[0] = ld_u16(p);
+      return r;
+    } else {
+      return ld_words<kWords>(p);
+    }
+  }
+};
+
+// Bring one 128-byte line into L2 (no register is written, nothing waits on it).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// ---- conversions --------------------------------------------------------------------------
+__device__ __forceinline__ float half_bits_to_float(unsigned h) {
+  float f;
+  unsigned short s = (unsigned short)h;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
+  return f;
+}
+__device__ __forceinline__ unsigned short float_to_half_bits(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ float bf16_bits_to_float(unsigned b) {
+  return __uint_as_float((b & 0xffffu) << 16);
+}
+__device__ __forceinline__ unsigned short float_to_bf16_bits(float f) {
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+// ---- per value type ---------------------------------------------------------------------------
+// kPerVec: elements per 16-byte vector. at(v, s): element s (compile-time after unrolling) of a
+// 16-byte vector as fp32. load(p): one streamed scalar weight. ldg(p): one cached read (x).
+// store(p, f): round fp32 to T (round to nearest even) and store.
+template <typename T>
+struct Val;
+
+template <>
+struct Val<float> {
+  static constexpr int kPerVec = 4;
+  template <int NW>
+  __device__ static __forceinline__ float at(const Words<NW>& v, int s) { return __uint_as_float(v.w[s]); }
+  __device__ static __forceinline__ float load(const float* p) { return __uint_as_float(ld_u32(p)); }
+  __device__ static __forceinline__ float ldg(const float* p) { return __ldg(p); }
+  __device__ static __forceinline__ float sload(const float* p) { return *p; }
+  __device__ static __forceinline__ void store(float* p, float f) { *p = f; }
+};
+
+template <>
+struct Val<f16> {
+  static constexpr int kPerVec = 8;
+  template <int NW>
+  __device__ static __forceinline__ float at(const Words<NW>& v, int s) {
+    return half_bits_to_float((s & 1) ? (v.w[s >> 1] >> 16) : (v.w[s >> 1] & 0xffffu));
+  }
+  __device__ static __forceinline__ float load(const f16* p) { return half_bits_to_float(ld_u16(p)); }
+  __device__ static __forceinline__ float ldg(const f16* p) {
+    return half_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
+  }
+  __device__ static __forceinline__ float sload(const f16* p) {
+    return half_bits_to_float(*reinterpret_cast<const unsigned short*>(p));
+  }
+  __device__ static __forceinline__ void store(f16* p, float f) {
+    *reinterpret_cast<unsigned short*>(p) = float_to_half_bits(f);
+  }
+};
+
+template <>
+struct Val<bf16> {
+  static constexpr int kPerVec = 8;
+  template <int NW>
+  __device__ static __forceinline__ float at(const Words<NW>& v, int s) {
+    return (s & 1) ? __uint_as_float(v.w[s >> 1] & 0xffff0000u) : __uint_as_float(v.w[s >> 1] << 16);
+  }
+  __device__ static __forceinline__ float load(const bf16* p) { return bf16_bits_to_float(ld_u16(p)); }
+  __device__ static __forceinline__ float ldg(const bf16* p) {
+    return bf16_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
+  }
+  __device__ static __forceinline__ float sload(const bf16* p) {
+    return bf16_bits_to_float(*reinterpret_cast<const unsigned short*>(p));
+  }
+  __device__ static __forceinline__ void store(bf16* p, float f) {
+    *reinterpret_cast<unsigned short*>(p) = float_to_bf16_bits(f);
+  }
+};
+
+// ---- per index type -----------------------------------------------------------------------------
+// at(v, s): in-block index s of a packed vector of NW words. load(p): one streamed scalar index.
+template <typename I>
+struct Idx;
+
+template <>
+struct Idx<unsigned char> {
+  template <int NW>
+  __device__ static __forceinline__ unsigned at(const Words<NW>& v, int s) {
+    return __byte_perm(v.w[s >> 2], 0u, 0x4440u | (unsigned)(s & 3));  // one PRMT: byte s, zero-extended
+  }
+  __device__ static __forceinline__ unsigned load(const unsigned char* p) { return ld_u8(p); }
+};
+
+template <>
+struct Idx<unsigned short> {
+  template <int NW>
+  __device__ static __forceinline__ unsigned at(const Words<NW>& v, int s) {
+    return __byte_perm(v.w[s >> 1], 0u, (s & 1) ? 0x4432u : 0x4410u);  // one PRMT: half s, zero-extended
+  }
+  __device__ static __forceinline__ unsigned load(const unsigned short* p) { return ld_u16(p); }
+};
+
+// ---- Hopper bulk copies and mbarriers (sm_90) ----------------------------------------------------
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// Make initialised barriers visible to the async proxy (the bulk-copy engine) before first use.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+// Wait until the phase with parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  const unsigned a = smem_addr(bar);
+  unsigned done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Global -> shared bulk copy (bytes % 16 == 0, both addresses 16-byte aligned); completion is
+// counted in bytes on `bar` (complete_tx).
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+// One fp32 from shared memory at a 32-bit shared-window address (lets address = IMAD + LDS).
+__device__ __forceinline__ float lds_f32(unsigned addr) {
+  float v;
+  asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+// Barrier over the first `threads` threads of the CTA (named barrier 1), leaving other warps free.
+__device__ __forceinline__ void named_sync(int threads) {
+  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+}
+
+}  // namespace bp

@@ -1,0 +1,451 @@
+"""Balanced-sparse layers on the GPU: host-side validation, upload, and the launch wrapper.
+
+``validate_balanced`` runs on the CPU (numpy / torch only, no CuPy) and checks everything the
+kernel relies on before a byte reaches the device. ``BalancedLinear`` uploads one packed matrix
+and computes y = W x with kernels/balanced_spmv.cu.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import FormatError, UsageError
+
+_VALUE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+#: Device storage dtype (numpy name) and kernel type name of each value dtype. bfloat16 travels
+#: as its raw bits (uint16): CuPy has no bfloat16.
+_STORAGE = {"float32": ("float32", "float"), "float16": ("float16", "bp::f16"), "bfloat16": ("uint16", "bp::bf16")}
+_INDEX_KERNEL_TYPE = {"uint8": "unsigned char", "uint16": "unsigned short"}
+_TORCH_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_VALIDATE_CHUNK_ENTRIES = 1 << 24  # entries per validation chunk: bounds the int64 temporaries
+
+#: Weight layouts the kernel reads (kernels/README.md).
+LAYOUTS = ("interleaved", "direct")
+#: Batch columns per pass the kernel is built for.
+BATCH_TILES = (1, 2, 4, 8)
+
+
+def vector_width(dtype: str) -> int:
+    """Slots per 16-byte value vector: 4 for float32, 8 for the 16-bit types."""
+    return 4 if dtype == "float32" else 8
+
+
+def kernel_name(dtype: str, index_dtype: str, batch_tile: int, shared_x: bool, layout: str) -> str:
+    """The CuPy name expression of one instantiation of bp::balanced_spmm."""
+    return (f"bp::balanced_spmm<{_STORAGE[dtype][1]}, {_INDEX_KERNEL_TYPE[index_dtype]}, {batch_tile}, "
+            f"{'true' if shared_x else 'false'}, {'true' if layout == 'interleaved' else 'false'}>")
+
+
+def pipelined_kernel_name(dtype: str, index_dtype: str) -> str:
+    """The name expression of bp::balanced_spmv_tma (batch 1, bulk-copy pipeline)."""
+    return f"bp::balanced_spmv_tma<{_STORAGE[dtype][1]}, {_INDEX_KERNEL_TYPE[index_dtype]}>"
+
+
+def kernel_variants() -> list[str]:
+    """Every instantiation the runtime can launch (the compile test builds them all)."""
+    return [kernel_name(d, i, nb, xs, lay) for d in _STORAGE for i in _INDEX_KERNEL_TYPE for nb in BATCH_TILES
+            for xs in (True, False) for lay in LAYOUTS] + \
+        [pipelined_kernel_name(d, i) for d in _STORAGE for i in _INDEX_KERNEL_TYPE]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side validation
+# ---------------------------------------------------------------------------------------------
+
+def _as_torch(a, what: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        if a.device.type != "cpu":
+            raise FormatError(f"{what} must be on the CPU for validation, is on {a.device}")
+        return a
+    if isinstance(a, np.ndarray):
+        try:
+            return torch.from_numpy(a)
+        except TypeError as e:
+            raise FormatError(f"{what}: numpy dtype {a.dtype} is not supported") from e
+    raise FormatError(f"{what} must be a numpy array or a torch tensor, got {type(a).__name__}")
+
+
+def _positive_int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+        raise FormatError(f"{what} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_length: int, keep: int,
+                      *, name: str = "tensor") -> None:
+    """Check a packed balanced matrix on the CPU; FormatError naming the first problem.
+
+    ``values`` [rows, keep, blocks] float32/float16/bfloat16 and ``indices`` [rows, keep, blocks]
+    uint8 (block_length <= 256) or uint16 (<= 65536), numpy arrays or CPU torch tensors, both
+    C-contiguous. Geometry: blocks == ceil(cols / block_length), 1 <= keep <= block_length.
+    Content: every index < block_length; strictly increasing with the slot inside each block;
+    entries on padding columns (j*block_length + index >= cols) hold 0.
+    """
+    rows = _positive_int(rows, "rows")
+    cols = _positive_int(cols, "cols")
+    blocks = _positive_int(blocks, "blocks")
+    L = _positive_int(block_length, "block_length")
+    keep = _positive_int(keep, "keep")
+    if L > 65536:
+        raise FormatError(f"{name}: block_length {L} exceeds 65536, the most a uint16 index addresses")
+    if keep > L:
+        raise FormatError(f"{name}: keep {keep} exceeds block_length {L}")
+    if blocks != -(-cols // L):
+        raise FormatError(f"{name}: blocks {blocks} is not ceil(cols / block_length) = {-(-cols // L)}")
+    v = _as_torch(values, f"{name}: values")
+    i = _as_torch(indices, f"{name}: indices")
+    if v.dtype not in _VALUE_DTYPES:
+        raise FormatError(f"{name}: values dtype {v.dtype} is not float32, float16 or bfloat16")
+    want_index = torch.uint8 if L <= 256 else torch.uint16
+    if i.dtype != want_index:
+        raise FormatError(f"{name}: indices dtype {i.dtype} must be {want_index} for block_length {L}")
+    shape = (rows, keep, blocks)
+    for what, t in (("values", v), ("indices", i)):
+        if tuple(t.shape) != shape:
+            raise FormatError(f"{name}: {what} shape {list(t.shape)} is not [rows, keep, blocks] = {list(shape)}")
+        if not t.is_contiguous():
+            raise FormatError(f"{name}: {what} is not C-contiguous")
+    step = max(1, _VALIDATE_CHUNK_ENTRIES // (keep * blocks))
+    pad_from = cols - (blocks - 1) * L  # in-block offsets >= this are padding in the last block
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        idx = i[r0:r1].to(torch.int64)  # [n, keep, blocks]
+        bad = idx >= L
+        if bool(bad.any()):
+            r, t, j = torch.nonzero(bad)[0].tolist()
+            raise FormatError(f"{name}: index {int(idx[r, t, j])} >= block_length {L} at row {r0 + r}, "
+                              f"block {j}, slot {t}")
+        if keep > 1:
+            bad = idx[:, 1:, :] <= idx[:, :-1, :]
+            if bool(bad.any()):
+                r, t, j = torch.nonzero(bad)[0].tolist()
+                raise FormatError(f"{name}: indices of row {r0 + r}, block {j} are unsorted or duplicated "
+                                  f"(slot {t + 1}: {int(idx[r, t + 1, j])} after {int(idx[r, t, j])})")
+        if pad_from < L:
+            last = idx[:, :, blocks - 1]
+            bad = (last >= pad_from) & (v[r0:r1, :, blocks - 1] != 0)
+            if bool(bad.any()):
+                r, t = torch.nonzero(bad)[0].tolist()
+                raise FormatError(f"{name}: non-zero value on padding column {(blocks - 1) * L + int(last[r, t])} "
+                                  f"(cols = {cols}) at row {r0 + r}, block {blocks - 1}, slot {t}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+
+def interleave_rows(values, indices, vec: int, xp=np):
+    """The interleaved layout of kernels/README.md from [R, k, B] arrays: ([R, S], [R, S], S).
+
+    Works with numpy or cupy (``xp``). Per row: for g < G = k // vec, element (g*B + j)*vec + s
+    is slot g*vec + s of block j; then the tail pieces of width W in (4, 2, 1) present in
+    rem = k - G*vec, each laid out [B, W]. S = k*B rounded up to a multiple of 16 (so a row of
+    1-byte indices is a whole number of 16-byte units, as bulk copies need; 16 is a multiple of
+    vec); the rest is zero.
+    """
+    R, k, B = values.shape
+    G = k // vec
+    rem = k - G * vec
+    S = -(-k * B // 16) * 16
+    out = []
+    for a in (values, indices):
+        o = xp.zeros((R, S), dtype=a.dtype)
+        main = a[:, : G * vec, :].reshape(R, G, vec, B).transpose(0, 1, 3, 2).reshape(R, G * B * vec)
+        o[:, : G * B * vec] = main
+        pos, slot = G * B * vec, G * vec
+        for w in (4, 2, 1):
+            if rem & w:
+                piece = a[:, slot: slot + w, :].transpose(0, 2, 1).reshape(R, B * w)
+                o[:, pos: pos + B * w] = piece
+                pos += B * w
+                slot += w
+        out.append(o)
+    return out[0], out[1], S
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator
+# ---------------------------------------------------------------------------------------------
+
+def _host_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return t.contiguous().numpy()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class BalancedLinear:
+    """y = W x for one balanced-sparse W [rows, cols] held on a GPU.
+
+    Build from the packed arrays (``values``/``indices`` [rows, keep, blocks], numpy or CPU
+    torch; validated on the host first) or with ``from_tensor(BalancedTensor)``. Call with x of
+    shape [cols] or [cols, N] (a CuPy array, or a torch CUDA tensor, on the same device, in the
+    layer's dtype: float32, float16, or bfloat16 — as a torch tensor, or as a CuPy uint16 array
+    of bfloat16 bits), C-contiguous; returns [rows] or [rows, N] of the same kind and dtype.
+    fp32 accumulation; the result is rounded to the layer's dtype once.
+
+    ``layout``: "interleaved" (repacked once on the device for 16-byte loads; the fast path) or
+    "direct" (the file's arrays as they are). ``staging``: "auto" (x in shared memory when it
+    fits), "shared" or "global". ``threads``: threads per CTA (a multiple of 32, <= 1024); the
+    pipelined batch-1 kernel uses threads/32 consumer warps (at most 31) plus one producer warp.
+    ``pipeline``: "auto" (the bulk-copy pipelined kernel for batch 1 when it fits), True (require
+    it for batch 1), False (never). ``stages``: ring depth of the pipeline (0: as many as fit, up
+    to 15). ``team_warps``: consumer warps per group in the pipeline (0: auto).
+    ``defines``: extra -D options for the kernel build (experiments, e.g. "BP_WEIGHT_HINT=0").
+    """
+
+    def __init__(self, values, indices, *, cols: int, block_length: int, device: int = 0,
+                 layout: str = "interleaved", staging: str = "auto", threads: int = 1024,
+                 validate: bool = True, name: str = "tensor", defines: tuple[str, ...] = (),
+                 pipeline: bool | str = "auto", stages: int = 0, team_warps: int = 0) -> None:
+        from . import _gpu
+
+        if layout not in LAYOUTS:
+            raise UsageError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if staging not in ("auto", "shared", "global"):
+            raise UsageError(f"staging must be 'auto', 'shared' or 'global', got {staging!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads % 32 or not 32 <= threads <= 1024:
+            raise UsageError(f"threads must be a multiple of 32 in [32, 1024], got {threads!r}")
+        v = _as_torch(values, f"{name}: values")
+        i = _as_torch(indices, f"{name}: indices")
+        if v.dim() != 3:
+            raise FormatError(f"{name}: values must be [rows, keep, blocks], got shape {list(v.shape)}")
+        rows, keep, blocks = (int(d) for d in v.shape)
+        if validate:
+            validate_balanced(v, i, rows, cols, blocks, block_length, keep, name=name)
+        cp = _gpu.cupy()
+        self.device = _gpu.require_device(device)
+        self.info = _gpu.device_info(self.device)
+        self.name = name
+        self.rows, self.cols, self.blocks, self.block_length, self.keep = rows, int(cols), blocks, int(block_length), keep
+        self.dtype = _VALUE_DTYPES[v.dtype]
+        self.index_dtype = "uint8" if self.block_length <= 256 else "uint16"
+        self.layout, self.staging, self.threads = layout, staging, threads
+        self.defines = tuple(defines)
+        if pipeline not in ("auto", True, False):
+            raise UsageError(f"pipeline must be 'auto', True or False, got {pipeline!r}")
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 0 <= stages <= 15:
+            raise UsageError(f"stages must be an int in [0, 15], got {stages!r}")
+        if team_warps not in (0, 1, 2, 4, 8, 16):
+            raise UsageError(f"team_warps must be 0 (auto), 1, 2, 4, 8 or 16, got {team_warps!r}")
+        self.pipeline, self.stages, self.team_warps = pipeline, stages, team_warps
+        self.lanes_per_row = min(32, _next_pow2(blocks))
+        with cp.cuda.Device(self.device):
+            dv = cp.asarray(_host_numpy(v))
+            di = cp.asarray(_host_numpy(i))
+            if layout == "interleaved":
+                dv, di, stride = interleave_rows(dv, di, vector_width(self.dtype), xp=cp)
+            else:
+                dv, di, stride = dv.reshape(rows, keep * blocks), di.reshape(rows, keep * blocks), keep * blocks
+            self.values_dev, self.indices_dev, self.row_stride = dv, di, int(stride)
+        self._kernels: dict[tuple, object] = {}
+        self._configs: dict[int, dict] = {}
+
+    @classmethod
+    def from_tensor(cls, bt, **kw) -> BalancedLinear:
+        """From a balprune.formats.BalancedTensor (conv weights run as their [C_out, C_in*kh*kw] view)."""
+        g = bt.geometry
+        kw.setdefault("name", "tensor")
+        return cls(bt.values, bt.indices, cols=g.cols, block_length=g.block_length, **kw)
+
+    # -- geometry of one launch -----------------------------------------------------------------
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of values and indices the kernel streams per pass (padding of the layout included)."""
+        return int(self.values_dev.nbytes + self.indices_dev.nbytes)
+
+    def shared_bytes(self, batch_tile: int) -> int:
+        """Dynamic shared memory of a launch with x staged: x plus its transpose scratch, fp32."""
+        B, L = self.blocks, self.block_length
+        return (B * L + B * (L | 1)) * batch_tile * 4
+
+    def plan(self, batch: int) -> tuple[int, bool]:
+        """(batch tile NB, x in shared memory?) for a batch of ``batch`` columns."""
+        limit = self.info.smem_per_block_optin
+        want = min(8, _next_pow2(batch))
+        tiles = [nb for nb in reversed(BATCH_TILES) if nb <= want]
+        if self.staging != "global":
+            for nb in tiles:
+                if self.shared_bytes(nb) <= limit:
+                    return nb, True
+            if self.staging == "shared":
+                raise UsageError(f"{self.name}: x needs {self.shared_bytes(1)} bytes of shared memory, "
+                                 f"the device allows {limit}")
+        return want, False
+
+    def pipeline_plan(self) -> tuple[int, int, int, int] | None:
+        """(consumer warps, group rows, stages, shared bytes) of the pipelined batch-1 kernel, or None.
+
+        Needs the interleaved layout and x in shared memory. Consumer warps come in teams of
+        ``team_warps`` (auto: 8, else 16, 4, 2, 1), each team computing one group of
+        team_warps * 32/P rows per stage; as many stages (<= 15) as shared memory holds, at least
+        two, and at least one per team.
+        """
+        if self.pipeline is False or self.layout != "interleaved" or self.staging == "global":
+            return None
+        limit = self.info.smem_per_block_optin
+        fixed = 256 + -(-self.shared_bytes(1) // 128) * 128
+        rpw = 32 // self.lanes_per_row
+        ncw_max = min(31, max(1, self.threads // 32))
+        row_bytes = self.row_stride * (self.values_dev.itemsize + self.indices_dev.itemsize)
+        order = (self.team_warps,) if self.team_warps else (8, 16, 4, 2, 1)
+        for wpt in order:
+            if wpt > ncw_max:
+                continue
+            group = wpt * rpw
+            fit = (limit - fixed) // (group * row_bytes) if limit > fixed else 0
+            stages = min(15, fit) if self.stages == 0 else (self.stages if fit >= self.stages else 0)
+            if stages < 2:
+                continue
+            teams = min(ncw_max // wpt, stages)
+            return teams * wpt, group, stages, fixed + stages * group * row_bytes
+        return None
+
+    def _kernel(self, nb: int, xs: bool, pipelined: bool = False, smem: int = 0):
+        key = (nb, xs, pipelined)
+        k = self._kernels.get(key)
+        if k is None:
+            from .kernels import load_module
+
+            name = pipelined_kernel_name(self.dtype, self.index_dtype) if pipelined else \
+                kernel_name(self.dtype, self.index_dtype, nb, xs, self.layout)
+            k = load_module("balanced_spmv.cu", (name,), device=self.device, defines=self.defines).get_function(name)
+            self._kernels[key] = k
+        if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
+            k.max_dynamic_shared_size_bytes = smem
+        return k
+
+    def launch_config(self, batch: int) -> dict:
+        """Grid, block, shared memory and kernel of a launch for ``batch`` columns (cached)."""
+        cfg = self._configs.get(batch)
+        if cfg is None:
+            cfg = self._configs[batch] = self._launch_config(batch)
+        return cfg
+
+    def _launch_config(self, batch: int) -> dict:
+        info = self.info
+        pp = self.pipeline_plan() if batch == 1 else None
+        if pp is None and batch == 1 and self.pipeline is True:
+            raise UsageError(f"{self.name}: the pipelined kernel does not fit (layout {self.layout}, "
+                             f"staging {self.staging}, {self.shared_bytes(1)} bytes of x)")
+        if pp is not None:
+            ncw, group, stages, smem = pp
+            k = self._kernel(1, True, True, smem)
+            ngroups = -(-self.rows // group)
+            per_sm = max(1, min(info.max_threads_per_sm // ((ncw + 1) * 32), info.smem_per_sm // (smem + 1024)))
+            return {"kernel": k, "grid": (max(1, min(ngroups, info.multiprocessors * per_sm)),),
+                    "block": ((ncw + 1) * 32,), "shared_mem": smem, "batch_tile": 1, "shared_x": True,
+                    "pipelined": True, "group_rows": group, "stages": stages, "ctas_per_sm": per_sm}
+        nb, xs = self.plan(batch)
+        smem = self.shared_bytes(nb) if xs else 0
+        k = self._kernel(nb, xs, False, smem)
+        nwarps = self.threads // 32
+        rows_per_cta = (32 // self.lanes_per_row) * nwarps
+        per_sm = max(1, min(info.max_threads_per_sm // self.threads,
+                            info.regs_per_sm // max(1, k.num_regs * self.threads),
+                            (info.smem_per_sm // (smem + 1024)) if smem else 64))
+        passes = -(-batch // nb)
+        grid_x = max(1, min(-(-self.rows // rows_per_cta), -(-info.multiprocessors * per_sm // passes)))
+        return {"kernel": k, "grid": (grid_x, passes), "block": (self.threads,), "shared_mem": smem,
+                "batch_tile": nb, "shared_x": xs, "pipelined": False, "ctas_per_sm": per_sm}
+
+    def prepared_launch(self, x, y, batch: int):
+        """A zero-argument callable launching y = W x on CuPy arrays already checked by the caller.
+
+        For timing loops: no per-call checks, arguments built once. ``x`` [cols] / [cols, batch]
+        and ``y`` [rows] / [rows, batch], C-contiguous, in the layer's storage dtype.
+        """
+        cfg = self.launch_config(batch)
+        head = (self.values_dev, self.indices_dev, np.int64(self.row_stride), np.int32(self.rows),
+                np.int32(self.blocks), np.int32(self.block_length), np.int32(self.keep),
+                np.int32(self.lanes_per_row), x, np.int32(self.cols))
+        if cfg["pipelined"]:
+            # x is fetched by one bulk copy when 16-byte aligned (its tail, < 16 bytes, by loads)
+            x_bulk = (self.cols * x.itemsize) // 16 * 16 if x.data.ptr % 16 == 0 else 0
+            args = head + (y, np.int32(cfg["group_rows"]), np.int32(cfg["stages"]), np.int32(x_bulk))
+        else:
+            args = head + (np.int32(batch), y)
+        k, grid, block, smem = cfg["kernel"], cfg["grid"], cfg["block"], cfg["shared_mem"]
+        return lambda: k(grid, block, args, shared_mem=smem)
+
+    # -- the call ----------------------------------------------------------------------------------
+
+    def _check_input(self, x):
+        """(cupy view of x, batch, torch-or-None) after checking dtype, device, contiguity, shape."""
+        from . import _gpu
+
+        cp = _gpu.cupy()
+        tx = None
+        if _gpu.is_torch_tensor(x):
+            tx = x
+            if not x.is_cuda or x.device.index != self.device:
+                raise UsageError(f"{self.name}: x is on {x.device}, the layer on cuda:{self.device}")
+            if x.dtype != _TORCH_OF[self.dtype]:
+                raise UsageError(f"{self.name}: x dtype {x.dtype} does not match the layer's {self.dtype}")
+            if not x.is_contiguous():
+                raise UsageError(f"{self.name}: x must be C-contiguous")
+            x = cp.from_dlpack(x.view(torch.int16)).view(cp.uint16) if x.dtype == torch.bfloat16 \
+                else cp.from_dlpack(x)
+        elif isinstance(x, cp.ndarray):
+            if x.device.id != self.device:
+                raise UsageError(f"{self.name}: x is on device {x.device.id}, the layer on {self.device}")
+            want = _STORAGE[self.dtype][0]
+            if x.dtype != np.dtype(want):
+                raise UsageError(f"{self.name}: x dtype {x.dtype} does not match the layer's {self.dtype}"
+                                 + (" (pass bfloat16 as uint16 bits)" if self.dtype == "bfloat16" else ""))
+            if not x.flags.c_contiguous:
+                raise UsageError(f"{self.name}: x must be C-contiguous")
+        else:
+            raise UsageError(f"{self.name}: x must be a CuPy array or a torch CUDA tensor, got {type(x).__name__}")
+        if x.ndim not in (1, 2) or x.shape[0] != self.cols or (x.ndim == 2 and x.shape[1] < 1):
+            raise UsageError(f"{self.name}: x shape {list(x.shape)} is not [{self.cols}] or [{self.cols}, N>=1]")
+        return x, (1 if x.ndim == 1 else int(x.shape[1])), tx
+
+    def __call__(self, x, out=None):
+        """y = W x. ``out`` (optional): a C-contiguous CuPy array of the result's shape and dtype."""
+        from . import _gpu
+
+        cp = _gpu.cupy()
+        xc, batch, tx = self._check_input(x)
+        shape = (self.rows,) if xc.ndim == 1 else (self.rows, batch)
+        storage = np.dtype(_STORAGE[self.dtype][0])
+        if out is not None:
+            if not isinstance(out, cp.ndarray) or out.shape != shape or out.dtype != storage \
+                    or not out.flags.c_contiguous or out.device.id != self.device:
+                raise UsageError(f"{self.name}: out must be a C-contiguous {storage} CuPy array of shape "
+                                 f"{list(shape)} on device {self.device}")
+        stream = None
+        if tx is not None:
+            stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device)
+        with cp.cuda.Device(self.device):
+            if stream is not None:
+                with stream:
+                    y = self._launch(xc, batch, shape, storage, out)
+            else:
+                y = self._launch(xc, batch, shape, storage, out)
+        if tx is None:
+            return y
+        if self.dtype == "bfloat16":
+            return torch.from_dlpack(y.view(cp.int16)).view(torch.bfloat16)
+        return torch.from_dlpack(y)
+
+    def _launch(self, xc, batch: int, shape, storage, out):
+        from . import _gpu
+
+        cp = _gpu.cupy()
+        y = cp.empty(shape, dtype=storage) if out is None else out
+        self.prepared_launch(xc, y, batch)()
+        return y
+
+    def __repr__(self) -> str:
+        return (f"BalancedLinear({self.name!r}, [{self.rows}, {self.cols}], B={self.blocks}, L={self.block_length}, "
+                f"k={self.keep}, {self.dtype}/{self.index_dtype}, layout={self.layout}, device={self.device})")
+
+
+__all__ = ["BATCH_TILES", "LAYOUTS", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
+           "pipelined_kernel_name", "validate_balanced", "vector_width"]
