@@ -22,8 +22,9 @@
 //                                 element G*V*B + B*(rem & ~(2W-1)) + j*W + s = slot G*V + (rem & ~(2W-1)) + s
 //      Each lane reads its block's V values with one 16-byte load and the V indices with one
 //      4/8/16-byte load (coalesced across lanes); each tail piece with one load per array.
-//      Requires row_stride % V == 0 and 16-byte aligned base pointers (row_stride = k*B rounded
-//      up to V). Built once on the device by balprune.runtime.balanced.interleave_rows.
+//      Requires row_stride % V == 0 and 16-byte aligned base pointers (the runtime rounds
+//      k*B up to a multiple of 16). Built once on the device by
+//      balprune.runtime.balanced.interleave_rows.
 //
 // x is [K, batch] row-major (batch innermost; batch = 1 for SpMV); y is [R, batch] row-major.
 // Pass n of the launch (blockIdx.y) computes batch columns [NB*n, NB*n + NB).
@@ -326,6 +327,9 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
 // consecutive rows; the CTA's n-th group (global group blockIdx.x + n*gridDim.x) sits in stage
 // n % stages and is computed by team n % teams: several teams work on different stages at once,
 // so the stage size (bytes per bulk copy) and the number of consumer warps are chosen apart.
+// Requires stages % teams == 0: each stage then always belongs to the same team, which consumes
+// every group passing through it in order. (Otherwise a team that skipped other teams' groups
+// could wait on a stage two phases ahead, which an mbarrier parity wait cannot tell apart.)
 // Each warp of a team computes 32/P rows of the group from shared memory (same interleaved
 // layout as in global memory: one 16-byte LDS per lane and slot group, conflict-free).
 // x: when x_bulk > 0 the producer first copies x_bulk bytes of x (16-byte aligned, a multiple of
@@ -347,6 +351,7 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ncw = (blockDim.x >> 5) - 1;
   const int sub = lane & (P - 1), rpw = 32 / P;
   const int wpt = GR / rpw, teams = ncw / wpt;
+  if (stages % teams != 0) __trap();  // the contract above; the runtime never launches this
   char* base = reinterpret_cast<char*>(bp_smem);
   unsigned long long* full = reinterpret_cast<unsigned long long*>(base);
   unsigned long long* empty = full + stages;

@@ -192,8 +192,8 @@ class BalancedLinear:
     "direct" (the file's arrays as they are). ``staging``: "auto" (x in shared memory when it
     fits), "shared" or "global". ``threads``: threads per CTA (a multiple of 32, <= 1024); the
     pipelined batch-1 kernel uses threads/32 consumer warps (at most 31) plus one producer warp.
-    ``pipeline``: "auto" (the bulk-copy pipelined kernel for batch 1 when it fits), True (require
-    it for batch 1), False (never). ``stages``: ring depth of the pipeline (0: as many as fit, up
+    ``pipeline``: "auto" (the bulk-copy pipelined kernel for batch 1 with 16-bit values when it
+    fits; fp32 runs balanced_spmm, measured as fast), True (require it for batch 1), False (never). ``stages``: ring depth of the pipeline (0: as many as fit, up
     to 15). ``team_warps``: consumer warps per group in the pipeline (0: auto).
     ``defines``: extra -D options for the kernel build (experiments, e.g. "BP_WEIGHT_HINT=0").
     """
@@ -282,29 +282,47 @@ class BalancedLinear:
         """(consumer warps, group rows, stages, shared bytes) of the pipelined batch-1 kernel, or None.
 
         Needs the interleaved layout and x in shared memory. Consumer warps come in teams of
-        ``team_warps`` (auto: 8, else 16, 4, 2, 1), each team computing one group of
-        team_warps * 32/P rows per stage; as many stages (<= 15) as shared memory holds, at least
-        two, and at least one per team.
+        ``team_warps`` (auto: the better of 8 and 4; all consumers when fewer than 8), each team
+        computing one group of
+        team_warps * 32/P rows per stage. Stages: as many as shared memory holds (<= 15), at
+        least two, and a multiple of the team count (stage s always belongs to team s % teams:
+        see kernels/balanced_spmv.cu), with at least 8 consumer warps (fewer: None, and batch 1
+        runs balanced_spmm). Auto picks the most consumer warps (counting up to 24), then the
+        most bytes in flight.
         """
         if self.pipeline is False or self.layout != "interleaved" or self.staging == "global":
+            return None
+        if self.pipeline == "auto" and self.dtype == "float32":
+            # Measured on an H200 (kernels/NOTES.md, run 5): for fp32 balanced_spmm was as fast or
+            # faster (24.2 vs 24.7 us, 16384 x 8192); the pipeline wins for 16-bit values.
             return None
         limit = self.info.smem_per_block_optin
         fixed = 256 + -(-self.shared_bytes(1) // 128) * 128
         rpw = 32 // self.lanes_per_row
         ncw_max = min(31, max(1, self.threads // 32))
         row_bytes = self.row_stride * (self.values_dev.itemsize + self.indices_dev.itemsize)
-        order = (self.team_warps,) if self.team_warps else (8, 16, 4, 2, 1)
-        for wpt in order:
+        best = None
+        small = 1 << (ncw_max.bit_length() - 1)  # fewer than 8 consumer warps: one team of them all
+        for wpt in ((self.team_warps,) if self.team_warps else ((8, 4) if ncw_max >= 8 else (small,))):
             if wpt > ncw_max:
                 continue
             group = wpt * rpw
-            fit = (limit - fixed) // (group * row_bytes) if limit > fixed else 0
-            stages = min(15, fit) if self.stages == 0 else (self.stages if fit >= self.stages else 0)
-            if stages < 2:
+            fit = min(15, (limit - fixed) // (group * row_bytes)) if limit > fixed else 0
+            if self.stages:
+                if fit < self.stages:
+                    continue
+                stages = self.stages
+                teams = max(t for t in range(1, ncw_max // wpt + 1) if stages % t == 0)
+            else:
+                teams = max(1, min(ncw_max // wpt, fit))
+                stages = fit // teams * teams
+            if stages < 2 or teams * wpt < min(8, ncw_max):  # too few consumers: balanced_spmm does better
                 continue
-            teams = min(ncw_max // wpt, stages)
-            return teams * wpt, group, stages, fixed + stages * group * row_bytes
-        return None
+            plan = (teams * wpt, group, stages, fixed + stages * group * row_bytes)
+            score = (min(plan[0], 24), stages * group * row_bytes)
+            if best is None or score > best[0]:
+                best = (score, plan)
+        return None if best is None else best[1]
 
     def _kernel(self, nb: int, xs: bool, pipelined: bool = False, smem: int = 0):
         key = (nb, xs, pipelined)
