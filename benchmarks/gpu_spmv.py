@@ -24,66 +24,25 @@ import dataclasses
 import json
 import math
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from balprune.bench.timing import Timer
+
 ITERS = 200
-SPIN_CYCLES = 150_000_000  # ~75 ms at 2 GHz: longer than the host needs to queue 200 timed launches
 
 
-class Bench:
-    def __init__(self, cp):
-        from balprune.runtime import _gpu
-        from balprune.runtime.kernels import load_module
+class Bench(Timer):
+    """The library's timer (balprune.bench.timing: the one timing function), returning dicts for printing."""
 
-        self.cp = cp
-        self.info = _gpu.device_info(0)
-        util = load_module("bench_util.cu", device=0)
-        self.spin_k = util.get_function("bp_spin")
-        self.read_k = util.get_function("bp_read_reduce")
-        self.flag = cp.zeros(1, dtype=cp.int32)
-
-    def spin(self):
-        self.spin_k((1,), (1,), (np.int64(SPIN_CYCLES), self.flag))
+    def __init__(self, cp) -> None:
+        super().__init__(0)
 
     def time(self, fns, iters=ITERS, warmup=10) -> dict:
-        """Per-launch times (us) of fns[i % len(fns)], i < iters, queued behind a spin kernel."""
-        for _ in range(warmup):
-            for f in fns:
-                f()
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        spin_end = torch.cuda.Event(enable_timing=True)
-        self.spin()
-        spin_end.record()
-        t0 = time.perf_counter()
-        for i in range(iters):
-            starts[i].record()
-            fns[i % len(fns)]()
-            ends[i].record()
-        host_us = (time.perf_counter() - t0) * 1e6
-        torch.cuda.synchronize()
-        t = np.array([s.elapsed_time(e) for s, e in zip(starts, ends)]) * 1e3
-        # The launches must have run back to back after the spin: the span from the spin's end to
-        # the last event is then the sum of the timed intervals plus the event records between them.
-        span_us = spin_end.elapsed_time(ends[-1]) * 1e3
-        covered = span_us < 1.5 * float(t.sum()) + 2.0 * iters
-        b0, b1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.spin()
-        b0.record()
-        for i in range(iters):
-            fns[i % len(fns)]()
-        b1.record()
-        torch.cuda.synchronize()
-        return {"median_us": float(np.median(t)), "p10_us": float(np.percentile(t, 10)),
-                "p90_us": float(np.percentile(t, 90)), "stream_avg_us": b0.elapsed_time(b1) * 1e3 / iters,
-                "host_enqueue_us": host_us / iters, "spin_covered": bool(covered), "span_us": span_us,
-                "copies": len(fns)}
+        return dataclasses.asdict(super().time(fns, iters=iters, warmup=warmup))
 
 
 def copies_for(nbytes: int, l2: int) -> int:
@@ -145,27 +104,19 @@ def raw_launcher(op, x_cp, y_cp, batch: int):
 
 
 def graph_time(cp, fns, reps: int = 20) -> dict:
-    """Per-kernel time (us) from CUDA-graph replays of len(fns) launches (no launch gaps, no events between)."""
-    s = cp.cuda.Stream(non_blocking=True)
-    with s:
-        for f in fns:  # warm-up outside the capture
-            f()
-        s.synchronize()
-        s.begin_capture()
-        for f in fns:
-            f()
-        g = s.end_capture()
-        g.launch(s)
-        s.synchronize()
-        times = []
-        for _ in range(reps):
-            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-            e0.record(s)
-            g.launch(s)
-            e1.record(s)
-            e1.synchronize()
-            times.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3 / len(fns))
-    return {"graph_median_us": float(np.median(times)), "graph_min_us": float(np.min(times)), "launches": len(fns)}
+    """Per-kernel time (us) from CUDA-graph replays of len(fns) launches (the library timer's graph_time)."""
+    t = _graph_timer().graph_time(fns, reps)
+    return {"graph_median_us": t.median_us, "graph_min_us": t.p10_us, "launches": len(fns)}
+
+
+_TIMER = None
+
+
+def _graph_timer() -> Timer:
+    global _TIMER
+    if _TIMER is None:
+        _TIMER = Timer(0)
+    return _TIMER
 
 
 def make_main(dtype):

@@ -25,7 +25,7 @@ from ..config import (
     parse_sparsity,
     rules_from_config,
 )
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, GpuRuntimeError, UsageError
 from . import render
 
 app = typer.Typer(
@@ -271,3 +271,31 @@ def compare(
         render.console(stderr=True).print(
             f"{len(bad)} regression(s) beyond {100 * max_slowdown:.0f}% (slower, missing or incorrect)")
         raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    packed: Path = typer.Argument(..., help="A packed file written by `balprune prune`."),
+    batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated (e.g. 1,8)."),
+    cold: bool = typer.Option(False, "--cold", help="Only cold timings (weights rotated through > 4.5x L2)."),
+    hot: bool = typer.Option(False, "--hot", help="Only hot timings (one weight copy)."),
+    graph: bool = typer.Option(False, "--graph", help="Also time CUDA-graph replay."),
+    layer: List[str] = typer.Option([], "--layer", help="Only layers matching this glob (repeatable)."),
+    iters: str = typer.Option("200", "--iters", callback=_usage(lambda v: parse_positive_int(v, what="--iters")),
+                              help="Timed launches per measurement."),
+    device: int = typer.Option(0, "--device", help="CUDA device index."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report (schema balprune.bench/1) here."),
+) -> None:
+    """Time every balanced layer on the GPU against dense cuBLAS and cuSPARSE CSR (batch-1 latency)."""
+    from ..bench.run import bench_file, speedups
+
+    batches = tuple(parse_positive_int(b, what="--batch") for b in batch.split(","))
+    modes = ("cold",) if cold and not hot else ("hot",) if hot and not cold else ("cold", "hot")
+    err = render.console(stderr=True)
+    report = bench_file(packed, batches=batches, modes=modes, graph=graph, iters=iters, device=device,
+                        layers=tuple(layer), progress=lambda name: err.print(f"benchmarking {name}"))
+    if json_out is not None:
+        report.write(json_out)
+    render.console().print(render.bench_table(report, speedups(report)))
+    if any(not m.correct for m in report.measurements):
+        raise GpuRuntimeError("a layer failed its correctness gate (see the table); its timings were not taken")

@@ -87,3 +87,39 @@ def compare_table(changes, max_slowdown: float) -> Table:
                   "-" if c.base_us is None else f"{c.base_us:.2f}", "-" if c.new_us is None else f"{c.new_us:.2f}",
                   "-" if c.ratio is None else f"{c.ratio:.3f}", f"[{st}]{c.status}[/]" if st else c.status)
     return t
+
+
+def bench_table(report, rows: list[dict]) -> Table:
+    """The paper's per-layer table: balanced vs dense vs CSR, speedups, GB/s and % of read bandwidth."""
+    dev = report.device.get("name", "GPU")
+    t = Table(title=f"balprune bench on {dev}: read bandwidth {report.read_bandwidth_gbps:.0f} GB/s (measured)",
+              title_justify="left")
+    for col in ("layer", "shape", "dtype", "batch", "mode", "graph", "balanced us", "dense us", "CSR us",
+                "x dense", "x CSR", "GB/s", "% read bw"):
+        t.add_column(col, justify="left" if col in ("layer", "shape", "dtype", "mode", "graph") else "right")
+
+    def us(m):
+        return "-" if m is None else ("not timed" if m.median_us != m.median_us else f"{m.median_us:.2f}")
+
+    totals: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        b = r.get("balanced")
+        t.add_row(r["layer"], "x".join(map(str, r["shape"])), r["dtype"], str(r["batch"]), r["mode"],
+                  "yes" if r["graph"] else "no", us(b), us(r.get("dense")), us(r.get("csr")) if "csr" in r else "n/a",
+                  "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}",
+                  "-" if r["speedup_vs_csr"] is None else f"{r['speedup_vs_csr']:.2f}",
+                  "-" if b is None or not b.correct else f"{b.gbps:.0f}",
+                  "-" if b is None or not b.correct else f"{b.bandwidth_pct:.0f}%")
+        tot = totals.setdefault((r["batch"], r["mode"], r["graph"]), {})
+        for k in ("balanced", "dense", "csr"):
+            m = r.get(k)
+            if m is not None and m.median_us == m.median_us:
+                tot[k] = tot.get(k, 0.0) + m.median_us
+    t.add_section()
+    for (batch, mode, graph), tot in totals.items():
+        b, d = tot.get("balanced"), tot.get("dense")
+        t.add_row("total", "", "", str(batch), mode, "yes" if graph else "no",
+                  "-" if b is None else f"{b:.1f}", "-" if d is None else f"{d:.1f}",
+                  f"{tot['csr']:.1f}" if "csr" in tot else "n/a",
+                  f"{d / b:.2f}" if b and d else "-", "", "", "")
+    return t
