@@ -143,7 +143,7 @@ def _bench_layer(report, timer: Timer, packed, name, entry, batches, modes, grap
                 n = copies_for(nbytes, l2) if mode == "cold" else 1
                 fns = make(n)
                 runs: list[tuple[bool, Timing]] = [(False, timer.time(fns, iters=iters))]
-                if graph:
+                if graph and kernel != "csr":  # cuSPARSE calls cannot be captured into a CUDA graph
                     runs.append((True, timer.graph_time(fns)))
                 for is_graph, t in runs:
                     gbps = nbytes / (t.median_us * 1e-6) / 1e9
