@@ -63,3 +63,20 @@ def test_bad_reports_exit_4(cli, tmp_path, content):
     good = _write(tmp_path / "a.json", [_m()])
     r = cli("compare", good, bad)
     assert r.code == 4 and r.err.startswith("balprune: error:") and r.err.count("\n") == 1
+
+
+def test_bench_without_a_gpu_exits_6_with_one_line(cli):
+    """bad-inputs item 24: no GPU / no CuPy -> one line with the cause, exit 6, nothing else imported."""
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("a GPU is present: the no-GPU path cannot be exercised here")
+    except Exception:
+        pass
+    from helpers import REPO
+
+    r = cli("bench", REPO / "tests" / "golden" / "balanced.safetensors")
+    assert r.code == 6, r
+    assert r.err.startswith("balprune: error:") and r.err.count("\n") == 1
+    assert "cupy" in r.err.lower() or "gpu" in r.err.lower()
