@@ -89,6 +89,5 @@ class Interrupted(BalpruneError):
         self.exit_code = 128 + signum
 
 
-EXIT_OK = 0
 EXIT_REGRESSION = 1
 EXIT_INTERNAL = 70

@@ -25,7 +25,7 @@ from ..config import (
     parse_sparsity,
     rules_from_config,
 )
-from ..errors import ConfigError, GpuRuntimeError, UsageError
+from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, UsageError
 from . import render
 
 app = typer.Typer(
@@ -270,13 +270,15 @@ def compare(
     if bad:
         render.console(stderr=True).print(
             f"{len(bad)} regression(s) beyond {100 * max_slowdown:.0f}% (slower, missing or incorrect)")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_REGRESSION)
 
 
 @app.command()
 def bench(
     packed: Path = typer.Argument(..., help="A packed file written by `balprune prune`."),
-    batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated (e.g. 1,8)."),
+    batch: str = typer.Option("1", "--batch", callback=_usage(lambda v: tuple(
+                                  parse_positive_int(b, what="--batch") for b in v.split(","))),
+                              help="Batch sizes, comma-separated (e.g. 1,8)."),
     cold: bool = typer.Option(False, "--cold", help="Only cold timings (weights rotated through > 4.5x L2)."),
     hot: bool = typer.Option(False, "--hot", help="Only hot timings (one weight copy)."),
     graph: bool = typer.Option(False, "--graph", help="Also time CUDA-graph replay."),
@@ -289,10 +291,9 @@ def bench(
     """Time every balanced layer on the GPU against dense cuBLAS and cuSPARSE CSR (batch-1 latency)."""
     from ..bench.run import bench_file, speedups
 
-    batches = tuple(parse_positive_int(b, what="--batch") for b in batch.split(","))
     modes = ("cold",) if cold and not hot else ("hot",) if hot and not cold else ("cold", "hot")
     err = render.console(stderr=True)
-    report = bench_file(packed, batches=batches, modes=modes, graph=graph, iters=iters, device=device,
+    report = bench_file(packed, batches=batch, modes=modes, graph=graph, iters=iters, device=device,
                         layers=tuple(layer), progress=lambda name: err.print(f"benchmarking {name}"))
     if json_out is not None:
         report.write(json_out)

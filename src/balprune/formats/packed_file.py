@@ -133,8 +133,8 @@ def verify_packed(path: str | Path, progress=None) -> PackedFile:
     return pf
 
 
-def iter_unpacked(pf: PackedFile) -> Iterator[tuple[str, torch.Tensor | bytearray, str, tuple[int, ...]]]:
-    """(name, dense tensor or raw bytes, dtype code, shape) for every tensor and alias, in order."""
+def iter_unpacked(pf: PackedFile) -> Iterator[tuple[str, torch.Tensor | bytearray]]:
+    """(name, dense tensor or the stored bytes) for every tensor and alias, in manifest order."""
     aliases_of: dict[str, list[str]] = {}
     for alias, target in pf.manifest["aliases"].items():
         aliases_of.setdefault(target, []).append(alias)
@@ -145,7 +145,7 @@ def iter_unpacked(pf: PackedFile) -> Iterator[tuple[str, torch.Tensor | bytearra
         else:
             data = pf.dense(name)
         for n in [name] + aliases_of.get(name, []):
-            yield n, data, entry["dtype"], tuple(entry["shape"])
+            yield n, data
 
 
 def unpack(path: str | Path, output: Path, *, force: bool = False) -> int:
@@ -160,13 +160,9 @@ def unpack(path: str | Path, output: Path, *, force: bool = False) -> int:
         plan.append(container.PlannedTensor(alias, entry["dtype"], tuple(entry["shape"])))
     with container.AtomicOutput(Path(output), force=force) as out:
         writer = container.StreamingWriter(out.file, plan, {"format": "balprune.unpacked",
-                                                          "source_sha256": _sha_of(pf)})
-        for name, data, _, _ in iter_unpacked(pf):
+                                                          "source_sha256": str(pf.manifest["source"].get("sha256", ""))})
+        for name, data in iter_unpacked(pf):
             writer.write(name, data)
         writer.finish()
         out.commit(lambda tmp: container.verify_written(tmp, writer.header_bytes, writer.crc32))
     return len(plan)
-
-
-def _sha_of(pf: PackedFile) -> str:
-    return str(pf.manifest["source"].get("sha256", ""))

@@ -28,21 +28,29 @@ def padded_tiles(matrix: torch.Tensor, block_shape: tuple[int, int]) -> torch.Te
     return padded.reshape(rb, bh, cb, bw).permute(0, 2, 1, 3)
 
 
-def kept_tiles(matrix: torch.Tensor, block_shape: tuple[int, int], sparsity: float) -> torch.Tensor:
-    """Flat tile indices (ascending, int64) of the tiles kept."""
-    tiles = padded_tiles(matrix, block_shape)
+def kept_tiles(matrix: torch.Tensor, block_shape: tuple[int, int], sparsity: float,
+               eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [Rb*Cb]: the tiles kept, by L2 norm (F32 accumulation, F64 for F64), lower index on ties.
+
+    ``eligible`` (bool [Rb*Cb], optional) restricts the choice to a previous step's tiles, which
+    rank below every eligible one: how iterative block masks stay nested.
+    """
     acc = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-    norms = tiles.to(acc).pow(2).sum(dim=(2, 3)).sqrt().reshape(-1)
-    keep = keep_count(sparsity, norms.numel())
-    return top_positions(norms.to(torch.float32) if acc == torch.float32 else norms, keep)
+    norms = padded_tiles(matrix, block_shape).to(acc).pow(2).sum(dim=(2, 3)).sqrt().reshape(-1)
+    if eligible is not None:
+        norms = torch.where(eligible, norms.to(torch.float64), torch.tensor(-1.0, dtype=torch.float64))
+    out = torch.zeros(norms.numel(), dtype=torch.bool)
+    out[top_positions(norms, keep_count(sparsity, norms.numel()))] = True
+    return out
+
+
+def tiles_to_mask(tiles: torch.Tensor, rows: int, cols: int, block_shape: tuple[int, int]) -> torch.Tensor:
+    """bool [rows, cols]: True inside the tiles set in ``tiles`` (bool [Rb*Cb])."""
+    rb, cb = tile_grid(rows, cols, block_shape)
+    bh, bw = block_shape
+    return tiles.reshape(rb, cb).repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
 
 
 def block_mask(matrix: torch.Tensor, block_shape: tuple[int, int], sparsity: float) -> torch.Tensor:
     """bool [R, C]: True inside kept tiles."""
-    rows, cols = matrix.shape
-    rb, cb = tile_grid(rows, cols, block_shape)
-    keep = torch.zeros(rb * cb, dtype=torch.bool)
-    keep[kept_tiles(matrix, block_shape, sparsity)] = True
-    bh, bw = block_shape
-    full = keep.reshape(rb, cb).repeat_interleave(bh, 0).repeat_interleave(bw, 1)
-    return full[:rows, :cols]
+    return tiles_to_mask(kept_tiles(matrix, block_shape, sparsity), *matrix.shape, block_shape)

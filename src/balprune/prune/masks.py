@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import torch
 
-from ..config import BalancedPattern, BlockPattern, Pattern, UnstructuredPattern, keep_count
+from ..config import BalancedPattern, Pattern, UnstructuredPattern, keep_count
 from ..patterns.balanced import balanced_offsets, geometry_for, offsets_to_mask
-from ..patterns.block import padded_tiles, tile_grid
+from ..patterns.block import kept_tiles, tiles_to_mask
 from ..patterns.ranking import top_positions
 from ..patterns.unstructured import mask_keep_n
 
@@ -41,10 +41,8 @@ def nested_masks(matrix: torch.Tensor, pattern: Pattern, sparsities: list[float]
             prev = _unstructured_within(matrix, keep, prev)
             yield prev
         else:
-            prev = _tiles_within(matrix, pattern, s, prev)
-            bh, bw = pattern.block_shape
-            rb, cb = tile_grid(rows, cols, pattern.block_shape)
-            yield prev.reshape(rb, cb).repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+            prev = kept_tiles(matrix, pattern.block_shape, s, eligible=prev)
+            yield tiles_to_mask(prev, rows, cols, pattern.block_shape)
 
 
 def one_shot_mask(matrix: torch.Tensor, pattern: Pattern, keep_override: int | None = None) -> torch.Tensor:
@@ -64,15 +62,3 @@ def _unstructured_within(matrix: torch.Tensor, keep: int, prev: torch.Tensor | N
     out = torch.zeros(matrix.numel(), dtype=torch.bool)
     out[flat] = True
     return out.reshape(matrix.shape)
-
-
-def _tiles_within(matrix: torch.Tensor, pattern: BlockPattern, s: float, prev: torch.Tensor | None) -> torch.Tensor:
-    tiles = padded_tiles(matrix, pattern.block_shape)
-    acc = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-    norms = tiles.to(acc).pow(2).sum(dim=(2, 3)).sqrt().reshape(-1)
-    if prev is not None:
-        norms = torch.where(prev, norms.to(torch.float64), torch.tensor(-1.0, dtype=torch.float64))
-    keep = keep_count(s, norms.numel())
-    out = torch.zeros(norms.numel(), dtype=torch.bool)
-    out[top_positions(norms, keep)] = True
-    return out
