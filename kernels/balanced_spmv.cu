@@ -4,8 +4,11 @@
 //   T  value type of W, x and y: float, bp::f16, bp::bf16 (raw __half / __nv_bfloat16 bits)
 //   I  in-block index type: unsigned char (block length L <= 256) or unsigned short (L <= 65536)
 //   NB batch columns computed per pass (1, 2, 4, 8); each (value, index) loaded is used NB times
-//   XS true: x staged in shared memory as fp32, block-interleaved; false: x read from global
-//      memory through the read-only cache (when B*L*NB*8 bytes exceeds the shared-memory limit)
+//   XS x staging mode. 1: x staged in shared memory as fp32, block-interleaved; 0: x read from
+//      global memory through the read-only cache (when it does not fit); 2 (16-bit T, NB >= 2,
+//      interleaved layout): x staged in shared memory in its own 16-bit type, NB values per
+//      (i, j) unit. Mode 2 is exact (x already is T) and takes half the bytes of mode 1 with no
+//      transpose scratch, so NB = 8 fits for K = 8192 (128 KB): batch 8 streams W once.
 //   IL true: the interleaved weight layout below; false: the direct layout
 // Accumulation is fp32 for every T; y is rounded to T once, at the end.
 //
@@ -32,8 +35,9 @@
 // Launch geometry: blockDim.x = 32 * nwarps (any multiple of 32 up to 1024); grid.x = number of
 // persistent CTAs (each stages x once, then sweeps rows); grid.y = ceil(batch / NB). Lanes per
 // row P = lanes_per_row (a power of two, min(32, next_pow2(B))); a warp holds 32 / P rows; lane
-// `sub` of a row owns blocks sub, sub + P, ... Dynamic shared memory (XS only):
-// (B*L + B*(L|1)) * NB * 4 bytes: the staged x plus a transpose scratch.
+// `sub` of a row owns blocks sub, sub + P, ... Dynamic shared memory: XS = 1:
+// (B*L + B*(L|1)) * NB * 4 bytes (the staged x plus a transpose scratch); XS = 2:
+// B*L*NB*sizeof(T) bytes; XS = 0: none.
 #include "bp_common.cuh"
 
 // Diagnostics for timing experiments only (results are wrong): -DBP_DIAG=1 the pipelined kernel
@@ -46,10 +50,18 @@
 namespace bp {
 
 // acc[c] += w * x[col, n0 + c] for the column of in-block index `id` in the current block.
-template <typename T, int NB, bool XS>
+template <typename T, int NB, int XS>
 __device__ __forceinline__ void fma_x(float (&acc)[NB], float w, unsigned id, const float* xsj, int BN,
                                       const T* __restrict__ x, int colbase, int cols, int batch, int n0) {
-  if (XS) {
+  if constexpr (XS == 2) {
+    // Unit (i*B + j) holds x[j*L + i, n0 .. n0+NB) as NB values of T (NB*2 bytes, one LDS of
+    // 4/8/16 bytes). B % 32 == 0: lane j reads its own slot of a conflict-free phase.
+    constexpr int XW = (NB * (int)sizeof(T)) / 4;
+    const Words<XW> xv = *reinterpret_cast<const Words<XW>*>(reinterpret_cast<const char*>(xsj) +
+                                                             id * (unsigned)(BN * (int)sizeof(T)));
+#pragma unroll
+    for (int c = 0; c < NB; ++c) acc[c] = fmaf(w, Val<T>::at(xv, c), acc[c]);
+  } else if (XS == 1) {
     // xs[(i*B + j)*NB + c]: for B % 32 == 0 lane j always hits bank j (NB = 1), or its own
     // 16-byte slot of a conflict-free quarter-warp phase (NB = 4). Address: one IMAD on the
     // 32-bit shared-window address of xs[j*NB].
@@ -95,7 +107,7 @@ struct Piece {
     v = Bytes<W * (int)sizeof(T)>::load(pv);
     i = Bytes<W * (int)sizeof(I)>::load(pi);
   }
-  template <int NB, bool XS>
+  template <int NB, int XS>
   __device__ __forceinline__ void use(float (&acc)[NB], const float* xsj, int BN, const T* __restrict__ x, int colbase,
                                       int cols, int batch, int n0) const {
 #pragma unroll
@@ -109,7 +121,7 @@ struct Piece {
 // one index load per group); batch 0 also issues the tail pieces (rem = 4 + 2 + 1 slots at
 // most, one load each), so a row whose G <= U costs one memory round trip: every load of the
 // lane is in flight before the first use.
-template <typename T, typename I, int NB, bool XS>
+template <typename T, typename I, int NB, int XS>
 __device__ __forceinline__ void block_dot_interleaved(float (&acc)[NB], const T* __restrict__ rv,
                                                       const I* __restrict__ ri, int j, int B, int L, int G, int rem,
                                                       const float* xs, const T* __restrict__ x, int cols, int batch,
@@ -118,7 +130,8 @@ __device__ __forceinline__ void block_dot_interleaved(float (&acc)[NB], const T*
   constexpr int IW = (V * (int)sizeof(I)) / 4;        // 32-bit words per index vector (1, 2, 4)
   constexpr int U = NB <= 2 ? 4 : 2;                  // slot groups in flight per lane
   const int BN = B * NB;
-  const float* xsj = xs + j * NB;
+  const float* xsj = XS == 2 ? reinterpret_cast<const float*>(reinterpret_cast<const char*>(xs) + j * NB * (int)sizeof(T))
+                             : xs + j * NB;
   const int colbase = j * L;
   const size_t gstride = (size_t)B * V;               // elements from group g to group g + 1
   const T* pv = rv + (size_t)j * V;
@@ -165,7 +178,7 @@ __device__ __forceinline__ void block_dot_interleaved(float (&acc)[NB], const T*
 
 // Dot product of block j of one row with x (direct layout [k, B]: the packed file's own arrays,
 // no repacking): scalar loads, TB slots in flight per lane, coalesced across the warp.
-template <typename T, typename I, int NB, bool XS>
+template <typename T, typename I, int NB, int XS>
 __device__ __forceinline__ void block_dot_direct(float (&acc)[NB], const T* __restrict__ rv, const I* __restrict__ ri,
                                                  int j, int B, int L, int keep, const float* xs,
                                                  const T* __restrict__ x, int cols, int batch, int n0) {
@@ -249,7 +262,42 @@ __device__ __forceinline__ void stage_x(float* xs, float* scratch, const T* __re
   if (nwarps * 32 == (int)blockDim.x) __syncthreads(); else named_sync(nwarps * 32);
 }
 
-template <typename T, typename I, int NB, bool XS, bool IL>
+// Stage x[:, n0:n0+NB] into xs in its own type T (XS = 2): unit u = i*B + j (NB*sizeof(T) bytes)
+// holds x[j*L + i, n0 + c] for c < NB (0 for padding columns and batch columns >= batch). Lane l
+// of a warp takes block j0 + (l & 7) and offset i0 + (l >> 3): its unit store lands in bank group
+// (j mod 8), so the 8 lanes of a quarter warp never collide (a warp along i would hit one group
+// 32 times), and each block's 4 consecutive columns are one 32-byte global sector at NB = 8.
+template <typename T, int NB>
+__device__ __forceinline__ void stage_x_own(char* xs, const T* __restrict__ x, int B, int L, int cols, int batch,
+                                            int n0) {
+  constexpr int XW = (NB * (int)sizeof(T)) / 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int jt = (B + 7) >> 3, it = (L + 3) >> 2;
+  const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
+  // The whole unit in one load when the slice n0..n0+NB of every column is whole and aligned.
+  const bool whole = batch % NB == 0 && (reinterpret_cast<size_t>(x) % (NB * sizeof(T))) == 0;
+  for (int t = warp; t < jt * it; t += nwarps) {
+    const int j = (t % jt) * 8 + (lane & 7), i = (t / jt) * 4 + (lane >> 3);
+    if (j >= B || i >= L) continue;
+    const int col = j * L + i;
+    Words<XW> u;
+    if (whole && col < cols) {
+      u = *reinterpret_cast<const Words<XW>*>(xb + (size_t)col * batch + n0);
+    } else {
+#pragma unroll
+      for (int q = 0; q < XW; ++q) {
+        unsigned lo = 0, hi = 0;
+        if (col < cols && n0 + 2 * q < batch) lo = __ldg(xb + (size_t)col * batch + n0 + 2 * q);
+        if (col < cols && n0 + 2 * q + 1 < batch) hi = __ldg(xb + (size_t)col * batch + n0 + 2 * q + 1);
+        u.w[q] = lo | (hi << 16);
+      }
+    }
+    *reinterpret_cast<Words<XW>*>(xs + ((size_t)i * B + j) * (NB * sizeof(T))) = u;
+  }
+  __syncthreads();
+}
+
+template <typename T, typename I, int NB, int XS, bool IL>
 __global__ void __launch_bounds__(1024)
 balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long row_stride, int rows, int blocks,
               int block_length, int keep, int lanes_per_row, const T* __restrict__ x, int cols,
@@ -267,6 +315,7 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
   const long long first = ((long long)blockIdx.x * nwarps + warp) * rpw;
   float* xs = reinterpret_cast<float*>(bp_smem);
 
+  static_assert(XS != 2 || (sizeof(T) == 2 && NB >= 2 && IL), "XS = 2: 16-bit T, NB >= 2, interleaved layout");
   if (XS) {
     // Ask L2 for this warp's first rows before staging x, so that DRAM latency overlaps the
     // staging instead of following it.
@@ -278,7 +327,10 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
       for (size_t off = (size_t)lane * 128; off < bv && off < 64 * 128; off += 32 * 128) prefetch_l2(pv + off);
       for (size_t off = (size_t)lane * 128; off < bi && off < 32 * 128; off += 32 * 128) prefetch_l2(pi + off);
     }
-    if (BP_DIAG != 3) stage_x<T, NB>(xs, xs + (size_t)B * L * NB, x, B, L, cols, batch, n0, nwarps);
+    if (BP_DIAG != 3) {
+      if constexpr (XS == 2) stage_x_own<T, NB>(reinterpret_cast<char*>(xs), x, B, L, cols, batch, n0);
+      else stage_x<T, NB>(xs, xs + (size_t)B * L * NB, x, B, L, cols, batch, n0, nwarps);
+    }
   }
 
   for (long long rb = first; rb < rows; rb += row_step) {

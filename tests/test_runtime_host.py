@@ -138,12 +138,15 @@ def test_kernel_source_inlines_headers():
 
 
 def test_kernel_names():
-    assert kernel_name("bfloat16", "uint16", 4, False, "direct") == \
-        "bp::balanced_spmm<bp::bf16, unsigned short, 4, false, false>"
-    assert kernel_name("float32", "uint8", 1, True, "interleaved") == \
-        "bp::balanced_spmm<float, unsigned char, 1, true, true>"
+    assert kernel_name("bfloat16", "uint16", 4, 0, "direct") == \
+        "bp::balanced_spmm<bp::bf16, unsigned short, 4, 0, false>"
+    assert kernel_name("float32", "uint8", 1, 1, "interleaved") == \
+        "bp::balanced_spmm<float, unsigned char, 1, 1, true>"
     names = kernel_variants()
-    assert len(names) == len(set(names)) == 3 * 2 * 4 * 2 * 2 + 3 * 2
+    # staging 0 and 1 for every combination; 2 only for 16-bit values, NB >= 2, interleaved
+    assert len(names) == len(set(names)) == 3 * 2 * 4 * 2 * 2 + 2 * 2 * 3 + 3 * 2
+    assert "bp::balanced_spmm<bp::f16, unsigned char, 8, 2, true>" in names
+    assert not any(n.startswith("bp::balanced_spmm<float,") and n.split(", ")[3] == "2" for n in names)
     assert "bp::balanced_spmv_tma<bp::f16, unsigned char>" in names
     assert vector_width("float32") == 4 and vector_width("bfloat16") == 8
 

@@ -410,6 +410,13 @@ class AtomicOutput:
             raise _output_error(self.final_path, exc) from exc
 
 
+def write_bytes_atomic(path: Path, data: bytes, *, force: bool = True) -> None:
+    """Write a small output file (a JSON report, a plot) completely or not at all (AtomicOutput)."""
+    with AtomicOutput(Path(path), force=force) as out:
+        out.file.write(data)
+        out.commit()
+
+
 def _output_error(path: Path, exc: OSError) -> OutputError:
     reason = {errno.ENOSPC: "disk full", errno.EFBIG: "file too large for this file system"}.get(
         exc.errno or 0, exc.strerror or str(exc)

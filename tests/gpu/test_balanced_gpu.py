@@ -135,7 +135,7 @@ def test_interleaved_shared_x(dtype, shape, batch):
     bt = _packed(shape, dtype, seed=1)
     op = BalancedLinear.from_tensor(bt)
     x = _x(bt, batch, seed=batch)
-    assert op.plan(batch)[1], "x should fit in shared memory for these shapes"
+    assert op.plan(batch)[1] != 0, "x should fit in shared memory for these shapes"
     assert op.launch_config(batch)["pipelined"] == (batch == 1 and dtype != torch.float32)
     _check(_run(op, x), bt, x)
 

@@ -1,1 +1,1 @@
-"""Benchmark reports (JSON schema ``balprune.bench/1``) and their comparison; timing lives on the GPU side."""
+"""Benchmark reports (JSON schema ``balprune.bench/2``) and their comparison; timing lives on the GPU side."""

@@ -26,7 +26,7 @@ class Change:
 
 
 def compare_reports(base: BenchReport, new: BenchReport, *, max_slowdown: float = 0.10,
-                    kernels: tuple[str, ...] = ("balanced",)) -> list[Change]:
+                    kernels: tuple[str, ...] = ("balanced", "bsr")) -> list[Change]:
     """One Change per measurement of the chosen kernels, keyed by (layer, batch, mode, graph, kernel).
 
     slower: new median > base median * (1 + max_slowdown). missing: in base, absent from new.

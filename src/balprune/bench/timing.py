@@ -122,6 +122,20 @@ class Timer:
         return Timing(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)),
                       float(t.mean()), 0.0, True, len(fns))
 
+    def read_launch(self, nbytes: int):
+        """A closure launching bp_read_reduce over a fresh buffer of ``nbytes`` (rounded up to 16).
+
+        The "stream" reference: the time a plain read of a kernel's bytes takes at that size,
+        launch and ramp included, timed like any kernel (one buffer per copy for cold timing).
+        """
+        cp = self.cp
+        n4 = max(1, -(-nbytes // 16))
+        buf = cp.ones(n4 * 4, dtype=cp.float32)
+        grid = min(self.info.multiprocessors * 8, max(1, -(-n4 // 256)))
+        sink = cp.empty(grid * 256, dtype=cp.float32)
+        args = (buf, np.int64(n4), sink)
+        return lambda: self.read_k((grid,), (256,), args)
+
     def read_bandwidth_gbps(self, nbytes: int = 1 << 32) -> float:
         """Achievable read bandwidth (GB/s): bp_read_reduce streaming ``nbytes``, median of 30."""
         cp = self.cp

@@ -90,36 +90,69 @@ def compare_table(changes, max_slowdown: float) -> Table:
 
 
 def bench_table(report, rows: list[dict]) -> Table:
-    """The paper's per-layer table: balanced vs dense vs CSR, speedups, GB/s and % of read bandwidth."""
+    """The paper's per-layer table: balprune's kernel vs dense, CSR, block-sparse and 2:4 peers,
+    speedups, % of the measured read bandwidth and of a plain read of the same bytes, the path
+    the runtime takes (the faster of its kernel and dense), and a totals row per configuration."""
+    from rich import box
+
     dev = report.device.get("name", "GPU")
-    t = Table(title=f"balprune bench on {dev}: read bandwidth {report.read_bandwidth_gbps:.0f} GB/s (measured)",
-              title_justify="left")
-    for col in ("layer", "shape", "dtype", "batch", "mode", "graph", "balanced us", "dense us", "CSR us",
-                "x dense", "x CSR", "GB/s", "% read bw"):
-        t.add_column(col, justify="left" if col in ("layer", "shape", "dtype", "mode", "graph") else "right")
+    t = Table(title=f"balprune bench on {dev}: read bandwidth {report.read_bandwidth_gbps:.0f} GB/s (measured); "
+                    "median us per launch", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    peers = [("dense", "dense"), ("csr", "CSR"), ("bsr", "BSR"), ("torch_bsr", "tBSR"), ("torch_2:4", "2:4")]
+    cols = ["layer", "run", "kernel", "us"] + [h for _, h in peers] + ["x dense", "x CSR", "% bw", "% read", "path"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("layer", "run", "kernel", "path") else "right",
+                     no_wrap=col != "layer", overflow="fold",
+                     min_width=min(28, max((len(r["layer"]) for r in rows), default=5)) if col == "layer" else None)
 
     def us(m):
-        return "-" if m is None else ("not timed" if m.median_us != m.median_us else f"{m.median_us:.2f}")
+        return "" if m is None else ("failed" if not m.correct else f"{m.median_us:.1f}")
+
+    def x(v):
+        return "" if v is None else f"{v:.2f}"
+
+    def run(r):
+        return f"{r['dtype']} b{r['batch']} {r['mode']}{' graph' if r['graph'] else ''}"  # e.g. F16 b1 cold graph
 
     totals: dict[tuple, dict[str, float]] = {}
+    fallback = False
     for r in rows:
-        b = r.get("balanced")
-        t.add_row(r["layer"], "x".join(map(str, r["shape"])), r["dtype"], str(r["batch"]), r["mode"],
-                  "yes" if r["graph"] else "no", us(b), us(r.get("dense")), us(r.get("csr")) if "csr" in r else "n/a",
-                  "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}",
-                  "-" if r["speedup_vs_csr"] is None else f"{r['speedup_vs_csr']:.2f}",
-                  "-" if b is None or not b.correct else f"{b.gbps:.0f}",
-                  "-" if b is None or not b.correct else f"{b.bandwidth_pct:.0f}%")
-        tot = totals.setdefault((r["batch"], r["mode"], r["graph"]), {})
-        for k in ("balanced", "dense", "csr"):
-            m = r.get(k)
-            if m is not None and m.median_us == m.median_us:
-                tot[k] = tot.get(k, 0.0) + m.median_us
+        ks, subj = r["kernels"], r["subject"]
+        s = ks.get(subj)
+        ok = s is not None and s.correct
+        stream = ks.get("stream")
+        path = r["path"] or ""
+        if r["path"] and r["path"] != subj:
+            fallback = True
+            d = ks.get("dense")
+            path += f" ({s.median_us / d.median_us:.2f}x)" if ok and d is not None else ""
+        t.add_row(r["layer"], run(r), subj or "", us(s),
+                  *[us(ks.get(k)) if k != subj else "" for k, _ in peers],
+                  x(r["speedup"].get("dense")), x(r["speedup"].get("csr")),
+                  f"{s.bandwidth_pct:.0f}%" if ok else "",
+                  f"{100 * stream.median_us / s.median_us:.0f}%" if ok and stream is not None and stream.correct else "",
+                  path)
+        tot = totals.setdefault((r["dtype"], r["batch"], r["mode"], r["graph"]), {})
+        for key, m in (("subject", s), ("dense", ks.get("dense"))):
+            if m is not None and m.correct:
+                tot[key] = tot.get(key, 0.0) + m.median_us
+        if r["path_us"] is not None:
+            tot["path"] = tot.get("path", 0.0) + r["path_us"]
     t.add_section()
-    for (batch, mode, graph), tot in totals.items():
-        b, d = tot.get("balanced"), tot.get("dense")
-        t.add_row("total", "", "", str(batch), mode, "yes" if graph else "no",
-                  "-" if b is None else f"{b:.1f}", "-" if d is None else f"{d:.1f}",
-                  f"{tot['csr']:.1f}" if "csr" in tot else "n/a",
-                  f"{d / b:.2f}" if b and d else "-", "", "", "")
+    for (dtype, batch, mode, graph), tot in totals.items():
+        sub, d, p = tot.get("subject"), tot.get("dense"), tot.get("path")
+        cells = {"layer": "total", "run": run({"dtype": dtype, "batch": batch, "mode": mode, "graph": graph}),
+                 "us": "" if sub is None else f"{sub:.1f}", "dense": "" if d is None else f"{d:.1f}",
+                 "x dense": f"{d / sub:.2f}" if sub and d else "",
+                 "path": f"{p:.1f} us = {d / p:.2f}x dense" if p and d else ""}
+        t.add_row(*[cells.get(c, "") for c in cols])
+    notes = ["x: the peer's time over balprune's kernel; % bw: of the measured read bandwidth; "
+             "% read: a plain read of the same bytes (launch included) over the kernel's time. "
+             "Ideal times and every figure: --json"]
+    if fallback:
+        notes.append("path dense (Nx): balprune's kernel is Nx the dense time there, so the runtime uses dense")
+    for u in getattr(report, "unavailable", []):
+        notes.append(f"n/a {u['kernel']} ({u['layer']}, batch {u['batch']}): {u['reason']}")
+    t.caption = "\n".join(notes)
+    t.caption_justify = "left"
     return t

@@ -31,10 +31,20 @@ def vector_width(dtype: str) -> int:
     return 4 if dtype == "float32" else 8
 
 
-def kernel_name(dtype: str, index_dtype: str, batch_tile: int, shared_x: bool, layout: str) -> str:
-    """The CuPy name expression of one instantiation of bp::balanced_spmm."""
+#: x staging modes of bp::balanced_spmm (kernels/balanced_spmv.cu): read from global memory,
+#: staged in shared memory as fp32, staged in shared memory in the layer's own 16-bit type.
+X_GLOBAL, X_SHARED_F32, X_SHARED_OWN = 0, 1, 2
+
+
+def kernel_name(dtype: str, index_dtype: str, batch_tile: int, staging: int, layout: str) -> str:
+    """The CuPy name expression of one instantiation of bp::balanced_spmm (staging: X_* mode)."""
     return (f"bp::balanced_spmm<{_STORAGE[dtype][1]}, {_INDEX_KERNEL_TYPE[index_dtype]}, {batch_tile}, "
-            f"{'true' if shared_x else 'false'}, {'true' if layout == 'interleaved' else 'false'}>")
+            f"{int(staging)}, {'true' if layout == 'interleaved' else 'false'}>")
+
+
+def own_staging_allowed(dtype: str, batch_tile: int, layout: str) -> bool:
+    """Whether X_SHARED_OWN exists for this combination (16-bit values, NB >= 2, interleaved)."""
+    return dtype != "float32" and batch_tile >= 2 and layout == "interleaved"
 
 
 def pipelined_kernel_name(dtype: str, index_dtype: str) -> str:
@@ -45,7 +55,8 @@ def pipelined_kernel_name(dtype: str, index_dtype: str) -> str:
 def kernel_variants() -> list[str]:
     """Every instantiation the runtime can launch (the compile test builds them all)."""
     return [kernel_name(d, i, nb, xs, lay) for d in _STORAGE for i in _INDEX_KERNEL_TYPE for nb in BATCH_TILES
-            for xs in (True, False) for lay in LAYOUTS] + \
+            for xs in (X_SHARED_F32, X_GLOBAL, X_SHARED_OWN) for lay in LAYOUTS
+            if xs != X_SHARED_OWN or own_staging_allowed(d, nb, lay)] + \
         [pipelined_kernel_name(d, i) for d in _STORAGE for i in _INDEX_KERNEL_TYPE]
 
 
@@ -259,24 +270,34 @@ class BalancedLinear:
         """Bytes of values and indices the kernel streams per pass (padding of the layout included)."""
         return int(self.values_dev.nbytes + self.indices_dev.nbytes)
 
-    def shared_bytes(self, batch_tile: int) -> int:
-        """Dynamic shared memory of a launch with x staged: x plus its transpose scratch, fp32."""
+    def shared_bytes(self, batch_tile: int, staging: int = X_SHARED_F32) -> int:
+        """Dynamic shared memory of a launch: fp32 x plus its transpose scratch (X_SHARED_F32), x in
+        its own 16-bit type (X_SHARED_OWN), or nothing (X_GLOBAL)."""
         B, L = self.blocks, self.block_length
-        return (B * L + B * (L | 1)) * batch_tile * 4
+        if staging == X_SHARED_OWN:
+            return B * L * batch_tile * 2
+        return (B * L + B * (L | 1)) * batch_tile * 4 if staging == X_SHARED_F32 else 0
 
-    def plan(self, batch: int) -> tuple[int, bool]:
-        """(batch tile NB, x in shared memory?) for a batch of ``batch`` columns."""
+    def plan(self, batch: int) -> tuple[int, int]:
+        """(batch tile NB, x staging mode X_*) for a batch of ``batch`` columns.
+
+        The widest tile (up to 8, at most the batch rounded up to a power of two) whose x fits in
+        shared memory, 16-bit layers staging x in their own type (half the bytes, so batch 8 of
+        K = 8192 runs in one pass); x from global memory when even NB = 1 does not fit.
+        """
         limit = self.info.smem_per_block_optin
         want = min(8, _next_pow2(batch))
         tiles = [nb for nb in reversed(BATCH_TILES) if nb <= want]
         if self.staging != "global":
             for nb in tiles:
+                if own_staging_allowed(self.dtype, nb, self.layout) and self.shared_bytes(nb, X_SHARED_OWN) <= limit:
+                    return nb, X_SHARED_OWN
                 if self.shared_bytes(nb) <= limit:
-                    return nb, True
+                    return nb, X_SHARED_F32
             if self.staging == "shared":
                 raise UsageError(f"{self.name}: x needs {self.shared_bytes(1)} bytes of shared memory, "
                                  f"the device allows {limit}")
-        return want, False
+        return want, X_GLOBAL
 
     def pipeline_plan(self) -> tuple[int, int, int, int] | None:
         """(consumer warps, group rows, stages, shared bytes) of the pipelined batch-1 kernel, or None.
@@ -324,7 +345,7 @@ class BalancedLinear:
                 best = (score, plan)
         return None if best is None else best[1]
 
-    def _kernel(self, nb: int, xs: bool, pipelined: bool = False, smem: int = 0):
+    def _kernel(self, nb: int, xs: int, pipelined: bool = False, smem: int = 0):
         key = (nb, xs, pipelined)
         k = self._kernels.get(key)
         if k is None:
@@ -357,10 +378,10 @@ class BalancedLinear:
             ngroups = -(-self.rows // group)
             per_sm = max(1, min(info.max_threads_per_sm // ((ncw + 1) * 32), info.smem_per_sm // (smem + 1024)))
             return {"kernel": k, "grid": (max(1, min(ngroups, info.multiprocessors * per_sm)),),
-                    "block": ((ncw + 1) * 32,), "shared_mem": smem, "batch_tile": 1, "shared_x": True,
+                    "block": ((ncw + 1) * 32,), "shared_mem": smem, "batch_tile": 1, "staging": X_SHARED_F32,
                     "pipelined": True, "group_rows": group, "stages": stages, "ctas_per_sm": per_sm}
         nb, xs = self.plan(batch)
-        smem = self.shared_bytes(nb) if xs else 0
+        smem = self.shared_bytes(nb, xs)
         k = self._kernel(nb, xs, False, smem)
         nwarps = self.threads // 32
         rows_per_cta = (32 // self.lanes_per_row) * nwarps
@@ -370,7 +391,7 @@ class BalancedLinear:
         passes = -(-batch // nb)
         grid_x = max(1, min(-(-self.rows // rows_per_cta), -(-info.multiprocessors * per_sm // passes)))
         return {"kernel": k, "grid": (grid_x, passes), "block": (self.threads,), "shared_mem": smem,
-                "batch_tile": nb, "shared_x": xs, "pipelined": False, "ctas_per_sm": per_sm}
+                "batch_tile": nb, "staging": xs, "pipelined": False, "ctas_per_sm": per_sm}
 
     def prepared_launch(self, x, y, batch: int):
         """A zero-argument callable launching y = W x on CuPy arrays already checked by the caller.
@@ -465,5 +486,5 @@ class BalancedLinear:
                 f"k={self.keep}, {self.dtype}/{self.index_dtype}, layout={self.layout}, device={self.device})")
 
 
-__all__ = ["BATCH_TILES", "LAYOUTS", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
+__all__ = ["BATCH_TILES", "LAYOUTS", "X_GLOBAL", "X_SHARED_F32", "X_SHARED_OWN", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
            "pipelined_kernel_name", "validate_balanced", "vector_width"]
