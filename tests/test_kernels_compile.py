@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from balprune.runtime import kernel_variants
+from balprune.runtime.bsr import kernel_variants as bsr_kernel_variants
 from balprune.runtime.kernels import kernel_source
 
 NVCC = shutil.which("nvcc")
@@ -21,10 +22,10 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: CUDA 
 ARCH = ["-arch=sm_90", "-std=c++17"]
 
 
-def _instantiating_source(names: list[str]) -> str:
+def _instantiating_source(names: list[str], filename: str = "balanced_spmv.cu") -> str:
     """The inlined kernel source plus a host function taking each kernel's address (instantiates it)."""
     refs = "\n".join(f"  (void)&{n};" for n in names)
-    return kernel_source("balanced_spmv.cu") + f"\nvoid balprune_instantiate_all() {{\n{refs}\n}}\n"
+    return kernel_source(filename) + f"\nvoid balprune_instantiate_all() {{\n{refs}\n}}\n"
 
 
 def _nvcc(tmp_path, source: str, *flags: str) -> subprocess.CompletedProcess:
@@ -45,9 +46,30 @@ def test_every_runtime_variant_compiles(tmp_path):
 
 def test_batch1_shared_x_variants_do_not_spill(tmp_path):
     """The batch-1 paths (x in shared memory, interleaved; pipelined or not) fit 64 registers, no local memory."""
-    names = [n for n in kernel_variants() if ", 1, true, true>" in n or "balanced_spmv_tma" in n]
+    names = [n for n in kernel_variants() if ", 1, 1, true>" in n or "balanced_spmv_tma" in n]
     assert len(names) == 12
     r = _nvcc(tmp_path, _instantiating_source(names), "-c", "-Xptxas", "-v")
+    assert r.returncode == 0, r.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
+    assert len(spills) == len(regs) == len(names), r.stderr[-4000:]
+    assert all(s == ("0", "0") for s in spills), r.stderr[-4000:]
+    assert max(regs) <= 64
+
+
+def test_every_bsr_variant_compiles(tmp_path):
+    names = bsr_kernel_variants()
+    r = _nvcc(tmp_path, _instantiating_source(names, "bsr_spmv.cu"), "--ptx")
+    assert r.returncode == 0, r.stderr[-4000:]
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert ptx.count(".entry ") == len(names)
+
+
+def test_bsr_variants_do_not_spill(tmp_path):
+    """Every BSR instantiation (all batch tiles: they share one kernel body) fits 64 registers, no local memory."""
+    names = bsr_kernel_variants()
+    assert len(names) == 44
+    r = _nvcc(tmp_path, _instantiating_source(names, "bsr_spmv.cu"), "-c", "-Xptxas", "-v")
     assert r.returncode == 0, r.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]

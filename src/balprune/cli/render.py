@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.table import Table
 
@@ -68,10 +70,11 @@ def header_lines(pf: PackedFile) -> list[str]:
 
 
 def console(stderr: bool = False) -> Console:
-    """A console for tables; logs (not a terminal) get 140 columns rather than rich's 80."""
+    """A console for tables; logs (not a terminal) get $COLUMNS columns, or 140 rather than rich's 80."""
     c = Console(stderr=stderr, highlight=False)
     if not c.is_terminal:
-        c = Console(stderr=stderr, highlight=False, width=140)
+        cols = os.environ.get("COLUMNS", "")
+        c = Console(stderr=stderr, highlight=False, width=int(cols) if cols.isdigit() and int(cols) >= 40 else 140)
     return c
 
 

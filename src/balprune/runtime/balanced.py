@@ -11,13 +11,11 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, UsageError
+from ._linear import STORAGE as _STORAGE
+from ._linear import VALUE_DTYPES as _VALUE_DTYPES
+from ._linear import SparseLinear
 
-_VALUE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-#: Device storage dtype (numpy name) and kernel type name of each value dtype. bfloat16 travels
-#: as its raw bits (uint16): CuPy has no bfloat16.
-_STORAGE = {"float32": ("float32", "float"), "float16": ("float16", "bp::f16"), "bfloat16": ("uint16", "bp::bf16")}
 _INDEX_KERNEL_TYPE = {"uint8": "unsigned char", "uint16": "unsigned short"}
-_TORCH_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _VALIDATE_CHUNK_ENTRIES = 1 << 24  # entries per validation chunk: bounds the int64 temporaries
 
 #: Weight layouts the kernel reads (kernels/README.md).
@@ -189,7 +187,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-class BalancedLinear:
+class BalancedLinear(SparseLinear):
     """y = W x for one balanced-sparse W [rows, cols] held on a GPU.
 
     Build from the packed arrays (``values``/``indices`` [rows, keep, blocks], numpy or CPU
@@ -359,13 +357,6 @@ class BalancedLinear:
             k.max_dynamic_shared_size_bytes = smem
         return k
 
-    def launch_config(self, batch: int) -> dict:
-        """Grid, block, shared memory and kernel of a launch for ``batch`` columns (cached)."""
-        cfg = self._configs.get(batch)
-        if cfg is None:
-            cfg = self._configs[batch] = self._launch_config(batch)
-        return cfg
-
     def _launch_config(self, batch: int) -> dict:
         info = self.info
         pp = self.pipeline_plan() if batch == 1 else None
@@ -411,75 +402,6 @@ class BalancedLinear:
             args = head + (np.int32(batch), y)
         k, grid, block, smem = cfg["kernel"], cfg["grid"], cfg["block"], cfg["shared_mem"]
         return lambda: k(grid, block, args, shared_mem=smem)
-
-    # -- the call ----------------------------------------------------------------------------------
-
-    def _check_input(self, x):
-        """(cupy view of x, batch, torch-or-None) after checking dtype, device, contiguity, shape."""
-        from . import _gpu
-
-        cp = _gpu.cupy()
-        tx = None
-        if _gpu.is_torch_tensor(x):
-            tx = x
-            if not x.is_cuda or x.device.index != self.device:
-                raise UsageError(f"{self.name}: x is on {x.device}, the layer on cuda:{self.device}")
-            if x.dtype != _TORCH_OF[self.dtype]:
-                raise UsageError(f"{self.name}: x dtype {x.dtype} does not match the layer's {self.dtype}")
-            if not x.is_contiguous():
-                raise UsageError(f"{self.name}: x must be C-contiguous")
-            x = cp.from_dlpack(x.view(torch.int16)).view(cp.uint16) if x.dtype == torch.bfloat16 \
-                else cp.from_dlpack(x)
-        elif isinstance(x, cp.ndarray):
-            if x.device.id != self.device:
-                raise UsageError(f"{self.name}: x is on device {x.device.id}, the layer on {self.device}")
-            want = _STORAGE[self.dtype][0]
-            if x.dtype != np.dtype(want):
-                raise UsageError(f"{self.name}: x dtype {x.dtype} does not match the layer's {self.dtype}"
-                                 + (" (pass bfloat16 as uint16 bits)" if self.dtype == "bfloat16" else ""))
-            if not x.flags.c_contiguous:
-                raise UsageError(f"{self.name}: x must be C-contiguous")
-        else:
-            raise UsageError(f"{self.name}: x must be a CuPy array or a torch CUDA tensor, got {type(x).__name__}")
-        if x.ndim not in (1, 2) or x.shape[0] != self.cols or (x.ndim == 2 and x.shape[1] < 1):
-            raise UsageError(f"{self.name}: x shape {list(x.shape)} is not [{self.cols}] or [{self.cols}, N>=1]")
-        return x, (1 if x.ndim == 1 else int(x.shape[1])), tx
-
-    def __call__(self, x, out=None):
-        """y = W x. ``out`` (optional): a C-contiguous CuPy array of the result's shape and dtype."""
-        from . import _gpu
-
-        cp = _gpu.cupy()
-        xc, batch, tx = self._check_input(x)
-        shape = (self.rows,) if xc.ndim == 1 else (self.rows, batch)
-        storage = np.dtype(_STORAGE[self.dtype][0])
-        if out is not None:
-            if not isinstance(out, cp.ndarray) or out.shape != shape or out.dtype != storage \
-                    or not out.flags.c_contiguous or out.device.id != self.device:
-                raise UsageError(f"{self.name}: out must be a C-contiguous {storage} CuPy array of shape "
-                                 f"{list(shape)} on device {self.device}")
-        stream = None
-        if tx is not None:
-            stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device)
-        with cp.cuda.Device(self.device):
-            if stream is not None:
-                with stream:
-                    y = self._launch(xc, batch, shape, storage, out)
-            else:
-                y = self._launch(xc, batch, shape, storage, out)
-        if tx is None:
-            return y
-        if self.dtype == "bfloat16":
-            return torch.from_dlpack(y.view(cp.int16)).view(torch.bfloat16)
-        return torch.from_dlpack(y)
-
-    def _launch(self, xc, batch: int, shape, storage, out):
-        from . import _gpu
-
-        cp = _gpu.cupy()
-        y = cp.empty(shape, dtype=storage) if out is None else out
-        self.prepared_launch(xc, y, batch)()
-        return y
 
     def __repr__(self) -> str:
         return (f"BalancedLinear({self.name!r}, [{self.rows}, {self.cols}], B={self.blocks}, L={self.block_length}, "
