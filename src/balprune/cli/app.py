@@ -16,14 +16,12 @@ import typer
 from .. import __version__
 from ..config import (
     PruneOptions,
-    build_pattern,
-    build_schedule,
     load_config,
     parse_block_shape,
     parse_nm,
     parse_positive_int,
     parse_sparsity,
-    rules_from_config,
+    prune_options_from_config,
 )
 from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, UsageError
 from . import render
@@ -91,9 +89,11 @@ def prune(
                                              help="Balanced: block length L instead of --blocks."),
     nm: str | None = typer.Option(None, "--nm", callback=_usage(lambda v: (parse_nm(v), v)[1]),
                                      help="Balanced N:M, e.g. 2:4 (block length M, keep N); replaces --sparsity."),
-    pattern: str | None = typer.Option(None, "--pattern", "-p", help="balanced (default), unstructured or block."),
+    pattern: str | None = typer.Option(None, "--pattern", "-p", help="balanced (default), unstructured, block or vector."),
     block_shape: str | None = typer.Option(None, "--block-shape", callback=_usage(lambda v: ("x".join(map(str, parse_block_shape(v))))),
                                               help="Block pattern: tile shape HxW (default 8x8)."),
+    vector_length: str | None = typer.Option(None, "--vector-length", callback=_usage(lambda v: parse_positive_int(v, what="--vector-length")),
+                                                help="Vector pattern: weights per 1-D vector (default 8)."),
     scope: str | None = typer.Option(None, "--scope", help="Unstructured: tensor (default) or global."),
     include: List[str] = typer.Option([], "--include", help="Only prune tensors matching this glob (repeatable)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Never prune tensors matching this glob (repeatable)."),
@@ -112,7 +112,7 @@ def prune(
     from ..prune.engine import default_output, prune_checkpoint
 
     options = _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope,
-                             include, exclude, steps, schedule, strict)
+                             include, exclude, steps, schedule, strict, vector_length)
     err = render.console(stderr=True)
     if options.pattern.sparsity == 0:
         err.print("warning: sparsity 0 prunes nothing; tensors pass through unchanged")
@@ -135,31 +135,14 @@ def prune(
 
 
 def _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope, include, exclude,
-                   steps, schedule, strict) -> PruneOptions:
+                   steps, schedule, strict, vector_length=None) -> PruneOptions:
     data = load_config(config) if config is not None else {}
-    base = data.get("prune", {})
-    cli = {"sparsity": sparsity, "blocks": blocks, "block_size": block_size, "block_shape": block_shape,
-           "nm": nm, "scope": scope}
+    overrides = {"sparsity": sparsity, "blocks": blocks, "block_size": block_size, "block_shape": block_shape,
+                 "vector_length": vector_length, "nm": nm, "scope": scope}
     # CLI values win over the config's [prune] table, which wins over the defaults.
-    merged = {k: (cli[k] if cli[k] is not None else base.get(k)) for k in cli}
-    if cli["blocks"] is not None or cli["block_size"] is not None or cli["nm"] is not None:
-        for k in ("blocks", "block_size", "nm"):
-            merged[k] = cli[k]
-    if merged["nm"] is None and merged["sparsity"] is None:
-        raise UsageError("--sparsity is required (or --nm N:M, or sparsity in the config's [prune] table)")
-    kind = pattern if pattern is not None else base.get("pattern")
-    error = UsageError if config is None else ConfigError
-    p = build_pattern(kind, error=error, **merged)
-    sched_cfg = data.get("schedule", {})
-    sched = build_schedule(schedule if schedule is not None else sched_cfg.get("kind"),
-                           steps if steps is not None else sched_cfg.get("steps"),
-                           sched_cfg.get("values"), error=error)
-    sched.sparsities(p.sparsity)  # a list schedule must end at the target
-    inc = tuple(include) or tuple(base.get("include", ()))
-    exc = tuple(exclude) or tuple(base.get("exclude", ()))
-    strict = strict or bool(base.get("strict", False))
-    return PruneOptions(p, include=inc, exclude=exc, rules=rules_from_config(data.get("layers", []), p),
-                        schedule=sched, strict=strict)
+    return prune_options_from_config(data, overrides=overrides, pattern=pattern, schedule_kind=schedule,
+                                     steps=steps, include=tuple(include), exclude=tuple(exclude), strict=strict,
+                                     error=UsageError if config is None else ConfigError)
 
 
 @app.command()
@@ -250,7 +233,8 @@ def compare(
     max_slowdown: str = typer.Option("0.10", "--max-slowdown",
                                                callback=_usage(lambda v: parse_sparsity(v, what="--max-slowdown")),
                                                help="Allowed slowdown as a fraction of the baseline (0.10 = 10%)."),
-    kernel: List[str] = typer.Option(["balanced"], "--kernel", help="Kernels to compare (repeatable)."),
+    kernel: List[str] = typer.Option(["balanced", "bsr"], "--kernel",
+                                     help="Kernels to compare (repeatable; default: balprune's own, balanced and bsr)."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
     """Compare two benchmark reports; exit 1 if anything got slower beyond the bound."""
@@ -273,30 +257,112 @@ def compare(
         raise typer.Exit(EXIT_REGRESSION)
 
 
+def _check_output_folder(path: Path | None) -> None:
+    """Fail before a long run, not after it, when an output file could not be written."""
+    from ..errors import OutputError
+
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist")
+    if path.is_dir():
+        raise OutputError(f"output path {path} is a folder")
+
+
+def _csv_ints(what: str):
+    return _usage(lambda v: tuple(parse_positive_int(b, what=what) for b in v.split(",")))
+
+
+def _modes(cold: bool, hot: bool) -> tuple[str, ...]:
+    return ("cold",) if cold and not hot else ("hot",) if hot and not cold else ("cold", "hot")
+
+
+def _gate_failures(report) -> None:
+    if any(not m.correct for m in report.measurements):
+        raise GpuRuntimeError("a kernel failed its correctness gate (see the table); its timings were not taken")
+
+
 @app.command()
 def bench(
     packed: Path = typer.Argument(..., help="A packed file written by `balprune prune`."),
-    batch: str = typer.Option("1", "--batch", callback=_usage(lambda v: tuple(
-                                  parse_positive_int(b, what="--batch") for b in v.split(","))),
+    batch: str = typer.Option("1", "--batch", callback=_csv_ints("--batch"),
                               help="Batch sizes, comma-separated (e.g. 1,8)."),
     cold: bool = typer.Option(False, "--cold", help="Only cold timings (weights rotated through > 4.5x L2)."),
     hot: bool = typer.Option(False, "--hot", help="Only hot timings (one weight copy)."),
     graph: bool = typer.Option(False, "--graph", help="Also time CUDA-graph replay."),
     layer: List[str] = typer.Option([], "--layer", help="Only layers matching this glob (repeatable)."),
+    no_peers: bool = typer.Option(False, "--no-peers",
+                                  help="Only balprune's kernel and dense (skip CSR, BSR and 2:4 peers)."),
     iters: str = typer.Option("200", "--iters", callback=_usage(lambda v: parse_positive_int(v, what="--iters")),
                               help="Timed launches per measurement."),
     device: int = typer.Option(0, "--device", help="CUDA device index."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the report (schema balprune.bench/1) here."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report (schema balprune.bench/2) here."),
 ) -> None:
-    """Time every balanced layer on the GPU against dense cuBLAS and cuSPARSE CSR (batch-1 latency)."""
-    from ..bench.run import bench_file, speedups
+    """Time every pruned layer on the GPU: balprune's kernel against dense cuBLAS, cuSPARSE CSR, block-sparse
+    and 2:4 peers, and a plain read of the same bytes; the path the runtime takes per layer."""
+    from ..bench.run import bench_file, rows
 
-    modes = ("cold",) if cold and not hot else ("hot",) if hot and not cold else ("cold", "hot")
+    _check_output_folder(json_out)
     err = render.console(stderr=True)
-    report = bench_file(packed, batches=batch, modes=modes, graph=graph, iters=iters, device=device,
-                        layers=tuple(layer), progress=lambda name: err.print(f"benchmarking {name}"))
+    report = bench_file(packed, batches=batch, modes=_modes(cold, hot), graph=graph, iters=iters, device=device,
+                        layers=tuple(layer), peers=not no_peers, progress=lambda name: err.print(f"benchmarking {name}"))
     if json_out is not None:
         report.write(json_out)
-    render.console().print(render.bench_table(report, speedups(report)))
-    if any(not m.correct for m in report.measurements):
-        raise GpuRuntimeError("a layer failed its correctness gate (see the table); its timings were not taken")
+    render.console().print(render.bench_table(report, rows(report)))
+    _gate_failures(report)
+
+
+@app.command("bench-sweep")
+def bench_sweep(
+    rows_: str = typer.Option("16384", "--rows", callback=_usage(lambda v: parse_positive_int(v, what="--rows")),
+                              help="Matrix rows."),
+    cols: str = typer.Option("8192", "--cols", callback=_usage(lambda v: parse_positive_int(v, what="--cols")),
+                             help="Matrix columns."),
+    sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95,0.97", "--sparsities",
+                                   callback=_usage(lambda v: tuple(parse_sparsity(s, what="--sparsities")
+                                                                   for s in v.split(","))),
+                                   help="Sparsities, comma-separated."),
+    batch: str = typer.Option("1,8", "--batch", callback=_csv_ints("--batch"), help="Batch sizes, comma-separated."),
+    dtype: str = typer.Option("float16", "--dtype", help="float32, float16 or bfloat16."),
+    blocks: str = typer.Option("32", "--blocks", callback=_usage(lambda v: parse_positive_int(v, what="--blocks")),
+                               help="Balanced blocks per row."),
+    cold: bool = typer.Option(False, "--cold", help="Only cold timings (the default is cold only)."),
+    hot: bool = typer.Option(False, "--hot", help="Hot timings (with --cold: both)."),
+    graph: bool = typer.Option(False, "--graph", help="Also time CUDA-graph replay."),
+    iters: str = typer.Option("100", "--iters", callback=_usage(lambda v: parse_positive_int(v, what="--iters")),
+                              help="Timed launches per measurement."),
+    device: int = typer.Option(0, "--device", help="CUDA device index."),
+    json_out: Path = typer.Option(Path("sweep.json"), "--json", help="The report (schema balprune.bench/2)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also write a PNG of latency against sparsity."),
+) -> None:
+    """The paper's micro-benchmark: one random matrix pruned balanced at each sparsity, timed against dense,
+    CSR, BSR, 2:4 and the ideal (bytes / measured read bandwidth); JSON report and a PNG plot."""
+    from ..bench.run import rows
+    from ..bench.sweep import paper_sweep, plot_sweep
+
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    for out in (json_out, plot):
+        _check_output_folder(out)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401 - checked before the run, not after it
+        except ImportError:
+            raise UsageError("--plot needs matplotlib", hint="pip install 'balprune[plot]'") from None
+    modes = ("cold", "hot") if cold and hot else ("hot",) if hot else ("cold",)
+    err = render.console(stderr=True)
+    report = paper_sweep(rows=rows_, cols=cols, sparsities=sparsities, batches=batch, dtype=dtype, blocks=blocks,
+                         modes=modes, graph=graph, iters=iters, device=device,
+                         progress=lambda what: err.print(f"benchmarking {what}"))
+    report.write(json_out)
+    if plot is not None:
+        plot_sweep(report, plot, mode=modes[0])
+    render.console().print(render.bench_table(report, rows(report)))
+    _gate_failures(report)
+
+
+# --------------------------------------------------------------------------- fine-tuning (issue 4)
+# finetune, sweep and sensitivity live in balprune.cli.train; registered here, after the other commands.
+from .train import register as _register_training  # noqa: E402
+
+_register_training(app)
