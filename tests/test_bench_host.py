@@ -135,3 +135,36 @@ def test_bench_sweep_output_folder_checked_before_the_run(cli, tmp_path):
     assert r.code == 5 and "does not exist" in r.err and r.err.count("\n") == 1
     r = cli("bench-sweep", "--json", tmp_path / "s.json", "--plot", tmp_path / "nope" / "p.png")
     assert r.code == 5 and list(tmp_path.iterdir()) == []
+
+
+def test_block_peer_keeps_whole_tiles_at_the_layer_sparsity():
+    import torch
+
+    from balprune.bench.peers import block_peer
+    from balprune.config import keep_count
+
+    w = torch.randn(100, 70, generator=torch.Generator().manual_seed(0))
+    bt = block_peer(w, 0.9)
+    tiles = 13 * 9  # ceil(100/8) x ceil(70/8)
+    assert bt.block_shape == (8, 8) and bt.values.shape[0] == keep_count(0.9, tiles)
+    dense = bt.to_dense()
+    kept = dense != 0
+    assert torch.equal(dense[kept], w[kept])  # kept weights are the layer's own
+    def per_tile(m):  # [100, 70] -> [117 tiles, 64], zero padded to whole tiles
+        return torch.nn.functional.pad(m, (0, 2, 0, 4)).reshape(13, 8, 9, 8).permute(0, 2, 1, 3).reshape(117, 64)
+
+    kept_n = per_tile(kept.float()).sum(1)
+    inside_n = per_tile(torch.ones(100, 70)).sum(1)
+    assert bool(((kept_n == 0) | (kept_n == inside_n)).all())  # every tile kept or dropped whole
+    norms = per_tile(w).norm(dim=1)
+    chosen = kept_n > 0
+    assert norms[chosen].min() >= norms[~chosen].max()  # the largest tiles by L2 norm
+
+
+def test_24_peer_needs_16_bit_values_and_says_so():
+    import torch
+
+    from balprune.bench.peers import Unavailable, _torch_24
+
+    c, w24 = _torch_24(torch.randn(64, 64), torch.randn(64), 0)
+    assert isinstance(c, Unavailable) and "float16/bfloat16" in c.reason and w24 is None

@@ -29,7 +29,7 @@ from ..config import BalancedPattern
 from ..formats.base import as_matrix
 from ..formats.bsr import BsrTensor
 from ..patterns.balanced import balanced_mask, geometry_for
-from ..patterns.block import block_mask, kept_tiles
+from ..patterns.block import kept_tiles, tiles_to_mask
 
 #: The subject kernel of each packed pattern: balprune's own path for it.
 SUBJECT = {"balanced": "balanced", "block": "bsr", "unstructured": "csr"}
@@ -204,9 +204,10 @@ def _torch_24(w: torch.Tensor, x_t: torch.Tensor, xy_bytes: int) -> tuple[Candid
 
 def block_peer(dense: torch.Tensor, sparsity: float, tile=PEER_TILE) -> BsrTensor:
     """The block-sparse version of ``dense`` at ``sparsity``: tiles kept by L2 norm, packed as BSR."""
-    keep = int(kept_tiles(dense, tile, sparsity).sum())
-    masked = torch.where(block_mask(dense, tile, sparsity), dense, torch.zeros((), dtype=dense.dtype))
-    return BsrTensor.from_dense(masked, tile, keep, sparsity)
+    tiles = kept_tiles(dense, tile, sparsity)
+    mask = tiles_to_mask(tiles, *dense.shape, tile)
+    return BsrTensor.from_dense(torch.where(mask, dense, torch.zeros((), dtype=dense.dtype)), tile, int(tiles.sum()),
+                                sparsity)
 
 
 def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: int, stream: Callable | None,
