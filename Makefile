@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo-out
 
-.PHONY: install test test-gpu lint demo bench-prune clean
+.PHONY: install test test-gpu lint demo bench-prune finetune-demo reproduce-digits reproduce-lstm clean
 
 install: $(STAMP)
 
@@ -35,5 +35,24 @@ demo: install
 bench-prune: install
 	$(BIN)/python benchmarks/prune_scale.py
 
+# Algorithm 1 with fine-tuning on the digits shipped in the package (CPU, under half a minute).
+finetune-demo: install
+	mkdir -p $(DEMO)
+	$(BIN)/balprune finetune configs/digits-balanced.toml --out $(DEMO)/digits-run --force
+	$(BIN)/balprune verify $(DEMO)/digits-run/model.balanced.safetensors
+
+# The accuracy comparisons of REPRODUCTION.md (CPU; a few minutes each).
+REPRO := repro-out
+reproduce-digits: install
+	mkdir -p $(REPRO)
+	$(BIN)/balprune sweep configs/digits-balanced.toml --patterns balanced,unstructured,block,vector \
+	    --block-sizes 8,16,32 --block-shapes 4x4,8x8 --vector-lengths 4,8 \
+	    --sparsities 0.5,0.75,0.8,0.875,0.9,0.9375 --out $(REPRO)/digits-sweep --device cpu --resume
+
+reproduce-lstm: install
+	mkdir -p $(REPRO)
+	$(BIN)/balprune sweep configs/lstm-lm-finetune.toml --patterns balanced,unstructured,block,vector \
+	    --sparsities 0.8,0.9 --out $(REPRO)/lstm-sweep --device cpu --resume
+
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) $(DEMO) $(REPRO) .pytest_cache .hypothesis .ruff_cache

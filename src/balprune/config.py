@@ -107,6 +107,7 @@ class PatternKind(str, enum.Enum):
     BALANCED = "balanced"
     UNSTRUCTURED = "unstructured"
     BLOCK = "block"
+    VECTOR = "vector"
 
 
 class UnstructuredScope(str, enum.Enum):
@@ -171,7 +172,33 @@ class BlockPattern:
         return PatternKind.BLOCK
 
 
-Pattern = Union[BalancedPattern, UnstructuredPattern, BlockPattern]
+@dataclass(frozen=True)
+class VectorPattern:
+    """Vector sparsity: 1-D vectors of ``length`` consecutive weights of a row, kept or dropped whole.
+
+    The coarse-grained baseline of the paper's accuracy figures (after Mao et al. 2017): a row
+    [K] is cut into ceil(K / length) vectors, ranked by their L2 norm across the whole matrix.
+    It is block sparsity with 1 x ``length`` tiles, and is packed as such (BSR, FORMAT.md).
+    """
+
+    sparsity: float
+    length: int = 8
+
+    def __post_init__(self) -> None:
+        parse_sparsity(self.sparsity, what="sparsity", error=ConfigError)
+        parse_positive_int(self.length, what="vector_length", error=ConfigError)
+
+    @property
+    def kind(self) -> PatternKind:
+        return PatternKind.VECTOR
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """The tile shape that packs this pattern: (1, length)."""
+        return (1, self.length)
+
+
+Pattern = Union[BalancedPattern, UnstructuredPattern, BlockPattern, VectorPattern]
 
 
 def pattern_to_dict(p: Pattern) -> dict[str, object]:
@@ -181,6 +208,8 @@ def pattern_to_dict(p: Pattern) -> dict[str, object]:
         out["blocks" if p.blocks is not None else "block_size"] = p.blocks if p.blocks is not None else p.block_size
     elif isinstance(p, UnstructuredPattern):
         out["scope"] = p.scope.value
+    elif isinstance(p, VectorPattern):
+        out["vector_length"] = p.length
     else:
         out["block_shape"] = list(p.block_shape)
     return out
@@ -268,8 +297,10 @@ class PruneOptions:
 
 # --------------------------------------------------------------------------- TOML
 
-_PRUNE_KEYS = {"pattern", "sparsity", "blocks", "block_size", "block_shape", "nm", "scope", "include", "exclude", "strict"}
-_LAYER_KEYS = {"match", "skip", "pattern", "sparsity", "blocks", "block_size", "block_shape", "nm", "scope"}
+_PRUNE_KEYS = {"pattern", "sparsity", "blocks", "block_size", "block_shape", "vector_length", "nm", "scope",
+               "include", "exclude", "strict"}
+_LAYER_KEYS = {"match", "skip", "pattern", "sparsity", "blocks", "block_size", "block_shape", "vector_length", "nm",
+               "scope"}
 _SCHEDULE_KEYS = {"kind", "steps", "values"}
 
 
@@ -288,6 +319,7 @@ def build_pattern(
     block_shape: object = None,
     nm: object = None,
     scope: object = None,
+    vector_length: object = None,
     error=UsageError,
     base: Pattern | None = None,
 ) -> Pattern:
@@ -296,7 +328,7 @@ def build_pattern(
     try:
         pk = PatternKind(kind_value)
     except ValueError:
-        raise error(f"pattern: expected balanced, unstructured or block, got {kind_value!r}") from None
+        raise error(f"pattern: expected balanced, unstructured, block or vector, got {kind_value!r}") from None
     if nm is not None:
         if pk is not PatternKind.BALANCED:
             raise error("nm: N:M applies to the balanced pattern only")
@@ -329,6 +361,12 @@ def build_pattern(
         else:
             sc = base.scope if isinstance(base, UnstructuredPattern) else UnstructuredScope.TENSOR
         return UnstructuredPattern(s, scope=sc)
+    if pk is PatternKind.VECTOR:
+        if vector_length is not None:
+            length = parse_positive_int(vector_length, what="vector-length", error=error)
+        else:
+            length = base.length if isinstance(base, VectorPattern) else 8
+        return VectorPattern(s, length=length)
     if block_shape is not None:
         shape = parse_block_shape(block_shape, error=error)
     else:
@@ -338,14 +376,29 @@ def build_pattern(
 
 def load_config(path: Path) -> dict:
     """Read a TOML recipe: {'prune': {...}, 'schedule': {...}, 'layers': [...]}; strict keys."""
+    return validate_config_data(read_toml(path), str(path))
+
+
+def read_toml(path: Path) -> dict:
+    """A TOML file as a dict; ConfigError (exit 4) naming the file when it cannot be read or parsed."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {path} is a folder, not a TOML file") from None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config {path}: {exc}") from None
-    _check_keys(data, {"prune", "schedule", "layers"}, str(path))
+
+
+def validate_config_data(data: dict, where: str, extra_tables: frozenset[str] = frozenset()) -> dict:
+    """Check the [prune], [schedule] and [[layers]] tables of a loaded recipe; strict keys.
+
+    ``extra_tables`` are further top-level tables the caller checks itself (fine-tuning recipes).
+    """
+    _check_keys(data, {"prune", "schedule", "layers"} | set(extra_tables), where)
+    path = where
     prune = data.get("prune", {})
     if not isinstance(prune, dict):
         raise ConfigError(f"{path}: [prune] must be a table")
@@ -386,10 +439,60 @@ def rules_from_config(layers: list[dict], base: Pattern) -> tuple[LayerRule, ...
         skip = layer.get("skip", False)
         if not isinstance(skip, bool):
             raise ConfigError(f"layer rule {layer['match']!r}: skip must be true or false")
-        over = {k: layer.get(k) for k in ("sparsity", "blocks", "block_size", "block_shape", "nm", "scope")}
+        over = {k: layer.get(k) for k in ("sparsity", "blocks", "block_size", "block_shape", "vector_length", "nm",
+                                          "scope")}
         if skip:
             rules.append(LayerRule(layer["match"], skip=True))
             continue
         pattern = build_pattern(layer.get("pattern"), error=ConfigError, base=base, **over)
         rules.append(LayerRule(layer["match"], pattern=pattern))
     return tuple(rules)
+
+
+_PATTERN_KEYS = ("sparsity", "blocks", "block_size", "block_shape", "vector_length", "nm", "scope")
+
+
+def prune_options_from_config(
+    data: dict,
+    *,
+    overrides: dict[str, object] | None = None,
+    pattern: str | None = None,
+    schedule_kind: object = None,
+    steps: object = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    strict: bool = False,
+    error=ConfigError,
+) -> PruneOptions:
+    """PruneOptions from a loaded recipe (``load_config``), with command-line style overrides.
+
+    ``overrides`` holds pattern values (keys of ``_PATTERN_KEYS``; None = not given) that win over
+    the recipe's [prune] table; a given blocks / block_size / nm replaces all three of the
+    recipe's. The CLI's ``prune`` and the fine-tuning API build their options here, so a recipe
+    means the same thing to both.
+    """
+    base = data.get("prune", {})
+    cli = {k: (overrides or {}).get(k) for k in _PATTERN_KEYS}
+    merged = {k: (cli[k] if cli[k] is not None else base.get(k)) for k in _PATTERN_KEYS}
+    if cli["blocks"] is not None or cli["block_size"] is not None or cli["nm"] is not None:
+        for k in ("blocks", "block_size", "nm"):
+            merged[k] = cli[k]
+    if merged["nm"] is None and merged["sparsity"] is None:
+        raise error("sparsity is required (--sparsity, --nm N:M, or sparsity in the config's [prune] table)")
+    kind = pattern if pattern is not None else base.get("pattern")
+    p = build_pattern(kind, error=error, **merged)
+    sched_cfg = data.get("schedule", {})
+    sched = build_schedule(schedule_kind if schedule_kind is not None else sched_cfg.get("kind"),
+                           steps if steps is not None else sched_cfg.get("steps"),
+                           sched_cfg.get("values"), error=error)
+    sched.sparsities(p.sparsity)  # a list schedule must end at the target
+    for key, value in (("include", base.get("include", ())), ("exclude", base.get("exclude", ()))):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(g, str) for g in value):
+            raise error(f"[prune] {key}: expected a list of glob strings")
+    inc = tuple(include) or tuple(base.get("include", ()))
+    exc = tuple(exclude) or tuple(base.get("exclude", ()))
+    strict_cfg = base.get("strict", False)
+    if not isinstance(strict_cfg, bool):
+        raise error("[prune] strict: expected true or false")
+    return PruneOptions(p, include=inc, exclude=exc, rules=rules_from_config(data.get("layers", []), p),
+                        schedule=sched, strict=strict or strict_cfg)

@@ -42,14 +42,25 @@ def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(y64 - ref) / max(float(torch.linalg.norm(ref)), 1e-300))
 
 
+#: cudaDeviceAttr codes of the rated SM and memory clocks (kHz).
+_CLOCK_ATTRS = {"sm_clock_max_khz": 13, "memory_clock_max_khz": 36}
+
+
 def device_facts(timer: Timer) -> dict:
+    """The report's device block: name, SMs, L2, CUDA / driver / CuPy / torch versions, clocks if readable."""
     import cupy as cp
 
     info = timer.info
-    return {"name": info.name, "compute_capability": info.compute_capability,
-            "multiprocessors": info.multiprocessors, "l2_bytes": info.l2_bytes,
-            "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(), "driver": cp.cuda.runtime.driverGetVersion(),
-            "cupy": cp.__version__, "torch": torch.__version__}
+    facts = {"name": info.name, "compute_capability": info.compute_capability,
+             "multiprocessors": info.multiprocessors, "l2_bytes": info.l2_bytes,
+             "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(), "driver": cp.cuda.runtime.driverGetVersion(),
+             "cupy": cp.__version__, "torch": torch.__version__}
+    for key, attr in _CLOCK_ATTRS.items():
+        try:
+            facts[key] = int(cp.cuda.runtime.deviceGetAttribute(attr, timer.device))
+        except Exception:  # not every CUDA version still reports it: "clocks if readable"
+            pass
+    return facts
 
 
 def bench_file(path: str | Path, *, batches: tuple[int, ...] = (1,), modes: tuple[str, ...] = ("cold", "hot"),

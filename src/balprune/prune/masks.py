@@ -1,9 +1,11 @@
 """Masks for one matrix under any pattern, one-shot or nested across a schedule.
 
-``nested_masks`` is the per-tensor core of Algorithm 1 (balance-aware iterative pruning): at
-step t it keeps, inside the mask of step t-1, the best entries for sparsity s_t. For the
-balanced pattern every block holds exactly k_t entries at every step (k_t = keep_count(s_t, L)),
-never a mixture of pruned and unpruned blocks.
+``next_mask`` is the per-tensor step of Algorithm 1 (balance-aware iterative pruning): it keeps,
+inside the previous step's mask, the best entries for sparsity s_t. For the balanced pattern
+every block holds exactly k_t entries at every step (k_t = keep_count(s_t, L)), never a mixture
+of pruned and unpruned blocks. ``nested_masks`` chains it over a schedule. The previous mask is
+an ordinary bool [R, K] tensor, so a caller can store it (a training checkpoint) and continue
+the chain later with exactly the result of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,9 +16,41 @@ import torch
 
 from ..config import BalancedPattern, Pattern, UnstructuredPattern, keep_count
 from ..patterns.balanced import balanced_offsets, geometry_for, offsets_to_mask
-from ..patterns.block import kept_tiles, tiles_to_mask
+from ..patterns.block import kept_tiles, padded_tiles, tiles_to_mask
 from ..patterns.ranking import top_positions
 from ..patterns.unstructured import mask_keep_n
+
+
+def next_mask(matrix: torch.Tensor, pattern: Pattern, sparsity: float, prev: torch.Tensor | None = None,
+              keep_override: int | None = None) -> torch.Tensor:
+    """bool [R, K]: the mask of ``pattern`` at ``sparsity``, chosen inside ``prev`` (bool [R, K]).
+
+    ``matrix`` is the CPU [R, K] view of the weights as they are now (after fine-tuning);
+    ``prev`` must come from the same pattern at a sparsity <= ``sparsity`` (or be None: one
+    shot). ``keep_override`` fixes the unstructured keep count (global unstructured pruning).
+    """
+    rows, cols = matrix.shape
+    if isinstance(pattern, BalancedPattern):
+        g = geometry_for(rows, cols, _with(pattern, sparsity))
+        eligible = None
+        if prev is not None:
+            # Padding columns stay eligible: they rank below every real column anyway, and a
+            # previous step chose padding only after all real columns of its block.
+            padded = torch.ones(rows, g.padded_width, dtype=torch.bool)
+            padded[:, :cols] = prev
+            eligible = padded.reshape(rows, g.blocks, g.block_length)
+        offsets = balanced_offsets(matrix, g, eligible=eligible)
+        return offsets_to_mask(offsets, g).reshape(rows, g.padded_width)[:, :cols]
+    if isinstance(pattern, UnstructuredPattern):
+        keep = keep_override if keep_override is not None else keep_count(sparsity, rows * cols)
+        return _unstructured_within(matrix, keep, prev)
+    shape = pattern.block_shape  # block, or vector (1 x V tiles)
+    eligible = None
+    if prev is not None:
+        # A tile was kept iff its real entries are set (every tile holds at least one real entry).
+        eligible = padded_tiles(prev.to(torch.uint8), shape).flatten(2).any(-1).reshape(-1).bool()
+    tiles = kept_tiles(matrix, shape, sparsity, eligible=eligible)
+    return tiles_to_mask(tiles, rows, cols, shape)
 
 
 def nested_masks(matrix: torch.Tensor, pattern: Pattern, sparsities: list[float],
@@ -27,26 +61,15 @@ def nested_masks(matrix: torch.Tensor, pattern: Pattern, sparsities: list[float]
     step, so a caller can train between ``next()`` calls. ``keep_override`` fixes the final
     step's keep count (used by global unstructured pruning).
     """
-    rows, cols = matrix.shape
     prev: torch.Tensor | None = None
     for i, s in enumerate(sparsities):
         last = i == len(sparsities) - 1
-        if isinstance(pattern, BalancedPattern):
-            g = geometry_for(rows, cols, _with(pattern, s))
-            offsets = balanced_offsets(matrix, g, eligible=prev)
-            prev = offsets_to_mask(offsets, g)
-            yield prev.reshape(rows, g.padded_width)[:, :cols]
-        elif isinstance(pattern, UnstructuredPattern):
-            keep = keep_override if (last and keep_override is not None) else keep_count(s, rows * cols)
-            prev = _unstructured_within(matrix, keep, prev)
-            yield prev
-        else:
-            prev = kept_tiles(matrix, pattern.block_shape, s, eligible=prev)
-            yield tiles_to_mask(prev, rows, cols, pattern.block_shape)
+        prev = next_mask(matrix, pattern, s, prev, keep_override if last else None)
+        yield prev
 
 
 def one_shot_mask(matrix: torch.Tensor, pattern: Pattern, keep_override: int | None = None) -> torch.Tensor:
-    return next(nested_masks(matrix, pattern, [pattern.sparsity], keep_override))
+    return next_mask(matrix, pattern, pattern.sparsity, None, keep_override)
 
 
 def _with(pattern: BalancedPattern, s: float) -> BalancedPattern:
@@ -62,3 +85,4 @@ def _unstructured_within(matrix: torch.Tensor, keep: int, prev: torch.Tensor | N
     out = torch.zeros(matrix.numel(), dtype=torch.bool)
     out[flat] = True
     return out.reshape(matrix.shape)
+

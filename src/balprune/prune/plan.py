@@ -12,7 +12,15 @@ import math
 from dataclasses import dataclass
 
 from ..checkpoint import SourceTensor
-from ..config import BalancedPattern, BlockPattern, Pattern, PruneOptions, UnstructuredPattern, keep_count
+from ..config import (
+    BalancedPattern,
+    BlockPattern,
+    Pattern,
+    PruneOptions,
+    UnstructuredPattern,
+    VectorPattern,
+    keep_count,
+)
 from ..container import PRUNABLE_CODES, PlannedTensor
 from ..errors import InvalidInputError
 from ..formats import PACKED_CLASSES, balanced_entry, bsr_entry, csr_entry
@@ -30,7 +38,7 @@ class TensorPlan:
     reason: str
     entry: dict
     outputs: tuple[PlannedTensor, ...]
-    keep: int | None = None  # unstructured nnz / block tile count; None for balanced and dense
+    keep: int | None = None  # unstructured nnz / block (vector) tile count; None for balanced and dense
 
     @property
     def pruned(self) -> bool:
@@ -97,7 +105,7 @@ def plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | N
         keep = keep_override if keep_override is not None else keep_count(pattern.sparsity, rows * cols)
         entry = csr_entry(src.shape, src.dtype, keep, pattern.sparsity)
     else:
-        assert isinstance(pattern, BlockPattern)
+        assert isinstance(pattern, (BlockPattern, VectorPattern))  # vector: 1 x V tiles, packed as BSR
         rb, cb = tile_grid(rows, cols, pattern.block_shape)
         keep = keep_count(pattern.sparsity, rb * cb)
         entry = bsr_entry(src.shape, src.dtype, pattern.block_shape, keep, pattern.sparsity)

@@ -1,0 +1,304 @@
+"""The fine-tuning commands: finetune, sweep, sensitivity (registered on the app by ``register``).
+
+Same shape as the other commands: strict option parsing (usage errors, exit 2, before any file
+is opened), one library call (balprune.finetune), rich rendering (balprune.cli.render_train).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import typer
+
+from ..config import load_config, parse_block_shape, parse_positive_int, parse_sparsity, prune_options_from_config
+from ..errors import ConfigError, Interrupted, OutputError, UsageError
+from . import render, render_train
+
+_FLOAT = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+def _usage(fn):
+    """Wrap a strict parser as a Click callback raising typer.BadParameter (exit 2)."""
+
+    def callback(value):
+        if value is None:
+            return None
+        try:
+            return fn(value)
+        except UsageError as exc:
+            raise typer.BadParameter(exc.message) from None
+
+    return callback
+
+
+def _csv(text: str, what: str) -> list[str]:
+    items = [s.strip() for s in str(text).split(",")]
+    if not items or any(not s for s in items):
+        raise UsageError(f"{what}: expected a comma-separated list, got {text!r}")
+    if len(set(items)) != len(items):
+        raise UsageError(f"{what}: a value is listed twice in {text!r}")
+    return items
+
+
+def parse_sparsity_list(text: str, what: str = "--sparsities") -> list[float]:
+    """'0.5,0.8,0.9' -> [0.5, 0.8, 0.9] (sorted); each in (0, 1)."""
+    values = [parse_sparsity(s, what=what) for s in _csv(text, what)]
+    if any(v == 0 for v in values):
+        raise UsageError(f"{what}: 0 prunes nothing (the dense model is measured anyway)")
+    if len(set(values)) != len(values):
+        raise UsageError(f"{what}: a value is listed twice in {text!r}")
+    return sorted(values)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    return [parse_positive_int(s, what=what) for s in _csv(text, what)]
+
+
+def parse_shape_list(text: str, what: str = "--block-shapes") -> list[tuple[int, int]]:
+    return [parse_block_shape(s, what=what) for s in _csv(text, what)]
+
+
+def parse_tolerance(text: str) -> float:
+    s = str(text).strip()
+    if not _FLOAT.match(s):
+        raise UsageError(f"--tolerance: expected a non-negative decimal such as 0.02, got {text!r}")
+    return float(s)
+
+
+def _check_output_file(path: Path | None, force: bool) -> None:
+    """Fail before a long run, not after it, when an output file could not be written."""
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist")
+    if path.is_dir():
+        raise OutputError(f"output path {path} is a folder")
+    if path.exists() and not force:
+        raise OutputError(f"{path} exists", hint="pass --force to replace it")
+
+
+def _progress(enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    return render_train.progress_bar(render.console(stderr=True))
+
+
+@contextlib.contextmanager
+def _resumable(folder: Path):
+    """An interruption says what was kept: the last finished stage, to continue with --resume."""
+    try:
+        yield
+    except Interrupted as exc:
+        exc.message = (f"{exc.message.split(';')[0]}; {folder} keeps every finished stage; "
+                       "continue with --resume")
+        raise
+
+
+def _default_out(recipe: Path, suffix: str) -> Path:
+    return Path(f"{recipe.stem}-{suffix}")
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def finetune(
+    recipe: Path = typer.Argument(..., help="A fine-tuning recipe (TOML): [task], [train], [prune], [schedule]."),
+    data: Path | None = typer.Option(None, "--data", help="Data folder of the task (PTB text, ImageFolder)."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: <recipe name>-run)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over, replacing an earlier run in --out."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when present)."),
+    no_export: bool = typer.Option(False, "--no-export", help="Do not write the packed model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
+) -> None:
+    """Algorithm 1 end to end: train dense, then prune a schedule step, fine-tune, evaluate, until the target."""
+    from ..finetune.recipe import load_recipe
+    from ..finetune.run import resolve_device, run_finetune
+
+    if resume and force:
+        raise UsageError("--resume and --force exclude each other")
+    r = load_recipe(recipe)
+    resolve_device(device)
+    folder = out if out is not None else _default_out(recipe, "run")
+    err = render.console(stderr=True)
+    bar = _progress(not as_json)
+    with _resumable(folder):
+        if bar is None:
+            def on_event(e):
+                if e.phase == "stage":
+                    err.print(render_train.stage_line(e))
+            result = run_finetune(r, folder, data=data, resume=resume, force=force, device=device,
+                                  export=not no_export, progress=on_event)
+        else:
+            with bar:
+                task = bar.add_task("starting", total=1, loss="-", metric="")
+                result = run_finetune(r, folder, data=data, resume=resume, force=force, device=device,
+                                      export=not no_export,
+                                      progress=lambda e: render_train.update_bar(bar, task, e, err))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    con = render.console()
+    con.print(render_train.finetune_table(result))
+    if result.packed:
+        con.print(f"packed model: {result.packed} ({render.human_bytes(result.packed_bytes)}, "
+                  f"{100 * result.packed_bytes / result.dense_bytes:.1f}% of {render.human_bytes(result.dense_bytes)} dense)")
+    con.print(f"metrics: {Path(folder) / 'metrics.json'}")
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def sweep(
+    recipe: Path = typer.Argument(..., help="A fine-tuning recipe (TOML); its pattern and sparsity are swept."),
+    patterns: str = typer.Option("balanced,unstructured,block,vector", "--patterns",
+                                 callback=_usage(lambda v: _csv(v, "--patterns")),
+                                 help="Patterns, comma-separated: balanced, unstructured, block, vector."),
+    sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities", callback=_usage(parse_sparsity_list),
+                                   help="Target sparsities, comma-separated."),
+    blocks: str | None = typer.Option(None, "--blocks", callback=_usage(lambda v: parse_int_list(v, "--blocks")),
+                                      help="Balanced: blocks per row, one line each (e.g. 8,16,32,64)."),
+    block_sizes: str | None = typer.Option(None, "--block-sizes",
+                                           callback=_usage(lambda v: parse_int_list(v, "--block-sizes")),
+                                           help="Balanced: block lengths (balance range), one line each (e.g. 8,16,32)."),
+    block_shapes: str | None = typer.Option(None, "--block-shapes", callback=_usage(parse_shape_list),
+                                            help="Block: tile shapes, one line each (e.g. 4x4,8x8,16x16)."),
+    vector_lengths: str | None = typer.Option(None, "--vector-lengths",
+                                              callback=_usage(lambda v: parse_int_list(v, "--vector-lengths")),
+                                              help="Vector: vector lengths, one line each (e.g. 4,8)."),
+    data: Path | None = typer.Option(None, "--data", help="Data folder of the task."),
+    out: Path | None = typer.Option(None, "--out", help="Sweep folder (default: <recipe name>-sweep)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a sweep: finished runs are kept."),
+    force: bool = typer.Option(False, "--force", help="Start over, replacing an earlier sweep in --out."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when present)."),
+    no_plot: bool = typer.Option(False, "--no-plot", help="Skip the PNG plot (no matplotlib needed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
+) -> None:
+    """The paper's figure: prune + fine-tune every pattern at every sparsity with the same budget; table, JSON, PNG."""
+    from ..finetune.recipe import load_recipe
+    from ..finetune.run import resolve_device
+    from ..finetune.sweep import run_sweep, variants_for
+
+    if resume and force:
+        raise UsageError("--resume and --force exclude each other")
+    r = load_recipe(recipe)
+    variants = variants_for(r, patterns, blocks, block_shapes, vector_lengths, block_sizes)
+    resolve_device(device)
+    folder = out if out is not None else _default_out(recipe, "sweep")
+    err = render.console(stderr=True)
+    bar = _progress(not as_json)
+    with _resumable(folder):
+        if bar is None:
+            def on_event(label, e):
+                if e.phase == "stage" and e.stage == e.stages:
+                    err.print(f"{label}: {render_train.stage_line(e)}")
+            result = run_sweep(r, folder, variants, sparsities, data=data, device=device, resume=resume,
+                               force=force, plot=not no_plot, progress=on_event)
+        else:
+            with bar:
+                task = bar.add_task("starting", total=1, loss="-", metric="")
+                result = run_sweep(r, folder, variants, sparsities, data=data, device=device, resume=resume,
+                                   force=force, plot=not no_plot,
+                                   progress=lambda label, e: render_train.update_bar(bar, task, e, err, label=label))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    con = render.console()
+    con.print(render_train.sweep_table(result))
+    con.print(f"results: {Path(folder) / 'sweep.json'}" + ("" if no_plot else f", plot: {Path(folder) / 'sweep.png'}"))
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def sensitivity(
+    source: Path = typer.Argument(..., help="A checkpoint (data-free proxy) or a fine-tuning recipe .toml (task metric)."),
+    pattern: str | None = typer.Option(None, "--pattern", "-p", help="balanced (default), unstructured, block or vector."),
+    blocks: str | None = typer.Option(None, "--blocks", "-b",
+                                      callback=_usage(lambda v: parse_positive_int(v, what="--blocks")),
+                                      help="Balanced: blocks per row (default 32)."),
+    block_shape: str | None = typer.Option(None, "--block-shape",
+                                           callback=_usage(lambda v: "x".join(map(str, parse_block_shape(v)))),
+                                           help="Block pattern: tile shape HxW (default 8x8)."),
+    vector_length: str | None = typer.Option(None, "--vector-length",
+                                             callback=_usage(lambda v: parse_positive_int(v, what="--vector-length")),
+                                             help="Vector pattern: weights per vector (default 8)."),
+    config: Path | None = typer.Option(None, "--config", help="Checkpoint mode: a prune config for pattern, include, exclude."),
+    sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities", callback=_usage(parse_sparsity_list),
+                                   help="Sparsities to try per layer, comma-separated."),
+    tolerance: str | None = typer.Option(None, "--tolerance", callback=_usage(parse_tolerance),
+                                         help="Largest degradation a layer's plan allows (metric: 0.02 relative; "
+                                              "proxy: 0.3 relative output error)."),
+    samples: str = typer.Option("64", "--samples", callback=_usage(lambda v: parse_positive_int(v, what="--samples")),
+                                help="Proxy: random input vectors per layer."),
+    seed: str = typer.Option("0", "--seed", callback=_usage(lambda v: parse_positive_int(v, what="--seed", minimum=0)),
+                             help="Proxy: seed of the random inputs."),
+    key: str | None = typer.Option(None, "--key", help="Checkpoint mode: entry holding the state dict (dotted path)."),
+    data: Path | None = typer.Option(None, "--data", help="Recipe mode: data folder of the task."),
+    device: str | None = typer.Option(None, "--device", help="Recipe mode: cpu, cuda or cuda:N."),
+    dense: Path | None = typer.Option(None, "--dense", help="Recipe mode: the dense model (a sweep's dense.pt) "
+                                                            "instead of training it."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Plan to write (default: <source name>.plan.toml)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing plan / JSON file."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the full result (JSON) here."),
+) -> None:
+    """Per-layer sensitivity (one layer pruned at a time) and a per-layer sparsity plan for `prune --config`."""
+    from ..finetune.sensitivity import sensitivity_from_checkpoint, sensitivity_from_recipe, write_plan
+
+    recipe_mode = source.suffix == ".toml"
+    grid = sparsities
+    overrides = {"sparsity": max(grid), "blocks": blocks, "block_size": None, "block_shape": block_shape,
+                 "vector_length": vector_length, "nm": None, "scope": None}
+    plan_path = output if output is not None else Path(f"{source.stem}.plan.toml")
+    _check_output_file(plan_path, force)
+    _check_output_file(json_out, force)
+    err = render.console(stderr=True)
+    bar = _progress(True)
+    if recipe_mode:
+        from ..finetune.recipe import load_recipe
+        from ..finetune.run import resolve_device
+
+        if config is not None or key is not None:
+            raise UsageError("--config and --key apply to a checkpoint; a recipe carries its own [prune] table")
+        r = load_recipe(source)
+        opts = prune_options_from_config(r.prune_config, overrides=overrides, pattern=pattern, error=ConfigError)
+        r = r.with_options(opts)
+        resolve_device(device)
+        tol = 0.02 if tolerance is None else tolerance
+        run = lambda progress: sensitivity_from_recipe(r, grid, data=data, device=device, tolerance=tol,  # noqa: E731
+                                                       dense=dense, progress=progress)
+    else:
+        if data is not None or dense is not None or device is not None:
+            raise UsageError("--data, --dense and --device apply to a recipe; a checkpoint gets the data-free proxy")
+        cfg = load_config(config) if config is not None else {}
+        opts = prune_options_from_config(cfg, overrides=overrides, pattern=pattern,
+                                         error=UsageError if config is None else ConfigError)
+        tol = 0.3 if tolerance is None else tolerance
+        run = lambda progress: sensitivity_from_checkpoint(source, opts, grid, samples=samples, seed=seed,  # noqa: E731
+                                                           tolerance=tol, key=key, progress=progress)
+    if bar is None:
+        result = run(None)
+    else:
+        with bar:
+            task = bar.add_task("sensitivity", total=1, loss="", metric="")
+            result = run(lambda done, total, name: bar.update(task, completed=done, total=total,
+                                                              description=name[-40:]))
+    write_plan(result, opts.pattern, plan_path, force=force)
+    if json_out is not None:
+        from ..finetune.run import write_json
+
+        write_json(json_out, result.to_dict())
+    con = render.console()
+    con.print(render_train.sensitivity_table(result))
+    err.print(f"plan: {plan_path} (balprune prune CKPT --config {plan_path})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the fine-tuning commands to ``app``."""
+    app.command("finetune")(finetune)
+    app.command("sweep")(sweep)
+    app.command("sensitivity")(sensitivity)
