@@ -25,6 +25,7 @@ from ..config import (
 )
 from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, UsageError
 from . import render
+from .options import check_output_path, parse_int_list, parse_sparsity_list, usage
 
 app = typer.Typer(
     name="balprune",
@@ -37,20 +38,6 @@ app = typer.Typer(
 )
 
 _STATE = {"debug": False}
-
-
-def _usage(fn):
-    """Wrap a strict parser as a Click callback raising typer.BadParameter (exit 2)."""
-
-    def callback(value):
-        if value is None:
-            return None
-        try:
-            return fn(value)
-        except UsageError as exc:
-            raise typer.BadParameter(exc.message) from None
-
-    return callback
 
 
 def _print_version(value: bool) -> None:
@@ -81,24 +68,24 @@ def _progress_bar(enabled: bool):
 @app.command()
 def prune(
     checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.bin state dict, a .safetensors file, or a sharded folder / *.index.json."),
-    sparsity: str | None = typer.Option(None, "--sparsity", "-s", callback=_usage(parse_sparsity),
+    sparsity: str | None = typer.Option(None, "--sparsity", "-s", callback=usage(parse_sparsity),
                                            help="Fraction of weights to remove, in [0, 1), e.g. 0.9."),
-    blocks: str | None = typer.Option(None, "--blocks", "-b", callback=_usage(lambda v: parse_positive_int(v, what="--blocks")),
+    blocks: str | None = typer.Option(None, "--blocks", "-b", callback=usage(lambda v: parse_positive_int(v, what="--blocks")),
                                          help="Balanced: blocks per row (default 32)."),
-    block_size: str | None = typer.Option(None, "--block-size", callback=_usage(lambda v: parse_positive_int(v, what="--block-size")),
+    block_size: str | None = typer.Option(None, "--block-size", callback=usage(lambda v: parse_positive_int(v, what="--block-size")),
                                              help="Balanced: block length L instead of --blocks."),
-    nm: str | None = typer.Option(None, "--nm", callback=_usage(lambda v: (parse_nm(v), v)[1]),
+    nm: str | None = typer.Option(None, "--nm", callback=usage(lambda v: (parse_nm(v), v)[1]),
                                      help="Balanced N:M, e.g. 2:4 (block length M, keep N); replaces --sparsity."),
     pattern: str | None = typer.Option(None, "--pattern", "-p", help="balanced (default), unstructured, block or vector."),
-    block_shape: str | None = typer.Option(None, "--block-shape", callback=_usage(lambda v: ("x".join(map(str, parse_block_shape(v))))),
+    block_shape: str | None = typer.Option(None, "--block-shape", callback=usage(lambda v: ("x".join(map(str, parse_block_shape(v))))),
                                               help="Block pattern: tile shape HxW (default 8x8)."),
-    vector_length: str | None = typer.Option(None, "--vector-length", callback=_usage(lambda v: parse_positive_int(v, what="--vector-length")),
+    vector_length: str | None = typer.Option(None, "--vector-length", callback=usage(lambda v: parse_positive_int(v, what="--vector-length")),
                                                 help="Vector pattern: weights per 1-D vector (default 8)."),
     scope: str | None = typer.Option(None, "--scope", help="Unstructured: tensor (default) or global."),
     include: List[str] = typer.Option([], "--include", help="Only prune tensors matching this glob (repeatable)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Never prune tensors matching this glob (repeatable)."),
     config: Path | None = typer.Option(None, "--config", help="TOML recipe: [prune], [schedule], [[layers]] rules."),
-    steps: str | None = typer.Option(None, "--steps", callback=_usage(lambda v: parse_positive_int(v, what="--steps")),
+    steps: str | None = typer.Option(None, "--steps", callback=usage(lambda v: parse_positive_int(v, what="--steps")),
                                         help="Schedule steps of Algorithm 1 (one-shot without fine-tuning)."),
     schedule: str | None = typer.Option(None, "--schedule", help="cubic (default) or linear."),
     key: str | None = typer.Option(None, "--key", help="Entry of a torch checkpoint holding the state dict (dotted path)."),
@@ -231,7 +218,7 @@ def compare(
     base: Path = typer.Argument(..., help="Baseline report (bench --json)."),
     new: Path = typer.Argument(..., help="New report to check against the baseline."),
     max_slowdown: str = typer.Option("0.10", "--max-slowdown",
-                                               callback=_usage(lambda v: parse_sparsity(v, what="--max-slowdown")),
+                                               callback=usage(lambda v: parse_sparsity(v, what="--max-slowdown")),
                                                help="Allowed slowdown as a fraction of the baseline (0.10 = 10%)."),
     kernel: List[str] = typer.Option(["balanced", "bsr"], "--kernel",
                                      help="Kernels to compare (repeatable; default: balprune's own, balanced and bsr)."),
@@ -257,22 +244,6 @@ def compare(
         raise typer.Exit(EXIT_REGRESSION)
 
 
-def _check_output_folder(path: Path | None) -> None:
-    """Fail before a long run, not after it, when an output file could not be written."""
-    from ..errors import OutputError
-
-    if path is None:
-        return
-    if not path.parent.is_dir():
-        raise OutputError(f"output folder {path.parent} does not exist")
-    if path.is_dir():
-        raise OutputError(f"output path {path} is a folder")
-
-
-def _csv_ints(what: str):
-    return _usage(lambda v: tuple(parse_positive_int(b, what=what) for b in v.split(",")))
-
-
 def _modes(cold: bool, hot: bool) -> tuple[str, ...]:
     return ("cold",) if cold and not hot else ("hot",) if hot and not cold else ("cold", "hot")
 
@@ -285,7 +256,7 @@ def _gate_failures(report) -> None:
 @app.command()
 def bench(
     packed: Path = typer.Argument(..., help="A packed file written by `balprune prune`."),
-    batch: str = typer.Option("1", "--batch", callback=_csv_ints("--batch"),
+    batch: str = typer.Option("1", "--batch", callback=usage(lambda v: tuple(parse_int_list(v, "--batch"))),
                               help="Batch sizes, comma-separated (e.g. 1,8)."),
     cold: bool = typer.Option(False, "--cold", help="Only cold timings (weights rotated through > 4.5x L2)."),
     hot: bool = typer.Option(False, "--hot", help="Only hot timings (one weight copy)."),
@@ -293,7 +264,7 @@ def bench(
     layer: List[str] = typer.Option([], "--layer", help="Only layers matching this glob (repeatable)."),
     no_peers: bool = typer.Option(False, "--no-peers",
                                   help="Only balprune's kernel and dense (skip CSR, BSR and 2:4 peers)."),
-    iters: str = typer.Option("200", "--iters", callback=_usage(lambda v: parse_positive_int(v, what="--iters")),
+    iters: str = typer.Option("200", "--iters", callback=usage(lambda v: parse_positive_int(v, what="--iters")),
                               help="Timed launches per measurement."),
     device: int = typer.Option(0, "--device", help="CUDA device index."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report (schema balprune.bench/2) here."),
@@ -302,7 +273,7 @@ def bench(
     and 2:4 peers, and a plain read of the same bytes; the path the runtime takes per layer."""
     from ..bench.run import bench_file, rows
 
-    _check_output_folder(json_out)
+    check_output_path(json_out)
     err = render.console(stderr=True)
     report = bench_file(packed, batches=batch, modes=_modes(cold, hot), graph=graph, iters=iters, device=device,
                         layers=tuple(layer), peers=not no_peers, progress=lambda name: err.print(f"benchmarking {name}"))
@@ -314,22 +285,21 @@ def bench(
 
 @app.command("bench-sweep")
 def bench_sweep(
-    rows_: str = typer.Option("16384", "--rows", callback=_usage(lambda v: parse_positive_int(v, what="--rows")),
+    rows_: str = typer.Option("16384", "--rows", callback=usage(lambda v: parse_positive_int(v, what="--rows")),
                               help="Matrix rows."),
-    cols: str = typer.Option("8192", "--cols", callback=_usage(lambda v: parse_positive_int(v, what="--cols")),
+    cols: str = typer.Option("8192", "--cols", callback=usage(lambda v: parse_positive_int(v, what="--cols")),
                              help="Matrix columns."),
     sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95,0.97", "--sparsities",
-                                   callback=_usage(lambda v: tuple(parse_sparsity(s, what="--sparsities")
-                                                                   for s in v.split(","))),
+                                   callback=usage(lambda v: tuple(parse_sparsity_list(v))),
                                    help="Sparsities, comma-separated."),
-    batch: str = typer.Option("1,8", "--batch", callback=_csv_ints("--batch"), help="Batch sizes, comma-separated."),
+    batch: str = typer.Option("1,8", "--batch", callback=usage(lambda v: tuple(parse_int_list(v, "--batch"))), help="Batch sizes, comma-separated."),
     dtype: str = typer.Option("float16", "--dtype", help="float32, float16 or bfloat16."),
-    blocks: str = typer.Option("32", "--blocks", callback=_usage(lambda v: parse_positive_int(v, what="--blocks")),
+    blocks: str = typer.Option("32", "--blocks", callback=usage(lambda v: parse_positive_int(v, what="--blocks")),
                                help="Balanced blocks per row."),
     cold: bool = typer.Option(False, "--cold", help="Only cold timings (the default is cold only)."),
     hot: bool = typer.Option(False, "--hot", help="Hot timings (with --cold: both)."),
     graph: bool = typer.Option(False, "--graph", help="Also time CUDA-graph replay."),
-    iters: str = typer.Option("100", "--iters", callback=_usage(lambda v: parse_positive_int(v, what="--iters")),
+    iters: str = typer.Option("100", "--iters", callback=usage(lambda v: parse_positive_int(v, what="--iters")),
                               help="Timed launches per measurement."),
     device: int = typer.Option(0, "--device", help="CUDA device index."),
     json_out: Path = typer.Option(Path("sweep.json"), "--json", help="The report (schema balprune.bench/2)."),
@@ -343,7 +313,7 @@ def bench_sweep(
     if dtype not in ("float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
     for out in (json_out, plot):
-        _check_output_folder(out)
+        check_output_path(out)
     if plot is not None:
         try:
             import matplotlib  # noqa: F401 - checked before the run, not after it

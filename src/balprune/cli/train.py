@@ -8,77 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 from pathlib import Path
 
 import typer
 
-from ..config import load_config, parse_block_shape, parse_positive_int, parse_sparsity, prune_options_from_config
-from ..errors import ConfigError, Interrupted, OutputError, UsageError
+from ..config import load_config, parse_block_shape, parse_positive_int, prune_options_from_config
+from ..errors import ConfigError, Interrupted, UsageError
 from . import render, render_train
-
-_FLOAT = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
-
-
-def _usage(fn):
-    """Wrap a strict parser as a Click callback raising typer.BadParameter (exit 2)."""
-
-    def callback(value):
-        if value is None:
-            return None
-        try:
-            return fn(value)
-        except UsageError as exc:
-            raise typer.BadParameter(exc.message) from None
-
-    return callback
-
-
-def _csv(text: str, what: str) -> list[str]:
-    items = [s.strip() for s in str(text).split(",")]
-    if not items or any(not s for s in items):
-        raise UsageError(f"{what}: expected a comma-separated list, got {text!r}")
-    if len(set(items)) != len(items):
-        raise UsageError(f"{what}: a value is listed twice in {text!r}")
-    return items
-
-
-def parse_sparsity_list(text: str, what: str = "--sparsities") -> list[float]:
-    """'0.5,0.8,0.9' -> [0.5, 0.8, 0.9] (sorted); each in (0, 1)."""
-    values = [parse_sparsity(s, what=what) for s in _csv(text, what)]
-    if any(v == 0 for v in values):
-        raise UsageError(f"{what}: 0 prunes nothing (the dense model is measured anyway)")
-    if len(set(values)) != len(values):
-        raise UsageError(f"{what}: a value is listed twice in {text!r}")
-    return sorted(values)
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    return [parse_positive_int(s, what=what) for s in _csv(text, what)]
-
-
-def parse_shape_list(text: str, what: str = "--block-shapes") -> list[tuple[int, int]]:
-    return [parse_block_shape(s, what=what) for s in _csv(text, what)]
-
-
-def parse_tolerance(text: str) -> float:
-    s = str(text).strip()
-    if not _FLOAT.match(s):
-        raise UsageError(f"--tolerance: expected a non-negative decimal such as 0.02, got {text!r}")
-    return float(s)
-
-
-def _check_output_file(path: Path | None, force: bool) -> None:
-    """Fail before a long run, not after it, when an output file could not be written."""
-    if path is None:
-        return
-    if not path.parent.is_dir():
-        raise OutputError(f"output folder {path.parent} does not exist")
-    if path.is_dir():
-        raise OutputError(f"output path {path} is a folder")
-    if path.exists() and not force:
-        raise OutputError(f"{path} exists", hint="pass --force to replace it")
+from .options import (
+    check_output_path,
+    csv_items,
+    parse_int_list,
+    parse_shape_list,
+    parse_sparsity_list,
+    parse_tolerance,
+    usage,
+)
 
 
 def _progress(enabled: bool):
@@ -156,19 +102,19 @@ def finetune(
 def sweep(
     recipe: Path = typer.Argument(..., help="A fine-tuning recipe (TOML); its pattern and sparsity are swept."),
     patterns: str = typer.Option("balanced,unstructured,block,vector", "--patterns",
-                                 callback=_usage(lambda v: _csv(v, "--patterns")),
+                                 callback=usage(lambda v: csv_items(v, "--patterns")),
                                  help="Patterns, comma-separated: balanced, unstructured, block, vector."),
-    sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities", callback=_usage(parse_sparsity_list),
+    sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities", callback=usage(parse_sparsity_list),
                                    help="Target sparsities, comma-separated."),
-    blocks: str | None = typer.Option(None, "--blocks", callback=_usage(lambda v: parse_int_list(v, "--blocks")),
+    blocks: str | None = typer.Option(None, "--blocks", callback=usage(lambda v: parse_int_list(v, "--blocks")),
                                       help="Balanced: blocks per row, one line each (e.g. 8,16,32,64)."),
     block_sizes: str | None = typer.Option(None, "--block-sizes",
-                                           callback=_usage(lambda v: parse_int_list(v, "--block-sizes")),
+                                           callback=usage(lambda v: parse_int_list(v, "--block-sizes")),
                                            help="Balanced: block lengths (balance range), one line each (e.g. 8,16,32)."),
-    block_shapes: str | None = typer.Option(None, "--block-shapes", callback=_usage(parse_shape_list),
+    block_shapes: str | None = typer.Option(None, "--block-shapes", callback=usage(parse_shape_list),
                                             help="Block: tile shapes, one line each (e.g. 4x4,8x8,16x16)."),
     vector_lengths: str | None = typer.Option(None, "--vector-lengths",
-                                              callback=_usage(lambda v: parse_int_list(v, "--vector-lengths")),
+                                              callback=usage(lambda v: parse_int_list(v, "--vector-lengths")),
                                               help="Vector: vector lengths, one line each (e.g. 4,8)."),
     data: Path | None = typer.Option(None, "--data", help="Data folder of the task."),
     out: Path | None = typer.Option(None, "--out", help="Sweep folder (default: <recipe name>-sweep)."),
@@ -219,23 +165,23 @@ def sensitivity(
     source: Path = typer.Argument(..., help="A checkpoint (data-free proxy) or a fine-tuning recipe .toml (task metric)."),
     pattern: str | None = typer.Option(None, "--pattern", "-p", help="balanced (default), unstructured, block or vector."),
     blocks: str | None = typer.Option(None, "--blocks", "-b",
-                                      callback=_usage(lambda v: parse_positive_int(v, what="--blocks")),
+                                      callback=usage(lambda v: parse_positive_int(v, what="--blocks")),
                                       help="Balanced: blocks per row (default 32)."),
     block_shape: str | None = typer.Option(None, "--block-shape",
-                                           callback=_usage(lambda v: "x".join(map(str, parse_block_shape(v)))),
+                                           callback=usage(lambda v: "x".join(map(str, parse_block_shape(v)))),
                                            help="Block pattern: tile shape HxW (default 8x8)."),
     vector_length: str | None = typer.Option(None, "--vector-length",
-                                             callback=_usage(lambda v: parse_positive_int(v, what="--vector-length")),
+                                             callback=usage(lambda v: parse_positive_int(v, what="--vector-length")),
                                              help="Vector pattern: weights per vector (default 8)."),
     config: Path | None = typer.Option(None, "--config", help="Checkpoint mode: a prune config for pattern, include, exclude."),
-    sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities", callback=_usage(parse_sparsity_list),
+    sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities", callback=usage(parse_sparsity_list),
                                    help="Sparsities to try per layer, comma-separated."),
-    tolerance: str | None = typer.Option(None, "--tolerance", callback=_usage(parse_tolerance),
+    tolerance: str | None = typer.Option(None, "--tolerance", callback=usage(parse_tolerance),
                                          help="Largest degradation a layer's plan allows (metric: 0.02 relative; "
                                               "proxy: 0.3 relative output error)."),
-    samples: str = typer.Option("64", "--samples", callback=_usage(lambda v: parse_positive_int(v, what="--samples")),
+    samples: str = typer.Option("64", "--samples", callback=usage(lambda v: parse_positive_int(v, what="--samples")),
                                 help="Proxy: random input vectors per layer."),
-    seed: str = typer.Option("0", "--seed", callback=_usage(lambda v: parse_positive_int(v, what="--seed", minimum=0)),
+    seed: str = typer.Option("0", "--seed", callback=usage(lambda v: parse_positive_int(v, what="--seed", minimum=0)),
                              help="Proxy: seed of the random inputs."),
     key: str | None = typer.Option(None, "--key", help="Checkpoint mode: entry holding the state dict (dotted path)."),
     data: Path | None = typer.Option(None, "--data", help="Recipe mode: data folder of the task."),
@@ -254,8 +200,8 @@ def sensitivity(
     overrides = {"sparsity": max(grid), "blocks": blocks, "block_size": None, "block_shape": block_shape,
                  "vector_length": vector_length, "nm": None, "scope": None}
     plan_path = output if output is not None else Path(f"{source.stem}.plan.toml")
-    _check_output_file(plan_path, force)
-    _check_output_file(json_out, force)
+    check_output_path(plan_path, force=force)
+    check_output_path(json_out, force=force)
     err = render.console(stderr=True)
     bar = _progress(True)
     if recipe_mode:
