@@ -32,3 +32,16 @@ def small_state_dict(seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tens
         "norm.num_batches_tracked": torch.tensor(7),
         "q.weight": torch.randint(-128, 127, (12, 40), generator=g, dtype=torch.int8),
     }
+
+
+def gpu_skip_reason() -> str | None:
+    """Why GPU tests cannot run here (None when CuPy sees a CUDA device): the skip reason they show."""
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a CuPy wheel that does not match the driver
+        return f"CuPy is not importable ({type(e).__name__}: {e})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"no usable CUDA device ({type(e).__name__}: {e})"
+    return None if n > 0 else "no CUDA device is visible"

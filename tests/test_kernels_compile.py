@@ -44,17 +44,22 @@ def test_every_runtime_variant_compiles(tmp_path):
     assert ptx.count(".entry ") == len(names)
 
 
-def test_batch1_shared_x_variants_do_not_spill(tmp_path):
-    """The batch-1 paths (x in shared memory, interleaved; pipelined or not) fit 64 registers, no local memory."""
-    names = [n for n in kernel_variants() if ", 1, 1, true>" in n or "balanced_spmv_tma" in n]
-    assert len(names) == 12
-    r = _nvcc(tmp_path, _instantiating_source(names), "-c", "-Xptxas", "-v")
+def _assert_fit_64_registers_no_spills(tmp_path, names: list[str], filename: str) -> None:
+    """Build ``names`` of ``filename`` with ptxas -v: every one at <= 64 registers, no spill stores or loads."""
+    r = _nvcc(tmp_path, _instantiating_source(names, filename), "-c", "-Xptxas", "-v")
     assert r.returncode == 0, r.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
     assert len(spills) == len(regs) == len(names), r.stderr[-4000:]
     assert all(s == ("0", "0") for s in spills), r.stderr[-4000:]
     assert max(regs) <= 64
+
+
+def test_batch1_shared_x_variants_do_not_spill(tmp_path):
+    """The batch-1 paths (x in shared memory, interleaved; pipelined or not) fit 64 registers, no local memory."""
+    names = [n for n in kernel_variants() if ", 1, 1, true>" in n or "balanced_spmv_tma" in n]
+    assert len(names) == 12
+    _assert_fit_64_registers_no_spills(tmp_path, names, "balanced_spmv.cu")
 
 
 def test_every_bsr_variant_compiles(tmp_path):
@@ -69,13 +74,7 @@ def test_bsr_variants_do_not_spill(tmp_path):
     """Every BSR instantiation (all batch tiles: they share one kernel body) fits 64 registers, no local memory."""
     names = bsr_kernel_variants()
     assert len(names) == 44
-    r = _nvcc(tmp_path, _instantiating_source(names, "bsr_spmv.cu"), "-c", "-Xptxas", "-v")
-    assert r.returncode == 0, r.stderr[-4000:]
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
-    regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
-    assert len(spills) == len(regs) == len(names), r.stderr[-4000:]
-    assert all(s == ("0", "0") for s in spills), r.stderr[-4000:]
-    assert max(regs) <= 64
+    _assert_fit_64_registers_no_spills(tmp_path, names, "bsr_spmv.cu")
 
 
 def test_bench_util_compiles(tmp_path):

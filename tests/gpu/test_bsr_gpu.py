@@ -19,21 +19,9 @@ import functools
 import numpy as np
 import pytest
 import torch
+from helpers import gpu_skip_reason  # noqa: E402
 
-
-def _skip_reason() -> str | None:
-    try:
-        import cupy
-    except Exception as e:  # ImportError, or a CuPy wheel that does not match the driver
-        return f"CuPy is not importable ({type(e).__name__}: {e})"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:
-        return f"no usable CUDA device ({type(e).__name__}: {e})"
-    return None if n > 0 else "no CUDA device is visible"
-
-
-SKIP = _skip_reason()
+SKIP = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 
 from balprune.errors import UsageError  # noqa: E402

@@ -247,8 +247,8 @@ def packed_name(recipe: Recipe) -> str:
     return f"model.{recipe.options.pattern.kind.value}.safetensors"
 
 
-def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> None:
-    """Create the run folder (its parent must exist); refuse to mix with an earlier run unless told."""
+def make_out_folder(out: Path) -> Path:
+    """The --out folder, created if missing (its parent must exist); OutputError if it is a file."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder")
@@ -259,6 +259,12 @@ def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> None:
             out.mkdir()
         except OSError as exc:
             raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> None:
+    """Create the run folder (its parent must exist); refuse to mix with an earlier run unless told."""
+    out = make_out_folder(out)
     if not os.access(out, os.W_OK):
         raise OutputError(f"cannot write in {out}")
     ours = [out / CHECKPOINT, out / METRICS, *sorted(out.glob("model.*.safetensors"))]

@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import InvalidInputError, OutputError, UsageError
 from ..tasks import make_task
 from .recipe import Recipe, recipe_with_pattern
-from .run import METRICS, ProgressEvent, resolve_device, run_finetune, train_dense, write_json
+from .run import METRICS, ProgressEvent, make_out_folder, resolve_device, run_finetune, train_dense, write_json
 
 SCHEMA = "balprune.sweep/1"
 PATTERNS = ("balanced", "unstructured", "block", "vector")
@@ -140,13 +140,7 @@ def run_sweep(recipe: Recipe, out: Path, variants: list[Variant], sparsities: li
     recipes = {(v, s): _point_recipe(recipe, v, s) for v in variants for s in sparsities}
     dev = resolve_device(device)
     task = make_task(recipe.task, recipe.task_options, data)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file, not a folder")
-    if not out.exists():
-        if not out.parent.is_dir():
-            raise OutputError(f"output folder {out.parent} does not exist")
-        out.mkdir()
+    out = make_out_folder(out)
     runs = out / "runs"
     if (out / "sweep.json").exists() or (runs.exists() and any(runs.iterdir())):
         if force:
