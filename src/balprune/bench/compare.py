@@ -10,6 +10,7 @@ from .report import BenchReport
 @dataclass(frozen=True)
 class Change:
     layer: str
+    dtype: str
     batch: int
     mode: str
     graph: bool
@@ -26,8 +27,10 @@ class Change:
 
 
 def compare_reports(base: BenchReport, new: BenchReport, *, max_slowdown: float = 0.10,
-                    kernels: tuple[str, ...] = ("balanced", "bsr")) -> list[Change]:
-    """One Change per measurement of the chosen kernels, keyed by (layer, batch, mode, graph, kernel).
+                    kernels: tuple[str, ...] = ("balanced", "bsr", "balprune")) -> list[Change]:
+    """One Change per measurement of the chosen kernels, keyed by (layer, dtype, batch, mode, graph, kernel).
+
+    The default kernels are balprune's own: its layer kernels and, in model reports, the whole model.
 
     slower: new median > base median * (1 + max_slowdown). missing: in base, absent from new.
     incorrect: new failed its correctness gate. A regression is any slower, missing or incorrect.

@@ -12,9 +12,12 @@ Schema ``balprune.bench/2``::
      "selection": [{"layer", "batch", "mode", "graph", "path", "path_us", "subject", "reason", "ideal_us"}],
      "meta": {...}}
 
-``kernel`` is one of bench.peers' names (balanced, bsr, dense, csr, torch_bsr, torch_2:4, stream).
+``kernel`` is one of bench.peers' names (balanced, bsr, dense, csr, torch_bsr, torch_2:4, stream), or
+for a model report's "model" rows balprune / torch.
 ``selection`` is derived from the measurements (bench.run.selection): the runtime's path per row.
-A measurement's identity is (layer, batch, mode, graph, kernel); ``compare`` matches on it.
+A measurement's identity is (layer, dtype, batch, mode, graph, kernel); ``compare`` matches on it.
+A model report (``bench --model``) also has layer "model" rows (kernel "balprune" or "torch": one
+unit of work end to end) and ``meta["model"]`` (bench.model says what it holds).
 Version 1 (no "unavailable"/"selection", same measurements) is still read.
 """
 
@@ -50,8 +53,8 @@ class Measurement:
     note: str = ""
 
     @property
-    def key(self) -> tuple[str, int, str, bool, str]:
-        return (self.layer, self.batch, self.mode, self.graph, self.kernel)
+    def key(self) -> tuple[str, str, int, str, bool, str]:
+        return (self.layer, self.dtype, self.batch, self.mode, self.graph, self.kernel)
 
 
 @dataclass

@@ -185,7 +185,7 @@ def rows(report: BenchReport) -> list[dict]:
     path, the ideal time (subject bytes / read bandwidth) and speedups of subject and path."""
     out: dict[tuple, dict] = {}
     for m in report.measurements:
-        key = (m.layer, m.batch, m.mode, m.graph)
+        key = (m.layer, m.dtype, m.batch, m.mode, m.graph)
         row = out.setdefault(key, {"layer": m.layer, "shape": m.shape, "dtype": m.dtype, "batch": m.batch,
                                    "mode": m.mode, "graph": m.graph, "kernels": {}})
         row["kernels"][m.kernel] = m

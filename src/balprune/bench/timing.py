@@ -87,6 +87,40 @@ class Timer:
         return Timing(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)),
                       cp.cuda.get_elapsed_time(b0, b1) * 1e3 / iters, host_us / iters, bool(covered), len(fns))
 
+    def time_calls(self, fn, iters: int = 100, before=None, warmup: int = 3) -> Timing:
+        """Per-call device time (us) of ``fn`` (a whole model's unit of work, or a graph's replay).
+
+        ``before`` (e.g. an L2 flush) runs before each call, outside the timed interval. Queued
+        behind the spin like ``time``; a call whose host work outlasts its device work shows up as
+        ``spin_covered`` False (the figures then include host time: eager launch-bound work).
+        """
+        cp = self.cp
+        for _ in range(warmup):
+            if before is not None:
+                before()
+            fn()
+        cp.cuda.Device(self.device).synchronize()
+        starts = [cp.cuda.Event() for _ in range(iters)]
+        ends = [cp.cuda.Event() for _ in range(iters)]
+        spin_start, spin_end = cp.cuda.Event(), cp.cuda.Event()
+        spin_start.record()
+        self.spin()
+        spin_end.record()
+        t0 = time.perf_counter()
+        for i in range(iters):
+            if before is not None:
+                before()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        host_us = (time.perf_counter() - t0) * 1e6
+        ends[-1].synchronize()
+        t = np.array([cp.cuda.get_elapsed_time(s, e) for s, e in zip(starts, ends)]) * 1e3
+        # Covered: the host had queued every call before the spin ended, so no call waited for it.
+        covered = host_us < cp.cuda.get_elapsed_time(spin_start, spin_end) * 1e3
+        return Timing(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)),
+                      float(t.mean()), host_us / iters, bool(covered), 1)
+
     def graph_time(self, fns, reps: int = 20, min_launches: int = 20) -> Timing:
         """Per-launch time (us) from CUDA-graph replays of fns, repeated to >= min_launches launches.
 

@@ -25,7 +25,7 @@ from ..config import (
 )
 from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, UsageError
 from . import render
-from .options import check_output_path, parse_int_list, parse_sparsity_list, usage
+from .options import check_output_path, csv_items, parse_int_list, parse_sparsity_list, usage
 
 app = typer.Typer(
     name="balprune",
@@ -268,18 +268,51 @@ def bench(
                               help="Timed launches per measurement."),
     device: int = typer.Option(0, "--device", help="CUDA device index."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report (schema balprune.bench/2) here."),
+    model: bool = typer.Option(False, "--model",
+                               help="End to end: the whole packed model (lstm-lm, ctc-bilstm, vgg) at batch 1 against "
+                                    "dense torch, eager and CUDA graph, with each layer on its fastest path."),
+    dtype: str = typer.Option("float32,float16", "--dtype", callback=usage(lambda v: tuple(csv_items(v, "--dtype"))),
+                              help="--model: precisions to run, comma-separated (float32, float16, bfloat16)."),
+    frames: str = typer.Option("50", "--frames", callback=usage(lambda v: parse_positive_int(v, what="--frames")),
+                               help="--model, ctc-bilstm: frames per utterance."),
+    paths: str = typer.Option("auto", "--paths",
+                              help="--model: auto (fastest correct path per layer), sparse or dense."),
 ) -> None:
     """Time every pruned layer on the GPU: balprune's kernel against dense cuBLAS, cuSPARSE CSR, block-sparse
-    and 2:4 peers, and a plain read of the same bytes; the path the runtime takes per layer."""
+    and 2:4 peers, and a plain read of the same bytes; the path the runtime takes per layer. With --model:
+    the whole model end to end against dense torch."""
     from ..bench.run import bench_file, rows
 
     check_output_path(json_out)
     err = render.console(stderr=True)
+    if model:
+        _bench_model(packed, batch=batch, layer=layer, no_peers=no_peers, modes=_modes(cold, hot), iters=iters,
+                     device=device, json_out=json_out, dtypes=dtype, frames=frames, paths=paths, err=err)
+        return
     report = bench_file(packed, batches=batch, modes=_modes(cold, hot), graph=graph, iters=iters, device=device,
                         layers=tuple(layer), peers=not no_peers, progress=lambda name: err.print(f"benchmarking {name}"))
     if json_out is not None:
         report.write(json_out)
     render.console().print(render.bench_table(report, rows(report)))
+    _gate_failures(report)
+
+
+def _bench_model(packed, *, batch, layer, no_peers, modes, iters, device, json_out, dtypes, frames, paths, err):
+    from ..bench.model import bench_model
+
+    if batch != (1,) or layer or no_peers:
+        raise UsageError("--batch, --layer and --no-peers are per-layer options; --model runs the whole model at batch 1")
+    bad = [d for d in dtypes if d not in ("float32", "float16", "bfloat16")]
+    if bad or not dtypes:
+        raise UsageError(f"--dtype takes float32, float16 and/or bfloat16, got {','.join(dtypes) or 'nothing'}")
+    if paths not in ("auto", "sparse", "dense"):
+        raise UsageError(f"--paths must be auto, sparse or dense, got {paths!r}")
+    report = bench_model(packed, dtypes=dtypes, modes=modes, graph=True, iters=iters, frames=frames, device=device,
+                         paths=paths, progress=lambda what: err.print(what))
+    if json_out is not None:
+        report.write(json_out)
+    for t in render.model_tables(report):
+        render.console().print(t)
     _gate_failures(report)
 
 

@@ -80,13 +80,14 @@ def console(stderr: bool = False) -> Console:
 
 def compare_table(changes, max_slowdown: float) -> Table:
     t = Table(title=f"balprune compare (max slowdown {100 * max_slowdown:.0f}%)", title_justify="left")
-    for col, just in (("layer", "left"), ("batch", "right"), ("mode", "left"), ("graph", "left"), ("kernel", "left"),
-                      ("base us", "right"), ("new us", "right"), ("new/base", "right"), ("status", "left")):
+    for col, just in (("layer", "left"), ("dtype", "left"), ("batch", "right"), ("mode", "left"), ("graph", "left"),
+                      ("kernel", "left"), ("base us", "right"), ("new us", "right"), ("new/base", "right"),
+                      ("status", "left")):
         t.add_column(col, justify=just)
     style = {"slower": "red", "missing": "red", "incorrect": "red", "faster": "green"}
     for c in changes:
         st = style.get(c.status)
-        t.add_row(c.layer, str(c.batch), c.mode, "yes" if c.graph else "no", c.kernel,
+        t.add_row(c.layer, c.dtype, str(c.batch), c.mode, "yes" if c.graph else "no", c.kernel,
                   "-" if c.base_us is None else f"{c.base_us:.2f}", "-" if c.new_us is None else f"{c.new_us:.2f}",
                   "-" if c.ratio is None else f"{c.ratio:.3f}", f"[{st}]{c.status}[/]" if st else c.status)
     return t
@@ -159,3 +160,76 @@ def bench_table(report, rows: list[dict]) -> Table:
     t.caption = "\n".join(notes)
     t.caption_justify = "left"
     return t
+
+
+def model_tables(report) -> list[Table]:
+    """``bench --model``: the per-layer dispatch table (as the paper's VGG-16 table: dense vs
+    balprune's kernel per layer, the path taken and why) per dtype, then the end-to-end table
+    (balprune vs dense torch, eager and graph, hot and cold) beside the paper's figures."""
+    from rich import box
+
+    from ..bench.model import model_rows
+
+    meta = report.meta.get("model", {})
+    dev = report.device.get("name", "GPU")
+    tables = []
+    for dtype, dm in meta.get("dtypes", {}).items():
+        t = Table(title=f"{meta.get('architecture')} {dtype} on {dev}: per layer, one launch, CUDA graph, hot (us)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("layer", "shape", "N", "pattern", "dense", "sparse", "x dense", "path", "why"):
+            t.add_column(col, justify="left" if col in ("layer", "pattern", "path", "why", "shape") else "right",
+                         overflow="fold")
+        tot = {"dense": 0.0, "sparse": 0.0, "path": 0.0}
+        for c in dm.get("dispatch", []):
+            times = c["times_us"]
+            sp = next((times[k] for k in ("balanced", "bsr") if k in times), None)
+            d = times.get("dense")
+            path_us = times.get(c["path"])
+            for k, v in (("dense", d), ("sparse", sp if sp is not None else d), ("path", path_us)):
+                if v is not None:
+                    tot[k] += v
+            t.add_row(c["layer"], "x".join(map(str, c["shape"])), str(c["batch"]), c["pattern"],
+                      "" if d is None else f"{d:.1f}", "" if sp is None else f"{sp:.1f}",
+                      f"{d / sp:.2f}" if d and sp else "", c["path"], c["reason"])
+        t.add_section()
+        t.add_row("total", "", "", "", f"{tot['dense']:.1f}", f"{tot['sparse']:.1f}",
+                  f"{tot['dense'] / tot['sparse']:.2f}" if tot["sparse"] else "", f"{tot['path']:.1f}",
+                  f"layers on their chosen paths: {tot['dense'] / tot['path']:.2f}x dense" if tot["path"] else "")
+        tables.append(t)
+    t = Table(title=f"{meta.get('architecture')} end to end, batch 1, median us per {_unit(meta)}",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("dtype", "graph", "mode", "balprune", "p10-p90", "torch dense", "p10-p90", "x torch", "error"):
+        t.add_column(col, justify="left" if col in ("dtype", "graph", "mode") else "right")
+    for r in model_rows(report):
+        b, d = r.get("balprune"), r.get("torch")
+
+        def us(m):
+            return "" if m is None else ("failed" if not m.correct else f"{m.median_us:.1f}")
+
+        def spread(m):
+            return "" if m is None or not m.correct else f"{m.p10_us:.1f}-{m.p90_us:.1f}"
+        t.add_row(r["dtype"], "yes" if r["graph"] else "no", r["mode"], us(b), spread(b), us(d), spread(d),
+                  "" if r["speedup"] is None else f"{r['speedup']:.2f}",
+                  "" if b is None or b.max_rel_error is None else f"{b.max_rel_error:.1e}")
+    notes = []
+    paper = meta.get("paper")
+    if paper:
+        notes.append(f"paper ({paper['workload']}, its GPU): dense {paper['dense_us']:.1f} us, balanced "
+                     f"{paper['balanced_us']:.1f} us = {paper['dense_us'] / paper['balanced_us']:.2f}x")
+    if meta.get("frames"):
+        notes.append(f"one utterance = {meta['frames']} frames; per frame: divide by {meta['frames']}")
+    notes.append("x torch: torch's time over balprune's, same dtype, graph and mode; error: relative to the float32 "
+                 "reference outputs")
+    for u in getattr(report, "unavailable", []):
+        if u["layer"] == "model":
+            notes.append(f"n/a {u['kernel']}: {u['reason']}")
+    t.caption = "\n".join(notes)
+    t.caption_justify = "left"
+    tables.append(t)
+    return tables
+
+
+def _unit(meta: dict) -> str:
+    for dm in meta.get("dtypes", {}).values():
+        return dm.get("unit", "forward")
+    return "forward"

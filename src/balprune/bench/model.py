@@ -1,0 +1,196 @@
+"""``balprune bench PACKED --model``: end-to-end batch-1 latency of a packed model against dense torch.
+
+For each dtype, in one process on one GPU: balprune's model runtime (runtime.model, every layer
+on the path its dispatcher measured fastest) and the dense masked model in torch (cuBLAS/cuDNN,
+the same weights with zeros), both first checked against the float32 reference outputs
+(models.reference: a runtime outside TOLERANCE is reported and not timed), then timed per unit
+of work (lstm-lm: one token step; ctc-bilstm: one utterance; vgg: one image) eagerly and
+replayed from a CUDA graph, hot (back to back, as a server runs it) and cold (L2 flushed by a
+read of 4x its size before each unit, outside the timed interval).
+
+Report (schema balprune.bench/2, so ``compare`` works on it): one measurement per (runner,
+dtype, mode, graph) with layer "model" and kernel "balprune" or "torch"; one per layer and
+measured path (kernel "balanced" / "bsr" / "dense", hot, graph: the dispatcher's figures);
+``meta["model"]`` holds the architecture, the unit, each dtype's dispatch decisions and errors,
+and the paper's figures for the same workload.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import GpuRuntimeError
+from .report import BenchReport, Measurement
+from .run import Session
+from .timing import Timing
+
+Progress = Callable[[str], None]
+
+#: The paper's end-to-end figures (Yao et al. 2019, read from ../shared/paper-notes.md): us per unit.
+PAPER = {
+    "lstm-lm": {"workload": "PTB LSTM LM 2x1500, 80%", "dense_us": 294.1, "balanced_us": 120.2},
+    "ctc-bilstm": {"workload": "TIMIT Bi-LSTM 1024, 87.5%", "dense_us": 117.9, "balanced_us": 83.9},
+    "vgg16": {"workload": "VGG-16 ImageNet, 92%", "dense_us": 6814.0, "balanced_us": 5213.0,
+              "layers": {"classifier.0.weight": {"dense_us": 980.0, "balanced_us": 231.0}}},
+}
+_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _torch_runner(module, arch, inputs: dict, dev) -> Callable[[], torch.Tensor]:
+    """One unit of work of the dense torch model on static inputs (state carried for the LM)."""
+    if arch.kind == "lstm-lm":
+        module.lstm.flatten_parameters()
+        tok = inputs["tokens"].reshape(-1)[:1].reshape(1, 1).to(dev)
+        p = next(module.parameters())
+        h = torch.zeros(arch.layers, 1, arch.hidden, device=dev, dtype=p.dtype)
+        c = torch.zeros_like(h)
+
+        def step():
+            out, (h1, c1) = module.lstm(module.embedding(tok), (h, c))
+            logits = module.decoder(out)
+            h.copy_(h1)
+            c.copy_(c1)
+            return logits
+        return step
+    if arch.kind == "ctc-bilstm":
+        module.lstm.flatten_parameters()
+        frames = inputs["frames"].to(dev, next(module.parameters()).dtype)[:, None, :].contiguous()
+        return lambda: module(frames)
+    image = inputs["image"].to(dev, next(module.parameters()).dtype)[None].contiguous()
+    return lambda: module(image)
+
+
+def _capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    from ..runtime.model.stages import on_torch_stream_ctx
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph docs ask
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with on_torch_stream_ctx(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
+
+
+def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "float16"),
+                modes: tuple[str, ...] = ("hot", "cold"), graph: bool = True, iters: int = 100, frames: int = 50,
+                device: int = 0, paths: str = "auto", progress: Progress | None = None) -> BenchReport:
+    """Benchmark the packed model at ``path`` end to end (see module doc). NoGpuError without a GPU,
+    InvalidInputError when the file is not a built-in architecture, GpuRuntimeError on a CUDA failure."""
+    from ..formats.packed_file import read_packed
+    from ..models import detect, reference_module, reference_outputs, relative_error, sample_inputs
+    from ..models.reference import TOLERANCE
+    from ..runtime import _gpu
+    from ..runtime.model import load_model
+
+    _gpu.require_device(device)
+    pf = read_packed(path)
+    arch = detect(pf)
+    inputs = sample_inputs(arch, frames=frames)
+    say = progress or (lambda _m: None)
+    with Session(device) as s:
+        report = s.new_report(str(path))
+        dev = torch.device("cuda", device)
+        cp = s.cp
+        try:
+            say("float32 reference outputs")
+            ref_module = reference_module(pf, arch, dtype=torch.float32, device=dev)
+            ref = reference_outputs(ref_module, arch, inputs)
+            del ref_module
+            model_meta = {"architecture": arch.name, "kind": arch.kind, "frames": frames if arch.kind == "ctc-bilstm" else None,
+                          "paper": PAPER.get(arch.name), "tolerance": {d: TOLERANCE[d] for d in dtypes}, "dtypes": {}}
+            flush = s.timer.read_launch(4 * s.timer.info.l2_bytes)
+            for dtype in dtypes:
+                say(f"{dtype}: building the runtime (measuring each layer's paths)")
+                rt = load_model(path, dtype=dtype, device=device, paths=paths, frames=frames, progress=say)
+                unit = rt.unit
+                tm = reference_module(pf, arch, dtype={"float32": torch.float32, "float16": torch.float16,
+                                                       "bfloat16": torch.bfloat16}[dtype], device=dev)
+                errors = {"balprune": relative_error(rt.forward(inputs), ref),
+                          "torch": relative_error(reference_outputs(tm, arch, inputs), ref)}
+                rt.load_inputs(inputs)
+                runners = {"balprune": rt.run, "torch": _torch_runner(tm, arch, inputs, dev)}
+                meta = {"unit": unit, "dispatch": rt.describe(), "max_rel_error": errors,
+                        "weight_bytes": {"balprune": rt.weight_bytes,
+                                         "torch": sum(p.numel() * p.element_size() for p in tm.parameters())},
+                        "paths": {c.layer: c.path for c in rt.choices}}
+                model_meta["dtypes"][dtype] = meta
+                for c in rt.choices:
+                    for kernel, us in c.times_us.items():
+                        nb = c.bytes[kernel]
+                        gbps = nb / (us * 1e-6) / 1e9
+                        report.measurements.append(Measurement(
+                            c.layer, c.shape, _CODE[dtype], c.batch, "hot", True, kernel, us, us, us, nb, gbps,
+                            100.0 * gbps / s.bandwidth, c.errors.get(kernel), True,
+                            f"dispatch: {c.path} ({c.reason})" if kernel == c.path else ""))
+                    for kernel, why in c.unavailable.items():
+                        report.unavailable.append({"layer": c.layer, "batch": c.batch, "kernel": kernel, "reason": why})
+                for runner, fn in runners.items():
+                    nbytes = meta["weight_bytes"][runner]
+                    if not errors[runner] <= TOLERANCE[dtype]:
+                        report.measurements.append(Measurement(
+                            "model", (1, 1), _CODE[dtype], 1, modes[0], False, runner, math.nan, math.nan, math.nan,
+                            nbytes, 0.0, 0.0, errors[runner], False,
+                            f"relative error {errors[runner]:.2e} > tolerance {TOLERANCE[dtype]:.0e}; not timed"))
+                        continue
+                    say(f"{dtype}: timing {runner}")
+                    timed: list[tuple[bool, Callable[[], object]]] = [(False, fn)]
+                    if graph:
+                        try:
+                            if runner == "balprune":
+                                g = rt.capture()
+                                rt.load_inputs(inputs)
+                            else:
+                                g = _capture(fn)
+                            timed.append((True, g.replay))
+                        except RuntimeError as exc:  # a library that cannot be captured: say so
+                            report.unavailable.append({"layer": "model", "batch": 1, "kernel": f"{runner} (graph)",
+                                                       "reason": f"{dtype}: {str(exc).splitlines()[0]}"})
+                    n = iters if arch.kind == "lstm-lm" else max(10, iters // 5)
+                    for is_graph, f in timed:
+                        for mode in modes:
+                            t: Timing = s.timer.time_calls(f, iters=n, before=flush if mode == "cold" else None)
+                            gbps = nbytes / (t.median_us * 1e-6) / 1e9
+                            note = unit if t.spin_covered else f"{unit}; host fell behind the GPU"
+                            report.measurements.append(Measurement(
+                                "model", (1, 1), _CODE[dtype], 1, mode, is_graph, runner, t.median_us, t.p10_us,
+                                t.p90_us, int(nbytes), gbps, 100.0 * gbps / s.bandwidth, errors[runner], True, note))
+                del rt, tm, runners
+                cp.get_default_memory_pool().free_all_blocks()
+                torch.cuda.empty_cache()
+            report.meta["model"] = model_meta
+        except (cp.cuda.memory.OutOfMemoryError, cp.cuda.runtime.CUDARuntimeError,
+                cp.cuda.driver.CUDADriverError, torch.OutOfMemoryError) as exc:
+            cp.get_default_memory_pool().free_all_blocks()
+            raise GpuRuntimeError(f"model {arch.name}: {type(exc).__name__}: {exc}") from None
+    return report
+
+
+def model_rows(report: BenchReport) -> list[dict]:
+    """End-to-end rows: one per (dtype, mode, graph) with balprune's and torch's medians and the speedup."""
+    by: dict[tuple, dict] = {}
+    for m in report.measurements:
+        if m.layer != "model":
+            continue
+        row = by.setdefault((m.dtype, m.mode, m.graph), {"dtype": m.dtype, "mode": m.mode, "graph": m.graph})
+        row[m.kernel] = m
+    out = []
+    for row in by.values():
+        b, t = row.get("balprune"), row.get("torch")
+        ok = b is not None and t is not None and b.correct and t.correct
+        row["speedup"] = t.median_us / b.median_us if ok else None
+        out.append(row)
+    order = {"F32": 0, "F16": 1, "BF16": 2}
+    return sorted(out, key=lambda r: (order.get(r["dtype"], 9), r["graph"], r["mode"] != "hot"))
+
+
+__all__ = ["PAPER", "bench_model", "model_rows"]

@@ -1,0 +1,138 @@
+"""What every packed-model runtime shares: the dtype and device, the dispatch record, one forward
+on static buffers (``run``), and its CUDA graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ...errors import UsageError
+from .._linear import TORCH_OF
+from .stages import (
+    Choice,
+    CupyViews,
+    ModelKernels,
+    Projection,
+    cupy_on_torch_stream,
+    dispatch,
+    on_torch_stream_ctx,
+    ptr,
+)
+
+Progress = Callable[[str], None]
+
+
+class PackedModel:
+    """Base of the model runtimes. A subclass builds its buffers and Projections in ``__init__``
+    (calling ``_dispatch`` on each with sample data in its input buffer), and implements:
+
+    - ``load_inputs(inputs)``: copy one request (the dict of models.reference.sample_inputs) into
+      the static input buffers and reset any state;
+    - ``run()``: one unit of work on the static buffers, on torch's current stream, with no host
+      synchronisation and no allocation by balprune (so it can be captured in a CUDA graph):
+      lstm-lm one token step, ctc-bilstm one utterance, vgg one image;
+    - ``forward(inputs) -> torch.Tensor``: the whole request as models.reference.reference_outputs
+      computes it (float32, on the CPU), for correctness checks.
+    """
+
+    unit = "forward"  # what one run() is, for reports
+
+    def __init__(self, arch, *, dtype: str, device: int, paths: str, measure: bool, progress: Progress | None) -> None:
+        from .. import _gpu
+
+        if dtype not in TORCH_OF:
+            raise UsageError(f"dtype must be one of {', '.join(TORCH_OF)}, got {dtype!r}")
+        if paths not in ("auto", "sparse", "dense"):
+            raise UsageError(f"paths must be 'auto', 'sparse' or 'dense', got {paths!r}")
+        self.device = _gpu.require_device(device)
+        torch.cuda.set_device(self.device)
+        self.arch, self.dtype, self.paths, self.measure = arch, dtype, paths, measure
+        self.tdt = TORCH_OF[dtype]
+        self.dev = torch.device("cuda", self.device)
+        self.kernels = ModelKernels(dtype, self.device)
+        self.views = CupyViews()
+        self.choices: list[Choice] = []
+        self._progress = progress
+        self._held: list[torch.Tensor] = []  # every buffer a bound launch holds a raw pointer to
+        self._gen = torch.Generator(device=self.dev).manual_seed(0)
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def _random_(self, t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Fill ``t`` with N(0, scale^2) sample data (dispatch inputs), in place."""
+        t.copy_(torch.randn(t.shape, generator=self._gen, device=self.dev) * scale)
+        return t
+
+    def _ptr(self, t: torch.Tensor | None, offset_elems: int = 0):
+        """``stages.ptr`` for a bound launch, keeping ``t`` alive as long as the model: a raw pointer
+        does not own its memory, and a freed buffer is soon another tensor's."""
+        if t is not None:
+            self._held.append(t)
+        return ptr(t, offset_elems)
+
+    def _projection(self, name: str, dense: torch.Tensor, x: torch.Tensor, y: torch.Tensor, packed, *,
+                    bias=None, relu: bool = False, pattern: str | None = None, sparse=None) -> Projection:
+        """A Projection of ``dense`` on buffers x -> y whose sparse path is balprune's kernel for
+        ``packed`` (or ``sparse``, a prebuilt (path, operator), when given)."""
+        from .stages import sparse_operator
+
+        if sparse is not None:
+            reason = ""
+        else:
+            path, op = sparse_operator(packed, self.dtype, self.device, name)
+            sparse, reason = ((path, op), "") if path is not None else (None, op)
+        return Projection(name, dense.to(self.dev, self.tdt).contiguous(), x, y, dtype=self.dtype,
+                          kernels=self.kernels, views=self.views, sparse=sparse, sparse_reason=reason,
+                          pattern=pattern or getattr(packed, "pattern", "dense"), bias=bias, relu=relu)
+
+    def _dispatch(self, stage) -> Choice:
+        if self._progress:
+            self._progress(f"dispatching {stage.name}")
+        choice = dispatch(stage, self.paths, self.measure)
+        self.choices.append(choice)
+        return choice
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _launch_all(launches) -> None:
+        with cupy_on_torch_stream():
+            for f in launches:
+                f()
+
+    def run(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights the bound paths read per run (each matrix once)."""
+        return sum(c.bytes[c.path] for c in self.choices)
+
+    def capture(self) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of one ``run()`` (replay it after ``load_inputs``; state advances per replay)."""
+        for _ in range(2):  # warm-up outside the capture
+            self.run()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with on_torch_stream_ctx(g):
+            self.run()
+        torch.cuda.synchronize()
+        return g
+
+    def describe(self) -> list[dict]:
+        return [c.to_dict() for c in self.choices]
+
+
+def load_packed(pf, name: str):
+    """The packed object of state-dict tensor ``name`` (following a tied-weight alias to its entry)."""
+    from ...models.arch import stored_name
+
+    return pf.load(stored_name(pf, name))
+
+
+def load_dense(pf, name: str) -> torch.Tensor:
+    """The dense (masked) tensor of state-dict tensor ``name`` (following a tied-weight alias)."""
+    from ...models.arch import stored_name
+
+    return pf.dense(stored_name(pf, name))

@@ -1,0 +1,228 @@
+"""LSTM runtimes: the language model's token step and the Bi-LSTM acoustic model's utterance.
+
+Gates: torch's order (i, f, g, o); the cell (kernels/model_ops.cu lstm_cell) adds the biases,
+applies the nonlinearities, keeps c in float32 and writes h where the next launch reads it, so a
+layer is one matrix product plus one element-wise launch.
+
+Language model (one token step, batch 1): each layer multiplies one buffer xh = [x | 0 | h] by
+W_ih and W_hh fused into one balanced matrix [4H, B_ih*L + H] when both have the same block
+length and keep count (block j of the fused row is block j of W_ih for j < B_ih, else block
+j - B_ih of W_hh; x's padding columns hold zeros): one launch instead of two, and a wider row
+(more blocks per lane group) for the kernel. The cell writes h into this layer's xh (for the
+next step) and into the next layer's (or the decoder's) input.
+
+Bi-LSTM (one utterance of T frames, batch 1): per layer and direction, W_ih multiplies all T
+frames at once (one SpMM over [in, T]); then T steps of W_hh h (SpMV) and the cell, which
+writes h into column t of the layer's [2H, T] output. The two directions are independent: the
+reverse chain runs on a second stream (forked and joined per layer, also inside a graph).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...errors import UsageError
+from .base import PackedModel, load_dense, load_packed
+
+
+def _fused_gates(ih, hh):
+    """(values, indices, cols, block_length, h offset) of [W_ih | 0 | W_hh] as one balanced matrix,
+    or None when the two are not both balanced with one block length and keep count."""
+    from ...formats.balanced import BalancedTensor
+
+    if not (isinstance(ih, BalancedTensor) and isinstance(hh, BalancedTensor)):
+        return None
+    gi, gh = ih.geometry, hh.geometry
+    if (gi.block_length, gi.keep, gi.rows) != (gh.block_length, gh.keep, gh.rows) or ih.indices.dtype != hh.indices.dtype:
+        return None
+    off_h = gi.blocks * gi.block_length
+    return (torch.cat([ih.values, hh.values], dim=2).contiguous(), torch.cat([ih.indices, hh.indices], dim=2).contiguous(),
+            off_h + gh.cols, gi.block_length, off_h)
+
+
+def _bias(pf, a: str | None, b: str | None):
+    parts = [load_dense(pf, n).float() for n in (a, b) if n is not None]
+    return sum(parts) if parts else None
+
+
+def _matrix(packed) -> torch.Tensor:
+    from ...formats.base import as_matrix
+
+    return as_matrix(packed if isinstance(packed, torch.Tensor) else packed.to_dense())
+
+
+class PackedLstmLm(PackedModel):
+    """The LSTM language model, one token step per ``run()`` (state carried between steps)."""
+
+    unit = "token step"
+
+    def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
+                 measure: bool = True, progress=None) -> None:
+        from ..balanced import BalancedLinear
+
+        super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
+        dev, tdt, K = self.dev, self.tdt, self.kernels
+        self.token = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.table = load_dense(pf, arch.embedding).to(dev, tdt).contiguous()
+        vocab, dim = (int(d) for d in self.table.shape)
+        self.xh: list[torch.Tensor] = []
+        self.cells: list[torch.Tensor] = []
+        self._launches = []
+        layers = []
+        for cell in arch.cells:
+            H = cell.hidden
+            ih, hh = load_packed(pf, cell.weight_ih), load_packed(pf, cell.weight_hh)
+            fused = _fused_gates(ih, hh)
+            off_h = fused[4] if fused is not None else cell.input_size
+            xh = torch.zeros(off_h + H, dtype=tdt, device=dev)
+            gates = torch.empty(4 * H, dtype=tdt, device=dev)
+            c = torch.zeros(H, dtype=torch.float32, device=dev)
+            bias = _bias(pf, cell.bias_ih, cell.bias_hh)
+            bias32 = None if bias is None else bias.to(dev, torch.float32).contiguous()
+            x_part, h_part = xh[:cell.input_size], xh[off_h:]
+            self._random_(x_part)
+            self._random_(h_part)
+            w_ih, w_hh = _matrix(ih), _matrix(hh)
+            if fused is not None:
+                values, indices, cols, L, _ = fused
+                dense = torch.zeros(4 * H, cols, dtype=torch.float32)
+                dense[:, :cell.input_size] = w_ih
+                dense[:, off_h:] = w_hh
+                name = f"{cell.weight_ih}+{cell.weight_hh}"
+                op = BalancedLinear(values.to(tdt), indices, cols=cols, block_length=L, device=self.device, name=name)
+                projs = [self._projection(name, dense, xh, gates, None, pattern="balanced", sparse=("balanced", op))]
+                gh = None
+            else:
+                gh = torch.empty(4 * H, dtype=tdt, device=dev)
+                projs = [self._projection(cell.weight_ih, w_ih, x_part, gates, ih),
+                         self._projection(cell.weight_hh, w_hh, h_part, gh, hh)]
+            for p in projs:
+                self._dispatch(p)
+            layers.append((H, off_h, xh, gates, gh, c, bias32, projs))
+            self.xh.append(xh)
+            self.cells.append(c)
+        dec = arch.fcs[0]
+        off_l, xh_l = layers[-1][1], layers[-1][2]
+        self.logits = torch.empty(dec.out_features, dtype=tdt, device=dev)
+        dec_packed = load_packed(pf, dec.weight)
+        self.decoder = self._projection(dec.weight, _matrix(dec_packed), xh_l[off_l:], self.logits, dec_packed,
+                                        bias=None if dec.bias is None else load_dense(pf, dec.bias))
+        self._dispatch(self.decoder)
+        # The step's launches, in order: embedding -> (projection(s), cell) per layer -> decoder.
+        self._launches.append(K.bound("embedding_row", dim, (self._ptr(self.token), self._ptr(self.table), np.int64(vocab),
+                                                             np.int32(dim), self._ptr(self.xh[0]))))
+        for li, (H, off_h, xh, gates, gh, c, bias32, projs) in enumerate(layers):
+            nxt = self.xh[li + 1] if li + 1 < len(layers) else None
+            self._launches.extend(p.launch for p in projs)
+            self._launches.append(K.bound("lstm_cell", H, (
+                self._ptr(gates), np.int64(1), self._ptr(gh), self._ptr(bias32), self._ptr(c), self._ptr(xh, off_h), self._ptr(nxt), np.int64(1),
+                np.int32(H))))
+        self._launches.append(self.decoder.launch)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero state: h (in every xh) and c."""
+        for t in self.xh + self.cells:
+            t.zero_()
+
+    def load_inputs(self, inputs: dict) -> None:
+        """Reset the state and load the first token of ``inputs["tokens"]`` (run() = its step)."""
+        self.reset()
+        self.token.copy_(torch.as_tensor(inputs["tokens"]).reshape(-1)[:1].to(self.dev))
+
+    def run(self) -> None:
+        self._launch_all(self._launches)
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """Logits of each token of ``inputs["tokens"]`` [steps], one step at a time from a zero state: [steps, vocab]."""
+        tokens = torch.as_tensor(inputs["tokens"]).reshape(-1)
+        self.reset()
+        out = []
+        for t in tokens.tolist():
+            self.token.fill_(int(t))
+            self.run()
+            out.append(self.logits.float().cpu())
+        return torch.stack(out)
+
+
+class PackedBiLstm(PackedModel):
+    """The Bi-LSTM acoustic model, one utterance of ``frames`` frames per ``run()``."""
+
+    unit = "utterance"
+
+    def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
+                 measure: bool = True, frames: int = 50, progress=None) -> None:
+        super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise UsageError(f"frames must be a positive int, got {frames!r}")
+        dev, tdt, K, T = self.dev, self.tdt, self.kernels, frames
+        self.frames = T
+        self.x0 = self._random_(torch.empty(arch.features, T, dtype=tdt, device=dev))
+        self._side = torch.cuda.Stream(device=dev)
+        self._layers = []  # per layer: (output [2H, T], [forward launches, reverse launches])
+        self._zero = []
+        x = self.x0
+        for layer in range(arch.layers):
+            cells = [c for c in arch.cells if c.layer == layer]
+            H = cells[0].hidden
+            y = torch.zeros(2 * H, T, dtype=tdt, device=dev)
+            chains = []
+            for cell in sorted(cells, key=lambda c: c.reverse):
+                d = 1 if cell.reverse else 0
+                ih, hh = load_packed(pf, cell.weight_ih), load_packed(pf, cell.weight_hh)
+                gx = torch.empty(4 * H, T, dtype=tdt, device=dev)
+                gh = torch.empty(4 * H, dtype=tdt, device=dev)
+                h = self._random_(torch.empty(H, dtype=tdt, device=dev))
+                c = torch.zeros(H, dtype=torch.float32, device=dev)
+                bias = _bias(pf, cell.bias_ih, cell.bias_hh)
+                bias32 = None if bias is None else bias.to(dev, torch.float32).contiguous()
+                if layer > 0:
+                    self._random_(x)  # sample data for the gate (run() overwrites it)
+                p_ih = self._projection(cell.weight_ih, _matrix(ih), x, gx, ih)
+                p_hh = self._projection(cell.weight_hh, _matrix(hh), h, gh, hh)
+                self._dispatch(p_ih)
+                self._dispatch(p_hh)
+                self._zero.append(c)
+                launches = [p_ih.launch, c.zero_]
+                for s in range(T):
+                    t = T - 1 - s if cell.reverse else s
+                    if s > 0:  # h0 = 0: the first step has no recurrent term
+                        launches.append(p_hh.launch)
+                    launches.append(K.bound("lstm_cell", H, (
+                        self._ptr(gx, t), np.int64(T), self._ptr(gh) if s > 0 else np.uint64(0), self._ptr(bias32), self._ptr(c), self._ptr(h),
+                        self._ptr(y, d * H * T + t), np.int64(T), np.int32(H))))
+                chains.append(launches)
+            self._layers.append((y, chains))
+            x = y
+        cls = arch.fcs[0]
+        self.out = torch.empty(cls.out_features, T, dtype=tdt, device=dev)
+        cls_packed = load_packed(pf, cls.weight)
+        self.classifier = self._projection(cls.weight, _matrix(cls_packed), x, self.out, cls_packed,
+                                           bias=None if cls.bias is None else load_dense(pf, cls.bias))
+        self._dispatch(self.classifier)
+
+    def load_inputs(self, inputs: dict) -> None:
+        f = torch.as_tensor(inputs["frames"])
+        if tuple(f.shape) != (self.frames, self.arch.features):
+            raise UsageError(f"frames must be [{self.frames}, {self.arch.features}] (the runtime is built for "
+                             f"{self.frames} frames), got {list(f.shape)}")
+        self.x0.copy_(f.to(self.dev, self.tdt).t())
+
+    def run(self) -> None:
+        cur = torch.cuda.current_stream()
+        for _, chains in self._layers:
+            fwd, rev = chains[0], chains[1:]
+            for chain in rev:
+                self._side.wait_stream(cur)
+                with torch.cuda.stream(self._side):
+                    self._launch_all(chain)
+            self._launch_all(fwd)
+            cur.wait_stream(self._side)
+        self._launch_all([self.classifier.launch])
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """[frames, labels] float32 on the CPU."""
+        self.load_inputs(inputs)
+        self.run()
+        return self.out.float().t().cpu()

@@ -1,0 +1,373 @@
+"""The pieces every packed-model runtime is built from: the element-wise kernels, one matrix
+product with its candidate paths, and the dispatcher that measures them and keeps the fastest correct.
+
+Data flow of a build: the model class (lstm.py, vgg.py) reads its weights from the packed file,
+makes one Projection per matrix product on buffers it owns, and calls ``dispatch`` on each with
+a sample input already in place; ``dispatch`` gates every path against a float32 torch product
+of the same (rounded) operands, times the correct ones on this GPU, and binds the fastest. The
+model then runs only bound launches: no checks, no allocation, no host work beyond the launch
+calls, so one forward can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...errors import GpuRuntimeError, UsageError
+from .._linear import STORAGE, TORCH_OF
+
+#: Paths a Projection can take. balanced / bsr: balprune's kernels for the layer's pattern;
+#: dense: the same masked matrix through cuBLAS (torch), tensor cores where cuBLAS uses them.
+PATHS = ("balanced", "bsr", "dense")
+#: Relative error (float64 norms) a path may show against the float32 product of the same rounded
+#: operands before it is timed: accumulation order and the one final rounding to the dtype.
+LAYER_GATE = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+_MODEL_KERNELS = ("lstm_cell", "embedding_row", "bias_act", "bias_relu_pool2", "im2col")
+_THREADS = 256
+
+
+def ptr(t: torch.Tensor | None, offset_elems: int = 0) -> np.uint64:
+    """A device pointer as a kernel argument (null for None): no conversion object per launch."""
+    if t is None:
+        return np.uint64(0)
+    return np.uint64(t.data_ptr() + offset_elems * t.element_size())
+
+
+class ModelKernels:
+    """kernels/model_ops.cu built for one value dtype on one device; ``launch`` queues one on the current stream."""
+
+    def __init__(self, dtype: str, device: int) -> None:
+        from ..kernels import load_module
+
+        tname = STORAGE[dtype][1]
+        names = {k: f"bp::{k}<{tname}>" for k in _MODEL_KERNELS}
+        mod = load_module("model_ops.cu", tuple(names.values()), device=device)
+        self.fn = {k: mod.get_function(n) for k, n in names.items()}
+
+    def bound(self, name: str, n: int, args: tuple) -> Callable[[], None]:
+        """A zero-argument launch of kernel ``name`` over ``n`` threads' worth of outputs."""
+        k = self.fn[name]
+        grid = (max(1, -(-int(n) // _THREADS)),)
+        return lambda: k(grid, (_THREADS,), args)
+
+
+class CupyViews:
+    """CuPy views of torch tensors, made once per (pointer, shape, dtype): the sparse kernels take
+    CuPy arrays, and a DLPack round trip per launch would cost more host time than the launch."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self._views: dict[tuple, object] = {}
+        self._limit = limit
+
+    def __call__(self, t: torch.Tensor):
+        import cupy as cp
+
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        v = self._views.get(key)
+        if v is None:
+            if len(self._views) >= self._limit:
+                self._views.pop(next(iter(self._views)))
+            v = cp.from_dlpack(t.view(torch.int16)).view(cp.uint16) if t.dtype == torch.bfloat16 else cp.from_dlpack(t)
+            self._views[key] = v
+        return v
+
+
+@dataclass
+class Choice:
+    """What the dispatcher measured for one matrix product and which path it bound."""
+
+    layer: str
+    shape: tuple[int, int]
+    batch: int
+    pattern: str
+    path: str
+    reason: str
+    times_us: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    variants: dict[str, str] = field(default_factory=dict)  # path -> the launch variant measured fastest
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "shape": list(self.shape), "batch": self.batch, "pattern": self.pattern,
+                "path": self.path, "reason": self.reason, "times_us": dict(self.times_us),
+                "bytes": dict(self.bytes), "errors": dict(self.errors), "unavailable": dict(self.unavailable),
+                "variants": dict(self.variants)}
+
+
+def sparse_operator(packed, dtype: str, device: int, name: str):
+    """balprune's operator for a packed matrix in ``dtype`` (values cast; mask and indices as stored),
+    as (path, operator), or (None, reason) when its pattern has no kernel."""
+    from ...formats.balanced import BalancedTensor
+    from ...formats.bsr import BsrTensor
+    from ..balanced import BalancedLinear
+    from ..bsr import BsrLinear
+
+    tdt = TORCH_OF[dtype]
+    if isinstance(packed, BalancedTensor):
+        g = packed.geometry
+        return "balanced", BalancedLinear(packed.values.to(tdt), packed.indices, cols=g.cols,
+                                          block_length=g.block_length, device=device, name=name)
+    if isinstance(packed, BsrTensor):
+        return "bsr", BsrLinear(packed.crow_indices, packed.col_indices, packed.values.to(tdt), rows=packed.rows,
+                                cols=packed.cols, device=device, name=name)
+    if isinstance(packed, torch.Tensor):
+        return None, "stored dense (not pruned)"
+    return None, f"no kernel for the {getattr(packed, 'pattern', type(packed).__name__)} pattern"
+
+
+def launch_variants(op, batch: int) -> dict[str, object]:
+    """Launch settings of one sparse operator worth measuring for ``batch`` columns: {label: operator}.
+
+    The kernels' defaults were tuned on large cold matrices (16384 x 8192); a model's layers are
+    smaller and often L2-resident, where a smaller CTA or the non-pipelined batch-1 kernel can
+    start and drain faster. Variants share the operator's device arrays (shallow copies with
+    their own launch-config cache); the dispatcher keeps the fastest. "" is the default.
+    """
+    import copy
+
+    from ..balanced import BalancedLinear
+
+    out = {"": op}
+    if not isinstance(op, BalancedLinear):
+        return out
+    for threads in (1024, 512, 256):
+        for pipeline in (("auto", False) if batch == 1 and op.dtype != "float32" else ("auto",)):
+            if threads == op.threads and pipeline == op.pipeline:
+                continue
+            v = copy.copy(op)
+            v.threads, v.pipeline, v._configs = threads, pipeline, {}
+            out[f"threads={threads}" + (", no pipeline" if pipeline is False else "")] = v
+    return out
+
+
+class Projection:
+    """y = act(W x + b) on fixed buffers: x [cols] or [cols, N], y [rows] or [rows, N] (torch, C-contiguous).
+
+    ``dense``: W as a [rows, cols] torch matrix in the model dtype on the device (the masked
+    weights: the dense path, and the reference of the gate). ``sparse``: (path, operator) from
+    sparse_operator, or None. ``bias``: [rows] float32 or None, added per row (every column);
+    ``relu``: clamp at 0 after it. After ``dispatch``, ``launch()`` runs the bound path on the
+    current stream.
+    """
+
+    def __init__(self, name: str, dense: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, dtype: str,
+                 kernels: ModelKernels, views: CupyViews, pattern: str, sparse=None, sparse_reason: str = "",
+                 bias: torch.Tensor | None = None, relu: bool = False) -> None:
+        self.name, self.dense, self.x, self.y = name, dense, x, y
+        self.dtype, self.kernels, self.views, self.pattern = dtype, kernels, views, pattern
+        self.rows, self.cols = int(dense.shape[0]), int(dense.shape[1])
+        self.batch = 1 if x.dim() == 1 else int(x.shape[1])
+        if int(x.shape[0]) != self.cols or int(y.shape[0]) != self.rows:
+            raise UsageError(f"{name}: buffers {list(x.shape)} -> {list(y.shape)} do not fit W [{self.rows}, {self.cols}]")
+        self.sparse = sparse  # (path, operator) or None
+        self.sparse_reason = sparse_reason
+        self.bias32 = None if bias is None else bias.to(device=dense.device, dtype=torch.float32).contiguous()
+        self.bias_t = None if bias is None else bias.to(device=dense.device, dtype=dense.dtype).contiguous()
+        self.relu = relu
+        self.choice: Choice | None = None
+        self._bound: Callable[[], None] | None = None
+
+    # -- the candidate launches -------------------------------------------------------------------
+
+    def _dense_launch(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+        W, b, relu = self.dense, self.bias_t, self.relu
+
+        def run() -> torch.Tensor:
+            if x.dim() == 1:
+                torch.mv(W, x, out=y) if b is None else torch.addmv(b, W, x, out=y)
+            else:
+                torch.mm(W, x, out=y) if b is None else torch.addmm(b[:, None], W, x, out=y)
+            if relu:
+                y.relu_()
+            return y
+        return run
+
+    def _sparse_launch(self, x: torch.Tensor, y: torch.Tensor, o=None) -> Callable[[], torch.Tensor]:
+        o = self.sparse[1] if o is None else o
+        spmv = o.prepared_launch(self.views(x), self.views(y), self.batch)
+        n = y.numel()
+        post = None if self.bias32 is None and not self.relu else self.kernels.bound(
+            "bias_act", n, (ptr(y), ptr(self.bias32), np.int64(n), np.int64(self.batch), np.int32(1 if self.relu else 0)))
+
+        def run() -> torch.Tensor:
+            spmv()
+            if post is not None:
+                post()
+            return y
+        return run
+
+    def candidates(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict[str, Callable[[], torch.Tensor]]:
+        """{path: a zero-argument launch returning the output buffer} for every path this layer has."""
+        x = self.x if x is None else x
+        y = self.y if y is None else y
+        out = {"dense": self._dense_launch(x, y)}
+        if self.sparse is not None:
+            for label, o in launch_variants(self.sparse[1], self.batch).items():
+                out[self.sparse[0] + (f" ({label})" if label else "")] = self._sparse_launch(x, y, o)
+        return out
+
+    def bytes_of(self, path: str) -> int:
+        path = path.split(" (")[0]
+        if path == "dense":
+            return int(self.dense.numel() * self.dense.element_size())
+        return int(self.sparse[1].weight_bytes)
+
+    def reference(self) -> torch.Tensor:
+        """float32 W x + b (+ReLU) of the rounded operands now in the buffers."""
+        r = self.dense.float() @ self.x.float()
+        if self.bias32 is not None:
+            r = r + (self.bias32 if r.dim() == 1 else self.bias32[:, None])
+        return r.relu() if self.relu else r
+
+    # -- binding ----------------------------------------------------------------------------------
+
+    def bind(self, key: str) -> None:
+        """Bind the launch of candidate ``key`` (a path, or "path (variant)")."""
+        self._bound = self.candidates()[key]
+
+    def launch(self) -> None:
+        self._bound()
+
+
+def measure_us(fn: Callable[[], None], reps: int = 20, trials: int = 3) -> float:
+    """Device time (us) of one call of ``fn``: ``reps`` calls captured in a CUDA graph, replayed
+    ``trials`` times, best per-call mean (hot: what the layer costs inside a captured model).
+    Falls back to back-to-back eager calls when the work cannot be captured."""
+    for _ in range(3):  # warm-up outside the capture (library handles, workspaces, kernel loads)
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with on_torch_stream_ctx(g):
+            for _ in range(reps):
+                fn()
+        replay = g.replay
+    except RuntimeError:
+        torch.cuda.synchronize()
+
+        def replay():
+            for _ in range(reps):
+                fn()
+    best = math.inf
+    for _ in range(trials + 1):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        replay()
+        e1.record()
+        e1.synchronize()
+        best = min(best, e0.elapsed_time(e1) * 1e3 / reps)
+    return best
+
+
+class on_torch_stream_ctx:
+    """``torch.cuda.graph(g)`` that also points CuPy at the capturing stream, so balprune's kernels
+    and torch's ops land in one graph in issue order."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
+        self._g = torch.cuda.graph(graph)
+        self._cp_stream = None
+
+    def __enter__(self):
+        import cupy as cp
+
+        self._g.__enter__()
+        self._cp_stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        self._cp_stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._cp_stream.__exit__(*exc)
+        return self._g.__exit__(*exc)
+
+
+def cupy_on_torch_stream():
+    """A CuPy stream context for torch's current stream (enter it around launches of our kernels)."""
+    import cupy as cp
+
+    return cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y64, r64 = y.double().reshape(ref.shape), ref.double()
+    if not bool(torch.isfinite(y64).all()):
+        return math.inf
+    return float(torch.linalg.norm(y64 - r64) / max(float(torch.linalg.norm(r64)), 1e-300))
+
+
+def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Choice:
+    """Gate, time and bind ``proj``'s paths with the data now in its x buffer (see module doc).
+
+    ``proj`` is a Projection or any stage with the same surface: name, rows, cols, batch, pattern,
+    dtype, sparse ((path, operator) or None), sparse_reason, candidates(), reference(), bytes_of(),
+    bind(path), and a ``choice`` attribute that receives the result.
+
+    ``paths``: "auto" (fastest correct), "sparse" (balprune's kernel where the layer has one,
+    else dense) or "dense". Without ``measure`` the forced path is bound untimed.
+    """
+    if paths not in ("auto", "sparse", "dense"):
+        raise UsageError(f"paths must be 'auto', 'sparse' or 'dense', got {paths!r}")
+    ref = proj.reference()
+    cands = proj.candidates()  # keys: a path, or "path (variant)"
+    choice = Choice(proj.name, (proj.rows, proj.cols), proj.batch, proj.pattern, "", "")
+    if proj.sparse is None:
+        choice.unavailable["sparse"] = proj.sparse_reason
+    errors: dict[str, float] = {}
+    for key, fn in cands.items():
+        with cupy_on_torch_stream():
+            out = fn()
+        errors[key] = rel_error(out, ref)
+    gate = LAYER_GATE[proj.dtype]
+    correct = [k for k in cands if errors[k] <= gate]
+    for k in cands:
+        path = k.split(" (")[0]
+        choice.errors[path] = max(choice.errors.get(path, 0.0), errors[k])
+        choice.bytes[path] = proj.bytes_of(path)
+        if k not in correct:
+            choice.unavailable[k] = f"failed the correctness gate (relative error {errors[k]:.2e} > {gate:.0e})"
+    if not correct:
+        raise GpuRuntimeError(f"{proj.name}: no path passed the correctness gate (relative errors "
+                              f"{', '.join(f'{p} {e:.2e}' for p, e in errors.items())}; bound {gate:.0e})")
+    times: dict[str, float] = {}
+    if measure:
+        for k in correct:
+            with cupy_on_torch_stream():
+                times[k] = measure_us(cands[k])
+    best_key: dict[str, str] = {}  # path -> its fastest correct variant
+    for k in correct:
+        path = k.split(" (")[0]
+        if path not in best_key or (measure and times[k] < times[best_key[path]]):
+            best_key[path] = k
+    choice.times_us = {p: times[k] for p, k in best_key.items()} if measure else {}
+    choice.variants = {p: k for p, k in best_key.items()}
+    sparse_path = proj.sparse[0] if proj.sparse is not None and proj.sparse[0] in best_key else None
+    if paths == "dense" or (paths == "sparse" and sparse_path is None):
+        choice.path = "dense"
+        choice.reason = "forced dense" if paths == "dense" else (choice.unavailable.get("sparse") or
+                                                                  "the sparse kernel failed its gate")
+    elif paths == "sparse":
+        choice.path, choice.reason = sparse_path, "forced sparse"
+    elif not measure:
+        choice.path = sparse_path or "dense"
+        choice.reason = "untimed: sparse where available"
+    else:
+        choice.path = min(choice.times_us, key=choice.times_us.get)
+        others = [p for p in choice.times_us if p != choice.path]
+        if others:
+            o = others[0]
+            choice.reason = (f"{choice.path} {choice.times_us[choice.path]:.1f} us vs {o} {choice.times_us[o]:.1f} us "
+                             f"({choice.times_us[o] / choice.times_us[choice.path]:.2f}x)")
+        else:
+            choice.reason = choice.unavailable.get("sparse") or "the only correct path"
+    variant = best_key[choice.path]
+    if variant != choice.path:
+        choice.reason += f"; launch {variant[len(choice.path) + 2:-1]}"
+    proj.choice = choice
+    proj.bind(variant)
+    return choice
