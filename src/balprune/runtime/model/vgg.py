@@ -111,8 +111,8 @@ class ConvStage:
         return {p: (lambda f=f: f(self.x)) for p, f in fns.items()}
 
     def reference(self) -> torch.Tensor:
-        b = None if self.bias32 is None else self.bias32
-        y = torch.relu(F.conv2d(self.x.float()[None], self.w4.float(), b, padding=self.pad)[0])
+        b = None if self.bias32 is None else self.bias32.double()
+        y = torch.relu(F.conv2d(self.x.double()[None], self.w4.double(), b, padding=self.pad)[0])
         return F.max_pool2d(y, 2) if self.pool else y
 
     def bytes_of(self, path: str) -> int:
