@@ -24,6 +24,7 @@ Version 1 (no "unavailable"/"selection", same measurements) is still read.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,8 +108,13 @@ def load_report(path: Path) -> BenchReport:
         except TypeError as exc:
             raise InvalidInputError(f"{path}: measurement #{i}: {exc}") from None
         med = m["median_us"]
-        if isinstance(med, bool) or not isinstance(med, (int, float)) or not med > 0:
-            raise InvalidInputError(f"{path}: measurement #{i}: median_us must be a positive number")
+        # An untimed measurement (it failed its correctness gate) carries NaN times: compare must
+        # still read it, to report the layer as incorrect.
+        timed_ok = m["correct"] is not True or (isinstance(med, (int, float)) and med > 0)
+        if isinstance(med, bool) or not isinstance(med, (int, float)) or not timed_ok \
+                or (m["correct"] is True and math.isnan(med)):
+            raise InvalidInputError(f"{path}: measurement #{i}: median_us must be a positive number"
+                                    " (NaN only for a measurement that failed its gate)")
     unavailable = data.get("unavailable", [])
     if not isinstance(unavailable, list):
         raise InvalidInputError(f"{path}: 'unavailable' must be a list")

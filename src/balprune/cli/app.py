@@ -220,8 +220,9 @@ def compare(
     max_slowdown: str = typer.Option("0.10", "--max-slowdown",
                                                callback=usage(lambda v: parse_sparsity(v, what="--max-slowdown")),
                                                help="Allowed slowdown as a fraction of the baseline (0.10 = 10%)."),
-    kernel: List[str] = typer.Option(["balanced", "bsr"], "--kernel",
-                                     help="Kernels to compare (repeatable; default: balprune's own, balanced and bsr)."),
+    kernel: List[str] = typer.Option(["balanced", "bsr", "balprune"], "--kernel",
+                                     help="Kernels to compare (repeatable; default: balprune's own: balanced and bsr "
+                                          "layers, balprune for a model report's whole model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
     """Compare two benchmark reports; exit 1 if anything got slower beyond the bound."""
@@ -233,8 +234,8 @@ def compare(
     if as_json:
         typer.echo(json.dumps({"schema": "balprune.compare/1", "max_slowdown": max_slowdown,
                                "regressions": len(bad),
-                               "changes": [{"layer": c.layer, "batch": c.batch, "mode": c.mode, "graph": c.graph,
-                                            "kernel": c.kernel, "base_us": c.base_us, "new_us": c.new_us,
+                               "changes": [{"layer": c.layer, "dtype": c.dtype, "batch": c.batch, "mode": c.mode,
+                                            "graph": c.graph, "kernel": c.kernel, "base_us": c.base_us, "new_us": c.new_us,
                                             "ratio": c.ratio, "status": c.status} for c in changes]}, indent=2))
     else:
         render.console().print(render.compare_table(changes, max_slowdown))
