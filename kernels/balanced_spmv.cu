@@ -9,6 +9,10 @@
 //      interleaved layout): x staged in shared memory in its own 16-bit type, NB values per
 //      (i, j) unit. Mode 2 is exact (x already is T) and takes half the bytes of mode 1 with no
 //      transpose scratch, so NB = 8 fits for K = 8192 (128 KB): batch 8 streams W once.
+//      3 (NB = 1): x copied into shared memory as it is, in its own type, plus zeros up to B*L:
+//      one coalesced 16-byte copy instead of a transposition, so a small or wide layer does not
+//      spend most of its launch staging x (fc6: 18.7 -> 8.4 us with no staging at all). Lane j
+//      then reads x[j*L + idx] with bank conflicts that depend on the indices.
 //   IL true: the interleaved weight layout below; false: the direct layout
 // Accumulation is fp32 for every T; y is rounded to T once, at the end.
 //
@@ -37,7 +41,7 @@
 // row P = lanes_per_row (a power of two, min(32, next_pow2(B))); a warp holds 32 / P rows; lane
 // `sub` of a row owns blocks sub, sub + P, ... Dynamic shared memory: XS = 1:
 // (B*L + B*(L|1)) * NB * 4 bytes (the staged x plus a transpose scratch); XS = 2:
-// B*L*NB*sizeof(T) bytes; XS = 0: none.
+// B*L*NB*sizeof(T) bytes; XS = 3: B*L*sizeof(T) rounded up to 16; XS = 0: none.
 #include "bp_common.cuh"
 
 // Diagnostics for timing experiments only (results are wrong): -DBP_DIAG=1 the pipelined kernel
@@ -53,7 +57,10 @@ namespace bp {
 template <typename T, int NB, int XS>
 __device__ __forceinline__ void fma_x(float (&acc)[NB], float w, unsigned id, const float* xsj, int BN,
                                       const T* __restrict__ x, int colbase, int cols, int batch, int n0) {
-  if constexpr (XS == 2) {
+  if constexpr (XS == 3) {
+    // xsj points at x[j*L] in shared memory (plain layout, own type).
+    acc[0] = fmaf(w, Val<T>::sload(reinterpret_cast<const T*>(xsj) + id), acc[0]);
+  } else if constexpr (XS == 2) {
     // Unit (i*B + j) holds x[j*L + i, n0 .. n0+NB) as NB values of T (NB*2 bytes, one LDS of
     // 4/8/16 bytes). B % 32 == 0: lane j reads its own slot of a conflict-free phase.
     constexpr int XW = (NB * (int)sizeof(T)) / 4;
@@ -130,7 +137,8 @@ __device__ __forceinline__ void block_dot_interleaved(float (&acc)[NB], const T*
   constexpr int IW = (V * (int)sizeof(I)) / 4;        // 32-bit words per index vector (1, 2, 4)
   constexpr int U = NB <= 2 ? 4 : 2;                  // slot groups in flight per lane
   const int BN = B * NB;
-  const float* xsj = XS == 2 ? reinterpret_cast<const float*>(reinterpret_cast<const char*>(xs) + j * NB * (int)sizeof(T))
+  const float* xsj = XS == 3 ? reinterpret_cast<const float*>(reinterpret_cast<const T*>(xs) + (size_t)j * L)
+                     : XS == 2 ? reinterpret_cast<const float*>(reinterpret_cast<const char*>(xs) + j * NB * (int)sizeof(T))
                              : xs + j * NB;
   const int colbase = j * L;
   const size_t gstride = (size_t)B * V;               // elements from group g to group g + 1
@@ -184,7 +192,8 @@ __device__ __forceinline__ void block_dot_direct(float (&acc)[NB], const T* __re
                                                  const T* __restrict__ x, int cols, int batch, int n0) {
   constexpr int TB = 8;
   const int BN = B * NB;
-  const float* xsj = xs + j * NB;
+  const float* xsj = XS == 3 ? reinterpret_cast<const float*>(reinterpret_cast<const T*>(xs) + (size_t)j * L)
+                             : xs + j * NB;
   const int colbase = j * L;
   for (int t0 = 0; t0 < keep; t0 += TB) {
     float tw[TB];
@@ -297,6 +306,32 @@ __device__ __forceinline__ void stage_x_own(char* xs, const T* __restrict__ x, i
   __syncthreads();
 }
 
+// Stage x (batch 1) into xs as it is, in its own type (XS = 3): xs[c] = x[c] for c < cols, 0 up to
+// B*L. 16-byte loads and stores when x is 16-byte aligned (contiguous, conflict-free), else one
+// element per thread.
+template <typename T>
+__device__ __forceinline__ void stage_x_raw(char* xs, const T* __restrict__ x, int cols, int padded) {
+  T* xt = reinterpret_cast<T*>(xs);
+  constexpr int V = 16 / (int)sizeof(T);
+  int done = 0;
+  if ((reinterpret_cast<size_t>(x) & 15) == 0) {
+    const int nvec = cols / V;
+    const uint4* src = reinterpret_cast<const uint4*>(x);
+    uint4* dst = reinterpret_cast<uint4*>(xs);
+    for (int v = threadIdx.x; v < nvec; v += blockDim.x) dst[v] = __ldg(src + v);
+    done = nvec * V;
+  }
+  const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
+  for (int c = done + threadIdx.x; c < padded; c += blockDim.x) {
+    if constexpr (sizeof(T) == 2) {
+      reinterpret_cast<unsigned short*>(xs)[c] = c < cols ? __ldg(xb + c) : (unsigned short)0;
+    } else {
+      xt[c] = c < cols ? x[c] : T{};
+    }
+  }
+  __syncthreads();
+}
+
 template <typename T, typename I, int NB, int XS, bool IL>
 __global__ void __launch_bounds__(1024)
 balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long row_stride, int rows, int blocks,
@@ -316,6 +351,7 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
   float* xs = reinterpret_cast<float*>(bp_smem);
 
   static_assert(XS != 2 || (sizeof(T) == 2 && NB >= 2 && IL), "XS = 2: 16-bit T, NB >= 2, interleaved layout");
+  static_assert(XS != 3 || NB == 1, "XS = 3: batch 1");
   if (XS) {
     // Ask L2 for this warp's first rows before staging x, so that DRAM latency overlaps the
     // staging instead of following it.
@@ -328,7 +364,8 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
       for (size_t off = (size_t)lane * 128; off < bi && off < 32 * 128; off += 32 * 128) prefetch_l2(pi + off);
     }
     if (BP_DIAG != 3) {
-      if constexpr (XS == 2) stage_x_own<T, NB>(reinterpret_cast<char*>(xs), x, B, L, cols, batch, n0);
+      if constexpr (XS == 3) stage_x_raw<T>(reinterpret_cast<char*>(xs), x, cols, B * L);
+      else if constexpr (XS == 2) stage_x_own<T, NB>(reinterpret_cast<char*>(xs), x, B, L, cols, batch, n0);
       else stage_x<T, NB>(xs, xs + (size_t)B * L * NB, x, B, L, cols, batch, n0, nwarps);
     }
   }

@@ -132,7 +132,8 @@ def test_interleaved_shared_x(dtype, shape, batch):
 @pytest.mark.parametrize("shape", ["b32_L256_u8", "b32_ragged_K1500", "b32_L300_u16", "b7", "L16_k7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("layout,staging,pipeline", [("direct", "auto", "auto"), ("interleaved", "global", "auto"),
-                                                     ("direct", "global", "auto"), ("interleaved", "auto", False)])
+                                                     ("direct", "global", "auto"), ("interleaved", "auto", False),
+                                                     ("interleaved", "raw", "auto"), ("direct", "raw", "auto")])
 def test_other_layouts_and_global_x(dtype, shape, batch, layout, staging, pipeline):
     from balprune.runtime import BalancedLinear
 
@@ -140,6 +141,8 @@ def test_other_layouts_and_global_x(dtype, shape, batch, layout, staging, pipeli
     op = BalancedLinear.from_tensor(bt, layout=layout, staging=staging, pipeline=pipeline)
     x = _x(bt, batch, seed=10 + batch)
     assert not op.launch_config(batch)["pipelined"]
+    if staging == "raw":  # x copied as it is at batch 1; other batches stage as "auto"
+        assert op.launch_config(batch)["staging"] == (3 if batch == 1 else op.plan(batch)[1])
     _check(_run(op, x), bt, x)
 
 

@@ -16,6 +16,7 @@ from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from ._linear import SparseLinear
 
 _INDEX_KERNEL_TYPE = {"uint8": "unsigned char", "uint16": "unsigned short"}
+_STORAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _VALIDATE_CHUNK_ENTRIES = 1 << 24  # entries per validation chunk: bounds the int64 temporaries
 
 #: Weight layouts the kernel reads (kernels/README.md).
@@ -30,8 +31,11 @@ def vector_width(dtype: str) -> int:
 
 
 #: x staging modes of bp::balanced_spmm (kernels/balanced_spmv.cu): read from global memory,
-#: staged in shared memory as fp32, staged in shared memory in the layer's own 16-bit type.
-X_GLOBAL, X_SHARED_F32, X_SHARED_OWN = 0, 1, 2
+#: staged in shared memory as fp32, staged in shared memory in the layer's own 16-bit type,
+#: copied into shared memory as it is (batch 1, any type: no transposition).
+X_GLOBAL, X_SHARED_F32, X_SHARED_OWN, X_SHARED_RAW = 0, 1, 2, 3
+#: Values of BalancedLinear's ``staging`` option.
+STAGINGS = ("auto", "shared", "global", "raw")
 
 
 def kernel_name(dtype: str, index_dtype: str, batch_tile: int, staging: int, layout: str) -> str:
@@ -53,8 +57,8 @@ def pipelined_kernel_name(dtype: str, index_dtype: str) -> str:
 def kernel_variants() -> list[str]:
     """Every instantiation the runtime can launch (the compile test builds them all)."""
     return [kernel_name(d, i, nb, xs, lay) for d in _STORAGE for i in _INDEX_KERNEL_TYPE for nb in BATCH_TILES
-            for xs in (X_SHARED_F32, X_GLOBAL, X_SHARED_OWN) for lay in LAYOUTS
-            if xs != X_SHARED_OWN or own_staging_allowed(d, nb, lay)] + \
+            for xs in (X_SHARED_F32, X_GLOBAL, X_SHARED_OWN, X_SHARED_RAW) for lay in LAYOUTS
+            if (xs != X_SHARED_OWN or own_staging_allowed(d, nb, lay)) and (xs != X_SHARED_RAW or nb == 1)] + \
         [pipelined_kernel_name(d, i) for d in _STORAGE for i in _INDEX_KERNEL_TYPE]
 
 
@@ -199,11 +203,13 @@ class BalancedLinear(SparseLinear):
 
     ``layout``: "interleaved" (repacked once on the device for 16-byte loads; the fast path) or
     "direct" (the file's arrays as they are). ``staging``: "auto" (x in shared memory when it
-    fits), "shared" or "global". ``threads``: threads per CTA (a multiple of 32, <= 1024); the
+    fits), "shared", "global", or "raw" (at batch 1, x copied into shared memory as it is: no
+    transposition, the cheapest staging, reads with index-dependent bank conflicts; other
+    batches as "auto"). ``threads``: threads per CTA (a multiple of 32, <= 1024); the
     pipelined batch-1 kernel uses threads/32 consumer warps (at most 31) plus one producer warp.
     ``pipeline``: "auto" (the bulk-copy pipelined kernel for batch 1 with 16-bit values when it
-    fits; fp32 runs balanced_spmm, measured as fast), True (require it for batch 1), False (never). ``stages``: ring depth of the pipeline (0: as many as fit, up
-    to 15). ``team_warps``: consumer warps per group in the pipeline (0: auto).
+    fits; fp32 runs balanced_spmm, measured as fast), True (require it for batch 1), False (never).
+    ``stages``: ring depth of the pipeline (0: as many as fit, up to 15). ``team_warps``: consumer warps per group in the pipeline (0: auto).
     ``defines``: extra -D options for the kernel build (experiments, e.g. "BP_WEIGHT_HINT=0").
     """
 
@@ -215,8 +221,8 @@ class BalancedLinear(SparseLinear):
 
         if layout not in LAYOUTS:
             raise UsageError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if staging not in ("auto", "shared", "global"):
-            raise UsageError(f"staging must be 'auto', 'shared' or 'global', got {staging!r}")
+        if staging not in STAGINGS:
+            raise UsageError(f"staging must be one of {', '.join(map(repr, STAGINGS))}, got {staging!r}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads % 32 or not 32 <= threads <= 1024:
             raise UsageError(f"threads must be a multiple of 32 in [32, 1024], got {threads!r}")
         v = _as_torch(values, f"{name}: values")
@@ -272,6 +278,8 @@ class BalancedLinear(SparseLinear):
         """Dynamic shared memory of a launch: fp32 x plus its transpose scratch (X_SHARED_F32), x in
         its own 16-bit type (X_SHARED_OWN), or nothing (X_GLOBAL)."""
         B, L = self.blocks, self.block_length
+        if staging == X_SHARED_RAW:
+            return -(-B * L * _STORAGE_BYTES[self.dtype] // 16) * 16
         if staging == X_SHARED_OWN:
             return B * L * batch_tile * 2
         return (B * L + B * (L | 1)) * batch_tile * 4 if staging == X_SHARED_F32 else 0
@@ -284,6 +292,8 @@ class BalancedLinear(SparseLinear):
         K = 8192 runs in one pass); x from global memory when even NB = 1 does not fit.
         """
         limit = self.info.smem_per_block_optin
+        if self.staging == "raw" and batch == 1 and self.shared_bytes(1, X_SHARED_RAW) <= limit:
+            return 1, X_SHARED_RAW
         want = min(8, _next_pow2(batch))
         tiles = [nb for nb in reversed(BATCH_TILES) if nb <= want]
         if self.staging != "global":
@@ -309,7 +319,7 @@ class BalancedLinear(SparseLinear):
         runs balanced_spmm). Auto picks the most consumer warps (counting up to 24), then the
         most bytes in flight.
         """
-        if self.pipeline is False or self.layout != "interleaved" or self.staging == "global":
+        if self.pipeline is False or self.layout != "interleaved" or self.staging in ("global", "raw"):
             return None
         if self.pipeline == "auto" and self.dtype == "float32":
             # Measured on an H200 (kernels/NOTES.md, run 5): for fp32 balanced_spmm was as fast or
@@ -408,5 +418,5 @@ class BalancedLinear(SparseLinear):
                 f"k={self.keep}, {self.dtype}/{self.index_dtype}, layout={self.layout}, device={self.device})")
 
 
-__all__ = ["BATCH_TILES", "LAYOUTS", "X_GLOBAL", "X_SHARED_F32", "X_SHARED_OWN", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
+__all__ = ["BATCH_TILES", "LAYOUTS", "STAGINGS", "X_GLOBAL", "X_SHARED_F32", "X_SHARED_OWN", "X_SHARED_RAW", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
            "pipelined_kernel_name", "validate_balanced", "vector_width"]

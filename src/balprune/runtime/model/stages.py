@@ -140,13 +140,17 @@ def launch_variants(op, batch: int) -> dict[str, object]:
     out = {"": op}
     if not isinstance(op, BalancedLinear):
         return out
-    for threads in (1024, 512, 256):
-        for pipeline in (("auto", False) if batch == 1 and op.dtype != "float32" else ("auto",)):
-            if threads == op.threads and pipeline == op.pipeline:
-                continue
-            v = copy.copy(op)
-            v.threads, v.pipeline, v._configs = threads, pipeline, {}
-            out[f"threads={threads}" + (", no pipeline" if pipeline is False else "")] = v
+    stagings = (("auto", "raw") if batch == 1 else ("auto",))
+    for staging in stagings:
+        for threads in (1024, 512, 256):
+            pipes = ("auto", False) if batch == 1 and op.dtype != "float32" and staging == "auto" else ("auto",)
+            for pipeline in pipes:
+                if (threads, pipeline, staging) == (op.threads, op.pipeline, op.staging):
+                    continue
+                v = copy.copy(op)
+                v.threads, v.pipeline, v.staging, v._configs = threads, pipeline, staging, {}
+                out[", ".join([f"threads={threads}"] + (["no pipeline"] if pipeline is False else [])
+                              + (["x raw"] if staging == "raw" else []))] = v
     return out
 
 
