@@ -306,66 +306,6 @@ __device__ __forceinline__ void stage_x_own(char* xs, const T* __restrict__ x, i
   __syncthreads();
 }
 
-// Ask L2 for this warp's first rows before staging x, so that DRAM latency overlaps the staging
-// instead of following it.
-template <typename T, typename I>
-__device__ __forceinline__ void prefetch_first_rows(const T* vals, const I* idx, long long row_stride, int rows, int rpw) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const long long first = ((long long)blockIdx.x * nwarps + warp) * rpw;
-  if (first >= rows) return;
-  const long long nr = (rows - first) < rpw ? (rows - first) : rpw;
-  const char* pv = reinterpret_cast<const char*>(vals + first * row_stride);
-  const char* pi = reinterpret_cast<const char*>(idx + first * row_stride);
-  const size_t bv = (size_t)(nr * row_stride) * sizeof(T), bi = (size_t)(nr * row_stride) * sizeof(I);
-  for (size_t off = (size_t)lane * 128; off < bv && off < 64 * 128; off += 32 * 128) prefetch_l2(pv + off);
-  for (size_t off = (size_t)lane * 128; off < bi && off < 32 * 128; off += 32 * 128) prefetch_l2(pi + off);
-}
-
-// The rows of this CTA: warp w of CTA b takes rows (b*nwarps + w)*rpw + [0, rpw), then every
-// gridDim.x*nwarps*rpw rows further; lanes_per_row P lanes of a row sum their blocks' dot
-// products with shuffles. x is already staged (XS != 0) in xs.
-template <typename T, typename I, int NB, int XS, bool IL>
-__device__ __forceinline__ void sweep_rows(const T* __restrict__ vals, const I* __restrict__ idx, long long row_stride,
-                                           int rows, int B, int L, int keep, int P, const float* xs,
-                                           const T* __restrict__ x, int cols, int batch, T* __restrict__ y, int n0) {
-  constexpr int V = Val<T>::kPerVec;
-  const int G = IL ? keep / V : 0;  // 16-byte slot groups per block
-  const int rem = keep - G * V;     // tail slots (< V when interleaved)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int sub = lane & (P - 1);
-  const int rpw = 32 / P;  // rows per warp
-  const long long row_step = (long long)gridDim.x * nwarps * rpw;
-  const long long first = ((long long)blockIdx.x * nwarps + warp) * rpw;
-  for (long long rb = first; rb < rows; rb += row_step) {
-    const long long r = rb + lane / P;
-    float acc[NB];
-#pragma unroll
-    for (int c = 0; c < NB; ++c) acc[c] = 0.0f;
-    if (r < rows) {
-      const T* rv = vals + r * row_stride;
-      const I* ri = idx + r * row_stride;
-      if (IL) {
-        for (int j = sub; j < B; j += P)
-          block_dot_interleaved<T, I, NB, XS>(acc, rv, ri, j, B, L, G, rem, xs, x, cols, batch, n0);
-      } else {
-        for (int j = sub; j < B; j += P) block_dot_direct<T, I, NB, XS>(acc, rv, ri, j, B, L, keep, xs, x, cols, batch, n0);
-      }
-    }
-    // Sum the P lanes of each row (xor offsets < P stay inside the row's lane group); every
-    // lane takes part, also those past the last row, so the full mask is valid.
-    for (int off = P >> 1; off > 0; off >>= 1) {
-#pragma unroll
-      for (int c = 0; c < NB; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], off);
-    }
-    if (sub == 0 && r < rows) {
-#pragma unroll
-      for (int c = 0; c < NB; ++c) {
-        if (n0 + c < batch) Val<T>::store(y + r * batch + n0 + c, acc[c]);
-      }
-    }
-  }
-}
-
 // Stage x (batch 1) into xs as it is, in its own type (XS = 3): xs[c] = x[c] for c < cols, 0 up to
 // B*L. 16-byte loads and stores when x is 16-byte aligned (contiguous, conflict-free), else one
 // element per thread.
@@ -398,15 +338,31 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
               int block_length, int keep, int lanes_per_row, const T* __restrict__ x, int cols,
               int batch, T* __restrict__ y) {
   extern __shared__ float4 bp_smem[];
+  constexpr int V = Val<T>::kPerVec;
   const int B = blocks, L = block_length, P = lanes_per_row;
-  const int nwarps = blockDim.x >> 5;
+  const int G = IL ? keep / V : 0;  // 16-byte slot groups per block
+  const int rem = keep - G * V;              // tail slots (< V when interleaved)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int sub = lane & (P - 1);
+  const int rpw = 32 / P;  // rows per warp
   const int n0 = blockIdx.y * NB;
+  const long long row_step = (long long)gridDim.x * nwarps * rpw;
+  const long long first = ((long long)blockIdx.x * nwarps + warp) * rpw;
   float* xs = reinterpret_cast<float*>(bp_smem);
 
   static_assert(XS != 2 || (sizeof(T) == 2 && NB >= 2 && IL), "XS = 2: 16-bit T, NB >= 2, interleaved layout");
   static_assert(XS != 3 || NB == 1, "XS = 3: batch 1");
   if (XS) {
-    prefetch_first_rows(vals, idx, row_stride, rows, 32 / P);
+    // Ask L2 for this warp's first rows before staging x, so that DRAM latency overlaps the
+    // staging instead of following it.
+    if (first < rows) {
+      const long long nr = (rows - first) < rpw ? (rows - first) : rpw;
+      const char* pv = reinterpret_cast<const char*>(vals + first * row_stride);
+      const char* pi = reinterpret_cast<const char*>(idx + first * row_stride);
+      const size_t bv = (size_t)(nr * row_stride) * sizeof(T), bi = (size_t)(nr * row_stride) * sizeof(I);
+      for (size_t off = (size_t)lane * 128; off < bv && off < 64 * 128; off += 32 * 128) prefetch_l2(pv + off);
+      for (size_t off = (size_t)lane * 128; off < bi && off < 32 * 128; off += 32 * 128) prefetch_l2(pi + off);
+    }
     if (BP_DIAG != 3) {
       if constexpr (XS == 3) stage_x_raw<T>(reinterpret_cast<char*>(xs), x, cols, B * L);
       else if constexpr (XS == 2) stage_x_own<T, NB>(reinterpret_cast<char*>(xs), x, B, L, cols, batch, n0);
@@ -414,66 +370,36 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
     }
   }
 
-  sweep_rows<T, I, NB, XS, IL>(vals, idx, row_stride, rows, B, L, keep, P, xs, x, cols, batch, y, n0);
-}
-
-
-// ---------------------------------------------------------------------------------------------
-// bp::balanced_spmv_cell<T, I, IL>: batch 1, with x's first H elements computed while staging as
-// the output of an LSTM cell (kernels/model_ops.cu lstm_cell's math, bp::lstm_unit), so the cell
-// of one layer (or time step) costs no launch of its own: it runs inside the SpMV that consumes h.
-//
-// x staged (raw layout, XS = 3) as: x[u] = h_u for u < H, where
-//   a_q = gx[(q*H + u) * gx_stride] + gh[q*H + u] (gh optional) + bias[q*H + u] (optional),
-//   h_u = lstm_unit(a, c_old[u], c_new_u);
-// x[u] = 0 for H <= u < raw_from; x[u] = x_raw[u] for raw_from <= u < cols (x_raw may be null
-// when raw_from >= cols); 0 up to B*L. h is rounded to T before use, exactly as a separate cell
-// kernel writing h in T would. Block (0, 0) also writes the side outputs (when not null):
-// c_new[u], h_out[u] and h_out2[u * h2_stride]. These must not alias anything this launch reads
-// (gx, gh, c_old, x_raw): other CTAs may still be staging from them.
-// Otherwise as balanced_spmm<T, I, 1, 3, IL> (same launch geometry and shared memory).
-template <typename T, typename I, bool IL>
-__global__ void __launch_bounds__(1024)
-balanced_spmv_cell(const T* __restrict__ vals, const I* __restrict__ idx, long long row_stride, int rows, int blocks,
-                   int block_length, int keep, int lanes_per_row, const T* __restrict__ x_raw, int cols,
-                   T* __restrict__ y, const T* __restrict__ gx, long long gx_stride, const T* __restrict__ gh,
-                   const float* __restrict__ bias, const float* __restrict__ c_old, int H, int raw_from,
-                   float* __restrict__ c_new, T* __restrict__ h_out, T* __restrict__ h_out2, long long h2_stride) {
-  extern __shared__ float4 bp_smem[];
-  const int B = blocks, L = block_length, P = lanes_per_row;
-  float* xs = reinterpret_cast<float*>(bp_smem);
-  T* xt = reinterpret_cast<T*>(bp_smem);
-  prefetch_first_rows(vals, idx, row_stride, rows, 32 / P);
-  const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
-  const int padded = B * L;
-  for (int u = threadIdx.x; u < padded; u += blockDim.x) {
-    float v = 0.0f;
-    if (u < H) {
-      float a[4];
+  for (long long rb = first; rb < rows; rb += row_step) {
+    const long long r = rb + lane / P;
+    float acc[NB];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int r = q * H + u;
-        float g = Val<T>::sload(gx + (long long)r * gx_stride);
-        if (gh != nullptr) g += Val<T>::sload(gh + r);
-        if (bias != nullptr) g += bias[r];
-        a[q] = g;
+    for (int c = 0; c < NB; ++c) acc[c] = 0.0f;
+    if (r < rows) {
+      const T* rv = vals + r * row_stride;
+      const I* ri = idx + r * row_stride;
+      if (IL) {
+        for (int j = sub; j < B; j += P)
+          block_dot_interleaved<T, I, NB, XS>(acc, rv, ri, j, B, L, G, rem, xs, x, cols, batch, n0);
+      } else {
+        for (int j = sub; j < B; j += P) block_dot_direct<T, I, NB, XS>(acc, rv, ri, j, B, L, keep, xs, x, cols, batch, n0);
       }
-      float cn;
-      const float h = lstm_unit(a, c_old[u], cn);
-      Val<T>::store(xt + u, h);  // rounded to T: the value every consumer sees
-      if (writer) {
-        if (c_new != nullptr) c_new[u] = cn;
-        if (h_out != nullptr) h_out[u] = xt[u];
-        if (h_out2 != nullptr) h_out2[(long long)u * h2_stride] = xt[u];
-      }
-      continue;
     }
-    if (u >= raw_from && u < cols) v = Val<T>::sload(x_raw + u);
-    Val<T>::store(xt + u, v);
+    // Sum the P lanes of each row (xor offsets < P stay inside the row's lane group); every
+    // lane takes part, also those past the last row, so the full mask is valid.
+    for (int off = P >> 1; off > 0; off >>= 1) {
+#pragma unroll
+      for (int c = 0; c < NB; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], off);
+    }
+    if (sub == 0 && r < rows) {
+#pragma unroll
+      for (int c = 0; c < NB; ++c) {
+        if (n0 + c < batch) Val<T>::store(y + r * batch + n0 + c, acc[c]);
+      }
+    }
   }
-  __syncthreads();
-  sweep_rows<T, I, 1, 3, IL>(vals, idx, row_stride, rows, B, L, keep, P, xs, x_raw, cols, 1, y, 0);
 }
+
 
 // ---------------------------------------------------------------------------------------------
 // bp::balanced_spmv_tma<T, I>: batch 1, x in shared memory, interleaved layout, weights streamed

@@ -253,15 +253,4 @@ __device__ __forceinline__ void named_sync(int threads) {
   asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
 }
 
-// One LSTM unit (torch's gate order i, f, g, o) from its four pre-activations a[] and the old
-// cell state: returns h, sets c_new. Shared by model_ops.cu (lstm_cell) and the cell-staging
-// SpMV of balanced_spmv.cu, so both paths compute bit-identical states.
-__device__ __forceinline__ float lstm_unit(const float (&a)[4], float c_old, float& c_new) {
-  const float i = 1.0f / (1.0f + __expf(-a[0]));
-  const float f = 1.0f / (1.0f + __expf(-a[1]));
-  const float o = 1.0f / (1.0f + __expf(-a[3]));
-  c_new = f * c_old + i * tanhf(a[2]);
-  return o * tanhf(c_new);
-}
-
 }  // namespace bp

@@ -12,6 +12,8 @@
 
 namespace bp {
 
+__device__ __forceinline__ float sigmoidf_(float v) { return 1.0f / (1.0f + __expf(-v)); }
+
 // One LSTM cell step for one direction of one layer (torch's gate order i, f, g, o):
 //   a_q = gx[(q*H + j) * gx_stride] + gh[q*H + j] + bias[q*H + j]     (q = 0..3; gh, bias optional)
 //   c_j = sigmoid(a_f) * c_j + sigmoid(a_i) * tanh(a_g);  h_j = sigmoid(a_o) * tanh(c_j)
@@ -36,8 +38,8 @@ __global__ void lstm_cell(const T* __restrict__ gx, long long gx_stride, const T
     if (bias != nullptr) v += bias[r];
     a[q] = v;
   }
-  float cn;
-  const float hn = lstm_unit(a, c[j], cn);
+  const float cn = sigmoidf_(a[1]) * c[j] + sigmoidf_(a[0]) * tanhf(a[2]);
+  const float hn = sigmoidf_(a[3]) * tanhf(cn);
   c[j] = cn;
   Val<T>::store(h_out + j, hn);
   if (h_out2 != nullptr) Val<T>::store(h_out2 + (long long)j * h2_stride, hn);
@@ -53,21 +55,6 @@ __global__ void embedding_row(const long long* __restrict__ token, const T* __re
   if (j >= dim) return;
   const long long t = token[0];
   out[j] = (t >= 0 && t < vocab) ? table[t * dim + j] : T{};
-}
-
-// The LSTM LM's step prologue when cells run inside the next SpMV's staging
-// (balanced_spmv_cell): the embedding row of token[0] into out[0:dim) (as embedding_row), and
-// c_dst[u] = c_src[u] for u < n: the cell states the previous step's kernels left in c_src
-// (they could not update c in place while other CTAs read it) become this step's.
-template <typename T>
-__global__ void lm_prologue(const long long* __restrict__ token, const T* __restrict__ table, long long vocab, int dim,
-                            T* __restrict__ out, float* __restrict__ c_dst, const float* __restrict__ c_src, int n) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j < dim) {
-    const long long t = token[0];
-    out[j] = (t >= 0 && t < vocab) ? table[t * dim + j] : T{};
-  }
-  if (j < n) c_dst[j] = c_src[j];
 }
 
 // y[i] = act(y[i] + bias[i / per]) in place over n elements (act: 0 none, 1 ReLU). per = 1 for a

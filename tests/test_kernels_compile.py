@@ -80,19 +80,3 @@ def test_bsr_variants_do_not_spill(tmp_path):
 def test_bench_util_compiles(tmp_path):
     r = _nvcc(tmp_path, kernel_source("bench_util.cu"), "-c")
     assert r.returncode == 0, r.stderr[-4000:]
-
-
-def test_every_model_op_compiles_without_spills(tmp_path):
-    """kernels/model_ops.cu: the element-wise kernels of the model runtimes, every value type."""
-    from balprune.runtime.model.stages import model_kernel_variants
-
-    names = model_kernel_variants()
-    assert len(names) == 6 * 3
-    _assert_fit_64_registers_no_spills(tmp_path, names, "model_ops.cu")
-
-
-def test_cell_staging_variants_do_not_spill(tmp_path):
-    """balanced_spmv_cell (an LSTM cell computed while staging x) fits 64 registers, no local memory."""
-    names = [n for n in kernel_variants() if "balanced_spmv_cell" in n]
-    assert len(names) == 3 * 2 * 2
-    _assert_fit_64_registers_no_spills(tmp_path, names, "balanced_spmv.cu")

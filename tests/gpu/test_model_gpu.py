@@ -102,30 +102,6 @@ def test_graph_replay_equals_eager(small_files, kind):
     assert torch.equal(outs["eager"], outs["graph"])
 
 
-def test_cell_fused_structures_are_taken_and_exact(small_files):
-    """With the sparse path the LM step and every Bi-LSTM direction run their cells inside the next
-    SpMV's staging (fewer launches), gated equal to the separate structure; forced dense keeps it."""
-    from balprune.runtime.model import load_model
-
-    lm = load_model(small_files["lstm-lm"], dtype="float16", paths="sparse", measure=False)
-    (step,) = lm.structure
-    assert step["chosen"] == "cell-fused" and step["launches"]["cell-fused"] < step["launches"]["separate"]
-    bl = load_model(small_files["ctc-bilstm"], dtype="float16", paths="sparse", frames=12, measure=False)
-    assert len(bl.structure) == 4 and all(c["chosen"] == "cell-fused" for c in bl.structure)
-    dense = load_model(small_files["lstm-lm"], dtype="float16", paths="dense", measure=False)
-    assert dense.structure[0]["chosen"] == "separate"
-
-
-@pytest.mark.parametrize("frames", [1, 2, 3])
-@pytest.mark.parametrize("paths", ["sparse", "dense"])
-def test_bilstm_short_utterances(small_files, frames, paths):
-    from balprune.runtime.model import load_model
-
-    arch, inputs, ref = _reference(small_files["ctc-bilstm"], frames=frames)
-    rt = load_model(small_files["ctc-bilstm"], dtype="float32", paths=paths, frames=frames, measure=False)
-    assert relative_error(rt.forward(inputs), ref) <= TOLERANCE["float32"]
-
-
 def test_lstm_fuses_ih_and_hh_into_one_launch(small_files):
     from balprune.runtime.model import load_model
 

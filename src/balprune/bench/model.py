@@ -119,7 +119,7 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                           "torch": relative_error(reference_outputs(tm, arch, inputs), ref)}
                 rt.load_inputs(inputs)
                 runners = {"balprune": rt.run, "torch": _torch_runner(tm, arch, inputs, dev)}
-                meta = {"unit": unit, "dispatch": rt.describe(), "structure": list(rt.structure), "max_rel_error": errors,
+                meta = {"unit": unit, "dispatch": rt.describe(), "max_rel_error": errors,
                         "weight_bytes": {"balprune": rt.weight_bytes,
                                          "torch": sum(p.numel() * p.element_size() for p in tm.parameters())},
                         "paths": {c.layer: c.path for c in rt.choices}}

@@ -195,12 +195,6 @@ def model_tables(report) -> list[Table]:
         t.add_row("total", "", "", "", f"{tot['dense']:.1f}", f"{tot['sparse']:.1f}",
                   f"{tot['dense'] / tot['sparse']:.2f}" if tot["sparse"] else "", f"{tot['path']:.1f}",
                   f"layers on their chosen paths: {tot['dense'] / tot['path']:.2f}x dense" if tot["path"] else "")
-        chains = dm.get("structure", [])
-        if chains:
-            t.caption = "\n".join(
-                f"{c['chain']}: {c['chosen']} ({', '.join(f'{k} {n} launches' for k, n in c['launches'].items())}; "
-                f"{c['reason']})" for c in chains)
-            t.caption_justify = "left"
         tables.append(t)
     t = Table(title=f"{meta.get('architecture')} end to end, batch 1, median us per {_unit(meta)}",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)

@@ -54,19 +54,12 @@ def pipelined_kernel_name(dtype: str, index_dtype: str) -> str:
     return f"bp::balanced_spmv_tma<{_STORAGE[dtype][1]}, {_INDEX_KERNEL_TYPE[index_dtype]}>"
 
 
-def cell_kernel_name(dtype: str, index_dtype: str, layout: str) -> str:
-    """The name expression of bp::balanced_spmv_cell (batch 1, x's head computed as an LSTM cell)."""
-    return (f"bp::balanced_spmv_cell<{_STORAGE[dtype][1]}, {_INDEX_KERNEL_TYPE[index_dtype]}, "
-            f"{'true' if layout == 'interleaved' else 'false'}>")
-
-
 def kernel_variants() -> list[str]:
     """Every instantiation the runtime can launch (the compile test builds them all)."""
     return [kernel_name(d, i, nb, xs, lay) for d in _STORAGE for i in _INDEX_KERNEL_TYPE for nb in BATCH_TILES
             for xs in (X_SHARED_F32, X_GLOBAL, X_SHARED_OWN, X_SHARED_RAW) for lay in LAYOUTS
             if (xs != X_SHARED_OWN or own_staging_allowed(d, nb, lay)) and (xs != X_SHARED_RAW or nb == 1)] + \
-        [pipelined_kernel_name(d, i) for d in _STORAGE for i in _INDEX_KERNEL_TYPE] + \
-        [cell_kernel_name(d, i, lay) for d in _STORAGE for i in _INDEX_KERNEL_TYPE for lay in LAYOUTS]
+        [pipelined_kernel_name(d, i) for d in _STORAGE for i in _INDEX_KERNEL_TYPE]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,45 +413,10 @@ class BalancedLinear(SparseLinear):
         k, grid, block, smem = cfg["kernel"], cfg["grid"], cfg["block"], cfg["shared_mem"]
         return lambda: k(grid, block, args, shared_mem=smem)
 
-    def prepared_cell_launch(self, x_raw, y, *, gx, gx_stride: int, gh, bias, c_old, hidden: int, raw_from: int,
-                             c_new=None, h_out=None, h_out2=None, h2_stride: int = 1):
-        """A zero-argument launch of y = W x at batch 1 where x[:hidden] is computed while staging as
-        an LSTM cell's h (kernels/balanced_spmv.cu, balanced_spmv_cell: the contract of every
-        argument is there). Tensor arguments are device pointers (numpy uint64, 0 for none) or CuPy
-        arrays; ``y`` and ``x_raw`` as in prepared_launch. Threads and CTAs as this operator's
-        batch-1 launch with x copied raw; no checks (callers own the buffers)."""
-        import numpy as _np
-
-        smem = self.shared_bytes(1, X_SHARED_RAW)
-        if smem > self.info.smem_per_block_optin:
-            raise UsageError(f"{self.name}: x needs {smem} bytes of shared memory, the device allows "
-                             f"{self.info.smem_per_block_optin}")
-        key = ("cell",)
-        k = self._kernels.get(key)
-        if k is None:
-            from .kernels import load_module
-
-            name = cell_kernel_name(self.dtype, self.index_dtype, self.layout)
-            k = load_module("balanced_spmv.cu", (name,), device=self.device, defines=self.defines).get_function(name)
-            self._kernels[key] = k
-        if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
-            k.max_dynamic_shared_size_bytes = smem
-        info = self.info
-        rows_per_cta = (32 // self.lanes_per_row) * (self.threads // 32)
-        per_sm = max(1, min(info.max_threads_per_sm // self.threads,
-                            info.regs_per_sm // max(1, k.num_regs * self.threads), info.smem_per_sm // (smem + 1024)))
-        grid = (max(1, min(-(-self.rows // rows_per_cta), info.multiprocessors * per_sm)),)
-        args = (self.values_dev, self.indices_dev, _np.int64(self.row_stride), _np.int32(self.rows),
-                _np.int32(self.blocks), _np.int32(self.block_length), _np.int32(self.keep),
-                _np.int32(self.lanes_per_row), x_raw, _np.int32(self.cols), y, gx, _np.int64(gx_stride), gh, bias,
-                c_old, _np.int32(hidden), _np.int32(raw_from), c_new, h_out, h_out2, _np.int64(h2_stride))
-        block = (self.threads,)
-        return lambda: k(grid, block, args, shared_mem=smem)
-
     def __repr__(self) -> str:
         return (f"BalancedLinear({self.name!r}, [{self.rows}, {self.cols}], B={self.blocks}, L={self.block_length}, "
                 f"k={self.keep}, {self.dtype}/{self.index_dtype}, layout={self.layout}, device={self.device})")
 
 
-__all__ = ["BATCH_TILES", "LAYOUTS", "STAGINGS", "cell_kernel_name", "X_GLOBAL", "X_SHARED_F32", "X_SHARED_OWN", "X_SHARED_RAW", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
+__all__ = ["BATCH_TILES", "LAYOUTS", "STAGINGS", "X_GLOBAL", "X_SHARED_F32", "X_SHARED_OWN", "X_SHARED_RAW", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
            "pipelined_kernel_name", "validate_balanced", "vector_width"]

@@ -37,9 +37,6 @@ class PackedModel:
     """
 
     unit = "forward"  # what one run() is, for reports
-    #: Launch structures chosen at build (LSTMs: separate cell launches or cells fused into the next
-    #: SpMV's staging), one dict per chain: chain, chosen, launches, times_us, reason.
-    structure: list[dict] = []
 
     def __init__(self, arch, *, dtype: str, device: int, paths: str, measure: bool, progress: Progress | None) -> None:
         from .. import _gpu
@@ -124,7 +121,6 @@ class PackedModel:
         return g
 
     def describe(self) -> list[dict]:
-        """The dispatch decisions, one dict per matrix product (Choice.to_dict)."""
         return [c.to_dict() for c in self.choices]
 
 

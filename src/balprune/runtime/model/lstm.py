@@ -70,21 +70,14 @@ class PackedLstmLm(PackedModel):
         self.cells: list[torch.Tensor] = []
         self._launches = []
         layers = []
-        nh = sum(c.hidden for c in arch.cells)
-        # Cell states of all layers in one buffer (and the staging copy the cell-fused step writes),
-        # so the step prologue moves them with one copy.
-        self.c_all = torch.zeros(nh, dtype=torch.float32, device=dev)
-        self.c_tmp = torch.zeros(nh, dtype=torch.float32, device=dev)
-        c_off = 0
         for cell in arch.cells:
             H = cell.hidden
             ih, hh = load_packed(pf, cell.weight_ih), load_packed(pf, cell.weight_hh)
             fused = _fused_gates(ih, hh)
             off_h = fused[4] if fused is not None else cell.input_size
             xh = torch.zeros(off_h + H, dtype=tdt, device=dev)
-            gates = torch.zeros(4 * H, dtype=tdt, device=dev)
-            c = self.c_all[c_off:c_off + H]
-            c_off += H
+            gates = torch.empty(4 * H, dtype=tdt, device=dev)
+            c = torch.zeros(H, dtype=torch.float32, device=dev)
             bias = _bias(pf, cell.bias_ih, cell.bias_hh)
             bias32 = None if bias is None else bias.to(dev, torch.float32).contiguous()
             x_part, h_part = xh[:cell.input_size], xh[off_h:]
@@ -126,94 +119,11 @@ class PackedLstmLm(PackedModel):
                 self._ptr(gates), np.int64(1), self._ptr(gh), self._ptr(bias32), self._ptr(c), self._ptr(xh, off_h), self._ptr(nxt), np.int64(1),
                 np.int32(H))))
         self._launches.append(self.decoder.launch)
-        self._layers = layers
-        self._vocab, self._dim = vocab, dim
-        self.structure = [self._choose_structure()]
         self.reset()
 
-    # -- the cell-fused step -------------------------------------------------------------------------
-
-    def _cell_fused_launches(self):
-        """The step as prologue -> layer 0 -> (layer l with layer l-1's cell in its staging) ->
-        decoder with the last cell in its staging (+ bias): 3 launches fewer than the separate
-        step. None (and why) when a layer does not run balprune's kernel."""
-        layers, K = self._layers, self.kernels
-        if any(len(projs) != 1 or projs[0].bound_op is None for *_, projs in layers) or self.decoder.bound_op is None:
-            return None, "needs every layer (W_ih|W_hh fused) and the decoder on the balanced kernel"
-        from ..balanced import BalancedLinear
-
-        if not all(isinstance(p.bound_op, BalancedLinear) for *_, projs in layers for p in projs):
-            return None, "needs balanced layers"
-        v = self.views
-        n = int(self.c_all.numel())
-        out = [K.bound("lm_prologue", max(self._dim, n), (
-            self._ptr(self.token), self._ptr(self.table), np.int64(self._vocab), np.int32(self._dim),
-            self._ptr(self.xh[0]), self._ptr(self.c_all), self._ptr(self.c_tmp), np.int32(n))),
-            layers[0][7][0].launch]
-        c_off = [0]
-        for H, *_ in layers:
-            c_off.append(c_off[-1] + H)
-
-        def cell_args(li):  # the cell of layer li, computed in the staging of the next launch
-            H, off_h, xh, gates, _gh, _c, bias32, _ = layers[li]
-            return {"gx": self._ptr(gates), "gx_stride": 1, "gh": np.uint64(0), "bias": self._ptr(bias32),
-                    "c_old": self._ptr(self.c_all, c_off[li]), "hidden": H, "c_new": self._ptr(self.c_tmp, c_off[li]),
-                    "h_out": self._ptr(xh, off_h)}
-        try:
-            for li in range(1, len(layers)):
-                H, off_h, xh, gates, *_rest, projs = layers[li]
-                out.append(projs[0].bound_op.prepared_cell_launch(v(xh), v(gates), raw_from=off_h, **cell_args(li - 1)))
-            last = len(layers) - 1
-            dop = self.decoder.bound_op
-            out.append(dop.prepared_cell_launch(v(self.decoder.x), v(self.logits), raw_from=dop.cols,
-                                                **cell_args(last)))
-        except UsageError as exc:  # x does not fit shared memory as a raw copy
-            return None, str(exc)
-        if self.decoder.bias32 is not None:
-            nv = int(self.logits.numel())
-            out.append(K.bound("bias_act", nv, (self._ptr(self.logits), self._ptr(self.decoder.bias32), np.int64(nv),
-                                                np.int64(1), np.int32(0))))
-        return out, ""
-
-    def _choose_structure(self) -> dict:
-        """Separate cell launches or the cell-fused step: gated (same logits over two steps), then
-        the faster measured in a CUDA graph (``measure``), else the fused one when it exists."""
-        from .stages import LAYER_GATE, measure_us, rel_error
-
-        separate = self._launches
-        fused, why = self._cell_fused_launches()
-        info = {"chain": "token step", "chosen": "separate", "launches": {"separate": len(separate)}, "times_us": {},
-                "reason": why}
-        if fused is None:
-            return info
-        info["launches"]["cell-fused"] = len(fused)
-        outs = []
-        for launches in (separate, fused):
-            self.reset()
-            self.token.fill_(min(1, self._vocab - 1))
-            for _ in range(2):
-                self._launch_all(launches)
-            outs.append(self.logits.float().clone())
-        err = rel_error(outs[1], outs[0].double())
-        if not err <= LAYER_GATE[self.dtype]:
-            info["reason"] = f"cell-fused step differs from the separate one (relative error {err:.1e})"
-            return info
-        if self.measure:
-            for name, launches in (("separate", separate), ("cell-fused", fused)):
-                self.reset()
-                info["times_us"][name] = measure_us(lambda launches=launches: self._launch_all(launches))
-            best = min(info["times_us"], key=info["times_us"].get)
-        else:
-            best = "cell-fused"
-        info["chosen"] = best
-        info["reason"] = ", ".join(f"{k} {t:.1f} us" for k, t in info["times_us"].items()) or "untimed"
-        if best == "cell-fused":
-            self._launches = fused
-        return info
-
     def reset(self) -> None:
-        """Zero state: h (in every xh), c, the staged c and the gates."""
-        for t in self.xh + [self.c_all, self.c_tmp] + [layer[3] for layer in self._layers]:
+        """Zero state: h (in every xh) and c."""
+        for t in self.xh + self.cells:
             t.zero_()
 
     def load_inputs(self, inputs: dict) -> None:
@@ -252,7 +162,6 @@ class PackedBiLstm(PackedModel):
         self._side = torch.cuda.Stream(device=dev)
         self._layers = []  # per layer: (output [2H, T], [forward launches, reverse launches])
         self._zero = []
-        self.structure: list[dict] = []  # per direction chain: separate or cell-fused, and why
         x = self.x0
         for layer in range(arch.layers):
             cells = [c for c in arch.cells if c.layer == layer]
@@ -283,9 +192,7 @@ class PackedBiLstm(PackedModel):
                     launches.append(K.bound("lstm_cell", H, (
                         self._ptr(gx, t), np.int64(T), self._ptr(gh) if s > 0 else np.uint64(0), self._ptr(bias32), self._ptr(c), self._ptr(h),
                         self._ptr(y, d * H * T + t), np.int64(T), np.int32(H))))
-                fused = self._fused_chain(p_ih, p_hh, gx, bias32, y, d, H, T, cell.reverse)
-                chains.append(self._pick_chain(f"layer {layer} {'reverse' if d else 'forward'}", launches, fused,
-                                               y[d * H:(d + 1) * H]))
+                chains.append(launches)
             self._layers.append((y, chains))
             x = y
         cls = arch.fcs[0]
@@ -294,68 +201,6 @@ class PackedBiLstm(PackedModel):
         self.classifier = self._projection(cls.weight, _matrix(cls_packed), x, self.out, cls_packed,
                                            bias=None if cls.bias is None else load_dense(pf, cls.bias))
         self._dispatch(self.classifier)
-
-    def _fused_chain(self, p_ih, p_hh, gx, bias32, y, d: int, H: int, T: int, reverse: bool):
-        """One direction's utterance with each step's cell inside the next step's recurrent SpMV
-        (balanced_spmv_cell): T + 2 launches instead of 2T + 1. None when W_hh does not run the
-        balanced kernel. Step s (1 <= s < T) computes h, c of step s-1 while staging, writes them
-        (c to the other of two buffers, h to its column of y) and gh_s = W_hh h_{s-1} into the
-        other of two gh buffers: nothing a launch reads is written by it."""
-        from ..balanced import BalancedLinear
-
-        op = p_hh.bound_op
-        if not isinstance(op, BalancedLinear):
-            return None
-        dev, tdt, v = self.dev, self.tdt, self.views
-        ghb = [torch.zeros(4 * H, dtype=tdt, device=dev) for _ in range(2)]
-        cb = [torch.zeros(H, dtype=torch.float32, device=dev) for _ in range(2)]
-        h_last = torch.empty(H, dtype=tdt, device=dev)
-        order = [T - 1 - s if reverse else s for s in range(T)]
-        out = [p_ih.launch, cb[1].zero_]  # c before the first step is 0 (read from cb[1] at s = 1)
-        try:
-            for s in range(1, T):
-                tp = order[s - 1]
-                out.append(op.prepared_cell_launch(
-                    v(h_last), v(ghb[s & 1]), gx=self._ptr(gx, tp), gx_stride=T,
-                    gh=self._ptr(ghb[(s - 1) & 1]) if s >= 2 else np.uint64(0), bias=self._ptr(bias32),
-                    c_old=self._ptr(cb[s & 1]), hidden=H, raw_from=H, c_new=self._ptr(cb[(s - 1) & 1]),
-                    h_out=np.uint64(0), h_out2=self._ptr(y, d * H * T + tp), h2_stride=T))
-        except UsageError:
-            return None
-        tl = order[T - 1]
-        out.append(self.kernels.bound("lstm_cell", H, (
-            self._ptr(gx, tl), np.int64(T), self._ptr(ghb[(T - 1) & 1]) if T >= 2 else np.uint64(0), self._ptr(bias32),
-            self._ptr(cb[T & 1]), self._ptr(h_last), self._ptr(y, d * H * T + tl), np.int64(T), np.int32(H))))
-        return out
-
-    def _pick_chain(self, label: str, separate: list, fused, rows: torch.Tensor) -> list:
-        """The separate or the cell-fused chain of one direction: gated on equal outputs (``rows``:
-        the direction's rows of the layer output), then the faster in a CUDA graph."""
-        from .stages import LAYER_GATE, measure_us, rel_error
-
-        info = {"chain": label, "chosen": "separate", "launches": {"separate": len(separate)}, "times_us": {},
-                "reason": "W_hh does not run the balanced kernel" if fused is None else ""}
-        self.structure.append(info)
-        if fused is None:
-            return separate
-        info["launches"]["cell-fused"] = len(fused)
-        outs = []
-        for chain in (separate, fused):
-            rows.zero_()
-            self._launch_all(chain)
-            outs.append(rows.float().clone())
-        err = rel_error(outs[1], outs[0].double())
-        if not err <= LAYER_GATE[self.dtype]:
-            info["reason"] = f"cell-fused chain differs from the separate one (relative error {err:.1e})"
-            return separate
-        if self.measure:
-            for name, chain in (("separate", separate), ("cell-fused", fused)):
-                info["times_us"][name] = measure_us(lambda chain=chain: self._launch_all(chain), reps=3)
-            info["chosen"] = min(info["times_us"], key=info["times_us"].get)
-            info["reason"] = ", ".join(f"{k} {t:.1f} us" for k, t in info["times_us"].items())
-        else:
-            info["chosen"], info["reason"] = "cell-fused", "untimed"
-        return fused if info["chosen"] == "cell-fused" else separate
 
     def load_inputs(self, inputs: dict) -> None:
         f = torch.as_tensor(inputs["frames"])

@@ -31,13 +31,8 @@ PATHS = ("balanced", "bsr", "dense")
 #: A wrong index or gate gives errors of order 1e-1 and above: every bound still catches it.
 LAYER_GATE = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 3e-2}
 
-_MODEL_KERNELS = ("lstm_cell", "embedding_row", "lm_prologue", "bias_act", "bias_relu_pool2", "im2col")
+_MODEL_KERNELS = ("lstm_cell", "embedding_row", "bias_act", "bias_relu_pool2", "im2col")
 _THREADS = 256
-
-
-def model_kernel_variants() -> list[str]:
-    """Every instantiation of kernels/model_ops.cu the model runtimes launch (the compile test builds them)."""
-    return [f"bp::{k}<{STORAGE[d][1]}>" for k in _MODEL_KERNELS for d in STORAGE]
 
 
 def ptr(t: torch.Tensor | None, offset_elems: int = 0) -> np.uint64:
@@ -185,7 +180,6 @@ class Projection:
         self.relu = relu
         self.choice: Choice | None = None
         self._bound: Callable[[], None] | None = None
-        self.bound_op = None
 
     # -- the candidate launches -------------------------------------------------------------------
 
@@ -243,13 +237,8 @@ class Projection:
     # -- binding ----------------------------------------------------------------------------------
 
     def bind(self, key: str) -> None:
-        """Bind the launch of candidate ``key`` (a path, or "path (variant)"); ``bound_op`` is then
-        the sparse operator (launch variant) behind it, or None for the dense path."""
+        """Bind the launch of candidate ``key`` (a path, or "path (variant)")."""
         self._bound = self.candidates()[key]
-        self.bound_op = None
-        if self.sparse is not None and key != "dense":
-            label = key[len(self.sparse[0]) + 2:-1] if key != self.sparse[0] else ""
-            self.bound_op = launch_variants(self.sparse[1], self.batch)[label]
 
     def launch(self) -> None:
         self._bound()
