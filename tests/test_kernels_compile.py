@@ -80,3 +80,12 @@ def test_bsr_variants_do_not_spill(tmp_path):
 def test_bench_util_compiles(tmp_path):
     r = _nvcc(tmp_path, kernel_source("bench_util.cu"), "-c")
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_every_model_op_compiles_without_spills(tmp_path):
+    """kernels/model_ops.cu: the element-wise kernels of the model runtimes, every value type."""
+    from balprune.runtime.model.stages import model_kernel_variants
+
+    names = model_kernel_variants()
+    assert len(names) == 5 * 3
+    _assert_fit_64_registers_no_spills(tmp_path, names, "model_ops.cu")

@@ -35,6 +35,11 @@ _MODEL_KERNELS = ("lstm_cell", "embedding_row", "bias_act", "bias_relu_pool2", "
 _THREADS = 256
 
 
+def model_kernel_variants() -> list[str]:
+    """Every instantiation of kernels/model_ops.cu the model runtimes launch (the compile test builds them)."""
+    return [f"bp::{k}<{STORAGE[d][1]}>" for k in _MODEL_KERNELS for d in STORAGE]
+
+
 def ptr(t: torch.Tensor | None, offset_elems: int = 0) -> np.uint64:
     """A device pointer as a kernel argument (null for None): no conversion object per launch."""
     if t is None:
