@@ -99,5 +99,5 @@ class SparseLinear:
 
         cp = _gpu.cupy()
         y = cp.empty(shape, dtype=storage) if out is None else out
-        self.prepared_launch(xc, y, batch)()
+        self.prepared_launch(xc, y, batch, packed=False)()  # one launch: packing would cost more than it saves
         return y

@@ -60,9 +60,9 @@ class ModelKernels:
 
     def bound(self, name: str, n: int, args: tuple) -> Callable[[], None]:
         """A zero-argument launch of kernel ``name`` over ``n`` threads' worth of outputs."""
-        k = self.fn[name]
-        grid = (max(1, -(-int(n) // _THREADS)),)
-        return lambda: k(grid, (_THREADS,), args)
+        from .._launch import prepared
+
+        return prepared(self.fn[name], (max(1, -(-int(n) // _THREADS)),), (_THREADS,), args)
 
 
 class CupyViews:
