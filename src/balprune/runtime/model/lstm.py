@@ -161,7 +161,6 @@ class PackedBiLstm(PackedModel):
         self.x0 = self._random_(torch.empty(arch.features, T, dtype=tdt, device=dev))
         self._side = torch.cuda.Stream(device=dev)
         self._layers = []  # per layer: (output [2H, T], [forward launches, reverse launches])
-        self._zero = []
         x = self.x0
         for layer in range(arch.layers):
             cells = [c for c in arch.cells if c.layer == layer]
@@ -183,7 +182,6 @@ class PackedBiLstm(PackedModel):
                 p_hh = self._projection(cell.weight_hh, _matrix(hh), h, gh, hh)
                 self._dispatch(p_ih)
                 self._dispatch(p_hh)
-                self._zero.append(c)
                 launches = [p_ih.launch, c.zero_]
                 for s in range(T):
                     t = T - 1 - s if cell.reverse else s

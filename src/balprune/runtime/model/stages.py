@@ -21,9 +21,9 @@ import torch
 from ...errors import GpuRuntimeError, UsageError
 from .._linear import STORAGE, TORCH_OF
 
-#: Paths a Projection can take. balanced / bsr: balprune's kernels for the layer's pattern;
-#: dense: the same masked matrix through cuBLAS (torch), tensor cores where cuBLAS uses them.
-PATHS = ("balanced", "bsr", "dense")
+# Paths a Projection can take: "balanced" / "bsr", balprune's kernel for the layer's pattern
+# (in launch variants: "balanced (threads=512, x raw)"), and "dense", the same masked matrix
+# through cuBLAS (torch), on tensor cores where cuBLAS uses them.
 #: Relative error (float64 norms) a path may show against the float64 product of the same rounded
 #: operands before it is timed: accumulation order and the one final rounding to the dtype. The
 #: float32 bound admits TF32 (10-bit mantissa), which torch uses by default for float32
@@ -48,7 +48,8 @@ def ptr(t: torch.Tensor | None, offset_elems: int = 0) -> np.uint64:
 
 
 class ModelKernels:
-    """kernels/model_ops.cu built for one value dtype on one device; ``launch`` queues one on the current stream."""
+    """kernels/model_ops.cu built for one value dtype on one device; ``bound`` prepares one launch
+    (queued on the current CuPy stream each time it is called)."""
 
     def __init__(self, dtype: str, device: int) -> None:
         from ..kernels import load_module
