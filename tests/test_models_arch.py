@@ -310,3 +310,32 @@ def test_not_a_built_in_model_is_one_line(case, tmp_path):
     assert e.value.exit_code == 4
     assert e.value.one_line() == f"{path}: {PREFIX}{detail}"
     assert "\n" not in e.value.one_line()
+
+
+# -- request checks of the GPU runtimes (host-side, so they run here) ------------------------------
+
+def test_runtime_request_checks_name_the_problem_in_one_line():
+    from balprune.errors import UsageError
+    from balprune.runtime.model.lstm import check_frames, check_tokens
+    from balprune.runtime.model.vgg import check_image
+
+    assert check_tokens(torch.tensor([0, 5, 9]), 10) == [0, 5, 9]
+    assert check_tokens([3], 10) == [3]
+    cases = [
+        (lambda: check_tokens(torch.tensor([1, 10]), 10), "token id 10 is outside the vocabulary [0, 10)"),
+        (lambda: check_tokens(torch.tensor([-1]), 10), "token id -1 is outside the vocabulary"),
+        (lambda: check_tokens(torch.tensor([1.0]), 10), "tokens must be integer ids"),
+        (lambda: check_tokens(torch.zeros(2, 2, dtype=torch.long), 10), "non-empty 1-D"),
+        (lambda: check_tokens(torch.zeros(0, dtype=torch.long), 10), "non-empty 1-D"),
+        (lambda: check_frames(torch.zeros(4, 39), 5, 39), "frames must be [5, 39]"),
+        (lambda: check_frames(torch.zeros(5, 39, dtype=torch.long), 5, 39), "floating point"),
+        (lambda: check_frames(torch.full((5, 39), float("nan")), 5, 39), "NaN or infinite"),
+        (lambda: check_image(torch.zeros(3, 32, 32), 224), "image must be [3, 224, 224]"),
+        (lambda: check_image(torch.zeros(3, 224, 224, dtype=torch.uint8), 224), "floating point"),
+        (lambda: check_image(torch.full((3, 224, 224), float("inf")), 224), "NaN or infinite"),
+    ]
+    for call, text in cases:
+        with pytest.raises(UsageError) as e:
+            call()
+        assert text in str(e.value) and "\n" not in str(e.value)
+    assert check_frames(torch.zeros(5, 39), 5, 39).shape == (5, 39)

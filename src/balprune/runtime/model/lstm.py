@@ -41,6 +41,36 @@ def _fused_gates(ih, hh):
             off_h + gh.cols, gi.block_length, off_h)
 
 
+def check_tokens(tokens, vocab: int) -> list[int]:
+    """The token ids of an LM request as ints; UsageError (one line) unless they are a non-empty
+    1-D integer sequence of ids in [0, vocab). Checked on the host: the embedding kernel would
+    turn an out-of-range id into a zero row without a word."""
+    t = torch.as_tensor(tokens)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise UsageError(f"tokens must be integer ids, got dtype {t.dtype}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise UsageError(f"tokens must be a non-empty 1-D sequence of ids, got shape {list(t.shape)}")
+    ids = [int(v) for v in t.tolist()]
+    bad = [v for v in ids if not 0 <= v < vocab]
+    if bad:
+        raise UsageError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}) ({len(bad)} such id(s))")
+    return ids
+
+
+def check_frames(frames, count: int, features: int) -> torch.Tensor:
+    """An utterance as a float tensor [count, features]; UsageError (one line) for another shape, a
+    non-float dtype or non-finite values."""
+    f = torch.as_tensor(frames)
+    if tuple(f.shape) != (count, features):
+        raise UsageError(f"frames must be [{count}, {features}] (the runtime is built for {count} frames), "
+                         f"got {list(f.shape)}")
+    if not f.dtype.is_floating_point:
+        raise UsageError(f"frames must be floating point, got dtype {f.dtype}")
+    if not bool(torch.isfinite(f).all()):
+        raise UsageError("frames hold NaN or infinite values")
+    return f
+
+
 def _bias(pf, a: str | None, b: str | None):
     parts = [load_dense(pf, n).float() for n in (a, b) if n is not None]
     return sum(parts) if parts else None
@@ -128,19 +158,20 @@ class PackedLstmLm(PackedModel):
 
     def load_inputs(self, inputs: dict) -> None:
         """Reset the state and load the first token of ``inputs["tokens"]`` (run() = its step)."""
+        ids = check_tokens(inputs["tokens"], self.table.shape[0])
         self.reset()
-        self.token.copy_(torch.as_tensor(inputs["tokens"]).reshape(-1)[:1].to(self.dev))
+        self.token.fill_(ids[0])
 
     def run(self) -> None:
         self._launch_all(self._launches)
 
     def forward(self, inputs: dict) -> torch.Tensor:
         """Logits of each token of ``inputs["tokens"]`` [steps], one step at a time from a zero state: [steps, vocab]."""
-        tokens = torch.as_tensor(inputs["tokens"]).reshape(-1)
+        ids = check_tokens(inputs["tokens"], self.table.shape[0])
         self.reset()
         out = []
-        for t in tokens.tolist():
-            self.token.fill_(int(t))
+        for t in ids:
+            self.token.fill_(t)
             self.run()
             out.append(self.logits.float().cpu())
         return torch.stack(out)
@@ -201,10 +232,7 @@ class PackedBiLstm(PackedModel):
         self._dispatch(self.classifier)
 
     def load_inputs(self, inputs: dict) -> None:
-        f = torch.as_tensor(inputs["frames"])
-        if tuple(f.shape) != (self.frames, self.arch.features):
-            raise UsageError(f"frames must be [{self.frames}, {self.arch.features}] (the runtime is built for "
-                             f"{self.frames} frames), got {list(f.shape)}")
+        f = check_frames(inputs["frames"], self.frames, self.arch.features)
         self.x0.copy_(f.to(self.dev, self.tdt).t())
 
     def run(self) -> None:

@@ -22,6 +22,20 @@ from .lstm import _matrix
 from .stages import cupy_on_torch_stream, ptr, sparse_operator
 
 
+def check_image(image, size: int) -> torch.Tensor:
+    """An image as a float tensor [3, size, size]; UsageError (one line) for another shape, a
+    non-float dtype or non-finite values."""
+    img = torch.as_tensor(image)
+    if tuple(img.shape) != (3, size, size):
+        raise UsageError(f"image must be [3, {size}, {size}] (the runtime is built for {size}x{size}), "
+                         f"got {list(img.shape)}")
+    if not img.dtype.is_floating_point:
+        raise UsageError(f"image must be floating point, got dtype {img.dtype}")
+    if not bool(torch.isfinite(img).all()):
+        raise UsageError("image holds NaN or infinite values")
+    return img
+
+
 class ConvStage:
     """One conv + bias + ReLU (+ pool) as a dispatchable stage (the surface stages.dispatch expects).
 
@@ -169,10 +183,7 @@ class PackedVgg(PackedModel):
             xin = y
 
     def load_inputs(self, inputs: dict) -> None:
-        img = torch.as_tensor(inputs["image"])
-        S = self.arch.image_size
-        if tuple(img.shape) != (3, S, S):
-            raise UsageError(f"image must be [3, {S}, {S}], got {list(img.shape)}")
+        img = check_image(inputs["image"], self.arch.image_size)
         self.image.copy_(img.to(self.dev, self.tdt))
 
     def run(self) -> None:
