@@ -53,11 +53,12 @@ class PreparedLaunch:
         self._driver.launchKernel(self._fptr, *self._dims, self._stream().ptr, self._params_ptr, 0)
 
 
-def prepared(func, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> Callable[[], None]:
-    """A zero-argument launch: PreparedLaunch where the driver call is available, else CuPy's own call."""
+def prepared(func, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, packed: bool = True) -> Callable[[], None]:
+    """A zero-argument launch: PreparedLaunch (``packed``, where the driver call is available), else
+    CuPy's own call (cheaper for a launch made once: packing costs more than it saves)."""
     import cupy as cp
 
-    if hasattr(cp.cuda.driver, "launchKernel") and hasattr(func, "ptr"):
+    if packed and hasattr(cp.cuda.driver, "launchKernel") and hasattr(func, "ptr"):
         try:
             return PreparedLaunch(func, grid, block, args, shared_mem)
         except TypeError:

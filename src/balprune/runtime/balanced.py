@@ -414,9 +414,7 @@ class BalancedLinear(SparseLinear):
         else:
             args = head + (np.int32(batch), y)
         k, grid, block, smem = cfg["kernel"], cfg["grid"], cfg["block"], cfg["shared_mem"]
-        if not packed:
-            return lambda: k(grid, block, args, shared_mem=smem)
-        return prepared(k, grid, block, args, smem)
+        return prepared(k, grid, block, args, smem, packed=packed)
 
     def __repr__(self) -> str:
         return (f"BalancedLinear({self.name!r}, [{self.rows}, {self.cols}], B={self.blocks}, L={self.block_length}, "

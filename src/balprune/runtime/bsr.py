@@ -351,9 +351,7 @@ class BsrLinear(SparseLinear):
                 np.int32(g.tile_rows), np.int32(g.bh), np.int32(g.bw), np.int32(g.band_rows), np.int32(g.bands),
                 np.int32(cfg["team_lanes"]), x, np.int32(batch), y)
         k, grid, block, smem = cfg["kernel"], cfg["grid"], cfg["block"], cfg["shared_mem"]
-        if not packed:
-            return lambda: k(grid, block, args, shared_mem=smem)
-        return prepared(k, grid, block, args, smem)
+        return prepared(k, grid, block, args, smem, packed=packed)
 
     def __repr__(self) -> str:
         bh, bw = self.block_shape
