@@ -45,3 +45,30 @@ def gpu_skip_reason() -> str | None:
     except Exception as e:
         return f"no usable CUDA device ({type(e).__name__}: {e})"
     return None if n > 0 else "no CUDA device is visible"
+
+
+#: Unit roundoff of each output dtype and the norm-wise bound of the GPU kernel tests.
+U_OUT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_within_rounding(y: torch.Tensor, ref: torch.Tensor, absdot: torch.Tensor, n, dtype: torch.dtype) -> None:
+    """The sparse kernels' error bound against a float64 reference (see the GPU test modules' docs):
+    every element |y - ref| <= u_out*|ref| + n*2^-24*sum|w*x| + tiny (n: products per output, a
+    number or a column of them), no non-finite output, and ||y - ref|| / ||ref|| < REL[dtype]
+    (y exactly 0 where ref is all zeros)."""
+    y64 = y.to(torch.float64).reshape(ref.shape)
+    assert bool(torch.isfinite(y64).all()), "non-finite output (unwritten element?)"
+    tiny = 2.0**-24 if dtype == torch.float16 else 1e-30
+    tol = U_OUT[dtype] * ref.abs() + n * 2.0**-24 * absdot + tiny
+    err = (y64 - ref).abs()
+    worst = int(torch.argmax(err / tol))
+    assert bool((err <= tol).all()), (f"element {worst}: got {float(y64.flatten()[worst])}, "
+                                      f"ref {float(ref.flatten()[worst])}, tol {float(tol.flatten()[worst])}")
+    norm = float(torch.linalg.norm(ref))
+    if norm > 0:
+        rel = float(torch.linalg.norm(y64 - ref)) / norm
+        assert rel < REL[dtype], rel
+    else:
+        assert bool((y64 == 0).all())

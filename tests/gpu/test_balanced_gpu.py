@@ -19,7 +19,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from helpers import gpu_skip_reason  # noqa: E402
+from helpers import DTYPES, assert_within_rounding, gpu_skip_reason  # noqa: E402
 
 SKIP = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
@@ -28,10 +28,6 @@ from balprune.config import BalancedPattern  # noqa: E402
 from balprune.errors import UsageError  # noqa: E402
 from balprune.formats.balanced import BalancedTensor  # noqa: E402
 from balprune.prune.masks import one_shot_mask  # noqa: E402
-
-U_OUT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # name: (rows, cols, pattern). keep k per block and (for 16-bit / fp32) groups + tail pieces vary.
 SHAPES = {
@@ -74,17 +70,7 @@ def _check(y: torch.Tensor, bt: BalancedTensor, x: torch.Tensor) -> None:
     ref, absdot = _ref_from_packed(bt, x64)
     dense_ref = bt.to_dense().reshape(bt.geometry.rows, -1).to(torch.float64) @ x64
     torch.testing.assert_close(dense_ref, ref, rtol=1e-12, atol=1e-12)  # the two oracles agree
-    y64 = y.to(torch.float64).reshape(ref.shape)
-    assert bool(torch.isfinite(y64).all()), "non-finite output (unwritten element?)"
-    n = bt.geometry.keep * bt.geometry.blocks
-    tiny = 2.0**-24 if bt.dtype == torch.float16 else 1e-30
-    tol = U_OUT[bt.dtype] * ref.abs() + n * 2.0**-24 * absdot + tiny
-    err = (y64 - ref).abs()
-    worst = int(torch.argmax(err / tol))
-    assert bool((err <= tol).all()), (f"element {worst}: got {float(y64.flatten()[worst])}, "
-                                      f"ref {float(ref.flatten()[worst])}, tol {float(tol.flatten()[worst])}")
-    rel = float(torch.linalg.norm(y64 - ref) / torch.linalg.norm(ref))
-    assert rel < REL[bt.dtype], rel
+    assert_within_rounding(y, ref, absdot, bt.geometry.keep * bt.geometry.blocks, bt.dtype)
 
 
 def _run(op, x_host: torch.Tensor, as_torch: bool = False) -> torch.Tensor:

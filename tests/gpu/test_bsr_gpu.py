@@ -19,7 +19,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from helpers import gpu_skip_reason  # noqa: E402
+from helpers import DTYPES, assert_within_rounding, gpu_skip_reason  # noqa: E402
 
 SKIP = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
@@ -27,10 +27,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP 
 from balprune.errors import UsageError  # noqa: E402
 from balprune.formats.bsr import BsrTensor  # noqa: E402
 from balprune.patterns.block import block_mask, padded_tiles  # noqa: E402
-
-U_OUT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # name: (rows, cols, block shape, sparsity, empty tile rows). Rows and cols are not multiples of
 # the tile (ragged edge tiles) except where noted; chunk bytes and bands per tile row in comments
@@ -77,20 +73,7 @@ def _check(y: torch.Tensor, bt: BsrTensor, x: torch.Tensor) -> None:
     bh, bw = bt.block_shape
     tiles = (bt.crow_indices[1:] - bt.crow_indices[:-1]).to(torch.float64)  # per tile row
     n = (tiles.repeat_interleave(bh)[: bt.rows] * bw).clamp(min=1).unsqueeze(1)
-    y64 = y.to(torch.float64).reshape(ref.shape)
-    assert bool(torch.isfinite(y64).all()), "non-finite output (unwritten element?)"
-    tiny = 2.0**-24 if bt.dtype == torch.float16 else 1e-30
-    tol = U_OUT[bt.dtype] * ref.abs() + n * 2.0**-24 * absdot + tiny
-    err = (y64 - ref).abs()
-    worst = int(torch.argmax(err / tol))
-    assert bool((err <= tol).all()), (f"element {worst}: got {float(y64.flatten()[worst])}, "
-                                      f"ref {float(ref.flatten()[worst])}, tol {float(tol.flatten()[worst])}")
-    norm = float(torch.linalg.norm(ref))
-    if norm > 0:
-        rel = float(torch.linalg.norm(y64 - ref)) / norm
-        assert rel < REL[bt.dtype], rel
-    else:
-        assert bool((y64 == 0).all())
+    assert_within_rounding(y, ref, absdot, n, bt.dtype)
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

@@ -64,23 +64,6 @@ def _torch_runner(module, arch, inputs: dict, dev) -> Callable[[], torch.Tensor]
     return lambda: module(image)
 
 
-def _capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    from ..runtime.model.stages import on_torch_stream_ctx
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch's graph docs ask
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with on_torch_stream_ctx(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
-
-
 def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "float16"),
                 modes: tuple[str, ...] = ("hot", "cold"), graph: bool = True, iters: int = 100, frames: int = 50,
                 device: int = 0, paths: str = "auto", progress: Progress | None = None) -> BenchReport:
@@ -91,6 +74,7 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
     from ..models.reference import TOLERANCE
     from ..runtime import _gpu
     from ..runtime.model import load_model
+    from ..runtime.model.stages import capture_graph
 
     _gpu.require_device(device)
     pf = read_packed(path)
@@ -150,7 +134,7 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                                 g = rt.capture()
                                 rt.load_inputs(inputs)
                             else:
-                                g = _capture(fn)
+                                g = capture_graph(fn)
                             timed.append((True, g.replay))
                         except RuntimeError as exc:  # a library that cannot be captured: say so
                             report.unavailable.append({"layer": "model", "batch": 1, "kernel": f"{runner} (graph)",

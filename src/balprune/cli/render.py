@@ -200,14 +200,14 @@ def model_tables(report) -> list[Table]:
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("dtype", "graph", "mode", "balprune", "p10-p90", "torch dense", "p10-p90", "x torch", "error"):
         t.add_column(col, justify="left" if col in ("dtype", "graph", "mode") else "right")
+    def us(m):
+        return "" if m is None else ("failed" if not m.correct else f"{m.median_us:.1f}")
+
+    def spread(m):
+        return "" if m is None or not m.correct else f"{m.p10_us:.1f}-{m.p90_us:.1f}"
+
     for r in model_rows(report):
         b, d = r.get("balprune"), r.get("torch")
-
-        def us(m):
-            return "" if m is None else ("failed" if not m.correct else f"{m.median_us:.1f}")
-
-        def spread(m):
-            return "" if m is None or not m.correct else f"{m.p10_us:.1f}-{m.p90_us:.1f}"
         t.add_row(r["dtype"], "yes" if r["graph"] else "no", r["mode"], us(b), spread(b), us(d), spread(d),
                   "" if r["speedup"] is None else f"{r['speedup']:.2f}",
                   "" if b is None or b.max_rel_error is None else f"{b.max_rel_error:.1e}")

@@ -2,8 +2,9 @@
 
 A subclass holds one matrix on a device and defines ``rows``, ``cols``, ``dtype`` (a key of
 STORAGE), ``device``, ``name`` and ``_configs`` (a dict), and implements
-``_launch_config(batch) -> dict`` and ``prepared_launch(x, y, batch) -> callable``. This class
-gives it ``launch_config`` (cached) and ``__call__``: x of shape [cols] or [cols, N] as a CuPy
+``_launch_config(batch) -> dict`` (with kernel, grid, block, shared_mem) and
+``_launch_args(x, y, batch, cfg) -> tuple`` (the kernel's arguments). This class gives it
+``launch_config`` (cached), ``prepared_launch`` and ``__call__``: x of shape [cols] or [cols, N] as a CuPy
 array or a torch CUDA tensor (via DLPack) on the operator's device, in its dtype (bfloat16 as a
 torch tensor, or as a CuPy uint16 array of its bits), C-contiguous; returns [rows] / [rows, N] of
 the same kind; every check happens before the launch.
@@ -32,6 +33,20 @@ class SparseLinear:
         if cfg is None:
             cfg = self._configs[batch] = self._launch_config(batch)
         return cfg
+
+    def prepared_launch(self, x, y, batch: int, packed: bool = True):
+        """A zero-argument callable launching y = W x on CuPy arrays already checked by the caller.
+
+        For timing loops and models: no per-call checks, arguments built once. ``x`` [cols] /
+        [cols, batch] and ``y`` [rows] / [rows, batch], C-contiguous, in the layer's storage dtype.
+        ``packed`` (default): the arguments are packed once and each call is one driver launch
+        (runtime._launch); False: CuPy's own call, for a single launch.
+        """
+        from ._launch import prepared
+
+        cfg = self.launch_config(batch)
+        return prepared(cfg["kernel"], cfg["grid"], cfg["block"], self._launch_args(x, y, batch, cfg),
+                        cfg["shared_mem"], packed=packed)
 
     # -- the call ----------------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, UsageError
-from ._launch import prepared
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from ._linear import SparseLinear
@@ -395,15 +394,8 @@ class BalancedLinear(SparseLinear):
         return {"kernel": k, "grid": (grid_x, passes), "block": (self.threads,), "shared_mem": smem,
                 "batch_tile": nb, "staging": xs, "pipelined": False, "ctas_per_sm": per_sm}
 
-    def prepared_launch(self, x, y, batch: int, packed: bool = True):
-        """A zero-argument callable launching y = W x on CuPy arrays already checked by the caller.
-
-        For timing loops: no per-call checks, arguments built once. ``x`` [cols] / [cols, batch]
-        and ``y`` [rows] / [rows, batch], C-contiguous, in the layer's storage dtype.
-        ``packed`` (default): the arguments are packed once and each call is one driver
-        launch (runtime._launch); False: CuPy's own call, for a single launch.
-        """
-        cfg = self.launch_config(batch)
+    def _launch_args(self, x, y, batch: int, cfg: dict) -> tuple:
+        """The kernel arguments of one launch (kernels/balanced_spmv.cu's parameter order)."""
         head = (self.values_dev, self.indices_dev, np.int64(self.row_stride), np.int32(self.rows),
                 np.int32(self.blocks), np.int32(self.block_length), np.int32(self.keep),
                 np.int32(self.lanes_per_row), x, np.int32(self.cols))
@@ -413,8 +405,7 @@ class BalancedLinear(SparseLinear):
             args = head + (y, np.int32(cfg["group_rows"]), np.int32(cfg["stages"]), np.int32(x_bulk))
         else:
             args = head + (np.int32(batch), y)
-        k, grid, block, smem = cfg["kernel"], cfg["grid"], cfg["block"], cfg["shared_mem"]
-        return prepared(k, grid, block, args, smem, packed=packed)
+        return args
 
     def __repr__(self) -> str:
         return (f"BalancedLinear({self.name!r}, [{self.rows}, {self.cols}], B={self.blocks}, L={self.block_length}, "

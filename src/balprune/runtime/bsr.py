@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, UsageError
-from ._launch import prepared
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from ._linear import SparseLinear
@@ -337,21 +336,12 @@ class BsrLinear(SparseLinear):
         return {"kernel": self._kernel(nb), "grid": (max(1, -(-g.units // teams)), passes), "block": (self.threads,),
                 "shared_mem": smem, "batch_tile": nb, "team_lanes": tl, "teams_per_cta": teams}
 
-    def prepared_launch(self, x, y, batch: int, packed: bool = True):
-        """A zero-argument callable launching y = W x on CuPy arrays already checked by the caller.
-
-        For timing loops: no per-call checks, arguments built once. ``x`` [cols] / [cols, batch]
-        and ``y`` [rows] / [rows, batch], C-contiguous, in the layer's storage dtype.
-        ``packed`` (default): the arguments are packed once and each call is one driver
-        launch (runtime._launch); False: CuPy's own call, for a single launch.
-        """
-        cfg = self.launch_config(batch)
+    def _launch_args(self, x, y, batch: int, cfg: dict) -> tuple:
+        """The kernel arguments of one launch (kernels/bsr_spmv.cu's parameter order)."""
         g = self.geometry
-        args = (self.values_dev, self.crow_dev, self.col_dev, np.int32(self.rows), np.int32(self.cols),
+        return (self.values_dev, self.crow_dev, self.col_dev, np.int32(self.rows), np.int32(self.cols),
                 np.int32(g.tile_rows), np.int32(g.bh), np.int32(g.bw), np.int32(g.band_rows), np.int32(g.bands),
                 np.int32(cfg["team_lanes"]), x, np.int32(batch), y)
-        k, grid, block, smem = cfg["kernel"], cfg["grid"], cfg["block"], cfg["shared_mem"]
-        return prepared(k, grid, block, args, smem, packed=packed)
 
     def __repr__(self) -> str:
         bh, bw = self.block_shape

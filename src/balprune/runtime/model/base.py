@@ -14,9 +14,9 @@ from .stages import (
     CupyViews,
     ModelKernels,
     Projection,
+    capture_graph,
     cupy_on_torch_stream,
     dispatch,
-    on_torch_stream_ctx,
     ptr,
 )
 
@@ -111,14 +111,7 @@ class PackedModel:
 
     def capture(self) -> torch.cuda.CUDAGraph:
         """A CUDA graph of one ``run()`` (replay it after ``load_inputs``; state advances per replay)."""
-        for _ in range(2):  # warm-up outside the capture
-            self.run()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with on_torch_stream_ctx(g):
-            self.run()
-        torch.cuda.synchronize()
-        return g
+        return capture_graph(self.run, warmup=2)
 
     def describe(self) -> list[dict]:
         return [c.to_dict() for c in self.choices]

@@ -250,25 +250,36 @@ class Projection:
         self._bound()
 
 
+def capture_graph(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one call of ``fn`` (torch ops and balprune's kernels alike). Warm-up calls
+    run first on a side stream, as torch's graph docs ask (library handles, workspaces, kernel
+    loads happen outside the capture); RuntimeError when the work cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), cupy_on_torch_stream():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with on_torch_stream_ctx(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
+
+
 def measure_us(fn: Callable[[], None], reps: int = 20, trials: int = 3) -> float:
     """Device time (us) of one call of ``fn``: ``reps`` calls captured in a CUDA graph, replayed
     ``trials`` times, best per-call mean (hot: what the layer costs inside a captured model).
     Falls back to back-to-back eager calls when the work cannot be captured."""
-    for _ in range(3):  # warm-up outside the capture (library handles, workspaces, kernel loads)
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
+    def many():
+        for _ in range(reps):
+            fn()
     try:
-        with on_torch_stream_ctx(g):
-            for _ in range(reps):
-                fn()
-        replay = g.replay
+        replay = capture_graph(many, warmup=1).replay
     except RuntimeError:
         torch.cuda.synchronize()
-
-        def replay():
-            for _ in range(reps):
-                fn()
+        replay = many
     best = math.inf
     for _ in range(trials + 1):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
