@@ -19,13 +19,22 @@ _CTYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int6
            np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
 
 
+def function_ptr(func) -> int:
+    """The CUfunction handle of a CuPy kernel: a RawKernel (what RawModule.get_function returns)
+    holds it in ``.kernel`` (a cupy.cuda.Function, compiled for the current device), a Function
+    in ``.ptr``."""
+    return int(getattr(func, "kernel", func).ptr)
+
+
 class PreparedLaunch:
     """``func`` (a CuPy Function) on ``grid`` x ``block`` with ``args``: CuPy arrays (passed as their
     device pointer) or numpy scalars (passed by value in their own width). The arrays are kept
     alive as long as this object; the kernel's dynamic shared-memory attribute must already allow
-    ``shared_mem``."""
+    ``shared_mem``. ``cooperative``: launched with cuLaunchCooperativeKernel, which refuses a grid
+    whose CTAs cannot all be resident at once (a kernel with grid barriers would hang instead)."""
 
-    def __init__(self, func, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+    def __init__(self, func, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0,
+                 cooperative: bool = False) -> None:
         import cupy as cp
 
         values = []
@@ -42,23 +51,31 @@ class PreparedLaunch:
         self._params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
         self._params_ptr = ctypes.addressof(self._params)
         self._func = func  # keeps the module loaded
-        self._fptr = func.ptr
+        self._fptr = function_ptr(func)
         g = tuple(grid) + (1,) * (3 - len(grid))
         b = tuple(block) + (1,) * (3 - len(block))
         self._dims = (*g, *b, int(shared_mem))
-        self._driver = cp.cuda.driver
         self._stream = cp.cuda.get_current_stream
+        self._cooperative = cooperative
+        self._launch = cp.cuda.driver.launchCooperativeKernel if cooperative else cp.cuda.driver.launchKernel
 
     def __call__(self) -> None:
-        self._driver.launchKernel(self._fptr, *self._dims, self._stream().ptr, self._params_ptr, 0)
+        if self._cooperative:
+            self._launch(self._fptr, *self._dims, self._stream().ptr, self._params_ptr)
+        else:
+            self._launch(self._fptr, *self._dims, self._stream().ptr, self._params_ptr, 0)
 
 
-def prepared(func, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, packed: bool = True) -> Callable[[], None]:
+def prepared(func, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, packed: bool = True,
+             cooperative: bool = False) -> Callable[[], None]:
     """A zero-argument launch: PreparedLaunch (``packed``, where the driver call is available), else
-    CuPy's own call (cheaper for a launch made once: packing costs more than it saves)."""
+    CuPy's own call (cheaper for a launch made once: packing costs more than it saves).
+    ``cooperative`` launches are always packed (CuPy's call cannot make one for a module function)."""
     import cupy as cp
 
-    if packed and hasattr(cp.cuda.driver, "launchKernel") and hasattr(func, "ptr"):
+    if cooperative:
+        return PreparedLaunch(func, grid, block, args, shared_mem, cooperative=True)
+    if packed and hasattr(cp.cuda.driver, "launchKernel"):
         try:
             return PreparedLaunch(func, grid, block, args, shared_mem)
         except TypeError:

@@ -12,9 +12,10 @@ j - B_ih of W_hh; x's padding columns hold zeros): one launch instead of two, an
 next step) and into the next layer's (or the decoder's) input.
 
 Bi-LSTM (one utterance of T frames, batch 1): per layer and direction, W_ih multiplies all T
-frames at once (one SpMM over [in, T]); then T steps of W_hh h (SpMV) and the cell, which
-writes h into column t of the layer's [2H, T] output. The two directions are independent: the
-reverse chain runs on a second stream (forked and joined per layer, also inside a graph).
+frames at once (one SpMM over [in, T]); then the layer's recurrence (recurrence.py): T steps of
+W_hh h and the cell, which writes h into column t of the layer's [2H, T] output, either as
+per-step launches (the reverse direction on a second stream) or as one persistent kernel for
+every step of both directions, whichever the dispatcher measured faster.
 """
 
 from __future__ import annotations
@@ -178,51 +179,57 @@ class PackedLstmLm(PackedModel):
 
 
 class PackedBiLstm(PackedModel):
-    """The Bi-LSTM acoustic model, one utterance of ``frames`` frames per ``run()``."""
+    """The Bi-LSTM acoustic model, one utterance of ``frames`` frames per ``run()``.
+
+    Per layer: the input projection of each direction (a Projection over all frames; the two run
+    on two streams), then the layer's Recurrence stage (recurrence.py: every step of both
+    directions, per-step launches or one persistent kernel, whichever measured faster), which
+    writes the layer's [2H, frames] output; then the classifier over all frames."""
 
     unit = "utterance"
 
     def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
                  measure: bool = True, frames: int = 50, progress=None) -> None:
+        from .recurrence import Direction, Recurrence
+        from .stages import dispatch
+
         super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
             raise UsageError(f"frames must be a positive int, got {frames!r}")
-        dev, tdt, K, T = self.dev, self.tdt, self.kernels, frames
+        dev, tdt, T = self.dev, self.tdt, frames
         self.frames = T
         self.x0 = self._random_(torch.empty(arch.features, T, dtype=tdt, device=dev))
         self._side = torch.cuda.Stream(device=dev)
-        self._layers = []  # per layer: (output [2H, T], [forward launches, reverse launches])
+        self._layers = []  # per layer: ([input projection per direction], Recurrence)
         x = self.x0
         for layer in range(arch.layers):
-            cells = [c for c in arch.cells if c.layer == layer]
+            cells = sorted((c for c in arch.cells if c.layer == layer), key=lambda c: c.reverse)
             H = cells[0].hidden
-            y = torch.zeros(2 * H, T, dtype=tdt, device=dev)
-            chains = []
-            for cell in sorted(cells, key=lambda c: c.reverse):
-                d = 1 if cell.reverse else 0
+            y = torch.zeros(len(cells) * H, T, dtype=tdt, device=dev)
+            dirs, inputs = [], []
+            for cell in cells:
                 ih, hh = load_packed(pf, cell.weight_ih), load_packed(pf, cell.weight_hh)
                 gx = torch.empty(4 * H, T, dtype=tdt, device=dev)
                 gh = torch.empty(4 * H, dtype=tdt, device=dev)
                 h = self._random_(torch.empty(H, dtype=tdt, device=dev))
-                c = torch.zeros(H, dtype=torch.float32, device=dev)
                 bias = _bias(pf, cell.bias_ih, cell.bias_hh)
                 bias32 = None if bias is None else bias.to(dev, torch.float32).contiguous()
                 if layer > 0:
                     self._random_(x)  # sample data for the gate (run() overwrites it)
                 p_ih = self._projection(cell.weight_ih, _matrix(ih), x, gx, ih)
-                p_hh = self._projection(cell.weight_hh, _matrix(hh), h, gh, hh)
                 self._dispatch(p_ih)
-                self._dispatch(p_hh)
-                launches = [p_ih.launch, c.zero_]
-                for s in range(T):
-                    t = T - 1 - s if cell.reverse else s
-                    if s > 0:  # h0 = 0: the first step has no recurrent term
-                        launches.append(p_hh.launch)
-                    launches.append(K.bound("lstm_cell", H, (
-                        self._ptr(gx, t), np.int64(T), self._ptr(gh) if s > 0 else np.uint64(0), self._ptr(bias32), self._ptr(c), self._ptr(h),
-                        self._ptr(y, d * H * T + t), np.int64(T), np.int32(H))))
-                chains.append(launches)
-            self._layers.append((y, chains))
+                p_ih.launch()  # gx from sample data: the recurrence's dispatch input
+                # W_hh h for one step: measured here to pick the per-step chain's launch; the
+                # layer's record is the Recurrence stage's (all steps).
+                p_hh = self._projection(cell.weight_hh, _matrix(hh), h, gh, hh)
+                dispatch(p_hh, self.paths, self.measure)
+                dirs.append(Direction(cell.reverse, p_hh, gx, bias32, torch.zeros(H, dtype=torch.float32, device=dev), hh))
+                inputs.append(p_ih)
+            names = " + ".join(c.weight_hh for c in cells)
+            rec = Recurrence(f"{names} ({T} steps)", dirs, y, hidden=H, steps=T, dtype=self.dtype, device=self.device,
+                             kernels=self.kernels, hold=self._held.append, side=self._side)
+            self._dispatch(rec)
+            self._layers.append((inputs, rec))
             x = y
         cls = arch.fcs[0]
         self.out = torch.empty(cls.out_features, T, dtype=tdt, device=dev)
@@ -237,14 +244,15 @@ class PackedBiLstm(PackedModel):
 
     def run(self) -> None:
         cur = torch.cuda.current_stream()
-        for _, chains in self._layers:
-            fwd, rev = chains[0], chains[1:]
-            for chain in rev:
+        for inputs, rec in self._layers:
+            for p in inputs[1:]:
                 self._side.wait_stream(cur)
                 with torch.cuda.stream(self._side):
-                    self._launch_all(chain)
-            self._launch_all(fwd)
-            cur.wait_stream(self._side)
+                    self._launch_all([p.launch])
+            self._launch_all([inputs[0].launch])
+            if len(inputs) > 1:
+                cur.wait_stream(self._side)
+            rec.launch()
         self._launch_all([self.classifier.launch])
 
     def forward(self, inputs: dict) -> torch.Tensor:

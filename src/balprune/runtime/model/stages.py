@@ -226,8 +226,9 @@ class Projection:
                 out[self.sparse[0] + (f" ({label})" if label else "")] = self._sparse_launch(x, y, o)
         return out
 
-    def bytes_of(self, path: str) -> int:
-        path = path.split(" (")[0]
+    def bytes_of(self, key: str) -> int:
+        """Weight bytes candidate ``key`` (a path, or "path (variant)") reads per launch."""
+        path = key.split(" (")[0]
         if path == "dense":
             return int(self.dense.numel() * self.dense.element_size())
         return int(self.sparse[1].weight_bytes)
@@ -330,8 +331,8 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
     """Gate, time and bind ``proj``'s paths with the data now in its x buffer (see module doc).
 
     ``proj`` is a Projection or any stage with the same surface: name, rows, cols, batch, pattern,
-    dtype, sparse ((path, operator) or None), sparse_reason, candidates(), reference(), bytes_of(),
-    bind(path), and a ``choice`` attribute that receives the result.
+    dtype, sparse ((path, operator) or None), sparse_reason, candidates(), reference(),
+    bytes_of(candidate key), bind(candidate key), and a ``choice`` attribute that receives the result.
 
     ``paths``: "auto" (fastest correct), "sparse" (balprune's kernel where the layer has one,
     else dense) or "dense". Without ``measure`` the forced path is bound untimed.
@@ -353,7 +354,6 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
     for k in cands:
         path = k.split(" (")[0]
         choice.errors[path] = max(choice.errors.get(path, 0.0), errors[k])
-        choice.bytes[path] = proj.bytes_of(path)
         if k not in correct:
             choice.unavailable[k] = f"failed the correctness gate (relative error {errors[k]:.2e} > {gate:.0e})"
     if not correct:
@@ -371,6 +371,7 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
             best_key[path] = k
     choice.times_us = {p: times[k] for p, k in best_key.items()} if measure else {}
     choice.variants = {p: k for p, k in best_key.items()}
+    choice.bytes = {p: proj.bytes_of(k) for p, k in best_key.items()}
     sparse_path = proj.sparse[0] if proj.sparse is not None and proj.sparse[0] in best_key else None
     if paths == "dense" or (paths == "sparse" and sparse_path is None):
         choice.path = "dense"
