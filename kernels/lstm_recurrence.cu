@@ -21,8 +21,9 @@
 // to finish a launch advances the epoch (ctl[0] counts finished CTAs and returns to 0).
 //
 // bp::lstm_recurrence<T> (T: float, bp::f16, bp::bf16), one launch per layer:
-//   desc   per direction d (8 x u64): vals [4H, nnz] T, cols [4H, nnz] u16 (the full column of
-//          each kept weight: block * L + in-block index, padding columns included with value 0),
+//   desc   per direction d (8 x u64): slots [4H, nnz] Slot<T>::Word (each kept weight's value
+//          and full column, block * L + in-block index, in one word: 16-bit T: bits | col << 16,
+//          float: bits | col << 32; padding columns included with value 0), unused,
 //          gx [4H, steps] T (W_ih x_t for every frame, row-major), bias [4H] fp32 or 0,
 //          y (T*, element (u, t) at y[u * steps + t]), hbuf [2, H] tagged words (scratch),
 //          ctl [2] u32 (direction 0's entry is used: finished-CTA count, epoch; zero before the
@@ -31,12 +32,26 @@
 //   fp32, zero beyond H), units per CTA, ctas per direction, lanes per row (1..32, power of 2).
 // Grid: ctas * D CTAs (CTA b: direction b / ctas, units [(b % ctas) * units, ...)); they must
 // all be resident at once (cooperative launch: a CTA waits for words other CTAs write).
-// Dynamic shared memory: (kpad + 5 * units) * 4 + 4 * units * nnz * (sizeof(T) + 2) bytes.
+// Dynamic shared memory: (kpad + 5 * units) * 4 rounded up to 8, + 4 * units * nnz * sizeof(Slot<T>::Word) bytes.
 // h_0 = c_0 = 0 (the model's initial state), so step 0 has no recurrent term. Gates in torch's
 // order (i, f, g, o); arithmetic fp32; h rounded to T once per step (as the per-step path stores it).
 #include "bp_common.cuh"
 
 namespace bp {
+
+// The low 16 bits of w as a 16-bit float, and a float rounded to 16-bit bits (round to nearest even).
+template <typename T>
+__device__ __forceinline__ float from_bits16(unsigned w);
+template <>
+__device__ __forceinline__ float from_bits16<f16>(unsigned w) { return half_bits_to_float(w & 0xffffu); }
+template <>
+__device__ __forceinline__ float from_bits16<bf16>(unsigned w) { return bf16_bits_to_float(w); }
+template <typename T>
+__device__ __forceinline__ unsigned short to_bits16(float f);
+template <>
+__device__ __forceinline__ unsigned short to_bits16<f16>(float f) { return float_to_half_bits(f); }
+template <>
+__device__ __forceinline__ unsigned short to_bits16<bf16>(float f) { return float_to_bf16_bits(f); }
 
 // Tagged h words: Tag<T>::Word holds h's bits and a 16-bit step tag.
 template <typename T>
@@ -61,17 +76,9 @@ struct Tag<float> {
 template <typename T>
 struct Tag16 {  // f16, bf16: the 16 value bits in the low half, the tag in the high half
   using Word = unsigned;
-  __device__ static __forceinline__ Word pack(float h, unsigned tag) {
-    T t;
-    Val<T>::store(&t, h);
-    return (unsigned)t.bits | (tag << 16);
-  }
+  __device__ static __forceinline__ Word pack(float h, unsigned tag) { return (unsigned)to_bits16<T>(h) | (tag << 16); }
   __device__ static __forceinline__ unsigned tag(Word w) { return w >> 16; }
-  __device__ static __forceinline__ float value(Word w) {
-    T t;
-    t.bits = (unsigned short)(w & 0xffffu);
-    return Val<T>::sload(&t);
-  }
+  __device__ static __forceinline__ float value(Word w) { return from_bits16<T>(w); }
   __device__ static __forceinline__ Word load(const Word* p) {
     Word v;
     asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -85,6 +92,20 @@ template <>
 struct Tag<f16> : Tag16<f16> {};
 template <>
 struct Tag<bf16> : Tag16<bf16> {};
+
+// One kept weight in shared memory: its value and its full column in one word.
+template <typename T>
+struct Slot {  // f16, bf16
+  using Word = unsigned;
+  __device__ static __forceinline__ float value(Word w) { return from_bits16<T>(w); }
+  __device__ static __forceinline__ unsigned col(Word w) { return w >> 16; }
+};
+template <>
+struct Slot<float> {
+  using Word = unsigned long long;
+  __device__ static __forceinline__ float value(Word w) { return __uint_as_float((unsigned)w); }
+  __device__ static __forceinline__ unsigned col(Word w) { return (unsigned)(w >> 32); }
+};
 
 __device__ __forceinline__ float sigmoid_rec(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
@@ -100,19 +121,18 @@ __device__ __forceinline__ void load_gate_inputs(float (&a)[4], const T* __restr
 }
 
 template <typename T>
-__global__ void __launch_bounds__(512) lstm_recurrence(const unsigned long long* __restrict__ desc, int H, int steps,
+__global__ void __launch_bounds__(512, 2) lstm_recurrence(const unsigned long long* __restrict__ desc, int H, int steps,
                                                         int nnz, int kpad, int units, int ctas, int lpr) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* hs = reinterpret_cast<float*>(smem);  // [kpad]
   float* gates = hs + kpad;                    // [4 * units]
   float* cst = gates + 4 * units;              // [units]
-  T* wv = reinterpret_cast<T*>(cst + units);   // [4 * units * nnz]
-  unsigned short* wc = reinterpret_cast<unsigned short*>(wv + (size_t)4 * units * nnz);
+  using SWord = typename Slot<T>::Word;
+  SWord* ws = reinterpret_cast<SWord*>(smem + (((size_t)kpad + 5 * units) * 4 + 7) / 8 * 8);  // [4 * units * nnz]
 
   const int d = blockIdx.x / ctas, cta = blockIdx.x % ctas;
   const unsigned long long* dd = desc + 8 * d;
-  const T* __restrict__ vals = reinterpret_cast<const T*>(dd[0]);
-  const unsigned short* __restrict__ cols = reinterpret_cast<const unsigned short*>(dd[1]);
+  const SWord* __restrict__ slots = reinterpret_cast<const SWord*>(dd[0]);
   const T* __restrict__ gx = reinterpret_cast<const T*>(dd[2]);
   const float* __restrict__ bias = reinterpret_cast<const float*>(dd[3]);
   T* y = reinterpret_cast<T*>(dd[4]);
@@ -133,11 +153,9 @@ __global__ void __launch_bounds__(512) lstm_recurrence(const unsigned long long*
     const int q = lr / units, i = lr % units;
     if (i < nu) {
       const long long g = ((long long)q * H + u0 + i) * nnz + s;
-      wv[e] = vals[g];
-      wc[e] = cols[g];
+      ws[e] = slots[g];
     } else {
-      wv[e] = T{};
-      wc[e] = 0;
+      ws[e] = 0;
     }
   }
   for (int i = tid; i < kpad; i += nthreads) hs[i] = 0.0f;
@@ -178,9 +196,12 @@ __global__ void __launch_bounds__(512) lstm_recurrence(const unsigned long long*
         const int lr = base + group;
         float acc = 0.0f;
         if (lr < R) {
-          const T* rv = wv + (size_t)lr * nnz;
-          const unsigned short* rc = wc + (size_t)lr * nnz;
-          for (int e = sub; e < nnz; e += lpr) acc = fmaf(Val<T>::sload(rv + e), hs[rc[e]], acc);
+          const SWord* rs = ws + (size_t)lr * nnz;
+#pragma unroll 4
+          for (int e = sub; e < nnz; e += lpr) {
+            const SWord w = rs[e];  // one shared load: value and column
+            acc = fmaf(Slot<T>::value(w), hs[Slot<T>::col(w)], acc);
+          }
         }
         for (int o = lpr >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         if (sub == 0 && lr < R) gates[lr] = acc;

@@ -89,3 +89,12 @@ def test_every_model_op_compiles_without_spills(tmp_path):
     names = model_kernel_variants()
     assert len(names) == 5 * 3
     _assert_fit_64_registers_no_spills(tmp_path, names, "model_ops.cu")
+
+
+def test_lstm_recurrence_compiles_without_spills(tmp_path):
+    """kernels/lstm_recurrence.cu: the persistent Bi-LSTM recurrence, every value type."""
+    from balprune.runtime.model.recurrence import recurrence_kernel_variants
+
+    names = recurrence_kernel_variants()
+    assert len(names) == 3
+    _assert_fit_64_registers_no_spills(tmp_path, names, "lstm_recurrence.cu")

@@ -30,7 +30,7 @@ from .._linear import STORAGE
 from .stages import Choice, Projection, cupy_on_torch_stream
 
 #: CTAs per direction tried by the persistent kernel (each CTA owns ceil(H / C) hidden units).
-PERSISTENT_CTAS = (8, 16, 32, 64)
+PERSISTENT_CTAS = (16, 32, 64, 128)
 PERSISTENT_THREADS = (256, 512)
 
 
@@ -62,7 +62,7 @@ def _next_pow2(n: int) -> int:
 
 class PersistentLstm:
     """kernels/lstm_recurrence.cu set up for one layer: the rows of W_hh in the kernel's layout
-    (values [4H, k*B] and full column numbers [4H, k*B] u16 per direction), the descriptor table,
+    (one word per kept weight: value and full column, [4H, k*B] per direction), the descriptor table,
     the tagged h buffers and the launch's control words (finished-CTA count, epoch). ``launch(ctas, threads)`` returns a bound
     cooperative launch, or None when that grid cannot be resident all at once on this GPU."""
 
@@ -84,11 +84,17 @@ class PersistentLstm:
         desc = []
         for d, dr in enumerate(dirs):
             p = dr.packed
-            vals = p.values.to(tdt).reshape(4 * H, self.nnz).contiguous().to(dev)
-            cols32 = p.indices.to(torch.int32) + (torch.arange(g.blocks, dtype=torch.int32) * g.block_length)
-            cols = cols32.reshape(4 * H, self.nnz).to(torch.int16).contiguous().to(dev)  # u16 bits
-            self.arrays += [vals, cols]
-            desc.append([vals.data_ptr(), cols.data_ptr(), dr.gx.data_ptr(),
+            # One word per kept weight: value bits | full column << 16 (16-bit) or << 32 (float).
+            bits = p.values.to(tdt).reshape(4 * H, self.nnz).view(torch.int16 if self.esize == 2 else torch.int32)
+            cols = p.indices.to(torch.int64) + (torch.arange(g.blocks, dtype=torch.int64) * g.block_length)
+            cols = cols.reshape(4 * H, self.nnz)
+            if self.esize == 2:
+                word = (bits.to(torch.int32) & 0xFFFF) | (cols.to(torch.int32) << 16)
+            else:
+                word = (bits.to(torch.int64) & 0xFFFFFFFF) | (cols << 32)
+            slots = word.contiguous().to(dev)
+            self.arrays.append(slots)
+            desc.append([slots.data_ptr(), 0, dr.gx.data_ptr(),
                          0 if dr.bias32 is None else dr.bias32.data_ptr(),
                          y.data_ptr() + d * H * steps * self.esize, self.hbuf[d].data_ptr(),
                          self.ctl.data_ptr(), 1 if dr.reverse else 0])
@@ -120,7 +126,9 @@ class PersistentLstm:
         return ""
 
     def shared_bytes(self, units: int) -> int:
-        return (self.kpad + 5 * units) * 4 + 4 * units * self.nnz * (self.esize + 2)
+        """Dynamic shared memory of a CTA owning ``units`` hidden units (the kernel's layout)."""
+        head = -(-(self.kpad + 5 * units) * 4 // 8) * 8
+        return head + 4 * units * self.nnz * (4 if self.esize == 2 else 8)
 
     def launch(self, ctas: int, threads: int) -> tuple[Callable[[], None] | None, str]:
         """(bound launch, label) for ``ctas`` CTAs per direction of ``threads`` threads; (None, why) when it cannot run."""
