@@ -35,63 +35,9 @@
 // Dynamic shared memory: (kpad + 5 * units) * 4 rounded up to 8, + 4 * units * nnz * sizeof(Slot<T>::Word) bytes.
 // h_0 = c_0 = 0 (the model's initial state), so step 0 has no recurrent term. Gates in torch's
 // order (i, f, g, o); arithmetic fp32; h rounded to T once per step (as the per-step path stores it).
-#include "bp_common.cuh"
+#include "lstm_common.cuh"
 
 namespace bp {
-
-// The low 16 bits of w as a 16-bit float, and a float rounded to 16-bit bits (round to nearest even).
-template <typename T>
-__device__ __forceinline__ float from_bits16(unsigned w);
-template <>
-__device__ __forceinline__ float from_bits16<f16>(unsigned w) { return half_bits_to_float(w & 0xffffu); }
-template <>
-__device__ __forceinline__ float from_bits16<bf16>(unsigned w) { return bf16_bits_to_float(w); }
-template <typename T>
-__device__ __forceinline__ unsigned short to_bits16(float f);
-template <>
-__device__ __forceinline__ unsigned short to_bits16<f16>(float f) { return float_to_half_bits(f); }
-template <>
-__device__ __forceinline__ unsigned short to_bits16<bf16>(float f) { return float_to_bf16_bits(f); }
-
-// Tagged h words: Tag<T>::Word holds h's bits and a 16-bit step tag.
-template <typename T>
-struct Tag;
-template <>
-struct Tag<float> {
-  using Word = unsigned long long;
-  __device__ static __forceinline__ Word pack(float h, unsigned tag) {
-    return (unsigned long long)__float_as_uint(h) | ((unsigned long long)tag << 32);
-  }
-  __device__ static __forceinline__ unsigned tag(Word w) { return (unsigned)(w >> 32); }
-  __device__ static __forceinline__ float value(Word w) { return __uint_as_float((unsigned)w); }
-  __device__ static __forceinline__ Word load(const Word* p) {
-    Word v;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-  }
-  __device__ static __forceinline__ void store(Word* p, Word v) {
-    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-  }
-};
-template <typename T>
-struct Tag16 {  // f16, bf16: the 16 value bits in the low half, the tag in the high half
-  using Word = unsigned;
-  __device__ static __forceinline__ Word pack(float h, unsigned tag) { return (unsigned)to_bits16<T>(h) | (tag << 16); }
-  __device__ static __forceinline__ unsigned tag(Word w) { return w >> 16; }
-  __device__ static __forceinline__ float value(Word w) { return from_bits16<T>(w); }
-  __device__ static __forceinline__ Word load(const Word* p) {
-    Word v;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-  }
-  __device__ static __forceinline__ void store(Word* p, Word v) {
-    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-  }
-};
-template <>
-struct Tag<f16> : Tag16<f16> {};
-template <>
-struct Tag<bf16> : Tag16<bf16> {};
 
 // One kept weight in shared memory: its value and its full column in one word.
 template <typename T>
@@ -106,8 +52,6 @@ struct Slot<float> {
   __device__ static __forceinline__ float value(Word w) { return __uint_as_float((unsigned)w); }
   __device__ static __forceinline__ unsigned col(Word w) { return (unsigned)(w >> 32); }
 };
-
-__device__ __forceinline__ float sigmoid_rec(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
 // a[q] = gx[q*H + u, t] + bias[q*H + u] for the four gates of unit u.
 template <typename T>
@@ -161,7 +105,7 @@ __global__ void __launch_bounds__(512, 2) lstm_recurrence(const unsigned long lo
   for (int i = tid; i < kpad; i += nthreads) hs[i] = 0.0f;
   for (int i = tid; i < units; i += nthreads) cst[i] = 0.0f;
   // Written by the previous launch's last CTA, which finished before this launch began.
-  const unsigned epoch = *reinterpret_cast<volatile unsigned*>(ctl + 1);
+  const unsigned epoch = launch_epoch(ctl);
   const unsigned tag0 = epoch * (unsigned)steps + 1u;  // the tag of step s is (tag0 + s) & 0xffff
 
   // The input projection and bias of this thread's unit, loaded one step ahead.
@@ -222,12 +166,7 @@ __global__ void __launch_bounds__(512, 2) lstm_recurrence(const unsigned long lo
     // Independent of h: in flight while the next step's h is gathered.
     if (s + 1 < steps && tid < nu) load_gate_inputs(a_in, gx, bias, H, steps, u0 + tid, reverse ? t - 1 : t + 1);
   }
-  // The last CTA to finish advances the epoch for the next launch.
-  __syncthreads();
-  if (tid == 0 && atomicAdd(ctl, 1u) == gridDim.x - 1) {
-    ctl[0] = 0;
-    ctl[1] = epoch + 1;
-  }
+  end_launch(ctl, epoch);
 }
 
 }  // namespace bp

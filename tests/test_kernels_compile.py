@@ -98,3 +98,12 @@ def test_lstm_recurrence_compiles_without_spills(tmp_path):
     names = recurrence_kernel_variants()
     assert len(names) == 3
     _assert_fit_64_registers_no_spills(tmp_path, names, "lstm_recurrence.cu")
+
+
+def test_lstm_lm_step_compiles_without_spills(tmp_path):
+    """kernels/lstm_lm_step.cu: the persistent LM token step, every value and index type."""
+    from balprune.runtime.model.lm_step import lm_step_kernel_variants
+
+    names = lm_step_kernel_variants()
+    assert len(names) == 6
+    _assert_fit_64_registers_no_spills(tmp_path, names, "lstm_lm_step.cu")

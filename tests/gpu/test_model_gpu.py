@@ -106,8 +106,8 @@ def test_lstm_fuses_ih_and_hh_into_one_launch(small_files):
     from balprune.runtime.model import load_model
 
     rt = load_model(small_files["lstm-lm"], dtype="float16", paths="sparse", measure=False)
-    names = [c.layer for c in rt.choices]
-    assert "lstm.weight_ih_l0+lstm.weight_hh_l0" in names and "lstm.weight_ih_l1+lstm.weight_hh_l1" in names
+    names = [[p.name for p in ps] for ps in rt.layer_projs]
+    assert names == [["lstm.weight_ih_l0+lstm.weight_hh_l0"], ["lstm.weight_ih_l1+lstm.weight_hh_l1"]]
 
 
 @pytest.mark.parametrize("name,sparsity", [("lstm-lm", 0.8), ("ctc-bilstm", 0.875)])

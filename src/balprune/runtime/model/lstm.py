@@ -20,6 +20,8 @@ every step of both directions, whichever the dispatcher measured faster.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -83,14 +85,32 @@ def _matrix(packed) -> torch.Tensor:
     return as_matrix(packed if isinstance(packed, torch.Tensor) else packed.to_dense())
 
 
+@dataclass
+class _LayerRef:
+    """What the float64 reference of one LM layer needs: the fused gate matrix (or W_ih and W_hh)."""
+
+    hidden: int
+    off_h: int
+    fused: torch.Tensor | None
+    w_ih: torch.Tensor | None
+    w_hh: torch.Tensor | None
+    bias32: torch.Tensor | None
+
+
 class PackedLstmLm(PackedModel):
-    """The LSTM language model, one token step per ``run()`` (state carried between steps)."""
+    """The LSTM language model, one token step per ``run()`` (state carried between steps).
+
+    The step is one dispatched stage (lm_step.LmStep): per-piece launches (each matrix on its
+    fastest path, dense or balanced) or the whole step in one persistent launch, whichever
+    measured faster; ``choices`` holds that stage's record."""
 
     unit = "token step"
 
     def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
                  measure: bool = True, progress=None) -> None:
         from ..balanced import BalancedLinear
+        from .lm_step import LmStep, PersistentLm, Phase
+        from .stages import dispatch
 
         super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         dev, tdt, K = self.dev, self.tdt, self.kernels
@@ -99,9 +119,12 @@ class PackedLstmLm(PackedModel):
         vocab, dim = (int(d) for d in self.table.shape)
         self.xh: list[torch.Tensor] = []
         self.cells: list[torch.Tensor] = []
-        self._launches = []
-        layers = []
-        for cell in arch.cells:
+        self.layer_projs: list[list] = []
+        self.layer_refs: list[_LayerRef] = []
+        cell_args = []
+        phases: list[Phase] | None = []
+        why = ""
+        for li, cell in enumerate(arch.cells):
             H = cell.hidden
             ih, hh = load_packed(pf, cell.weight_ih), load_packed(pf, cell.weight_hh)
             fused = _fused_gates(ih, hh)
@@ -124,38 +147,68 @@ class PackedLstmLm(PackedModel):
                 op = BalancedLinear(values.to(tdt), indices, cols=cols, block_length=L, device=self.device, name=name)
                 projs = [self._projection(name, dense, xh, gates, None, pattern="balanced", sparse=("balanced", op))]
                 gh = None
+                self.layer_refs.append(_LayerRef(H, off_h, projs[0].dense, None, None, bias32))
+                if phases is not None:
+                    phases.append(Phase(values.to(tdt), indices, L, H, off_h, bias32))
             else:
                 gh = torch.empty(4 * H, dtype=tdt, device=dev)
                 projs = [self._projection(cell.weight_ih, w_ih, x_part, gates, ih),
                          self._projection(cell.weight_hh, w_hh, h_part, gh, hh)]
+                self.layer_refs.append(_LayerRef(H, off_h, None, projs[0].dense, projs[1].dense, bias32))
+                phases, why = None, f"layer {li}: W_ih and W_hh are not one balanced geometry (no fused gate matrix)"
             for p in projs:
-                self._dispatch(p)
-            layers.append((H, off_h, xh, gates, gh, c, bias32, projs))
+                if self._progress:
+                    self._progress(f"dispatching {p.name}")
+                dispatch(p, self.paths, self.measure)
+            cell_args.append((gates, gh, bias32, c, xh, off_h, H))
+            self.layer_projs.append(projs)
             self.xh.append(xh)
             self.cells.append(c)
+        # Each cell writes h into its own xh (next step) and into the next layer's input.
+        self.cell_launches = [self._cell_launch(*a, self.xh[li + 1] if li + 1 < len(cell_args) else None)
+                              for li, a in enumerate(cell_args)]
         dec = arch.fcs[0]
-        off_l, xh_l = layers[-1][1], layers[-1][2]
+        off_l, xh_l = self.layer_refs[-1].off_h, self.xh[-1]
         self.logits = torch.empty(dec.out_features, dtype=tdt, device=dev)
         dec_packed = load_packed(pf, dec.weight)
         self.decoder = self._projection(dec.weight, _matrix(dec_packed), xh_l[off_l:], self.logits, dec_packed,
                                         bias=None if dec.bias is None else load_dense(pf, dec.bias))
-        self._dispatch(self.decoder)
-        # The step's launches, in order: embedding -> (projection(s), cell) per layer -> decoder.
-        self._launches.append(K.bound("embedding_row", dim, (self._ptr(self.token), self._ptr(self.table), np.int64(vocab),
-                                                             np.int32(dim), self._ptr(self.xh[0]))))
-        for li, (H, off_h, xh, gates, gh, c, bias32, projs) in enumerate(layers):
-            nxt = self.xh[li + 1] if li + 1 < len(layers) else None
-            self._launches.extend(p.launch for p in projs)
-            self._launches.append(K.bound("lstm_cell", H, (
-                self._ptr(gates), np.int64(1), self._ptr(gh), self._ptr(bias32), self._ptr(c), self._ptr(xh, off_h), self._ptr(nxt), np.int64(1),
-                np.int32(H))))
-        self._launches.append(self.decoder.launch)
+        if self._progress:
+            self._progress(f"dispatching {dec.weight}")
+        dispatch(self.decoder, self.paths, self.measure)
+        self.embedding_launch = K.bound("embedding_row", dim, (self._ptr(self.token), self._ptr(self.table),
+                                                               np.int64(vocab), np.int32(dim), self._ptr(self.xh[0])))
+        from ...formats.balanced import BalancedTensor
+
+        persistent = None
+        if phases is not None and not isinstance(dec_packed, BalancedTensor):
+            phases, why = None, "the decoder is not balanced"
+        if phases is not None:
+            g = dec_packed.geometry
+            phases.append(Phase(dec_packed.values.to(tdt), dec_packed.indices, g.block_length, 0, 0,
+                                self.decoder.bias32))
+            try:
+                persistent = PersistentLm(phases, table=self.table, token=self.token, logits=self.logits,
+                                          dtype=self.dtype, device=self.device)
+            except ValueError as e:
+                why = str(e)
+        self.persistent = persistent
+        self.step = LmStep(self, persistent, why)
+        self._dispatch(self.step)
         self.reset()
 
+    def _cell_launch(self, gates, gh, bias32, c, xh, off_h, H, nxt):
+        """The cell of one layer: h into this layer's xh (next step) and into ``nxt`` (next layer's input)."""
+        return self.kernels.bound("lstm_cell", H, (
+            self._ptr(gates), np.int64(1), self._ptr(gh), self._ptr(bias32), self._ptr(c), self._ptr(xh, off_h),
+            self._ptr(nxt), np.int64(1), np.int32(H)))
+
     def reset(self) -> None:
-        """Zero state: h (in every xh) and c."""
+        """Zero state: h (in every xh, and the persistent kernel's h words) and c."""
         for t in self.xh + self.cells:
             t.zero_()
+        if self.persistent is not None:
+            self.persistent.reset()
 
     def load_inputs(self, inputs: dict) -> None:
         """Reset the state and load the first token of ``inputs["tokens"]`` (run() = its step)."""
@@ -164,7 +217,7 @@ class PackedLstmLm(PackedModel):
         self.token.fill_(ids[0])
 
     def run(self) -> None:
-        self._launch_all(self._launches)
+        self.step.launch()
 
     def forward(self, inputs: dict) -> torch.Tensor:
         """Logits of each token of ``inputs["tokens"]`` [steps], one step at a time from a zero state: [steps, vocab]."""

@@ -167,6 +167,7 @@ class Recurrence:
         self.kernels, self._hold, self._side = kernels, hold, side
         self.choice: Choice | None = None
         self._bound: Callable[[], None] | None = None
+        self.unavailable: dict[str, str] = {}  # persistent launch shapes that cannot run here, and why
         why = next((w for w in (PersistentLstm.fits(d.packed, steps) for d in dirs) if w), "")
         self.persistent = None if why else PersistentLstm(dirs, y, hidden=hidden, steps=steps, dtype=dtype,
                                                           device=device, hold=hold)
@@ -219,7 +220,9 @@ class Recurrence:
             for threads in PERSISTENT_THREADS:
                 for ctas in PERSISTENT_CTAS:
                     fn, label = self.persistent.launch(ctas, threads)
-                    if fn is not None and f"{self.sparse[0]} ({label})" not in out:
+                    if fn is None:
+                        self.unavailable[f"{self.sparse[0]} ({label.split(':')[0]})"] = label
+                    elif f"{self.sparse[0]} ({label})" not in out:
                         out[f"{self.sparse[0]} ({label})"] = self._persistent_run(fn)
         variants = self.dirs[0].proj.choice.variants if self.dirs[0].proj.choice else {}
         for path in variants:

@@ -332,7 +332,10 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
 
     ``proj`` is a Projection or any stage with the same surface: name, rows, cols, batch, pattern,
     dtype, sparse ((path, operator) or None), sparse_reason, candidates(), reference(),
-    bytes_of(candidate key), bind(candidate key), and a ``choice`` attribute that receives the result.
+    bytes_of(candidate key), bind(candidate key), and a ``choice`` attribute that receives the result;
+    optionally ``timing_candidates()`` (the same keys: what to time when a gate run differs from one
+    unit of work, e.g. an LM step gated over two steps from the zero state) and ``unavailable``
+    ({candidate: why it cannot run}, reported).
 
     ``paths``: "auto" (fastest correct), "sparse" (balprune's kernel where the layer has one,
     else dense) or "dense". Without ``measure`` the forced path is bound untimed.
@@ -359,11 +362,13 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
     if not correct:
         raise GpuRuntimeError(f"{proj.name}: no path passed the correctness gate (relative errors "
                               f"{', '.join(f'{p} {e:.2e}' for p, e in errors.items())}; bound {gate:.0e})")
+    choice.unavailable.update(getattr(proj, "unavailable", {}))
     times: dict[str, float] = {}
     if measure:
+        timed = proj.timing_candidates() if hasattr(proj, "timing_candidates") else cands
         for k in correct:
             with cupy_on_torch_stream():
-                times[k] = measure_us(cands[k])
+                times[k] = measure_us(timed[k])
     best_key: dict[str, str] = {}  # path -> its fastest correct variant
     for k in correct:
         path = k.split(" (")[0]

@@ -1,0 +1,317 @@
+// lstm_lm_step.cu: one token step of the LSTM language model (embedding lookup, every LSTM
+// layer with W_ih | W_hh fused, the decoder) in ONE persistent launch.
+//
+// Why: run as separate launches the step is embedding + (SpMV + cell) per layer + decoder, six
+// launches whose matrices (about 11, 11 and 9 MB at 80%, fp16) sit in L2: each launch spends
+// more on its start, its ramp and its drain than on its bytes (kernels/NOTES.md v5-v7). Here the
+// step is a sequence of phases, one per matrix; every CTA owns a slice of each phase's rows and
+// at the start of the launch asks the copy engine for its slices of the first phases' weights
+// (cp.async.bulk into shared memory, a ring of `regions` buffers), so the weights stream in
+// while the CTA waits for its phase's input vector. Phases hand h to each other as tagged words
+// (lstm_common.cuh): a CTA polls the previous phase's h until every word carries this launch's
+// tag, with no grid barrier.
+//
+// bp::lstm_lm_step<T, I> (T: float, bp::f16, bp::bf16; I: in-block index, u8 or u16).
+// desc: `phases` records of kFields u64 (fields below), phases <= kMaxPhases. A phase multiplies
+// a balanced matrix [rows, B*L] by x = [A | 0 | own h of the previous launch at offB..offB+H)
+// (LSTM) or x = [A | 0] (linear). Per row the kept weights are stored block-major, [B, k2]:
+// slot t of block j at j*k2 + t, k2 = k rounded up to even (a padding slot has value 0 and
+// index 0), so a lane reads two slots of its block with one shared load per array.
+//   kW        weights base: per CTA c a chunk at byte offset chunks[c] (16-aligned): the values
+//             [n_c, B*k2] T, padded to 16 bytes, then the indices [n_c, B*k2] I, padded to 16
+//   kChunks   u64 [grid + 1] chunk offsets (chunk c = [chunks[c], chunks[c+1]))
+//   kKind     0: LSTM gates (rows = 4H; CTA c owns units u0 = c*U .. u0+n-1, U = ceil(H / grid),
+//             local row q*n + i = global row q*H + u0 + i); 1: linear (rows r0 = c*RD .., RD =
+//             ceil(rows / grid), local row i = global row r0 + i)
+//   kRows, kUnits (H; LSTM), kBlocks (B), kLength (L), kKeep (k2, even)
+//   kBias     fp32 [rows] (LSTM: b_ih + b_hh) or 0
+//   kSrcKind  A's source: 0 embedding row (kSrc table [vocab, lenA] T, kToken int64 id, kVocab),
+//             1 the previous phase's tagged h words (kSrc: [2, lenA] words, this launch's half)
+//   kSrc, kSrcLen (lenA), kToken, kVocab
+//   kOffB     LSTM: the column where this layer's own h starts
+//   kOwn      LSTM: this layer's tagged h words [2, H] (written: half `epoch & 1`; read as the
+//             previous step's h: the other half); linear: the output [rows] T
+//   kCell     LSTM: fp32 cell state [H] (each unit read and written by its owning CTA only)
+//   kHOff     LSTM: where this layer's previous h sits in the CTA's shared `hprev` [hcap]
+// ctl: [2] u32 launch control (lstm_common.cuh). xcap: the largest B*L; ucap: the largest U;
+// region_bytes: the largest chunk (128-aligned); regions: 1 or 2 (ring of weight buffers); lpr:
+// lanes per row (power of 2, <= 32). Grid: 1-D, every CTA resident (cooperative launch).
+// x is staged as fp32 block-interleaved, column j*L + i at xs[i*B + j]: lane j of a warp reads
+// bank j whatever its index (B % 32 == 0), instead of bank conflicts that depend on the indices
+// (they made the arithmetic 3x slower than its instruction count, measured).
+// hcap: the sum of the LSTM layers' H. Dynamic shared memory: 16 + 8 * kFields * kMaxPhases +
+// 4 * (2 * xcap + 4 * ucap + hcap) rounded up to 128, + regions * region_bytes.
+// A token id outside [0, vocab) gives a zero embedding row (the runtime checks ids on the host).
+#include "lstm_common.cuh"
+
+// Diagnostics for timing experiments only (results are wrong): -DBP_LM_DIAG=1 no matrix
+// arithmetic (copies and hand-offs only); =2 no weight copies (arithmetic on whatever shared
+// memory holds); =3 neither.
+#ifndef BP_LM_DIAG
+#define BP_LM_DIAG 0
+#endif
+
+namespace bp {
+
+enum LmField : int {
+  kW = 0, kChunks, kKind, kRows, kUnits, kBlocks, kLength, kKeep, kBias, kSrcKind, kSrc, kSrcLen, kToken,
+  kVocab, kOffB, kOwn, kCell, kHOff, kFields = 20
+};
+constexpr int kMaxPhases = 16;
+
+// Two consecutive values / indices of a row from shared memory (one load each).
+template <typename T>
+__device__ __forceinline__ void value_pair(const T* p, float& v0, float& v1);
+template <>
+__device__ __forceinline__ void value_pair<float>(const float* p, float& v0, float& v1) {
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  v0 = v.x;
+  v1 = v.y;
+}
+template <>
+__device__ __forceinline__ void value_pair<f16>(const f16* p, float& v0, float& v1) {
+  const unsigned w = *reinterpret_cast<const unsigned*>(p);
+  v0 = half_bits_to_float(w & 0xffffu);
+  v1 = half_bits_to_float(w >> 16);
+}
+template <>
+__device__ __forceinline__ void value_pair<bf16>(const bf16* p, float& v0, float& v1) {
+  const unsigned w = *reinterpret_cast<const unsigned*>(p);
+  v0 = __uint_as_float(w << 16);
+  v1 = __uint_as_float(w & 0xffff0000u);
+}
+template <typename I>
+__device__ __forceinline__ void index_pair(const I* p, unsigned& i0, unsigned& i1);
+template <>
+__device__ __forceinline__ void index_pair<unsigned char>(const unsigned char* p, unsigned& i0, unsigned& i1) {
+  const unsigned w = *reinterpret_cast<const unsigned short*>(p);
+  i0 = w & 0xffu;
+  i1 = w >> 8;
+}
+template <>
+__device__ __forceinline__ void index_pair<unsigned short>(const unsigned short* p, unsigned& i0, unsigned& i1) {
+  const unsigned w = *reinterpret_cast<const unsigned*>(p);
+  i0 = w & 0xffffu;
+  i1 = w >> 16;
+}
+
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+template <typename T, typename I>
+__global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long* __restrict__ desc, int phases,
+                                                     int regions, unsigned region_bytes, int xcap, int ucap, int hcap,
+                                                     unsigned* ctl, int lpr) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned long long* mbar = reinterpret_cast<unsigned long long*>(smem);  // [regions <= 2]
+  unsigned long long* sdesc = mbar + 2;                                     // [kMaxPhases * kFields]
+  float* xs = reinterpret_cast<float*>(sdesc + kMaxPhases * kFields);       // [xcap]
+  float* xl = xs + xcap;                                                    // [xcap] x in column order
+  float* gates = xl + xcap;                                                 // [4 * ucap]
+  float* hprev = gates + 4 * ucap;                                          // [hcap] every layer's h of the last step
+  unsigned char* ring =
+      smem + ((16 + 8 * kFields * kMaxPhases + 4 * (2 * (size_t)xcap + 4 * ucap + hcap) + 127) / 128) * 128;
+
+  using Word = typename Tag<T>::Word;
+  const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
+  const unsigned epoch = launch_epoch(ctl);
+  const unsigned tag = (epoch & 0x7fffu) + 1u;  // never 0: zeroed words (reset state) never match
+  const size_t half = epoch & 1;
+
+  // Ask for phase p's chunk in ring buffer p % regions (thread 0 only).
+  auto issue = [&](int p) {
+    const unsigned long long* d = desc + (size_t)p * kFields;
+    const unsigned long long* ch = reinterpret_cast<const unsigned long long*>(d[kChunks]);
+    const unsigned long long off = ch[c], bytes = ch[c + 1] - off;
+    unsigned long long* bar = mbar + p % regions;
+    if (bytes == 0 || (BP_LM_DIAG & 2)) {
+      mbar_arrive(bar);
+    } else {
+      mbar_arrive_expect_tx(bar, (unsigned)bytes);
+      bulk_copy_g2s(ring + (size_t)(p % regions) * region_bytes, reinterpret_cast<const unsigned char*>(d[kW]) + off,
+                    (unsigned)bytes, bar);
+    }
+  };
+  if (tid == 0) {
+    for (int r = 0; r < regions; ++r) mbar_init(mbar + r, 1);
+    mbar_init_fence();
+    if (phases > 0) issue(0);
+  }
+  // Every phase's record in shared memory: one round trip for all instead of one per phase.
+  for (int i = tid; i < phases * kFields; i += nt) sdesc[i] = desc[i];
+  __syncthreads();
+  // What no phase has to wait for, gathered once at the start (its L2 latency overlaps the
+  // weight copies instead of sitting in a phase's critical path): every layer's h of the
+  // previous step (the other half of its words) into hprev, and the embedding row into xl.
+  for (int p = 0; p < phases; ++p) {
+    const unsigned long long* d = sdesc + (size_t)p * kFields;
+    if (d[kKind] == 0) {
+      const int H = (int)d[kUnits];
+      const Word* own_prev = reinterpret_cast<const Word*>(d[kOwn]) + (1 - half) * (size_t)H;
+      float* hp = hprev + d[kHOff];
+      for (int i = tid; i < H; i += nt) hp[i] = Tag<T>::value(Tag<T>::load(own_prev + i));
+    }
+    if (d[kSrcKind] == 0) {
+      const int lenA = (int)d[kSrcLen];
+      const long long tok = *reinterpret_cast<const long long*>(d[kToken]);
+      const bool tok_ok = tok >= 0 && tok < (long long)d[kVocab];
+      const T* table = reinterpret_cast<const T*>(d[kSrc]);
+      for (int i = tid; i < lenA; i += nt) xl[i] = tok_ok ? Val<T>::sload(table + tok * lenA + i) : 0.0f;
+    }
+  }
+  __syncthreads();
+
+  const int lane = tid & 31, warp = tid >> 5, nwarps = nt >> 5;
+  const int rpw = 32 / lpr, group = lane / lpr, sub = lane % lpr;
+  for (int p = 0; p < phases; ++p) {
+    const unsigned long long* d = sdesc + (size_t)p * kFields;
+    const bool lstm = d[kKind] == 0;
+    const int R = (int)d[kRows], H = (int)d[kUnits], B = (int)d[kBlocks], L = (int)d[kLength], k = (int)d[kKeep];
+    const int kpad = B * L, nnz = k * B;  // k: slots per block, even (padded)
+    int first, n;  // LSTM: first unit, units; linear: first row, rows
+    if (lstm) {
+      const int U = (H + G - 1) / G;
+      first = c * U;
+      n = max(0, min(U, H - first));
+    } else {
+      const int RD = (R + G - 1) / G;
+      first = c * RD;
+      n = max(0, min(RD, R - first));
+    }
+    const int nrows = lstm ? 4 * n : n;
+    const int lenA = (int)d[kSrcLen];
+    const float* __restrict__ bias = reinterpret_cast<const float*>(d[kBias]);
+    // The cell's inputs besides the gates, fetched now so their latency hides behind the phase.
+    float b4[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c_old = 0.0f;
+    if (lstm && tid < n) {
+      const int u = first + tid;
+      if (bias != nullptr) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) b4[q] = bias[q * H + u];
+      }
+      c_old = reinterpret_cast<const float*>(d[kCell])[u];
+    }
+
+    const unsigned char* chunk = ring + (size_t)(p % regions) * region_bytes;
+    const T* vals = reinterpret_cast<const T*>(chunk);
+    const I* idx = reinterpret_cast<const I*>(chunk + ((size_t)nrows * nnz * sizeof(T) + 15) / 16 * 16);
+    T* out = reinterpret_cast<T*>(d[kOwn]);
+    // Every row of this CTA over blocks [jlo, jhi): gate rows into `gates` (added to what is
+    // there when `add`), linear rows (+ bias) into the output.
+    auto rows_dot = [&](int jlo, int jhi, bool add) {
+      if (BP_LM_DIAG & 1) return;
+      for (int base = warp * rpw; base < nrows; base += nwarps * rpw) {
+        const int lr = base + group;
+        float acc = 0.0f;
+        if (lr < nrows) {
+          const T* rv = vals + (size_t)lr * nnz;
+          const I* ri = idx + (size_t)lr * nnz;
+          for (int j = jlo + sub; j < jhi; j += lpr) {
+            const float* xj = xs + j;
+            const T* vj = rv + j * k;
+            const I* ij = ri + j * k;
+#pragma unroll 4
+            for (int t = 0; t < k; t += 2) {
+              float v0, v1;
+              unsigned i0, i1;
+              value_pair<T>(vj + t, v0, v1);
+              index_pair<I>(ij + t, i0, i1);
+              acc = fmaf(v0, xj[i0 * B], acc);
+              acc = fmaf(v1, xj[i1 * B], acc);
+            }
+          }
+        }
+        for (int o = lpr >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (sub == 0 && lr < nrows) {
+          if (lstm) {
+            gates[lr] = add ? gates[lr] + acc : acc;
+          } else {
+            const int r = first + lr;
+            Val<T>::store(out + r, acc + (bias != nullptr ? bias[r] : 0.0f));
+          }
+        }
+      }
+    };
+    // x[col] for the blocks [jlo, jhi) into xs (block-interleaved): columns below lenA from xl
+    // (column order), this layer's previous h from hprev, zeros elsewhere. Threads walk xs in
+    // order (conflict-free stores) and read the sources at stride L (conflict-free for odd L).
+    const int offB = lstm ? (int)d[kOffB] : kpad;
+    const float* hp = hprev + (lstm ? d[kHOff] : 0);
+    // Thread tid stages block j = tid % B, rows i = tid / B, tid / B + nt / B, ... (B <= nt:
+    // no division per element).
+    auto stage = [&](int jlo, int jhi) {
+      const int j = tid % B, per = nt / B;
+      if (tid >= per * B || j < jlo || j >= jhi) return;
+      for (int i = tid / B, col = j * L + i; i < L; i += per, col += per) {
+        xs[i * B + j] = col < lenA ? xl[col] : (lstm && col >= offB && col < offB + H ? hp[col - offB] : 0.0f);
+      }
+    };
+    // Wait for this phase's weights (once). Copies are issued one after another: phase 0's at the
+    // start, phase p+1's into a fresh ring buffer as soon as phase p's have landed (issued
+    // together, the copies share the bandwidth and phase 0 waits for both), a used buffer's
+    // next phase once the buffer has been read.
+    bool waited = false;
+    auto wait_weights = [&]() {
+      if (waited) return;
+      mbar_wait(mbar + p % regions, (unsigned)((p / regions) & 1));
+      waited = true;
+      if (tid == 0 && p + 1 < phases && p + 1 < regions) issue(p + 1);
+    };
+    if (nrows > 0) {
+      const bool emb = d[kSrcKind] == 0;
+      // Blocks from jB on hold only this layer's previous h (and zeros), known already: a layer
+      // that waits for the previous layer's h computes that part of its rows first.
+      const int jB = lstm ? offB / L : B;
+      const bool split = !emb && jB < B;
+      if (split) {
+        stage(jB, B);
+        __syncthreads();
+        wait_weights();
+        rows_dot(jB, B, false);
+      }
+      if (!emb) {
+        // The previous layer's h of this step, in column order into xl (coalesced loads).
+        const Word* src = reinterpret_cast<const Word*>(d[kSrc]) + half * (size_t)lenA;
+        bool done = false;
+        while (!done) {
+          bool mine = true;
+          for (int i = tid; i < lenA; i += nt) {
+            const Word w = Tag<T>::load(src + i);
+            if (Tag<T>::tag(w) == tag) {
+              xl[i] = Tag<T>::value(w);
+            } else {
+              mine = false;
+            }
+          }
+          done = __syncthreads_and(mine);
+        }
+      }
+      stage(0, split ? jB : B);
+      __syncthreads();
+      wait_weights();
+      rows_dot(0, split ? jB : B, split);
+    }
+    // This phase's weights (a CTA without rows waits too: the ring's phase parity must advance).
+    wait_weights();
+    __syncthreads();  // gates complete; this ring buffer is no longer read
+    if (tid == 0 && p + regions < phases) {
+      fence_proxy_async_shared();  // our reads of the buffer before the copy engine's writes
+      issue(p + regions);
+    }
+    if (lstm && tid < n) {
+      const int u = first + tid;
+      float a[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) a[q] = gates[q * n + tid] + b4[q];
+      const float cn = sigmoid_rec(a[1]) * c_old + sigmoid_rec(a[0]) * tanhf(a[2]);
+      const float hn = sigmoid_rec(a[3]) * tanhf(cn);
+      reinterpret_cast<float*>(d[kCell])[u] = cn;
+      Word* own = reinterpret_cast<Word*>(d[kOwn]) + half * (size_t)H;
+      Tag<T>::store(own + u, Tag<T>::pack(hn, tag));
+    }
+  }
+  end_launch(ctl, epoch);
+}
+
+}  // namespace bp
