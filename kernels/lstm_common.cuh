@@ -63,6 +63,26 @@ struct Tag<bf16> : Tag16<bf16> {};
 
 __device__ __forceinline__ float sigmoid_rec(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
+// dst[i] = the value of src[i] for i < n, once every word carries `tag`: the CTA polls the words
+// (coalesced, one L2 round trip per try) until all of them match. Called by every thread of the
+// CTA (it ends with a CTA-wide barrier).
+template <typename T>
+__device__ __forceinline__ void gather_tagged(const typename Tag<T>::Word* src, int n, unsigned tag, float* dst) {
+  bool done = false;
+  while (!done) {
+    bool mine = true;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const typename Tag<T>::Word w = Tag<T>::load(src + i);
+      if (Tag<T>::tag(w) == tag) {
+        dst[i] = Tag<T>::value(w);
+      } else {
+        mine = false;
+      }
+    }
+    done = __syncthreads_and(mine);
+  }
+}
+
 // The launch epoch: ctl[1] (written by the previous launch's last CTA, which finished before
 // this launch began). end_launch: the last CTA of the grid to finish advances it for the next
 // launch (ctl[0] counts finished CTAs and returns to 0).

@@ -272,20 +272,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
       }
       if (!emb) {
         // The previous layer's h of this step, in column order into xl (coalesced loads).
-        const Word* src = reinterpret_cast<const Word*>(d[kSrc]) + half * (size_t)lenA;
-        bool done = false;
-        while (!done) {
-          bool mine = true;
-          for (int i = tid; i < lenA; i += nt) {
-            const Word w = Tag<T>::load(src + i);
-            if (Tag<T>::tag(w) == tag) {
-              xl[i] = Tag<T>::value(w);
-            } else {
-              mine = false;
-            }
-          }
-          done = __syncthreads_and(mine);
-        }
+        gather_tagged<T>(reinterpret_cast<const Word*>(d[kSrc]) + half * (size_t)lenA, lenA, tag, xl);
       }
       stage(0, split ? jB : B);
       __syncthreads();

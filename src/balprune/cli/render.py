@@ -174,7 +174,8 @@ def model_tables(report) -> list[Table]:
     dev = report.device.get("name", "GPU")
     tables = []
     for dtype, dm in meta.get("dtypes", {}).items():
-        t = Table(title=f"{meta.get('architecture')} {dtype} on {dev}: per layer, one launch, CUDA graph, hot (us)",
+        t = Table(title=f"{meta.get('architecture')} {dtype} on {dev}: per stage (a layer, or an LSTM's whole "
+                  f"recurrence / token step), CUDA graph, hot (us)",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("layer", "shape", "N", "pattern", "dense", "sparse", "x dense", "path", "why"):
             t.add_column(col, justify="left" if col in ("layer", "pattern", "path", "why", "shape") else "right",

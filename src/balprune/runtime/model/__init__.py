@@ -1,6 +1,7 @@
 """End-to-end packed-model runtimes at batch 1: the LSTM language model, the Bi-LSTM acoustic
-model and VGG, built from a packed file with every matrix product on the path measured fastest
-on this GPU (balprune's kernel, or the same masked matrix through cuBLAS / cuDNN).
+model and VGG, built from a packed file with every stage on the path measured fastest on this GPU
+(balprune's kernel, the same masked matrix through cuBLAS / cuDNN, or for an LSTM's steps one
+persistent kernel for all of them).
 
 ``load_model(path)`` reads the file, recognises the architecture (balprune.models.detect), builds
 the runtime and returns it; ``model.forward(inputs)`` answers one request (compare it with

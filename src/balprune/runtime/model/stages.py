@@ -2,8 +2,9 @@
 product with its candidate paths, and the dispatcher that measures them and keeps the fastest correct.
 
 Data flow of a build: the model class (lstm.py, vgg.py) reads its weights from the packed file,
-makes one Projection per matrix product on buffers it owns, and calls ``dispatch`` on each with
-a sample input already in place; ``dispatch`` gates every path against a float64 torch product
+makes one Projection per matrix product on buffers it owns (and, for LSTMs, one stage over
+several of them: recurrence.Recurrence, a layer's every step; lm_step.LmStep, a whole token
+step), and calls ``dispatch`` on each with a sample input already in place; ``dispatch`` gates every path against a float64 torch product
 of the same (rounded) operands, times the correct ones on this GPU, and binds the fastest. The
 model then runs only bound launches: no checks, no allocation, no host work beyond the launch
 calls, so one forward can be captured in a CUDA graph.
