@@ -167,7 +167,7 @@ def test_model_rows_without_a_correct_pair_have_no_speedup():
 
 def test_model_tables_render_dispatch_end_to_end_and_speedups():
     text = _render(_model_report())
-    assert "lstm-lm float32 on Test GPU: per layer" in text and "lstm-lm float16 on Test GPU: per layer" in text
+    assert "lstm-lm float32 on Test GPU: per stage" in text and "lstm-lm float16 on Test GPU: per stage" in text
     assert "lstm-lm end to end, batch 1, median us per token step" in text
     lines = text.splitlines()
     # per-layer table: dense/sparse/x dense per layer and totals (dense 15, sparse 10, chosen paths 4 + 5 = 9)
