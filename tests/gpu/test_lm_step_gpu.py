@@ -46,8 +46,8 @@ def test_every_step_candidate_matches_the_float64_step(tmp_path, dtype, vocab, h
 
 
 def test_persistent_follows_the_per_piece_path_token_after_token(tmp_path):
-    from balprune.runtime.model.stages import rel_error
     from balprune.runtime.model import load_model
+    from balprune.runtime.model.stages import rel_error
 
     rt = load_model(_packed_lm(tmp_path, vocab=300, hidden=96), dtype="float16", paths="sparse", measure=False)
     cands = rt.step.timing_candidates()

@@ -80,8 +80,8 @@ def test_persistent_replays_equal_eager(tmp_path):
 def test_paper_sized_recurrence_is_persistent_and_correct(tmp_path):
     """Bi-LSTM 1024 at 87.5% (the paper's CTC model), fp16: the dispatcher's choice for every layer's
     recurrence is reported with its time per utterance, and the model is within tolerance."""
-    from balprune.models import detect, reference_module, reference_outputs, sample_inputs
     from balprune.formats.packed_file import read_packed
+    from balprune.models import detect, reference_module, reference_outputs, sample_inputs
     from balprune.runtime.model import load_model
 
     torch.manual_seed(0)

@@ -117,6 +117,20 @@ class PackedModel:
         return [c.to_dict() for c in self.choices]
 
 
+def check_float_request(value, shape: tuple[int, ...], what: str, built_for: str) -> torch.Tensor:
+    """``value`` as a float tensor of ``shape``; UsageError (one line) for another shape (the
+    runtime is built for ``built_for``), a non-float dtype or non-finite values."""
+    t = torch.as_tensor(value)
+    if tuple(t.shape) != tuple(shape):
+        raise UsageError(f"{what} must be [{', '.join(map(str, shape))}] (the runtime is built for {built_for}), "
+                         f"got {list(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise UsageError(f"{what} must be floating point, got dtype {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise UsageError(f"{what}: NaN or infinite values")
+    return t
+
+
 def load_packed(pf, name: str):
     """The packed object of state-dict tensor ``name`` (following a tied-weight alias to its entry)."""
     from ...models.arch import stored_name

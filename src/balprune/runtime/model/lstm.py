@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...errors import UsageError
-from .base import PackedModel, load_dense, load_packed
+from .base import PackedModel, check_float_request, load_dense, load_packed
 
 
 def _fused_gates(ih, hh):
@@ -63,15 +63,7 @@ def check_tokens(tokens, vocab: int) -> list[int]:
 def check_frames(frames, count: int, features: int) -> torch.Tensor:
     """An utterance as a float tensor [count, features]; UsageError (one line) for another shape, a
     non-float dtype or non-finite values."""
-    f = torch.as_tensor(frames)
-    if tuple(f.shape) != (count, features):
-        raise UsageError(f"frames must be [{count}, {features}] (the runtime is built for {count} frames), "
-                         f"got {list(f.shape)}")
-    if not f.dtype.is_floating_point:
-        raise UsageError(f"frames must be floating point, got dtype {f.dtype}")
-    if not bool(torch.isfinite(f).all()):
-        raise UsageError("frames hold NaN or infinite values")
-    return f
+    return check_float_request(frames, (count, features), "frames", f"{count} frames")
 
 
 def _bias(pf, a: str | None, b: str | None):

@@ -164,7 +164,12 @@ class Recurrence:
         self.hidden, self.steps, self.dtype = hidden, steps, dtype
         self.rows, self.cols, self.batch = 4 * hidden, hidden, 1
         self.pattern = getattr(dirs[0].packed, "pattern", "dense")
-        self.kernels, self._hold, self._side = kernels, hold, side
+        self.kernels, self._side = kernels, side
+        for dr in dirs:  # the per-step chains' launches hold raw pointers to these
+            for t in (dr.proj.x, dr.proj.y, dr.gx, dr.c, dr.bias32):
+                if t is not None:
+                    hold(t)
+        hold(y)
         self.choice: Choice | None = None
         self._bound: Callable[[], None] | None = None
         self.unavailable: dict[str, str] = {}  # persistent launch shapes that cannot run here, and why
@@ -182,9 +187,6 @@ class Recurrence:
 
         H, T, K = self.hidden, self.steps, self.kernels
         p = dr.proj
-        for t in (p.x, p.y, dr.gx, dr.c, dr.bias32, self.y):
-            if t is not None:
-                self._hold(t)
         out = [dr.c.zero_]
         for s in range(T):
             t = T - 1 - s if dr.reverse else s

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UsageError
-from .base import PackedModel, load_dense, load_packed
+from .base import PackedModel, check_float_request, load_dense, load_packed
 from .lstm import _matrix
 from .stages import cupy_on_torch_stream, ptr, sparse_operator
 
@@ -25,15 +25,7 @@ from .stages import cupy_on_torch_stream, ptr, sparse_operator
 def check_image(image, size: int) -> torch.Tensor:
     """An image as a float tensor [3, size, size]; UsageError (one line) for another shape, a
     non-float dtype or non-finite values."""
-    img = torch.as_tensor(image)
-    if tuple(img.shape) != (3, size, size):
-        raise UsageError(f"image must be [3, {size}, {size}] (the runtime is built for {size}x{size}), "
-                         f"got {list(img.shape)}")
-    if not img.dtype.is_floating_point:
-        raise UsageError(f"image must be floating point, got dtype {img.dtype}")
-    if not bool(torch.isfinite(img).all()):
-        raise UsageError("image holds NaN or infinite values")
-    return img
+    return check_float_request(image, (3, size, size), "image", f"{size}x{size}")
 
 
 class ConvStage:
