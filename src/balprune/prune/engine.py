@@ -119,10 +119,12 @@ def _memory_available() -> int | None:
     return None
 
 
-def preflight(plans: list[TensorPlan], output: Path, memory_available: int | None = None) -> None:
+def preflight(plans: list[TensorPlan], output: Path, memory_available: int | None = None,
+              disk_free: int | None = None) -> None:
     """Refuse early when memory or disk clearly cannot hold the run.
 
-    ``memory_available`` defaults to the kernel's MemAvailable estimate.
+    ``memory_available`` defaults to the kernel's MemAvailable estimate and ``disk_free`` to the
+    free space of the output's folder (both injectable so the checks are testable on any machine).
     """
     largest = max((p.source.nbytes for p in plans if p.pruned), default=0)
     # Per tensor: the tensor, its float copy for ranking keys (chunked), the dense-with-zeros
@@ -136,7 +138,7 @@ def preflight(plans: list[TensorPlan], output: Path, memory_available: int | Non
             hint="exclude it or run on a machine with more memory",
         )
     out_bytes = sum(p.packed_bytes for p in plans) + (1 << 20)
-    free = shutil.disk_usage(output.parent).free
+    free = disk_free if disk_free is not None else shutil.disk_usage(output.parent).free
     if out_bytes > free:
         raise OutputError(f"{output.parent} has {free / 2**20:.0f} MiB free; the output needs {out_bytes / 2**20:.0f} MiB")
 
