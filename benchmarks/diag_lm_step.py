@@ -4,7 +4,12 @@ model: the step as built, then the same launch compiled with BP_LM_DIAG (1: no a
 first 1 or 2 phases only, each timed
 as CUDA-graph replays (hot). Results of the DIAG builds are wrong by design; only times matter.
 
-    python benchmarks/diag_lm_step.py PACKED.safetensors [--dtype float16]
+    python benchmarks/diag_lm_step.py PACKED.safetensors [--dtype float16] [--timeline]
+
+--timeline instead builds the kernel with BP_LM_DIAG=4 (results stay right): thread 0 of every
+CTA stamps clock64 at fixed points of the step (and %globaltimer at its start and end, which put
+the CTAs' clocks on one axis); printed per point: the median, the earliest and the latest CTA,
+in us from the earliest CTA's start (median over 20 eager hot launches).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("packed")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--timeline", action="store_true")
     a = ap.parse_args()
     from balprune.runtime._launch import prepared
     from balprune.runtime.kernels import load_module
@@ -29,20 +35,72 @@ def main() -> None:
     print(f"grid {pm.grid}, regions {pm.regions}, region {pm.region_bytes} B, smem {pm.shared_bytes} B, "
           f"weights {pm.weight_bytes / 1e6:.1f} MB, lpr {pm.lpr}")
     nm = pm.kernel_name
+    if a.timeline:
+        timeline(pm, nm)
+        return
     for threads, lpr in ((1024, 32), (1024, 16)):
         for diag in (0, 1, 2, 3, "empty", "1 phase", "2 phases"):
             defines = (f"BP_LM_DIAG={diag}",) if isinstance(diag, int) and diag else ()
             fn = load_module("lstm_lm_step.cu", (nm,), device=0, defines=defines).get_function(nm)
             fn.max_dynamic_shared_size_bytes = pm.shared_bytes
             phases = {"empty": 0, "1 phase": 1, "2 phases": 2}.get(diag, pm.phases)
-            args = (np.uint64(pm.desc.data_ptr()), np.int32(phases), np.int32(pm.regions),
-                    np.uint32(pm.region_bytes), np.int32(pm.xcap), np.int32(pm.ucap), np.int32(pm.hcap),
-                    np.uint64(pm.ctl.data_ptr()), np.int32(min(lpr, pm.lpr)))
-            launch = prepared(fn, (pm.grid,), (threads,), args, pm.shared_bytes, cooperative=True)
+            launch = prepared(fn, (pm.grid,), (threads,), pm.args(min(lpr, pm.lpr), phases), pm.shared_bytes,
+                              cooperative=True)
             with cupy_on_torch_stream():
                 launch()
                 us = measure_us(launch, reps=50)
             print(f"threads {threads:5d} lanes/row {lpr:2d} diag {diag!s:8s} {us:7.2f} us")
+
+
+_POINTS = ("phase start", "own-h part done", "input h gathered", "rows done", "weights + sync", "cell stored")
+
+
+def timeline(pm, nm: str, launches: int = 20) -> None:
+    """Per point of the step: median / earliest / latest CTA in us from the earliest start."""
+    import cupy as cp
+
+    from balprune.runtime._launch import prepared
+    from balprune.runtime.kernels import load_module
+    from balprune.runtime.model.stages import cupy_on_torch_stream
+
+    mod = load_module("lstm_lm_step.cu", (nm,), device=0, defines=("BP_LM_DIAG=4",))
+    fn = mod.get_function(nm)
+    fn.max_dynamic_shared_size_bytes = pm.shared_bytes
+    stamps = cp.ndarray((1024, 32), dtype=cp.uint64, memptr=mod.get_global("bp_lm_stamps"))
+    launch = prepared(fn, (pm.grid,), (1024,), pm.args(pm.lpr), pm.shared_bytes, cooperative=True)
+    runs, clocks = [], []
+    with cupy_on_torch_stream():
+        for i in range(launches + 3):
+            stamps.fill(0)
+            launch()
+            cp.cuda.get_current_stream().synchronize()
+            if i >= 3:
+                t = stamps[:pm.grid].get().astype(np.float64)
+                # clock64 stamps (slots 0..28) onto the globaltimer axis (slots 31 start, 30 end):
+                # the SM clock's rate from each CTA's start-to-end span, the median over CTAs.
+                ns_per_clock = np.median((t[:, 30] - t[:, 31]) / np.maximum(t[:, 28] - t[:, 0], 1))
+                clocks.append(1.0 / ns_per_clock)
+                clk = t[:, :29]
+                ns = np.where(clk == 0, np.nan, t[:, 31:32] + (clk - t[:, 0:1]) * ns_per_clock)
+                runs.append((ns - np.nanmin(ns[:, 0])) / 1e3)
+    print(f"SM clock from the stamps: {np.median(clocks):.2f} GHz")
+    r = np.stack(runs)  # [launches, grid, 29]
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(np.nanmedian(r, axis=1), axis=0)
+        lo = np.nanmedian(np.nanmin(r, axis=1), axis=0)
+        hi = np.nanmedian(np.nanmax(r, axis=1), axis=0)
+    rows = [("entry", 0), ("epoch arrived", 25), ("prologue items stored", 26), ("prologue done", 1),
+            ("phase 0: record read", 27), ("phase 0: weights landed", 24)]
+    rows += [(f"phase {p}: {name}", 2 + 6 * p + j) for p in range(pm.phases) for j, name in enumerate(_POINTS)]
+    rows.append(("end (after the launch epoch)", 28))
+    print(f"{'point':34s} {'median':>8s} {'first':>8s} {'last':>8s} {'gap':>8s}  (us from the first CTA's start; "
+          "gap: from the point above, the same CTA, median)")
+    prev = None
+    for name, e in rows:
+        with np.errstate(all="ignore"):
+            gap = np.nanmedian(r[:, :, e] - r[:, :, prev]) if prev is not None else 0.0
+        print(f"{name:34s} {med[e]:8.2f} {lo[e]:8.2f} {hi[e]:8.2f} {gap:8.2f}")
+        prev = e
 
 
 if __name__ == "__main__":

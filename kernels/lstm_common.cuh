@@ -64,19 +64,31 @@ struct Tag<bf16> : Tag16<bf16> {};
 __device__ __forceinline__ float sigmoid_rec(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
 // dst[i] = the value of src[i] for i < n, once every word carries `tag`: the CTA polls the words
-// (coalesced, one L2 round trip per try) until all of them match. Called by every thread of the
-// CTA (it ends with a CTA-wide barrier).
+// (coalesced) until all of them match. Each try issues all of a thread's loads (up to 4 per
+// round) before it looks at any, so a try costs one L2 round trip, not one per word. Called by
+// every thread of the CTA (it ends with a CTA-wide barrier).
 template <typename T>
 __device__ __forceinline__ void gather_tagged(const typename Tag<T>::Word* src, int n, unsigned tag, float* dst) {
+  constexpr int kPer = 4;
   bool done = false;
   while (!done) {
     bool mine = true;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const typename Tag<T>::Word w = Tag<T>::load(src + i);
-      if (Tag<T>::tag(w) == tag) {
-        dst[i] = Tag<T>::value(w);
-      } else {
-        mine = false;
+    for (int base = threadIdx.x; base < n; base += kPer * blockDim.x) {
+      typename Tag<T>::Word w[kPer];
+#pragma unroll
+      for (int m = 0; m < kPer; ++m) {
+        const int i = base + m * blockDim.x;
+        if (i < n) w[m] = Tag<T>::load(src + i);
+      }
+#pragma unroll
+      for (int m = 0; m < kPer; ++m) {
+        const int i = base + m * blockDim.x;
+        if (i >= n) continue;
+        if (Tag<T>::tag(w[m]) == tag) {
+          dst[i] = Tag<T>::value(w[m]);
+        } else {
+          mine = false;
+        }
       }
     }
     done = __syncthreads_and(mine);

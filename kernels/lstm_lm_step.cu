@@ -12,11 +12,12 @@
 // tag, with no grid barrier.
 //
 // bp::lstm_lm_step<T, I> (T: float, bp::f16, bp::bf16; I: in-block index, u8 or u16).
-// desc: `phases` records of kFields u64 (fields below), phases <= kMaxPhases. A phase multiplies
-// a balanced matrix [rows, B*L] by x = [A | 0 | own h of the previous launch at offB..offB+H)
-// (LSTM) or x = [A | 0] (linear). Per row the kept weights are stored block-major, [B, k2]:
-// slot t of block j at j*k2 + t, k2 = k rounded up to even (a padding slot has value 0 and
-// index 0), so a lane reads two slots of its block with one shared load per array.
+// desc: a kernel parameter (LmDesc, read from the constant bank: no memory round trip before a
+// CTA knows its work), `phases` records of kFields u64 (fields below), phases <= kMaxPhases. A
+// phase multiplies a balanced matrix [rows, B*L] by x = [A | 0 | own h of the previous launch at
+// offB..offB+H) (LSTM) or x = [A | 0] (linear). Per row the kept weights are stored block-major,
+// [B, k2]: slot t of block j at j*k2 + t, k2 = k rounded up to even (a padding slot has value 0
+// and index 0), so a lane reads two slots of its block with one shared load per array.
 //   kW        weights base: per CTA c a chunk at byte offset chunks[c] (16-aligned): the values
 //             [n_c, B*k2] T, padded to 16 bytes, then the indices [n_c, B*k2] I, padded to 16
 //   kChunks   u64 [grid + 1] chunk offsets (chunk c = [chunks[c], chunks[c+1]))
@@ -33,31 +34,66 @@
 //             previous step's h: the other half); linear: the output [rows] T
 //   kCell     LSTM: fp32 cell state [H] (each unit read and written by its owning CTA only)
 //   kHOff     LSTM: where this layer's previous h sits in the CTA's shared `hprev` [hcap]
+//   kPreOff   where this phase's per-CTA constants sit in the shared `pre` [precap]: LSTM
+//             [5, U] (the four gate biases, then c of the previous step), linear [RD] (bias)
 // ctl: [2] u32 launch control (lstm_common.cuh). xcap: the largest B*L; ucap: the largest U;
 // region_bytes: the largest chunk (128-aligned); regions: 1 or 2 (ring of weight buffers); lpr:
 // lanes per row (power of 2, <= 32). Grid: 1-D, every CTA resident (cooperative launch).
 // x is staged as fp32 block-interleaved, column j*L + i at xs[i*B + j]: lane j of a warp reads
 // bank j whatever its index (B % 32 == 0), instead of bank conflicts that depend on the indices
 // (they made the arithmetic 3x slower than its instruction count, measured).
-// hcap: the sum of the LSTM layers' H. Dynamic shared memory: 16 + 8 * kFields * kMaxPhases +
-// 4 * (2 * xcap + 4 * ucap + hcap) rounded up to 128, + regions * region_bytes.
+// hcap: the sum of the LSTM layers' H; precap: the sum of the phases' `pre` sizes. Dynamic shared
+// memory: 16 + 16 * kMaxPhases + 4 * (2 * xcap + 4 * ucap + hcap + precap) rounded up to 128, +
+// regions * region_bytes.
+// Everything a phase reads from global memory besides its input h (the previous step's h, the
+// embedding row, biases, c) is loaded at the start, in one round trip that overlaps the first
+// weight copies, so no phase waits on it (measured: loaded per phase, the cell and the
+// decoder's stores each waited an L2 round trip).
 // A token id outside [0, vocab) gives a zero embedding row (the runtime checks ids on the host).
 #include "lstm_common.cuh"
 
 // Diagnostics for timing experiments only (results are wrong): -DBP_LM_DIAG=1 no matrix
 // arithmetic (copies and hand-offs only); =2 no weight copies (arithmetic on whatever shared
-// memory holds); =3 neither.
+// memory holds); =3 neither. Bit 4 (timeline, results stay right): thread 0 of every CTA writes
+// %globaltimer at fixed points into bp_lm_stamps[cta][kStamps] (benchmarks/diag_lm_step.py).
 #ifndef BP_LM_DIAG
 #define BP_LM_DIAG 0
+#endif
+#if BP_LM_DIAG & 4
+__device__ unsigned long long bp_lm_stamps[1024 * 32];
+// clock64 at point e (cheap, this SM's clock); BP_GSTAMP: %globaltimer (common to all SMs, coarse),
+// taken at the start (slot 31) and the end (slot 30) to place each CTA's clock on one time axis.
+#define BP_STAMP(e)                                                                               \
+  do {                                                                                            \
+    if (threadIdx.x == 0 && (e) < 29) bp_lm_stamps[blockIdx.x * 32 + (e)] = clock64();            \
+  } while (0)
+#define BP_GSTAMP(e)                                                                              \
+  do {                                                                                            \
+    if (threadIdx.x == 0) {                                                                       \
+      unsigned long long t_;                                                                      \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                      \
+      bp_lm_stamps[blockIdx.x * 32 + (e)] = t_;                                                   \
+    }                                                                                             \
+  } while (0)
+#else
+#define BP_STAMP(e) \
+  do {              \
+  } while (0)
+#define BP_GSTAMP(e) \
+  do {               \
+  } while (0)
 #endif
 
 namespace bp {
 
 enum LmField : int {
   kW = 0, kChunks, kKind, kRows, kUnits, kBlocks, kLength, kKeep, kBias, kSrcKind, kSrc, kSrcLen, kToken,
-  kVocab, kOffB, kOwn, kCell, kHOff, kFields = 20
+  kVocab, kOffB, kOwn, kCell, kHOff, kPreOff, kFields = 20
 };
 constexpr int kMaxPhases = 16;
+struct LmDesc {
+  unsigned long long f[kMaxPhases * kFields];
+};
 
 // Two consecutive values / indices of a row from shared memory (one load each).
 template <typename T>
@@ -95,80 +131,159 @@ __device__ __forceinline__ void index_pair<unsigned short>(const unsigned short*
   i1 = w >> 16;
 }
 
+// One element's raw bits (zero-extended) and its value from those bits.
+template <typename T>
+__device__ __forceinline__ unsigned raw_bits(const T* p) {
+  return sizeof(T) == 4 ? __ldcg(reinterpret_cast<const unsigned*>(p))
+                        : (unsigned)__ldcg(reinterpret_cast<const unsigned short*>(p));
+}
+template <typename T>
+__device__ __forceinline__ float bits_value(unsigned w) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(w);
+  } else {
+    return from_bits16<T>(w);
+  }
+}
+constexpr int kGather = 8;  // prologue items per thread per round (all loads in flight at once)
+
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 template <typename T, typename I>
-__global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long* __restrict__ desc, int phases,
-                                                     int regions, unsigned region_bytes, int xcap, int ucap, int hcap,
+__global__ void __launch_bounds__(1024, 1) lstm_lm_step(const __grid_constant__ LmDesc desc, int phases, int regions,
+                                                     unsigned region_bytes, int xcap, int ucap, int hcap, int precap,
                                                      unsigned* ctl, int lpr) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned long long* mbar = reinterpret_cast<unsigned long long*>(smem);  // [regions <= 2]
-  unsigned long long* sdesc = mbar + 2;                                     // [kMaxPhases * kFields]
-  float* xs = reinterpret_cast<float*>(sdesc + kMaxPhases * kFields);       // [xcap]
+  unsigned long long* choff = mbar + 2;                                     // [2 * kMaxPhases] this CTA's chunks
+  float* xs = reinterpret_cast<float*>(choff + 2 * kMaxPhases);             // [xcap]
   float* xl = xs + xcap;                                                    // [xcap] x in column order
   float* gates = xl + xcap;                                                 // [4 * ucap]
   float* hprev = gates + 4 * ucap;                                          // [hcap] every layer's h of the last step
+  float* pre = hprev + hcap;                                                // [precap] biases, c
   unsigned char* ring =
-      smem + ((16 + 8 * kFields * kMaxPhases + 4 * (2 * (size_t)xcap + 4 * ucap + hcap) + 127) / 128) * 128;
+      smem + ((16 + 16 * kMaxPhases + 4 * (2 * (size_t)xcap + 4 * ucap + hcap + precap) + 127) / 128) * 128;
+  const unsigned long long* recs = desc.f;
 
   using Word = typename Tag<T>::Word;
   const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
+  // The thread that asks for weight copies: in the last warp, so that warp 0 (which also runs
+  // the cells of the CTA's units) never waits on it.
+  const bool issuer = tid == nt - 1;
+  BP_GSTAMP(31);
+  BP_STAMP(0);
+  // Round trip 1: the epoch, the token id, every phase's chunk offsets (all independent).
   const unsigned epoch = launch_epoch(ctl);
+  const long long tok = phases > 0 && recs[kSrcKind] == 0 ? *reinterpret_cast<const long long*>(recs[kToken]) : 0;
+  if (tid < 2 * phases) {
+    const unsigned long long* ch = reinterpret_cast<const unsigned long long*>(recs[(tid >> 1) * kFields + kChunks]);
+    choff[tid] = ch[c + (tid & 1)];
+  }
   const unsigned tag = (epoch & 0x7fffu) + 1u;  // never 0: zeroed words (reset state) never match
   const size_t half = epoch & 1;
+#if BP_LM_DIAG & 4
+  asm volatile("" ::"r"(epoch));  // the stamp after the epoch has arrived
+#endif
+  BP_STAMP(25);
 
-  // Ask for phase p's chunk in ring buffer p % regions (thread 0 only).
-  auto issue = [&](int p) {
-    const unsigned long long* d = desc + (size_t)p * kFields;
-    const unsigned long long* ch = reinterpret_cast<const unsigned long long*>(d[kChunks]);
-    const unsigned long long off = ch[c], bytes = ch[c + 1] - off;
+  // Ask for phase p's chunk in ring buffer p % regions (the issuer only; [off, end) of the chunk).
+  auto issue = [&](int p, unsigned long long off, unsigned long long end) {
     unsigned long long* bar = mbar + p % regions;
-    if (bytes == 0 || (BP_LM_DIAG & 2)) {
+    if (end == off || (BP_LM_DIAG & 2)) {
       mbar_arrive(bar);
     } else {
-      mbar_arrive_expect_tx(bar, (unsigned)bytes);
-      bulk_copy_g2s(ring + (size_t)(p % regions) * region_bytes, reinterpret_cast<const unsigned char*>(d[kW]) + off,
-                    (unsigned)bytes, bar);
+      mbar_arrive_expect_tx(bar, (unsigned)(end - off));
+      bulk_copy_g2s(ring + (size_t)(p % regions) * region_bytes,
+                    reinterpret_cast<const unsigned char*>(recs[p * kFields + kW]) + off, (unsigned)(end - off), bar);
     }
   };
-  if (tid == 0) {
+  if (issuer) {
     for (int r = 0; r < regions; ++r) mbar_init(mbar + r, 1);
     mbar_init_fence();
-    if (phases > 0) issue(0);
-  }
-  // Every phase's record in shared memory: one round trip for all instead of one per phase.
-  for (int i = tid; i < phases * kFields; i += nt) sdesc[i] = desc[i];
-  __syncthreads();
-  // What no phase has to wait for, gathered once at the start (its L2 latency overlaps the
-  // weight copies instead of sitting in a phase's critical path): every layer's h of the
-  // previous step (the other half of its words) into hprev, and the embedding row into xl.
-  for (int p = 0; p < phases; ++p) {
-    const unsigned long long* d = sdesc + (size_t)p * kFields;
-    if (d[kKind] == 0) {
-      const int H = (int)d[kUnits];
-      const Word* own_prev = reinterpret_cast<const Word*>(d[kOwn]) + (1 - half) * (size_t)H;
-      float* hp = hprev + d[kHOff];
-      for (int i = tid; i < H; i += nt) hp[i] = Tag<T>::value(Tag<T>::load(own_prev + i));
-    }
-    if (d[kSrcKind] == 0) {
-      const int lenA = (int)d[kSrcLen];
-      const long long tok = *reinterpret_cast<const long long*>(d[kToken]);
-      const bool tok_ok = tok >= 0 && tok < (long long)d[kVocab];
-      const T* table = reinterpret_cast<const T*>(d[kSrc]);
-      for (int i = tid; i < lenA; i += nt) xl[i] = tok_ok ? Val<T>::sload(table + tok * lenA + i) : 0.0f;
+    if (phases > 0) {
+      const unsigned long long* ch = reinterpret_cast<const unsigned long long*>(recs[kChunks]);
+      issue(0, ch[c], ch[c + 1]);
     }
   }
+  // Round trip 2: what no phase has to wait for, gathered once at the start (its latency
+  // overlaps the first weight copies instead of sitting in a phase's critical path): every
+  // layer's h of the previous step into hprev [hcap], every phase's biases and cell state into
+  // pre [precap], the embedding row into xl [elen]. One item space; each thread issues all its
+  // loads before it stores any (a load per item and a store after it would be one round trip
+  // per item, measured: ~4 us for the paper-sized LM).
+  const int elen = phases > 0 && recs[kSrcKind] == 0 ? (int)recs[kSrcLen] : 0;
+  const bool tok_ok = elen > 0 && tok >= 0 && tok < (long long)recs[kVocab];
+  const int total = hcap + precap + elen;
+  // Item i: its phase's record, and where the item sits in it (hprev / pre / embedding).
+  auto locate = [&](int i, int& p, int& r) {
+    if (i >= hcap + precap) {
+      p = 0;
+      r = i - hcap - precap;
+      return 2;
+    }
+    const bool in_h = i < hcap;
+    const int j = in_h ? i : i - hcap;
+    for (p = 0; p + 1 < phases; ++p) {  // the last phase whose offset is <= j (offsets ascend)
+      const unsigned long long* e = recs + (size_t)(p + 1) * kFields;
+      if ((in_h ? (e[kKind] == 0 ? (long long)e[kHOff] : (long long)hcap) : (long long)e[kPreOff]) > j) break;
+    }
+    r = j - (int)recs[p * kFields + (in_h ? kHOff : kPreOff)];
+    return in_h ? 0 : 1;
+  };
+  for (int base = tid; base < total; base += kGather * nt) {
+    unsigned long long raw[kGather];
+#pragma unroll
+    for (int m = 0; m < kGather; ++m) {
+      const int i = base + m * nt;
+      raw[m] = 0;
+      if (i >= total) continue;
+      int ph, r;
+      const int kind = locate(i, ph, r);
+      const unsigned long long* d = recs + (size_t)ph * kFields;
+      if (kind == 0) {
+        raw[m] = Tag<T>::load(reinterpret_cast<const Word*>(d[kOwn]) + (1 - half) * d[kUnits] + r);
+      } else if (kind == 1) {
+        const float* bias = reinterpret_cast<const float*>(d[kBias]);
+        if (d[kKind] == 0) {
+          const int H = (int)d[kUnits], U = (H + G - 1) / G, q = r / U, u = c * U + r % U;
+          if (u < H && (q == 4 || bias != nullptr))
+            raw[m] = __ldcg(q == 4 ? reinterpret_cast<const unsigned*>(d[kCell]) + u
+                                   : reinterpret_cast<const unsigned*>(bias) + q * H + u);
+        } else {
+          const int R = (int)d[kRows], row = c * ((R + G - 1) / G) + r;
+          if (row < R && bias != nullptr) raw[m] = __ldcg(reinterpret_cast<const unsigned*>(bias) + row);
+        }
+      } else if (tok_ok) {
+        raw[m] = raw_bits<T>(reinterpret_cast<const T*>(d[kSrc]) + tok * elen + r);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kGather; ++m) {
+      const int i = base + m * nt;
+      if (i >= total) continue;
+      if (i < hcap) {
+        hprev[i] = Tag<T>::value((Word)raw[m]);
+      } else if (i < hcap + precap) {
+        pre[i - hcap] = __uint_as_float((unsigned)raw[m]);
+      } else {
+        xl[i - hcap - precap] = bits_value<T>((unsigned)raw[m]);
+      }
+    }
+  }
+  BP_STAMP(26);
   __syncthreads();
+  BP_STAMP(1);
 
   const int lane = tid & 31, warp = tid >> 5, nwarps = nt >> 5;
   const int rpw = 32 / lpr, group = lane / lpr, sub = lane % lpr;
   for (int p = 0; p < phases; ++p) {
-    const unsigned long long* d = sdesc + (size_t)p * kFields;
+    const unsigned long long* d = recs + (size_t)p * kFields;
     const bool lstm = d[kKind] == 0;
     const int R = (int)d[kRows], H = (int)d[kUnits], B = (int)d[kBlocks], L = (int)d[kLength], k = (int)d[kKeep];
     const int kpad = B * L, nnz = k * B;  // k: slots per block, even (padded)
+    if (p == 0) BP_STAMP(27);
     int first, n;  // LSTM: first unit, units; linear: first row, rows
     if (lstm) {
       const int U = (H + G - 1) / G;
@@ -181,18 +296,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
     }
     const int nrows = lstm ? 4 * n : n;
     const int lenA = (int)d[kSrcLen];
-    const float* __restrict__ bias = reinterpret_cast<const float*>(d[kBias]);
-    // The cell's inputs besides the gates, fetched now so their latency hides behind the phase.
-    float b4[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c_old = 0.0f;
-    if (lstm && tid < n) {
-      const int u = first + tid;
-      if (bias != nullptr) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) b4[q] = bias[q * H + u];
-      }
-      c_old = reinterpret_cast<const float*>(d[kCell])[u];
-    }
-
+    const float* pp = pre + d[kPreOff];  // this phase's biases (and c): loaded at the start
     const unsigned char* chunk = ring + (size_t)(p % regions) * region_bytes;
     const T* vals = reinterpret_cast<const T*>(chunk);
     const I* idx = reinterpret_cast<const I*>(chunk + ((size_t)nrows * nnz * sizeof(T) + 15) / 16 * 16);
@@ -228,7 +332,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
             gates[lr] = add ? gates[lr] + acc : acc;
           } else {
             const int r = first + lr;
-            Val<T>::store(out + r, acc + (bias != nullptr ? bias[r] : 0.0f));
+            Val<T>::store(out + r, acc + pp[lr]);
           }
         }
       }
@@ -256,7 +360,8 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
       if (waited) return;
       mbar_wait(mbar + p % regions, (unsigned)((p / regions) & 1));
       waited = true;
-      if (tid == 0 && p + 1 < phases && p + 1 < regions) issue(p + 1);
+      if (p == 0) BP_STAMP(24);
+      if (issuer && p + 1 < phases && p + 1 < regions) issue(p + 1, choff[2 * p + 2], choff[2 * p + 3]);
     };
     if (nrows > 0) {
       const bool emb = d[kSrcKind] == 0;
@@ -264,41 +369,49 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
       // that waits for the previous layer's h computes that part of its rows first.
       const int jB = lstm ? offB / L : B;
       const bool split = !emb && jB < B;
+      BP_STAMP(2 + 6 * p);
       if (split) {
         stage(jB, B);
         __syncthreads();
         wait_weights();
         rows_dot(jB, B, false);
       }
+      BP_STAMP(3 + 6 * p);
       if (!emb) {
         // The previous layer's h of this step, in column order into xl (coalesced loads).
         gather_tagged<T>(reinterpret_cast<const Word*>(d[kSrc]) + half * (size_t)lenA, lenA, tag, xl);
       }
+      BP_STAMP(4 + 6 * p);
       stage(0, split ? jB : B);
       __syncthreads();
       wait_weights();
       rows_dot(0, split ? jB : B, split);
+      BP_STAMP(5 + 6 * p);
     }
     // This phase's weights (a CTA without rows waits too: the ring's phase parity must advance).
     wait_weights();
     __syncthreads();  // gates complete; this ring buffer is no longer read
-    if (tid == 0 && p + regions < phases) {
+    BP_STAMP(6 + 6 * p);
+    if (issuer && p + regions < phases) {
       fence_proxy_async_shared();  // our reads of the buffer before the copy engine's writes
-      issue(p + regions);
+      issue(p + regions, choff[2 * (p + regions)], choff[2 * (p + regions) + 1]);
     }
     if (lstm && tid < n) {
-      const int u = first + tid;
+      const int u = first + tid, U = (H + G - 1) / G;
       float a[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) a[q] = gates[q * n + tid] + b4[q];
-      const float cn = sigmoid_rec(a[1]) * c_old + sigmoid_rec(a[0]) * tanhf(a[2]);
+      for (int q = 0; q < 4; ++q) a[q] = gates[q * n + tid] + pp[q * U + tid];
+      const float cn = sigmoid_rec(a[1]) * pp[4 * U + tid] + sigmoid_rec(a[0]) * tanhf(a[2]);
       const float hn = sigmoid_rec(a[3]) * tanhf(cn);
       reinterpret_cast<float*>(d[kCell])[u] = cn;
       Word* own = reinterpret_cast<Word*>(d[kOwn]) + half * (size_t)H;
       Tag<T>::store(own + u, Tag<T>::pack(hn, tag));
     }
+    BP_STAMP(7 + 6 * p);
   }
   end_launch(ctl, epoch);
+  BP_STAMP(28);
+  BP_GSTAMP(30);
 }
 
 }  // namespace bp

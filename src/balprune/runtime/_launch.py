@@ -28,7 +28,9 @@ def function_ptr(func) -> int:
 
 class PreparedLaunch:
     """``func`` (a CuPy Function) on ``grid`` x ``block`` with ``args``: CuPy arrays (passed as their
-    device pointer) or numpy scalars (passed by value in their own width). The arrays are kept
+    device pointer), numpy scalars (passed by value in their own width) or numpy arrays (their
+    bytes passed by value: a struct parameter of exactly that size, e.g. a descriptor table the
+    kernel reads from the constant bank). The arrays are kept
     alive as long as this object; the kernel's dynamic shared-memory attribute must already allow
     ``shared_mem``. ``cooperative``: launched with cuLaunchCooperativeKernel, which refuses a grid
     whose CTAs cannot all be resident at once (a kernel with grid barriers would hang instead)."""
@@ -45,6 +47,9 @@ class PreparedLaunch:
                 self._keep.append(a)
             elif isinstance(a, np.generic) and a.dtype in _CTYPES:
                 values.append(_CTYPES[a.dtype](a.item()))
+            elif isinstance(a, np.ndarray):
+                values.append((ctypes.c_uint64 * -(-a.nbytes // 8)).from_buffer_copy(
+                    np.ascontiguousarray(a).tobytes().ljust(-(-a.nbytes // 8) * 8, b"\0")))
             else:
                 raise TypeError(f"cannot pack kernel argument of type {type(a).__name__}")
         self._values = values

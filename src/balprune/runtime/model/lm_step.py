@@ -31,7 +31,7 @@ from .stages import Choice, cupy_on_torch_stream
 _FIELDS = 20  # u64 per phase record (kernels/lstm_lm_step.cu LmField)
 _MAX_PHASES = 16  # kernels/lstm_lm_step.cu kMaxPhases
 (K_W, K_CHUNKS, K_KIND, K_ROWS, K_UNITS, K_BLOCKS, K_LENGTH, K_KEEP, K_BIAS, K_SRC_KIND, K_SRC, K_SRC_LEN, K_TOKEN,
- K_VOCAB, K_OFF_B, K_OWN, K_CELL, K_H_OFF) = range(18)
+ K_VOCAB, K_OFF_B, K_OWN, K_CELL, K_H_OFF, K_PRE_OFF) = range(19)
 PERSISTENT_SHAPES = ((1024, 32), (1024, 16), (512, 32), (512, 16))  # (threads, lanes per row)
 
 
@@ -81,8 +81,12 @@ class PersistentLm:
         if len(itypes) != 1:
             raise ValueError("the layers and the decoder store indices of different widths")
         idx_dtype = itypes.pop()
-        desc = np.zeros((len(phases), _FIELDS), dtype=np.uint64)
+        if len(phases) > _MAX_PHASES:
+            raise ValueError(f"{len(phases)} matrices in one step: the persistent kernel takes at most {_MAX_PHASES}")
+        # The kernel's LmDesc parameter: every record, passed by value (the constant bank).
+        desc = np.zeros((_MAX_PHASES, _FIELDS), dtype=np.uint64)
         self.region_bytes, self.xcap, self.ucap, self.hcap, self.weight_bytes, self.max_blocks = 0, 0, 0, 0, 0, 0
+        self.precap = 0
         min_blocks = 1 << 30
         prev_hb, prev_len = None, int(table.shape[1])
         for pi, ph in enumerate(phases):
@@ -126,6 +130,8 @@ class PersistentLm:
             if ph.bias32 is not None:
                 d[K_BIAS] = ph.bias32.data_ptr()
                 self.buffers.append(ph.bias32)
+            d[K_PRE_OFF] = self.precap  # per CTA: LSTM [5, U] biases and c, linear [RD] bias
+            self.precap += 5 * -(-H // G) if H else -(-R // G)
             if pi == 0:
                 d[K_SRC_KIND], d[K_SRC], d[K_SRC_LEN] = 0, table.data_ptr(), int(table.shape[1])
                 d[K_TOKEN], d[K_VOCAB] = token.data_ptr(), int(table.shape[0])
@@ -143,12 +149,10 @@ class PersistentLm:
             else:
                 d[K_OWN] = logits.data_ptr()
         self.phases = len(phases)
-        self.desc = torch.from_numpy(desc.view(np.int64)).to(dev)
+        self.desc = desc.reshape(-1)
         self.ctl = torch.zeros(32, dtype=torch.int32, device=dev)
         self.lpr = min(32, 1 << (min_blocks.bit_length() - 1))
-        if len(phases) > _MAX_PHASES:
-            raise ValueError(f"{len(phases)} matrices in one step: the persistent kernel takes at most {_MAX_PHASES}")
-        head = -(-(16 + 8 * _FIELDS * _MAX_PHASES + 4 * (2 * self.xcap + 4 * self.ucap + self.hcap)) // 128) * 128
+        head = -(-(16 + 16 * _MAX_PHASES + 4 * (2 * self.xcap + 4 * self.ucap + self.hcap + self.precap)) // 128) * 128
         self.regions = 2 if head + 2 * self.region_bytes <= self._smem_limit else 1
         self.shared_bytes = head + self.regions * self.region_bytes
         ity = "unsigned char" if idx_dtype == torch.uint8 else "unsigned short"
@@ -180,10 +184,13 @@ class PersistentLm:
             return None, f"{label}: a CTA of {threads} threads does not fit an SM"
         if self.max_blocks > threads:
             return None, f"{label}: {self.max_blocks} blocks per row, more than the CTA's threads"
-        args = (np.uint64(self.desc.data_ptr()), np.int32(self.phases), np.int32(self.regions),
+        return prepared(self.fn, (self.grid,), (threads,), self.args(lpr), self.shared_bytes, cooperative=True), label
+
+    def args(self, lpr: int, phases: int | None = None) -> tuple:
+        """The kernel's arguments (``phases``: run only the first ones; diagnostics)."""
+        return (self.desc, np.int32(self.phases if phases is None else phases), np.int32(self.regions),
                 np.uint32(self.region_bytes), np.int32(self.xcap), np.int32(self.ucap), np.int32(self.hcap),
-                np.uint64(self.ctl.data_ptr()), np.int32(lpr))
-        return prepared(self.fn, (self.grid,), (threads,), args, self.shared_bytes, cooperative=True), label
+                np.int32(self.precap), np.uint64(self.ctl.data_ptr()), np.int32(lpr))
 
 
 class LmStep:
