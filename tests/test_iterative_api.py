@@ -67,16 +67,22 @@ def test_without_hook_equals_one_shot():
         assert torch.equal(a[name], b[name])
 
 
+def _plan(dtype: str, shape: tuple[int, int], esize: int, sparsity: float):
+    """A prune plan for a tensor of ``shape`` that exists only as a header (preflight reads no data)."""
+    from balprune.checkpoint import SourceTensor
+    from balprune.prune.plan import plan_tensor
+
+    return plan_tensor(SourceTensor("w", dtype, shape, shape[0] * shape[1] * esize),
+                       PruneOptions(BalancedPattern(sparsity)))
+
+
 def test_preflight_refuses_a_tensor_larger_than_memory(tmp_path):
     import pytest
 
-    from balprune.checkpoint import SourceTensor
     from balprune.errors import InvalidInputError
     from balprune.prune.engine import preflight
-    from balprune.prune.plan import plan_tensor
 
-    big = SourceTensor("huge.weight", "F16", (200_000, 50_000), 200_000 * 50_000 * 2)
-    plan = plan_tensor(big, PruneOptions(BalancedPattern(0.9)))
+    plan = _plan("F16", (200_000, 50_000), 2, 0.9)
     with pytest.raises(InvalidInputError, match="largest tensor"):
         preflight([plan], tmp_path / "o.safetensors", memory_available=8 << 30, disk_free=100 << 30)
     # Memory fits and the disk is stated: no error, whatever this machine's free space is.
@@ -86,13 +92,10 @@ def test_preflight_refuses_a_tensor_larger_than_memory(tmp_path):
 def test_preflight_refuses_an_output_larger_than_the_free_disk(tmp_path):
     import pytest
 
-    from balprune.checkpoint import SourceTensor
     from balprune.errors import OutputError
     from balprune.prune.engine import preflight
-    from balprune.prune.plan import plan_tensor
 
-    t = SourceTensor("w", "F32", (4096, 4096), 4096 * 4096 * 4)
-    plan = plan_tensor(t, PruneOptions(BalancedPattern(0.5)))
+    plan = _plan("F32", (4096, 4096), 4, 0.5)
     with pytest.raises(OutputError, match="MiB free; the output needs"):
         preflight([plan], tmp_path / "o.safetensors", memory_available=64 << 30, disk_free=4 << 20)
     preflight([plan], tmp_path / "o.safetensors", memory_available=64 << 30, disk_free=1 << 30)
