@@ -115,13 +115,12 @@ def test_lstm_lm_trains_on_stdlib_text():
 
 
 def test_vgg16_full_size_matches_torchvision_names_and_shapes():
-    import torchvision
-
     from balprune.tasks.vgg16 import build_vgg16
+    from balprune.vision import torchvision
 
     with torch.device("meta"):
         ours = build_vgg16(1000, 1.0, 4096, 224)
-        ref = torchvision.models.vgg16(weights=None)
+        ref = torchvision().models.vgg16(weights=None)
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
     with torch.device("meta"):
         small = build_vgg16(3, 0.0625, 16, 32)

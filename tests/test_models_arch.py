@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torchvision.models.vgg import VGG, make_layers
 
 from balprune.cli import main
 from balprune.errors import InvalidInputError
@@ -28,6 +27,10 @@ from balprune.models import (
     sample_inputs,
 )
 from balprune.save import save_state_dict
+from balprune.vision import torchvision
+
+_vgg = torchvision().models.vgg
+VGG, make_layers = _vgg.VGG, _vgg.make_layers
 
 #: Seven convs (two pairs without a pool between them), five pools: 224 -> 7. detect names it vgg10.
 VGG_CFG: list[int | str] = [8, 8, "M", 16, "M", 16, 16, "M", 16, "M", 16, "M"]
@@ -143,10 +146,8 @@ def test_detect_vgg(made):
 
 def test_detect_full_size_vgg16_names():
     """The real example's names and shapes (header only: no weights are pruned or read)."""
-    from torchvision.models import vgg16
-
     with torch.device("meta"):
-        names = {k: tuple(v.shape) for k, v in vgg16().state_dict().items()}
+        names = {k: tuple(v.shape) for k, v in torchvision().models.vgg16().state_dict().items()}
 
     class Manifest:  # what detect reads of a PackedFile: path and manifest
         path = Path("vgg16.balanced.safetensors")

@@ -40,9 +40,9 @@ class BiLstmAcousticModel(nn.Module):
 
 
 def _vgg16() -> nn.Module:
-    import torchvision
+    from .vision import torchvision
 
-    return torchvision.models.vgg16(weights=None)
+    return torchvision().models.vgg16(weights=None)
 
 
 def _tiny_cnn() -> nn.Module:

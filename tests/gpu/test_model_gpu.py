@@ -22,10 +22,11 @@ DTYPES = ["float32", "float16", "bfloat16"]
 
 
 def _vgg_small():
-    import torchvision
+    from balprune.vision import torchvision
 
+    vgg = torchvision().models.vgg
     cfg = [8, "M", 16, "M", 16, 16, "M", 24, "M", 24, "M"]
-    m = torchvision.models.vgg.VGG(torchvision.models.vgg.make_layers(cfg), num_classes=10)
+    m = vgg.VGG(vgg.make_layers(cfg), num_classes=10)
     m.classifier[0] = torch.nn.Linear(24 * 49, 64)
     m.classifier[3] = torch.nn.Linear(64, 64)
     m.classifier[6] = torch.nn.Linear(64, 10)

@@ -45,7 +45,10 @@ def _linear(ref: LinearRef) -> nn.Linear:
 def _build(arch: Architecture) -> nn.Module:
     """The untrained module of ``arch`` (call under ``torch.device("meta")``: no memory, no init)."""
     if arch.kind == "vgg":
-        from torchvision.models.vgg import VGG, make_layers
+        from ..vision import torchvision
+
+        vgg = torchvision().models.vgg
+        VGG, make_layers = vgg.VGG, vgg.make_layers
 
         cfg: list[int | str] = []
         for c in arch.convs:

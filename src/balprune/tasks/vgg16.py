@@ -22,17 +22,18 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..vision import torchvision
 from .base import Option, Task, TaskSpec, evaluation_batches
 
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def build_vgg16(num_classes: int, width: float, classifier_hidden: int, image_size: int) -> nn.Module:
-    import torchvision
-    from torchvision.models.vgg import VGG, cfgs, make_layers
+    vgg = torchvision().models.vgg
+    VGG, cfgs, make_layers = vgg.VGG, vgg.cfgs, vgg.make_layers
 
     if width == 1.0 and classifier_hidden == 4096 and image_size == 224:
-        return torchvision.models.vgg16(weights=None, num_classes=num_classes)
+        return vgg.vgg16(weights=None, num_classes=num_classes)
     cfg = [c if c == "M" else max(1, round(c * width)) for c in cfgs["D"]]
     model = VGG(make_layers(cfg), num_classes=num_classes)
     pool = max(1, min(7, image_size // 32))
@@ -57,7 +58,8 @@ class Vgg16Task(Task):
     splits = ("val",)
 
     def __init__(self, options: dict, data: Path) -> None:
-        from torchvision import datasets, transforms
+        tv = torchvision()
+        datasets, transforms = tv.datasets, tv.transforms
 
         self.o = options
         root = Path(data)
