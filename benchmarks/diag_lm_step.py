@@ -5,6 +5,12 @@ first 1 or 2 phases only, each timed
 as CUDA-graph replays (hot). Results of the DIAG builds are wrong by design; only times matter.
 
     python benchmarks/diag_lm_step.py PACKED.safetensors [--dtype float16] [--timeline]
+        [--define NAME=VALUE ...] [--compare "NAME=V,NAME=V" ...]
+
+--define adds a preprocessor definition to every build (kernel experiments). --compare builds
+the kernel once per given set of definitions (plus the shipped build), checks that two steps
+from the zero state give the shipped build's logits bit for bit, and times each (graph, hot,
+best of 3 trials; the sets' order is rotated per trial so drift does not favour one).
 
 --timeline instead builds the kernel with BP_LM_DIAG=4 (results stay right): thread 0 of every
 CTA stamps clock64 at fixed points of the step (and %globaltimer at its start and end, which put
@@ -24,6 +30,8 @@ def main() -> None:
     ap.add_argument("packed")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--define", action="append", default=[])
+    ap.add_argument("--compare", action="append", default=[])
     a = ap.parse_args()
     from balprune.runtime._launch import prepared
     from balprune.runtime.kernels import load_module
@@ -35,12 +43,16 @@ def main() -> None:
     print(f"grid {pm.grid}, regions {pm.regions}, region {pm.region_bytes} B, smem {pm.shared_bytes} B, "
           f"weights {pm.weight_bytes / 1e6:.1f} MB, lpr {pm.lpr}")
     nm = pm.kernel_name
+    if a.compare:
+        compare(pm, nm, [tuple(x for x in c.split(",") if x) for c in a.compare], tuple(a.define),
+                rt.step.reference(), rt.step.gate_tokens)
+        return
     if a.timeline:
-        timeline(pm, nm)
+        timeline(pm, nm, tuple(a.define))
         return
     for threads, lpr in ((1024, 32), (1024, 16)):
         for diag in (0, 1, 2, 3, "empty", "1 phase", "2 phases"):
-            defines = (f"BP_LM_DIAG={diag}",) if isinstance(diag, int) and diag else ()
+            defines = tuple(a.define) + ((f"BP_LM_DIAG={diag}",) if isinstance(diag, int) and diag else ())
             fn = load_module("lstm_lm_step.cu", (nm,), device=0, defines=defines).get_function(nm)
             fn.max_dynamic_shared_size_bytes = pm.shared_bytes
             phases = {"empty": 0, "1 phase": 1, "2 phases": 2}.get(diag, pm.phases)
@@ -55,7 +67,54 @@ def main() -> None:
 _POINTS = ("phase start", "own-h part done", "input h gathered", "rows done", "weights + sync", "cell stored")
 
 
-def timeline(pm, nm: str, launches: int = 20) -> None:
+def compare(pm, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], reference, tokens,
+            trials: int = 3) -> None:
+    """Each set of definitions (on top of ``base``): the same logits as the ``base`` build after
+    two steps from the zero state (and both builds' error against the float64 ``reference`` of
+    those steps), and its time."""
+    import cupy as cp
+
+    from balprune.models import relative_error
+    from balprune.runtime._launch import prepared
+    from balprune.runtime.kernels import load_module
+    from balprune.runtime.model.stages import cupy_on_torch_stream, measure_us
+
+    def build(defines):
+        fn = load_module("lstm_lm_step.cu", (nm,), device=0, defines=base + defines).get_function(nm)
+        fn.max_dynamic_shared_size_bytes = pm.shared_bytes
+        return prepared(fn, (pm.grid,), (1024,), pm.args(pm.lpr), pm.shared_bytes, cooperative=True)
+
+    def logits(launch):
+        pm.reset()
+        out = []
+        with cupy_on_torch_stream():
+            for t in tokens:
+                pm.buffers[1].fill_(t)
+                launch()
+                cp.cuda.get_current_stream().synchronize()
+                out.append(pm.buffers[2].clone())
+        return out
+
+    sets = [()] + sets
+    launches = {s: build(s) for s in sets}
+    want = logits(launches[()])
+    times: dict[tuple, float] = {}
+    for s in sets:
+        got = logits(launches[s])
+        same = all(bool((g.view(-1) == w.view(-1)).all()) for g, w in zip(got, want))
+        err = relative_error(got[-1], reference)
+        print(f"{' '.join(s) or '(base)':50s} logits {'identical' if same else 'DIFFER'}, error {err:.2e}")
+    for trial in range(trials):
+        order = sets[trial % len(sets):] + sets[:trial % len(sets)]
+        for s in order:
+            with cupy_on_torch_stream():
+                us = measure_us(launches[s], reps=50)
+            times[s] = min(times.get(s, float("inf")), us)
+    for s in sets:
+        print(f"{' '.join(s) or '(base)':50s} {times[s]:7.2f} us")
+
+
+def timeline(pm, nm: str, defines: tuple[str, ...] = (), launches: int = 20) -> None:
     """Per point of the step: median / earliest / latest CTA in us from the earliest start."""
     import cupy as cp
 
@@ -63,7 +122,10 @@ def timeline(pm, nm: str, launches: int = 20) -> None:
     from balprune.runtime.kernels import load_module
     from balprune.runtime.model.stages import cupy_on_torch_stream
 
-    mod = load_module("lstm_lm_step.cu", (nm,), device=0, defines=("BP_LM_DIAG=4",))
+    # A BP_LM_DIAG among ``defines`` replaces 4 (it must keep bit 4: 5 = timeline without arithmetic).
+    diag = tuple(d for d in defines if d.startswith("BP_LM_DIAG=")) or ("BP_LM_DIAG=4",)
+    rest = tuple(d for d in defines if not d.startswith("BP_LM_DIAG="))
+    mod = load_module("lstm_lm_step.cu", (nm,), device=0, defines=diag + rest)
     fn = mod.get_function(nm)
     fn.max_dynamic_shared_size_bytes = pm.shared_bytes
     stamps = cp.ndarray((1024, 32), dtype=cp.uint64, memptr=mod.get_global("bp_lm_stamps"))
@@ -91,7 +153,12 @@ def timeline(pm, nm: str, launches: int = 20) -> None:
         hi = np.nanmedian(np.nanmax(r, axis=1), axis=0)
     rows = [("entry", 0), ("epoch arrived", 25), ("prologue items stored", 26), ("prologue done", 1),
             ("phase 0: record read", 27), ("phase 0: weights landed", 24)]
-    rows += [(f"phase {p}: {name}", 2 + 6 * p + j) for p in range(pm.phases) for j, name in enumerate(_POINTS)]
+    for p in range(pm.phases):
+        pts = [(f"phase {p}: {name}", 2 + 6 * p + j) for j, name in enumerate(_POINTS)]
+        if 0 < p < 3 and pm.phases <= 3:  # extra points of the 2-layer LM (slots 20..23)
+            pts.insert(1, (f"phase {p}: weights landed", 18 + 2 * p))
+            pts.insert(4, (f"phase {p}: input staged (all threads)", 19 + 2 * p))
+        rows += pts
     rows.append(("end (after the launch epoch)", 28))
     print(f"{'point':34s} {'median':>8s} {'first':>8s} {'last':>8s} {'gap':>8s}  (us from the first CTA's start; "
           "gap: from the point above, the same CTA, median)")

@@ -361,6 +361,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const __grid_constant__ 
       mbar_wait(mbar + p % regions, (unsigned)((p / regions) & 1));
       waited = true;
       if (p == 0) BP_STAMP(24);
+      if (p > 0 && p < 3 && phases <= 3) BP_STAMP(18 + 2 * p);  // slots 20, 22: phase 1, 2 weights landed
       if (issuer && p + 1 < phases && p + 1 < regions) issue(p + 1, choff[2 * p + 2], choff[2 * p + 3]);
     };
     if (nrows > 0) {
@@ -384,6 +385,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const __grid_constant__ 
       BP_STAMP(4 + 6 * p);
       stage(0, split ? jB : B);
       __syncthreads();
+      if (p > 0 && p < 3 && phases <= 3) BP_STAMP(19 + 2 * p);  // slots 21, 23: input staged (all threads)
       wait_weights();
       rows_dot(0, split ? jB : B, split);
       BP_STAMP(5 + 6 * p);
