@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from balprune.vision import torchvision
@@ -28,3 +29,17 @@ def test_vgg_definitions_and_transforms_work():
 
 def test_second_call_returns_the_same_module():
     assert torchvision() is torchvision()
+
+
+def test_compiled_operators_work_or_fail_with_torchvisions_own_error():
+    """With the extension loaded (GPU installs) nms runs; without it (CPU torch next to the
+    registry's CUDA torchvision, where balprune.vision declared the schemas) it fails loudly."""
+
+    tv = torchvision()
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    scores = torch.tensor([0.9, 0.8])
+    if tv.extension._has_ops():
+        assert tv.ops.nms(boxes, scores, 0.5).tolist() == [0]
+    else:
+        with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
+            tv.ops.nms(boxes, scores, 0.5)
