@@ -44,8 +44,7 @@ def main() -> None:
           f"weights {pm.weight_bytes / 1e6:.1f} MB, lpr {pm.lpr}")
     nm = pm.kernel_name
     if a.compare:
-        compare(pm, nm, [tuple(x for x in c.split(",") if x) for c in a.compare], tuple(a.define),
-                rt.step.reference(), rt.step.gate_tokens)
+        compare(rt, nm, [tuple(x for x in c.split(",") if x) for c in a.compare], tuple(a.define))
         return
     if a.timeline:
         timeline(pm, nm, tuple(a.define))
@@ -67,8 +66,7 @@ def main() -> None:
 _POINTS = ("phase start", "own-h part done", "input h gathered", "rows done", "weights + sync", "cell stored")
 
 
-def compare(pm, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], reference, tokens,
-            trials: int = 3) -> None:
+def compare(rt, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], trials: int = 3) -> None:
     """Each set of definitions (on top of ``base``): the same logits as the ``base`` build after
     two steps from the zero state (and both builds' error against the float64 ``reference`` of
     those steps), and its time."""
@@ -79,20 +77,22 @@ def compare(pm, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], ref
     from balprune.runtime.kernels import load_module
     from balprune.runtime.model.stages import cupy_on_torch_stream, measure_us
 
+    pm, tokens, reference = rt.persistent, rt.step.gate_tokens, rt.step.reference()
+
     def build(defines):
         fn = load_module("lstm_lm_step.cu", (nm,), device=0, defines=base + defines).get_function(nm)
         fn.max_dynamic_shared_size_bytes = pm.shared_bytes
         return prepared(fn, (pm.grid,), (1024,), pm.args(pm.lpr), pm.shared_bytes, cooperative=True)
 
     def logits(launch):
-        pm.reset()
+        rt.reset()
         out = []
         with cupy_on_torch_stream():
             for t in tokens:
-                pm.buffers[1].fill_(t)
+                rt.token.fill_(t)
                 launch()
                 cp.cuda.get_current_stream().synchronize()
-                out.append(pm.buffers[2].clone())
+                out.append(rt.logits.clone())
         return out
 
     sets = [()] + sets
