@@ -4,9 +4,10 @@ model: the step as built, then the same launch compiled with BP_LM_DIAG (1: no a
 first 1 or 2 phases only, each timed
 as CUDA-graph replays (hot). Results of the DIAG builds are wrong by design; only times matter.
 
-    python benchmarks/diag_lm_step.py PACKED.safetensors [--dtype float16] [--timeline]
+    python benchmarks/diag_lm_step.py PACKED.safetensors [--dtype float16] [--timeline] [--late]
         [--define NAME=VALUE ...] [--compare "NAME=V,NAME=V" ...]
 
+--late launches with the first weight copy asked for after the prologue (copy_late 1).
 --define adds a preprocessor definition to every build (kernel experiments). --compare builds
 the kernel once per given set of definitions (plus the shipped build), checks that two steps
 from the zero state give the shipped build's logits bit for bit, and times each (graph, hot,
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true")
     ap.add_argument("--define", action="append", default=[])
     ap.add_argument("--compare", action="append", default=[])
+    ap.add_argument("--late", action="store_true")
     a = ap.parse_args()
     from balprune.runtime._launch import prepared
     from balprune.runtime.kernels import load_module
@@ -44,10 +46,10 @@ def main() -> None:
           f"weights {pm.weight_bytes / 1e6:.1f} MB, lpr {pm.lpr}")
     nm = pm.kernel_name
     if a.compare:
-        compare(rt, nm, [tuple(x for x in c.split(",") if x) for c in a.compare], tuple(a.define))
+        compare(rt, nm, [tuple(x for x in c.split(",") if x) for c in a.compare], tuple(a.define), late=a.late)
         return
     if a.timeline:
-        timeline(pm, nm, tuple(a.define))
+        timeline(pm, nm, tuple(a.define), late=a.late)
         return
     for threads, lpr in ((1024, 32), (1024, 16)):
         for diag in (0, 1, 2, 3, "empty", "1 phase", "2 phases"):
@@ -55,7 +57,7 @@ def main() -> None:
             fn = load_module("lstm_lm_step.cu", (nm,), device=0, defines=defines).get_function(nm)
             fn.max_dynamic_shared_size_bytes = pm.shared_bytes
             phases = {"empty": 0, "1 phase": 1, "2 phases": 2}.get(diag, pm.phases)
-            launch = prepared(fn, (pm.grid,), (threads,), pm.args(min(lpr, pm.lpr), phases), pm.shared_bytes,
+            launch = prepared(fn, (pm.grid,), (threads,), pm.args(min(lpr, pm.lpr), phases, a.late), pm.shared_bytes,
                               cooperative=True)
             with cupy_on_torch_stream():
                 launch()
@@ -66,7 +68,8 @@ def main() -> None:
 _POINTS = ("phase start", "own-h part done", "input h gathered", "rows done", "weights + sync", "cell stored")
 
 
-def compare(rt, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], trials: int = 3) -> None:
+def compare(rt, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], trials: int = 3,
+            late: bool = False) -> None:
     """Each set of definitions (on top of ``base``): the same logits as the ``base`` build after
     two steps from the zero state (and both builds' error against the float64 ``reference`` of
     those steps), and its time."""
@@ -82,7 +85,7 @@ def compare(rt, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], tri
     def build(defines):
         fn = load_module("lstm_lm_step.cu", (nm,), device=0, defines=base + defines).get_function(nm)
         fn.max_dynamic_shared_size_bytes = pm.shared_bytes
-        return prepared(fn, (pm.grid,), (1024,), pm.args(pm.lpr), pm.shared_bytes, cooperative=True)
+        return prepared(fn, (pm.grid,), (1024,), pm.args(pm.lpr, copy_late=late), pm.shared_bytes, cooperative=True)
 
     def logits(launch):
         rt.reset()
@@ -114,7 +117,7 @@ def compare(rt, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], tri
         print(f"{' '.join(s) or '(base)':50s} {times[s]:7.2f} us")
 
 
-def timeline(pm, nm: str, defines: tuple[str, ...] = (), launches: int = 20) -> None:
+def timeline(pm, nm: str, defines: tuple[str, ...] = (), launches: int = 20, late: bool = False) -> None:
     """Per point of the step: median / earliest / latest CTA in us from the earliest start."""
     import cupy as cp
 
@@ -129,7 +132,7 @@ def timeline(pm, nm: str, defines: tuple[str, ...] = (), launches: int = 20) -> 
     fn = mod.get_function(nm)
     fn.max_dynamic_shared_size_bytes = pm.shared_bytes
     stamps = cp.ndarray((1024, 32), dtype=cp.uint64, memptr=mod.get_global("bp_lm_stamps"))
-    launch = prepared(fn, (pm.grid,), (1024,), pm.args(pm.lpr), pm.shared_bytes, cooperative=True)
+    launch = prepared(fn, (pm.grid,), (1024,), pm.args(pm.lpr, copy_late=late), pm.shared_bytes, cooperative=True)
     runs, clocks = [], []
     with cupy_on_torch_stream():
         for i in range(launches + 3):

@@ -12,30 +12,32 @@
 // tag, with no grid barrier.
 //
 // bp::lstm_lm_step<T, I> (T: float, bp::f16, bp::bf16; I: in-block index, u8 or u16).
-// desc: a kernel parameter (LmDesc, read from the constant bank: no memory round trip before a
-// CTA knows its work), `phases` records of kFields u64 (fields below), phases <= kMaxPhases. A
-// phase multiplies a balanced matrix [rows, B*L] by x = [A | 0 | own h of the previous launch at
+// recs: `phases` records of kFields u64 in global memory (fields below), phases <= kMaxPhases;
+// every CTA copies them into shared memory in its first memory round trip (read from the
+// constant bank instead, each phase's first reads were a chain of constant-cache misses:
+// ~2 us before phase 0 could start, measured). A phase multiplies a balanced matrix [rows, B*L] by x = [A | 0 | own h of the previous launch at
 // offB..offB+H) (LSTM) or x = [A | 0] (linear). Per row the kept weights are stored block-major,
 // [B, k2]: slot t of block j at j*k2 + t, k2 = k rounded up to even (a padding slot has value 0
 // and index 0), so a lane reads two slots of its block with one shared load per array.
-//   kW        weights base: per CTA c a chunk at byte offset chunks[c] (16-aligned): the values
-//             [n_c, B*k2] T, padded to 16 bytes, then the indices [n_c, B*k2] I, padded to 16
-//   kChunks   u64 [grid + 1] chunk offsets (chunk c = [chunks[c], chunks[c+1]))
+// Weights: chunks [phases, grid + 1] u64 addresses; CTA c's chunk of phase p is
+//             [chunks[p][c], chunks[p][c+1]) (16-aligned): the values [n_c, B*k2] T, padded to
+//             16 bytes, then the indices [n_c, B*k2] I, padded to 16
 //   kKind     0: LSTM gates (rows = 4H; CTA c owns units u0 = c*U .. u0+n-1, U = ceil(H / grid),
 //             local row q*n + i = global row q*H + u0 + i); 1: linear (rows r0 = c*RD .., RD =
 //             ceil(rows / grid), local row i = global row r0 + i)
 //   kRows, kUnits (H; LSTM), kBlocks (B), kLength (L), kKeep (k2, even)
-//   kBias     fp32 [rows] (LSTM: b_ih + b_hh) or 0
-//   kSrcKind  A's source: 0 embedding row (kSrc table [vocab, lenA] T, kToken int64 id, kVocab),
-//             1 the previous phase's tagged h words (kSrc: [2, lenA] words, this launch's half)
-//   kSrc, kSrcLen (lenA), kToken, kVocab
+//   kSrcKind  A's source: 0 embedding row (kSrc: table [vocab, lenA] T; the id at `token`,
+//             kVocab), 1 the previous layer's h (kSrc: its column in hstate)
+//   kSrc, kSrcLen (lenA), kVocab
 //   kOffB     LSTM: the column where this layer's own h starts
-//   kOwn      LSTM: this layer's tagged h words [2, H] (written: half `epoch & 1`; read as the
-//             previous step's h: the other half); linear: the output [rows] T
-//   kCell     LSTM: fp32 cell state [H] (each unit read and written by its owning CTA only)
-//   kHOff     LSTM: where this layer's previous h sits in the CTA's shared `hprev` [hcap]
-//   kPreOff   where this phase's per-CTA constants sit in the shared `pre` [precap]: LSTM
-//             [5, U] (the four gate biases, then c of the previous step), linear [RD] (bias)
+//   kOut      linear: the output [rows] T
+//   kHOff     LSTM: this layer's column in hstate (and in the CTA's shared `hprev` [hcap])
+//   kPreOff   where this phase's per-CTA values sit in `pre` [precap]: LSTM [5, U] (the four
+//             gate biases, then c), linear [RD] (bias)
+// hstate: every LSTM layer's tagged h words, [2, hcap] (layer at column kHOff; written: half
+// `epoch & 1`; read as the previous step's h: the other half). pre_g: [grid, precap] fp32, CTA
+// c's `pre` (biases set by the host; c of each unit read and written by its owning CTA only).
+// token: int64 id of the embedding row (null when phase 0 reads no embedding).
 // ctl: [2] u32 launch control (lstm_common.cuh). xcap: the largest B*L; ucap: the largest U;
 // region_bytes: the largest chunk (128-aligned); regions: 1 or 2 (ring of weight buffers); lpr:
 // lanes per row (power of 2, <= 32). Grid: 1-D, every CTA resident (cooperative launch).
@@ -43,12 +45,14 @@
 // bank j whatever its index (B % 32 == 0), instead of bank conflicts that depend on the indices
 // (they made the arithmetic 3x slower than its instruction count, measured).
 // hcap: the sum of the LSTM layers' H; precap: the sum of the phases' `pre` sizes. Dynamic shared
-// memory: 16 + 16 * kMaxPhases + 4 * (2 * xcap + 4 * ucap + hcap + precap) rounded up to 128, +
-// regions * region_bytes.
+// memory: 16 + 16 * kMaxPhases + 8 * kMaxPhases * kFields + 4 * (2 * xcap + 4 * ucap + hcap +
+// precap) rounded up to 128, + regions * region_bytes.
 // Everything a phase reads from global memory besides its input h (the previous step's h, the
-// embedding row, biases, c) is loaded at the start, in one round trip that overlaps the first
-// weight copies, so no phase waits on it (measured: loaded per phase, the cell and the
-// decoder's stores each waited an L2 round trip).
+// embedding row, biases, c) is loaded at the start, in two round trips (records, chunk
+// addresses, epoch, token, pre; then the h words, whose half depends on the epoch, and the
+// embedding row, which depends on the token) that overlap the first weight copy, so no phase
+// waits on it (measured: loaded per phase, the cell and the decoder's stores each waited an L2
+// round trip; located through the records, the start took ~3 us instead of two round trips).
 // A token id outside [0, vocab) gives a zero embedding row (the runtime checks ids on the host).
 #include "lstm_common.cuh"
 
@@ -87,13 +91,10 @@ __device__ unsigned long long bp_lm_stamps[1024 * 32];
 namespace bp {
 
 enum LmField : int {
-  kW = 0, kChunks, kKind, kRows, kUnits, kBlocks, kLength, kKeep, kBias, kSrcKind, kSrc, kSrcLen, kToken,
-  kVocab, kOffB, kOwn, kCell, kHOff, kPreOff, kFields = 20
+  kKind = 0, kRows, kUnits, kBlocks, kLength, kKeep, kSrcKind, kSrc, kSrcLen, kVocab, kOffB, kOut, kHOff, kPreOff,
+  kFields = 16  // even: a record is copied as 16-byte pieces
 };
 constexpr int kMaxPhases = 16;
-struct LmDesc {
-  unsigned long long f[kMaxPhases * kFields];
-};
 
 // Two consecutive values / indices of a row from shared memory (one load each).
 template <typename T>
@@ -145,41 +146,108 @@ __device__ __forceinline__ float bits_value(unsigned w) {
     return from_bits16<T>(w);
   }
 }
-constexpr int kGather = 8;  // prologue items per thread per round (all loads in flight at once)
+// Items [0, n) of the CTA: every thread issues the loads of kGather of its items (raw = load(i))
+// before it stores any (store(i, raw)): one memory round trip per kGather * blockDim items, not
+// one per item. after_issue() runs once per thread, after its first loads are issued.
+template <int kGather, typename Load, typename Store, typename After>
+__device__ __forceinline__ void gather_items(int n, Load load, Store store, After after_issue) {
+  if (threadIdx.x >= n) after_issue();
+  for (int base = threadIdx.x; base < n; base += kGather * blockDim.x) {
+    unsigned long long raw[kGather];
+#pragma unroll
+    for (int m = 0; m < kGather; ++m) {
+      const int i = base + m * blockDim.x;
+      raw[m] = i < n ? load(i) : 0ull;
+    }
+    if (base == (int)threadIdx.x) after_issue();
+#pragma unroll
+    for (int m = 0; m < kGather; ++m) {
+      const int i = base + m * blockDim.x;
+      if (i < n) store(i, raw[m]);
+    }
+  }
+}
 
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 template <typename T, typename I>
-__global__ void __launch_bounds__(1024, 1) lstm_lm_step(const __grid_constant__ LmDesc desc, int phases, int regions,
-                                                     unsigned region_bytes, int xcap, int ucap, int hcap, int precap,
-                                                     unsigned* ctl, int lpr) {
+__global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long* __restrict__ recs_g, int phases,
+                                                     int regions, unsigned region_bytes, int xcap, int ucap, int hcap,
+                                                     int precap, unsigned* ctl, int lpr, const long long* token,
+                                                     const unsigned long long* __restrict__ chunks, float* pre_g,
+                                                     void* hstate, int copy_late) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned long long* mbar = reinterpret_cast<unsigned long long*>(smem);  // [regions <= 2]
   unsigned long long* choff = mbar + 2;                                     // [2 * kMaxPhases] this CTA's chunks
-  float* xs = reinterpret_cast<float*>(choff + 2 * kMaxPhases);             // [xcap]
+  unsigned long long* recs = choff + 2 * kMaxPhases;                        // [kMaxPhases * kFields] records
+  float* xs = reinterpret_cast<float*>(recs + kMaxPhases * kFields);        // [xcap]
   float* xl = xs + xcap;                                                    // [xcap] x in column order
   float* gates = xl + xcap;                                                 // [4 * ucap]
   float* hprev = gates + 4 * ucap;                                          // [hcap] every layer's h of the last step
   float* pre = hprev + hcap;                                                // [precap] biases, c
   unsigned char* ring =
-      smem + ((16 + 16 * kMaxPhases + 4 * (2 * (size_t)xcap + 4 * ucap + hcap + precap) + 127) / 128) * 128;
-  const unsigned long long* recs = desc.f;
+      smem + ((16 + 16 * kMaxPhases + 8 * kMaxPhases * kFields + 4 * (2 * (size_t)xcap + 4 * ucap + hcap + precap) +
+               127) / 128) * 128;
 
   using Word = typename Tag<T>::Word;
+  // Prologue loads in flight per thread and round (measured, paper-sized LM, us per step, 8 / 4
+  // / 2 loads): fp16 20.2 / 20.1 / 19.8 with the copy after the prologue (less unrolled code: at
+  // the launch's start instruction fetches cost as much as the extra round trips), fp32 25.4 /
+  // 25.3 / 26.4 with the copy during it (8 spills for fp32 with u8 indices).
+  constexpr int kGather = sizeof(T) == 4 ? 4 : 2;
+  Word* hs = reinterpret_cast<Word*>(hstate);
   const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
   // The thread that asks for weight copies: in the last warp, so that warp 0 (which also runs
   // the cells of the CTA's units) never waits on it.
   const bool issuer = tid == nt - 1;
   BP_GSTAMP(31);
   BP_STAMP(0);
-  // Round trip 1: the epoch, the token id, every phase's chunk offsets (all independent).
+
+  // Ask for phase p's chunk [start, end) (addresses) in ring buffer p % regions (the issuer only).
+  auto issue = [&](int p, unsigned long long start, unsigned long long end) {
+    unsigned long long* bar = mbar + p % regions;
+    if (end == start || (BP_LM_DIAG & 2)) {
+      mbar_arrive(bar);
+    } else {
+      mbar_arrive_expect_tx(bar, (unsigned)(end - start));
+      bulk_copy_g2s(ring + (size_t)(p % regions) * region_bytes, reinterpret_cast<const unsigned char*>(start),
+                    (unsigned)(end - start), bar);
+    }
+  };
+  if (issuer) {
+    for (int r = 0; r < regions; ++r) mbar_init(mbar + r, 1);
+    mbar_init_fence();
+  }
+  // Round trip 1 (all independent): the epoch, the token id, the records, every phase's chunk
+  // addresses, this CTA's biases and cell state. Phase 0's weight copy is asked for once round
+  // trip 2's loads are out (copy_late 0) or once the prologue is done (1): memory accesses made
+  // while the copies of all CTAs stream take ~2 us instead of ~0.8 (measured), so issuing the
+  // copy earlier slows the prologue; which order wins depends on the copy's size (the runtime
+  // measures both).
   const unsigned epoch = launch_epoch(ctl);
-  const long long tok = phases > 0 && recs[kSrcKind] == 0 ? *reinterpret_cast<const long long*>(recs[kToken]) : 0;
-  if (tid < 2 * phases) {
-    const unsigned long long* ch = reinterpret_cast<const unsigned long long*>(recs[(tid >> 1) * kFields + kChunks]);
-    choff[tid] = ch[c + (tid & 1)];
+  const long long tok = token != nullptr ? *token : 0;
+  const int nrec = phases * (kFields / 2), npre = (int)(2 * phases) + nrec;
+  const ulonglong2 rec = tid < nrec ? __ldcg(reinterpret_cast<const ulonglong2*>(recs_g) + tid) : ulonglong2{0, 0};
+  gather_items<kGather>(
+      npre + precap,
+      [&](int i) -> unsigned long long {
+        if (i < 2 * phases) return chunks[(size_t)(i >> 1) * (G + 1) + c + (i & 1)];
+        if (i < npre) return 0ull;  // records: 16-byte loads below
+        return __ldcg(reinterpret_cast<const unsigned*>(pre_g) + (size_t)c * precap + (i - npre));
+      },
+      [&](int i, unsigned long long raw) {
+        if (i < 2 * phases) {
+          choff[i] = raw;
+        } else if (i >= npre) {
+          pre[i - npre] = __uint_as_float((unsigned)raw);
+        }
+      },
+      [] {});
+  if (tid < nrec) {
+    recs[2 * tid] = rec.x;
+    recs[2 * tid + 1] = rec.y;
   }
   const unsigned tag = (epoch & 0x7fffu) + 1u;  // never 0: zeroed words (reset state) never match
   const size_t half = epoch & 1;
@@ -187,93 +255,32 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const __grid_constant__ 
   asm volatile("" ::"r"(epoch));  // the stamp after the epoch has arrived
 #endif
   BP_STAMP(25);
-
-  // Ask for phase p's chunk in ring buffer p % regions (the issuer only; [off, end) of the chunk).
-  auto issue = [&](int p, unsigned long long off, unsigned long long end) {
-    unsigned long long* bar = mbar + p % regions;
-    if (end == off || (BP_LM_DIAG & 2)) {
-      mbar_arrive(bar);
-    } else {
-      mbar_arrive_expect_tx(bar, (unsigned)(end - off));
-      bulk_copy_g2s(ring + (size_t)(p % regions) * region_bytes,
-                    reinterpret_cast<const unsigned char*>(recs[p * kFields + kW]) + off, (unsigned)(end - off), bar);
-    }
-  };
-  if (issuer) {
-    for (int r = 0; r < regions; ++r) mbar_init(mbar + r, 1);
-    mbar_init_fence();
-    if (phases > 0) {
-      const unsigned long long* ch = reinterpret_cast<const unsigned long long*>(recs[kChunks]);
-      issue(0, ch[c], ch[c + 1]);
-    }
-  }
-  // Round trip 2: what no phase has to wait for, gathered once at the start (its latency
-  // overlaps the first weight copies instead of sitting in a phase's critical path): every
-  // layer's h of the previous step into hprev [hcap], every phase's biases and cell state into
-  // pre [precap], the embedding row into xl [elen]. One item space; each thread issues all its
-  // loads before it stores any (a load per item and a store after it would be one round trip
-  // per item, measured: ~4 us for the paper-sized LM).
+  __syncthreads();
+  // Round trip 2: every layer's h of the previous step into hprev [hcap] (the other half of
+  // hstate), the embedding row into xl [elen].
   const int elen = phases > 0 && recs[kSrcKind] == 0 ? (int)recs[kSrcLen] : 0;
-  const bool tok_ok = elen > 0 && tok >= 0 && tok < (long long)recs[kVocab];
-  const int total = hcap + precap + elen;
-  // Item i: its phase's record, and where the item sits in it (hprev / pre / embedding).
-  auto locate = [&](int i, int& p, int& r) {
-    if (i >= hcap + precap) {
-      p = 0;
-      r = i - hcap - precap;
-      return 2;
-    }
-    const bool in_h = i < hcap;
-    const int j = in_h ? i : i - hcap;
-    for (p = 0; p + 1 < phases; ++p) {  // the last phase whose offset is <= j (offsets ascend)
-      const unsigned long long* e = recs + (size_t)(p + 1) * kFields;
-      if ((in_h ? (e[kKind] == 0 ? (long long)e[kHOff] : (long long)hcap) : (long long)e[kPreOff]) > j) break;
-    }
-    r = j - (int)recs[p * kFields + (in_h ? kHOff : kPreOff)];
-    return in_h ? 0 : 1;
-  };
-  for (int base = tid; base < total; base += kGather * nt) {
-    unsigned long long raw[kGather];
-#pragma unroll
-    for (int m = 0; m < kGather; ++m) {
-      const int i = base + m * nt;
-      raw[m] = 0;
-      if (i >= total) continue;
-      int ph, r;
-      const int kind = locate(i, ph, r);
-      const unsigned long long* d = recs + (size_t)ph * kFields;
-      if (kind == 0) {
-        raw[m] = Tag<T>::load(reinterpret_cast<const Word*>(d[kOwn]) + (1 - half) * d[kUnits] + r);
-      } else if (kind == 1) {
-        const float* bias = reinterpret_cast<const float*>(d[kBias]);
-        if (d[kKind] == 0) {
-          const int H = (int)d[kUnits], U = (H + G - 1) / G, q = r / U, u = c * U + r % U;
-          if (u < H && (q == 4 || bias != nullptr))
-            raw[m] = __ldcg(q == 4 ? reinterpret_cast<const unsigned*>(d[kCell]) + u
-                                   : reinterpret_cast<const unsigned*>(bias) + q * H + u);
+  const bool tok_ok = elen > 0 && token != nullptr && tok >= 0 && tok < (long long)recs[kVocab];
+  const T* erow = reinterpret_cast<const T*>(recs[kSrc]) + (tok_ok ? tok : 0) * elen;
+  const Word* hsrc = hs + (1 - half) * (size_t)hcap;
+  gather_items<kGather>(
+      hcap + elen,
+      [&](int i) -> unsigned long long {
+        if (i < hcap) return (unsigned long long)Tag<T>::load(hsrc + i);
+        return tok_ok ? raw_bits<T>(erow + (i - hcap)) : 0ull;
+      },
+      [&](int i, unsigned long long raw) {
+        if (i < hcap) {
+          hprev[i] = Tag<T>::value((Word)raw);
         } else {
-          const int R = (int)d[kRows], row = c * ((R + G - 1) / G) + r;
-          if (row < R && bias != nullptr) raw[m] = __ldcg(reinterpret_cast<const unsigned*>(bias) + row);
+          xl[i - hcap] = bits_value<T>((unsigned)raw);
         }
-      } else if (tok_ok) {
-        raw[m] = raw_bits<T>(reinterpret_cast<const T*>(d[kSrc]) + tok * elen + r);
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < kGather; ++m) {
-      const int i = base + m * nt;
-      if (i >= total) continue;
-      if (i < hcap) {
-        hprev[i] = Tag<T>::value((Word)raw[m]);
-      } else if (i < hcap + precap) {
-        pre[i - hcap] = __uint_as_float((unsigned)raw[m]);
-      } else {
-        xl[i - hcap - precap] = bits_value<T>((unsigned)raw[m]);
-      }
-    }
-  }
+      },
+      [&] {
+        if (!copy_late && issuer && phases > 0) issue(0, choff[0], choff[1]);
+      });
   BP_STAMP(26);
   __syncthreads();
+  if (copy_late && issuer && phases > 0) issue(0, choff[0], choff[1]);
   BP_STAMP(1);
 
   const int lane = tid & 31, warp = tid >> 5, nwarps = nt >> 5;
@@ -300,7 +307,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const __grid_constant__ 
     const unsigned char* chunk = ring + (size_t)(p % regions) * region_bytes;
     const T* vals = reinterpret_cast<const T*>(chunk);
     const I* idx = reinterpret_cast<const I*>(chunk + ((size_t)nrows * nnz * sizeof(T) + 15) / 16 * 16);
-    T* out = reinterpret_cast<T*>(d[kOwn]);
+    T* out = reinterpret_cast<T*>(d[kOut]);
     // Every row of this CTA over blocks [jlo, jhi): gate rows into `gates` (added to what is
     // there when `add`), linear rows (+ bias) into the output.
     auto rows_dot = [&](int jlo, int jhi, bool add) {
@@ -380,7 +387,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const __grid_constant__ 
       BP_STAMP(3 + 6 * p);
       if (!emb) {
         // The previous layer's h of this step, in column order into xl (coalesced loads).
-        gather_tagged<T>(reinterpret_cast<const Word*>(d[kSrc]) + half * (size_t)lenA, lenA, tag, xl);
+        gather_tagged<T>(hs + half * (size_t)hcap + d[kSrc], lenA, tag, xl);
       }
       BP_STAMP(4 + 6 * p);
       stage(0, split ? jB : B);
@@ -405,9 +412,8 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const __grid_constant__ 
       for (int q = 0; q < 4; ++q) a[q] = gates[q * n + tid] + pp[q * U + tid];
       const float cn = sigmoid_rec(a[1]) * pp[4 * U + tid] + sigmoid_rec(a[0]) * tanhf(a[2]);
       const float hn = sigmoid_rec(a[3]) * tanhf(cn);
-      reinterpret_cast<float*>(d[kCell])[u] = cn;
-      Word* own = reinterpret_cast<Word*>(d[kOwn]) + half * (size_t)H;
-      Tag<T>::store(own + u, Tag<T>::pack(hn, tag));
+      pre_g[(size_t)c * precap + d[kPreOff] + 4 * U + tid] = cn;
+      Tag<T>::store(hs + half * (size_t)hcap + d[kHOff] + u, Tag<T>::pack(hn, tag));
     }
     BP_STAMP(7 + 6 * p);
   }

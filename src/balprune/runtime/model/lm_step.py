@@ -19,6 +19,7 @@ Timing takes single steps (the state evolves; the work per step does not).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,10 +29,10 @@ import torch
 from .._linear import STORAGE
 from .stages import Choice, cupy_on_torch_stream
 
-_FIELDS = 20  # u64 per phase record (kernels/lstm_lm_step.cu LmField)
+_FIELDS = 16  # u64 per phase record (kernels/lstm_lm_step.cu LmField)
 _MAX_PHASES = 16  # kernels/lstm_lm_step.cu kMaxPhases
-(K_W, K_CHUNKS, K_KIND, K_ROWS, K_UNITS, K_BLOCKS, K_LENGTH, K_KEEP, K_BIAS, K_SRC_KIND, K_SRC, K_SRC_LEN, K_TOKEN,
- K_VOCAB, K_OFF_B, K_OWN, K_CELL, K_H_OFF, K_PRE_OFF) = range(19)
+(K_KIND, K_ROWS, K_UNITS, K_BLOCKS, K_LENGTH, K_KEEP, K_SRC_KIND, K_SRC, K_SRC_LEN, K_VOCAB, K_OFF_B, K_OUT, K_H_OFF,
+ K_PRE_OFF) = range(14)
 PERSISTENT_SHAPES = ((1024, 32), (1024, 16), (512, 32), (512, 16))  # (threads, lanes per row)
 
 
@@ -61,8 +62,9 @@ def _pad16(n: int) -> int:
 
 class PersistentLm:
     """kernels/lstm_lm_step.cu set up for one model on one device: each phase's weights cut into
-    one chunk per CTA (the grid is the device's SM count), the descriptor table, the tagged h
-    words and cell state of every layer, the launch control words."""
+    one chunk per CTA (the grid is the device's SM count) and the chunks' addresses, the phase
+    records, every layer's tagged h words (``hstate`` [2, hcap]), each CTA's biases and cell state
+    (``pre`` [grid, precap]), the launch control words."""
 
     def __init__(self, phases: list[Phase], *, table: torch.Tensor, token: torch.Tensor, logits: torch.Tensor,
                  dtype: str, device: int) -> None:
@@ -75,20 +77,19 @@ class PersistentLm:
         self.grid, self._smem_limit = G, info.smem_per_block_optin
         esize = torch.empty(0, dtype=tdt).element_size()
         self.buffers: list[torch.Tensor] = [table, token, logits]  # held: the kernel has their addresses
-        self.hb: list[torch.Tensor] = []
-        self.cells: list[torch.Tensor] = []
         itypes = {p.indices.dtype for p in phases}
         if len(itypes) != 1:
             raise ValueError("the layers and the decoder store indices of different widths")
         idx_dtype = itypes.pop()
         if len(phases) > _MAX_PHASES:
             raise ValueError(f"{len(phases)} matrices in one step: the persistent kernel takes at most {_MAX_PHASES}")
-        # The kernel's LmDesc parameter: every record, passed by value (the constant bank).
-        desc = np.zeros((_MAX_PHASES, _FIELDS), dtype=np.uint64)
+        desc = np.zeros((len(phases), _FIELDS), dtype=np.uint64)
+        chunk_addrs = np.zeros((len(phases), G + 1), dtype=np.uint64)
+        pre_blocks: list[np.ndarray] = []  # per phase [G, size]: CTA c's biases (and zero c)
         self.region_bytes, self.xcap, self.ucap, self.hcap, self.weight_bytes, self.max_blocks = 0, 0, 0, 0, 0, 0
         self.precap = 0
         min_blocks = 1 << 30
-        prev_hb, prev_len = None, int(table.shape[1])
+        prev_hoff, prev_len = None, int(table.shape[1])
         for pi, ph in enumerate(phases):
             R, k, B = (int(s) for s in ph.values.shape)
             H, L = ph.hidden, ph.length
@@ -100,16 +101,20 @@ class PersistentLm:
             idx[:, :, :k] = ph.indices.permute(0, 2, 1)
             vals = (vals.view(torch.int16) if vals.dtype == torch.bfloat16 else vals).numpy().view(np.uint8).reshape(R, -1)
             idx = (idx.view(torch.int16) if idx.dtype == torch.uint16 else idx).numpy().view(np.uint8).reshape(R, -1)
+            bias = ph.bias32.cpu().numpy() if ph.bias32 is not None else np.zeros(R, dtype=np.float32)
             chunks, offsets = [], [0]
+            # CTA c: LSTM units [c*U, c*U + U) (its 4U gate rows), linear rows [c*RD, c*RD + RD).
+            per = -(-H // G) if H else -(-R // G)
+            pre = np.zeros((G, 5 * per if H else per), dtype=np.float32)
             for c in range(G):
+                n = max(0, min(per, (H or R) - c * per))
                 if H:
-                    U = -(-H // G)
-                    n = max(0, min(U, H - c * U))
-                    rows = (np.arange(4)[:, None] * H + c * U + np.arange(n)[None, :]).reshape(-1)
+                    rows = (np.arange(4)[:, None] * H + c * per + np.arange(n)[None, :]).reshape(-1)
+                    for q in range(4):
+                        pre[c, q * per:q * per + n] = bias[q * H + c * per:q * H + c * per + n]
                 else:
-                    RD = -(-R // G)
-                    n = max(0, min(RD, R - c * RD))
-                    rows = np.arange(c * RD, c * RD + n)
+                    rows = np.arange(c * per, c * per + n)
+                    pre[c, :n] = bias[rows]
                 v, i = vals[rows].reshape(-1), idx[rows].reshape(-1)
                 blob = np.zeros(_pad16(v.size) + _pad16(i.size), dtype=np.uint8)
                 blob[:v.size] = v
@@ -118,41 +123,41 @@ class PersistentLm:
                 offsets.append(offsets[-1] + blob.size)
                 self.region_bytes = max(self.region_bytes, -(-blob.size // 128) * 128)
             weights = torch.from_numpy(np.concatenate(chunks)).to(dev)
-            chunk_t = torch.tensor(offsets, dtype=torch.int64).to(dev)
-            self.buffers += [weights, chunk_t]
+            self.buffers.append(weights)
+            chunk_addrs[pi] = weights.data_ptr() + np.asarray(offsets, dtype=np.uint64)
             self.weight_bytes += int(weights.numel())
             self.xcap = max(self.xcap, B * L)
             min_blocks = min(min_blocks, B)
             self.max_blocks = max(self.max_blocks, B)
             d = desc[pi]
-            d[K_W], d[K_CHUNKS], d[K_KIND], d[K_ROWS] = weights.data_ptr(), chunk_t.data_ptr(), 0 if H else 1, R
-            d[K_UNITS], d[K_BLOCKS], d[K_LENGTH], d[K_KEEP] = H, B, L, k2
-            if ph.bias32 is not None:
-                d[K_BIAS] = ph.bias32.data_ptr()
-                self.buffers.append(ph.bias32)
-            d[K_PRE_OFF] = self.precap  # per CTA: LSTM [5, U] biases and c, linear [RD] bias
-            self.precap += 5 * -(-H // G) if H else -(-R // G)
+            d[K_KIND], d[K_ROWS], d[K_UNITS], d[K_BLOCKS], d[K_LENGTH], d[K_KEEP] = 0 if H else 1, R, H, B, L, k2
+            d[K_PRE_OFF] = self.precap
+            pre_blocks.append(pre)
+            self.precap += pre.shape[1]
             if pi == 0:
-                d[K_SRC_KIND], d[K_SRC], d[K_SRC_LEN] = 0, table.data_ptr(), int(table.shape[1])
-                d[K_TOKEN], d[K_VOCAB] = token.data_ptr(), int(table.shape[0])
+                d[K_SRC_KIND], d[K_SRC], d[K_SRC_LEN], d[K_VOCAB] = 0, table.data_ptr(), int(table.shape[1]), table.shape[0]
             else:
-                d[K_SRC_KIND], d[K_SRC], d[K_SRC_LEN] = 1, prev_hb.data_ptr(), prev_len
+                d[K_SRC_KIND], d[K_SRC], d[K_SRC_LEN] = 1, prev_hoff, prev_len
             if H:
-                hb = torch.zeros(2, H * (2 if esize == 4 else 1), dtype=torch.int32, device=dev)
-                cell = torch.zeros(H, dtype=torch.float32, device=dev)
-                self.hb.append(hb)
-                self.cells.append(cell)
-                d[K_OFF_B], d[K_OWN], d[K_CELL], d[K_H_OFF] = ph.off_h, hb.data_ptr(), cell.data_ptr(), self.hcap
+                d[K_OFF_B], d[K_H_OFF] = ph.off_h, self.hcap
+                prev_hoff, prev_len = self.hcap, H
                 self.hcap += H
-                self.ucap = max(self.ucap, -(-H // G))
-                prev_hb, prev_len = hb, H
+                self.ucap = max(self.ucap, per)
             else:
-                d[K_OWN] = logits.data_ptr()
+                d[K_OUT] = logits.data_ptr()
         self.phases = len(phases)
-        self.desc = desc.reshape(-1)
+        self.token = token
+        # Words of 32 bits (16-bit h and its tag) or 64 bits (fp32 h and its tag), as int32 pairs.
+        self.hstate = torch.zeros(2, max(1, self.hcap) * (2 if esize == 4 else 1), dtype=torch.int32, device=dev)
+        self.pre_init = torch.from_numpy(np.concatenate(pre_blocks, axis=1) if pre_blocks else
+                                         np.zeros((G, 0), np.float32)).contiguous().to(dev)
+        self.pre = self.pre_init.clone()
+        self.recs = torch.from_numpy(desc.reshape(-1).view(np.int64)).to(dev)
+        self.chunks = torch.from_numpy(chunk_addrs.reshape(-1).view(np.int64)).to(dev)
         self.ctl = torch.zeros(32, dtype=torch.int32, device=dev)
         self.lpr = min(32, 1 << (min_blocks.bit_length() - 1))
-        head = -(-(16 + 16 * _MAX_PHASES + 4 * (2 * self.xcap + 4 * self.ucap + self.hcap + self.precap)) // 128) * 128
+        head = -(-(16 + 16 * _MAX_PHASES + 8 * _MAX_PHASES * _FIELDS
+                   + 4 * (2 * self.xcap + 4 * self.ucap + self.hcap + self.precap)) // 128) * 128
         self.regions = 2 if head + 2 * self.region_bytes <= self._smem_limit else 1
         self.shared_bytes = head + self.regions * self.region_bytes
         ity = "unsigned char" if idx_dtype == torch.uint8 else "unsigned short"
@@ -161,19 +166,21 @@ class PersistentLm:
 
     def reset(self) -> None:
         """Zero state: every layer's h words (their tags too: a zero word never matches a tag) and c."""
-        for t in self.hb + self.cells:
-            t.zero_()
+        self.hstate.zero_()
+        self.pre.copy_(self.pre_init)
 
-    def launch(self, threads: int, lpr: int | None = None) -> tuple[Callable[[], None] | None, str]:
+    def launch(self, threads: int, lpr: int | None = None, copy_late: bool = False
+               ) -> tuple[Callable[[], None] | None, str]:
         """(bound cooperative launch, label), or (None, why) when it cannot run on this device.
         ``lpr``: lanes per row (a power of two <= 32 and <= the narrowest matrix's block count;
-        default that bound)."""
+        default that bound); ``copy_late``: ask for the first weight copy after the prologue's
+        loads have landed instead of while they are in flight (kernels/lstm_lm_step.cu)."""
         import cupy as cp
 
         from .._launch import function_ptr, prepared
 
         lpr = self.lpr if lpr is None else min(lpr, self.lpr)
-        label = f"persistent, threads={threads}, lanes/row={lpr}"
+        label = f"persistent, threads={threads}, lanes/row={lpr}" + (", copy after prologue" if copy_late else "")
         if self.shared_bytes > self._smem_limit:
             return None, f"{label}: needs {self.shared_bytes} bytes of shared memory per CTA (limit {self._smem_limit})"
         if self.shared_bytes > 48 * 1024 and self.fn.max_dynamic_shared_size_bytes < self.shared_bytes:
@@ -184,13 +191,16 @@ class PersistentLm:
             return None, f"{label}: a CTA of {threads} threads does not fit an SM"
         if self.max_blocks > threads:
             return None, f"{label}: {self.max_blocks} blocks per row, more than the CTA's threads"
-        return prepared(self.fn, (self.grid,), (threads,), self.args(lpr), self.shared_bytes, cooperative=True), label
+        return prepared(self.fn, (self.grid,), (threads,), self.args(lpr, copy_late=copy_late), self.shared_bytes,
+                        cooperative=True), label
 
-    def args(self, lpr: int, phases: int | None = None) -> tuple:
+    def args(self, lpr: int, phases: int | None = None, copy_late: bool = False) -> tuple:
         """The kernel's arguments (``phases``: run only the first ones; diagnostics)."""
-        return (self.desc, np.int32(self.phases if phases is None else phases), np.int32(self.regions),
-                np.uint32(self.region_bytes), np.int32(self.xcap), np.int32(self.ucap), np.int32(self.hcap),
-                np.int32(self.precap), np.uint64(self.ctl.data_ptr()), np.int32(lpr))
+        return (np.uint64(self.recs.data_ptr()), np.int32(self.phases if phases is None else phases),
+                np.int32(self.regions), np.uint32(self.region_bytes), np.int32(self.xcap), np.int32(self.ucap),
+                np.int32(self.hcap), np.int32(self.precap), np.uint64(self.ctl.data_ptr()), np.int32(lpr),
+                np.uint64(self.token.data_ptr()), np.uint64(self.chunks.data_ptr()), np.uint64(self.pre.data_ptr()),
+                np.uint64(self.hstate.data_ptr()), np.int32(copy_late))
 
 
 class LmStep:
@@ -245,8 +255,8 @@ class LmStep:
     def timing_candidates(self) -> dict[str, Callable[[], None]]:
         out: dict[str, Callable[[], None]] = {}
         if self.persistent is not None:
-            for threads, lpr in PERSISTENT_SHAPES:
-                fn, label = self.persistent.launch(threads, lpr)
+            for (threads, lpr), late in itertools.product(PERSISTENT_SHAPES, (False, True)):
+                fn, label = self.persistent.launch(threads, lpr, late)
                 if fn is None:
                     self._unavailable[f"balanced ({label.split(':')[0]})"] = label
                     continue
