@@ -228,20 +228,19 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
   // measures both).
   const unsigned epoch = launch_epoch(ctl);
   const long long tok = token != nullptr ? *token : 0;
-  const int nrec = phases * (kFields / 2), npre = (int)(2 * phases) + nrec;
+  const int nrec = phases * (kFields / 2), nch = 2 * phases;
   const ulonglong2 rec = tid < nrec ? __ldcg(reinterpret_cast<const ulonglong2*>(recs_g) + tid) : ulonglong2{0, 0};
   gather_items<kGather>(
-      npre + precap,
+      nch + precap,  // items: the chunk addresses, then pre (the records are the 16-byte loads above)
       [&](int i) -> unsigned long long {
-        if (i < 2 * phases) return chunks[(size_t)(i >> 1) * (G + 1) + c + (i & 1)];
-        if (i < npre) return 0ull;  // records: 16-byte loads below
-        return __ldcg(reinterpret_cast<const unsigned*>(pre_g) + (size_t)c * precap + (i - npre));
+        if (i < nch) return chunks[(size_t)(i >> 1) * (G + 1) + c + (i & 1)];
+        return __ldcg(reinterpret_cast<const unsigned*>(pre_g) + (size_t)c * precap + (i - nch));
       },
       [&](int i, unsigned long long raw) {
-        if (i < 2 * phases) {
+        if (i < nch) {
           choff[i] = raw;
-        } else if (i >= npre) {
-          pre[i - npre] = __uint_as_float((unsigned)raw);
+        } else {
+          pre[i - nch] = __uint_as_float((unsigned)raw);
         }
       },
       [] {});
