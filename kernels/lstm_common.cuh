@@ -63,12 +63,12 @@ struct Tag<bf16> : Tag16<bf16> {};
 
 __device__ __forceinline__ float sigmoid_rec(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
-// dst[i] = the value of src[i] for i < n, once every word carries `tag`: the CTA polls the words
+// put(i, the value of src[i]) for i < n, once every word carries `tag`: the CTA polls the words
 // (coalesced) until all of them match. Each try issues all of a thread's loads (up to 4 per
 // round) before it looks at any, so a try costs one L2 round trip, not one per word. Called by
 // every thread of the CTA (it ends with a CTA-wide barrier).
-template <typename T>
-__device__ __forceinline__ void gather_tagged(const typename Tag<T>::Word* src, int n, unsigned tag, float* dst) {
+template <typename T, typename Put>
+__device__ __forceinline__ void gather_tagged(const typename Tag<T>::Word* src, int n, unsigned tag, Put put) {
   constexpr int kPer = 4;
   bool done = false;
   while (!done) {
@@ -85,7 +85,7 @@ __device__ __forceinline__ void gather_tagged(const typename Tag<T>::Word* src, 
         const int i = base + m * blockDim.x;
         if (i >= n) continue;
         if (Tag<T>::tag(w[m]) == tag) {
-          dst[i] = Tag<T>::value(w[m]);
+          put(i, Tag<T>::value(w[m]));
         } else {
           mine = false;
         }

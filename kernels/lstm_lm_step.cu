@@ -41,12 +41,18 @@
 // ctl: [2] u32 launch control (lstm_common.cuh). xcap: the largest B*L; ucap: the largest U;
 // region_bytes: the largest chunk (128-aligned); regions: 1 or 2 (ring of weight buffers); lpr:
 // lanes per row (power of 2, <= 32). Grid: 1-D, every CTA resident (cooperative launch).
-// x is staged as fp32 block-interleaved, column j*L + i at xs[i*B + j]: lane j of a warp reads
-// bank j whatever its index (B % 32 == 0), instead of bank conflicts that depend on the indices
-// (they made the arithmetic 3x slower than its instruction count, measured).
+// x is staged as fp32 block-interleaved in rows of 64 floats, column j*L + i at xs[i*64 + j]
+// (B <= 64): lane j of a warp reads bank j whatever its index, instead of bank conflicts that
+// depend on the indices (they made the arithmetic 3x slower than its instruction count,
+// measured), and the byte offset of a kept weight's x, index*256 + 4*j, is ONE byte permute of
+// the stored index and 4*j (kernels/NOTES.md v13: the offset took an extract, a multiply and a
+// shift per weight; the arithmetic was 6.4 of the step's 19.9 us). xrows: the largest L.
+// x in column order (xl: the embedding row, the previous layer's h) sits in the unused upper
+// halves of those rows when every B <= 32 (xl_inline 1: column col at xs[(col / 32) * 64 + 32 +
+// col % 32]), else after them ([xcap], xcap: the largest B*L).
 // hcap: the sum of the LSTM layers' H; precap: the sum of the phases' `pre` sizes. Dynamic shared
-// memory: 16 + 16 * kMaxPhases + 8 * kMaxPhases * kFields + 4 * (2 * xcap + 4 * ucap + hcap +
-// precap) rounded up to 128, + regions * region_bytes.
+// memory: 16 + 16 * kMaxPhases + 8 * kMaxPhases * kFields + 4 * (64 * xrows + (xl_inline ? 0 :
+// xcap) + 4 * ucap + hcap + precap) rounded up to 128, + regions * region_bytes.
 // Everything a phase reads from global memory besides its input h (the previous step's h, the
 // embedding row, biases, c) is loaded at the start, in two round trips (records, chunk
 // addresses, epoch, token, pre; then the h words, whose half depends on the epoch, and the
@@ -117,19 +123,23 @@ __device__ __forceinline__ void value_pair<bf16>(const bf16* p, float& v0, float
   v0 = __uint_as_float(w << 16);
   v1 = __uint_as_float(w & 0xffff0000u);
 }
+// The byte offsets in xs of two consecutive kept weights' x: index * 256 + jb (jb = 4 * block <
+// 256), each one byte permute of the loaded index pair and jb (bytes 4..7 of a permute are jb's).
 template <typename I>
-__device__ __forceinline__ void index_pair(const I* p, unsigned& i0, unsigned& i1);
+__device__ __forceinline__ void x_offsets(const I* p, unsigned jb, unsigned& o0, unsigned& o1);
 template <>
-__device__ __forceinline__ void index_pair<unsigned char>(const unsigned char* p, unsigned& i0, unsigned& i1) {
-  const unsigned w = *reinterpret_cast<const unsigned short*>(p);
-  i0 = w & 0xffu;
-  i1 = w >> 8;
+__device__ __forceinline__ void x_offsets<unsigned char>(const unsigned char* p, unsigned jb, unsigned& o0,
+                                                         unsigned& o1) {
+  const unsigned w = *reinterpret_cast<const unsigned short*>(p);  // index 0 in byte 0, index 1 in byte 1
+  o0 = __byte_perm(w, jb, 0x5504);                                 // [jb, index 0, 0, 0]
+  o1 = __byte_perm(w, jb, 0x5514);                                 // [jb, index 1, 0, 0]
 }
 template <>
-__device__ __forceinline__ void index_pair<unsigned short>(const unsigned short* p, unsigned& i0, unsigned& i1) {
-  const unsigned w = *reinterpret_cast<const unsigned*>(p);
-  i0 = w & 0xffffu;
-  i1 = w >> 16;
+__device__ __forceinline__ void x_offsets<unsigned short>(const unsigned short* p, unsigned jb, unsigned& o0,
+                                                          unsigned& o1) {
+  const unsigned w = *reinterpret_cast<const unsigned*>(p);  // index 0 in bytes 0-1, index 1 in bytes 2-3
+  o0 = __byte_perm(w, jb, 0x5104);                           // [jb, index 0 (2 bytes), 0]
+  o1 = __byte_perm(w, jb, 0x5324);                           // [jb, index 1 (2 bytes), 0]
 }
 
 // One element's raw bits (zero-extended) and its value from those bits.
@@ -174,7 +184,8 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 
 template <typename T, typename I>
 __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long* __restrict__ recs_g, int phases,
-                                                     int regions, unsigned region_bytes, int xcap, int ucap, int hcap,
+                                                     int regions, unsigned region_bytes, int xcap, int xrows,
+                                                     int xl_inline, int ucap, int hcap,
                                                      int precap, unsigned* ctl, int lpr, const long long* token,
                                                      const unsigned long long* __restrict__ chunks, float* pre_g,
                                                      void* hstate, int copy_late) {
@@ -182,14 +193,18 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
   unsigned long long* mbar = reinterpret_cast<unsigned long long*>(smem);  // [regions <= 2]
   unsigned long long* choff = mbar + 2;                                     // [2 * kMaxPhases] this CTA's chunks
   unsigned long long* recs = choff + 2 * kMaxPhases;                        // [kMaxPhases * kFields] records
-  float* xs = reinterpret_cast<float*>(recs + kMaxPhases * kFields);        // [xcap]
-  float* xl = xs + xcap;                                                    // [xcap] x in column order
-  float* gates = xl + xcap;                                                 // [4 * ucap]
-  float* hprev = gates + 4 * ucap;                                          // [hcap] every layer's h of the last step
-  float* pre = hprev + hcap;                                                // [precap] biases, c
+  float* xs = reinterpret_cast<float*>(recs + kMaxPhases * kFields);        // [xrows, 64] (+ xl, see above)
+  const size_t xfloats = 64 * (size_t)xrows + (xl_inline ? 0 : xcap);
+  float* gates = xs + xfloats;       // [4 * ucap]
+  float* hprev = gates + 4 * ucap;   // [hcap] every layer's h of the last step
+  float* pre = hprev + hcap;         // [precap] biases, c
   unsigned char* ring =
-      smem + ((16 + 16 * kMaxPhases + 8 * kMaxPhases * kFields + 4 * (2 * (size_t)xcap + 4 * ucap + hcap + precap) +
-               127) / 128) * 128;
+      smem + ((16 + 16 * kMaxPhases + 8 * kMaxPhases * kFields + 4 * (xfloats + 4 * ucap + hcap + precap) + 127) /
+              128) * 128;
+  // x in column order: column col of xl.
+  auto xl = [&](int col) -> float& {
+    return xl_inline ? xs[((col >> 5) << 6) + 32 + (col & 31)] : xs[64 * (size_t)xrows + col];
+  };
 
   using Word = typename Tag<T>::Word;
   // Prologue loads in flight per thread and round (measured, paper-sized LM, us per step, 8 / 4
@@ -256,7 +271,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
   BP_STAMP(25);
   __syncthreads();
   // Round trip 2: every layer's h of the previous step into hprev [hcap] (the other half of
-  // hstate), the embedding row into xl [elen].
+  // hstate), the embedding row into xl.
   const int elen = phases > 0 && recs[kSrcKind] == 0 ? (int)recs[kSrcLen] : 0;
   const bool tok_ok = elen > 0 && token != nullptr && tok >= 0 && tok < (long long)recs[kVocab];
   const T* erow = reinterpret_cast<const T*>(recs[kSrc]) + (tok_ok ? tok : 0) * elen;
@@ -271,7 +286,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
         if (i < hcap) {
           hprev[i] = Tag<T>::value((Word)raw);
         } else {
-          xl[i - hcap] = bits_value<T>((unsigned)raw);
+          xl(i - hcap) = bits_value<T>((unsigned)raw);
         }
       },
       [&] {
@@ -317,22 +332,26 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
         if (lr < nrows) {
           const T* rv = vals + (size_t)lr * nnz;
           const I* ri = idx + (size_t)lr * nnz;
+          const unsigned char* xb = reinterpret_cast<const unsigned char*>(xs);
           for (int j = jlo + sub; j < jhi; j += lpr) {
-            const float* xj = xs + j;
+            const unsigned jb = 4u * (unsigned)j;
             const T* vj = rv + j * k;
             const I* ij = ri + j * k;
 #pragma unroll 4
             for (int t = 0; t < k; t += 2) {
               float v0, v1;
-              unsigned i0, i1;
+              unsigned o0, o1;
               value_pair<T>(vj + t, v0, v1);
-              index_pair<I>(ij + t, i0, i1);
-              acc = fmaf(v0, xj[i0 * B], acc);
-              acc = fmaf(v1, xj[i1 * B], acc);
+              x_offsets<I>(ij + t, jb, o0, o1);
+              acc = fmaf(v0, *reinterpret_cast<const float*>(xb + o0), acc);
+              acc = fmaf(v1, *reinterpret_cast<const float*>(xb + o1), acc);
             }
           }
         }
-        for (int o = lpr >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          if (o < lpr) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        }
         if (sub == 0 && lr < nrows) {
           if (lstm) {
             gates[lr] = add ? gates[lr] + acc : acc;
@@ -354,7 +373,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
       const int j = tid % B, per = nt / B;
       if (tid >= per * B || j < jlo || j >= jhi) return;
       for (int i = tid / B, col = j * L + i; i < L; i += per, col += per) {
-        xs[i * B + j] = col < lenA ? xl[col] : (lstm && col >= offB && col < offB + H ? hp[col - offB] : 0.0f);
+        xs[i * 64 + j] = col < lenA ? xl(col) : (lstm && col >= offB && col < offB + H ? hp[col - offB] : 0.0f);
       }
     };
     // Wait for this phase's weights (once). Copies are issued one after another: phase 0's at the
@@ -386,7 +405,7 @@ __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long
       BP_STAMP(3 + 6 * p);
       if (!emb) {
         // The previous layer's h of this step, in column order into xl (coalesced loads).
-        gather_tagged<T>(hs + half * (size_t)hcap + d[kSrc], lenA, tag, xl);
+        gather_tagged<T>(hs + half * (size_t)hcap + d[kSrc], lenA, tag, [&](int i, float v) { xl(i) = v; });
       }
       BP_STAMP(4 + 6 * p);
       stage(0, split ? jB : B);

@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(512, 2) lstm_recurrence(const unsigned long lo
     const int t = reverse ? steps - 1 - s : s;
     if (s > 0) {
       // Gather h_{s-1}: poll the words until every one carries step s-1's tag.
-      gather_tagged<T>(hbuf + (size_t)((s - 1) & 1) * H, H, (tag0 + (unsigned)(s - 1)) & 0xffffu, hs);
+      gather_tagged<T>(hbuf + (size_t)((s - 1) & 1) * H, H, (tag0 + (unsigned)(s - 1)) & 0xffffu,
+                       [&](int i, float v) { hs[i] = v; });
       // Gate rows: lpr lanes per row, rpw rows per warp at a time; every lane runs the same
       // number of passes (shuffles stay converged).
       for (int base = warp * rpw; base < R; base += nwarps * rpw) {

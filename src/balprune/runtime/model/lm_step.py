@@ -31,6 +31,7 @@ from .stages import Choice, cupy_on_torch_stream
 
 _FIELDS = 16  # u64 per phase record (kernels/lstm_lm_step.cu LmField)
 _MAX_PHASES = 16  # kernels/lstm_lm_step.cu kMaxPhases
+_MAX_BLOCKS = 64  # kernels/lstm_lm_step.cu: 4 * block must fit one byte of an x offset
 (K_KIND, K_ROWS, K_UNITS, K_BLOCKS, K_LENGTH, K_KEEP, K_SRC_KIND, K_SRC, K_SRC_LEN, K_VOCAB, K_OFF_B, K_OUT, K_H_OFF,
  K_PRE_OFF) = range(14)
 PERSISTENT_SHAPES = ((1024, 32), (1024, 16), (512, 32), (512, 16))  # (threads, lanes per row)
@@ -87,6 +88,7 @@ class PersistentLm:
         chunk_addrs = np.zeros((len(phases), G + 1), dtype=np.uint64)
         pre_blocks: list[np.ndarray] = []  # per phase [G, size]: CTA c's biases (and zero c)
         self.region_bytes, self.xcap, self.ucap, self.hcap, self.weight_bytes, self.max_blocks = 0, 0, 0, 0, 0, 0
+        self.xrows = 0
         self.precap = 0
         min_blocks = 1 << 30
         prev_hoff, prev_len = None, int(table.shape[1])
@@ -127,6 +129,7 @@ class PersistentLm:
             chunk_addrs[pi] = weights.data_ptr() + np.asarray(offsets, dtype=np.uint64)
             self.weight_bytes += int(weights.numel())
             self.xcap = max(self.xcap, B * L)
+            self.xrows = max(self.xrows, L)
             min_blocks = min(min_blocks, B)
             self.max_blocks = max(self.max_blocks, B)
             d = desc[pi]
@@ -156,8 +159,12 @@ class PersistentLm:
         self.chunks = torch.from_numpy(chunk_addrs.reshape(-1).view(np.int64)).to(dev)
         self.ctl = torch.zeros(32, dtype=torch.int32, device=dev)
         self.lpr = min(32, 1 << (min_blocks.bit_length() - 1))
+        # x staged in rows of 64 floats; x in column order in their unused upper halves when
+        # every matrix has <= 32 blocks per row (kernels/lstm_lm_step.cu).
+        self.xl_inline = self.max_blocks <= 32
+        xfloats = 64 * self.xrows + (0 if self.xl_inline else self.xcap)
         head = -(-(16 + 16 * _MAX_PHASES + 8 * _MAX_PHASES * _FIELDS
-                   + 4 * (2 * self.xcap + 4 * self.ucap + self.hcap + self.precap)) // 128) * 128
+                   + 4 * (xfloats + 4 * self.ucap + self.hcap + self.precap)) // 128) * 128
         self.regions = 2 if head + 2 * self.region_bytes <= self._smem_limit else 1
         self.shared_bytes = head + self.regions * self.region_bytes
         ity = "unsigned char" if idx_dtype == torch.uint8 else "unsigned short"
@@ -189,15 +196,16 @@ class PersistentLm:
                                                                            self.shared_bytes)
         if per_sm < 1:
             return None, f"{label}: a CTA of {threads} threads does not fit an SM"
-        if self.max_blocks > threads:
-            return None, f"{label}: {self.max_blocks} blocks per row, more than the CTA's threads"
+        if self.max_blocks > _MAX_BLOCKS:
+            return None, f"{label}: {self.max_blocks} blocks per row (the persistent kernel takes at most {_MAX_BLOCKS})"
         return prepared(self.fn, (self.grid,), (threads,), self.args(lpr, copy_late=copy_late), self.shared_bytes,
                         cooperative=True), label
 
     def args(self, lpr: int, phases: int | None = None, copy_late: bool = False) -> tuple:
         """The kernel's arguments (``phases``: run only the first ones; diagnostics)."""
         return (np.uint64(self.recs.data_ptr()), np.int32(self.phases if phases is None else phases),
-                np.int32(self.regions), np.uint32(self.region_bytes), np.int32(self.xcap), np.int32(self.ucap),
+                np.int32(self.regions), np.uint32(self.region_bytes), np.int32(self.xcap), np.int32(self.xrows),
+                np.int32(self.xl_inline), np.int32(self.ucap),
                 np.int32(self.hcap), np.int32(self.precap), np.uint64(self.ctl.data_ptr()), np.int32(lpr),
                 np.uint64(self.token.data_ptr()), np.uint64(self.chunks.data_ptr()), np.uint64(self.pre.data_ptr()),
                 np.uint64(self.hstate.data_ptr()), np.int32(copy_late))
