@@ -45,6 +45,33 @@ def test_every_step_candidate_matches_the_float64_step(tmp_path, dtype, vocab, h
         assert err <= LAYER_GATE[dtype], (key, err)
 
 
+@pytest.mark.parametrize("blocks", [24, 48])
+def test_persistent_kernel_past_32_blocks_and_its_limit(tmp_path, blocks):
+    """A fused layer [x | 0 | h] has the blocks of W_ih and of W_hh (--blocks 24 on 200 columns:
+    2 x 23): past 32, x in column order no longer fits the staged rows' spare halves and sits
+    after them; --blocks 48 gives 2 x 40, past the kernel's 64 (4 * block must fit one byte of an
+    x offset), so the persistent launch is unavailable with its reason and the per-piece paths
+    still gate."""
+    from balprune.runtime.model import LAYER_GATE, load_model
+    from balprune.runtime.model.stages import rel_error
+
+    rt = load_model(_packed_lm(tmp_path, vocab=300, hidden=200, blocks=blocks), dtype="float16", paths="sparse",
+                    measure=False)
+    step = rt.step
+    ref = step.reference()
+    cands = step.candidates()
+    persistent = [k for k in cands if "(persistent" in k]
+    if blocks == 24:
+        assert persistent, (list(cands), step.unavailable)
+        assert 32 < step.persistent.max_blocks <= 64 and not step.persistent.xl_inline
+    else:
+        assert not persistent
+        assert any("at most 64" in why for why in step.unavailable.values()), step.unavailable
+    for key, fn in cands.items():
+        err = rel_error(fn().clone(), ref)
+        assert err <= LAYER_GATE["float16"], (key, err)
+
+
 def test_persistent_follows_the_per_piece_path_token_after_token(tmp_path):
     from balprune.runtime.model import load_model
     from balprune.runtime.model.stages import rel_error
