@@ -34,6 +34,8 @@
 //      balprune.runtime.balanced.interleave_rows.
 //
 // x is [K, batch] row-major (batch innermost; batch = 1 for SpMV); y is [R, batch] row-major.
+// Every kernel here ends with the fused epilogue (bp_common.cuh): y[r, n] = act(acc + bias[r]),
+// bias [R] fp32 or null, act 0 (identity) or 1 (ReLU): a layer's bias and ReLU cost no launch.
 // Pass n of the launch (blockIdx.y) computes batch columns [NB*n, NB*n + NB).
 //
 // Launch geometry: blockDim.x = 32 * nwarps (any multiple of 32 up to 1024); grid.x = number of
@@ -336,7 +338,7 @@ template <typename T, typename I, int NB, int XS, bool IL>
 __global__ void __launch_bounds__(1024)
 balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long row_stride, int rows, int blocks,
               int block_length, int keep, int lanes_per_row, const T* __restrict__ x, int cols,
-              int batch, T* __restrict__ y) {
+              int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
   extern __shared__ float4 bp_smem[];
   constexpr int V = Val<T>::kPerVec;
   const int B = blocks, L = block_length, P = lanes_per_row;
@@ -394,7 +396,7 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
     if (sub == 0 && r < rows) {
 #pragma unroll
       for (int c = 0; c < NB; ++c) {
-        if (n0 + c < batch) Val<T>::store(y + r * batch + n0 + c, acc[c]);
+        if (n0 + c < batch) Val<T>::store(y + r * batch + n0 + c, epilogue(acc[c], bias, act, r));
       }
     }
   }
@@ -425,13 +427,20 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
 // 16) into the xs region with one bulk copy and the consumers transpose it from shared memory;
 // the rest of x (< 16 bytes) and the x_bulk = 0 case read global memory.
 // row_stride * sizeof(I) must be a multiple of 16 (the runtime rounds row_stride up to 16).
-// Dynamic shared memory: 256 (barriers) + (B*L + B*(L|1))*4 rounded up to 128, then `stages`
+// XR (x raw): x stays in its own type, as it is (x[c] at byte c*sizeof(T) of the xs region, zeros
+// from cols up to B*L): the bulk copy lands it ready to use, so the consumers only fill the tail
+// and the padding, and the x region is B*L*sizeof(T) bytes instead of the fp32 transposition's
+// (B*L + B*(L|1))*4 (a wide layer then keeps most of its weights in flight in the ring from the
+// start: fc6, K = 25088, 49 KB of x instead of 200 KB). Lane j reads x[j*L + idx] with
+// index-dependent bank conflicts, as balanced_spmm's XS = 3.
+// Dynamic shared memory: 256 (barriers) + the x region rounded up to 128, then `stages`
 // (<= 15) stages of group_rows*row_stride*(sizeof(T)+sizeof(I)) bytes (values, then indices).
-template <typename T, typename I>
-__global__ void __launch_bounds__(1024)
+template <typename T, typename I, bool XR>
+__global__ void __launch_bounds__(1024, 1)
 balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long long row_stride, int rows, int blocks,
                   int block_length, int keep, int lanes_per_row, const T* __restrict__ x, int cols,
-                  T* __restrict__ y, int group_rows, int stages, int x_bulk) {
+                  T* __restrict__ y, int group_rows, int stages, int x_bulk,
+                  const float* __restrict__ bias, int act) {
   extern __shared__ float4 bp_smem[];
   constexpr int V = Val<T>::kPerVec;
   constexpr int IW = (V * (int)sizeof(I)) / 4;
@@ -447,7 +456,7 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
   unsigned long long* xbar = empty + stages;
   float* xs = reinterpret_cast<float*>(base + 256);
   float* scratch = xs + (size_t)B * L;
-  const size_t x_bytes = ((size_t)B * L + (size_t)B * (L | 1)) * 4;
+  const size_t x_bytes = XR ? (size_t)B * L * sizeof(T) : ((size_t)B * L + (size_t)B * (L | 1)) * 4;
   char* ring = base + 256 + ((x_bytes + 127) & ~(size_t)127);
   const size_t vbytes = (size_t)GR * row_stride * sizeof(T), ibytes = (size_t)GR * row_stride * sizeof(I);
   const size_t stage_bytes = vbytes + ibytes;
@@ -492,8 +501,21 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
     return;
   }
 
-  // Consumers: build xs (x[j*L + i] -> xs[i*B + j], fp32, zero padded) while the ring fills.
-  if (BP_DIAG != 3) {
+  // Consumers: build xs (x[j*L + i] -> xs[i*B + j], fp32, zero padded; or, XR, the tail of x
+  // past the bulk copy and the zero padding) while the ring fills.
+  if (XR && BP_DIAG != 3) {
+    T* xr = reinterpret_cast<T*>(xs);
+    const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
+    for (int c = x_bulk / (int)sizeof(T) + threadIdx.x; c < B * L; c += ncw * 32) {
+      if constexpr (sizeof(T) == 2) {
+        reinterpret_cast<unsigned short*>(xr)[c] = c < cols ? __ldg(xb + c) : (unsigned short)0;
+      } else {
+        xr[c] = c < cols ? x[c] : T{};
+      }
+    }
+    named_sync(ncw * 32);
+    if (x_bulk > 0) mbar_wait(xbar, 0);
+  } else if (BP_DIAG != 3) {
     if (x_bulk > 0) {
       // Pass A from the raw copy (sitting in the xs region) into the odd-pitch scratch.
       mbar_wait(xbar, 0);
@@ -519,7 +541,10 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
   const int team = warp / wpt, wt = warp - team * wpt;
   const int rl = wt * rpw + lane / P;  // row within a group
   const unsigned xs_addr = smem_addr(xs);
-  const unsigned xstride = (unsigned)B * 4u;  // bytes from xs[i*B + j] to xs[(i+1)*B + j]
+  // Bytes from block j's x of in-block index i to that of i + 1, and x of the block's first index.
+  const unsigned xstride = XR ? (unsigned)sizeof(T) : (unsigned)B * 4u;
+  const unsigned xjstep = XR ? (unsigned)L * (unsigned)sizeof(T) : 4u;
+  using XT = typename Pick<XR, T, float>::type;  // what xs holds
   for (int n = team;; n += teams) {
     const long long grp = blockIdx.x + (long long)n * gridDim.x;
     if (grp >= ngroups) break;
@@ -533,7 +558,7 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
       const T* sv = reinterpret_cast<const T*>(st) + (size_t)rl * row_stride;
       const I* si = reinterpret_cast<const I*>(st + vbytes) + (size_t)rl * row_stride;
       for (int j = sub; j < B; j += P) {
-        const unsigned xj = xs_addr + (unsigned)j * 4u;
+        const unsigned xj = xs_addr + (unsigned)j * xjstep;
 #pragma unroll 2
         for (int g = 0; g < G; ++g) {
           const size_t off = ((size_t)g * B + j) * V;
@@ -541,8 +566,8 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
           const Words<IW> ix = *reinterpret_cast<const Words<IW>*>(si + off);
 #pragma unroll
           for (int q = 0; q < V; q += 2) {
-            acc0 = fmaf(Val<T>::at(v, q), lds_f32(xj + Idx<I>::at(ix, q) * xstride), acc0);
-            acc1 = fmaf(Val<T>::at(v, q + 1), lds_f32(xj + Idx<I>::at(ix, q + 1) * xstride), acc1);
+            acc0 = fmaf(Val<T>::at(v, q), lds_as_f32<XT>(xj + Idx<I>::at(ix, q) * xstride), acc0);
+            acc1 = fmaf(Val<T>::at(v, q + 1), lds_as_f32<XT>(xj + Idx<I>::at(ix, q + 1) * xstride), acc1);
           }
         }
         const size_t tail = (size_t)G * B * V;
@@ -554,18 +579,18 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
           ix = *reinterpret_cast<const decltype(ix)*>(si + o);
 #pragma unroll
           for (int q = 0; q < 4; q += 2) {
-            acc0 = fmaf(Val<T>::at(v, q), lds_f32(xj + Idx<I>::at(ix, q) * xstride), acc0);
-            acc1 = fmaf(Val<T>::at(v, q + 1), lds_f32(xj + Idx<I>::at(ix, q + 1) * xstride), acc1);
+            acc0 = fmaf(Val<T>::at(v, q), lds_as_f32<XT>(xj + Idx<I>::at(ix, q) * xstride), acc0);
+            acc1 = fmaf(Val<T>::at(v, q + 1), lds_as_f32<XT>(xj + Idx<I>::at(ix, q + 1) * xstride), acc1);
           }
         }
         if (rem & 2) {
           const size_t o = tail + (size_t)B * (rem & ~3) + (size_t)j * 2;
-          acc0 = fmaf(Val<T>::sload(sv + o), lds_f32(xj + (unsigned)si[o] * xstride), acc0);
-          acc1 = fmaf(Val<T>::sload(sv + o + 1), lds_f32(xj + (unsigned)si[o + 1] * xstride), acc1);
+          acc0 = fmaf(Val<T>::sload(sv + o), lds_as_f32<XT>(xj + (unsigned)si[o] * xstride), acc0);
+          acc1 = fmaf(Val<T>::sload(sv + o + 1), lds_as_f32<XT>(xj + (unsigned)si[o + 1] * xstride), acc1);
         }
         if (rem & 1) {
           const size_t o = tail + (size_t)B * (rem & ~1) + j;
-          acc0 = fmaf(Val<T>::sload(sv + o), lds_f32(xj + (unsigned)si[o] * xstride), acc0);
+          acc0 = fmaf(Val<T>::sload(sv + o), lds_as_f32<XT>(xj + (unsigned)si[o] * xstride), acc0);
         }
       }
     }
@@ -573,7 +598,7 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
     if (lane == 0) mbar_arrive(&empty[s]);  // this warp is done reading stage s
     float acc = acc0 + acc1;
     for (int off = P >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (sub == 0 && r < rows) Val<T>::store(y + r, acc);
+    if (sub == 0 && r < rows) Val<T>::store(y + r, epilogue(acc, bias, act, r));
   }
 }
 

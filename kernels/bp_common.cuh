@@ -10,6 +10,12 @@
 namespace bp {
 
 // 16-bit float storage types: 2 bytes, the raw bits of a __half / __nv_bfloat16.
+// Pick<C, A, B>::type: A when C, else B (no <type_traits> under NVRTC).
+template <bool C, typename A, typename B>
+struct Pick { using type = A; };
+template <typename A, typename B>
+struct Pick<false, A, B> { using type = B; };
+
 struct f16 { unsigned short bits; };
 struct bf16 { unsigned short bits; };
 
@@ -205,6 +211,14 @@ struct Idx<unsigned short> {
 };
 
 // ---- Hopper bulk copies and mbarriers (sm_90) ----------------------------------------------------
+// The fused epilogue of a product row: act(acc + bias[row]) in fp32, before the one rounding to
+// T. bias: [rows] fp32 or null (none); act: 0 identity, 1 ReLU (as bias_act in model_ops.cu, so a
+// layer's "SpMV then bias_act" and its fused launch differ only by bias_act's extra rounding).
+__device__ __forceinline__ float epilogue(float acc, const float* __restrict__ bias, int act, long long row) {
+  if (bias != nullptr) acc += __ldg(bias + row);
+  return act ? fmaxf(acc, 0.0f) : acc;
+}
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -247,6 +261,24 @@ __device__ __forceinline__ float lds_f32(unsigned addr) {
   float v;
   asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
   return v;
+}
+// One element of T from shared memory at a 32-bit shared-window address, as fp32 (x kept in its
+// own type: a 16-bit load and a conversion).
+template <typename T>
+__device__ __forceinline__ float lds_as_f32(unsigned addr);
+template <>
+__device__ __forceinline__ float lds_as_f32<float>(unsigned addr) { return lds_f32(addr); }
+template <>
+__device__ __forceinline__ float lds_as_f32<f16>(unsigned addr) {
+  unsigned h;  // zero-extended into a 32-bit register
+  asm("ld.shared.u16 %0, [%1];" : "=r"(h) : "r"(addr));
+  return half_bits_to_float(h);
+}
+template <>
+__device__ __forceinline__ float lds_as_f32<bf16>(unsigned addr) {
+  unsigned h;  // zero-extended into a 32-bit register
+  asm("ld.shared.u16 %0, [%1];" : "=r"(h) : "r"(addr));
+  return bf16_bits_to_float(h);
 }
 // Barrier over the first `threads` threads of the CTA (named barrier 1), leaving other warps free.
 __device__ __forceinline__ void named_sync(int threads) {

@@ -8,6 +8,8 @@
 //      file's own layout (no repacking on upload; narrower loads for narrow tiles instead).
 //   NB batch columns computed per pass (1, 2, 4, 8); each chunk loaded is used NB times
 // Accumulation is fp32 for every T; y is rounded to T once, at the end.
+// The fused epilogue (bp_common.cuh): y[r, n] = act(acc + bias[r]), bias [R] fp32 or null, act 0
+// (identity) or 1 (ReLU), applied before that rounding.
 //
 // Matrix layout (kernels/README.md has the full contract): the packed file's BSR arrays as they
 // are. W is [rows R, cols K], cut into bh x bw tiles (Rb = ceil(R/bh) tile rows, Cb = ceil(K/bw)
@@ -162,7 +164,8 @@ template <typename T, int LB, int NB>
 __global__ void __launch_bounds__(1024)
 bsr_spmm(const T* __restrict__ vals, const int* __restrict__ crow, const int* __restrict__ tcol, int rows,
          int cols, int tile_rows, int bh, int bw, int band_rows, int bands, int team_lanes,
-         const T* __restrict__ x, int batch, T* __restrict__ y) {
+         const T* __restrict__ x, int batch, T* __restrict__ y, const float* __restrict__ bias,
+         int act) {
   using C = BsrChunk<T, LB>;
   constexpr int SEG = C::kSeg;
   // Chunks in flight per lane: UNR * LB = 64 bytes of W for batch 1..2 (fewer for wider batch
@@ -330,7 +333,7 @@ bsr_spmm(const T* __restrict__ vals, const int* __restrict__ crow, const int* __
     if (row < rows) {
 #pragma unroll
       for (int c = 0; c < NB; ++c) {
-        if (n0 + c < batch) Val<T>::store(y + row * batch + n0 + c, out[c]);
+        if (n0 + c < batch) Val<T>::store(y + row * batch + n0 + c, epilogue(out[c], bias, act, row));
       }
     }
   }

@@ -57,18 +57,6 @@ __global__ void embedding_row(const long long* __restrict__ token, const T* __re
   out[j] = (t >= 0 && t < vocab) ? table[t * dim + j] : T{};
 }
 
-// y[i] = act(y[i] + bias[i / per]) in place over n elements (act: 0 none, 1 ReLU). per = 1 for a
-// vector, the pixel count for a conv output [C, H*W], the frame count for [rows, frames].
-template <typename T>
-__global__ void bias_act(T* __restrict__ y, const float* __restrict__ bias, long long n, long long per, int relu) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float v = Val<T>::sload(y + i);
-  if (bias != nullptr) v += bias[i / per];
-  if (relu) v = fmaxf(v, 0.0f);
-  Val<T>::store(y + i, v);
-}
-
 // out[c, oy, ox] = max over the 2x2 window at (2*oy, 2*ox) of relu(y[c, ., .] + bias[c]): a
 // conv's bias, ReLU and the 2x2/stride-2 max-pool after it, in one pass. y is [C, H, W], out
 // [C, H/2, W/2] (floor, as torch's max_pool2d). n = C * (H/2) * (W/2) outputs.

@@ -149,13 +149,15 @@ def test_kernel_names():
         "bp::balanced_spmm<float, unsigned char, 1, 1, true>"
     names = kernel_variants()
     # staging 0 and 1 for every combination; 2 only for 16-bit values, NB >= 2, interleaved;
-    # 3 (x raw) only for NB = 1, every dtype, index width and layout
-    assert len(names) == len(set(names)) == 3 * 2 * 4 * 2 * 2 + 2 * 2 * 3 + 3 * 2 * 2 + 3 * 2
+    # 3 (x raw) only for NB = 1, every dtype, index width and layout; the pipelined kernel with x
+    # transposed or raw for every dtype and index width
+    assert len(names) == len(set(names)) == 3 * 2 * 4 * 2 * 2 + 2 * 2 * 3 + 3 * 2 * 2 + 3 * 2 * 2
     assert "bp::balanced_spmm<float, unsigned short, 1, 3, false>" in names
     assert not any(n.split(", ")[3] == "3" and n.split(", ")[2] != "1" for n in names if "spmm" in n)
     assert "bp::balanced_spmm<bp::f16, unsigned char, 8, 2, true>" in names
     assert not any(n.startswith("bp::balanced_spmm<float,") and n.split(", ")[3] == "2" for n in names)
-    assert "bp::balanced_spmv_tma<bp::f16, unsigned char>" in names
+    assert "bp::balanced_spmv_tma<bp::f16, unsigned char, false>" in names
+    assert "bp::balanced_spmv_tma<float, unsigned short, true>" in names
     assert vector_width("float32") == 4 and vector_width("bfloat16") == 8
 
 

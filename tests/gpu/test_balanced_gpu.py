@@ -119,7 +119,7 @@ def test_interleaved_shared_x(dtype, shape, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("layout,staging,pipeline", [("direct", "auto", "auto"), ("interleaved", "global", "auto"),
                                                      ("direct", "global", "auto"), ("interleaved", "auto", False),
-                                                     ("interleaved", "raw", "auto"), ("direct", "raw", "auto")])
+                                                     ("interleaved", "raw", False), ("direct", "raw", "auto")])
 def test_other_layouts_and_global_x(dtype, shape, batch, layout, staging, pipeline):
     from balprune.runtime import BalancedLinear
 
@@ -137,12 +137,15 @@ def test_other_layouts_and_global_x(dtype, shape, batch, layout, staging, pipeli
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("threads,stages,team_warps", [(512, 0, 0), (32, 2, 0), (128, 3, 0), (1024, 0, 0),
                                                        (1024, 0, 4), (1024, 0, 2), (1024, 5, 8)])
-def test_pipelined_batch1(dtype, shape, threads, stages, team_warps):
-    """The bulk-copy pipeline: ring depths, teams of 1..16 warps, partial last group, several rounds per CTA."""
+@pytest.mark.parametrize("staging", ["auto", "raw"])
+def test_pipelined_batch1(dtype, shape, threads, stages, team_warps, staging):
+    """The bulk-copy pipeline: ring depths, teams of 1..16 warps, partial last group, several rounds
+    per CTA; x transposed to fp32 or kept as it is ("raw")."""
     from balprune.runtime import BalancedLinear
 
     bt = _packed(shape, dtype, seed=8)
-    op = BalancedLinear.from_tensor(bt, pipeline=True, threads=threads, stages=stages, team_warps=team_warps)
+    op = BalancedLinear.from_tensor(bt, pipeline=True, threads=threads, stages=stages, team_warps=team_warps,
+                                    staging=staging)
     plan = op.pipeline_plan()
     if plan is None:
         pytest.skip(f"{threads} threads, {stages} stages, teams of {team_warps} do not fit shared memory here")
@@ -150,6 +153,7 @@ def test_pipelined_batch1(dtype, shape, threads, stages, team_warps):
     assert nstages % (ncw // (group // (32 // op.lanes_per_row))) == 0  # each stage belongs to one team
     cfg = op.launch_config(1)
     assert cfg["pipelined"] and (stages == 0 or cfg["stages"] == stages)
+    assert cfg["staging"] == (3 if staging == "raw" else 1)
     for seed in (1, 2):
         x = _x(bt, 1, seed=20 + seed)
         _check(_run(op, x), bt, x)
@@ -180,9 +184,10 @@ def test_default_operator_repeated_launches(dtype, shape):
         np.testing.assert_array_equal(cp.asnumpy(y), first)  # same input, same bits, every launch
 
 
+@pytest.mark.parametrize("staging", ["auto", "raw"])
 @pytest.mark.parametrize("shape", ["b32_L256_u8", "b32_ragged_K1500", "b7"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_pipelined_unaligned_x(dtype, shape):
+def test_pipelined_unaligned_x(dtype, shape, staging):
     """x not 16-byte aligned: the pipeline stages x with loads instead of one bulk copy."""
     import cupy as cp
 
@@ -190,7 +195,7 @@ def test_pipelined_unaligned_x(dtype, shape):
     from balprune.runtime.balanced import _host_numpy
 
     bt = _packed(shape, dtype, seed=9)
-    op = BalancedLinear.from_tensor(bt, pipeline=True)
+    op = BalancedLinear.from_tensor(bt, pipeline=True, staging=staging)
     x = _x(bt, 1, seed=30)
     host = _host_numpy(x)
     big = cp.zeros(host.shape[0] + 1, dtype=host.dtype)

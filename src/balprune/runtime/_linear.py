@@ -3,7 +3,8 @@
 A subclass holds one matrix on a device and defines ``rows``, ``cols``, ``dtype`` (a key of
 STORAGE), ``device``, ``name`` and ``_configs`` (a dict), and implements
 ``_launch_config(batch) -> dict`` (with kernel, grid, block, shared_mem) and
-``_launch_args(x, y, batch, cfg) -> tuple`` (the kernel's arguments). This class gives it
+``_launch_args(x, y, batch, cfg) -> tuple`` (the kernel's arguments up to y; every sparse kernel
+then takes the epilogue's bias pointer and act flag, which this class appends). This class gives it
 ``launch_config`` (cached), ``prepared_launch`` and ``__call__``: x of shape [cols] or [cols, N] as a CuPy
 array or a torch CUDA tensor (via DLPack) on the operator's device, in its dtype (bfloat16 as a
 torch tensor, or as a CuPy uint16 array of its bits), C-contiguous; returns [rows] / [rows, N] of
@@ -34,19 +35,37 @@ class SparseLinear:
             cfg = self._configs[batch] = self._launch_config(batch)
         return cfg
 
-    def prepared_launch(self, x, y, batch: int, packed: bool = True):
-        """A zero-argument callable launching y = W x on CuPy arrays already checked by the caller.
+    def prepared_launch(self, x, y, batch: int, packed: bool = True, *, bias=None, relu: bool = False):
+        """A zero-argument callable launching y = act(W x + bias) on CuPy arrays already checked by
+        the caller.
 
         For timing loops and models: no per-call checks, arguments built once. ``x`` [cols] /
         [cols, batch] and ``y`` [rows] / [rows, batch], C-contiguous, in the layer's storage dtype.
+        ``bias``: None or a C-contiguous float32 CuPy array [rows] on the layer's device, added to
+        every column of a row; ``relu``: clamp at 0 after it. Both happen in the kernel's fp32
+        epilogue, before the one rounding to the storage dtype (no extra launch).
         ``packed`` (default): the arguments are packed once and each call is one driver launch
         (runtime._launch); False: CuPy's own call, for a single launch.
         """
         from ._launch import prepared
 
         cfg = self.launch_config(batch)
-        return prepared(cfg["kernel"], cfg["grid"], cfg["block"], self._launch_args(x, y, batch, cfg),
-                        cfg["shared_mem"], packed=packed)
+        args = self._launch_args(x, y, batch, cfg) + self._epilogue_args(bias, relu)
+        return prepared(cfg["kernel"], cfg["grid"], cfg["block"], args, cfg["shared_mem"], packed=packed)
+
+    def _epilogue_args(self, bias, relu: bool) -> tuple:
+        """The two trailing kernel arguments every sparse kernel takes (bp::epilogue): bias pointer
+        (0: none) and act (0 identity, 1 ReLU)."""
+        if bias is None:
+            return (np.uint64(0), np.int32(1 if relu else 0))
+        from . import _gpu
+
+        cp = _gpu.cupy()
+        if not isinstance(bias, cp.ndarray) or bias.dtype != np.float32 or bias.shape != (self.rows,) \
+                or not bias.flags.c_contiguous or bias.device.id != self.device:
+            raise UsageError(f"{self.name}: bias must be a C-contiguous float32 CuPy array of shape "
+                             f"[{self.rows}] on device {self.device}")
+        return (bias, np.int32(1 if relu else 0))
 
     # -- the call ----------------------------------------------------------------------------------
 

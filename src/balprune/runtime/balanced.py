@@ -49,9 +49,11 @@ def own_staging_allowed(dtype: str, batch_tile: int, layout: str) -> bool:
     return dtype != "float32" and batch_tile >= 2 and layout == "interleaved"
 
 
-def pipelined_kernel_name(dtype: str, index_dtype: str) -> str:
-    """The name expression of bp::balanced_spmv_tma (batch 1, bulk-copy pipeline)."""
-    return f"bp::balanced_spmv_tma<{_STORAGE[dtype][1]}, {_INDEX_KERNEL_TYPE[index_dtype]}>"
+def pipelined_kernel_name(dtype: str, index_dtype: str, raw_x: bool = False) -> str:
+    """The name expression of bp::balanced_spmv_tma (batch 1, bulk-copy pipeline); ``raw_x``: x
+    kept in shared memory as it is (X_SHARED_RAW) instead of transposed to fp32."""
+    return (f"bp::balanced_spmv_tma<{_STORAGE[dtype][1]}, {_INDEX_KERNEL_TYPE[index_dtype]}, "
+            f"{'true' if raw_x else 'false'}>")
 
 
 def kernel_variants() -> list[str]:
@@ -59,7 +61,7 @@ def kernel_variants() -> list[str]:
     return [kernel_name(d, i, nb, xs, lay) for d in _STORAGE for i in _INDEX_KERNEL_TYPE for nb in BATCH_TILES
             for xs in (X_SHARED_F32, X_GLOBAL, X_SHARED_OWN, X_SHARED_RAW) for lay in LAYOUTS
             if (xs != X_SHARED_OWN or own_staging_allowed(d, nb, lay)) and (xs != X_SHARED_RAW or nb == 1)] + \
-        [pipelined_kernel_name(d, i) for d in _STORAGE for i in _INDEX_KERNEL_TYPE]
+        [pipelined_kernel_name(d, i, r) for d in _STORAGE for i in _INDEX_KERNEL_TYPE for r in (False, True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +211,8 @@ class BalancedLinear(SparseLinear):
     pipelined batch-1 kernel uses threads/32 consumer warps (at most 31) plus one producer warp.
     ``pipeline``: "auto" (the bulk-copy pipelined kernel for batch 1 with 16-bit values when it
     fits; fp32 runs balanced_spmm, measured as fast), True (require it for batch 1), False (never).
+    With ``staging="raw"`` the pipelined kernel keeps x as it is too (no transposition; a
+    smaller x region, so more of the weights in flight).
     ``stages``: ring depth of the pipeline (0: as many as fit, up to 15). ``team_warps``: consumer warps per group in the pipeline (0: auto).
     ``defines``: extra -D options for the kernel build (experiments, e.g. "BP_WEIGHT_HINT=0").
     """
@@ -310,7 +314,8 @@ class BalancedLinear(SparseLinear):
     def pipeline_plan(self) -> tuple[int, int, int, int] | None:
         """(consumer warps, group rows, stages, shared bytes) of the pipelined batch-1 kernel, or None.
 
-        Needs the interleaved layout and x in shared memory. Consumer warps come in teams of
+        Needs the interleaved layout and x in shared memory (fp32 transposed, or as it is with
+        staging "raw"). Consumer warps come in teams of
         ``team_warps`` (auto: the better of 8 and 4; all consumers when fewer than 8), each team
         computing one group of
         team_warps * 32/P rows per stage. Stages: as many as shared memory holds (<= 15), at
@@ -319,14 +324,14 @@ class BalancedLinear(SparseLinear):
         runs balanced_spmm). Auto picks the most consumer warps (counting up to 24), then the
         most bytes in flight.
         """
-        if self.pipeline is False or self.layout != "interleaved" or self.staging in ("global", "raw"):
+        if self.pipeline is False or self.layout != "interleaved" or self.staging == "global":
             return None
         if self.pipeline == "auto" and self.dtype == "float32":
             # Measured on an H200 (kernels/NOTES.md, run 5): for fp32 balanced_spmm was as fast or
             # faster (24.2 vs 24.7 us, 16384 x 8192); the pipeline wins for 16-bit values.
             return None
         limit = self.info.smem_per_block_optin
-        fixed = 256 + -(-self.shared_bytes(1) // 128) * 128
+        fixed = 256 + -(-self.shared_bytes(1, self._pipeline_staging()) // 128) * 128
         rpw = 32 // self.lanes_per_row
         ncw_max = min(31, max(1, self.threads // 32))
         row_bytes = self.row_stride * (self.values_dev.itemsize + self.indices_dev.itemsize)
@@ -353,13 +358,17 @@ class BalancedLinear(SparseLinear):
                 best = (score, plan)
         return None if best is None else best[1]
 
+    def _pipeline_staging(self) -> int:
+        """x staging of the pipelined kernel: as it is with staging "raw", else fp32 transposed."""
+        return X_SHARED_RAW if self.staging == "raw" else X_SHARED_F32
+
     def _kernel(self, nb: int, xs: int, pipelined: bool = False, smem: int = 0):
         key = (nb, xs, pipelined)
         k = self._kernels.get(key)
         if k is None:
             from .kernels import load_module
 
-            name = pipelined_kernel_name(self.dtype, self.index_dtype) if pipelined else \
+            name = pipelined_kernel_name(self.dtype, self.index_dtype, xs == X_SHARED_RAW) if pipelined else \
                 kernel_name(self.dtype, self.index_dtype, nb, xs, self.layout)
             k = load_module("balanced_spmv.cu", (name,), device=self.device, defines=self.defines).get_function(name)
             self._kernels[key] = k
@@ -372,14 +381,15 @@ class BalancedLinear(SparseLinear):
         pp = self.pipeline_plan() if batch == 1 else None
         if pp is None and batch == 1 and self.pipeline is True:
             raise UsageError(f"{self.name}: the pipelined kernel does not fit (layout {self.layout}, "
-                             f"staging {self.staging}, {self.shared_bytes(1)} bytes of x)")
+                             f"staging {self.staging}, {self.shared_bytes(1, self._pipeline_staging())} bytes of x)")
         if pp is not None:
             ncw, group, stages, smem = pp
-            k = self._kernel(1, True, True, smem)
+            xs = self._pipeline_staging()
+            k = self._kernel(1, xs, True, smem)
             ngroups = -(-self.rows // group)
             per_sm = max(1, min(info.max_threads_per_sm // ((ncw + 1) * 32), info.smem_per_sm // (smem + 1024)))
             return {"kernel": k, "grid": (max(1, min(ngroups, info.multiprocessors * per_sm)),),
-                    "block": ((ncw + 1) * 32,), "shared_mem": smem, "batch_tile": 1, "staging": X_SHARED_F32,
+                    "block": ((ncw + 1) * 32,), "shared_mem": smem, "batch_tile": 1, "staging": xs,
                     "pipelined": True, "group_rows": group, "stages": stages, "ctas_per_sm": per_sm}
         nb, xs = self.plan(batch)
         smem = self.shared_bytes(nb, xs)

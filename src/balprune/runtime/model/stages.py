@@ -32,7 +32,7 @@ from .._linear import STORAGE, TORCH_OF
 #: A wrong index or gate gives errors of order 1e-1 and above: every bound still catches it.
 LAYER_GATE = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 3e-2}
 
-_MODEL_KERNELS = ("lstm_cell", "embedding_row", "bias_act", "bias_relu_pool2", "im2col")
+_MODEL_KERNELS = ("lstm_cell", "embedding_row", "bias_relu_pool2", "im2col")
 _THREADS = 256
 
 
@@ -148,16 +148,19 @@ def launch_variants(op, batch: int) -> dict[str, object]:
     if not isinstance(op, BalancedLinear):
         return out
     stagings = (("auto", "raw") if batch == 1 else ("auto",))
+    # batch 1: with and without the bulk-copy pipeline ("auto" takes it for 16-bit values only)
+    pipes = (("auto", False) if op.dtype != "float32" else ("auto", True)) if batch == 1 else ("auto",)
     for staging in stagings:
         for threads in (1024, 512, 256):
-            pipes = ("auto", False) if batch == 1 and op.dtype != "float32" and staging == "auto" else ("auto",)
             for pipeline in pipes:
                 if (threads, pipeline, staging) == (op.threads, op.pipeline, op.staging):
                     continue
                 v = copy.copy(op)
                 v.threads, v.pipeline, v.staging, v._configs = threads, pipeline, staging, {}
+                if pipeline is True and v.pipeline_plan() is None:
+                    continue  # the pipeline does not fit this layer
                 out[", ".join([f"threads={threads}"] + (["no pipeline"] if pipeline is False else [])
-                              + (["x raw"] if staging == "raw" else []))] = v
+                              + (["pipeline"] if pipeline is True else []) + (["x raw"] if staging == "raw" else []))] = v
     return out
 
 
@@ -204,16 +207,13 @@ class Projection:
         return run
 
     def _sparse_launch(self, x: torch.Tensor, y: torch.Tensor, o=None) -> Callable[[], torch.Tensor]:
+        # One launch: the bias and ReLU run in the sparse kernel's epilogue (bp::epilogue).
         o = self.sparse[1] if o is None else o
-        spmv = o.prepared_launch(self.views(x), self.views(y), self.batch)
-        n = y.numel()
-        post = None if self.bias32 is None and not self.relu else self.kernels.bound(
-            "bias_act", n, (ptr(y), ptr(self.bias32), np.int64(n), np.int64(self.batch), np.int32(1 if self.relu else 0)))
+        bias = None if self.bias32 is None else self.views(self.bias32)
+        spmv = o.prepared_launch(self.views(x), self.views(y), self.batch, bias=bias, relu=self.relu)
 
         def run() -> torch.Tensor:
             spmv()
-            if post is not None:
-                post()
             return y
         return run
 

@@ -3,10 +3,10 @@
 A conv layer (3x3, padding 1, + bias + ReLU, + 2x2 max-pool where VGG has one) has two paths:
 dense, torch's conv2d (cuDNN, tensor cores), and sparse: im2col into a static [C_in*9, H*W]
 buffer (kernels/model_ops.cu), balprune's SpMM of the layer's [C_out, C_in*9] matrix over those
-H*W columns, then bias + ReLU (+ pool) fused in one launch. At batch 1 the early layers' H*W is
+H*W columns with bias + ReLU in its epilogue (or, before a pool, bias + ReLU + pool in one launch). At batch 1 the early layers' H*W is
 large (50176 columns at 224x224), where tensor cores win by far; the late 14x14 layers are where
 the sparse path can; the dispatcher measures both on this GPU and says which ran. fc6/fc7/fc8
-are Projections (SpMV + bias/ReLU, or cuBLAS addmv). The adaptive average pool is the identity
+are Projections (SpMV with bias/ReLU in its epilogue, or cuBLAS addmv). The adaptive average pool is the identity
 for the 224x224 input the runtime is built for (features end at 7x7), so it is not launched.
 """
 
@@ -85,21 +85,26 @@ class ConvStage:
         im2col_k, grid_n = K.fn["im2col"], self.cols * H * W
         grid = (max(1, -(-grid_n // 256)),)
         tail = (np.int32(cin), np.int32(H), np.int32(W), np.int32(k), np.int32(k), np.int32(pad), ptr(self.cols_buf))
-        spmm = self.sparse[1].prepared_launch(self._views(self.cols_buf), self._views(self.y_buf), self.batch)
+        xv, yv = self._views(self.cols_buf), self._views(self.y_buf)
         if self.pool:
+            # bias, ReLU and the 2x2 pool in one pass after the product
+            spmm = self.sparse[1].prepared_launch(xv, yv, self.batch)
             post = K.bound("bias_relu_pool2", cout * (H // 2) * (W // 2), (
                 ptr(self.y_buf), ptr(self.bias32), np.int32(cout), np.int32(H), np.int32(W), ptr(self.pool_buf)))
             result = self.pool_buf
         else:
-            n = cout * H * W
-            post = K.bound("bias_act", n, (ptr(self.y_buf), ptr(self.bias32), np.int64(n), np.int64(H * W), np.int32(1)))
+            # bias and ReLU in the product's epilogue
+            bias = None if self.bias32 is None else self._views(self.bias32)
+            spmm = self.sparse[1].prepared_launch(xv, yv, self.batch, bias=bias, relu=True)
+            post = None
             result = self.y_buf.view(cout, H, W)
         out = self.out if not self.pool else None  # pooled results already land in out
 
         def run(x: torch.Tensor) -> torch.Tensor:
             im2col_k(grid, (256,), (ptr(x),) + tail)
             spmm()
-            post()
+            if post is not None:
+                post()
             if out is not None:
                 out.copy_(result)
                 return out
