@@ -7,7 +7,8 @@ plain read of the balanced weights' bytes (bench_util.cu's bp_read_reduce). It p
 5x-dense target (issue 5) as a time beside them: a target below the empty launch plus nothing
 cannot be met by any one launch timed this way.
 
-    PYTHONPATH=src python3 benchmarks/diag_fc_layers.py [--dtype float16] [--json FILE]
+    PYTHONPATH=src python3 benchmarks/diag_fc_layers.py [--dtype float16] [--layers fc7,fc8]
+        [--define NAME=VALUE ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--json")
+    ap.add_argument("--define", action="append", default=[],
+                    help="NAME=VALUE for the balanced kernel's build (experiments; repeatable)")
+    ap.add_argument("--layers", default="fc6,fc7,fc8")
     a = ap.parse_args()
 
     from balprune.bench.sweep import sweep_matrix
@@ -45,6 +49,8 @@ def main() -> None:
     kernels, views = ModelKernels(a.dtype, 0), CupyViews()
     results = {}
     for name, rows, cols, relu in LAYERS:
+        if name not in a.layers.split(","):
+            continue
         bt = sweep_matrix(rows, cols, 0.92, 32, tdt, seed=rows + cols)
         g = torch.Generator().manual_seed(1)
         x = torch.randn(cols, generator=g).to(dev, tdt)
@@ -53,6 +59,7 @@ def main() -> None:
         p = Projection(name, bt.to_dense().reshape(rows, cols).to(dev, tdt), x, y, dtype=a.dtype, kernels=kernels,
                        views=views, pattern="balanced", sparse=sparse_operator(bt, a.dtype, 0, name), bias=bias,
                        relu=relu)
+        p.sparse[1].defines = tuple(a.define)  # before any build; the launch variants share it
         ref = p.reference()
         times, errors = {}, {}
         with cupy_on_torch_stream():
