@@ -9,13 +9,13 @@
 
 namespace bp {
 
-// 16-bit float storage types: 2 bytes, the raw bits of a __half / __nv_bfloat16.
 // Pick<C, A, B>::type: A when C, else B (no <type_traits> under NVRTC).
 template <bool C, typename A, typename B>
 struct Pick { using type = A; };
 template <typename A, typename B>
 struct Pick<false, A, B> { using type = B; };
 
+// 16-bit float storage types: 2 bytes, the raw bits of a __half / __nv_bfloat16.
 struct f16 { unsigned short bits; };
 struct bf16 { unsigned short bits; };
 
@@ -210,15 +210,15 @@ struct Idx<unsigned short> {
   __device__ static __forceinline__ unsigned load(const unsigned short* p) { return ld_u16(p); }
 };
 
-// ---- Hopper bulk copies and mbarriers (sm_90) ----------------------------------------------------
 // The fused epilogue of a product row: act(acc + bias[row]) in fp32, before the one rounding to
-// T. bias: [rows] fp32 or null (none); act: 0 identity, 1 ReLU (as bias_act in model_ops.cu, so a
-// layer's "SpMV then bias_act" and its fused launch differ only by bias_act's extra rounding).
+// T. bias: [rows] fp32 or null (none); act: 0 identity, 1 ReLU (fmaxf: like model_ops.cu's
+// bias_relu_pool2, a NaN sum becomes 0).
 __device__ __forceinline__ float epilogue(float acc, const float* __restrict__ bias, int act, long long row) {
   if (bias != nullptr) acc += __ldg(bias + row);
   return act ? fmaxf(acc, 0.0f) : acc;
 }
 
+// ---- Hopper bulk copies and mbarriers (sm_90) ----------------------------------------------------
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
