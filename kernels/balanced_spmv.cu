@@ -308,12 +308,27 @@ __device__ __forceinline__ void stage_x_own(char* xs, const T* __restrict__ x, i
   __syncthreads();
 }
 
+// xs[c] = x[c] for c < cols, 0 up to padded, in x's own type, one element per step: c = first,
+// first + step, ... (the element-wise part of a raw x copy: its tail, its padding, or all of it
+// when x is not 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void copy_x_elements(char* xs, const T* __restrict__ x, int first, int step, int cols,
+                                                int padded) {
+  const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
+  for (int c = first; c < padded; c += step) {
+    if constexpr (sizeof(T) == 2) {
+      reinterpret_cast<unsigned short*>(xs)[c] = c < cols ? __ldg(xb + c) : (unsigned short)0;
+    } else {
+      reinterpret_cast<T*>(xs)[c] = c < cols ? x[c] : T{};
+    }
+  }
+}
+
 // Stage x (batch 1) into xs as it is, in its own type (XS = 3): xs[c] = x[c] for c < cols, 0 up to
 // B*L. 16-byte loads and stores when x is 16-byte aligned (contiguous, conflict-free), else one
 // element per thread.
 template <typename T>
 __device__ __forceinline__ void stage_x_raw(char* xs, const T* __restrict__ x, int cols, int padded) {
-  T* xt = reinterpret_cast<T*>(xs);
   constexpr int V = 16 / (int)sizeof(T);
   int done = 0;
   if ((reinterpret_cast<size_t>(x) & 15) == 0) {
@@ -323,14 +338,7 @@ __device__ __forceinline__ void stage_x_raw(char* xs, const T* __restrict__ x, i
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) dst[v] = __ldg(src + v);
     done = nvec * V;
   }
-  const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
-  for (int c = done + threadIdx.x; c < padded; c += blockDim.x) {
-    if constexpr (sizeof(T) == 2) {
-      reinterpret_cast<unsigned short*>(xs)[c] = c < cols ? __ldg(xb + c) : (unsigned short)0;
-    } else {
-      xt[c] = c < cols ? x[c] : T{};
-    }
-  }
+  copy_x_elements<T>(xs, x, done + (int)threadIdx.x, (int)blockDim.x, cols, padded);
   __syncthreads();
 }
 
@@ -504,15 +512,8 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
   // Consumers: build xs (x[j*L + i] -> xs[i*B + j], fp32, zero padded; or, XR, the tail of x
   // past the bulk copy and the zero padding) while the ring fills.
   if (XR && BP_DIAG != 3) {
-    T* xr = reinterpret_cast<T*>(xs);
-    const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
-    for (int c = x_bulk / (int)sizeof(T) + threadIdx.x; c < B * L; c += ncw * 32) {
-      if constexpr (sizeof(T) == 2) {
-        reinterpret_cast<unsigned short*>(xr)[c] = c < cols ? __ldg(xb + c) : (unsigned short)0;
-      } else {
-        xr[c] = c < cols ? x[c] : T{};
-      }
-    }
+    copy_x_elements<T>(reinterpret_cast<char*>(xs), x, x_bulk / (int)sizeof(T) + (int)threadIdx.x, ncw * 32, cols,
+                       B * L);
     named_sync(ncw * 32);
     if (x_bulk > 0) mbar_wait(xbar, 0);
   } else if (BP_DIAG != 3) {

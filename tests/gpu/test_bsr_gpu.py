@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP 
 from balprune.errors import UsageError  # noqa: E402
 from balprune.formats.bsr import BsrTensor  # noqa: E402
 from balprune.patterns.block import block_mask, padded_tiles  # noqa: E402
+from balprune.runtime.balanced import _host_numpy  # noqa: E402
 
 # name: (rows, cols, block shape, sparsity, empty tile rows). Rows and cols are not multiples of
 # the tile (ragged edge tiles) except where noted; chunk bytes and bands per tile row in comments
@@ -76,12 +77,6 @@ def _check(y: torch.Tensor, bt: BsrTensor, x: torch.Tensor) -> None:
     assert_within_rounding(y, ref, absdot, n, bt.dtype)
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return t.contiguous().numpy()
-
-
 def _from_device(op, y) -> torch.Tensor:
     import cupy as cp
 
@@ -100,7 +95,7 @@ def _run(op, x_host: torch.Tensor, as_torch: bool = False, offset: int = 0) -> t
         y = op(x_host.to(f"cuda:{op.device}"))
         assert y.dtype == x_host.dtype and y.is_cuda
         return y.cpu()
-    host = _host(x_host)
+    host = _host_numpy(x_host)
     if offset:
         big = cp.zeros(host.size + offset, dtype=host.dtype)
         big[offset:] = cp.asarray(host.reshape(-1))
@@ -219,7 +214,7 @@ def test_bsr_repeated_launches(dtype):
     bt = _tall("tall_8x8", dtype)
     op = BsrLinear.from_tensor(bt, team_lanes=128)
     x = _x(bt, 1, seed=50)
-    xd = cp.asarray(_host(x))
+    xd = cp.asarray(_host_numpy(x))
     ys = [cp.full((op.rows,), np.nan, dtype=xd.dtype) for _ in range(40)]
     for y in ys:
         op(xd, out=y)
@@ -304,7 +299,7 @@ def test_prepared_launch_matches_call():
     bt = _packed("8x8", torch.float16, seed=9)
     op = BsrLinear.from_tensor(bt)
     x = _x(bt, 8, seed=9)
-    xd = cp.asarray(_host(x))
+    xd = cp.asarray(_host_numpy(x))
     y = cp.full((op.rows, 8), np.nan, dtype=cp.float16)
     launch = op.prepared_launch(xd, y, 8)
     launch()

@@ -24,12 +24,7 @@ from balprune.formats.balanced import BalancedTensor  # noqa: E402
 from balprune.formats.bsr import BsrTensor  # noqa: E402
 from balprune.patterns.block import block_mask  # noqa: E402
 from balprune.prune.masks import one_shot_mask  # noqa: E402
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return t.contiguous().numpy()
+from balprune.runtime.balanced import _host_numpy  # noqa: E402
 
 
 def _balanced(rows: int, cols: int, dtype: torch.dtype, blocks: int = 32) -> BalancedTensor:
@@ -54,7 +49,7 @@ def _launch_and_check(op, dense: torch.Tensor, dtype: torch.dtype, batch: int, r
     g = torch.Generator().manual_seed(batch * 7 + relu)
     x = torch.randn(*((cols,) if batch == 1 else (cols, batch)), generator=g).to(dtype)
     b = (torch.randn(rows, generator=g) * 30.0).float() if with_bias else None
-    xd = cp.asarray(_host(x))
+    xd = cp.asarray(_host_numpy(x))
     poison = 0x7FC0 if xd.dtype == cp.uint16 else np.nan
     y = cp.full((rows,) if batch == 1 else (rows, batch), poison, dtype=xd.dtype)
     bd = None if b is None else cp.asarray(b.numpy())
