@@ -1,0 +1,222 @@
+"""Hostile-proof reading primitives: the one owner of "may this file be read, and how deep may it nest".
+
+Every reader of a user-supplied file (checkpoints, packed files, shard indexes, TOML configs and
+recipes, bench reports, calibration and token files) goes through these, so the rules of
+../shared/bad-inputs.md (items 28-30) hold in one place:
+
+- only regular files are read: a FIFO, a device node, a socket or a link to one is refused *before*
+  any read (opening with O_NONBLOCK, then fstat on the open descriptor, so neither a FIFO without a
+  writer nor a swap of the path between the check and the open can make us block or read a device);
+- a file read whole is bounded by a byte limit checked against its real size;
+- JSON and TOML text is scanned for its nesting depth before a recursive parser sees it
+  (``json``/``tomllib`` raise RecursionError past ~1000 levels: exit 70 otherwise);
+- JSON objects with duplicate keys are refused (a later key silently overriding an earlier one is
+  how two tools read one file two ways).
+
+Errors are InvalidInputError (exit 4) naming the file; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import InvalidInputError
+
+#: Deepest nesting of arrays/objects (JSON) or arrays/inline tables (TOML) any balprune file needs.
+#: Headers, manifests, shard indexes and reports are 2-4 levels deep; 64 leaves room for any
+#: honest file and keeps recursive parsers far from Python's recursion limit.
+MAX_NESTING = 64
+
+#: Default cap for a text file read whole (configs, recipes, indexes, reports).
+MAX_TEXT_BYTES = 256 << 20
+
+_KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+         stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def _kind(mode: int) -> str:
+    return _KIND.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def check_regular(path: str | os.PathLike[str], what: str = "input") -> Path:
+    """The path, if it names a regular file after following links; InvalidInputError otherwise.
+
+    For checks before work starts (e.g. every shard of a folder). Readers must still open through
+    ``open_regular``, which re-checks the opened descriptor.
+    """
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} {p} does not exist") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {p}: cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"{what} {p} is {_kind(st.st_mode)}, not a regular file; refusing to read it")
+    return p
+
+
+@contextmanager
+def open_regular(path: str | os.PathLike[str], what: str = "input") -> Iterator[BinaryIO]:
+    """Open a regular file for binary reading, refusing anything else before a byte is read.
+
+    The open uses O_NONBLOCK (a FIFO with no writer would otherwise block the open forever) and the
+    type is checked on the opened descriptor, then blocking mode is restored for ordinary reads.
+    """
+    p = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(p, flags)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} {p} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"{what} {p} is a folder, not a regular file") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {p}: cannot read: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInputError(f"{what} {p} is {_kind(st.st_mode)}, not a regular file; refusing to read it")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def read_regular(path: str | os.PathLike[str], what: str = "input", *, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The whole content of a regular file of at most ``max_bytes`` (checked on its real size first)."""
+    p = Path(path)
+    with open_regular(p, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise InvalidInputError(f"{what} {p} is {size} bytes, over the {max_bytes}-byte limit for this kind of file")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise InvalidInputError(f"{what} {p}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:  # grew while we read
+        raise InvalidInputError(f"{what} {p} is over the {max_bytes}-byte limit for this kind of file")
+    return data
+
+
+def read_text(path: str | os.PathLike[str], what: str = "input", *, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """``read_regular`` decoded as strict UTF-8 (InvalidInputError naming the byte offset otherwise)."""
+    data = read_regular(path, what, max_bytes=max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays and objects in JSON text (strings skipped; linear, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def loads_json(text: str, what: str, *, max_depth: int = MAX_NESTING) -> object:
+    """Parse JSON text with bounded nesting, unique object keys, and no NaN/Infinity literals.
+
+    ``what`` names the source in the error ("report r.json", "file x: header"). Raises
+    InvalidInputError (exit 4).
+    """
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise InvalidInputError(f"{what}: JSON nested {depth} levels deep, over the limit of {max_depth}")
+
+    def _no_constant(name: str) -> object:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInputError(f"{what}: not valid JSON ({exc})") from None
+
+
+def toml_depth(text: str) -> int:
+    """Deepest nesting of arrays and inline tables in TOML text (strings and comments skipped).
+
+    Table headers (``[a]``, ``[[a]]``) open and close on their line and count as one or two levels,
+    which is harmless against the limit.
+    """
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if ch in "\"'":
+            triple = text.startswith(ch * 3, i)
+            quote = ch * 3 if triple else ch
+            i += len(quote)
+            while i < n:
+                if ch == '"' and text[i] == "\\":
+                    i += 2
+                    continue
+                if text.startswith(quote, i):
+                    i += len(quote)
+                    break
+                if not triple and text[i] == "\n":  # unterminated: let the parser report it
+                    break
+                i += 1
+            continue
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        i += 1
+    return deepest
+
+
+def loads_toml(text: str, what: str, *, max_depth: int = MAX_NESTING) -> dict:
+    """Parse TOML text with bounded nesting; InvalidInputError (exit 4) naming ``what`` otherwise."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    depth = toml_depth(text)
+    if depth > max_depth:
+        raise InvalidInputError(f"{what}: TOML nested {depth} levels deep, over the limit of {max_depth}")
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise InvalidInputError(f"{what}: not valid TOML ({exc})") from None
