@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import gpu_skip_reason
 
 from balprune.bench.report import BenchReport, Measurement, load_report
 from balprune.bench.run import rows, selection
@@ -102,16 +103,7 @@ def test_sweep_plot_writes_a_png(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]
 
 
-def _no_gpu() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() == 0
-    except Exception:
-        return True
-
-
-@pytest.mark.skipif(not _no_gpu(), reason="a GPU is present: the no-GPU path cannot be exercised here")
+@pytest.mark.skipif(gpu_skip_reason() is None, reason="a GPU is present: the no-GPU path cannot be exercised here")
 def test_bench_sweep_without_a_gpu_exits_6(cli, tmp_path):
     r = cli("bench-sweep", "--json", tmp_path / "s.json")
     assert r.code == 6 and r.err.startswith("balprune: error:") and r.err.count("\n") == 1

@@ -55,20 +55,26 @@ def test_model_json_folder_checked_before_the_run(cli, tmp_path, no_model_bench)
 
 
 @pytest.mark.skipif(gpu_skip_reason() is None, reason="a GPU is present: the no-GPU path cannot be exercised here")
-def test_model_bench_without_a_gpu_exits_6_with_one_line(cli, tmp_path):
-    r = cli("bench", PACKED, "--model", "--json", tmp_path / "r.json")
+def test_model_bench_without_a_gpu_exits_6_with_one_line(cli, tmp_path, capsys):
+    from helpers import small_lm_packed
+
+    packed = small_lm_packed(tmp_path)  # a built-in model: the file is checked (exit 4) before the GPU
+    capsys.readouterr()
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("bench", packed, "--model", "--json", out / "r.json")
     assert r.code == 6, r
     assert r.err.startswith("balprune: error:") and r.err.count("\n") == 1
     assert "cupy" in r.err.lower() or "gpu" in r.err.lower() or "cuda" in r.err.lower()
-    assert r.out == "" and list(tmp_path.iterdir()) == []
+    assert r.out == "" and list(out.iterdir()) == []
 
 
 def test_model_bench_without_a_gpu_exits_6_in_a_fresh_process(tmp_path):
     if gpu_skip_reason() is None:
         pytest.skip("a GPU is present: the no-GPU path cannot be exercised here")
-    from helpers import run_subprocess
+    from helpers import run_subprocess, small_lm_packed
 
-    r = run_subprocess("bench", PACKED, "--model", "--dtype", "float16")
+    r = run_subprocess("bench", small_lm_packed(tmp_path), "--model", "--dtype", "float16")
     assert r.returncode == 6 and r.stderr.startswith("balprune: error:") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr
 

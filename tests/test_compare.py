@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import REPO, gpu_skip_reason
 
 from balprune.bench.report import SCHEMA, BenchReport, Measurement
 
@@ -14,17 +15,22 @@ def _m(layer="fc6", kernel="balanced", median=10.0, correct=True, batch=1, mode=
                        1000, 100.0, 2.5, 1e-4 if correct else 0.5, correct, "")
 
 
-def _write(path, measurements):
-    BenchReport("m.safetensors", {"name": "test"}, 4000.0, measurements).write(path)
+def _write(path, measurements, device=None):
+    BenchReport("m.safetensors", device or {"name": "test"}, 4000.0, measurements).write(path)
     return path
 
 
-def test_no_regression_exits_0_and_prints_table(cli, tmp_path):
-    base = _write(tmp_path / "a.json", [_m(), _m(kernel="dense", median=50)])
-    new = _write(tmp_path / "b.json", [_m(median=10.5), _m(kernel="dense", median=80)])  # dense is not ours
+H200 = {"name": "NVIDIA H200", "compute_capability": 90, "multiprocessors": 132}
+
+
+def test_no_regression_exits_0_with_one_summary_line(cli, tmp_path):
+    base = _write(tmp_path / "a.json", [_m(), _m(kernel="dense", median=50), _m(layer="fc7", median=20)])
+    new = _write(tmp_path / "b.json", [_m(median=10.5), _m(kernel="dense", median=80),  # dense is not ours
+                                       _m(layer="fc7", median=15), _m(layer="fc8")])
     r = cli("compare", base, new)
     assert r.code == 0, r.err
-    assert "fc6" in r.out and "ok" in r.out
+    assert r.out == "ok: 3 measurement(s) of 1 kernel(s) (balanced) compared, none slower than 10%; 1 faster; 1 new\n"
+    assert r.err == ""
 
 
 @pytest.mark.parametrize("new_ms,status", [
@@ -65,18 +71,111 @@ def test_bad_reports_exit_4(cli, tmp_path, content):
     assert r.code == 4 and r.err.startswith("balprune: error:") and r.err.count("\n") == 1
 
 
+@pytest.mark.skipif(gpu_skip_reason() is None, reason="a GPU is present: the no-GPU path cannot be exercised here")
 def test_bench_without_a_gpu_exits_6_with_one_line(cli):
     """bad-inputs item 24: no GPU / no CuPy -> one line with the cause, exit 6, nothing else imported."""
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            pytest.skip("a GPU is present: the no-GPU path cannot be exercised here")
-    except Exception:
-        pass
-    from helpers import REPO
 
     r = cli("bench", REPO / "tests" / "golden" / "balanced.safetensors")
     assert r.code == 6, r
     assert r.err.startswith("balprune: error:") and r.err.count("\n") == 1
     assert "cupy" in r.err.lower() or "gpu" in r.err.lower()
+
+
+# --------------------------------------------------------------------------- kernels: never check nothing
+
+@pytest.mark.parametrize("named", [["cublas"], ["balanced", "balanc"], ["dense", "CSR"]])
+def test_a_kernel_no_report_holds_is_a_usage_error_naming_those_they_hold(cli, tmp_path, named):
+    base = _write(tmp_path / "a.json", [_m(), _m(kernel="dense", median=50)])
+    new = _write(tmp_path / "b.json", [_m(), _m(kernel="csr", median=70)])
+    r = cli("compare", base, new, *[x for k in named for x in ("--kernel", k)])
+    assert r.code == 2, r
+    assert r.err.startswith("balprune: error: --kernel ") and r.err.count("\n") == 1
+    assert "they hold: balanced, csr, dense" in r.err
+    unknown = [k for k in named if k not in ("balanced", "csr", "dense")]
+    assert all(repr(k) in r.err for k in unknown) and r.out == ""
+
+
+def test_a_kernel_one_report_holds_is_compared(cli, tmp_path):
+    base = _write(tmp_path / "a.json", [_m(), _m(kernel="dense", median=50)])
+    new = _write(tmp_path / "b.json", [_m()])
+    r = cli("compare", base, new, "--kernel", "dense", "--json")
+    assert r.code == 1, r  # dense went missing: the kernel named is checked
+    data = json.loads(r.out)
+    assert data["kernels"] == ["dense"] and [c["status"] for c in data["changes"]] == ["missing"]
+
+
+def test_reports_without_balprunes_kernels_need_kernel_named(cli, tmp_path):
+    base = _write(tmp_path / "a.json", [_m(kernel="dense", median=50)])
+    new = _write(tmp_path / "b.json", [_m(kernel="dense", median=90)])
+    r = cli("compare", base, new)
+    assert r.code == 2 and "they hold: dense" in r.err and "--kernel" in r.err and r.err.count("\n") == 1, r
+    assert cli("compare", base, new, "--kernel", "dense").code == 1  # named: it is compared (and slower)
+
+
+def test_reports_without_measurements_are_refused(cli, tmp_path):
+    base = _write(tmp_path / "a.json", [])
+    new = _write(tmp_path / "b.json", [])
+    r = cli("compare", base, new)
+    assert r.code == 4 and "neither report holds a measurement" in r.err and r.err.count("\n") == 1, r
+
+
+# --------------------------------------------------------------------------- devices
+
+@pytest.mark.parametrize("other", [
+    {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": 80, "multiprocessors": 108},
+    {"name": "NVIDIA H200", "compute_capability": 89, "multiprocessors": 132},  # same name, other capability
+    {"name": "NVIDIA H200"},  # capability not recorded: not known to be the same device
+])
+def test_reports_of_different_devices_are_refused(cli, tmp_path, other):
+    base = _write(tmp_path / "a.json", [_m()], device=H200)
+    new = _write(tmp_path / "b.json", [_m()], device=other)
+    r = cli("compare", base, new)
+    assert r.code == 4, r
+    assert r.err.startswith("balprune: error: the reports come from different devices") and r.err.count("\n") == 1
+    assert "base NVIDIA H200 (compute capability 90)" in r.err and "--allow-device-change" in r.err
+    assert r.out == ""
+
+
+def test_other_device_facts_do_not_count_as_a_device_change(cli, tmp_path):
+    base = _write(tmp_path / "a.json", [_m()], device=H200)
+    new = _write(tmp_path / "b.json", [_m()], device={**H200, "driver": 13000, "torch": "2.9.0"})
+    assert cli("compare", base, new).code == 0
+
+
+def test_allowed_device_change_is_said_in_the_summary_table_and_json(cli, tmp_path):
+    a100 = {"name": "NVIDIA A100", "compute_capability": 80}
+    base = _write(tmp_path / "a.json", [_m()], device=H200)
+    same = _write(tmp_path / "b.json", [_m()], device=a100)
+    slower = _write(tmp_path / "c.json", [_m(median=20.0)], device=a100)
+    said = "devices differ (--allow-device-change): base NVIDIA H200 (compute capability 90), " \
+           "new NVIDIA A100 (compute capability 80)"
+    r = cli("compare", base, same, "--allow-device-change")
+    assert r.code == 0 and r.out.count("\n") == 1 and r.out.startswith("ok: 1 measurement(s)") and said in r.out, r
+    r = cli("compare", base, slower, "--allow-device-change")
+    # the caption wraps at the table's width
+    assert r.code == 1 and "fc6" in r.out and "slower" in r.out and said in " ".join(r.out.split()), r
+    data = json.loads(cli("compare", base, same, "--allow-device-change", "--json").out)
+    assert data["device_change"] == said.split(": ", 1)[1]
+    assert json.loads(cli("compare", base, base, "--json").out)["device_change"] is None
+
+
+def test_regression_table_lists_every_compared_row_and_one_stderr_line(cli, tmp_path):
+    base = _write(tmp_path / "a.json", [_m(), _m(layer="fc7")])
+    new = _write(tmp_path / "b.json", [_m(median=30.0), _m(layer="fc7")])
+    r = cli("compare", base, new)
+    assert r.code == 1
+    assert "fc6" in r.out and "fc7" in r.out and "slower" in r.out and "ok" in r.out
+    assert r.err == "1 regression(s) beyond 10% (slower, missing or incorrect)\n"
+
+
+def test_untimed_baseline_is_not_a_baseline(cli, tmp_path):
+    """A baseline measurement that failed its gate was not timed (null times): the new one is 'new'."""
+    untimed = Measurement("fc6", (4096, 25088), "F16", 1, "cold", False, "balanced", float("nan"), float("nan"),
+                          float("nan"), 1000, float("nan"), float("nan"), None, False, "not timed")
+    base = _write(tmp_path / "a.json", [untimed])
+    assert json.loads(base.read_text())["measurements"][0]["median_us"] is None  # JSON has no NaN
+    new = _write(tmp_path / "b.json", [_m()])
+    data = json.loads(cli("compare", base, new, "--json").out)
+    assert [(c["status"], c["base_us"], c["new_us"]) for c in data["changes"]] == [("new", None, 10.0)]
+    data = json.loads(cli("compare", new, base, "--json").out)
+    assert [(c["status"], c["base_us"], c["new_us"]) for c in data["changes"]] == [("incorrect", 10.0, None)]

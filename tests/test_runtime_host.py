@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import gpu_skip_reason
 
 from balprune.config import BalancedPattern
 from balprune.errors import FormatError, NoGpuError
@@ -161,16 +162,7 @@ def test_kernel_names():
     assert vector_width("float32") == 4 and vector_width("bfloat16") == 8
 
 
-def _cupy_usable() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(_cupy_usable(), reason="a usable GPU is present: the no-GPU path cannot be observed here")
+@pytest.mark.skipif(gpu_skip_reason() is None, reason="a usable GPU is present: the no-GPU path cannot be observed here")
 def test_import_without_gpu_and_load_raises_no_gpu(tmp_path):
     runtime = importlib.import_module("balprune.runtime")
     with pytest.raises(NoGpuError) as e:

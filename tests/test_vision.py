@@ -1,19 +1,54 @@
-"""balprune.vision: torchvision imports next to the installed torch, and its model code runs."""
+"""balprune.vision: torchvision imports next to the installed torch (its fallback for a CPU torch beside a
+CUDA torchvision tested on a stand-in package), and its model code runs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from helpers import REPO
 
 from balprune.vision import torchvision
 
+_FAKE_TORCHVISION = """
+import torch
 
-def test_torchvision_is_the_release_paired_with_torch():
-    """torch 2.N ships with torchvision 0.(N+15); any other pair fails in ways unrelated to us."""
-    tv = torchvision()
-    torch_minor = int(torch.__version__.split(".")[1])
-    major, minor = (int(p) for p in tv.__version__.split("+")[0].split(".")[:2])
-    assert (major, minor) == (0, torch_minor + 15), (torch.__version__, tv.__version__)
+# Like torchvision's __init__ next to a CPU torch: it registers fake kernels for an operator whose schema
+# its C++ extension should have declared, and fails when that extension did not load.
+if not hasattr(torch.ops.torchvision, "nms"):
+    raise RuntimeError({message!r})
+__version__ = "fake"
+"""
+
+
+def _import_through_balprune(tmp_path, message: str) -> subprocess.CompletedProcess:
+    """balprune.vision.torchvision() in a fresh interpreter that finds a fake torchvision package first."""
+    pkg = tmp_path / "torchvision"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(_FAKE_TORCHVISION.format(message=message))
+    code = ("import torch; from balprune.vision import torchvision; tv = torchvision(); "
+            "print(tv.__version__, tv.__file__); print(torch.ops.torchvision.nms.default._schema)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO / "src")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_missing_operator_failure_declares_the_schemas_and_imports_again(tmp_path):
+    """The case balprune.vision exists for: the first import fails with "operator torchvision::nms does
+    not exist"; torchvision() declares nms/qnms (schemas only) and the second import succeeds."""
+    r = _import_through_balprune(tmp_path, "operator torchvision::nms does not exist")
+    assert r.returncode == 0, r.stderr
+    version, where = r.stdout.splitlines()[0].split(" ", 1)
+    assert version == "fake" and where == str(tmp_path / "torchvision" / "__init__.py")
+    assert "torchvision::nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor" in r.stdout
+
+
+def test_any_other_import_failure_is_raised_unchanged(tmp_path):
+    r = _import_through_balprune(tmp_path, "libtorch_cuda.so: cannot open shared object file")
+    assert r.returncode == 1
+    assert r.stderr.rstrip().splitlines()[-1] == "RuntimeError: libtorch_cuda.so: cannot open shared object file"
 
 
 def test_vgg_definitions_and_transforms_work():
@@ -25,10 +60,6 @@ def test_vgg_definitions_and_transforms_work():
     with torch.no_grad():
         assert model.features(image[None]).shape == (1, 8, 8, 8)
         assert model(image[None]).shape == (1, 3)
-
-
-def test_second_call_returns_the_same_module():
-    assert torchvision() is torchvision()
 
 
 def test_compiled_operators_work_or_fail_with_torchvisions_own_error():

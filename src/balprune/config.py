@@ -11,18 +11,12 @@ import enum
 import fnmatch
 import math
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Union
 
 from .errors import ConfigError, UsageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 _DECIMAL = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -50,8 +44,33 @@ def parse_sparsity(text: object, *, what: str = "--sparsity", error=UsageError) 
     return value
 
 
-def parse_positive_int(text: object, *, what: str, error=UsageError, minimum: int = 1) -> int:
-    """A plain integer >= ``minimum`` ('32'); refuses '2.5', '1_0', '', booleans."""
+#: Most schedule steps (Algorithm 1's GraduallyIncrease) a run may ask for: each step prunes every
+#: target again (and, when fine-tuning, trains between steps); the paper uses tens.
+MAX_SCHEDULE_STEPS = 10_000
+
+#: Seeds are torch generator seeds: [0, 2**63).
+MAX_SEED = 2**63 - 1
+
+#: The largest value an integer option or file key accepts, by the name its parser is given
+#: (``what``): generous for honest use, small enough that no value asks for an allocation or a
+#: run no machine could finish. Every other integer is bounded by ``MAX_INT``.
+INT_LIMITS: dict[str, int] = {
+    "--steps": MAX_SCHEDULE_STEPS, "steps": MAX_SCHEDULE_STEPS, "schedule steps": MAX_SCHEDULE_STEPS,
+    "--seed": MAX_SEED, "--samples": 1 << 16,
+}
+
+#: The bound of any integer value (a signed 64-bit integer, what torch and the file format hold).
+MAX_INT = 2**63 - 1
+
+
+def parse_positive_int(text: object, *, what: str, error=UsageError, minimum: int = 1,
+                       maximum: int | None = None) -> int:
+    """A plain integer in [``minimum``, ``maximum``] ('32'); refuses '2.5', '1_0', '1e9', '', booleans.
+
+    ``maximum`` defaults to ``INT_LIMITS[what]``, else ``MAX_INT``; the error names the bound.
+    """
+    if maximum is None:
+        maximum = INT_LIMITS.get(what, MAX_INT)
     if isinstance(text, bool):
         raise error(f"{what}: expected an integer, got {text!r}")
     if isinstance(text, int):
@@ -59,10 +78,14 @@ def parse_positive_int(text: object, *, what: str, error=UsageError, minimum: in
     else:
         s = str(text).strip()
         if not _INTEGER.match(s):
-            raise error(f"{what}: expected an integer, got {str(text)!r}")
+            raise error(f"{what}: expected an integer, got {str(text)[:40]!r}")
+        if len(s.lstrip("+-").lstrip("0")) > 19:  # beyond any bound (and int() of 4301+ digits raises)
+            raise error(f"{what}: must be at most {maximum}, got a {len(s)}-digit number")
         value = int(s)
     if value < minimum:
         raise error(f"{what}: must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise error(f"{what}: must be at most {maximum}, got {value}")
     return value
 
 
@@ -310,6 +333,62 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
+#: Pattern-specific option keys and the one pattern each applies to. A key given for another
+#: pattern is refused (a usage error on the command line, a config error in a file), never
+#: ignored: `--pattern block --blocks 16` would otherwise prune with 8x8 tiles without a word.
+PATTERN_KEY_OWNER: dict[str, PatternKind] = {
+    "blocks": PatternKind.BALANCED, "block_size": PatternKind.BALANCED, "nm": PatternKind.BALANCED,
+    "block_shape": PatternKind.BLOCK, "vector_length": PatternKind.VECTOR, "scope": PatternKind.UNSTRUCTURED,
+}
+
+#: How the command line spells each key.
+CLI_SPELLING: dict[str, str] = {"blocks": "--blocks", "block_size": "--block-size", "nm": "--nm",
+                                "block_shape": "--block-shape", "vector_length": "--vector-length", "scope": "--scope"}
+
+
+def pattern_kind(value: object, *, error=UsageError) -> PatternKind:
+    """'balanced' | 'unstructured' | 'block' | 'vector' -> PatternKind; ``error`` otherwise."""
+    try:
+        return PatternKind(value)
+    except ValueError:
+        raise error(f"pattern: expected balanced, unstructured, block or vector, got {value!r}") from None
+
+
+def check_keys_fit(kind: PatternKind, values: dict[str, object], *, error=UsageError, where: str = "",
+                   spelling: dict[str, str] | None = None, source: str = "") -> None:
+    """``error`` naming the first key of ``values`` (not None) that belongs to a pattern other than ``kind``."""
+    for key, value in values.items():
+        owner = PATTERN_KEY_OWNER.get(key)
+        if value is not None and owner is not None and owner is not kind:
+            name = (spelling or {}).get(key, key)
+            raise error(f"{where}{name} applies to the {owner.value} pattern only; the pattern is {kind.value}"
+                        f"{source}")
+
+
+def check_cli_pattern_options(pattern: str | None, overrides: dict[str, object],
+                              config_pattern: object = None) -> PatternKind:
+    """The pattern a command will use, after checking the pattern options given on its command line fit it.
+
+    ``pattern`` is --pattern (None: ``config_pattern``, the config's [prune] pattern, else
+    balanced). A CLI option of another pattern is a UsageError (exit 2) naming the option and the
+    pattern; the CLI calls this before opening any file when the pattern is known without one.
+    """
+    if pattern is not None:
+        kind, source = pattern_kind(pattern), " (--pattern)"
+    elif config_pattern is not None:
+        kind, source = pattern_kind(config_pattern, error=ConfigError), " (the config's [prune] pattern)"
+    else:
+        kind, source = PatternKind.BALANCED, " (the default; choose another with --pattern)"
+    check_keys_fit(kind, {k: overrides.get(k) for k in PATTERN_KEY_OWNER}, spelling=CLI_SPELLING, source=source)
+    given = [CLI_SPELLING.get(k, f"--{k}") for k in ("nm", "sparsity", "blocks", "block_size")
+             if overrides.get(k) is not None]
+    if "--nm" in given and len(given) > 1:
+        raise UsageError(f"--nm sets sparsity and block length itself; drop {', '.join(given[1:])}")
+    if "--blocks" in given and "--block-size" in given:
+        raise UsageError("--blocks and --block-size are exclusive: give one")
+    return kind
+
+
 def build_pattern(
     kind: str | None,
     *,
@@ -322,16 +401,18 @@ def build_pattern(
     vector_length: object = None,
     error=UsageError,
     base: Pattern | None = None,
+    where: str = "",
 ) -> Pattern:
-    """One pattern from loose values (CLI or TOML), layered over ``base`` where values are None."""
+    """One pattern from loose values (CLI or TOML), layered over ``base`` where values are None.
+
+    A value that belongs to another pattern (``blocks`` for ``block``, ...) is an ``error``
+    (prefixed by ``where``), never silently ignored.
+    """
     kind_value = kind if kind is not None else (base.kind.value if base else "balanced")
-    try:
-        pk = PatternKind(kind_value)
-    except ValueError:
-        raise error(f"pattern: expected balanced, unstructured, block or vector, got {kind_value!r}") from None
+    pk = pattern_kind(kind_value, error=error)
+    check_keys_fit(pk, {"blocks": blocks, "block_size": block_size, "nm": nm, "block_shape": block_shape,
+                        "vector_length": vector_length, "scope": scope}, error=error, where=where)
     if nm is not None:
-        if pk is not PatternKind.BALANCED:
-            raise error("nm: N:M applies to the balanced pattern only")
         if sparsity is not None or blocks is not None or block_size is not None:
             raise error("nm: N:M sets sparsity and block size itself; drop sparsity/blocks/block-size")
         n, m = parse_nm(nm, error=error)
@@ -379,17 +460,26 @@ def load_config(path: Path) -> dict:
     return validate_config_data(read_toml(path), str(path))
 
 
-def read_toml(path: Path) -> dict:
-    """A TOML file as a dict; ConfigError (exit 4) naming the file when it cannot be read or parsed."""
+#: Largest TOML config, recipe or plan read (a sensitivity plan of a 10,000-layer model is ~1 MiB).
+MAX_CONFIG_BYTES = 64 << 20
+
+
+def read_toml(path: Path, what: str = "config") -> dict:
+    """A TOML file as a dict; ConfigError (exit 4) naming the file when it cannot be read or parsed.
+
+    Read through safeio: only a regular file (a FIFO or device is refused before any read), at
+    most ``MAX_CONFIG_BYTES``, strict UTF-8, nesting bounded (never a RecursionError).
+    """
+    from . import safeio
+    from .errors import InvalidInputError
+
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config {path} is a folder, not a TOML file") from None
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config {path}: {exc}") from None
+        text = safeio.read_text(path, what, max_bytes=MAX_CONFIG_BYTES)
+        return safeio.loads_toml(text, f"{what} {path}")
+    except ConfigError:
+        raise
+    except InvalidInputError as exc:
+        raise ConfigError(exc.message, hint=exc.hint) from None
 
 
 def validate_config_data(data: dict, where: str, extra_tables: frozenset[str] = frozenset()) -> dict:
@@ -444,7 +534,8 @@ def rules_from_config(layers: list[dict], base: Pattern) -> tuple[LayerRule, ...
         if skip:
             rules.append(LayerRule(layer["match"], skip=True))
             continue
-        pattern = build_pattern(layer.get("pattern"), error=ConfigError, base=base, **over)
+        pattern = build_pattern(layer.get("pattern"), error=ConfigError, base=base,
+                                where=f"layer rule {layer['match']!r}: ", **over)
         rules.append(LayerRule(layer["match"], pattern=pattern))
     return tuple(rules)
 
@@ -470,17 +561,29 @@ def prune_options_from_config(
     the recipe's [prune] table; a given blocks / block_size / nm replaces all three of the
     recipe's. The CLI's ``prune`` and the fine-tuning API build their options here, so a recipe
     means the same thing to both.
+
+    Keys of another pattern are never ignored: in ``overrides`` (the command line) they are a
+    UsageError (exit 2); in the recipe's [prune] table or a [[layers]] rule they are an ``error``
+    (the file contradicts itself). One exception: ``pattern`` (--pattern) replacing the recipe's
+    own pattern drops the [prune] keys written for that other pattern, so one recipe serves
+    several patterns; [[layers]] rules are still checked against the pattern they end up with.
     """
     base = data.get("prune", {})
     cli = {k: (overrides or {}).get(k) for k in _PATTERN_KEYS}
-    merged = {k: (cli[k] if cli[k] is not None else base.get(k)) for k in _PATTERN_KEYS}
+    kind = check_cli_pattern_options(pattern, cli, base.get("pattern"))
+    own = {k: base.get(k) for k in _PATTERN_KEYS}
+    if pattern is not None and kind.value != base.get("pattern", "balanced"):
+        # --pattern replaces the config's pattern, and with it the keys written for that pattern.
+        own = {k: v for k, v in own.items() if PATTERN_KEY_OWNER.get(k) in (None, kind)}
+    else:
+        check_keys_fit(kind, own, error=error, where="[prune] ")
+    merged = {k: (cli[k] if cli[k] is not None else own.get(k)) for k in _PATTERN_KEYS}
     if cli["blocks"] is not None or cli["block_size"] is not None or cli["nm"] is not None:
         for k in ("blocks", "block_size", "nm"):
             merged[k] = cli[k]
     if merged["nm"] is None and merged["sparsity"] is None:
         raise error("sparsity is required (--sparsity, --nm N:M, or sparsity in the config's [prune] table)")
-    kind = pattern if pattern is not None else base.get("pattern")
-    p = build_pattern(kind, error=error, **merged)
+    p = build_pattern(kind.value, error=error, **merged)
     sched_cfg = data.get("schedule", {})
     sched = build_schedule(schedule_kind if schedule_kind is not None else sched_cfg.get("kind"),
                            steps if steps is not None else sched_cfg.get("steps"),

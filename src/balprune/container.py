@@ -19,6 +19,7 @@ import errno
 import json
 import math
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -27,10 +28,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import InvalidInputError, OutputError, UnsafeInputError
+from . import safeio
+from .errors import InvalidInputError, OutputError
 
 #: Header lengths beyond this are refused before reading them (the official reader uses 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+
+#: Largest dimension and element count a tensor may declare (torch sizes are int64).
+INT64_MAX = 2**63 - 1
 
 #: Safetensors dtype code -> size in bits. Sub-byte codes are known so they can pass through.
 DTYPE_BITS: dict[str, int] = {
@@ -108,13 +113,10 @@ def _bad(path: Path, what: str) -> InvalidInputError:
     return InvalidInputError(f"{path}: not a valid safetensors file: {what}")
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
+def _short(v: object) -> str:
+    """A value for an error line: repr, cut to 60 characters (a hostile field can be megabytes)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _strict_int(value: object) -> bool:
@@ -131,7 +133,7 @@ def parse_file(path: str | os.PathLike[str]) -> ParsedFile:
     """
     p = Path(path)
     try:
-        with open(p, "rb") as f:
+        with safeio.open_regular(p, "input") as f:  # a FIFO or device is refused before any read
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise _bad(p, f"file is {size} bytes, shorter than the 8-byte header length")
@@ -149,10 +151,10 @@ def parse_file(path: str | os.PathLike[str]) -> ParsedFile:
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise _bad(p, "header is not UTF-8") from None
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as exc:
-        raise _bad(p, f"header is not valid JSON ({exc})") from None
+    try:  # bounded nesting (a deeply nested header is exit 4, not a RecursionError), unique keys
+        header = safeio.loads_json(text, "header")
+    except InvalidInputError as exc:
+        raise _bad(p, exc.message) from None
     if not isinstance(header, dict):
         raise _bad(p, "header is not a JSON object")
 
@@ -162,20 +164,22 @@ def parse_file(path: str | os.PathLike[str]) -> ParsedFile:
             raise _bad(p, "__metadata__ is not an object")
         for k, v in metadata.items():
             if not isinstance(v, str):
-                raise _bad(p, f"__metadata__[{k!r}] is not a string")
+                raise _bad(p, f"__metadata__[{_short(k)}] is not a string")
 
     data_start = 8 + n
     buffer_len = size - data_start
     entries: list[TensorEntry] = []
     for name, info in header.items():
-        where = f"tensor {name!r}"
+        where = f"tensor {_short(name)}"
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _bad(p, f"{where}: entry must hold exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_BITS:
-            raise _bad(p, f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_strict_int(d) and d >= 0 for d in shape):
-            raise _bad(p, f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise _bad(p, f"{where}: unknown dtype {_short(dtype)}")
+        if not isinstance(shape, list) or not all(_strict_int(d) and 0 <= d <= INT64_MAX for d in shape):
+            raise _bad(p, f"{where}: shape must be a list of integers in [0, 2^63), got {_short(shape)}")
+        if math.prod(d for d in shape if d) > INT64_MAX:  # torch could not even describe it
+            raise _bad(p, f"{where}: shape {_short(shape)} has more than 2^63 elements")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -206,10 +210,17 @@ def parse_file(path: str | os.PathLike[str]) -> ParsedFile:
 
 
 def read_bytes(path: Path, begin: int, end: int) -> bytearray:
-    """Read [begin, end) of a file into a fresh bytearray (positional read, no shared state)."""
-    out = bytearray(end - begin)
-    view = memoryview(out)
-    with open(path, "rb", buffering=0) as f:
+    """Read [begin, end) of a file into a fresh bytearray (positional read, no shared state).
+
+    The file is reopened through safeio.open_regular (a path swapped for a FIFO or a device since
+    it was parsed is refused, never read), and [begin, end) must lie inside it.
+    """
+    with safeio.open_regular(path, "input") as f:
+        size = os.fstat(f.fileno()).st_size
+        if not 0 <= begin <= end <= size:
+            raise InvalidInputError(f"{path}: file shrank while reading (truncated?)")
+        out = bytearray(end - begin)
+        view = memoryview(out)
         f.seek(begin)
         got = 0
         while got < len(out):
@@ -348,8 +359,9 @@ class AtomicOutput:
     """An output file that appears at its final path complete and verified, or not at all.
 
     Construction fails fast (before any heavy work): the folder must exist and accept a file,
-    and without ``force`` the final path must not exist. The temp file lives in the target
-    folder (so the final rename is atomic) under a recognisable name,
+    and without ``force`` the final path must not exist; with it, it must be a regular file
+    (``check_output_path``: a FIFO, a device or a link to one is never replaced). The temp file
+    lives in the target folder (so the final rename is atomic) under a recognisable name,
     ``.<name>.balprune-tmp-<pid>``. ``commit(check)`` flushes, fsyncs, runs ``check(temp_path)``
     and renames; any exception before that removes the temp file. Without ``force`` the rename
     refuses to replace a file that appeared meanwhile.
@@ -359,15 +371,10 @@ class AtomicOutput:
         self.final_path = Path(final_path)
         self.force = force
         folder = self.final_path.parent
-        if not folder.is_dir():
-            raise OutputError(f"output folder {folder} does not exist")
-        if self.final_path.is_dir():
-            raise OutputError(f"output path {self.final_path} is a folder")
-        if self.final_path.exists() and not force:
-            raise OutputError(f"{self.final_path} exists", hint="pass --force to replace it")
+        check_output_path(self.final_path, force=force)
         self.temp_path = folder / f".{self.final_path.name}.balprune-tmp-{os.getpid()}"
         try:
-            self.file = open(self.temp_path, "w+b")
+            self.file = _create_temp(self.temp_path)
         except OSError as exc:
             raise OutputError(f"cannot write in {folder}: {exc.strerror or exc}") from None
         self._done = False
@@ -380,6 +387,7 @@ class AtomicOutput:
             if check is not None:
                 check(self.temp_path)
             if self.force:
+                check_output_path(self.final_path, force=True)  # still a regular file (or gone)?
                 os.replace(self.temp_path, self.final_path)
             else:
                 try:
@@ -410,6 +418,55 @@ class AtomicOutput:
             raise _output_error(self.final_path, exc) from exc
 
 
+def check_output_path(path: Path, *, force: bool = False) -> None:
+    """OutputError (exit 5) unless ``path`` may receive an output file: its folder exists; the path
+    does not exist, or (with ``force``) is a regular file or a link to one.
+
+    An existing path that is not a regular file once links are followed (a FIFO, /dev/null, a
+    device node, a socket, a folder, or a link to one of those) is never replaced, with or without
+    ``force``: replacing the link or node would break whatever it stands for, and nothing is ever
+    opened there. Only stat is used: nothing at ``path`` is opened.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} does not exist")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):  # a dangling link: replacing it would write wherever it pointed
+            raise OutputError(f"output path {path} is a dangling symbolic link; refusing to replace it") from None
+        return
+    except OSError as exc:
+        raise OutputError(f"output path {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"output path {path} is a folder")
+    if not stat.S_ISREG(st.st_mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        link = " (through a symbolic link)" if os.path.islink(path) else ""
+        raise OutputError(f"output path {path} is {kind}{link}, not a regular file; refusing to replace it, "
+                          "with or without --force")
+    if not force:
+        raise OutputError(f"{path} exists", hint="pass --force to replace it")
+
+
+def _create_temp(path: Path):
+    """A new, empty regular file at ``path``, opened read-write.
+
+    Created with O_EXCL | O_NOFOLLOW so that whatever already sits at the temp name (a stale temp of a
+    killed run with this pid, a FIFO or a link someone planted) is never opened or followed: it is
+    unlinked (the name is balprune's own) and the exclusive create tried once more.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        os.unlink(path)
+        fd = os.open(path, flags, 0o644)
+    return os.fdopen(fd, "w+b")
+
+
 def write_bytes_atomic(path: Path, data: bytes, *, force: bool = True) -> None:
     """Write a small output file (a JSON report, a plot) completely or not at all (AtomicOutput)."""
     with AtomicOutput(Path(path), force=force) as out:
@@ -438,12 +495,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def check_not_an_input(output: Path, inputs: Iterable[Path]) -> None:
-    """UnsafeInputError if ``output`` is one of ``inputs`` (same path, symlink or hard link)."""
-    output = Path(output)
-    if not output.exists():
-        return
-    out_stat = output.stat()
-    for f in inputs:
-        st = Path(f).stat()
-        if (st.st_dev, st.st_ino) == (out_stat.st_dev, out_stat.st_ino):
-            raise UnsafeInputError(f"output {output} is the input file {f}; refusing to write over an input")
+    """UnsafeInputError if ``output`` is one of ``inputs`` (same path, symlink or hard link).
+
+    A shorthand for balprune.iopaths.check_io, the one owner of the output-over-input rules.
+    """
+    from .iopaths import check_io
+
+    check_io(inputs=[("", f) for f in inputs], outputs=[("", output)])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,23 +151,52 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def loads_json(text: str, what: str, *, max_depth: int = MAX_NESTING) -> object:
+def loads_json(text: str, what: str, *, max_depth: int = MAX_NESTING, constants_as_null: bool = False) -> object:
     """Parse JSON text with bounded nesting, unique object keys, and no NaN/Infinity literals.
 
-    ``what`` names the source in the error ("report r.json", "file x: header"). Raises
-    InvalidInputError (exit 4).
+    ``what`` names the source in the error ("report r.json", "file x: header"). With
+    ``constants_as_null`` the literals NaN / Infinity / -Infinity (which Python's json writes and
+    older balprune reports hold) read as null, so the caller's type checks decide whether a missing
+    number is allowed there. Raises InvalidInputError (exit 4).
     """
     depth = json_depth(text)
     if depth > max_depth:
         raise InvalidInputError(f"{what}: JSON nested {depth} levels deep, over the limit of {max_depth}")
 
-    def _no_constant(name: str) -> object:
+    def _constant(name: str) -> object:
+        if constants_as_null:
+            return None
         raise ValueError(f"{name} is not valid JSON")
 
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_constant)
     except (ValueError, RecursionError) as exc:
         raise InvalidInputError(f"{what}: not valid JSON ({exc})") from None
+    if _SURROGATE_ESCAPE.search(text):
+        _check_no_lone_surrogates(value, what)
+    return value
+
+
+#: A \uD800-\uDFFF escape: the only way JSON decoded from UTF-8 can hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_no_lone_surrogates(value: object, what: str) -> None:
+    """Refuse strings that are not Unicode text (a lone surrogate cannot be written as UTF-8: every name
+    read here is later written to a file or a terminal). Recursion is bounded by the nesting check."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(f"{what}: the string {ascii(value)[:80]} holds a lone surrogate "
+                                    "(\\ud800-\\udfff escape without its pair): not Unicode text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_no_lone_surrogates(k, what)
+            _check_no_lone_surrogates(v, what)
+    elif isinstance(value, list):
+        for v in value:
+            _check_no_lone_surrogates(v, what)
 
 
 def toml_depth(text: str) -> int:

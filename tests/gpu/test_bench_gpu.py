@@ -6,16 +6,14 @@ import json
 
 import pytest
 import torch
+from helpers import gpu_skip_reason
 
 from balprune.bench.report import load_report
 from balprune.cli import main
 from balprune.save import save_state_dict
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed: GPU tests need cupy-cuda13x")
-if cupy.cuda.runtime.getDeviceCount() < 1:  # pragma: no cover
-    pytest.skip("no CUDA device", allow_module_level=True)
-
-pytestmark = pytest.mark.gpu
+_why = gpu_skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why is not None, reason=_why or "")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

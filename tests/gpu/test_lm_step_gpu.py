@@ -30,8 +30,9 @@ def _packed_lm(tmp_path, *, vocab: int, hidden: int, layers: int = 2, sparsity: 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("vocab,hidden,layers", [(300, 96, 2), (157, 200, 3), (64, 40, 1)])
 def test_every_step_candidate_matches_the_float64_step(tmp_path, dtype, vocab, hidden, layers):
-    from balprune.runtime.model import LAYER_GATE, load_model
-    from balprune.runtime.model.stages import rel_error
+    from balprune.runtime.measure import STAGE_TOLERANCE as LAYER_GATE
+    from balprune.runtime.measure import relative_error as rel_error
+    from balprune.runtime.model import load_model
 
     rt = load_model(_packed_lm(tmp_path, vocab=vocab, hidden=hidden, layers=layers), dtype=dtype, paths="sparse",
                     measure=False)
@@ -52,8 +53,9 @@ def test_persistent_kernel_past_32_blocks_and_its_limit(tmp_path, blocks):
     after them; --blocks 48 gives 2 x 40, past the kernel's 64 (4 * block must fit one byte of an
     x offset), so the persistent launch is unavailable with its reason and the per-piece paths
     still gate."""
-    from balprune.runtime.model import LAYER_GATE, load_model
-    from balprune.runtime.model.stages import rel_error
+    from balprune.runtime.measure import STAGE_TOLERANCE as LAYER_GATE
+    from balprune.runtime.measure import relative_error as rel_error
+    from balprune.runtime.model import load_model
 
     rt = load_model(_packed_lm(tmp_path, vocab=300, hidden=200, blocks=blocks), dtype="float16", paths="sparse",
                     measure=False)
@@ -73,8 +75,8 @@ def test_persistent_kernel_past_32_blocks_and_its_limit(tmp_path, blocks):
 
 
 def test_persistent_follows_the_per_piece_path_token_after_token(tmp_path):
+    from balprune.runtime.measure import relative_error as rel_error
     from balprune.runtime.model import load_model
-    from balprune.runtime.model.stages import rel_error
 
     rt = load_model(_packed_lm(tmp_path, vocab=300, hidden=96), dtype="float16", paths="sparse", measure=False)
     cands = rt.step.timing_candidates()

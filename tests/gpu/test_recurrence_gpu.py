@@ -12,8 +12,8 @@ from helpers import gpu_skip_reason
 
 from balprune import examples
 from balprune.cli import main
-from balprune.models import relative_error
-from balprune.models.reference import TOLERANCE
+from balprune.runtime.measure import MODEL_TOLERANCE as TOLERANCE
+from balprune.runtime.measure import relative_error
 from balprune.save import save_state_dict
 
 _why = gpu_skip_reason()
@@ -37,8 +37,9 @@ def _recurrences(rt):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("hidden,frames", [(64, 12), (50, 7), (96, 1)])
 def test_every_candidate_matches_the_float64_recurrence(tmp_path, dtype, hidden, frames):
-    from balprune.runtime.model import LAYER_GATE, load_model
-    from balprune.runtime.model.stages import rel_error
+    from balprune.runtime.measure import STAGE_TOLERANCE as LAYER_GATE
+    from balprune.runtime.measure import relative_error as rel_error
+    from balprune.runtime.model import load_model
 
     path = _packed_bilstm(tmp_path, hidden=hidden)
     rt = load_model(path, dtype=dtype, paths="sparse", frames=frames, measure=False)

@@ -3,7 +3,8 @@
 For each dtype, in one process on one GPU: balprune's model runtime (runtime.model, every layer
 on the path its dispatcher measured fastest) and the dense masked model in torch (cuBLAS/cuDNN,
 the same weights with zeros), both first checked against the float32 reference outputs
-(models.reference: a runtime outside TOLERANCE is reported and not timed), then timed per unit
+(runtime.measure.relative_error within MODEL_TOLERANCE, README "Tolerance contract": a runner
+outside it is reported and not timed; only balprune's runner failing makes ``bench`` fail), then timed per unit
 of work (lstm-lm: one token step; ctc-bilstm: one utterance; vgg: one image) eagerly and
 replayed from a CUDA graph, hot (back to back, as a server runs it) and cold (L2 flushed by a
 read of 4x its size before each unit, outside the timed interval).
@@ -17,6 +18,7 @@ and the paper's figures for the same workload.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +26,10 @@ from pathlib import Path
 import torch
 
 from ..errors import GpuRuntimeError
+from ..runtime.measure import MODEL_TOLERANCE, Timing, capture_graph, relative_error
+from .peers import quiet_libraries
 from .report import BenchReport, Measurement
 from .run import Session
-from .timing import Timing
 
 Progress = Callable[[str], None]
 
@@ -67,42 +70,44 @@ def _torch_runner(module, arch, inputs: dict, dev) -> Callable[[], torch.Tensor]
 def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "float16"),
                 modes: tuple[str, ...] = ("hot", "cold"), graph: bool = True, iters: int = 100, frames: int = 50,
                 device: int = 0, paths: str = "auto", progress: Progress | None = None) -> BenchReport:
-    """Benchmark the packed model at ``path`` end to end (see module doc). NoGpuError without a GPU,
-    InvalidInputError when the file is not a built-in architecture, GpuRuntimeError on a CUDA failure."""
-    from ..formats.packed_file import read_packed
-    from ..models import detect, reference_module, reference_outputs, relative_error, sample_inputs
-    from ..models.reference import TOLERANCE
+    """Benchmark the packed model at ``path`` end to end (see module doc). The file is verified
+    completely and its architecture recognised first (FormatError / InvalidInputError, exit 4,
+    before any GPU is looked for); then NoGpuError without a GPU, GpuRuntimeError on a CUDA failure."""
+    from ..formats.packed_file import verify_packed
+    from ..models import detect, reference_module, reference_outputs, sample_inputs
     from ..runtime import _gpu
+    from ..runtime.measure import free_device_memory, gpu_failures
     from ..runtime.model import load_model
-    from ..runtime.model.stages import capture_graph
 
-    _gpu.require_device(device)
-    pf = read_packed(path)
+    pf = verify_packed(path)
     arch = detect(pf)
+    _gpu.require_device(device)
     inputs = sample_inputs(arch, frames=frames)
     say = progress or (lambda _m: None)
     with Session(device) as s:
         report = s.new_report(str(path))
         dev = torch.device("cuda", device)
-        cp = s.cp
         try:
             say("float32 reference outputs")
-            ref_module = reference_module(pf, arch, dtype=torch.float32, device=dev)
-            ref = reference_outputs(ref_module, arch, inputs)
+            with quiet_libraries():  # torch's own notices (e.g. nn.LSTM's weight layout) are not ours to print
+                ref_module = reference_module(pf, arch, dtype=torch.float32, device=dev)
+                ref = reference_outputs(ref_module, arch, inputs)
             del ref_module
             model_meta = {"architecture": arch.name, "kind": arch.kind, "frames": frames if arch.kind == "ctc-bilstm" else None,
-                          "paper": PAPER.get(arch.name), "tolerance": {d: TOLERANCE[d] for d in dtypes}, "dtypes": {}}
+                          "paper": PAPER.get(arch.name), "tolerance": {d: MODEL_TOLERANCE[d] for d in dtypes}, "dtypes": {}}
             flush = s.timer.read_launch(4 * s.timer.info.l2_bytes)
             for dtype in dtypes:
                 say(f"{dtype}: building the runtime (measuring each layer's paths)")
                 rt = load_model(path, dtype=dtype, device=device, paths=paths, frames=frames, progress=say)
                 unit = rt.unit
-                tm = reference_module(pf, arch, dtype={"float32": torch.float32, "float16": torch.float16,
-                                                       "bfloat16": torch.bfloat16}[dtype], device=dev)
-                errors = {"balprune": relative_error(rt.forward(inputs), ref),
-                          "torch": relative_error(reference_outputs(tm, arch, inputs), ref)}
+                with quiet_libraries():
+                    tm = reference_module(pf, arch, dtype={"float32": torch.float32, "float16": torch.float16,
+                                                           "bfloat16": torch.bfloat16}[dtype], device=dev)
+                    torch_out = reference_outputs(tm, arch, inputs)
+                    torch_runner = _torch_runner(tm, arch, inputs, dev)
+                errors = {"balprune": relative_error(rt.forward(inputs), ref), "torch": relative_error(torch_out, ref)}
                 rt.load_inputs(inputs)
-                runners = {"balprune": rt.run, "torch": _torch_runner(tm, arch, inputs, dev)}
+                runners = {"balprune": rt.run, "torch": torch_runner}
                 meta = {"unit": unit, "dispatch": rt.describe(), "max_rel_error": errors,
                         "weight_bytes": {"balprune": rt.weight_bytes,
                                          "torch": sum(p.numel() * p.element_size() for p in tm.parameters())},
@@ -120,21 +125,25 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                         report.unavailable.append({"layer": c.layer, "batch": c.batch, "kernel": kernel, "reason": why})
                 for runner, fn in runners.items():
                     nbytes = meta["weight_bytes"][runner]
-                    if not errors[runner] <= TOLERANCE[dtype]:
+                    if not errors[runner] <= MODEL_TOLERANCE[dtype]:
                         report.measurements.append(Measurement(
                             "model", (1, 1), _CODE[dtype], 1, modes[0], False, runner, math.nan, math.nan, math.nan,
                             nbytes, 0.0, 0.0, errors[runner], False,
-                            f"relative error {errors[runner]:.2e} > tolerance {TOLERANCE[dtype]:.0e}; not timed"))
+                            f"relative error {errors[runner]:.2e} > tolerance {MODEL_TOLERANCE[dtype]:.0e}; not timed"))
                         continue
                     say(f"{dtype}: timing {runner}")
                     timed: list[tuple[bool, Callable[[], object]]] = [(False, fn)]
+                    # torch's notices are silenced around its runner's capture and timing calls,
+                    # never inside the timed call itself (the timed code path is the same).
+                    quiet = quiet_libraries if runner == "torch" else contextlib.nullcontext
                     if graph:
                         try:
                             if runner == "balprune":
                                 g = rt.capture()
                                 rt.load_inputs(inputs)
                             else:
-                                g = capture_graph(fn)
+                                with quiet():
+                                    g = capture_graph(fn)
                             timed.append((True, g.replay))
                         except RuntimeError as exc:  # a library that cannot be captured: say so
                             report.unavailable.append({"layer": "model", "batch": 1, "kernel": f"{runner} (graph)",
@@ -142,19 +151,18 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                     n = iters if arch.kind == "lstm-lm" else max(10, iters // 5)
                     for is_graph, f in timed:
                         for mode in modes:
-                            t: Timing = s.timer.time_calls(f, iters=n, before=flush if mode == "cold" else None)
+                            with quiet():
+                                t: Timing = s.timer.time_calls(f, iters=n, before=flush if mode == "cold" else None)
                             gbps = nbytes / (t.median_us * 1e-6) / 1e9
                             note = unit if t.spin_covered else f"{unit}; host fell behind the GPU"
                             report.measurements.append(Measurement(
                                 "model", (1, 1), _CODE[dtype], 1, mode, is_graph, runner, t.median_us, t.p10_us,
                                 t.p90_us, int(nbytes), gbps, 100.0 * gbps / s.bandwidth, errors[runner], True, note))
-                del rt, tm, runners
-                cp.get_default_memory_pool().free_all_blocks()
-                torch.cuda.empty_cache()
+                del rt, tm, runners, torch_runner
+                free_device_memory()
             report.meta["model"] = model_meta
-        except (cp.cuda.memory.OutOfMemoryError, cp.cuda.runtime.CUDARuntimeError,
-                cp.cuda.driver.CUDADriverError, torch.OutOfMemoryError) as exc:
-            cp.get_default_memory_pool().free_all_blocks()
+        except gpu_failures() as exc:
+            free_device_memory()
             raise GpuRuntimeError(f"model {arch.name}: {type(exc).__name__}: {exc}") from None
     return report
 

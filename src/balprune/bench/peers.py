@@ -7,6 +7,15 @@ sparsity (2:4: its fixed 50%), so their times compare equal sparsity, not equal 
 gated against float64 W' x before it is timed. A peer that cannot run here (dtype, shape, library
 support) is returned as an ``Unavailable`` with the reason, never silently dropped.
 
+Each candidate states the precision it accumulates in (``accumulate``), which sets its gate
+(runtime.measure.product_tolerance): balprune's kernels accumulate in float32; the libraries do
+not promise it for 16-bit values (cuBLAS under torch's default allow_fp16_reduced_precision_reduction,
+cuSPARSE, torch's BSR and 2:4 paths), so they are held to 16-bit accumulation (``None``: as the
+storage dtype). The libraries' own notices (torch's "Sparse CSR tensor support is in beta",
+"SparseSemiStructuredTensor ... prototype", ...) are silenced where they are called
+(``quiet_libraries``): only balprune's own lines reach stderr. This module imports no CuPy: it
+reaches CuPy through runtime._gpu.
+
 Kernels (the ``kernel`` field of a measurement):
     balanced   balprune's balanced kernel (kernels/balanced_spmv.cu)
     bsr        balprune's block-sparse kernel (kernels/bsr_spmv.cu), 8x8 tiles unless the layer has its own
@@ -20,7 +29,9 @@ Kernels (the ``kernel`` field of a measurement):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +50,17 @@ OWN_PATHS = ("balanced", "bsr", "dense")
 PEER_TILE = (8, 8)
 
 Launch = Callable[[], object]
+#: Accumulation precision of balprune's own kernels (fp32 sums of exact fp32 products).
+OWN_ACCUMULATION = "float32"
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence Python warnings (torch's beta / prototype notices, CuPy's) inside: put it around a
+    peer library's construction and calls, never around a timed closure's body (no cost per launch)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @dataclass
@@ -52,6 +74,7 @@ class Candidate:
     weight: torch.Tensor | None  # the matrix it computes with (CPU), for the float64 gate
     graphable: bool
     note: str = ""
+    accumulate: str | None = None  # accumulation precision (its gate); None: as the storage dtype (a library)
 
 
 @dataclass(frozen=True)
@@ -69,20 +92,12 @@ class LayerCase:
     unavailable: list[Unavailable] = field(default_factory=list)
 
 
-def _to_cupy(cp, t: torch.Tensor):
-    """A CuPy view of a CUDA tensor; bfloat16 as its uint16 bits (CuPy has no bfloat16)."""
-    return cp.from_dlpack(t.view(torch.int16)).view(cp.uint16) if t.dtype == torch.bfloat16 else cp.from_dlpack(t)
-
-
-def _from_cupy(a, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.from_dlpack(a)
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
-
-
-def _op_candidate(kernel, cp, make_op, x_t, batch, rows, xy_bytes, note, weight) -> Candidate:
+def _op_candidate(kernel, make_op, x_t, batch, rows, xy_bytes, note, weight) -> Candidate:
     """A candidate over one of the runtime's operators (BalancedLinear, BsrLinear)."""
-    x_cp = _to_cupy(cp, x_t)
-    y_cp = cp.empty((rows,) if x_t.dim() == 1 else (rows, batch), dtype=x_cp.dtype)
+    from ..runtime._gpu import as_cupy, as_torch, cupy
+
+    x_cp = as_cupy(x_t)
+    y_cp = cupy().empty((rows,) if x_t.dim() == 1 else (rows, batch), dtype=x_cp.dtype)
     first = make_op(True)
 
     def make(n):  # copies of validated arrays: not validated again
@@ -91,9 +106,9 @@ def _op_candidate(kernel, cp, make_op, x_t, batch, rows, xy_bytes, note, weight)
 
     def run():
         first.prepared_launch(x_cp, y_cp, batch)()
-        return _from_cupy(y_cp, x_t.dtype)
+        return as_torch(y_cp, x_t.dtype)
 
-    return Candidate(kernel, first.weight_bytes + xy_bytes, make, run, weight, True, note)
+    return Candidate(kernel, first.weight_bytes + xy_bytes, make, run, weight, True, note, OWN_ACCUMULATION)
 
 
 def _dense(w: torch.Tensor, x_t: torch.Tensor, xy_bytes: int) -> Candidate:
@@ -107,12 +122,12 @@ def _dense(w: torch.Tensor, x_t: torch.Tensor, xy_bytes: int) -> Candidate:
                      "cuBLAS via torch")
 
 
-def _csr(cp, w: torch.Tensor, x_t: torch.Tensor, xy_bytes: int) -> Candidate | Unavailable:
-    if w.dtype == torch.float32:
-        import cupyx.scipy.sparse as cps
+def _csr(w: torch.Tensor, x_t: torch.Tensor, xy_bytes: int) -> Candidate | Unavailable:
+    from ..runtime._gpu import as_cupy, cupyx_sparse
 
-        m = cps.csr_matrix(cp.from_dlpack(w))
-        x_cp = cp.from_dlpack(x_t)
+    if w.dtype == torch.float32:
+        m = cupyx_sparse().csr_matrix(as_cupy(w))
+        x_cp = as_cupy(x_t)
         nbytes = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + xy_bytes
 
         def make(n):
@@ -121,9 +136,10 @@ def _csr(cp, w: torch.Tensor, x_t: torch.Tensor, xy_bytes: int) -> Candidate | U
         return Candidate("csr", nbytes, make, lambda: torch.from_dlpack(m @ x_cp), None, False,
                          "cuSPARSE via cupyx; not graph-captured")
     try:
-        s = w.to_sparse_csr()
-        x2 = x_t if x_t.dim() == 2 else x_t.reshape(-1, 1)
-        _ = s @ x2
+        with quiet_libraries():
+            s = w.to_sparse_csr()
+            x2 = x_t if x_t.dim() == 2 else x_t.reshape(-1, 1)
+            _ = s @ x2
     except (RuntimeError, NotImplementedError) as exc:
         return Unavailable("csr", f"torch CSR {w.dtype} on CUDA: {_short(exc)}")
     nbytes = sum(t.numel() * t.element_size() for t in (s.values(), s.col_indices(), s.crow_indices())) + xy_bytes
@@ -132,7 +148,8 @@ def _csr(cp, w: torch.Tensor, x_t: torch.Tensor, xy_bytes: int) -> Candidate | U
         return lambda: si @ x2
 
     def make(n):
-        return [fn(si) for si in [s] + [s.clone() for _ in range(n - 1)]]
+        with quiet_libraries():
+            return [fn(si) for si in [s] + [s.clone() for _ in range(n - 1)]]
 
     return Candidate("csr", nbytes, make, lambda: (s @ x2).reshape(y_shape(w, x_t)), None, False,
                      "cuSPARSE via torch CSR; not graph-captured")
@@ -155,9 +172,10 @@ def _torch_bsr(bt: BsrTensor, x_t: torch.Tensor, xy_bytes: int, device) -> Candi
     if cpad != cols:
         x2 = torch.nn.functional.pad(x2, (0, 0, 0, cpad - cols))
     try:
-        s = torch.sparse_bsr_tensor(bt.crow_indices.to(device), bt.col_indices.to(device), bt.values.to(device),
-                                    size=(rp, cpad))
-        _ = s @ x2
+        with quiet_libraries():
+            s = torch.sparse_bsr_tensor(bt.crow_indices.to(device), bt.col_indices.to(device),
+                                        bt.values.to(device), size=(rp, cpad))
+            _ = s @ x2
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         return Unavailable("torch_bsr", f"torch BSR {bt.dtype} on CUDA: {_short(exc)}")
     nbytes = sum(t.numel() * t.element_size() for t in (bt.values, bt.col_indices, bt.crow_indices)) + xy_bytes
@@ -166,7 +184,8 @@ def _torch_bsr(bt: BsrTensor, x_t: torch.Tensor, xy_bytes: int, device) -> Candi
         return lambda: si @ x2
 
     def make(n):
-        return [fn(si) for si in [s] + [s.clone() for _ in range(n - 1)]]
+        with quiet_libraries():
+            return [fn(si) for si in [s] + [s.clone() for _ in range(n - 1)]]
 
     def run():
         return (s @ x2)[:rows].reshape(y_shape(bt.values.new_empty(rows, 1), x_t))
@@ -187,15 +206,17 @@ def _torch_24(w: torch.Tensor, x_t: torch.Tensor, xy_bytes: int) -> tuple[Candid
     try:
         from torch.sparse import to_sparse_semi_structured
 
-        s = to_sparse_semi_structured(w24)
-        y = torch.mm(s, x2)
+        with quiet_libraries():
+            s = to_sparse_semi_structured(w24)
+            y = torch.mm(s, x2)
         del y
     except (RuntimeError, NotImplementedError, ValueError, ImportError) as exc:
         return Unavailable("torch_2:4", f"torch semi-structured {list(w.shape)} {w.dtype}: {_short(exc)}"), None
     nbytes = rows * cols // 2 * w.element_size() + rows * cols // 16 + xy_bytes  # values + 2-bit metadata
 
     def make(n):
-        ss = [s] + [to_sparse_semi_structured(w24.clone()) for _ in range(n - 1)]
+        with quiet_libraries():
+            ss = [s] + [to_sparse_semi_structured(w24.clone()) for _ in range(n - 1)]
         return [(lambda si=si: torch.mm(si, x2)) for si in ss]
 
     return Candidate("torch_2:4", nbytes, make, lambda: torch.mm(s, x2).reshape(y_shape(w, x_t)), None, False,
@@ -217,9 +238,6 @@ def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: i
     ``stream(nbytes)`` returns a Candidate timing a plain read of nbytes (bench.timing), or None.
     ``peers`` False: only the subject kernel and dense (what the runtime chooses between).
     """
-    from ..runtime import _gpu
-
-    cp = _gpu.cupy()
     dev = torch.device("cuda", device)
     w_host = as_matrix(packed.to_dense())
     rows, cols = w_host.shape
@@ -232,20 +250,20 @@ def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: i
         from ..runtime import BalancedLinear
 
         case.candidates.append(_op_candidate(
-            "balanced", cp, lambda v: BalancedLinear.from_tensor(packed, device=device, validate=v), x_t, batch,
+            "balanced", lambda v: BalancedLinear.from_tensor(packed, device=device, validate=v), x_t, batch,
             rows, xy_bytes, "", w_host))
     elif pattern == "block":
-        case.candidates.append(_bsr_candidate(cp, packed, x_t, batch, xy_bytes, device, w_host))
+        case.candidates.append(_bsr_candidate(packed, x_t, batch, xy_bytes, device, w_host))
     case.candidates.append(_dense(w, x_t, xy_bytes))
     if pattern == "unstructured" or peers:
-        c = _csr(cp, w, x_t, xy_bytes)
+        c = _csr(w, x_t, xy_bytes)
         (case.candidates if isinstance(c, Candidate) else case.unavailable).append(c)
         if isinstance(c, Candidate):
             c.weight = w_host
     if peers and pattern in ("balanced", "block"):
         bt = packed if pattern == "block" else block_peer(w_host, float(packed.sparsity_target))
         if pattern == "balanced":
-            case.candidates.append(_bsr_candidate(cp, bt, x_t, batch, xy_bytes, device, as_matrix(bt.to_dense()),
+            case.candidates.append(_bsr_candidate(bt, x_t, batch, xy_bytes, device, as_matrix(bt.to_dense()),
                                                   note=f"{PEER_TILE[0]}x{PEER_TILE[1]} tiles at the same sparsity"))
         c = _torch_bsr(bt, x_t, xy_bytes, dev)
         if isinstance(c, Candidate):
@@ -269,8 +287,8 @@ def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: i
     return case
 
 
-def _bsr_candidate(cp, bt: BsrTensor, x_t, batch, xy_bytes, device, weight, note="") -> Candidate:
+def _bsr_candidate(bt: BsrTensor, x_t, batch, xy_bytes, device, weight, note="") -> Candidate:
     from ..runtime import BsrLinear
 
-    return _op_candidate("bsr", cp, lambda v: BsrLinear.from_tensor(bt, device=device, validate=v), x_t, batch, bt.rows,
+    return _op_candidate("bsr", lambda v: BsrLinear.from_tensor(bt, device=device, validate=v), x_t, batch, bt.rows,
                          xy_bytes, note, weight)

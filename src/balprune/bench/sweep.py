@@ -81,7 +81,7 @@ def plot_sweep(report: BenchReport, path: Path, *, mode: str = "cold") -> None:
         raise UsageError("the plot needs matplotlib", hint="pip install 'balprune[plot]'") from None
     import io
 
-    from .run import rows as table_rows
+    from .report import rows as table_rows
 
     sp_of = report.meta.get("sparsities", {})
     batches = sorted({m.batch for m in report.measurements})

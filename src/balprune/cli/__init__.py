@@ -20,7 +20,12 @@ def _raise_interrupted(signum, frame):  # pragma: no cover - exercised through s
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"balprune: error: {message}", file=sys.stderr)
+    """Print the one error line. Messages quote file and command-line text (tensor names, paths, report
+    fields), so the whole line goes through render.visible: control characters, lone surrogates and
+    characters stderr's encoding cannot hold are escaped, never sent to the terminal raw."""
+    from .render import visible
+
+    print(f"balprune: error: {visible(message)}", file=sys.stderr)
     return code
 
 

@@ -16,6 +16,7 @@ import typer
 from .. import __version__
 from ..config import (
     PruneOptions,
+    check_cli_pattern_options,
     load_config,
     parse_block_shape,
     parse_nm,
@@ -23,7 +24,7 @@ from ..config import (
     parse_sparsity,
     prune_options_from_config,
 )
-from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, UsageError
+from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, InvalidInputError, UsageError
 from . import render
 from .options import check_output_path, csv_items, parse_int_list, parse_sparsity_list, usage
 
@@ -61,7 +62,9 @@ def _progress_bar(enabled: bool):
         return None
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+    # markup=False: the description is a tensor name (file text), shown as written (render.visible).
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                    TimeRemainingColumn(),
                     console=render.console(stderr=True), transient=True)
 
 
@@ -82,29 +85,36 @@ def prune(
     vector_length: str | None = typer.Option(None, "--vector-length", callback=usage(lambda v: parse_positive_int(v, what="--vector-length")),
                                                 help="Vector pattern: weights per 1-D vector (default 8)."),
     scope: str | None = typer.Option(None, "--scope", help="Unstructured: tensor (default) or global."),
-    include: List[str] = typer.Option([], "--include", help="Only prune tensors matching this glob (repeatable)."),
-    exclude: List[str] = typer.Option([], "--exclude", help="Never prune tensors matching this glob (repeatable)."),
+    include: List[str] = typer.Option([], "--include", help="Only prune tensors matching this glob (repeatable; "
+                                                            "one matching nothing is a warning)."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Never prune tensors matching this glob (repeatable; "
+                                                            "one matching nothing is a warning)."),
     config: Path | None = typer.Option(None, "--config", help="TOML recipe: [prune], [schedule], [[layers]] rules."),
     steps: str | None = typer.Option(None, "--steps", callback=usage(lambda v: parse_positive_int(v, what="--steps")),
                                         help="Schedule steps of Algorithm 1 (one-shot without fine-tuning)."),
     schedule: str | None = typer.Option(None, "--schedule", help="cubic (default) or linear."),
     key: str | None = typer.Option(None, "--key", help="Entry of a torch checkpoint holding the state dict (dotted path)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse non-float matrices instead of passing them through."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse non-float matrices instead of passing them through, "
+                                                         "and targets more than 2 points short of their sparsity (exit 4)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: <input>.<pattern>.safetensors beside the input)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
 ) -> None:
     """Prune a checkpoint and write the packed balanced-sparse safetensors file."""
     from ..checkpoint import open_checkpoint
+    from ..iopaths import check_io
     from ..prune.engine import default_output, prune_checkpoint
 
+    inputs = [("checkpoint", checkpoint), ("--config", config)]
+    check_io(inputs=inputs, outputs=[("-o/--output", output)])  # before the config is read
     options = _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope,
                              include, exclude, steps, schedule, strict, vector_length)
     err = render.console(stderr=True)
     if options.pattern.sparsity == 0:
         err.print("warning: sparsity 0 prunes nothing; tensors pass through unchanged")
-    ckpt = open_checkpoint(checkpoint, key=key)
     out = output if output is not None else default_output(checkpoint, options.pattern.kind.value)
+    check_io(inputs=inputs, outputs=[("-o/--output", out)])  # the shards of a folder: prune_checkpoint
+    ckpt = open_checkpoint(checkpoint, key=key)
     bar = _progress_bar(not as_json)
     if bar is None:
         report = prune_checkpoint(ckpt, out, options, force=force)
@@ -112,20 +122,25 @@ def prune(
         with bar:
             task = bar.add_task("pruning", total=sum(t.nbytes for t in ckpt.tensors))
             report = prune_checkpoint(ckpt, out, options, force=force,
-                                      progress=lambda done, total, name: bar.update(task, completed=done, description=name[-40:]))
+                                      progress=lambda done, total, name: bar.update(
+                                          task, completed=done, description=render.visible(name[-40:])))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         render.console().print(render.prune_table(report))
-    for note in report.notes:
-        err.print(f"note: {note}")
+    for note in report.notes:  # "warning: ..." / "note: ...", one line each; names are file text, not markup
+        err.print(render.literal(note), soft_wrap=True)
 
 
 def _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope, include, exclude,
                    steps, schedule, strict, vector_length=None) -> PruneOptions:
-    data = load_config(config) if config is not None else {}
     overrides = {"sparsity": sparsity, "blocks": blocks, "block_size": block_size, "block_shape": block_shape,
                  "vector_length": vector_length, "nm": nm, "scope": scope}
+    if pattern is not None or config is None:
+        # An option the pattern ignores (--pattern block --blocks 16) is a usage error before any file is
+        # opened; with the pattern from --config, prune_options_from_config checks it after reading it.
+        check_cli_pattern_options(pattern, overrides)
+    data = load_config(config) if config is not None else {}
     # CLI values win over the config's [prune] table, which wins over the defaults.
     return prune_options_from_config(data, overrides=overrides, pattern=pattern, schedule_kind=schedule,
                                      steps=steps, include=tuple(include), exclude=tuple(exclude), strict=strict,
@@ -142,7 +157,7 @@ def unpack(
     from ..formats.packed_file import unpack as unpack_file
 
     n = unpack_file(packed, output, force=force)
-    render.console().print(f"wrote {n} tensors to {output}")
+    render.console().print(render.literal(f"wrote {n} tensors to {output}"))
 
 
 @app.command()
@@ -159,7 +174,7 @@ def verify(
         typer.echo(json.dumps({"schema": "balprune.verify/1", "file": str(packed), "ok": True, "tensors": len(rows)}))
     else:
         pruned = sum(r.pattern != "dense" for r in rows)
-        render.console().print(f"ok: {packed}: {len(rows)} tensors ({pruned} packed) satisfy format v1")
+        render.console().print(render.literal(f"ok: {packed}: {len(rows)} tensors ({pruned} packed) satisfy format v1"))
 
 
 @app.command()
@@ -210,7 +225,7 @@ def example(
     sd = example_state_dict(name, seed)
     save_state_dict(sd, output, force=force)
     n = sum(t.numel() for t in sd.values())
-    render.console().print(f"wrote {name} ({len(sd)} tensors, {n / 1e6:.1f}M parameters) to {output}")
+    render.console().print(render.literal(f"wrote {name} ({len(sd)} tensors, {n / 1e6:.1f}M parameters) to {output}"))
 
 
 @app.command()
@@ -220,25 +235,40 @@ def compare(
     max_slowdown: str = typer.Option("0.10", "--max-slowdown",
                                                callback=usage(lambda v: parse_sparsity(v, what="--max-slowdown")),
                                                help="Allowed slowdown as a fraction of the baseline (0.10 = 10%)."),
-    kernel: List[str] = typer.Option(["balanced", "bsr", "balprune"], "--kernel",
-                                     help="Kernels to compare (repeatable; default: balprune's own: balanced and bsr "
-                                          "layers, balprune for a model report's whole model)."),
+    kernel: List[str] = typer.Option([], "--kernel",
+                                     help="Kernels to compare (repeatable; each must be in a report, else exit 2; "
+                                          "default: balprune's own: balanced and bsr layers, balprune for a model "
+                                          "report's whole model)."),
+    allow_device_change: bool = typer.Option(False, "--allow-device-change",
+                                             help="Compare reports from different devices (name or compute "
+                                                  "capability; refused with exit 4 otherwise), saying so."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
-    """Compare two benchmark reports; exit 1 if anything got slower beyond the bound."""
-    from ..bench.compare import compare_reports, regressions
+    """Compare two benchmark reports; exit 1 if anything got slower beyond the bound, went missing or failed
+    its gate. Prints one summary line when nothing regressed, else the table of every compared measurement."""
+    from ..bench.compare import compare_reports, device_change, regressions, resolve_kernels
     from ..bench.report import load_report
 
-    changes = compare_reports(load_report(base), load_report(new), max_slowdown=max_slowdown, kernels=tuple(kernel))
+    b, n = load_report(base), load_report(new)
+    kernels = resolve_kernels(b, n, tuple(kernel))
+    change = device_change(b, n)
+    if change is not None and not allow_device_change:
+        raise InvalidInputError(f"the reports come from different devices ({change}); their timings are not "
+                                "comparable", hint="pass --allow-device-change to compare them anyway")
+    notes = () if change is None else (f"devices differ (--allow-device-change): {change}",)
+    changes = compare_reports(b, n, max_slowdown=max_slowdown, kernels=kernels)
     bad = regressions(changes)
     if as_json:
         typer.echo(json.dumps({"schema": "balprune.compare/1", "max_slowdown": max_slowdown,
+                               "kernels": list(kernels), "device_change": change,
                                "regressions": len(bad),
                                "changes": [{"layer": c.layer, "dtype": c.dtype, "batch": c.batch, "mode": c.mode,
                                             "graph": c.graph, "kernel": c.kernel, "base_us": c.base_us, "new_us": c.new_us,
                                             "ratio": c.ratio, "status": c.status} for c in changes]}, indent=2))
+    elif bad:
+        render.console().print(render.compare_table(changes, max_slowdown, notes))
     else:
-        render.console().print(render.compare_table(changes, max_slowdown))
+        render.console().print(render.compare_summary(changes, max_slowdown, notes), soft_wrap=True)
     if bad:
         render.console(stderr=True).print(
             f"{len(bad)} regression(s) beyond {100 * max_slowdown:.0f}% (slower, missing or incorrect)")
@@ -250,8 +280,15 @@ def _modes(cold: bool, hot: bool) -> tuple[str, ...]:
 
 
 def _gate_failures(report) -> None:
-    if any(not m.correct for m in report.measurements):
-        raise GpuRuntimeError("a kernel failed its correctness gate (see the table); its timings were not taken")
+    """Exit 7 when one of balprune's own paths failed its correctness gate (bench.report.own_failures);
+    a peer library that fails is shown as failed in the table and the JSON, and is not fatal."""
+    from ..bench.report import own_failures
+
+    bad = own_failures(report)
+    if bad:
+        m = bad[0]
+        raise GpuRuntimeError(f"balprune's {m.kernel} path failed its correctness gate on {m.layer!r} "
+                              f"({m.dtype}, batch {m.batch}; {len(bad)} failure(s), see the table); not timed")
 
 
 @app.command()
@@ -283,7 +320,9 @@ def bench(
     and 2:4 peers, and a plain read of the same bytes; the path the runtime takes per layer. With --model:
     the whole model end to end against dense torch."""
     from ..bench.run import bench_file, rows
+    from ..iopaths import check_io
 
+    check_io(inputs=[("packed file", packed)], outputs=[("--json", json_out)])
     check_output_path(json_out)
     err = render.console(stderr=True)
     if model:
@@ -291,7 +330,8 @@ def bench(
                      device=device, json_out=json_out, dtypes=dtype, frames=frames, paths=paths, err=err)
         return
     report = bench_file(packed, batches=batch, modes=_modes(cold, hot), graph=graph, iters=iters, device=device,
-                        layers=tuple(layer), peers=not no_peers, progress=lambda name: err.print(f"benchmarking {name}"))
+                        layers=tuple(layer), peers=not no_peers,
+                        progress=lambda name: err.print(render.literal(f"benchmarking {name}")))
     if json_out is not None:
         report.write(json_out)
     render.console().print(render.bench_table(report, rows(report)))
@@ -309,7 +349,7 @@ def _bench_model(packed, *, batch, layer, no_peers, modes, iters, device, json_o
     if paths not in ("auto", "sparse", "dense"):
         raise UsageError(f"--paths must be auto, sparse or dense, got {paths!r}")
     report = bench_model(packed, dtypes=dtypes, modes=modes, graph=True, iters=iters, frames=frames, device=device,
-                         paths=paths, progress=lambda what: err.print(what))
+                         paths=paths, progress=lambda what: err.print(render.literal(what)))
     if json_out is not None:
         report.write(json_out)
     for t in render.model_tables(report):
@@ -346,6 +386,9 @@ def bench_sweep(
 
     if dtype not in ("float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    from ..iopaths import check_io
+
+    check_io(outputs=[("--json", json_out), ("--plot", plot)])
     for out in (json_out, plot):
         check_output_path(out)
     if plot is not None:
@@ -357,7 +400,7 @@ def bench_sweep(
     err = render.console(stderr=True)
     report = paper_sweep(rows=rows_, cols=cols, sparsities=sparsities, batches=batch, dtype=dtype, blocks=blocks,
                          modes=modes, graph=graph, iters=iters, device=device,
-                         progress=lambda what: err.print(f"benchmarking {what}"))
+                         progress=lambda what: err.print(render.literal(f"benchmarking {what}")))
     report.write(json_out)
     if plot is not None:
         plot_sweep(report, plot, mode=modes[0])

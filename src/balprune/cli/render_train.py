@@ -6,11 +6,16 @@ import math
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+from .render import literal, visible
 
 
 def progress_bar(console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[metric]}"),
+    # markup=False: descriptions hold recipe labels and metric names (config text), shown as written.
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}", markup=False),
+                    TextColumn("{task.fields[metric]}", markup=False),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
 
 
@@ -32,24 +37,26 @@ def update_bar(bar: Progress, task, e, err, label: str | None = None) -> None:
     if e.phase == "eval":
         what += " evaluating"
     metric = "" if e.metric is None else f"{e.metric_name} {_fmt(e.metric, e.metric_name)}"
-    bar.update(task, total=max(1, e.total_steps), completed=e.global_step, description=f"{head}{what}",
-               loss="-" if e.loss is None else f"{e.loss:.4f}", metric=metric)
+    bar.update(task, total=max(1, e.total_steps), completed=e.global_step, description=visible(f"{head}{what}"),
+               loss="-" if e.loss is None else f"{e.loss:.4f}", metric=visible(metric))
     if e.phase == "stage":
-        bar.console.print(f"{head}{stage_line(e)}")
+        bar.console.print(literal(f"{head}{stage_line(e)}"))
 
 
 def finetune_table(result) -> Table:
     m = result.metric
-    t = Table(title=f"balprune finetune {result.recipe}: {result.task} on {result.device}", title_justify="left")
+    t = Table(title=literal(f"balprune finetune {result.recipe}: {result.task} on {result.device}"),
+              title_justify="left")
     cols = ["stage", "sparsity", "achieved", f"{m} after prune"] + [f"{m} {s}" for s in
                                                                      _splits(result)] + ["steps", "seconds"]
     for c in cols:
-        t.add_column(c, justify="left" if c == "stage" else "right")
+        t.add_column(literal(c), justify="left" if c == "stage" else "right")
     for s in result.stages:
         after = None if s.after_prune is None else s.after_prune[m]
-        t.add_row("dense" if s.stage == 0 else str(s.stage), f"{s.sparsity:.3f}", f"{100 * s.achieved:.1f}%",
-                  _fmt(after, m), *[_fmt(s.metrics[sp][m], m) for sp in _splits(result)], str(s.steps),
-                  f"{s.seconds:.1f}")
+        t.add_row(*map(literal, ("dense" if s.stage == 0 else str(s.stage), f"{s.sparsity:.3f}",
+                                 f"{100 * s.achieved:.1f}%", _fmt(after, m),
+                                 *[_fmt(s.metrics[sp][m], m) for sp in _splits(result)], str(s.steps),
+                                 f"{s.seconds:.1f}")))
     return t
 
 
@@ -62,9 +69,9 @@ def sweep_table(result) -> Table:
     m = result.metric
     same = "" if result.dense_budget_value is None else f" (trained on for the same budget: " \
                                                          f"{_fmt(result.dense_budget_value, m)})"
-    t = Table(title=f"balprune sweep {result.recipe}: {result.task} {m} ({result.split}); dense "
-                    f"{_fmt(result.dense_value, m)}{same}; budget {result.budget['stages']} x "
-                    f"{result.budget['steps_per_stage']} fine-tuning steps", title_justify="left")
+    t = Table(title=literal(f"balprune sweep {result.recipe}: {result.task} {m} ({result.split}); dense "
+                            f"{_fmt(result.dense_value, m)}{same}; budget {result.budget['stages']} x "
+                            f"{result.budget['steps_per_stage']} fine-tuning steps"), title_justify="left")
     t.add_column("pattern")
     for s in result.sparsities:
         t.add_column(f"s={s:g}", justify="right")
@@ -74,18 +81,18 @@ def sweep_table(result) -> Table:
         for s in result.sparsities:
             p = result.point(label, s)
             if p is None:
-                cells.append("-")
+                cells.append(literal("-"))
                 continue
-            cell = _fmt(p.value, m)
+            cell = literal(_fmt(p.value, m))
             ref = result.point("unstructured", s) if has_ref else None
             if ref is not None and label != "unstructured" and ref.value:
                 rel = (p.value - ref.value) / abs(ref.value) * (1 if result.higher_is_better else -1)
                 color = "green" if rel >= -0.02 else "red"
-                cell += f" [{color}]({100 * rel:+.1f}%)[/]"
+                cell.append(f" ({100 * rel:+.1f}%)", style=color)
             if abs(p.achieved - s) > 0.005:
-                cell += f" [dim]@{100 * p.achieved:.1f}%[/]"
+                cell.append(f" @{100 * p.achieved:.1f}%", style="dim")
             cells.append(cell)
-        t.add_row(label, *cells)
+        t.add_row(literal(label), *cells)
     if has_ref:
         t.caption = ("(x%): relative to unstructured at the same sparsity, negative = worse; "
                      "@y%: achieved sparsity where it differs from the target")
@@ -93,7 +100,7 @@ def sweep_table(result) -> Table:
 
 
 def sensitivity_table(result) -> Table:
-    t = Table(title=f"balprune sensitivity {result.source}: {result.measure}, tolerance {result.tolerance:g}",
+    t = Table(title=literal(f"balprune sensitivity {result.source}: {result.measure}, tolerance {result.tolerance:g}"),
               title_justify="left")
     t.add_column("layer")
     t.add_column("shape")
@@ -105,7 +112,7 @@ def sensitivity_table(result) -> Table:
         for s in result.sparsities:
             v = layer.degradation[f"{s:g}"]
             style = "green" if v <= result.tolerance else "red"
-            cells.append(f"[{style}]{v:.4f}[/]")
-        t.add_row(layer.name, "x".join(map(str, layer.shape)), *cells,
+            cells.append(Text(f"{v:.4f}", style=style))
+        t.add_row(literal(layer.name), literal("x".join(map(str, layer.shape))), *cells,
                   "dense" if layer.chosen is None else f"{layer.chosen:g}")
     return t

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import typer
 
-from ..config import load_config, parse_block_shape, parse_positive_int, prune_options_from_config
+from ..config import (
+    check_cli_pattern_options,
+    load_config,
+    parse_block_shape,
+    parse_positive_int,
+    prune_options_from_config,
+)
 from ..errors import ConfigError, Interrupted, UsageError
 from . import render, render_train
 from .options import (
@@ -76,7 +82,7 @@ def finetune(
         if bar is None:
             def on_event(e):
                 if e.phase == "stage":
-                    err.print(render_train.stage_line(e))
+                    err.print(render.literal(render_train.stage_line(e)))
             result = run_finetune(r, folder, data=data, resume=resume, force=force, device=device,
                                   export=not no_export, progress=on_event)
         else:
@@ -91,9 +97,10 @@ def finetune(
     con = render.console()
     con.print(render_train.finetune_table(result))
     if result.packed:
-        con.print(f"packed model: {result.packed} ({render.human_bytes(result.packed_bytes)}, "
-                  f"{100 * result.packed_bytes / result.dense_bytes:.1f}% of {render.human_bytes(result.dense_bytes)} dense)")
-    con.print(f"metrics: {Path(folder) / 'metrics.json'}")
+        con.print(render.literal(f"packed model: {result.packed} ({render.human_bytes(result.packed_bytes)}, "
+                                 f"{100 * result.packed_bytes / result.dense_bytes:.1f}% of "
+                                 f"{render.human_bytes(result.dense_bytes)} dense)"))
+    con.print(render.literal(f"metrics: {Path(folder) / 'metrics.json'}"))
 
 
 # --------------------------------------------------------------------------- sweep
@@ -131,6 +138,12 @@ def sweep(
 
     if resume and force:
         raise UsageError("--resume and --force exclude each other")
+    for option, values, owner in (("--blocks", blocks, "balanced"), ("--block-sizes", block_sizes, "balanced"),
+                                  ("--block-shapes", block_shapes, "block"),
+                                  ("--vector-lengths", vector_lengths, "vector")):
+        if values and owner not in patterns:
+            raise UsageError(f"{option} applies to the {owner} pattern, which --patterns ({','.join(patterns)}) "
+                             "does not sweep")
     r = load_recipe(recipe)
     variants = variants_for(r, patterns, blocks, block_shapes, vector_lengths, block_sizes)
     resolve_device(device)
@@ -141,7 +154,7 @@ def sweep(
         if bar is None:
             def on_event(label, e):
                 if e.phase == "stage" and e.stage == e.stages:
-                    err.print(f"{label}: {render_train.stage_line(e)}")
+                    err.print(render.literal(f"{label}: {render_train.stage_line(e)}"))
             result = run_sweep(r, folder, variants, sparsities, data=data, device=device, resume=resume,
                                force=force, plot=not no_plot, progress=on_event)
         else:
@@ -155,7 +168,8 @@ def sweep(
         return
     con = render.console()
     con.print(render_train.sweep_table(result))
-    con.print(f"results: {Path(folder) / 'sweep.json'}" + ("" if no_plot else f", plot: {Path(folder) / 'sweep.png'}"))
+    con.print(render.literal(f"results: {Path(folder) / 'sweep.json'}"
+                             + ("" if no_plot else f", plot: {Path(folder) / 'sweep.png'}")))
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -194,12 +208,19 @@ def sensitivity(
 ) -> None:
     """Per-layer sensitivity (one layer pruned at a time) and a per-layer sparsity plan for `prune --config`."""
     from ..finetune.sensitivity import sensitivity_from_checkpoint, sensitivity_from_recipe, write_plan
+    from ..iopaths import check_io
 
     recipe_mode = source.suffix == ".toml"
     grid = sparsities
     overrides = {"sparsity": max(grid), "blocks": blocks, "block_size": None, "block_shape": block_shape,
                  "vector_length": vector_length, "nm": None, "scope": None}
     plan_path = output if output is not None else Path(f"{source.stem}.plan.toml")
+    io = {"inputs": [("recipe" if recipe_mode else "checkpoint", source), ("--config", config), ("--dense", dense),
+                     ("--data", data)],
+          "outputs": [("-o/--output", plan_path), ("--json", json_out)]}
+    check_io(**io)  # two outputs on one file (exit 2) or over an input (exit 3): before anything is read
+    if pattern is not None or (not recipe_mode and config is None):
+        check_cli_pattern_options(pattern, overrides)  # else after the recipe / config is read
     check_output_path(plan_path, force=force)
     check_output_path(json_out, force=force)
     err = render.console(stderr=True)
@@ -211,6 +232,8 @@ def sensitivity(
         if config is not None or key is not None:
             raise UsageError("--config and --key apply to a checkpoint; a recipe carries its own [prune] table")
         r = load_recipe(source)
+        io["inputs"].append(("[train] init", r.train.init or None))
+        check_io(**io)
         opts = prune_options_from_config(r.prune_config, overrides=overrides, pattern=pattern, error=ConfigError)
         r = r.with_options(opts)
         resolve_device(device)
@@ -225,14 +248,15 @@ def sensitivity(
                                          error=UsageError if config is None else ConfigError)
         tol = 0.3 if tolerance is None else tolerance
         run = lambda progress: sensitivity_from_checkpoint(source, opts, grid, samples=samples, seed=seed,  # noqa: E731
-                                                           tolerance=tol, key=key, progress=progress)
+                                                           tolerance=tol, key=key, progress=progress,
+                                                           outputs=io["outputs"])
     if bar is None:
         result = run(None)
     else:
         with bar:
             task = bar.add_task("sensitivity", total=1, loss="", metric="")
             result = run(lambda done, total, name: bar.update(task, completed=done, total=total,
-                                                              description=name[-40:]))
+                                                              description=render.visible(name[-40:])))
     write_plan(result, opts.pattern, plan_path, force=force)
     if json_out is not None:
         from ..finetune.run import write_json
@@ -240,7 +264,7 @@ def sensitivity(
         write_json(json_out, result.to_dict())
     con = render.console()
     con.print(render_train.sensitivity_table(result))
-    err.print(f"plan: {plan_path} (balprune prune CKPT --config {plan_path})")
+    err.print(render.literal(f"plan: {plan_path} (balprune prune CKPT --config {plan_path})"))
 
 
 def register(app: typer.Typer) -> None:

@@ -271,16 +271,10 @@ class Pruner:
 
 def options_from_recipe(path: str | Path) -> PruneOptions:
     """PruneOptions from a recipe's [prune], [schedule] and [[layers]] tables (other tables ignored)."""
-    from ..config import tomllib
+    from ..config import read_toml
 
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config {path}: {exc}") from None
+    data = read_toml(path)  # regular files only, bounded size and nesting (ConfigError, exit 4)
     if not set(data) - {"prune", "schedule", "layers"}:
         data = load_config(path)  # a prune config: strict keys, as `balprune prune --config`
     else:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..config import (
+    MAX_SEED,
     PruneOptions,
     _check_keys,
     prune_options_from_config,
@@ -30,16 +31,20 @@ from ..errors import ConfigError
 from ..tasks import TASKS, TaskSpec
 from ..tasks.base import Option
 
+#: Most optimizer steps one phase (dense training, one fine-tuning stage) may ask for.
+MAX_TRAIN_STEPS = 10_000_000
+
 TRAIN_OPTIONS: dict[str, Option] = {
-    "seed": Option(0, 0, "seed of the initial weights, batches and augmentation"),
-    "batch_size": Option(64, 1, "training batch size"),
+    "seed": Option(0, 0, "seed of the initial weights, batches and augmentation", maximum=MAX_SEED),
+    "batch_size": Option(64, 1, "training batch size", maximum=1 << 16),
     "optimizer": Option("sgd", None, "sgd (with momentum) or adam"),
     "lr": Option(0.1, 0.0, "learning rate of the dense training"),
     "finetune_lr": Option(-1.0, None, "learning rate of the fine-tuning stages (default: lr)"),
     "momentum": Option(0.9, 0.0, "SGD momentum"),
     "weight_decay": Option(0.0, 0.0, "L2 weight decay"),
-    "dense_steps": Option(500, 0, "optimizer steps of the dense model before pruning"),
-    "steps_per_stage": Option(100, 0, "fine-tuning steps after each schedule step (N of Algorithm 1)"),
+    "dense_steps": Option(500, 0, "optimizer steps of the dense model before pruning", maximum=MAX_TRAIN_STEPS),
+    "steps_per_stage": Option(100, 0, "fine-tuning steps after each schedule step (N of Algorithm 1)",
+                              maximum=MAX_TRAIN_STEPS),
     "grad_clip": Option(0.0, 0.0, "clip the gradient norm to this (0: off)"),
     "init": Option("", None, "a state dict to start from (path relative to the recipe; '' = random init)"),
 }
@@ -99,7 +104,7 @@ def _digest(obj) -> str:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a fine-tuning recipe (module docstring); ConfigError on any problem."""
     path = Path(path)
-    data = read_toml(path)
+    data = read_toml(path, "recipe")
     where = str(path)
     validate_config_data(data, where, extra_tables=frozenset({"task", "train"}))
     task_table = data.get("task")
@@ -110,6 +115,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"{where} [task] name: expected one of {', '.join(TASKS)}, got {name!r}")
     spec = TASKS[name]
     task_options = spec.parse_options({k: v for k, v in task_table.items() if k != "name"}, f"{where} [task]")
+    _check_model_fits(spec, task_options, where)
     train_table = data.get("train", {})
     if not isinstance(train_table, dict):
         raise ConfigError(f"{where}: [train] must be a table")
@@ -126,7 +132,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if not init.exists():
             raise ConfigError(f"{where} [train] init: {init} does not exist")
         train = replace(train, init=str(init))
-        init_sha = _file_sha256(init)
+        init_sha = _init_sha256(init, f"{where} [train] init")
     prune_config = {k: data[k] for k in ("prune", "schedule", "layers") if k in data}
     if "prune" not in prune_config:
         raise ConfigError(f"{where}: a [prune] table (pattern, sparsity, ...) is required")
@@ -134,13 +140,53 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(path, spec, task_options, train, prune_config, options, init_sha)
 
 
-def _file_sha256(path: Path) -> str:
+def _check_model_fits(spec: TaskSpec, options: dict, where: str) -> None:
+    """ConfigError (exit 4) when the model these options build cannot be trained in this machine's memory.
+
+    Counted before any data is read or tensor allocated: fp32 weights, gradients and up to two
+    optimizer moments (Adam), 16 bytes a parameter; activations come on top.
+    """
+    if spec.model_params is None:
+        return
+    from ..prune.engine import _memory_available
+
+    params = spec.model_params(options)
+    need = 16 * params
+    avail = _memory_available()
+    if avail is not None and need > avail:
+        raise ConfigError(f"{where} [task]: the {spec.name} model has {params:,} parameters; training it needs about "
+                          f"{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB is available",
+                          hint="choose smaller sizes in [task]")
+
+
+def _init_sha256(path: Path, what: str) -> str:
+    """Digest of the [train] init checkpoint: a regular file, or the regular files of a sharded folder.
+
+    A FIFO, a device or a link to one is refused (ConfigError, exit 4) before any read, so hashing
+    never hangs or reads without end; links inside a folder are not followed out of it.
+    """
+    from .. import safeio
+    from ..errors import InvalidInputError
+
     h = hashlib.sha256()
-    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if f.is_file():
-            with open(f, "rb") as fh:
+    try:
+        if path.is_dir():
+            files = []
+            for f in sorted(path.rglob("*")):
+                if f.is_symlink() and not f.resolve().is_relative_to(path):
+                    raise ConfigError(f"{what}: {f} links outside {path}")
+                if not f.is_dir():
+                    files.append(safeio.check_regular(f, what))
+        else:
+            files = [safeio.check_regular(path, what)]
+        for f in files:
+            with safeio.open_regular(f, what) as fh:
                 for chunk in iter(lambda: fh.read(1 << 24), b""):
                     h.update(chunk)
+    except ConfigError:
+        raise
+    except InvalidInputError as exc:
+        raise ConfigError(exc.message, hint=exc.hint) from None
     return h.hexdigest()[:16]
 
 

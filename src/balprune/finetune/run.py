@@ -31,6 +31,7 @@ import torch
 from .. import __version__
 from ..container import AtomicOutput
 from ..errors import InvalidInputError, NoGpuError, OutputError, UsageError
+from ..iopaths import check_io
 from ..tasks import Task, make_task
 from .pruner import Pruner
 from .recipe import Recipe
@@ -188,6 +189,26 @@ def load_init(model: torch.nn.Module, path: Path) -> None:
         raise InvalidInputError(f"[train] init {path}: {str(exc).splitlines()[0]}") from None
 
 
+def check_export_strict(task: Task, recipe: Recipe) -> None:
+    """What exporting the task's model under a [prune] strict = true recipe would refuse, refused now.
+
+    The export prunes by the same plans (names, dtypes and shapes only), so a shortfall or a
+    non-float matrix it would refuse after the last stage is an InvalidInputError before the first.
+    """
+    from ..checkpoint import SourceTensor
+    from ..container import dtype_code
+    from ..prune.engine import check_shortfalls
+    from ..prune.plan import plan_tensor
+    from .pruner import clean_state_dict
+
+    with torch.random.fork_rng(devices=[]):  # the run's own model is seeded in Session; leave the RNG alone
+        model = task.build_model()
+    plans = [plan_tensor(SourceTensor(name, dtype_code(t.dtype, name=name), tuple(t.shape),
+                                      t.numel() * t.element_size()), recipe.options)
+             for name, t in clean_state_dict(model).items()]
+    check_shortfalls(plans, recipe.options)
+
+
 def achieved_sparsity(pruner: Pruner) -> float:
     masks = pruner.masks
     total = sum(m.numel() for m in masks.values())
@@ -262,6 +283,20 @@ def make_out_folder(out: Path) -> Path:
     return out
 
 
+def run_io(recipe: Recipe, out: Path, *, data: Path | None = None, dense_checkpoint: Path | None = None) -> dict:
+    """check_io's arguments for a run of ``recipe`` in ``out``: its inputs (the recipe, its [train] init,
+    the data, a dense checkpoint to start from) and every file the run writes or, with --force, deletes."""
+    out = Path(out)
+    # The packed model is written (export) or, like every packed model of an earlier run whatever its
+    # pattern, deleted by --force: all of them count as outputs.
+    outputs = [("--out", out / CHECKPOINT), ("--out", out / METRICS), ("--out", out / packed_name(recipe))]
+    if out.is_dir():
+        outputs += [("--out", p) for p in sorted(out.glob("model.*.safetensors")) if p.name != packed_name(recipe)]
+    inputs = [("recipe", recipe.path), ("[train] init", recipe.train.init or None), ("--data", data),
+              ("dense checkpoint", dense_checkpoint)]
+    return {"inputs": inputs, "outputs": outputs}
+
+
 def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> None:
     """Create the run folder (its parent must exist); refuse to mix with an earlier run unless told."""
     out = make_out_folder(out)
@@ -289,9 +324,12 @@ def run_finetune(recipe: Recipe, out: Path, *, data: Path | None = None, resume:
     the run has no checkpoint of its own. ``task`` reuses an already loaded task.
     """
     out = Path(out)
+    check_io(**run_io(recipe, out, data=data, dense_checkpoint=dense_checkpoint))
     dev = resolve_device(device)
     packed = packed_name(recipe)
     task = task if task is not None else make_task(recipe.task, recipe.task_options, data)
+    if export and recipe.options.strict:
+        check_export_strict(task, recipe)  # what the export's strict check would refuse, before hours of training
     prepare_run_folder(out, resume=resume, force=force)
     t = recipe.train
     session = Session(recipe, task, dev)

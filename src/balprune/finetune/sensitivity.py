@@ -18,7 +18,6 @@ re-read and checked before it appears.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -98,12 +97,18 @@ def relative_output_error(matrix: torch.Tensor, mask: torch.Tensor, x: torch.Ten
 
 def sensitivity_from_checkpoint(path: Path, options: PruneOptions, sparsities: list[float], *, samples: int = 64,
                                 seed: int = 0, tolerance: float = 0.3, key: str | None = None,
-                                progress: Progress | None = None) -> SensitivityResult:
-    """Proxy sensitivity of every tensor ``options`` targets in the checkpoint at ``path``."""
+                                progress: Progress | None = None, outputs=()) -> SensitivityResult:
+    """Proxy sensitivity of every tensor ``options`` targets in the checkpoint at ``path``.
+
+    ``outputs``: (label, path) pairs of the files the caller will write, checked against every file
+    of the checkpoint (the shards of a folder included) before any tensor is read (iopaths.check_io).
+    """
     from ..checkpoint import open_checkpoint
+    from ..iopaths import check_io
     from ..prune.engine import plan_checkpoint
 
     ckpt = open_checkpoint(path, key=key)
+    check_io(inputs=[("checkpoint file", f) for f in ckpt.files], outputs=outputs)
     plans = [p for p in plan_checkpoint(ckpt, options) if p.pruned]
     if not plans:
         raise InvalidInputError(f"{path}: no tensor is a pruning target under these options")
@@ -196,8 +201,46 @@ def _pattern(p: Pattern) -> dict:
 # --------------------------------------------------------------------------- the plan
 
 
-def _toml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # JSON string escapes are TOML basic-string escapes
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(s: str) -> str:
+    """``s`` as a TOML basic string that reads back as exactly ``s``, on one line.
+
+    Quotes and backslashes are escaped; every character that is not printable (controls, DEL,
+    line and paragraph separators, format characters) becomes a \\uXXXX / \\UXXXXXXXX escape, so
+    no name can end the string, the line or the table, and nothing invisible or terminal-active
+    lands in the file. ValueError for a lone surrogate, which no TOML (UTF-8) file can hold.
+    """
+    out = ['"']
+    for ch in s:
+        o = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif 0xD800 <= o <= 0xDFFF:
+            raise ValueError(f"lone surrogate U+{o:04X} cannot be written to a TOML file")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(f"\\u{o:04X}" if o <= 0xFFFF else f"\\U{o:08X}")
+    out.append('"')
+    return "".join(out)
+
+
+def _comment_str(s: str) -> str:
+    """A path for a comment line: quoted and escaped (one line, nothing terminal-active), whatever its bytes."""
+    try:
+        return toml_string(s)
+    except ValueError:  # a path with undecodable bytes (surrogate-escaped): ascii() escapes them
+        return ascii(s)
+
+
+def _unwritable(name: str) -> bool:
+    try:
+        toml_string(name)
+    except ValueError:
+        return True
+    return False
 
 
 def _glob_escape(name: str) -> str:
@@ -205,7 +248,7 @@ def _glob_escape(name: str) -> str:
 
 
 def _pattern_lines(p: Pattern) -> list[str]:
-    lines = [f"pattern = {_toml_str(p.kind.value)}"]
+    lines = [f"pattern = {toml_string(p.kind.value)}"]
     if isinstance(p, BalancedPattern):
         lines.append(f"blocks = {p.blocks}" if p.blocks is not None else f"block_size = {p.block_size}")
     elif isinstance(p, BlockPattern):
@@ -213,7 +256,7 @@ def _pattern_lines(p: Pattern) -> list[str]:
     elif isinstance(p, VectorPattern):
         lines.append(f"vector_length = {p.length}")
     elif isinstance(p, UnstructuredPattern):
-        lines.append(f"scope = {_toml_str(p.scope.value)}")
+        lines.append(f"scope = {toml_string(p.scope.value)}")
     return lines
 
 
@@ -223,34 +266,51 @@ def plan_text(result: SensitivityResult, pattern: Pattern) -> str:
     default = min(chosen) if chosen else min(result.sparsities)
     grid = ", ".join(_key(s) for s in result.sparsities)
     lines = [
-        f"# balprune sensitivity plan (balprune {__version__}) for {result.source}",
+        f"# balprune sensitivity plan (balprune {__version__}) for {_comment_str(result.source)}",
         f"# measure: {result.measure}; tolerance {result.tolerance:g}",
         f"# each layer: the highest sparsity of [{grid}] within the tolerance; skip = true when none is",
         "# use: balprune prune CKPT --config THIS_FILE",
         "[prune]",
         *_pattern_lines(pattern),
         f"sparsity = {default!r}",
-        "include = [" + ", ".join(_toml_str(_glob_escape(layer.name)) for layer in result.layers) + "]",
+        "include = [" + ", ".join(toml_string(_glob_escape(layer.name)) for layer in result.layers) + "]",
     ]
     for layer in result.layers:
         d = ", ".join(f"{k}: {v:.4g}" for k, v in layer.degradation.items())
-        lines += ["", "[[layers]]", f"# {d}", f"match = {_toml_str(_glob_escape(layer.name))}"]
+        lines += ["", "[[layers]]", f"# {d}", f"match = {toml_string(_glob_escape(layer.name))}"]
         lines.append(f"sparsity = {layer.chosen!r}" if layer.chosen is not None else "skip = true")
     return "\n".join(lines) + "\n"
 
 
 def write_plan(result: SensitivityResult, pattern: Pattern, path: Path, *, force: bool = False) -> None:
-    """Write the plan TOML atomically, after re-reading it as `balprune prune --config` would."""
-    text = plan_text(result, pattern)
+    """Write the plan TOML atomically, after re-reading it as `balprune prune --config` would.
+
+    Every string (the source path, tensor names as exact globs) goes through ``toml_string``; the
+    re-read must give back exactly the globs, the rules and the sparsities written, or nothing
+    appears. A name TOML cannot hold (a lone surrogate) is an InvalidInputError naming it.
+    """
+    from ..iopaths import check_io
+
+    check_io(inputs=[("source", result.source)], outputs=[("plan", path)])
+    try:
+        text = plan_text(result, pattern)
+    except ValueError:
+        bad = next(layer.name for layer in result.layers if _unwritable(layer.name))
+        raise InvalidInputError(f"tensor {ascii(bad)}: its name cannot be written to a TOML plan",
+                                hint="exclude it (--config with exclude) or rename it") from None
+    globs = [_glob_escape(layer.name) for layer in result.layers]
     expected = {layer.name: layer.chosen for layer in result.layers}
 
     def check(tmp: Path) -> None:
-        opts = prune_options_from_config(load_config(tmp))
+        data = load_config(tmp)
+        opts = prune_options_from_config(data)
         got = {}
         for layer in result.layers:
             rule = next((r for r in opts.rules if r.matches(layer.name)), None)
             got[layer.name] = None if rule is None or rule.skip else rule.pattern.sparsity
-        if got != expected or opts.pattern.kind.value != result.pattern["pattern"]:
+        if (got != expected or opts.pattern.kind.value != result.pattern["pattern"]
+                or list(opts.include) != globs or [r.match for r in opts.rules] != globs
+                or set(data) != {"prune", "layers"}):
             raise OutputError(f"{path}: the plan read back differs from the plan written")
 
     with AtomicOutput(Path(path), force=force) as out:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InvalidInputError, OutputError, UsageError
+from ..iopaths import check_io
 from ..tasks import make_task
 from .recipe import Recipe, recipe_with_pattern
 from .run import METRICS, ProgressEvent, make_out_folder, resolve_device, run_finetune, train_dense, write_json
@@ -132,6 +133,7 @@ def run_sweep(recipe: Recipe, out: Path, variants: list[Variant], sparsities: li
     """Run every (variant, sparsity) point in ``out`` (module docstring); returns the result."""
     if not sparsities:
         raise UsageError("--sparsities: give at least one sparsity")
+    check_io(**sweep_io(recipe, out, data=data, plot=plot))
     if plot:
         from .plot import require_matplotlib
 
@@ -192,6 +194,17 @@ def run_sweep(recipe: Recipe, out: Path, variants: list[Variant], sparsities: li
 
         plot_sweep(result, out / "sweep.png")
     return result
+
+
+def sweep_io(recipe: Recipe, out: Path, *, data: Path | None = None, plot: bool = True) -> dict:
+    """check_io's arguments for a sweep of ``recipe`` in ``out``: its inputs, the files it writes, and
+    ``runs/``, which it fills (and empties with --force): no input may lie there."""
+    out = Path(out)
+    outputs = [("--out", out / "dense.pt"), ("--out", out / "sweep.json")]
+    if plot:
+        outputs.append(("--out", out / "sweep.png"))
+    return {"inputs": [("recipe", recipe.path), ("[train] init", recipe.train.init or None), ("--data", data)],
+            "outputs": outputs, "trees": [("--out", out / "runs")]}
 
 
 def _dense_budget_recipe(recipe: Recipe) -> Recipe:

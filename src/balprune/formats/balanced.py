@@ -16,9 +16,20 @@ import torch
 
 from ..config import BalancedPattern
 from ..errors import FormatError
-from ..patterns.balanced import BalancedGeometry, balanced_offsets, geometry_for
+from ..patterns.balanced import MAX_BLOCK_LENGTH, BalancedGeometry, balanced_offsets, geometry_for
 from . import spec
-from .base import PartSpec, as_matrix, check_finite_values, check_part, code_of, torch_dtype
+from .base import (
+    CHECK_CHUNK_ENTRIES,
+    VALUE_DTYPES,
+    PartSpec,
+    as_matrix,
+    check_finite_values,
+    check_fits_memory,
+    check_part,
+    code_of,
+    positive_int,
+    torch_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -77,8 +88,13 @@ class BalancedTensor:
         return cls(g, tuple(weight.shape), weight.dtype, vals,
                    offsets.permute(0, 2, 1).to(g.index_dtype).contiguous(), pattern.sparsity)
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, name: str = "tensor") -> torch.Tensor:
+        """The dense-with-zeros tensor; InvalidInputError (exit 4) first when it cannot fit in memory."""
         g = self.geometry
+        item = self.values.element_size()
+        # the padded [R, B, L] scatter target, the cropped copy, and the int64 index view
+        check_fits_memory(g.rows * g.padded_width * item + g.rows * g.cols * item + self.indices.numel() * 8,
+                          f"tensor {name!r}: the dense form of {list(self.shape)} {self.dtype}")
         out = torch.zeros(g.rows, g.blocks, g.block_length, dtype=self.dtype)
         idx = self.indices.permute(0, 2, 1).to(torch.int64)
         out.scatter_(-1, idx, self.values.permute(0, 2, 1))
@@ -86,6 +102,14 @@ class BalancedTensor:
 
     def parts(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, "indices": self.indices}
+
+    def sparsity_achieved(self) -> float:
+        """1 - kept real entries / cols, in O(1) (equal to the geometry's figure, which loops over
+        the blocks: a manifest may claim billions of them)."""
+        g = self.geometry
+        last = g.cols - (g.blocks - 1) * g.block_length  # real columns of the last block
+        kept = (g.blocks - 1) * min(g.keep, g.block_length) + min(g.keep, last)
+        return 1.0 - kept / g.cols
 
     def manifest(self) -> dict:
         return balanced_entry(self.shape, code_of(self.dtype), self.geometry, self.sparsity_target)
@@ -127,32 +151,82 @@ class BalancedTensor:
                    parts["values"], parts["indices"], float(entry["sparsity_target"]))
 
     def check(self, name: str) -> None:
-        """Every invariant the GPU kernel relies on; FormatError naming the first violation.
-
-        Indices within [0, L); strictly increasing within each block (sorted, no duplicates);
-        padding columns kept only where a block has fewer than k real columns, and holding zero;
-        the manifest's achieved sparsity matching the geometry; values finite.
-        """
+        """Every invariant of FORMAT.md and of the GPU kernel (``check_balanced_arrays``); FormatError
+        naming the first violation. Matching ``sparsity_achieved`` is the manifest's side
+        (PackedFile.load)."""
         g = self.geometry
-        idx = self.indices.to(torch.int64).permute(0, 2, 1)  # [R, B, k]
-        if idx.numel() == 0:
-            return
-        if int(idx.max()) >= g.block_length:
-            raise FormatError(f"tensor {name!r}: in-block index {int(idx.max())} >= block length {g.block_length}")
-        if g.keep > 1 and not bool((idx[..., 1:] > idx[..., :-1]).all()):
-            bad = torch.nonzero(~(idx[..., 1:] > idx[..., :-1]))[0].tolist()
-            raise FormatError(
-                f"tensor {name!r}: indices of row {bad[0]} block {bad[1]} are unsorted or duplicated"
-            )
-        real = torch.tensor([g.real_length(j) for j in range(g.blocks)], dtype=torch.int64)
-        on_padding = idx >= real.view(1, -1, 1)
-        want = (g.keep - real).clamp(min=0).view(1, -1)
-        if not bool((on_padding.sum(-1) == want).all()):
-            raise FormatError(f"tensor {name!r}: padding columns kept while real columns were left out")
-        vals = self.values.permute(0, 2, 1)
-        if bool((vals[on_padding] != 0).any()):
-            raise FormatError(f"tensor {name!r}: non-zero value stored on a padding column")
-        check_finite_values(name, self.values)
+        check_balanced_arrays(self.values, self.indices, g.rows, g.cols, g.blocks, g.block_length, g.keep,
+                              where=f"tensor {name!r}")
+
+
+def check_balanced_arrays(values: torch.Tensor, indices: torch.Tensor, rows: int, cols: int, blocks: int,
+                          block_length: int, keep: int, *, where: str) -> None:
+    """THE validator of a balanced matrix's arrays (FORMAT.md, pattern ``balanced``); FormatError
+    starting with ``where`` at the first violation. The runtime's ``validate_balanced`` calls it.
+
+    ``values`` [rows, keep, blocks] F32/F16/BF16/F64 and ``indices`` [rows, keep, blocks] uint8
+    (block_length <= 256) or uint16 (<= 65536), CPU torch tensors, C-contiguous. Geometry: all
+    positive, blocks == ceil(cols / block_length), keep <= block_length. Content: every index <
+    block_length; strictly increasing with the slot inside each block (sorted, no duplicates);
+    padding columns (j*block_length + index >= cols, only in the last block) kept exactly where the
+    block has fewer than keep real columns, and holding 0; values finite. Walks the rows in chunks,
+    so its temporaries stay bounded whatever the size.
+    """
+    rows = positive_int(rows, f"{where}: rows")
+    cols = positive_int(cols, f"{where}: cols")
+    blocks = positive_int(blocks, f"{where}: blocks")
+    L = positive_int(block_length, f"{where}: block_length")
+    keep = positive_int(keep, f"{where}: keep")
+    if L > MAX_BLOCK_LENGTH:
+        raise FormatError(f"{where}: block_length {L} exceeds {MAX_BLOCK_LENGTH}, the most a uint16 index addresses")
+    if keep > L:
+        raise FormatError(f"{where}: keep {keep} exceeds block_length {L}")
+    if blocks != -(-cols // L):
+        raise FormatError(f"{where}: blocks {blocks} is not ceil(cols / block_length) = {-(-cols // L)}")
+    v, i = values, indices
+    if v.dtype not in VALUE_DTYPES:
+        raise FormatError(f"{where}: values dtype {v.dtype} is not float32, float16, bfloat16 or float64")
+    want_index = torch.uint8 if L <= 256 else torch.uint16
+    if i.dtype != want_index:
+        raise FormatError(f"{where}: indices dtype {i.dtype} must be {want_index} for block_length {L}")
+    shape = (rows, keep, blocks)
+    for what, t in (("values", v), ("indices", i)):
+        if tuple(t.shape) != shape:
+            raise FormatError(f"{where}: {what} shape {list(t.shape)} is not [rows, keep, blocks] = {list(shape)}")
+        if not t.is_contiguous():
+            raise FormatError(f"{where}: {what} is not C-contiguous")
+    pad_from = cols - (blocks - 1) * L  # in-block offsets >= this are padding (last block only)
+    pad_want = max(0, keep - pad_from)  # padding slots the last block must keep (fill-up rule)
+    step = max(1, CHECK_CHUNK_ENTRIES // (keep * blocks))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        idx = i[r0:r1].to(torch.int64)  # [n, keep, blocks]
+        bad = idx >= L
+        if bool(bad.any()):
+            r, t, j = torch.nonzero(bad)[0].tolist()
+            raise FormatError(f"{where}: index {int(idx[r, t, j])} >= block_length {L} at row {r0 + r}, "
+                              f"block {j}, slot {t}")
+        if keep > 1:
+            bad = idx[:, 1:, :] <= idx[:, :-1, :]
+            if bool(bad.any()):
+                r, t, j = torch.nonzero(bad)[0].tolist()
+                raise FormatError(f"{where}: indices of row {r0 + r}, block {j} are unsorted or duplicated "
+                                  f"(slot {t + 1}: {int(idx[r, t + 1, j])} after {int(idx[r, t, j])})")
+        if pad_from < L:
+            last = idx[:, :, blocks - 1]
+            on_pad = last >= pad_from
+            bad = on_pad.sum(1) != pad_want
+            if bool(bad.any()):
+                r = int(torch.nonzero(bad)[0])
+                raise FormatError(f"{where}: row {r0 + r}, block {blocks - 1} keeps {int(on_pad[r].sum())} padding "
+                                  f"column(s), the fill-up rule gives {pad_want} (padding kept while real columns "
+                                  f"were left out)")
+            bad = on_pad & (v[r0:r1, :, blocks - 1] != 0)
+            if bool(bad.any()):
+                r, t = torch.nonzero(bad)[0].tolist()
+                raise FormatError(f"{where}: non-zero value on padding column {(blocks - 1) * L + int(last[r, t])} "
+                                  f"(cols = {cols}) at row {r0 + r}, block {blocks - 1}, slot {t}")
+        check_finite_values(where, v[r0:r1])
 
 
 def balanced_entry(shape: tuple[int, ...], dtype: str, g: BalancedGeometry, target: float) -> dict:

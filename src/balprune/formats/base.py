@@ -1,13 +1,22 @@
-"""What every packed-tensor class provides, and the shared dense <-> matrix view."""
+"""What every packed-tensor class provides: the dense <-> matrix view, part checks, and the
+memory check every allocation a packed file asks for goes through."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..container import CODE_FROM_TORCH, TORCH_FROM_CODE
-from ..errors import FormatError
+from ..errors import FormatError, InvalidInputError
+
+#: dtypes a packed tensor's values may have (FORMAT.md: F32/F16/BF16/F64).
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: Entries per chunk when a validator walks an index array: bounds its int64 temporaries (128 MiB).
+CHECK_CHUNK_ENTRIES = 1 << 24
 
 
 def as_matrix(dense: torch.Tensor) -> torch.Tensor:
@@ -42,6 +51,49 @@ def check_part(name: str, part: str, tensor: torch.Tensor, spec: PartSpec) -> No
         )
 
 
-def check_finite_values(name: str, values: torch.Tensor) -> None:
-    if values.numel() and not bool(torch.isfinite(values).all()):
-        raise FormatError(f"tensor {name!r}: stored values hold NaN/Inf")
+def check_finite_values(where: str, values: torch.Tensor) -> None:
+    """FormatError ``<where>: stored values hold NaN/Inf`` unless every value is finite (chunked)."""
+    flat = values.reshape(-1)
+    for a in range(0, flat.numel(), CHECK_CHUNK_ENTRIES):
+        if not bool(torch.isfinite(flat[a:a + CHECK_CHUNK_ENTRIES]).all()):
+            raise FormatError(f"{where}: stored values hold NaN/Inf")
+
+
+def positive_int(v, what: str) -> int:
+    """``v`` as an int >= 1 (Python or numpy integer, never a bool); FormatError naming ``what`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+        raise FormatError(f"{what} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def memory_available() -> int:
+    """Bytes this process may allocate: the kernel's MemAvailable estimate (prune's preflight reads
+    the same figure), else the physical memory."""
+    from ..prune.engine import _memory_available
+
+    avail = _memory_available()
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 62  # unknown: nothing to compare against
+    return avail
+
+
+def human(nbytes: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def check_fits_memory(need: int, what: str) -> None:
+    """InvalidInputError (exit 4) with the figures when ``need`` bytes exceed the memory available.
+
+    Called before every allocation whose size a packed file's manifest decides (a dense view, the
+    parts of a tensor), so a small file claiming a huge matrix is refused instead of OOM-killed.
+    """
+    avail = memory_available()
+    if need > avail:
+        raise InvalidInputError(f"{what} needs {human(need)}; {human(avail)} of memory is available",
+                                hint="run on a machine with more memory")

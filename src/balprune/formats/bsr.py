@@ -10,13 +10,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import FormatError
 from ..patterns.block import padded_tiles, tile_grid
 from ..patterns.ranking import top_positions
 from . import spec
-from .base import PartSpec, as_matrix, check_finite_values, check_part, code_of, torch_dtype
+from .base import (
+    VALUE_DTYPES,
+    PartSpec,
+    as_matrix,
+    check_finite_values,
+    check_fits_memory,
+    check_part,
+    code_of,
+    positive_int,
+    torch_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -61,9 +72,14 @@ class BsrTensor:
         return cls(tuple(dense.shape), dense.dtype, tuple(block_shape), crow.to(torch.int32),
                    tcol.to(torch.int32), values, sparsity_target)
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, name: str = "tensor") -> torch.Tensor:
+        """The dense-with-zeros tensor; InvalidInputError (exit 4) first when it cannot fit in memory."""
         bh, bw = self.block_shape
-        rb, cb = tile_grid(self.rows, self.cols, self.block_shape)
+        rb, cb = tile_counts(self.rows, self.cols, bh, bw)
+        item = self.values.element_size()
+        # the padded tiles, their row-major copy, and the cropped result
+        check_fits_memory(2 * rb * cb * bh * bw * item + self.rows * self.cols * item,
+                          f"tensor {name!r}: the dense form of {list(self.shape)} {self.dtype} in {bh}x{bw} tiles")
         tiles = torch.zeros(rb * cb, bh, bw, dtype=self.dtype)
         crow = self.crow_indices.to(torch.int64)
         trow = torch.repeat_interleave(torch.arange(rb), crow[1:] - crow[:-1])
@@ -73,6 +89,9 @@ class BsrTensor:
 
     def parts(self) -> dict[str, torch.Tensor]:
         return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values}
+
+    def sparsity_achieved(self) -> float:
+        return self.manifest()["sparsity_achieved"]
 
     def manifest(self) -> dict:
         return bsr_entry(self.shape, code_of(self.dtype), self.block_shape, self.values.shape[0], self.sparsity_target)
@@ -91,7 +110,7 @@ class BsrTensor:
         spec.req_float(entry, "sparsity_achieved", name)
         if len(bs) != 2 or min(bs) < 1:
             raise FormatError(f"manifest entry {name!r}: block_shape must be [bh, bw] with bh, bw >= 1")
-        rb, cb = tile_grid(rows, cols, (bs[0], bs[1]))
+        rb, cb = tile_counts(rows, cols, bs[0], bs[1])
         if len(shape) < 2 or shape[0] != rows or math.prod(shape[1:]) != cols or nnzb > rb * cb:
             raise FormatError(f"manifest entry {name!r}: shape, rows, cols and nnz_blocks disagree")
         return {
@@ -108,19 +127,126 @@ class BsrTensor:
                    parts["crow_indices"], parts["col_indices"], parts["values"], float(entry["sparsity_target"]))
 
     def check(self, name: str) -> None:
-        rb, cb = tile_grid(self.rows, self.cols, self.block_shape)
-        crow = self.crow_indices.to(torch.int64)
-        col = self.col_indices.to(torch.int64)
-        nnzb = col.numel()
-        if int(crow[0]) != 0 or int(crow[-1]) != nnzb or bool((crow[1:] < crow[:-1]).any()):
-            raise FormatError(f"tensor {name!r}: crow_indices must rise from 0 to nnz_blocks={nnzb}")
-        if nnzb:
-            if int(col.min()) < 0 or int(col.max()) >= cb:
-                raise FormatError(f"tensor {name!r}: tile column index out of range [0, {cb})")
-            trow = torch.repeat_interleave(torch.arange(rb), crow[1:] - crow[:-1])
-            if bool(((trow[1:] == trow[:-1]) & (col[1:] <= col[:-1])).any()):
-                raise FormatError(f"tensor {name!r}: tile columns unsorted or duplicated within a tile row")
-        check_finite_values(name, self.values)
+        """Every invariant of FORMAT.md and of the GPU kernel (``check_bsr_arrays``); FormatError
+        naming the first violation."""
+        check_bsr_arrays(self.crow_indices, self.col_indices, self.values, self.rows, self.cols, self.block_shape,
+                         where=f"tensor {name!r}")
+
+
+def block_shape_of(block_shape, where: str) -> tuple[int, int]:
+    """``block_shape`` as two positive ints (bh, bw); FormatError otherwise."""
+    try:
+        bh, bw = block_shape
+    except (TypeError, ValueError):
+        raise FormatError(f"{where}: block_shape must be [bh, bw], got {block_shape!r}") from None
+    for v in (bh, bw):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+            raise FormatError(f"{where}: block_shape must be two positive ints, got {block_shape!r}")
+    return int(bh), int(bw)
+
+
+def tile_counts(rows: int, cols: int, bh: int, bw: int) -> tuple[int, int]:
+    """(tile rows, tile cols) in exact integer arithmetic (any size a manifest may claim)."""
+    return -(-rows // bh), -(-cols // bw)
+
+
+def check_bsr_arrays(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, rows: int,
+                     cols: int, block_shape, *, where: str) -> None:
+    """THE validator of a BSR matrix's arrays (FORMAT.md, pattern ``block``); FormatError starting
+    with ``where`` at the first violation. The runtime's ``validate_bsr`` calls it.
+
+    ``crow_indices`` int32 [ceil(rows/bh) + 1], ``col_indices`` int32 [nnz_blocks], ``values``
+    [nnz_blocks, bh, bw] F32/F16/BF16/F64: CPU torch tensors, C-contiguous. Content: crow_indices
+    starts at 0, never decreases and ends at nnz_blocks; tile columns lie in [0, ceil(cols/bw)) and
+    strictly increase within a tile row; the parts of edge tiles outside the matrix hold 0; values
+    finite.
+    """
+    rows = positive_int(rows, f"{where}: rows")
+    cols = positive_int(cols, f"{where}: cols")
+    bh, bw = block_shape_of(block_shape, where)
+    rb, cb = tile_counts(rows, cols, bh, bw)
+    crow, col, v = crow_indices, col_indices, values
+    if v.dtype not in VALUE_DTYPES:
+        raise FormatError(f"{where}: values dtype {v.dtype} is not float32, float16, bfloat16 or float64")
+    for what, t in (("crow_indices", crow), ("col_indices", col)):
+        if t.dtype != torch.int32:
+            raise FormatError(f"{where}: {what} dtype {t.dtype} must be torch.int32")
+    if tuple(crow.shape) != (rb + 1,):
+        raise FormatError(f"{where}: crow_indices shape {list(crow.shape)} is not [ceil(rows / bh) + 1] = [{rb + 1}]")
+    if col.dim() != 1:
+        raise FormatError(f"{where}: col_indices must be 1-D [nnz_blocks], got shape {list(col.shape)}")
+    nnzb = int(col.shape[0])
+    if tuple(v.shape) != (nnzb, bh, bw):
+        raise FormatError(f"{where}: values shape {list(v.shape)} is not [nnz_blocks, bh, bw] = {[nnzb, bh, bw]}")
+    for what, t in (("crow_indices", crow), ("col_indices", col), ("values", v)):
+        if not t.is_contiguous():
+            raise FormatError(f"{where}: {what} is not C-contiguous")
+    check_row_pointers(crow, nnzb, where=where, unit="tile row", total="nnz_blocks")
+    if nnzb:
+        def tile_row_of(p: int) -> int:
+            return int(torch.searchsorted(crow, torch.tensor([p], dtype=torch.int32), right=True)[0]) - 1
+
+        bad = out_of_range_int32(col, cb)
+        if bool(bad.any()):
+            p = int(torch.nonzero(bad)[0])
+            raise FormatError(f"{where}: tile column {int(col[p])} out of range [0, {cb}) at tile row "
+                              f"{tile_row_of(p)} (position {p} of col_indices)")
+        p = first_unsorted(crow, col)
+        if p is not None:
+            raise FormatError(f"{where}: tile columns of tile row {tile_row_of(p)} are unsorted or duplicated "
+                              f"(position {p}: {int(col[p])} after {int(col[p - 1])})")
+        if rows % bh:
+            a, b = int(crow[rb - 1]), int(crow[rb])
+            bad = (v[a:b, rows % bh:, :] != 0).flatten(1).any(1)
+            if bool(bad.any()):
+                p = a + int(torch.nonzero(bad)[0])
+                raise FormatError(f"{where}: non-zero value below the last row (rows = {rows}) in the tile at tile "
+                                  f"row {rb - 1}, tile column {int(col[p])}")
+        if cols % bw:
+            pos = torch.nonzero(col == cb - 1).flatten()
+            bad = (v[pos][:, :, cols % bw:] != 0).flatten(1).any(1)
+            if bool(bad.any()):
+                p = int(pos[int(torch.nonzero(bad)[0])])
+                raise FormatError(f"{where}: non-zero value right of the last column (cols = {cols}) in the tile at "
+                                  f"tile row {tile_row_of(p)}, tile column {cb - 1}")
+    check_finite_values(where, v)
+
+
+def check_row_pointers(crow: torch.Tensor, nnz: int, *, where: str, unit: str, total: str) -> None:
+    """CSR/BSR row pointers: crow[0] == 0, crow[-1] == nnz, never decreasing (so all in [0, nnz])."""
+    if int(crow[0]) != 0:
+        raise FormatError(f"{where}: crow_indices[0] is {int(crow[0])}, must be 0")
+    if int(crow[-1]) != nnz:
+        raise FormatError(f"{where}: crow_indices[-1] is {int(crow[-1])}, must be {total} = {nnz}")
+    bad = crow[1:] < crow[:-1]
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0])
+        raise FormatError(f"{where}: crow_indices decrease at {unit} {k} ({int(crow[k])} -> {int(crow[k + 1])})")
+
+
+def out_of_range_int32(col: torch.Tensor, limit: int) -> torch.Tensor:
+    """The mask of int32 ``col`` entries outside [0, limit). ``limit`` may exceed int32 (a manifest
+    can claim any width): torch would wrap such a scalar in the comparison, so it is not compared."""
+    bad = col < 0
+    if limit <= 2**31 - 1:
+        bad |= col >= limit
+    return bad
+
+
+def first_unsorted(crow: torch.Tensor, col: torch.Tensor) -> int | None:
+    """The first position p of ``col`` whose index is <= the one before it in the same row, or None.
+
+    ``crow`` must already satisfy check_row_pointers (so every row start lies in [0, len(col)]).
+    """
+    n = int(col.shape[0])
+    if n < 2:
+        return None
+    starts = torch.zeros(n + 1, dtype=torch.bool)  # positions where a row begins
+    starts[crow[:-1].to(torch.int64)] = True
+    bad = (col[1:] <= col[:-1]) & ~starts[1:n]
+    if bool(bad.any()):
+        return int(torch.nonzero(bad)[0]) + 1
+    return None
 
 
 def bsr_entry(shape: tuple[int, ...], dtype: str, block_shape: tuple[int, int], nnz_blocks: int, target: float) -> dict:

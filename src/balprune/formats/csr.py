@@ -15,7 +15,18 @@ import torch
 from ..errors import FormatError
 from ..patterns.unstructured import mask_keep_n
 from . import spec
-from .base import PartSpec, as_matrix, check_finite_values, check_part, code_of, torch_dtype
+from .base import (
+    VALUE_DTYPES,
+    PartSpec,
+    as_matrix,
+    check_finite_values,
+    check_fits_memory,
+    check_part,
+    code_of,
+    positive_int,
+    torch_dtype,
+)
+from .bsr import check_row_pointers, first_unsorted, out_of_range_int32
 
 INT32_MAX = 2**31 - 1
 
@@ -59,8 +70,11 @@ class CsrTensor:
         return cls(tuple(dense.shape), dense.dtype, crow.to(torch.int32), cols_idx.to(torch.int32),
                    m[rows_idx, cols_idx].contiguous(), sparsity_target)
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, name: str = "tensor") -> torch.Tensor:
+        """The dense-with-zeros tensor; InvalidInputError (exit 4) first when it cannot fit in memory."""
         rows = self.shape[0]
+        check_fits_memory(rows * self.cols * self.values.element_size() + 2 * self.values.numel() * 8,
+                          f"tensor {name!r}: the dense form of {list(self.shape)} {self.dtype}")
         out = torch.zeros(rows, self.cols, dtype=self.dtype)
         row_of = torch.repeat_interleave(torch.arange(rows), (self.crow_indices[1:] - self.crow_indices[:-1]).to(torch.int64))
         out[row_of, self.col_indices.to(torch.int64)] = self.values
@@ -68,6 +82,9 @@ class CsrTensor:
 
     def parts(self) -> dict[str, torch.Tensor]:
         return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values}
+
+    def sparsity_achieved(self) -> float:
+        return self.manifest()["sparsity_achieved"]
 
     def manifest(self) -> dict:
         return csr_entry(self.shape, code_of(self.dtype), self.values.numel(), self.sparsity_target)
@@ -99,19 +116,54 @@ class CsrTensor:
                    parts["col_indices"], parts["values"], float(entry["sparsity_target"]))
 
     def check(self, name: str) -> None:
-        crow = self.crow_indices.to(torch.int64)
-        col = self.col_indices.to(torch.int64)
-        nnz = col.numel()
-        if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
-            raise FormatError(f"tensor {name!r}: crow_indices must rise from 0 to nnz={nnz}")
-        if nnz:
-            if int(col.min()) < 0 or int(col.max()) >= self.cols:
-                raise FormatError(f"tensor {name!r}: column index out of range [0, {self.cols})")
-            row_of = torch.repeat_interleave(torch.arange(self.rows), crow[1:] - crow[:-1])
-            same_row = row_of[1:] == row_of[:-1]
-            if bool((same_row & (col[1:] <= col[:-1])).any()):
-                raise FormatError(f"tensor {name!r}: column indices unsorted or duplicated within a row")
-        check_finite_values(name, self.values)
+        """Every invariant of FORMAT.md (``check_csr_arrays``); FormatError naming the first violation."""
+        check_csr_arrays(self.crow_indices, self.col_indices, self.values, self.rows, self.cols,
+                         where=f"tensor {name!r}")
+
+
+def check_csr_arrays(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, rows: int,
+                     cols: int, *, where: str) -> None:
+    """THE validator of a CSR matrix's arrays (FORMAT.md, pattern ``unstructured``); FormatError
+    starting with ``where`` at the first violation.
+
+    ``crow_indices`` int32 [rows + 1], ``col_indices`` int32 [nnz], ``values`` [nnz] F32/F16/BF16/F64:
+    CPU torch tensors, C-contiguous. Content: crow_indices starts at 0, never decreases and ends at
+    nnz; column indices lie in [0, cols) (a negative one would wrap in torch's indexing) and strictly
+    increase within a row (sorted, no duplicates); values finite.
+    """
+    rows = positive_int(rows, f"{where}: rows")
+    cols = positive_int(cols, f"{where}: cols")
+    crow, col, v = crow_indices, col_indices, values
+    if v.dtype not in VALUE_DTYPES:
+        raise FormatError(f"{where}: values dtype {v.dtype} is not float32, float16, bfloat16 or float64")
+    for what, t in (("crow_indices", crow), ("col_indices", col)):
+        if t.dtype != torch.int32:
+            raise FormatError(f"{where}: {what} dtype {t.dtype} must be torch.int32")
+    if tuple(crow.shape) != (rows + 1,):
+        raise FormatError(f"{where}: crow_indices shape {list(crow.shape)} is not [rows + 1] = [{rows + 1}]")
+    if col.dim() != 1:
+        raise FormatError(f"{where}: col_indices must be 1-D [nnz], got shape {list(col.shape)}")
+    nnz = int(col.shape[0])
+    if tuple(v.shape) != (nnz,):
+        raise FormatError(f"{where}: values shape {list(v.shape)} is not [nnz] = [{nnz}]")
+    for what, t in (("crow_indices", crow), ("col_indices", col), ("values", v)):
+        if not t.is_contiguous():
+            raise FormatError(f"{where}: {what} is not C-contiguous")
+    check_row_pointers(crow, nnz, where=where, unit="row", total="nnz")
+    if nnz:
+        def row_of(p: int) -> int:
+            return int(torch.searchsorted(crow, torch.tensor([p], dtype=torch.int32), right=True)[0]) - 1
+
+        bad = out_of_range_int32(col, cols)
+        if bool(bad.any()):
+            p = int(torch.nonzero(bad)[0])
+            raise FormatError(f"{where}: column index {int(col[p])} out of range [0, {cols}) at row {row_of(p)} "
+                              f"(position {p} of col_indices)")
+        p = first_unsorted(crow, col)
+        if p is not None:
+            raise FormatError(f"{where}: column indices of row {row_of(p)} are unsorted or duplicated "
+                              f"(position {p}: {int(col[p])} after {int(col[p - 1])})")
+    check_finite_values(where, v)
 
 
 def csr_entry(shape: tuple[int, ...], dtype: str, nnz: int, target: float) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +11,16 @@ from pathlib import Path
 import torch
 
 from .. import container
-from ..errors import FormatError
+from ..errors import FormatError, OutputError
 from . import PACKED_CLASSES, spec
+from .base import check_fits_memory, human
 
 
 @dataclass(frozen=True)
 class PackedFile:
-    """A packed file whose header, metadata, manifest and part shapes have been validated."""
+    """A packed file whose header, metadata, manifest (every field typed) and part shapes have been
+    validated (``read_packed``). Every object ``load`` returns has passed its pattern's complete
+    check, on the very bytes returned, so no caller can densify or upload an unchecked tensor."""
 
     parsed: container.ParsedFile
     manifest: dict
@@ -35,25 +39,45 @@ class PackedFile:
         return container.tensor_from_bytes(buf, e.dtype, e.shape, name=stored_name)
 
     def load(self, name: str):
-        """The packed object (BalancedTensor, CsrTensor, BsrTensor) or the dense tensor of ``name``."""
+        """The packed object (BalancedTensor, CsrTensor, BsrTensor) or the dense tensor of ``name``.
+
+        A packed object is checked completely (its class's ``check``: index ranges and order, row
+        pointers, padding, finite values) and against the manifest's ``sparsity_achieved`` before it
+        is returned: FormatError (exit 4) naming the tensor otherwise. Its parts are read only after
+        their size is checked against the memory available.
+        """
         entry = self.manifest["tensors"][name]
         cls = PACKED_CLASSES.get(entry["pattern"])
+        stored = [name] if cls is None else [spec.part_name(name, part) for part in cls.part_specs(entry, name)]
+        check_fits_memory(sum(self.parsed.entry(n).nbytes for n in stored), f"tensor {name!r}: reading its parts")
         if cls is None:
             return self._raw(name)
         parts = {part: self._raw(spec.part_name(name, part)) for part in cls.part_specs(entry, name)}
-        return cls.from_parts(entry, parts, name)
+        obj = cls.from_parts(entry, parts, name)
+        obj.check(name)
+        if abs(obj.sparsity_achieved() - entry["sparsity_achieved"]) > 1e-12:
+            raise FormatError(f"{self.path}: tensor {name!r}: sparsity_achieved does not match its geometry")
+        return obj
 
     def dense(self, name: str) -> torch.Tensor:
+        """The dense-with-zeros tensor of ``name`` (checked by ``load``; its size checked against memory)."""
         obj = self.load(name)
-        return obj if isinstance(obj, torch.Tensor) else obj.to_dense()
+        return obj if isinstance(obj, torch.Tensor) else obj.to_dense(name)
+
+    def dense_bytes(self, name: str) -> int:
+        """Bytes of ``name``'s dense form, from the manifest alone (no allocation)."""
+        entry = self.manifest["tensors"][name]
+        return math.prod(entry["shape"]) * container.DTYPE_BITS[entry["dtype"]] // 8
 
 
 def read_packed(path: str | Path) -> PackedFile:
     """Open a packed file; FormatError/InvalidInputError naming the first inconsistency.
 
-    Checks: container validity, format name/version, manifest schema, that every stored tensor
-    is exactly what the manifest implies (names, dtypes, shapes), and nothing else is stored.
-    Content invariants (index ranges, order) are ``verify``'s job.
+    Checks: container validity, format name/version, the manifest schema with every field typed
+    (spec.parse_metadata, the classes' part_specs), that every stored tensor is exactly what the
+    manifest implies (names, dtypes, shapes, so byte for byte what its geometry needs), and nothing
+    else is stored. Content invariants (index ranges, order) are checked by ``PackedFile.load``, for
+    every tensor by ``verify_packed``.
     """
     parsed = container.parse_file(path)
     manifest = spec.parse_metadata(parsed.metadata, str(path))
@@ -64,6 +88,8 @@ def read_packed(path: str | Path) -> PackedFile:
         cls = PACKED_CLASSES.get(pattern)
         if cls is None:
             shape = spec.req_shape(entry, "shape", name)
+            spec.req_choice(entry, "dtype", name, container.DTYPE_BITS)
+            spec.req_text(entry["reason"], f"manifest entry {name!r}: reason")
             e = stored.get(name)
             if e is None:
                 raise FormatError(f"{path}: tensor {name!r} is in the manifest but not stored")
@@ -83,7 +109,7 @@ def read_packed(path: str | Path) -> PackedFile:
             expected.add(pname)
     extra = sorted(set(stored) - expected)
     if extra:
-        raise FormatError(f"{path}: stored tensor(s) not in the manifest: {extra[:5]}")
+        raise FormatError(f"{path}: stored tensor(s) not in the manifest: {[spec.short_repr(n) for n in extra[:5]]}")
     return PackedFile(parsed, manifest, parsed.metadata.get("tool_version", ""))
 
 
@@ -118,19 +144,30 @@ def summarize(pf: PackedFile) -> list[LayerSummary]:
 
 
 def verify_packed(path: str | Path, progress=None) -> PackedFile:
-    """Check every invariant of a packed file (FORMAT.md); FormatError naming the first failure."""
+    """Check every invariant of a packed file (FORMAT.md, "What verify checks"): ``read_packed``,
+    then ``PackedFile.load`` of every tensor (its complete check). FormatError / InvalidInputError
+    (exit 4) naming the first failure; the one validator bench, unpack and the runtimes rely on."""
     pf = read_packed(path)
     names = pf.names()
     for i, name in enumerate(names):
-        entry = pf.manifest["tensors"][name]
-        if entry["pattern"] != "dense":  # dense tensors were checked (dtype, shape, span) by read_packed
-            obj = pf.load(name)
-            obj.check(name)
-            if abs(obj.manifest()["sparsity_achieved"] - entry["sparsity_achieved"]) > 1e-12:
-                raise FormatError(f"{path}: tensor {name!r}: sparsity_achieved does not match its geometry")
+        if pf.manifest["tensors"][name]["pattern"] != "dense":  # dense: dtype, shape, span checked by read_packed
+            pf.load(name)
         if progress:
             progress(i + 1, len(names), name)
     return pf
+
+
+def _preflight(pf: PackedFile, output: Path) -> None:
+    """Refuse an unpack whose largest dense tensor cannot fit in memory or whose output cannot fit on disk."""
+    sizes = {name: pf.dense_bytes(name) for name in pf.names()}
+    packed = [n for n in sizes if pf.manifest["tensors"][n]["pattern"] != "dense"]
+    if packed:
+        largest = max(packed, key=lambda n: sizes[n])
+        check_fits_memory(2 * sizes[largest], f"tensor {largest!r}: unpacking its dense form of {sizes[largest]} bytes")
+    total = sum(sizes.values()) + sum(sizes[t] for t in pf.manifest["aliases"].values())
+    free = shutil.disk_usage(output.parent).free if output.parent.is_dir() else None
+    if free is not None and total > free:
+        raise OutputError(f"{output.parent} has {human(free)} free; the unpacked checkpoint needs {human(total)}")
 
 
 def iter_unpacked(pf: PackedFile) -> Iterator[tuple[str, torch.Tensor | bytearray]]:
@@ -149,9 +186,16 @@ def iter_unpacked(pf: PackedFile) -> Iterator[tuple[str, torch.Tensor | bytearra
 
 
 def unpack(path: str | Path, output: Path, *, force: bool = False) -> int:
-    """Write the dense-with-zeros checkpoint of a packed file; returns the tensor count."""
+    """Write the dense-with-zeros checkpoint of a packed file; returns the tensor count.
+
+    Before anything is written: the output path (not an input, not a non-regular file), the whole
+    file verified, the largest dense tensor checked against memory and the output's size against
+    the free disk space (exit 4 / 5 with the figures).
+    """
     container.check_not_an_input(Path(output), [Path(path)])
+    container.check_output_path(Path(output), force=force)
     pf = verify_packed(path)
+    _preflight(pf, Path(output))
     plan = []
     for name, entry in pf.manifest["tensors"].items():
         plan.append(container.PlannedTensor(name, entry["dtype"], tuple(entry["shape"])))
@@ -160,7 +204,7 @@ def unpack(path: str | Path, output: Path, *, force: bool = False) -> int:
         plan.append(container.PlannedTensor(alias, entry["dtype"], tuple(entry["shape"])))
     with container.AtomicOutput(Path(output), force=force) as out:
         writer = container.StreamingWriter(out.file, plan, {"format": "balprune.unpacked",
-                                                          "source_sha256": str(pf.manifest["source"].get("sha256", ""))})
+                                                          "source_sha256": pf.manifest["source"]["sha256"]})
         for name, data in iter_unpacked(pf):
             writer.write(name, data)
         writer.finish()

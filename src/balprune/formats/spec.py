@@ -18,7 +18,7 @@ import enum
 import json
 import math
 
-from ..errors import FormatError
+from ..errors import FormatError, InvalidInputError
 
 FORMAT_NAME = "balprune.packed"
 FORMAT_VERSION = "1"
@@ -71,32 +71,76 @@ def _where(name: str, key: str) -> str:
     return f"manifest entry {name!r}: {key}"
 
 
+#: Largest integer a manifest may hold (shapes, counts): int64, what safetensors and torch can address.
+INT_MAX = 2**63 - 1
+#: Longest informational string (tool_version, source name, options' strings, a dense entry's reason).
+MAX_TEXT = 4096
+#: A tensor may not be named this (safetensors' metadata key).
+RESERVED_NAME = "__metadata__"
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def req_int(entry: dict, key: str, name: str, minimum: int = 0) -> int:
     v = entry.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise FormatError(f"{_where(name, key)} must be an integer >= {minimum}, got {v!r}")
+    if not _is_int(v) or not minimum <= v <= INT_MAX:
+        raise FormatError(f"{_where(name, key)} must be an integer in [{minimum}, 2^63), got {short_repr(v)}")
     return v
 
 
 def req_float(entry: dict, key: str, name: str) -> float:
     v = entry.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
-        raise FormatError(f"{_where(name, key)} must be a number in [0, 1], got {v!r}")
+        raise FormatError(f"{_where(name, key)} must be a number in [0, 1], got {short_repr(v)}")
     return float(v)
 
 
 def req_shape(entry: dict, key: str, name: str) -> tuple[int, ...]:
     v = entry.get(key)
-    if not isinstance(v, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v):
-        raise FormatError(f"{_where(name, key)} must be a list of non-negative integers, got {v!r}")
+    if not isinstance(v, list) or not all(_is_int(d) and 0 <= d <= INT_MAX for d in v):
+        raise FormatError(f"{_where(name, key)} must be a list of integers in [0, 2^63), got {short_repr(v)}")
+    if math.prod(d for d in v if d) > INT_MAX:
+        raise FormatError(f"{_where(name, key)} {v} has more than 2^63 elements")
     return tuple(v)
 
 
 def req_choice(entry: dict, key: str, name: str, choices) -> str:
     v = entry.get(key)
-    if v not in choices:
-        raise FormatError(f"{_where(name, key)} must be one of {sorted(choices)}, got {v!r}")
+    if not isinstance(v, str) or v not in choices:
+        raise FormatError(f"{_where(name, key)} must be one of {sorted(choices)}, got {short_repr(v)}")
     return v
+
+
+def req_text(v: object, what: str, *, empty: bool = True) -> str:
+    """``v`` if it is a string of at most MAX_TEXT characters (non-empty unless ``empty``)."""
+    if not isinstance(v, str):
+        raise FormatError(f"{what} must be a string, got {type(v).__name__}")
+    if len(v) > MAX_TEXT:
+        raise FormatError(f"{what} is {len(v)} characters long, over the limit of {MAX_TEXT}")
+    if not empty and not v:
+        raise FormatError(f"{what} is empty")
+    return v
+
+
+def short_repr(v: object) -> str:
+    """A value for an error line: repr, cut to 60 characters (a hostile field can be megabytes)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def check_tensor_name(name: object, where: str) -> str:
+    """A manifest tensor or alias name: a string, not ``__metadata__``, without the part separator
+    ``::`` (a name holding it could be mistaken for, or collide with, another tensor's part)."""
+    if not isinstance(name, str):
+        raise FormatError(f"{where}: tensor names must be strings, got {type(name).__name__}")
+    if name == RESERVED_NAME:
+        raise FormatError(f"{where}: a tensor may not be named {RESERVED_NAME!r} (reserved by safetensors)")
+    if PART_SEPARATOR in name:
+        raise FormatError(f"{where}: tensor name {short_repr(name)} holds {PART_SEPARATOR!r}, the format's part "
+                          "separator")
+    return name
 
 
 def check_entry_keys(entry: object, name: str) -> str:
@@ -104,8 +148,8 @@ def check_entry_keys(entry: object, name: str) -> str:
     if not isinstance(entry, dict):
         raise FormatError(f"manifest entry {name!r} is not an object")
     pattern = entry.get("pattern")
-    if pattern not in ENTRY_KEYS:
-        raise FormatError(f"{_where(name, 'pattern')} is unknown: {pattern!r}")
+    if not isinstance(pattern, str) or pattern not in ENTRY_KEYS:
+        raise FormatError(f"{_where(name, 'pattern')} is unknown: {short_repr(pattern)}")
     keys = set(entry)
     missing, extra = ENTRY_KEYS[pattern] - keys, keys - ENTRY_KEYS[pattern]
     if missing:
@@ -115,46 +159,132 @@ def check_entry_keys(entry: object, name: str) -> str:
     return pattern
 
 
+#: Option keys the manifest records (config.PruneOptions.to_dict) and the type each must have when
+#: present. Options are informational (inspect shows some); unknown keys are kept, for newer writers.
+_OPTION_TYPES: dict[str, str] = {
+    "pattern": "text", "sparsity": "number", "blocks": "int", "block_size": "int", "scope": "text",
+    "vector_length": "int", "block_shape": "ints", "nm": "ints", "include": "texts", "exclude": "texts",
+    "rules": "objects", "schedule": "object", "strict": "bool",
+}
+
+
+def _option_ok(kind: str, v: object) -> bool:
+    if kind == "text":
+        return isinstance(v, str) and len(v) <= MAX_TEXT
+    if kind == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if kind == "int":
+        return _is_int(v)
+    if kind == "ints":
+        return isinstance(v, list) and all(_is_int(d) for d in v)
+    if kind == "texts":
+        return isinstance(v, list) and all(isinstance(t, str) and len(t) <= MAX_TEXT for t in v)
+    if kind == "objects":
+        return isinstance(v, list) and all(isinstance(t, dict) for t in v)
+    if kind == "object":
+        return isinstance(v, dict)
+    return isinstance(v, bool)
+
+
+def _check_options(options: object, where: str) -> None:
+    if not isinstance(options, dict):
+        raise FormatError(f"{where}: manifest options must be an object, got {type(options).__name__}")
+    for key, kind in _OPTION_TYPES.items():
+        if key in options and options[key] is not None and not _option_ok(kind, options[key]):
+            raise FormatError(f"{where}: manifest options.{key} has the wrong type ({short_repr(options[key])})")
+
+
+def _check_source(source: object, where: str) -> None:
+    if not isinstance(source, dict) or set(source) != {"name", "sha256"}:
+        raise FormatError(f"{where}: manifest source must be an object with keys ['name', 'sha256']")
+    req_text(source["name"], f"{where}: manifest source.name")
+    req_text(source["sha256"], f"{where}: manifest source.sha256")
+
+
+def _non_finite_field(text: str, where: str) -> str | None:
+    """When the manifest's only fault is a NaN/Infinity literal, the message naming its field.
+
+    Called after safeio.loads_json refused ``text``; its nesting is re-checked first, so this
+    second, permissive parse cannot recurse deeply. None when the text is wrong in another way.
+    """
+    from ..safeio import MAX_NESTING, json_depth
+
+    if json_depth(text) > MAX_NESTING:
+        return None
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    entries = raw.get("tensors") if isinstance(raw, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict):
+            for key, v in entry.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    label = entry.get("name") if isinstance(entry.get("name"), str) else "?"
+                    return f"{where}: {_where(label, key)} must be a finite number, got {v}"
+    stack = [raw]
+    while stack:  # anywhere else (options, ...): no recursion, the depth is bounded anyway
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{where}: manifest holds {v}, which is not JSON"
+        stack.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
+    return None
+
+
 def parse_metadata(metadata: dict[str, str] | None, where: str) -> dict:
     """The decoded manifest of a packed file, after checking format name and version.
 
-    ``tensors`` comes back as an ordered dict name -> entry (without its "name" key).
+    Every field is typed here (the per-pattern keys by the packed classes' ``part_specs``): the
+    manifest JSON is parsed with bounded nesting and unique keys; tensor and alias names are
+    strings, unique, not reserved (``__metadata__``, the part separator ``::``); aliases point at
+    stored tensors; ``options`` and ``source`` have the types inspect and unpack read; the
+    informational strings are bounded. ``tensors`` comes back as an ordered dict name -> entry
+    (without its "name" key).
     """
+    from ..safeio import loads_json
+
     if not metadata:
         raise FormatError(f"{where}: not a balprune packed file (no __metadata__)")
     if metadata.get("format") != FORMAT_NAME:
-        raise FormatError(f"{where}: not a balprune packed file (format {metadata.get('format')!r})")
+        raise FormatError(f"{where}: not a balprune packed file (format {short_repr(metadata.get('format'))})")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise FormatError(
-            f"{where}: format version {version!r} is not supported (this balprune reads {FORMAT_VERSION!r})",
+            f"{where}: format version {short_repr(version)} is not supported (this balprune reads {FORMAT_VERSION!r})",
             hint="use the balprune version that wrote it",
         )
     extra = set(metadata) - METADATA_KEYS
     if extra:
-        raise FormatError(f"{where}: unknown __metadata__ key(s) {sorted(extra)}")
+        raise FormatError(f"{where}: unknown __metadata__ key(s) {[short_repr(k) for k in sorted(extra)[:5]]}")
+    if "tool_version" in metadata:
+        req_text(metadata["tool_version"], f"{where}: __metadata__ tool_version")
+    if "manifest" not in metadata:
+        raise FormatError(f"{where}: __metadata__ has no manifest")
     try:
-        manifest = json.loads(metadata.get("manifest", ""))
-    except ValueError as exc:
-        raise FormatError(f"{where}: manifest is not valid JSON ({exc})") from None
+        manifest = loads_json(metadata["manifest"], f"{where}: manifest")
+    except InvalidInputError as exc:
+        raise FormatError(_non_finite_field(metadata["manifest"], where) or exc.message) from None
     if not isinstance(manifest, dict) or set(manifest) != MANIFEST_KEYS:
         raise FormatError(f"{where}: manifest must be an object with keys {sorted(MANIFEST_KEYS)}")
     if not isinstance(manifest["tensors"], list) or not isinstance(manifest["aliases"], dict):
         raise FormatError(f"{where}: manifest tensors must be a list and aliases an object")
     tensors: dict[str, dict] = {}
     for entry in manifest["tensors"]:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if not isinstance(name, str):
+        if not isinstance(entry, dict) or "name" not in entry:
             raise FormatError(f"{where}: every manifest tensor entry needs a string 'name'")
+        name = check_tensor_name(entry["name"], f"{where}: manifest")
         if name in tensors:
             raise FormatError(f"{where}: tensor {name!r} appears twice in the manifest")
         tensors[name] = {k: v for k, v in entry.items() if k != "name"}
     manifest["tensors"] = tensors
     for alias, target in manifest["aliases"].items():
-        if target not in manifest["tensors"]:
-            raise FormatError(f"{where}: alias {alias!r} points at unknown tensor {target!r}")
+        check_tensor_name(alias, f"{where}: manifest alias")
+        if not isinstance(target, str) or target not in manifest["tensors"]:
+            raise FormatError(f"{where}: alias {alias!r} points at unknown tensor {short_repr(target)}")
         if alias in manifest["tensors"]:
             raise FormatError(f"{where}: alias {alias!r} is also a stored tensor")
+    _check_options(manifest["options"], where)
+    _check_source(manifest["source"], where)
     return manifest
 
 

@@ -20,6 +20,9 @@ How the GPU runtime is checked: its outputs on ``sample_inputs`` are compared wi
   (~20 u) bound that with margin.
 * The error is norm-wise over the whole output, not per element: per-element relative error is
   unbounded on outputs near zero even for a correct runtime.
+
+``relative_error`` and ``TOLERANCE`` are runtime.measure's ``relative_error`` and
+``MODEL_TOLERANCE``, re-exported here beside the reference they are used with.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from torch import nn
 
 from .. import examples
 from ..formats.packed_file import PackedFile
+from ..runtime.measure import MODEL_TOLERANCE, relative_error  # noqa: F401 - re-exported (models.relative_error)
 from .arch import Architecture, LinearRef, stored_name
 
 #: Bound on relative_error(runtime output, float32 reference output), per runtime dtype (see above).
-TOLERANCE: dict[str, float] = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 8e-2}
+#: The table and relative_error are runtime.measure's (the one owner of gates and errors).
+TOLERANCE: dict[str, float] = MODEL_TOLERANCE
 
 #: Token steps of the LSTM LM's sample input.
 LM_STEPS = 4
@@ -143,17 +148,3 @@ def reference_outputs(module: nn.Module, arch: Architecture, inputs: dict[str, t
         else:
             y = module(inputs["image"].to(p.device, p.dtype)[None])[0]
     return y.float().cpu()
-
-
-def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||y - ref|| / max(||ref||, tiny)`` over all elements in float64; inf when either holds inf/NaN.
-
-    Shapes must be equal (ValueError otherwise: a caller bug, not a numerical difference).
-    """
-    if y.shape != ref.shape:
-        raise ValueError(f"relative_error: shapes differ: {list(y.shape)} vs {list(ref.shape)}")
-    y64, r64 = y.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
-    if not (torch.isfinite(y64).all() and torch.isfinite(r64).all()):
-        return float("inf")
-    denom = max(torch.linalg.vector_norm(r64).item(), torch.finfo(torch.float64).tiny)
-    return torch.linalg.vector_norm(y64 - r64).item() / denom

@@ -23,10 +23,14 @@ from ..patterns.balanced import balanced_offsets, geometry_for
 from ..patterns.ranking import check_finite
 from ..patterns.unstructured import global_keep_counts
 from .masks import one_shot_mask
-from .plan import TensorPlan, plan_tensor
+from .plan import TensorPlan, plan_tensor, unmatched_globs
 
 #: progress(done_bytes, total_bytes, tensor_name): called after each tensor.
 Progress = Callable[[int, int, str], None]
+
+#: A target whose achieved sparsity falls more than this (2 points) below its request is reported
+#: (a warning; --strict refuses the run). Rounding of k alone stays well inside it for real layers.
+SHORTFALL = 0.02
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,19 @@ class TensorReport:
     sparsity_achieved: float | None
     dense_bytes: int
     packed_bytes: int
+    sparsity_requested: float | None = None  # None: not a target (see TensorPlan.requested)
+    shortfall: bool = False  # achieved more than SHORTFALL below the request
 
 
 @dataclass
 class PruneReport:
-    """What a prune run did; the CLI renders it as a table or JSON."""
+    """What a prune run did; the CLI renders it as a table or JSON.
+
+    ``notes`` are whole lines for people and CI logs, each starting with ``warning: `` (a
+    shortfall, a glob matching nothing) or ``note: ``. The sparsity totals are over the targets
+    (tensors the options ask to prune, weighted by element count; None without any) and, for
+    ``sparsity_achieved_all``, over every element of the checkpoint.
+    """
 
     source: str
     output: str
@@ -51,6 +63,9 @@ class PruneReport:
     tensors: list[TensorReport] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    sparsity_requested: float | None = None
+    sparsity_achieved: float | None = None
+    sparsity_achieved_all: float = 0.0
 
     @property
     def dense_bytes(self) -> int:
@@ -65,9 +80,12 @@ class PruneReport:
             "schema": "balprune.prune-report/1", "source": self.source, "output": self.output,
             "source_sha256": self.source_sha256, "aliases": self.aliases, "notes": self.notes,
             "dense_bytes": self.dense_bytes, "packed_bytes": self.packed_bytes,
+            "sparsity_requested": self.sparsity_requested, "sparsity_achieved": self.sparsity_achieved,
+            "sparsity_achieved_all": self.sparsity_achieved_all,
             "tensors": [
                 {"name": t.name, "action": t.action, "reason": t.reason, "shape": list(t.shape), "dtype": t.dtype,
-                 "sparsity_achieved": t.sparsity_achieved, "dense_bytes": t.dense_bytes, "packed_bytes": t.packed_bytes}
+                 "sparsity_requested": t.sparsity_requested, "sparsity_achieved": t.sparsity_achieved,
+                 "shortfall": t.shortfall, "dense_bytes": t.dense_bytes, "packed_bytes": t.packed_bytes}
                 for t in self.tensors
             ],
         }
@@ -106,6 +124,48 @@ def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions) -> list[TensorPlan]
         plans = [plan_tensor(t, options, keep_override=max(1, by_name[t.name])) if t.name in by_name else p
                  for t, p in zip(ckpt.tensors, plans)]
     return plans
+
+
+def _per_layer(plan: TensorPlan) -> bool:
+    """Whether the plan's own request is what its layer should meet (a global ranking only meets it in total)."""
+    p = plan.pattern
+    return not (isinstance(p, UnstructuredPattern) and p.scope is UnstructuredScope.GLOBAL)
+
+
+def is_shortfall(plan: TensorPlan) -> bool:
+    """A target whose achieved sparsity is more than SHORTFALL below its own request."""
+    return (plan.requested is not None and _per_layer(plan)
+            and plan.achieved < plan.requested - SHORTFALL - 1e-9)
+
+
+def shortfall_line(plan: TensorPlan) -> str:
+    short = 100 * (plan.requested - plan.achieved)
+    return (f"tensor {plan.source.name!r} is {short:.1f} points short: {100 * plan.achieved:.1f}% sparsity, "
+            f"{100 * plan.requested:.1f}% requested ({plan.reason})")
+
+
+def check_shortfalls(plans: list[TensorPlan], options: PruneOptions) -> list[TensorPlan]:
+    """The plans short of their request (``is_shortfall``); under ``options.strict`` an InvalidInputError
+    (exit 4) naming the first and counting the rest instead. Plans need no tensor data, so callers
+    run this before any work (prune: before anything is written; finetune: before training)."""
+    short = [p for p in plans if is_shortfall(p)]
+    if short and options.strict:
+        more = f" (and {len(short) - 1} more)" if len(short) > 1 else ""
+        raise InvalidInputError(
+            f"{shortfall_line(short[0])}{more}; --strict refuses more than {100 * SHORTFALL:.0f} points short",
+            hint="choose a geometry that reaches it (e.g. fewer --blocks), exclude the tensor, or drop --strict")
+    return short
+
+
+def sparsity_totals(plans: list[TensorPlan]) -> tuple[float | None, float | None, float]:
+    """(requested, achieved) over the targets, weighted by elements, and achieved over every element."""
+    targets = [p for p in plans if p.requested is not None]
+    n = sum(p.source.numel for p in targets)
+    removed = sum(p.achieved * p.source.numel for p in targets)
+    every = sum(p.source.numel for p in plans)
+    if not n:
+        return None, None, 0.0
+    return sum(p.requested * p.source.numel for p in targets) / n, removed / n, removed / every if every else 0.0
 
 
 def _memory_available() -> int | None:
@@ -180,6 +240,7 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
     # Opening the output first makes a missing or unwritable folder fail before any work.
     with AtomicOutput(output, force=force) as out:
         plans = plan_checkpoint(ckpt, options)
+        short = check_shortfalls(plans, options)
         preflight(plans, output)
         sha = ckpt.sha256()
         manifest = {
@@ -192,6 +253,9 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
                     "tool_version": __version__, "manifest": spec.dumps(manifest)}
         writer = StreamingWriter(out.file, [o for p in plans for o in p.outputs], metadata)
         report = PruneReport(ckpt.display, str(output), sha, aliases=dict(ckpt.aliases))
+        report.sparsity_requested, report.sparsity_achieved, report.sparsity_achieved_all = sparsity_totals(plans)
+        report.notes += [f"warning: {shortfall_line(p)}" for p in short]
+        report.notes += [f"warning: {w}" for w in unmatched_globs([t.name for t in ckpt.tensors], options)]
         total = sum(p.source.nbytes for p in plans)
         done = 0
         for plan in plans:
@@ -206,7 +270,8 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
                 writer.write(name, ckpt.raw(name))
                 achieved, action = None, "passed"
             report.tensors.append(TensorReport(name, action, plan.reason, plan.source.shape, plan.source.dtype,
-                                               achieved, plan.source.nbytes, plan.packed_bytes))
+                                               achieved, plan.source.nbytes, plan.packed_bytes, plan.requested,
+                                               is_shortfall(plan)))
             done += plan.source.nbytes
             if progress:
                 progress(done, total, name)
@@ -214,7 +279,7 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
         out.commit(lambda tmp: verify_written(tmp, writer.header_bytes, writer.crc32))
     if options.schedule.steps > 1:
         report.notes.append(
-            f"schedule of {options.schedule.steps} steps: without fine-tuning between steps, iterative pruning "
+            f"note: schedule of {options.schedule.steps} steps: without fine-tuning between steps, iterative pruning "
             "reaches the one-shot mask, so this run pruned in one shot (to train between steps, use "
             "balprune.prune.iterative.iterative_prune with a hook)"
         )

@@ -39,10 +39,20 @@ class TensorPlan:
     entry: dict
     outputs: tuple[PlannedTensor, ...]
     keep: int | None = None  # unstructured nnz / block (vector) tile count; None for balanced and dense
+    #: the sparsity the options ask of this tensor: its pattern's (default or its rule's), also when
+    #: its geometry cannot prune it (row too short); None when it is not a target at all
+    requested: float | None = None
 
     @property
     def pruned(self) -> bool:
         return self.pattern is not None
+
+    @property
+    def achieved(self) -> float | None:
+        """The sparsity the packed tensor will have (0 for a target that passes through); None: not a target."""
+        if self.requested is None:
+            return None
+        return float(self.entry["sparsity_achieved"]) if self.pruned else 0.0
 
     @property
     def packed_bytes(self) -> int:
@@ -53,9 +63,10 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def _dense(src: SourceTensor, reason: str) -> TensorPlan:
+def _dense(src: SourceTensor, reason: str, requested: float | None = None) -> TensorPlan:
     entry = {"pattern": "dense", "shape": list(src.shape), "dtype": src.dtype, "reason": reason}
-    return TensorPlan(src, None, reason, entry, (PlannedTensor(src.name, src.dtype, src.shape),))
+    return TensorPlan(src, None, reason, entry, (PlannedTensor(src.name, src.dtype, src.shape),),
+                      requested=requested)
 
 
 def _target(src: SourceTensor, options: PruneOptions) -> tuple[Pattern | None, str, bool]:
@@ -98,7 +109,7 @@ def plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | N
             raise InvalidInputError(f"tensor {src.name!r} (K={cols}): {exc}", hint="use more --blocks") from None
         if not g.prunes_anything:
             return _dense(src, f"row too short: K={cols} gives block length {g.block_length}, "
-                               f"keeping {g.keep} of {g.block_length} prunes nothing")
+                               f"keeping {g.keep} of {g.block_length} prunes nothing", requested=pattern.sparsity)
         entry = balanced_entry(src.shape, src.dtype, g, pattern.sparsity)
         keep = None
     elif isinstance(pattern, UnstructuredPattern):
@@ -112,4 +123,19 @@ def plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | N
     specs = PACKED_CLASSES[entry["pattern"]].part_specs(entry, src.name)
     outputs = tuple(PlannedTensor(part_name(src.name, part), ps.dtype, ps.shape) for part, ps in specs.items())
     reason = f"{pattern.kind.value} {describe_entry(entry)}" + ("" if why == "default" else f" ({why})")
-    return TensorPlan(src, pattern, reason, entry, outputs, keep)
+    return TensorPlan(src, pattern, reason, entry, outputs, keep, requested=pattern.sparsity)
+
+
+def unmatched_globs(names: list[str], options: PruneOptions) -> list[str]:
+    """One warning per include / exclude glob and [[layers]] rule that matches no tensor name.
+
+    Such a glob does nothing, which is almost always a typo (``fc*.weight`` for ``fc1.w``); the
+    run goes on (exit 0) and says so.
+    """
+    out = []
+    for what, globs in (("include", options.include), ("exclude", options.exclude),
+                        ("[[layers]] rule", tuple(r.match for r in options.rules))):
+        for g in dict.fromkeys(globs):
+            if not any(fnmatch.fnmatchcase(n, g) for n in names):
+                out.append(f"{what} glob {g!r} matches no tensor")
+    return out

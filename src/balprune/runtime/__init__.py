@@ -27,7 +27,10 @@ def load(path: str | Path, device: int = 0, **options) -> dict:
     computing on their dense-with-zeros matrix. Tensors stored dense
     (biases, norms, layers left unpruned) are not operators and are left out. Conv weights run as
     their [C_out, C_in*kh*kw] matrix. Raises NoGpuError without CuPy or a GPU (checked before the
-    file is read), FormatError / InvalidInputError for a bad file.
+    file is read), FormatError / InvalidInputError for a bad file: every layer comes from
+    ``PackedFile.load``, which checks it completely (formats' validators, the same code
+    validate_balanced / validate_bsr run) before anything is densified or uploaded, and a dense
+    fallback's size is checked against host memory first.
     """
     from ..formats.base import as_matrix
     from ..formats.bsr import BsrTensor
@@ -50,7 +53,7 @@ def load(path: str | Path, device: int = 0, **options) -> dict:
             # every BSR-packed tensor: pattern "block", and "vector" (1 x V tiles) which packs the same way
             ops[name] = BsrLinear.from_tensor(obj, device=device, name=name, **bsr_options)
         else:
-            ops[name] = DenseLinear(as_matrix(obj.to_dense()), device=device, name=name)
+            ops[name] = DenseLinear(as_matrix(obj.to_dense(name)), device=device, name=name)
     return ops
 
 

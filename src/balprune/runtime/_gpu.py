@@ -71,5 +71,29 @@ def device_info(device: int) -> DeviceInfo:
     )
 
 
+def as_cupy(t):
+    """A CuPy view of a CUDA torch tensor (no copy); bfloat16 as its uint16 bits (CuPy has no bfloat16)."""
+    import torch
+
+    cp = cupy()
+    return cp.from_dlpack(t.view(torch.int16)).view(cp.uint16) if t.dtype == torch.bfloat16 else cp.from_dlpack(t)
+
+
+def as_torch(a, dtype=None):
+    """A torch view of a CuPy array (no copy); uint16 bits read as ``dtype`` torch.bfloat16 when given so."""
+    import torch
+
+    t = torch.from_dlpack(a)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def cupyx_sparse():
+    """The cupyx.scipy.sparse module (cuSPARSE through CuPy), or NoGpuError saying why it cannot be used."""
+    cupy()
+    import cupyx.scipy.sparse as cps  # noqa: PLC0415 - lazy by design
+
+    return cps
+
+
 def is_torch_tensor(x) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "is_cuda")

@@ -1,7 +1,8 @@
 """Balanced-sparse layers on the GPU: host-side validation, upload, and the launch wrapper.
 
 ``validate_balanced`` runs on the CPU (numpy / torch only, no CuPy) and checks everything the
-kernel relies on before a byte reaches the device. ``BalancedLinear`` uploads one packed matrix
+kernel relies on before a byte reaches the device: the format's own validator
+(formats.balanced.check_balanced_arrays) plus the kernel's dtypes and 32-bit limits. ``BalancedLinear`` uploads one packed matrix
 and computes y = W x with kernels/balanced_spmv.cu.
 """
 
@@ -11,13 +12,17 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, UsageError
+from ..formats.balanced import check_balanced_arrays
+from ..formats.base import positive_int
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from ._linear import SparseLinear
 
 _INDEX_KERNEL_TYPE = {"uint8": "unsigned char", "uint16": "unsigned short"}
 _STORAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_VALIDATE_CHUNK_ENTRIES = 1 << 24  # entries per validation chunk: bounds the int64 temporaries
+#: The kernels index rows, columns and in-row offsets with 32-bit ints; this leaves headroom for a
+#: tile and for the last CTA's units (shared by validate_balanced and validate_bsr).
+INT_LIMIT = 2**31 - 2**16
 
 #: Weight layouts the kernel reads (kernels/README.md).
 LAYOUTS = ("interleaved", "direct")
@@ -82,68 +87,35 @@ def _as_torch(a, what: str) -> torch.Tensor:
 
 
 def _positive_int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
-        raise FormatError(f"{what} must be a positive int, got {v!r}")
-    return int(v)
+    return positive_int(v, what)
 
 
 def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_length: int, keep: int,
                       *, name: str = "tensor") -> None:
-    """Check a packed balanced matrix on the CPU; FormatError naming the first problem.
+    """Check a packed balanced matrix on the CPU before it reaches the kernel; FormatError naming
+    the first problem.
 
     ``values`` [rows, keep, blocks] float32/float16/bfloat16 and ``indices`` [rows, keep, blocks]
     uint8 (block_length <= 256) or uint16 (<= 65536), numpy arrays or CPU torch tensors, both
-    C-contiguous. Geometry: blocks == ceil(cols / block_length), 1 <= keep <= block_length.
-    Content: every index < block_length; strictly increasing with the slot inside each block;
-    entries on padding columns (j*block_length + index >= cols) hold 0.
+    C-contiguous. What the kernel adds to the format: its value dtypes, and sizes within its 32-bit
+    indexing (rows, the padded row blocks * block_length and the slots per row keep * blocks, each
+    <= INT_LIMIT, the limits validate_bsr applies). Everything else (geometry, shapes, index ranges
+    and order, padding, finite values) is formats.balanced.check_balanced_arrays, the one validator
+    of the format, which this calls.
     """
     rows = _positive_int(rows, "rows")
     cols = _positive_int(cols, "cols")
     blocks = _positive_int(blocks, "blocks")
     L = _positive_int(block_length, "block_length")
     keep = _positive_int(keep, "keep")
-    if L > 65536:
-        raise FormatError(f"{name}: block_length {L} exceeds 65536, the most a uint16 index addresses")
-    if keep > L:
-        raise FormatError(f"{name}: keep {keep} exceeds block_length {L}")
-    if blocks != -(-cols // L):
-        raise FormatError(f"{name}: blocks {blocks} is not ceil(cols / block_length) = {-(-cols // L)}")
+    if rows > INT_LIMIT or blocks * L > INT_LIMIT or keep * blocks > INT_LIMIT:
+        raise FormatError(f"{name}: [{rows}, {cols}] with {blocks} blocks of {L} (keep {keep}) exceeds the kernel's "
+                          f"32-bit indexing (rows, padded cols and keep * blocks must each be <= {INT_LIMIT})")
     v = _as_torch(values, f"{name}: values")
     i = _as_torch(indices, f"{name}: indices")
     if v.dtype not in _VALUE_DTYPES:
         raise FormatError(f"{name}: values dtype {v.dtype} is not float32, float16 or bfloat16")
-    want_index = torch.uint8 if L <= 256 else torch.uint16
-    if i.dtype != want_index:
-        raise FormatError(f"{name}: indices dtype {i.dtype} must be {want_index} for block_length {L}")
-    shape = (rows, keep, blocks)
-    for what, t in (("values", v), ("indices", i)):
-        if tuple(t.shape) != shape:
-            raise FormatError(f"{name}: {what} shape {list(t.shape)} is not [rows, keep, blocks] = {list(shape)}")
-        if not t.is_contiguous():
-            raise FormatError(f"{name}: {what} is not C-contiguous")
-    step = max(1, _VALIDATE_CHUNK_ENTRIES // (keep * blocks))
-    pad_from = cols - (blocks - 1) * L  # in-block offsets >= this are padding in the last block
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        idx = i[r0:r1].to(torch.int64)  # [n, keep, blocks]
-        bad = idx >= L
-        if bool(bad.any()):
-            r, t, j = torch.nonzero(bad)[0].tolist()
-            raise FormatError(f"{name}: index {int(idx[r, t, j])} >= block_length {L} at row {r0 + r}, "
-                              f"block {j}, slot {t}")
-        if keep > 1:
-            bad = idx[:, 1:, :] <= idx[:, :-1, :]
-            if bool(bad.any()):
-                r, t, j = torch.nonzero(bad)[0].tolist()
-                raise FormatError(f"{name}: indices of row {r0 + r}, block {j} are unsorted or duplicated "
-                                  f"(slot {t + 1}: {int(idx[r, t + 1, j])} after {int(idx[r, t, j])})")
-        if pad_from < L:
-            last = idx[:, :, blocks - 1]
-            bad = (last >= pad_from) & (v[r0:r1, :, blocks - 1] != 0)
-            if bool(bad.any()):
-                r, t = torch.nonzero(bad)[0].tolist()
-                raise FormatError(f"{name}: non-zero value on padding column {(blocks - 1) * L + int(last[r, t])} "
-                                  f"(cols = {cols}) at row {r0 + r}, block {blocks - 1}, slot {t}")
+    check_balanced_arrays(v, i, rows, cols, blocks, L, keep, where=name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,19 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..errors import FormatError, UsageError
+from ..formats.bsr import block_shape_of, check_bsr_arrays
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from ._linear import SparseLinear
-from .balanced import _as_torch, _host_numpy, _next_pow2, _positive_int
+from .balanced import INT_LIMIT, _as_torch, _host_numpy, _next_pow2, _positive_int
 
 #: Batch columns per pass the kernel is built for.
 BATCH_TILES = (1, 2, 4, 8)
-#: The kernel indexes rows, columns, tile rows and in-tile offsets with 32-bit ints; this leaves
-#: headroom for a tile and for the last CTA's units.
-INT_LIMIT = 2**31 - 2**16
 #: At most this many lanes (8 warps) share one unit by default: wider teams mean more CTA-wide
 #: reductions for little more memory parallelism.
 MAX_AUTO_TEAM_LANES = 256
@@ -142,32 +139,21 @@ def choose_team_lanes(g: BsrGeometry, nnz_blocks: int, threads: int, multiproces
 # Host-side validation
 # ---------------------------------------------------------------------------------------------
 
-def _block_shape(block_shape, name: str) -> tuple[int, int]:
-    try:
-        bh, bw = block_shape
-    except (TypeError, ValueError):
-        raise FormatError(f"{name}: block_shape must be [bh, bw], got {block_shape!r}") from None
-    for v in (bh, bw):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
-            raise FormatError(f"{name}: block_shape must be two positive ints, got {block_shape!r}")
-    return int(bh), int(bw)
-
-
 def validate_bsr(crow_indices, col_indices, values, rows: int, cols: int, block_shape, *,
                  name: str = "tensor") -> None:
-    """Check a packed BSR matrix on the CPU; FormatError naming the first problem.
+    """Check a packed BSR matrix on the CPU before it reaches the kernel; FormatError naming the
+    first problem.
 
     ``crow_indices`` int32 [ceil(rows/bh) + 1], ``col_indices`` int32 [nnz_blocks], ``values``
     [nnz_blocks, bh, bw] float32/float16/bfloat16: numpy arrays or CPU torch tensors, all
-    C-contiguous. Content: crow_indices starts at 0, never decreases and ends at nnz_blocks; tile
-    columns lie in [0, ceil(cols/bw)) and strictly increase within a tile row; the parts of edge
-    tiles outside the matrix hold 0 (FORMAT.md; the kernel never reads x past cols nor writes y
-    past rows, so this is the file's contract rather than a memory-safety need). Sizes must fit
-    the kernel's 32-bit indexing.
+    C-contiguous. What the kernel adds to the format: its value dtypes, and sizes within its 32-bit
+    indexing (padded rows, padded cols and tile size each <= INT_LIMIT). Everything else (shapes,
+    row pointers, tile columns in range and sorted, zeros outside the matrix in edge tiles, finite
+    values) is formats.bsr.check_bsr_arrays, the one validator of the format, which this calls.
     """
     rows = _positive_int(rows, "rows")
     cols = _positive_int(cols, "cols")
-    bh, bw = _block_shape(block_shape, name)
+    bh, bw = block_shape_of(block_shape, name)
     rb, cb = -(-rows // bh), -(-cols // bw)
     if rb * bh > INT_LIMIT or cb * bw > INT_LIMIT or bh * bw > INT_LIMIT:
         raise FormatError(f"{name}: [{rows}, {cols}] with {bh}x{bw} tiles exceeds the kernel's 32-bit indexing "
@@ -177,62 +163,7 @@ def validate_bsr(crow_indices, col_indices, values, rows: int, cols: int, block_
     v = _as_torch(values, f"{name}: values")
     if v.dtype not in _VALUE_DTYPES:
         raise FormatError(f"{name}: values dtype {v.dtype} is not float32, float16 or bfloat16")
-    for what, t in (("crow_indices", crow), ("col_indices", col)):
-        if t.dtype != torch.int32:
-            raise FormatError(f"{name}: {what} dtype {t.dtype} must be torch.int32")
-    if tuple(crow.shape) != (rb + 1,):
-        raise FormatError(f"{name}: crow_indices shape {list(crow.shape)} is not [ceil(rows / bh) + 1] = [{rb + 1}]")
-    if col.dim() != 1:
-        raise FormatError(f"{name}: col_indices must be 1-D [nnz_blocks], got shape {list(col.shape)}")
-    nnzb = int(col.shape[0])
-    if tuple(v.shape) != (nnzb, bh, bw):
-        raise FormatError(f"{name}: values shape {list(v.shape)} is not [nnz_blocks, bh, bw] = {[nnzb, bh, bw]}")
-    for what, t in (("crow_indices", crow), ("col_indices", col), ("values", v)):
-        if not t.is_contiguous():
-            raise FormatError(f"{name}: {what} is not C-contiguous")
-
-    if int(crow[0]) != 0:
-        raise FormatError(f"{name}: crow_indices[0] is {int(crow[0])}, must be 0")
-    if int(crow[-1]) != nnzb:
-        raise FormatError(f"{name}: crow_indices[-1] is {int(crow[-1])}, must be nnz_blocks = {nnzb}")
-    bad = crow[1:] < crow[:-1]
-    if bool(bad.any()):
-        k = int(torch.nonzero(bad)[0])
-        raise FormatError(f"{name}: crow_indices decrease at tile row {k} ({int(crow[k])} -> {int(crow[k + 1])})")
-    if nnzb == 0:
-        return
-
-    def tile_row_of(p: int) -> int:
-        return int(torch.searchsorted(crow, torch.tensor([p], dtype=torch.int32), right=True)[0]) - 1
-
-    bad = (col < 0) | (col >= cb)
-    if bool(bad.any()):
-        p = int(torch.nonzero(bad)[0])
-        raise FormatError(f"{name}: tile column {int(col[p])} out of range [0, {cb}) at tile row {tile_row_of(p)} "
-                          f"(position {p} of col_indices)")
-    if nnzb > 1:
-        starts = torch.zeros(nnzb, dtype=torch.bool)  # positions where a tile row begins
-        first = crow[:-1]
-        starts[first[first < nnzb].to(torch.int64)] = True
-        bad = (col[1:] <= col[:-1]) & ~starts[1:]
-        if bool(bad.any()):
-            p = int(torch.nonzero(bad)[0]) + 1
-            raise FormatError(f"{name}: tile columns of tile row {tile_row_of(p)} are unsorted or duplicated "
-                              f"(position {p}: {int(col[p])} after {int(col[p - 1])})")
-    if rows % bh:
-        a, b = int(crow[rb - 1]), int(crow[rb])
-        bad = (v[a:b, rows % bh:, :] != 0).flatten(1).any(1)
-        if bool(bad.any()):
-            p = a + int(torch.nonzero(bad)[0])
-            raise FormatError(f"{name}: non-zero value below the last row (rows = {rows}) in the tile at tile row "
-                              f"{rb - 1}, tile column {int(col[p])}")
-    if cols % bw:
-        pos = torch.nonzero(col == cb - 1).flatten()
-        bad = (v[pos][:, :, cols % bw:] != 0).flatten(1).any(1)
-        if bool(bad.any()):
-            p = int(pos[int(torch.nonzero(bad)[0])])
-            raise FormatError(f"{name}: non-zero value right of the last column (cols = {cols}) in the tile at tile "
-                              f"row {tile_row_of(p)}, tile column {cb - 1}")
+    check_bsr_arrays(crow, col, v, rows, cols, (bh, bw), where=name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,16 @@ from ..errors import ConfigError
 
 @dataclass(frozen=True)
 class Option:
-    """One task option: its default, and the smallest value allowed (numbers)."""
+    """One task option: its default, and the smallest and largest values allowed (numbers).
+
+    ``maximum`` bounds what a recipe can ask for (sizes, counts, steps) so no value requests an
+    allocation or a run no machine could finish; numbers must also be finite.
+    """
 
     default: object
     minimum: float | None = None
     help: str = ""
+    maximum: float | None = None
 
     def parse(self, value: object, where: str) -> object:
         kind = type(self.default)
@@ -40,10 +46,12 @@ class Option:
             ok = isinstance(value, kind)
         if not ok:
             raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         if self.minimum is not None and value < self.minimum:  # type: ignore[operator]
             raise ConfigError(f"{where}: must be >= {self.minimum:g}, got {value!r}")
-        if isinstance(value, float) and value != value:
-            raise ConfigError(f"{where}: nan is not a value")
+        if self.maximum is not None and value > self.maximum:  # type: ignore[operator]
+            raise ConfigError(f"{where}: must be at most {self.maximum!r}, got {value!r}")
         return value
 
 
@@ -91,6 +99,9 @@ class TaskSpec:
     data: str  # "none" (refuses --data), "optional", "required"
     data_help: str
     factory: Callable[[dict, Path | None], Task]
+    #: Parameters of the model these options build (an upper bound where the data decides, e.g.
+    #: the vocabulary): checked against memory before any data is read or model built.
+    model_params: Callable[[dict], int] | None = None
 
     def parse_options(self, table: dict, where: str) -> dict:
         unknown = sorted(set(table) - set(self.options))

@@ -100,8 +100,9 @@ def _factory(options: dict, data: Path | None) -> Task:
 SPEC = TaskSpec(
     name="digits",
     description="MLP 64-H-H-10 on the 8x8 handwritten digits shipped with balprune (CPU, seconds)",
-    options={"hidden": Option(64, 1, "hidden width")},
+    options={"hidden": Option(64, 1, "hidden width", maximum=1 << 14)},
     data="none",
     data_help="digits ships its data inside the package; --data is not used",
     factory=_factory,
+    model_params=lambda o: 64 * o["hidden"] + o["hidden"] + o["hidden"] ** 2 + o["hidden"] + 10 * o["hidden"] + 10,
 )

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import safeio
 from ..errors import InvalidInputError
 from .base import Option, Task, TaskSpec
 
@@ -35,6 +36,8 @@ _TOKEN = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d[\d_]*(?:\.\d+)?|\S")
 _EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
                   "__pycache__", "ensurepip", "venv", "tkinter", "pydoc_data"}
 PTB_FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
+#: Largest PTB-format file read (PTB's train split is 5 MB, WikiText-103's 540 MB).
+MAX_TEXT_FILE_BYTES = 2 << 30
 
 
 class LstmLm(nn.Module):
@@ -107,12 +110,10 @@ def ptb_corpus(folder: Path, max_train: int, max_eval: int) -> tuple[dict[str, l
     out: dict[str, list[str]] = {}
     for split, fname in PTB_FILES.items():
         path = folder / fname
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InvalidInputError(f"{path} is missing: lstm-lm reads {', '.join(PTB_FILES.values())} from --data") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidInputError(f"{path}: cannot read as UTF-8 text: {exc}") from None
+        if not path.exists():
+            raise InvalidInputError(f"{path} is missing: lstm-lm reads {', '.join(PTB_FILES.values())} from --data")
+        # A regular file only (a FIFO or device would hang or never end), read whole up to the cap.
+        text = safeio.read_text(path, "--data file", max_bytes=MAX_TEXT_FILE_BYTES)
         tokens: list[str] = []
         cap = max_train if split == "train" else max_eval
         for line in text.splitlines():
@@ -215,20 +216,27 @@ def _factory(options: dict, data: Path | None) -> Task:
     return LstmLmTask(options, data)
 
 
+def _model_params(o: dict) -> int:
+    """Parameters of LstmLm at the vocabulary cap: embedding, LSTM layers (4 gates), decoder."""
+    h, v = o["hidden"], o["vocab_size"]
+    return v * h + o["layers"] * (4 * h * 2 * h + 2 * 4 * h) + h * v + v
+
+
 SPEC = TaskSpec(
     name="lstm-lm",
     description="2-layer LSTM language model (perplexity); PTB-format text from --data, else Python stdlib sources",
     options={
-        "hidden": Option(320, 1, "hidden and embedding width (paper: 1500)"),
-        "layers": Option(2, 1, "LSTM layers"),
-        "vocab_size": Option(10000, 2, "vocabulary cap, <unk> included"),
-        "bptt": Option(35, 1, "tokens per training window"),
-        "dropout": Option(0.0, 0.0, "dropout on embeddings, between LSTM layers and before the decoder"),
-        "max_train_tokens": Option(1_000_000, 100, "training tokens read at most"),
-        "max_eval_tokens": Option(100_000, 100, "valid / test tokens read at most"),
-        "eval_batch_size": Option(10, 1, "contiguous evaluation streams"),
+        "hidden": Option(320, 1, "hidden and embedding width (paper: 1500)", maximum=1 << 15),
+        "layers": Option(2, 1, "LSTM layers", maximum=256),
+        "vocab_size": Option(10000, 2, "vocabulary cap, <unk> included", maximum=1 << 24),
+        "bptt": Option(35, 1, "tokens per training window", maximum=1 << 20),
+        "dropout": Option(0.0, 0.0, "dropout on embeddings, between LSTM layers and before the decoder", maximum=1.0),
+        "max_train_tokens": Option(1_000_000, 100, "training tokens read at most", maximum=1 << 36),
+        "max_eval_tokens": Option(100_000, 100, "valid / test tokens read at most", maximum=1 << 36),
+        "eval_batch_size": Option(10, 1, "contiguous evaluation streams", maximum=1 << 20),
     },
     data="optional",
     data_help="a folder with ptb.train.txt, ptb.valid.txt and ptb.test.txt (without it: Python stdlib sources)",
     factory=_factory,
+    model_params=_model_params,
 )

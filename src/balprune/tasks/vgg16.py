@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import safeio
 from ..errors import InvalidInputError
 from ..vision import torchvision
 from .base import Option, Task, TaskSpec, evaluation_batches
@@ -51,6 +52,15 @@ def build_vgg16(num_classes: int, width: float, classifier_hidden: int, image_si
     return model
 
 
+def _load_image(path: str):
+    """An RGB PIL image from a regular file (a FIFO or device named like an image is refused, exit 4)."""
+    from PIL import Image
+
+    with safeio.open_regular(path, "--data image") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
 class Vgg16Task(Task):
     name = "vgg16"
     metric = "accuracy"
@@ -74,8 +84,8 @@ class Vgg16Task(Task):
         eval_tf = transforms.Compose([transforms.Resize(max(size, round(size * 256 / 224))), transforms.CenterCrop(size),
                                       transforms.ToTensor(), norm])
         try:
-            self.train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-            self.val = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
+            self.train = datasets.ImageFolder(str(root / "train"), transform=train_tf, loader=_load_image)
+            self.val = datasets.ImageFolder(str(root / "val"), transform=eval_tf, loader=_load_image)
         except (FileNotFoundError, OSError) as exc:
             raise InvalidInputError(f"--data {root}: {exc}") from None
         if self.train.classes != self.val.classes:
@@ -134,6 +144,23 @@ class Vgg16Task(Task):
         return self.digest
 
 
+#: torchvision's VGG-16 convolutions ("D"): output channels, "M" for a max-pool.
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _model_params(o: dict, num_classes: int = 1000) -> int:
+    """Parameters of ``build_vgg16`` for these options (the classes, set by the data, counted as 1000)."""
+    total, cin = 0, 3
+    for c in _VGG16_CFG:
+        if c != "M":
+            cout = max(1, round(c * o["width"]))
+            total += 9 * cin * cout + cout
+            cin = cout
+    pool = max(1, min(7, o["image_size"] // 32))
+    h = o["classifier_hidden"]
+    return total + cin * pool * pool * h + h + h * h + h + h * num_classes + num_classes
+
+
 def _factory(options: dict, data: Path | None) -> Task:
     assert data is not None  # the runner enforces data="required"
     return Vgg16Task(options, data)
@@ -143,13 +170,14 @@ SPEC = TaskSpec(
     name="vgg16",
     description="VGG-16 (torchvision layer names) on an ImageFolder with train/ and val/ from --data",
     options={
-        "width": Option(1.0, 0.001, "channel multiplier of the convolutions (1 = VGG-16)"),
-        "image_size": Option(224, 8, "input side in pixels"),
-        "classifier_hidden": Option(4096, 1, "width of the two hidden fully connected layers"),
-        "eval_batch_size": Option(32, 1, "images per evaluation batch"),
-        "max_eval_images": Option(0, 0, "evaluate on the first N val images only (0: all)"),
+        "width": Option(1.0, 0.001, "channel multiplier of the convolutions (1 = VGG-16)", maximum=64.0),
+        "image_size": Option(224, 8, "input side in pixels", maximum=4096),
+        "classifier_hidden": Option(4096, 1, "width of the two hidden fully connected layers", maximum=1 << 17),
+        "eval_batch_size": Option(32, 1, "images per evaluation batch", maximum=1 << 16),
+        "max_eval_images": Option(0, 0, "evaluate on the first N val images only (0: all)", maximum=1 << 40),
     },
     data="required",
     data_help="an ImageFolder with train/ and val/ sub-folders (ImageNet layout)",
     factory=_factory,
+    model_params=_model_params,
 )

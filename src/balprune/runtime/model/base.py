@@ -9,16 +9,8 @@ import torch
 
 from ...errors import UsageError
 from .._linear import TORCH_OF
-from .stages import (
-    Choice,
-    CupyViews,
-    ModelKernels,
-    Projection,
-    capture_graph,
-    cupy_on_torch_stream,
-    dispatch,
-    ptr,
-)
+from ..measure import capture_graph, cupy_on_torch_stream
+from .stages import Choice, CupyViews, ModelKernels, Projection, dispatch, ptr
 
 Progress = Callable[[str], None]
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .._linear import STORAGE
-from .stages import Choice, cupy_on_torch_stream
+from ..measure import cupy_on_torch_stream
+from .stages import Choice
 
 _FIELDS = 16  # u64 per phase record (kernels/lstm_lm_step.cu LmField)
 _MAX_PHASES = 16  # kernels/lstm_lm_step.cu kMaxPhases

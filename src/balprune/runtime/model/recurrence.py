@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .._linear import STORAGE
-from .stages import Choice, Projection, cupy_on_torch_stream
+from ..measure import cupy_on_torch_stream
+from .stages import Choice, Projection
 
 #: CTAs per direction tried by the persistent kernel (each CTA owns ceil(H / C) hidden units).
 PERSISTENT_CTAS = (16, 32, 64, 128)

@@ -12,7 +12,6 @@ calls, so one forward can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,16 +20,18 @@ import torch
 
 from ...errors import GpuRuntimeError, UsageError
 from .._linear import STORAGE, TORCH_OF
+from ..measure import STAGE_TOLERANCE, capture_graph, cupy_on_torch_stream, measure_us, relative_error
+
+# The names benchmarks/ scripts import from here; the functions live in runtime.measure.
+rel_error = relative_error
+__all__ = ["Choice", "CupyViews", "ModelKernels", "Projection", "capture_graph", "cupy_on_torch_stream", "dispatch",
+           "launch_variants", "measure_us", "model_kernel_variants", "ptr", "sparse_operator"]
 
 # Paths a Projection can take: "balanced" / "bsr", balprune's kernel for the layer's pattern
 # (in launch variants: "balanced (threads=512, x raw)"), and "dense", the same masked matrix
-# through cuBLAS (torch), on tensor cores where cuBLAS uses them.
-#: Relative error (float64 norms) a path may show against the float64 product of the same rounded
-#: operands before it is timed: accumulation order and the one final rounding to the dtype. The
-#: float32 bound admits TF32 (10-bit mantissa), which torch uses by default for float32
-#: convolutions (torch.backends.cudnn.allow_tf32): the dense path is torch's own float32 model.
-#: A wrong index or gate gives errors of order 1e-1 and above: every bound still catches it.
-LAYER_GATE = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 3e-2}
+# through cuBLAS (torch), on tensor cores where cuBLAS uses them. Each is gated against the
+# float64 product of the same rounded operands by runtime.measure (relative_error <=
+# STAGE_TOLERANCE[dtype]: the measurement module owns the bound and says why) before it is timed.
 
 _MODEL_KERNELS = ("lstm_cell", "embedding_row", "bias_relu_pool2", "im2col")
 _THREADS = 256
@@ -76,14 +77,14 @@ class CupyViews:
         self._limit = limit
 
     def __call__(self, t: torch.Tensor):
-        import cupy as cp
+        from .._gpu import as_cupy
 
         key = (t.data_ptr(), tuple(t.shape), t.dtype)
         v = self._views.get(key)
         if v is None:
             if len(self._views) >= self._limit:
                 self._views.pop(next(iter(self._views)))
-            v = cp.from_dlpack(t.view(torch.int16)).view(cp.uint16) if t.dtype == torch.bfloat16 else cp.from_dlpack(t)
+            v = as_cupy(t)
             self._views[key] = v
         return v
 
@@ -252,82 +253,6 @@ class Projection:
         self._bound()
 
 
-def capture_graph(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of one call of ``fn`` (torch ops and balprune's kernels alike). Warm-up calls
-    run first on a side stream, as torch's graph docs ask (library handles, workspaces, kernel
-    loads happen outside the capture); RuntimeError when the work cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), cupy_on_torch_stream():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with on_torch_stream_ctx(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
-
-
-def measure_us(fn: Callable[[], None], reps: int = 20, trials: int = 3) -> float:
-    """Device time (us) of one call of ``fn``: ``reps`` calls captured in a CUDA graph, replayed
-    ``trials`` times, best per-call mean (hot: what the layer costs inside a captured model).
-    Falls back to back-to-back eager calls when the work cannot be captured."""
-    def many():
-        for _ in range(reps):
-            fn()
-    try:
-        replay = capture_graph(many, warmup=1).replay
-    except RuntimeError:
-        torch.cuda.synchronize()
-        replay = many
-    best = math.inf
-    for _ in range(trials + 1):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        replay()
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) * 1e3 / reps)
-    return best
-
-
-class on_torch_stream_ctx:
-    """``torch.cuda.graph(g)`` that also points CuPy at the capturing stream, so balprune's kernels
-    and torch's ops land in one graph in issue order."""
-
-    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
-        self._g = torch.cuda.graph(graph)
-        self._cp_stream = None
-
-    def __enter__(self):
-        import cupy as cp
-
-        self._g.__enter__()
-        self._cp_stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        self._cp_stream.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._cp_stream.__exit__(*exc)
-        return self._g.__exit__(*exc)
-
-
-def cupy_on_torch_stream():
-    """A CuPy stream context for torch's current stream (enter it around launches of our kernels)."""
-    import cupy as cp
-
-    return cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-
-
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y64, r64 = y.double().reshape(ref.shape), ref.double()
-    if not bool(torch.isfinite(y64).all()):
-        return math.inf
-    return float(torch.linalg.norm(y64 - r64) / max(float(torch.linalg.norm(r64)), 1e-300))
-
-
 def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Choice:
     """Gate, time and bind ``proj``'s paths with the data now in its x buffer (see module doc).
 
@@ -352,8 +277,8 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
     for key, fn in cands.items():
         with cupy_on_torch_stream():
             out = fn()
-        errors[key] = rel_error(out, ref)
-    gate = LAYER_GATE[proj.dtype]
+        errors[key] = relative_error(out, ref)
+    gate = STAGE_TOLERANCE[proj.dtype]
     correct = [k for k in cands if errors[k] <= gate]
     for k in cands:
         path = k.split(" (")[0]

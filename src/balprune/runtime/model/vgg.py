@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UsageError
+from ..measure import cupy_on_torch_stream
 from .base import PackedModel, check_float_request, load_dense, load_packed
 from .lstm import _matrix
-from .stages import cupy_on_torch_stream, ptr, sparse_operator
+from .stages import ptr, sparse_operator
 
 
 def check_image(image, size: int) -> torch.Tensor:

@@ -1,0 +1,347 @@
+"""Hostile configs, recipes and option values (issue 14, classes 2, 3 and 4), through the real CLI.
+
+--config files, sensitivity plans (read back as --config), fine-tuning recipes and their [train]
+init checkpoint: FIFOs and devices refused before any read, nesting bombs refused (exit 4, never
+a RecursionError), and every size, count, step or seed bounded before anything is allocated or
+trained: exit 2 for an option, exit 4 for a file value, the bound named in the message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_subprocess, small_state_dict
+
+from balprune.config import MAX_SCHEDULE_STEPS
+
+TIMEOUT = 120
+
+
+def listing(folder: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = f"link -> {os.readlink(p)}"
+        elif p.is_fifo():
+            out[rel] = "fifo"
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def one_error_line(err: str, out: str = "") -> str:
+    assert "Traceback" not in err and "Traceback" not in out, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    assert lines[0].startswith("balprune: error:"), lines[0]
+    return lines[0]
+
+
+def refused(tmp_path: Path, args: list, code: int, *mentions: str, cli=None) -> str:
+    """``balprune ARGS`` fails with ``code`` and one line naming ``mentions``; nothing under tmp_path changes.
+
+    Without ``cli`` it runs in a subprocess with a timeout (FIFOs, devices: a hang fails the test).
+    """
+    before = listing(tmp_path)
+    start = time.monotonic()
+    if cli is None:
+        p = run_subprocess(*args, timeout=TIMEOUT, cwd=tmp_path)
+        rc, stdout, stderr = p.returncode, p.stdout, p.stderr
+    else:
+        r = cli(*args)
+        rc, stdout, stderr = r.code, r.out, r.err
+    assert time.monotonic() - start < TIMEOUT
+    assert rc == code, (rc, stderr)
+    line = one_error_line(stderr, stdout)
+    for m in mentions:
+        assert m in line, f"{m!r} not in {line!r}"
+    assert listing(tmp_path) == before, "an input changed or an output / temp file was left"
+    return line
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    p = tmp_path / "model.pt"
+    torch.save(small_state_dict(), p)
+    return p
+
+
+DIGITS_RECIPE = """\
+[task]
+name = "digits"
+hidden = 16
+
+[train]
+dense_steps = 1
+steps_per_stage = 1
+
+[prune]
+pattern = "balanced"
+sparsity = 0.5
+block_size = 16
+"""
+
+
+def recipe(tmp_path: Path, text: str = DIGITS_RECIPE, name: str = "r.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def set_key(text: str, table: str, line: str) -> str:
+    """``text`` with ``line`` added at the top of [table] (a later duplicate key is a TOML error)."""
+    head = f"[{table}]\n"
+    if head not in text:
+        return text + f"\n{head}{line}\n"
+    key = line.split("=")[0].strip()
+    kept = [ln for ln in text.splitlines() if not ln.startswith(f"{key} =")]
+    return "\n".join(kept).replace(head, head + line + "\n", 1) + "\n"
+
+
+# --------------------------------------------------------------------------- 3. non-regular files
+
+
+def test_prune_config_fifo_refused_without_hanging(tmp_path, ckpt):
+    os.mkfifo(tmp_path / "c.toml")
+    refused(tmp_path, ["prune", ckpt, "-s", "0.5", "--config", tmp_path / "c.toml", "-o", tmp_path / "o.safetensors"],
+            4, "FIFO")
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_prune_config_linked_to_a_device_refused(tmp_path, ckpt, device):
+    (tmp_path / "c.toml").symlink_to(device)
+    refused(tmp_path, ["prune", ckpt, "--config", tmp_path / "c.toml", "-o", tmp_path / "o.safetensors"], 4,
+            "character device")
+
+
+def test_sensitivity_config_fifo_refused(tmp_path, ckpt):
+    os.mkfifo(tmp_path / "c.toml")
+    refused(tmp_path, ["sensitivity", ckpt, "--config", tmp_path / "c.toml", "-o", tmp_path / "plan.toml"], 4, "FIFO")
+
+
+@pytest.mark.parametrize("command", ["finetune", "sweep", "sensitivity"])
+def test_recipe_fifo_refused(tmp_path, command):
+    os.mkfifo(tmp_path / "r.toml")
+    refused(tmp_path, [command, tmp_path / "r.toml", "--out" if command != "sensitivity" else "-o",
+                       tmp_path / "run"], 4, "FIFO")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom", "fifo-in-folder"])
+def test_recipe_init_not_a_regular_file_refused(tmp_path, kind):
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "init.pt")
+        init = "init.pt"
+    elif kind == "fifo-in-folder":
+        (tmp_path / "init").mkdir()
+        torch.save({"fc1.weight": torch.zeros(16, 64)}, tmp_path / "init" / "pytorch_model-1.bin")
+        os.mkfifo(tmp_path / "init" / "pytorch_model-2.bin")
+        init = "init"
+    else:
+        (tmp_path / "init.pt").symlink_to(kind)
+        init = "init.pt"
+    r = recipe(tmp_path, set_key(DIGITS_RECIPE, "train", f'init = "{init}"'))
+    line = refused(tmp_path, ["finetune", r, "--out", tmp_path / "run", "--device", "cpu"], 4, "init")
+    assert "FIFO" in line or "character device" in line
+
+
+def test_recipe_init_linking_out_of_its_folder_refused(tmp_path):
+    (tmp_path / "init").mkdir()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "elsewhere.bin")
+    (tmp_path / "init" / "pytorch_model.bin").symlink_to(tmp_path / "elsewhere.bin")
+    r = recipe(tmp_path, set_key(DIGITS_RECIPE, "train", 'init = "init"'))
+    refused(tmp_path, ["finetune", r, "--out", tmp_path / "run"], 4, "links outside")
+
+
+# --------------------------------------------------------------------------- 2. nesting bombs
+
+DEEP = 100_000
+NESTED_TOML = {
+    "array": "x = " + "[" * DEEP + "]" * DEEP + "\n",
+    "inline-table": "x = " + "{a = " * DEEP + "1" + "}" * DEEP + "\n",
+}
+
+
+@pytest.mark.parametrize("bomb", sorted(NESTED_TOML))
+def test_nested_prune_config_refused(cli, tmp_path, ckpt, bomb):
+    (tmp_path / "c.toml").write_text("[prune]\nsparsity = 0.5\n" + NESTED_TOML[bomb].replace("x =", "[bomb]\nx ="))
+    refused(tmp_path, ["prune", ckpt, "--config", tmp_path / "c.toml", "-o", tmp_path / "o.safetensors"], 4,
+            "nested", cli=cli)
+
+
+@pytest.mark.parametrize("bomb", sorted(NESTED_TOML))
+def test_nested_plan_given_to_sensitivity_refused(cli, tmp_path, ckpt, bomb):
+    (tmp_path / "plan.toml").write_text("[prune]\n" + NESTED_TOML[bomb].replace("x =", "include ="))
+    refused(tmp_path, ["sensitivity", ckpt, "--config", tmp_path / "plan.toml", "-o", tmp_path / "p2.toml"], 4,
+            "nested", cli=cli)
+
+
+@pytest.mark.parametrize("command", ["finetune", "sweep", "sensitivity"])
+def test_nested_recipe_refused(cli, tmp_path, command):
+    r = recipe(tmp_path, DIGITS_RECIPE.replace("hidden = 16", "hidden = 16\n" + NESTED_TOML["array"]))
+    refused(tmp_path, [command, r, "--out" if command != "sensitivity" else "-o", tmp_path / "run"], 4, "nested",
+            cli=cli)
+
+
+def test_nested_recipe_refused_by_the_pruner_api(tmp_path):
+    from balprune.errors import ConfigError
+    from balprune.finetune import Pruner
+
+    r = recipe(tmp_path, DIGITS_RECIPE + NESTED_TOML["inline-table"].replace("x =", "[bomb]\nx ="))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    with pytest.raises(ConfigError, match="nested") as info:
+        Pruner(model, r, every=1)
+    assert info.value.exit_code == 4
+
+
+# --------------------------------------------------------------------------- 4. bounded values: options
+
+
+@pytest.mark.parametrize("value", ["1000000000", "1e9", str(MAX_SCHEDULE_STEPS + 1), "9" * 5000])
+def test_prune_steps_bounded_as_a_usage_error(cli, tmp_path, ckpt, value):
+    line = refused(tmp_path, ["prune", ckpt, "-s", "0.5", "--steps", value, "-o", tmp_path / "o.safetensors"], 2,
+                   "--steps", cli=cli)
+    if value != "1e9":
+        assert str(MAX_SCHEDULE_STEPS) in line
+
+
+def test_prune_steps_at_the_bound_is_accepted_by_the_parser(tmp_path):
+    from balprune.config import parse_positive_int
+
+    assert parse_positive_int(str(MAX_SCHEDULE_STEPS), what="--steps") == MAX_SCHEDULE_STEPS
+
+
+@pytest.mark.parametrize("option,value,bound", [
+    ("--seed", str(2**63), str(2**63 - 1)),
+    ("--seed", "-1", ">= 0"),
+    ("--samples", str(1 << 40), str(1 << 16)),
+    ("--blocks", "9" * 30, "at most"),
+])
+def test_sensitivity_options_bounded(cli, tmp_path, ckpt, option, value, bound):
+    refused(tmp_path, ["sensitivity", ckpt, option, value, "-o", tmp_path / "p.toml"], 2, option, bound, cli=cli)
+
+
+# --------------------------------------------------------------------------- 4. bounded values: files
+
+
+def test_prune_config_steps_bounded_as_a_file_error(cli, tmp_path, ckpt):
+    (tmp_path / "c.toml").write_text("[prune]\nsparsity = 0.5\n[schedule]\nsteps = 1000000000\n")
+    refused(tmp_path, ["prune", ckpt, "--config", tmp_path / "c.toml", "-o", tmp_path / "o.safetensors"], 4,
+            "steps", str(MAX_SCHEDULE_STEPS), cli=cli)
+
+
+@pytest.mark.parametrize("table,line,mentions", [
+    ("schedule", "steps = 1000000000", ("steps", "10000")),
+    ("train", "seed = 9223372036854775808", ("seed", "9223372036854775807")),
+    ("train", "seed = -1", ("seed", ">= 0")),
+    ("train", "batch_size = 1000000000", ("batch_size", "65536")),
+    ("train", "dense_steps = 1000000000000", ("dense_steps", "10000000")),
+    ("train", "steps_per_stage = 1000000000000", ("steps_per_stage", "10000000")),
+    ("train", "lr = inf", ("lr", "finite")),
+    ("train", "momentum = nan", ("momentum", "finite")),
+    ("task", "hidden = 1000000000", ("hidden", "16384")),
+])
+def test_recipe_values_bounded_before_any_training(cli, tmp_path, table, line, mentions):
+    r = recipe(tmp_path, set_key(DIGITS_RECIPE, table, line))
+    start = time.monotonic()
+    refused(tmp_path, ["finetune", r, "--out", tmp_path / "run", "--device", "cpu"], 4, *mentions, cli=cli)
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("line,mentions", [
+    ("hidden = 100000000", ("hidden", "32768")),
+    ("layers = 100000", ("layers", "256")),
+    ("bptt = 1000000000000", ("bptt",)),
+    ("vocab_size = 1000000000000", ("vocab_size",)),
+    ("dropout = 2.0", ("dropout", "1.0")),
+])
+def test_lstm_task_sizes_bounded(cli, tmp_path, line, mentions):
+    text = DIGITS_RECIPE.replace('name = "digits"\nhidden = 16', f'name = "lstm-lm"\n{line}')
+    refused(tmp_path, ["finetune", recipe(tmp_path, text), "--out", tmp_path / "run"], 4, *mentions, cli=cli)
+
+
+def test_model_too_large_for_memory_refused_before_any_allocation(cli, tmp_path):
+    """Every size within its bound, the product not: 256 LSTM layers of 32768 (2.2e12 parameters)."""
+    text = DIGITS_RECIPE.replace('name = "digits"\nhidden = 16', 'name = "lstm-lm"\nhidden = 32768\nlayers = 256')
+    start = time.monotonic()
+    line = refused(tmp_path, ["finetune", recipe(tmp_path, text), "--out", tmp_path / "run"], 4, "parameters",
+                   "GiB", cli=cli)
+    assert "available" in line
+    assert time.monotonic() - start < 30
+
+
+def test_honest_recipe_still_parses(tmp_path):
+    from balprune.finetune.recipe import load_recipe
+
+    r = load_recipe(recipe(tmp_path, set_key(DIGITS_RECIPE, "train", f"seed = {2**63 - 1}")))
+    assert r.train.seed == 2**63 - 1
+    assert r.options.pattern.sparsity == 0.5
+
+
+# --------------------------------------------------------------------------- 3. task data files
+
+LM_RECIPE = """\
+[task]
+name = "lstm-lm"
+hidden = 16
+vocab_size = 50
+bptt = 5
+max_train_tokens = 200
+max_eval_tokens = 100
+
+[train]
+dense_steps = 1
+steps_per_stage = 1
+
+[prune]
+sparsity = 0.5
+blocks = 4
+"""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/urandom"])
+def test_ptb_data_file_not_regular_refused(tmp_path, kind):
+    data = tmp_path / "ptb"
+    data.mkdir()
+    for split in ("valid", "test"):
+        (data / f"ptb.{split}.txt").write_text("a b c d e f g\n" * 20)
+    if kind == "fifo":
+        os.mkfifo(data / "ptb.train.txt")
+    else:
+        (data / "ptb.train.txt").symlink_to(kind)
+    r = recipe(tmp_path, LM_RECIPE)
+    before = listing(data)
+    p = run_subprocess("finetune", r, "--data", data, "--out", tmp_path / "run", "--device", "cpu", timeout=TIMEOUT)
+    assert p.returncode == 4, p.stderr
+    line = one_error_line(p.stderr, p.stdout)
+    assert "ptb.train.txt" in line and ("FIFO" in line or "character device" in line)
+    assert listing(data) == before
+
+
+def test_image_that_is_a_fifo_refused(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog")):
+            (data / split / name).mkdir(parents=True)
+            px = torch.full((16, 16, 3), 40 * c, dtype=torch.uint8)
+            Image.fromarray(px.numpy()).save(data / split / name / "0.png")
+    os.mkfifo(data / "val" / "dog" / "1.png")  # every evaluation reads every val image
+    text = DIGITS_RECIPE.replace('name = "digits"\nhidden = 16',
+                                 'name = "vgg16"\nwidth = 0.03125\nimage_size = 32\nclassifier_hidden = 8')
+    r = recipe(tmp_path, text.replace("block_size = 16", "block_size = 4"))
+    before = listing(data)
+    p = run_subprocess("finetune", r, "--data", data, "--out", tmp_path / "run", "--device", "cpu", "--no-export",
+                       timeout=TIMEOUT)
+    assert p.returncode == 4, p.stderr
+    line = one_error_line(p.stderr, p.stdout)
+    assert "1.png" in line and "FIFO" in line
+    assert listing(data) == before
