@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -56,13 +57,25 @@ def refused(tmp_path: Path, args: list, code: int, *mentions: str, cli=None) -> 
         p = run_subprocess(*args, timeout=TIMEOUT, cwd=tmp_path)
         rc, stdout, stderr = p.returncode, p.stdout, p.stderr
     else:
-        r = cli(*args)
+        # In-process there is no subprocess timeout: an alarm turns a run that failed to refuse (and
+        # trains or hangs) into a failure instead of a stalled suite.
+        def too_long(signum, frame):
+            raise TimeoutError(f"balprune {args[0]} ran past {TIMEOUT} s instead of refusing")
+
+        previous = signal.signal(signal.SIGALRM, too_long)
+        signal.alarm(TIMEOUT)
+        try:
+            r = cli(*args)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
         rc, stdout, stderr = r.code, r.out, r.err
     assert time.monotonic() - start < TIMEOUT
     assert rc == code, (rc, stderr)
     line = one_error_line(stderr, stdout)
+    own = line.replace(str(tmp_path), "TMP")  # the test's folder name must not satisfy a mention
     for m in mentions:
-        assert m in line, f"{m!r} not in {line!r}"
+        assert m in own, f"{m!r} not in {line!r}"
     assert listing(tmp_path) == before, "an input changed or an output / temp file was left"
     return line
 

@@ -447,9 +447,9 @@ def test_manifest_geometry_beyond_the_stored_parts_refused(cli, made, tmp_path, 
 def test_unpack_checks_memory_before_densifying(cli, made, tmp_path, monkeypatch):
     """With less memory than a dense tensor needs, unpack refuses (exit 4, both figures) instead of
     allocating: the check reads the same MemAvailable figure as prune's preflight."""
-    import balprune.prune.engine as engine
+    import balprune.safeio as safeio
 
-    monkeypatch.setattr(engine, "_memory_available", lambda: 4096)
+    monkeypatch.setattr(safeio, "memory_available", lambda: 4096)
     c = Case(tmp_path, made["balanced"])
     line = c.run(cli, "unpack", 4, ("needs", "4.0 KiB of memory is available"))
     assert "fc1.weight" in line or "conv2.weight" in line or "fc2.weight" in line
@@ -485,12 +485,12 @@ def test_reference_module_refuses_a_hostile_file_before_densifying(lm_packed, tm
 
 
 def test_reference_module_checks_memory_of_each_dense_tensor(lm_packed, tmp_path, monkeypatch):
-    import balprune.prune.engine as engine
+    import balprune.safeio as safeio
     from balprune.formats.packed_file import read_packed
     from balprune.models import detect, reference_module
 
     pf = read_packed(lm_packed)
-    monkeypatch.setattr(engine, "_memory_available", lambda: 1024)
+    monkeypatch.setattr(safeio, "memory_available", lambda: 1024)
     with pytest.raises(InvalidInputError, match="needs .* of memory is available"):
         reference_module(pf, detect(pf))
 

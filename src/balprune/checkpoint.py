@@ -378,9 +378,7 @@ def _check_legacy_claims(f: BinaryIO, path: Path, size: int) -> None:
     if total > remaining:
         raise InvalidInputError(f"{path}: its storages claim {total} bytes; the file holds {remaining} bytes after "
                                 "its pickle")
-    from .prune.engine import _memory_available
-
-    avail = _memory_available()
+    avail = safeio.memory_available()
     if avail is not None and total > avail:
         raise InvalidInputError(f"{path}: a legacy (pre-zip) torch file is loaded whole: {total / 2**30:.1f} GiB, "
                                 f"{avail / 2**30:.1f} GiB is available",

@@ -119,6 +119,23 @@ def read_text(path: str | os.PathLike[str], what: str = "input", *, max_bytes: i
         raise InvalidInputError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
 
 
+def memory_available() -> int | None:
+    """Bytes this process may allocate: the kernel's MemAvailable estimate, else the physical memory,
+    else None (unknown: nothing to compare against). Every "does this claim fit in memory" check of a
+    file or option (bad-inputs item 30) compares against this one figure; tests patch it here."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def json_depth(text: str) -> int:
     """Deepest nesting of arrays and objects in JSON text (strings skipped; linear, no recursion)."""
     depth = deepest = 0

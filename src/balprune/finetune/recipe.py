@@ -115,7 +115,6 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"{where} [task] name: expected one of {', '.join(TASKS)}, got {name!r}")
     spec = TASKS[name]
     task_options = spec.parse_options({k: v for k, v in task_table.items() if k != "name"}, f"{where} [task]")
-    _check_model_fits(spec, task_options, where)
     train_table = data.get("train", {})
     if not isinstance(train_table, dict):
         raise ConfigError(f"{where}: [train] must be a table")
@@ -126,6 +125,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"{where} [train] optimizer: expected sgd or adam, got {train.optimizer!r}")
     if "finetune_lr" in train_table and train.finetune_lr < 0:
         raise ConfigError(f"{where} [train] finetune_lr: must be >= 0, got {train.finetune_lr!r}")
+    _check_model_fits(spec, task_options, train.optimizer, where)
     init_sha = ""
     if train.init:
         init = (path.parent / train.init).resolve()
@@ -140,19 +140,20 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(path, spec, task_options, train, prune_config, options, init_sha)
 
 
-def _check_model_fits(spec: TaskSpec, options: dict, where: str) -> None:
+def _check_model_fits(spec: TaskSpec, options: dict, optimizer: str, where: str) -> None:
     """ConfigError (exit 4) when the model these options build cannot be trained in this machine's memory.
 
-    Counted before any data is read or tensor allocated: fp32 weights, gradients and up to two
-    optimizer moments (Adam), 16 bytes a parameter; activations come on top.
+    Counted before any data is read or tensor allocated: fp32 weights, gradients and the
+    optimizer's state (SGD's momentum: 12 bytes a parameter; Adam's two moments: 16); activations
+    come on top, so this refuses only what cannot possibly run.
     """
     if spec.model_params is None:
         return
-    from ..prune.engine import _memory_available
+    from .. import safeio
 
     params = spec.model_params(options)
-    need = 16 * params
-    avail = _memory_available()
+    need = (16 if optimizer == "adam" else 12) * params
+    avail = safeio.memory_available()
     if avail is not None and need > avail:
         raise ConfigError(f"{where} [task]: the {spec.name} model has {params:,} parameters; training it needs about "
                           f"{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB is available",

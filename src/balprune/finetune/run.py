@@ -233,18 +233,35 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A run's checkpoint.pt (or a sweep's dense.pt), read as every user torch file is
+    (checkpoint.load_torch_file: regular files only, storage claims checked, weights_only, signals
+    passed through); InvalidInputError (exit 4) for anything that is not one of balprune's."""
+    from ..checkpoint import load_torch_file
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file: whatever torch raises
-        raise InvalidInputError(f"{path}: not a readable fine-tuning checkpoint ({type(exc).__name__}: {exc})",
+        state = load_torch_file(path)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{path}: not a readable fine-tuning checkpoint ({exc.one_line()})",
                                 hint="delete it, or pass --force to start over") from None
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
         raise InvalidInputError(f"{path}: not a balprune fine-tuning checkpoint")
+    if not isinstance(state.get("history"), str):
+        raise InvalidInputError(f"{path}: the checkpoint's history is not a JSON string")
     return state
 
 
+_STAGE_FIELDS = set(StageResult.__dataclass_fields__)
+
+
 def _history(state: dict) -> list[StageResult]:
-    return [StageResult(**s) for s in json.loads(state["history"])]
+    """The checkpoint's stage history (a JSON list of StageResult objects), every entry's keys checked."""
+    from ..safeio import loads_json
+
+    items = loads_json(state["history"], "checkpoint history")
+    if not isinstance(items, list) or not all(isinstance(s, dict) and set(s) == _STAGE_FIELDS for s in items):
+        raise InvalidInputError(f"checkpoint history: expected a list of stage records with the fields "
+                                f"{', '.join(sorted(_STAGE_FIELDS))}")
+    return [StageResult(**s) for s in items]
 
 
 def _checkpoint_state(session: Session, pruner: Pruner, recipe: Recipe, task: Task, stage: int, global_step: int,

@@ -16,7 +16,6 @@ Variants: ``balanced`` once per --blocks / --block-sizes value (the balance rang
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -224,9 +223,14 @@ def _point_recipe(recipe: Recipe, v: Variant, s: float) -> Recipe:
 
 def _finished(run_dir: Path, key: str) -> dict | None:
     """The metrics of a finished run of this point's recipe; None when it has not finished."""
-    try:
-        d = json.loads((run_dir / METRICS).read_text())
-    except (OSError, ValueError):
+    from ..safeio import loads_json, read_text
+
+    path = run_dir / METRICS
+    if not path.exists():
+        return None
+    try:  # a damaged (or hostile) metrics file means "not finished": the point runs again
+        d = loads_json(read_text(path, "metrics file"), str(path))
+    except InvalidInputError:
         return None
     if not isinstance(d, dict) or not d.get("done"):
         return None

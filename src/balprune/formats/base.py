@@ -3,7 +3,6 @@ memory check every allocation a packed file asks for goes through."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,17 +66,11 @@ def positive_int(v, what: str) -> int:
 
 
 def memory_available() -> int:
-    """Bytes this process may allocate: the kernel's MemAvailable estimate (prune's preflight reads
-    the same figure), else the physical memory."""
-    from ..prune.engine import _memory_available
+    """Bytes this process may allocate (safeio.memory_available; unknown: no limit to compare against)."""
+    from .. import safeio
 
-    avail = _memory_available()
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 1 << 62  # unknown: nothing to compare against
-    return avail
+    avail = safeio.memory_available()
+    return avail if avail is not None else 1 << 62
 
 
 def human(nbytes: int) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, safeio
 from ..checkpoint import Checkpoint
 from ..config import PruneOptions, UnstructuredPattern, UnstructuredScope
 from ..container import AtomicOutput, StreamingWriter, check_not_an_input, verify_written
@@ -168,17 +168,6 @@ def sparsity_totals(plans: list[TensorPlan]) -> tuple[float | None, float | None
     return sum(p.requested * p.source.numel for p in targets) / n, removed / n, removed / every if every else 0.0
 
 
-def _memory_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def preflight(plans: list[TensorPlan], output: Path, memory_available: int | None = None,
               disk_free: int | None = None) -> None:
     """Refuse early when memory or disk clearly cannot hold the run.
@@ -190,7 +179,7 @@ def preflight(plans: list[TensorPlan], output: Path, memory_available: int | Non
     # Per tensor: the tensor, its float copy for ranking keys (chunked), the dense-with-zeros
     # copy and the packed parts; 4x plus the key chunk budget covers it.
     need = 4 * largest + (768 << 20)
-    avail = memory_available if memory_available is not None else _memory_available()
+    avail = memory_available if memory_available is not None else safeio.memory_available()
     if avail is not None and largest and need > avail:
         raise InvalidInputError(
             f"the largest tensor ({largest / 2**30:.1f} GiB) needs about {need / 2**30:.1f} GiB to prune; "

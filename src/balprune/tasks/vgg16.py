@@ -53,12 +53,15 @@ def build_vgg16(num_classes: int, width: float, classifier_hidden: int, image_si
 
 
 def _load_image(path: str):
-    """An RGB PIL image from a regular file (a FIFO or device named like an image is refused, exit 4)."""
+    """An RGB PIL image from a regular file (a FIFO or device named like an image is refused, exit 4;
+    so is an image PIL refuses as a decompression bomb)."""
     from PIL import Image
 
     with safeio.open_regular(path, "--data image") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
+        try:
+            return Image.open(f).convert("RGB")
+        except Image.DecompressionBombError as exc:
+            raise InvalidInputError(f"--data image {path}: {exc}") from None
 
 
 class Vgg16Task(Task):
