@@ -221,3 +221,19 @@ def test_console_script_help_and_version():
     assert r.returncode == 0
     for cmd in ("prune", "unpack", "verify", "inspect", "example"):
         assert cmd in r.stdout
+
+
+def test_safetensors_written_by_balprune_say_format_pt(cli, small_pt, tmp_path):
+    """transformers (and other readers) refuse a safetensors file whose metadata "format" is not one they
+    know: unpack's output and example's .safetensors carry format=pt beside balprune's own keys."""
+    from safetensors import safe_open
+
+    packed, dense, ex = tmp_path / "p.safetensors", tmp_path / "d.safetensors", tmp_path / "e.safetensors"
+    assert cli("prune", small_pt, "-s", "0.5", "--blocks", "4", "-o", packed).code == 0
+    assert cli("unpack", packed, "-o", dense).code == 0
+    assert cli("example", "tiny-cnn", "-o", ex).code == 0
+    with safe_open(dense, "pt") as f:
+        md = f.metadata()
+    assert md["format"] == "pt" and md["balprune"] == "unpacked" and len(md["source_sha256"]) == 64
+    with safe_open(ex, "pt") as f:
+        assert f.metadata()["format"] == "pt"

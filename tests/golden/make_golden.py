@@ -18,7 +18,6 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 from balprune.checkpoint import open_checkpoint  # noqa: E402
 from balprune.config import BalancedPattern, BlockPattern, PruneOptions, UnstructuredPattern  # noqa: E402
 from balprune.prune.engine import prune_checkpoint  # noqa: E402
-from balprune.save import save_state_dict  # noqa: E402
 
 
 def source_state_dict() -> dict[str, torch.Tensor]:
@@ -44,9 +43,23 @@ GOLDEN = {
 }
 
 
+def _write_source(sd, path: Path) -> None:
+    """The golden files' input, byte for byte as they were made (no metadata): its sha256 is in every
+    golden manifest, so it must not follow save_state_dict's metadata (which gained format=pt)."""
+    from balprune.container import AtomicOutput, PlannedTensor, StreamingWriter, dtype_code
+
+    with AtomicOutput(path, force=True) as out:
+        writer = StreamingWriter(out.file, [PlannedTensor(n, dtype_code(t.dtype, name=n), tuple(t.shape))
+                                            for n, t in sd.items()], {})
+        for n, t in sd.items():
+            writer.write(n, t)
+        writer.finish()
+        out.commit()
+
+
 def write_all(folder: Path) -> None:
     src = folder / "source.safetensors"
-    save_state_dict(source_state_dict(), src, force=True)
+    _write_source(source_state_dict(), src)
     for name, options in GOLDEN.items():
         prune_checkpoint(open_checkpoint(src), folder / f"{name}.safetensors", options, force=True)
 

@@ -203,7 +203,7 @@ def unpack(path: str | Path, output: Path, *, force: bool = False) -> int:
         entry = pf.manifest["tensors"][target]
         plan.append(container.PlannedTensor(alias, entry["dtype"], tuple(entry["shape"])))
     with container.AtomicOutput(Path(output), force=force) as out:
-        writer = container.StreamingWriter(out.file, plan, {"format": "balprune.unpacked",
+        writer = container.StreamingWriter(out.file, plan, {"format": "pt", "balprune": "unpacked",
                                                           "source_sha256": pf.manifest["source"]["sha256"]})
         for name, data in iter_unpacked(pf):
             writer.write(name, data)
