@@ -1,15 +1,17 @@
 """One exception hierarchy for balprune; every error carries the exit code the CLI returns.
 
-The exit-code contract (README, "Exit codes") lives here and nowhere else:
+The exit codes are defined here (one class per code); README's "Exit codes" table lists every
+case each one covers, and must name a case before code raises it:
 
     0  ok
     1  benchmark regression found (``compare``)
-    2  usage error (bad option value, before any file is opened)
-    3  refused for safety (pickle payloads, output path equal to an input)
-    4  invalid or unsupported input (checkpoint, packed file, config)
-    5  output error (cannot write, disk full, output exists without --force)
+    2  usage error (a bad option value or combination, two outputs on one file: before any file is opened)
+    3  refused for safety (pickle payloads, an output that is an input)
+    4  invalid or unsupported input (checkpoint, packed file, config, recipe, report; non-regular files,
+       nesting and size bombs; a shortfall under --strict)
+    5  output error (cannot write, disk full, output exists without --force, non-regular output)
     6  no usable GPU
-    7  GPU runtime failure
+    7  GPU runtime failure (one of balprune's own paths; a failing peer library is not one)
     70 internal error (a bug: please report it)
     130 interrupted (SIGINT), 143 terminated (SIGTERM)
 """
