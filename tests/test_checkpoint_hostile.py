@@ -379,3 +379,19 @@ def test_signal_during_claim_scan_is_not_a_corrupt_file(cli, tmp_path, monkeypat
     monkeypatch.setattr(checkpoint._DryRun, "persistent_load", interrupted)
     src = small_pt(tmp_path)
     refused(tmp_path, ["prune", src, "-s", "0.5"], 143, "interrupted", cli=cli)
+
+
+@pytest.mark.parametrize("names", [["w\udc80"], ["a", "__metadata__"], ["a", "b::values"], ["a", "b\udc80"]],
+                         ids=["surrogate", "reserved-alias", "separator-alias", "surrogate-alias"])
+def test_names_balprune_cannot_write_are_refused_aliases_included(cli, tmp_path, names):
+    """Every tensor name, tied aliases included (two names, one storage), passes the one name rule
+    (container.check_tensor_name) before anything is written: never exit 70, never a file verify refuses."""
+    t = torch.randn(8, 32)
+    src = tmp_path / "m.pt"
+    torch.save({n: t for n in names}, src)
+    before = src.read_bytes()
+    out = tmp_path / "o.safetensors"
+    r = cli("prune", src, "-s", "0.5", "--blocks", "4", "-o", out)
+    assert r.code == 4 and r.err.startswith("balprune: error: ") and r.err.count("\n") == 1, r
+    assert ascii(names[-1])[1:-1] in r.err or names[-1] in r.err, r.err
+    assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]

@@ -83,16 +83,19 @@ def test_bench_without_a_gpu_exits_6_with_one_line(cli):
 
 # --------------------------------------------------------------------------- kernels: never check nothing
 
-@pytest.mark.parametrize("named", [["cublas"], ["balanced", "balanc"], ["dense", "CSR"]])
-def test_a_kernel_no_report_holds_is_a_usage_error_naming_those_they_hold(cli, tmp_path, named):
+@pytest.mark.parametrize("named", [["cublas"], ["balanced", "balanc"], ["dense", "CSR"], ["csr"]])
+def test_a_kernel_the_base_report_lacks_is_a_usage_error_naming_those_it_holds(cli, tmp_path, named):
+    """The baseline decides what can be compared: a typo, or a kernel only the new report holds (csr here:
+    all of its measurements would be "new", nothing compared), must not let a CI job pass."""
     base = _write(tmp_path / "a.json", [_m(), _m(kernel="dense", median=50)])
     new = _write(tmp_path / "b.json", [_m(), _m(kernel="csr", median=70)])
     r = cli("compare", base, new, *[x for k in named for x in ("--kernel", k)])
     assert r.code == 2, r
     assert r.err.startswith("balprune: error: --kernel ") and r.err.count("\n") == 1
-    assert "they hold: balanced, csr, dense" in r.err
-    unknown = [k for k in named if k not in ("balanced", "csr", "dense")]
+    assert "the base report holds: balanced, dense" in r.err
+    unknown = [k for k in named if k not in ("balanced", "dense")]
     assert all(repr(k) in r.err for k in unknown) and r.out == ""
+    assert ("only in the new report" in r.err) == (named == ["csr"])
 
 
 def test_a_kernel_one_report_holds_is_compared(cli, tmp_path):
@@ -108,7 +111,7 @@ def test_reports_without_balprunes_kernels_need_kernel_named(cli, tmp_path):
     base = _write(tmp_path / "a.json", [_m(kernel="dense", median=50)])
     new = _write(tmp_path / "b.json", [_m(kernel="dense", median=90)])
     r = cli("compare", base, new)
-    assert r.code == 2 and "they hold: dense" in r.err and "--kernel" in r.err and r.err.count("\n") == 1, r
+    assert r.code == 2 and "it holds: dense" in r.err and "--kernel" in r.err and r.err.count("\n") == 1, r
     assert cli("compare", base, new, "--kernel", "dense").code == 1  # named: it is compared (and slower)
 
 
@@ -116,7 +119,7 @@ def test_reports_without_measurements_are_refused(cli, tmp_path):
     base = _write(tmp_path / "a.json", [])
     new = _write(tmp_path / "b.json", [])
     r = cli("compare", base, new)
-    assert r.code == 4 and "neither report holds a measurement" in r.err and r.err.count("\n") == 1, r
+    assert r.code == 4 and "the base report holds no measurement" in r.err and r.err.count("\n") == 1, r
 
 
 # --------------------------------------------------------------------------- devices
@@ -175,7 +178,7 @@ def test_untimed_baseline_is_not_a_baseline(cli, tmp_path):
     base = _write(tmp_path / "a.json", [untimed])
     assert json.loads(base.read_text())["measurements"][0]["median_us"] is None  # JSON has no NaN
     new = _write(tmp_path / "b.json", [_m()])
-    data = json.loads(cli("compare", base, new, "--json").out)
-    assert [(c["status"], c["base_us"], c["new_us"]) for c in data["changes"]] == [("new", None, 10.0)]
+    r = cli("compare", base, new, "--json")  # nothing timed in the base: nothing could be compared
+    assert r.code == 4 and "nothing was compared" in r.err and r.err.count("\n") == 1 and r.out == "", r
     data = json.loads(cli("compare", new, base, "--json").out)
     assert [(c["status"], c["base_us"], c["new_us"]) for c in data["changes"]] == [("incorrect", 10.0, None)]

@@ -573,7 +573,7 @@ def test_csr_wider_than_int32_columns_checked_exactly(cli, tmp_path, width, cols
         assert r.code == 0, r
 
 
-def test_load_model_refuses_weights_beyond_the_requested_dtype_before_the_gpu(tmp_path):
+def test_load_model_refuses_weights_beyond_the_requested_dtype_before_the_gpu(cli, tmp_path):
     """An fp32 weight of 7e4 is inf in float16: refused with the figure (exit 4) before any GPU probe,
     not reported later as non-finite stored values; bfloat16 holds it and goes on to the probe."""
     from balprune.examples import LstmLanguageModel
@@ -592,3 +592,6 @@ def test_load_model_refuses_weights_beyond_the_requested_dtype_before_the_gpu(tm
     if gpu_skip_reason() is not None:
         with pytest.raises(NoGpuError):
             load_model(out, dtype="bfloat16")
+    # bench --model checks every requested dtype in its one pass before the GPU (and before any timing)
+    r = cli("bench", out, "--model", "--dtype", "float32,float16")
+    assert r.code == 4 and "exceed float16's largest finite value" in r.err and r.err.count("\n") == 1, r

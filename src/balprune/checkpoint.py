@@ -42,8 +42,6 @@ import torch
 from . import container, safeio
 from .errors import BalpruneError, InvalidInputError, UnsafeInputError
 
-RESERVED_SEPARATOR = "::"
-
 
 @dataclass(frozen=True)
 class SourceTensor:
@@ -84,11 +82,9 @@ class Checkpoint:
         return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
     def _check_names(self) -> None:
-        for t in self.tensors:
-            if RESERVED_SEPARATOR in t.name or t.name == "__metadata__":
-                raise InvalidInputError(
-                    f"tensor {t.name!r}: names containing '::' or named __metadata__ are reserved by the packed format"
-                )
+        """Every tensor and alias name is one balprune can write (container.check_tensor_name)."""
+        for name in [t.name for t in self.tensors] + list(self.aliases):
+            container.check_tensor_name(name, f"{self.display}")
 
 
 def _file_sha256(path: Path) -> str:

@@ -109,11 +109,37 @@ class ParsedFile:
         raise KeyError(name)
 
 
+#: Names no tensor may have: safetensors' metadata key, and any name holding balprune's part separator
+#: (a packed tensor's parts are stored as ``<tensor>::<part>``: such a name could collide with a part).
+RESERVED_NAME = "__metadata__"
+PART_SEPARATOR = "::"
+
+
+def check_tensor_name(name: object, where: str, error: type[InvalidInputError] = InvalidInputError) -> str:
+    """``name`` if balprune may read and write it as a tensor name; ``error`` (exit 4) naming ``where`` otherwise.
+
+    The one rule for every name going into or coming out of a file: a string, Unicode text (a lone
+    surrogate, which pickles and JSON escapes can carry, cannot be written as UTF-8), not
+    ``__metadata__``, without the part separator ``::``.
+    """
+    if not isinstance(name, str):
+        raise error(f"{where}: tensor names must be strings, got {type(name).__name__}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{where}: tensor name {ascii(name)[:80]} is not Unicode text (a lone surrogate)") from None
+    if name == RESERVED_NAME:
+        raise error(f"{where}: a tensor may not be named {RESERVED_NAME!r} (reserved by safetensors)")
+    if PART_SEPARATOR in name:
+        raise error(f"{where}: tensor name {short_repr(name)} holds {PART_SEPARATOR!r}, the packed format's part separator")
+    return name
+
+
 def _bad(path: Path, what: str) -> InvalidInputError:
     return InvalidInputError(f"{path}: not a valid safetensors file: {what}")
 
 
-def _short(v: object) -> str:
+def short_repr(v: object) -> str:
     """A value for an error line: repr, cut to 60 characters (a hostile field can be megabytes)."""
     r = repr(v)
     return r if len(r) <= 60 else r[:57] + "..."
@@ -164,22 +190,22 @@ def parse_file(path: str | os.PathLike[str]) -> ParsedFile:
             raise _bad(p, "__metadata__ is not an object")
         for k, v in metadata.items():
             if not isinstance(v, str):
-                raise _bad(p, f"__metadata__[{_short(k)}] is not a string")
+                raise _bad(p, f"__metadata__[{short_repr(k)}] is not a string")
 
     data_start = 8 + n
     buffer_len = size - data_start
     entries: list[TensorEntry] = []
     for name, info in header.items():
-        where = f"tensor {_short(name)}"
+        where = f"tensor {short_repr(name)}"
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _bad(p, f"{where}: entry must hold exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-            raise _bad(p, f"{where}: unknown dtype {_short(dtype)}")
+            raise _bad(p, f"{where}: unknown dtype {short_repr(dtype)}")
         if not isinstance(shape, list) or not all(_strict_int(d) and 0 <= d <= INT64_MAX for d in shape):
-            raise _bad(p, f"{where}: shape must be a list of integers in [0, 2^63), got {_short(shape)}")
+            raise _bad(p, f"{where}: shape must be a list of integers in [0, 2^63), got {short_repr(shape)}")
         if math.prod(d for d in shape if d) > INT64_MAX:  # torch could not even describe it
-            raise _bad(p, f"{where}: shape {_short(shape)} has more than 2^63 elements")
+            raise _bad(p, f"{where}: shape {short_repr(shape)} has more than 2^63 elements")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -418,15 +444,18 @@ class AtomicOutput:
             raise _output_error(self.final_path, exc) from exc
 
 
-def check_output_path(path: Path, *, force: bool = False) -> None:
+def check_output_path(path: Path | None, *, force: bool = False) -> None:
     """OutputError (exit 5) unless ``path`` may receive an output file: its folder exists; the path
-    does not exist, or (with ``force``) is a regular file or a link to one.
+    does not exist, or (with ``force``) is a regular file or a link to one. ``None`` (an optional
+    output not asked for) passes. Commands call it for every output before any long work.
 
     An existing path that is not a regular file once links are followed (a FIFO, /dev/null, a
     device node, a socket, a folder, or a link to one of those) is never replaced, with or without
     ``force``: replacing the link or node would break whatever it stands for, and nothing is ever
     opened there. Only stat is used: nothing at ``path`` is opened.
     """
+    if path is None:
+        return
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():

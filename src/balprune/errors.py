@@ -5,7 +5,8 @@ case each one covers, and must name a case before code raises it:
 
     0  ok
     1  benchmark regression found (``compare``)
-    2  usage error (a bad option value or combination, two outputs on one file: before any file is opened)
+    2  usage error (a bad option value or combination, two outputs on one file; before any file is opened
+       where it can be: a --kernel is checked against the base report, a pattern option against --config)
     3  refused for safety (pickle payloads, an output that is an input)
     4  invalid or unsupported input (checkpoint, packed file, config, recipe, report; non-regular files,
        nesting and size bombs; a shortfall under --strict)

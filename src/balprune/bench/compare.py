@@ -42,24 +42,31 @@ def held_kernels(*reports: BenchReport) -> list[str]:
 
 
 def resolve_kernels(base: BenchReport, new: BenchReport, named: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The kernels to compare: ``named`` (``--kernel``), each of which one of the reports must hold
-    (UsageError, exit 2, naming the kernels they hold, otherwise: a typo must not make CI check
-    nothing); with none named, those of DEFAULT_KERNELS the reports hold (UsageError when they hold
-    none of them; InvalidInputError, exit 4, when they hold no measurement at all)."""
-    held = held_kernels(base, new)
+    """The kernels to compare. The baseline decides what can be compared: ``named`` (``--kernel``) must
+    each be held by the base report (UsageError, exit 2, naming the kernels it holds otherwise: a typo,
+    or a kernel only the new report has, must not make CI check nothing); with none named, those of
+    DEFAULT_KERNELS the base holds (UsageError when it holds none of them; InvalidInputError, exit 4,
+    when the base holds no measurement at all)."""
+    held = held_kernels(base)
     if not held:
-        raise InvalidInputError("nothing to compare: neither report holds a measurement")
+        raise InvalidInputError("nothing to compare: the base report holds no measurement")
     if named:
         unknown = [k for k in dict.fromkeys(named) if k not in held]
         if unknown:
-            raise UsageError(f"--kernel {', '.join(map(repr, unknown))}: in neither report; "
-                             f"they hold: {', '.join(held)}")
+            only_new = [k for k in unknown if k in held_kernels(new)]
+            where = "only in the new report, with no baseline" if len(only_new) == len(unknown) else "not in the base report"
+            raise UsageError(f"--kernel {', '.join(map(repr, unknown))}: {where}; the base report holds: {', '.join(held)}")
         return tuple(dict.fromkeys(named))
     ours = tuple(k for k in DEFAULT_KERNELS if k in held)
     if not ours:
-        raise UsageError(f"neither report holds one of balprune's kernels ({', '.join(DEFAULT_KERNELS)}); "
-                         f"they hold: {', '.join(held)}", hint="name the kernels to compare with --kernel")
+        raise UsageError(f"the base report holds none of balprune's kernels ({', '.join(DEFAULT_KERNELS)}); "
+                         f"it holds: {', '.join(held)}", hint="name the kernels to compare with --kernel")
     return ours
+
+
+def compared(changes: list[Change]) -> int:
+    """How many changes compared two timings or found a regression (everything but "new")."""
+    return sum(c.status != "new" for c in changes)
 
 
 def device_name(report: BenchReport) -> str:

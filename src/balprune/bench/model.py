@@ -71,16 +71,16 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                 modes: tuple[str, ...] = ("hot", "cold"), graph: bool = True, iters: int = 100, frames: int = 50,
                 device: int = 0, paths: str = "auto", progress: Progress | None = None) -> BenchReport:
     """Benchmark the packed model at ``path`` end to end (see module doc). The file is verified
-    completely and its architecture recognised first (FormatError / InvalidInputError, exit 4,
-    before any GPU is looked for); then NoGpuError without a GPU, GpuRuntimeError on a CUDA failure."""
-    from ..formats.packed_file import verify_packed
-    from ..models import detect, reference_module, reference_outputs, sample_inputs
+    completely, its weights checked against every requested dtype's range and its architecture
+    recognised first, in one pass (runtime.model.preflight: exit 4 before any GPU is looked for); then
+    NoGpuError without a GPU, GpuRuntimeError on a CUDA failure."""
+    from ..models import reference_module, reference_outputs, sample_inputs
     from ..runtime import _gpu
     from ..runtime.measure import free_device_memory, gpu_failures
-    from ..runtime.model import load_model
+    from ..runtime.model import load_model, preflight
 
-    pf = verify_packed(path)
-    arch = detect(pf)
+    checked = preflight(path, dtypes)
+    pf, arch = checked
     _gpu.require_device(device)
     inputs = sample_inputs(arch, frames=frames)
     say = progress or (lambda _m: None)
@@ -98,7 +98,8 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
             flush = s.timer.read_launch(4 * s.timer.info.l2_bytes)
             for dtype in dtypes:
                 say(f"{dtype}: building the runtime (measuring each layer's paths)")
-                rt = load_model(path, dtype=dtype, device=device, paths=paths, frames=frames, progress=say)
+                rt = load_model(path, dtype=dtype, device=device, paths=paths, frames=frames, progress=say,
+                                checked=checked)
                 unit = rt.unit
                 with quiet_libraries():
                     tm = reference_module(pf, arch, dtype={"float32": torch.float32, "float16": torch.float16,

@@ -24,9 +24,10 @@ from ..config import (
     parse_sparsity,
     prune_options_from_config,
 )
+from ..container import check_output_path
 from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, InvalidInputError, UsageError
 from . import render
-from .options import check_output_path, csv_items, parse_int_list, parse_sparsity_list, usage
+from .options import csv_items, parse_int_list, parse_sparsity_list, usage
 
 app = typer.Typer(
     name="balprune",
@@ -236,7 +237,7 @@ def compare(
                                                callback=usage(lambda v: parse_sparsity(v, what="--max-slowdown")),
                                                help="Allowed slowdown as a fraction of the baseline (0.10 = 10%)."),
     kernel: List[str] = typer.Option([], "--kernel",
-                                     help="Kernels to compare (repeatable; each must be in a report, else exit 2; "
+                                     help="Kernels to compare (repeatable; each must be in the base report, else exit 2; "
                                           "default: balprune's own: balanced and bsr layers, balprune for a model "
                                           "report's whole model)."),
     allow_device_change: bool = typer.Option(False, "--allow-device-change",
@@ -246,7 +247,7 @@ def compare(
 ) -> None:
     """Compare two benchmark reports; exit 1 if anything got slower beyond the bound, went missing or failed
     its gate. Prints one summary line when nothing regressed, else the table of every compared measurement."""
-    from ..bench.compare import compare_reports, device_change, regressions, resolve_kernels
+    from ..bench.compare import compare_reports, compared, device_change, regressions, resolve_kernels
     from ..bench.report import load_report
 
     b, n = load_report(base), load_report(new)
@@ -258,6 +259,9 @@ def compare(
     notes = () if change is None else (f"devices differ (--allow-device-change): {change}",)
     changes = compare_reports(b, n, max_slowdown=max_slowdown, kernels=kernels)
     bad = regressions(changes)
+    if not compared(changes):
+        raise InvalidInputError(f"nothing was compared: the base report has no timed measurement of "
+                                f"{', '.join(kernels)} (every one failed its gate)", hint="bench a new baseline")
     if as_json:
         typer.echo(json.dumps({"schema": "balprune.compare/1", "max_slowdown": max_slowdown,
                                "kernels": list(kernels), "device_change": change,
@@ -323,7 +327,7 @@ def bench(
     from ..iopaths import check_io
 
     check_io(inputs=[("packed file", packed)], outputs=[("--json", json_out)])
-    check_output_path(json_out)
+    check_output_path(json_out, force=True)  # a report is replaced, as it always was
     err = render.console(stderr=True)
     if model:
         _bench_model(packed, batch=batch, layer=layer, no_peers=no_peers, modes=_modes(cold, hot), iters=iters,
@@ -390,7 +394,7 @@ def bench_sweep(
 
     check_io(outputs=[("--json", json_out), ("--plot", plot)])
     for out in (json_out, plot):
-        check_output_path(out)
+        check_output_path(out, force=True)
     if plot is not None:
         try:
             import matplotlib  # noqa: F401 - checked before the run, not after it

@@ -1,19 +1,18 @@
-"""Option parsing shared by the commands: strict parsers as Click callbacks, output checks.
+"""Option parsing shared by the commands: strict parsers as Click callbacks.
 
 Every parser raises UsageError on a bad value; ``usage`` turns it into typer.BadParameter, so a
-bad option is a usage error (exit 2) before any file is opened. ``check_output_path`` fails
-before a long run, not after it, when an output file could not be written.
+bad option is a usage error (exit 2) before any file is opened. (Output paths are checked by
+container.check_output_path, before any long run.)
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import typer
 
 from ..config import parse_block_shape, parse_positive_int, parse_sparsity
-from ..errors import OutputError, UsageError
+from ..errors import UsageError
 
 _FLOAT = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
@@ -66,13 +65,3 @@ def parse_tolerance(text: str) -> float:
     return float(s)
 
 
-def check_output_path(path: Path | None, *, force: bool = True) -> None:
-    """Fail before a long run, not after it, when an output file could not be written."""
-    if path is None:
-        return
-    if not path.parent.is_dir():
-        raise OutputError(f"output folder {path.parent} does not exist")
-    if path.is_dir():
-        raise OutputError(f"output path {path} is a folder")
-    if path.exists() and not force:
-        raise OutputError(f"{path} exists", hint="pass --force to replace it")

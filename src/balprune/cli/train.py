@@ -20,10 +20,10 @@ from ..config import (
     parse_positive_int,
     prune_options_from_config,
 )
+from ..container import check_output_path
 from ..errors import ConfigError, Interrupted, UsageError
 from . import render, render_train
 from .options import (
-    check_output_path,
     csv_items,
     parse_int_list,
     parse_shape_list,

@@ -143,15 +143,21 @@ def summarize(pf: PackedFile) -> list[LayerSummary]:
     return rows
 
 
-def verify_packed(path: str | Path, progress=None) -> PackedFile:
+def verify_packed(path: str | Path, progress=None, each=None) -> PackedFile:
     """Check every invariant of a packed file (FORMAT.md, "What verify checks"): ``read_packed``,
     then ``PackedFile.load`` of every tensor (its complete check). FormatError / InvalidInputError
-    (exit 4) naming the first failure; the one validator bench, unpack and the runtimes rely on."""
+    (exit 4) naming the first failure; the one validator bench, unpack and the runtimes rely on.
+
+    ``each(name, obj)``, when given, sees every loaded tensor (dense ones too) in the same pass, for a
+    consumer's own checks (the model runtime's dtype range) without reading the file twice."""
     pf = read_packed(path)
     names = pf.names()
     for i, name in enumerate(names):
-        if pf.manifest["tensors"][name]["pattern"] != "dense":  # dense: dtype, shape, span checked by read_packed
-            pf.load(name)
+        # dense entries: dtype, shape and span are checked by read_packed; loaded only for ``each``
+        if each is not None or pf.manifest["tensors"][name]["pattern"] != "dense":
+            obj = pf.load(name)
+            if each is not None:
+                each(name, obj)
         if progress:
             progress(i + 1, len(names), name)
     return pf

@@ -18,11 +18,15 @@ import enum
 import json
 import math
 
+from ..container import PART_SEPARATOR as _PART_SEPARATOR
+from ..container import RESERVED_NAME as _RESERVED_NAME
+from ..container import check_tensor_name as _check_name
+from ..container import short_repr
 from ..errors import FormatError, InvalidInputError
 
 FORMAT_NAME = "balprune.packed"
 FORMAT_VERSION = "1"
-PART_SEPARATOR = "::"
+PART_SEPARATOR = _PART_SEPARATOR  # the container owns the rule; re-exported for readers of the format
 
 
 class Layout(str, enum.Enum):
@@ -76,7 +80,7 @@ INT_MAX = 2**63 - 1
 #: Longest informational string (tool_version, source name, options' strings, a dense entry's reason).
 MAX_TEXT = 4096
 #: A tensor may not be named this (safetensors' metadata key).
-RESERVED_NAME = "__metadata__"
+RESERVED_NAME = _RESERVED_NAME
 
 
 def _is_int(v: object) -> bool:
@@ -124,23 +128,9 @@ def req_text(v: object, what: str, *, empty: bool = True) -> str:
     return v
 
 
-def short_repr(v: object) -> str:
-    """A value for an error line: repr, cut to 60 characters (a hostile field can be megabytes)."""
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
 def check_tensor_name(name: object, where: str) -> str:
-    """A manifest tensor or alias name: a string, not ``__metadata__``, without the part separator
-    ``::`` (a name holding it could be mistaken for, or collide with, another tensor's part)."""
-    if not isinstance(name, str):
-        raise FormatError(f"{where}: tensor names must be strings, got {type(name).__name__}")
-    if name == RESERVED_NAME:
-        raise FormatError(f"{where}: a tensor may not be named {RESERVED_NAME!r} (reserved by safetensors)")
-    if PART_SEPARATOR in name:
-        raise FormatError(f"{where}: tensor name {short_repr(name)} holds {PART_SEPARATOR!r}, the format's part "
-                          "separator")
-    return name
+    """A manifest tensor or alias name (container.check_tensor_name's rule); FormatError otherwise."""
+    return _check_name(name, where, FormatError)
 
 
 def check_entry_keys(entry: object, name: str) -> str:

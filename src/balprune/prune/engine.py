@@ -192,6 +192,16 @@ def preflight(plans: list[TensorPlan], output: Path, memory_available: int | Non
         raise OutputError(f"{output.parent} has {free / 2**20:.0f} MiB free; the output needs {out_bytes / 2**20:.0f} MiB")
 
 
+def _check_written(tmp: Path, writer: StreamingWriter) -> None:
+    """Before the rename (bad-inputs item 21): the bytes on disk are the header and data written (CRCs),
+    and the strict reader of packed files accepts the header and manifest, so no file that ``verify``
+    would refuse ever appears at the output path."""
+    from ..formats.packed_file import read_packed
+
+    verify_written(tmp, writer.header_bytes, writer.crc32)
+    read_packed(tmp)
+
+
 def pack_tensor(plan: TensorPlan, weight: torch.Tensor):
     """Prune one tensor by its plan and pack it.
 
@@ -265,7 +275,7 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
             if progress:
                 progress(done, total, name)
         writer.finish()
-        out.commit(lambda tmp: verify_written(tmp, writer.header_bytes, writer.crc32))
+        out.commit(lambda tmp: _check_written(tmp, writer))
     if options.schedule.steps > 1:
         report.notes.append(
             f"note: schedule of {options.schedule.steps} steps: without fine-tuning between steps, iterative pruning "

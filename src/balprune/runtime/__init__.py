@@ -48,10 +48,11 @@ def load(path: str | Path, device: int = 0, **options) -> dict:
             continue
         obj = pf.load(name)
         if entry["pattern"] == "balanced" and entry["dtype"] in ("F32", "F16", "BF16"):
-            ops[name] = BalancedLinear.from_tensor(obj, device=device, name=name, **balanced_options)
+            # obj comes from PackedFile.load, checked on the bytes it returned: not checked twice
+            ops[name] = BalancedLinear.from_tensor(obj, device=device, name=name, **{"validate": False, **balanced_options})
         elif isinstance(obj, BsrTensor) and entry["dtype"] in ("F32", "F16", "BF16"):
             # every BSR-packed tensor: pattern "block", and "vector" (1 x V tiles) which packs the same way
-            ops[name] = BsrLinear.from_tensor(obj, device=device, name=name, **bsr_options)
+            ops[name] = BsrLinear.from_tensor(obj, device=device, name=name, **{"validate": False, **bsr_options})
         else:
             ops[name] = DenseLinear(as_matrix(obj.to_dense(name)), device=device, name=name)
     return ops

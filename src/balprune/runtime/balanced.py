@@ -91,7 +91,7 @@ def _positive_int(v, what: str) -> int:
 
 
 def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_length: int, keep: int,
-                      *, name: str = "tensor") -> None:
+                      *, name: str = "tensor", format_checked: bool = False) -> None:
     """Check a packed balanced matrix on the CPU before it reaches the kernel; FormatError naming
     the first problem.
 
@@ -101,7 +101,8 @@ def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_
     indexing (rows, the padded row blocks * block_length and the slots per row keep * blocks, each
     <= INT_LIMIT, the limits validate_bsr applies). Everything else (geometry, shapes, index ranges
     and order, padding, finite values) is formats.balanced.check_balanced_arrays, the one validator
-    of the format, which this calls.
+    of the format, which this calls unless ``format_checked`` (the arrays come from PackedFile.load,
+    which ran it on the very bytes it returned: a second pass over a large layer costs seconds).
     """
     rows = _positive_int(rows, "rows")
     cols = _positive_int(cols, "cols")
@@ -115,7 +116,8 @@ def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_
     i = _as_torch(indices, f"{name}: indices")
     if v.dtype not in _VALUE_DTYPES:
         raise FormatError(f"{name}: values dtype {v.dtype} is not float32, float16 or bfloat16")
-    check_balanced_arrays(v, i, rows, cols, blocks, L, keep, where=name)
+    if not format_checked:
+        check_balanced_arrays(v, i, rows, cols, blocks, L, keep, where=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +208,9 @@ class BalancedLinear(SparseLinear):
         if v.dim() != 3:
             raise FormatError(f"{name}: values must be [rows, keep, blocks], got shape {list(v.shape)}")
         rows, keep, blocks = (int(d) for d in v.shape)
-        if validate:
-            validate_balanced(v, i, rows, cols, blocks, block_length, keep, name=name)
+        # validate=False: the format was checked already (PackedFile.load, or a validated copy); the
+        # kernel's own limits and value dtype are cheap and always checked.
+        validate_balanced(v, i, rows, cols, blocks, block_length, keep, name=name, format_checked=not validate)
         cp = _gpu.cupy()
         self.device = _gpu.require_device(device)
         self.info = _gpu.device_info(self.device)

@@ -140,7 +140,7 @@ def choose_team_lanes(g: BsrGeometry, nnz_blocks: int, threads: int, multiproces
 # ---------------------------------------------------------------------------------------------
 
 def validate_bsr(crow_indices, col_indices, values, rows: int, cols: int, block_shape, *,
-                 name: str = "tensor") -> None:
+                 name: str = "tensor", format_checked: bool = False) -> None:
     """Check a packed BSR matrix on the CPU before it reaches the kernel; FormatError naming the
     first problem.
 
@@ -149,7 +149,8 @@ def validate_bsr(crow_indices, col_indices, values, rows: int, cols: int, block_
     C-contiguous. What the kernel adds to the format: its value dtypes, and sizes within its 32-bit
     indexing (padded rows, padded cols and tile size each <= INT_LIMIT). Everything else (shapes,
     row pointers, tile columns in range and sorted, zeros outside the matrix in edge tiles, finite
-    values) is formats.bsr.check_bsr_arrays, the one validator of the format, which this calls.
+    values) is formats.bsr.check_bsr_arrays, the one validator of the format, which this calls unless
+    ``format_checked`` (the arrays come from PackedFile.load, which ran it on the bytes it returned).
     """
     rows = _positive_int(rows, "rows")
     cols = _positive_int(cols, "cols")
@@ -163,7 +164,8 @@ def validate_bsr(crow_indices, col_indices, values, rows: int, cols: int, block_
     v = _as_torch(values, f"{name}: values")
     if v.dtype not in _VALUE_DTYPES:
         raise FormatError(f"{name}: values dtype {v.dtype} is not float32, float16 or bfloat16")
-    check_bsr_arrays(crow, col, v, rows, cols, (bh, bw), where=name)
+    if not format_checked:
+        check_bsr_arrays(crow, col, v, rows, cols, (bh, bw), where=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +206,8 @@ class BsrLinear(SparseLinear):
         if v.dim() != 3:
             raise FormatError(f"{name}: values must be [nnz_blocks, bh, bw], got shape {list(v.shape)}")
         block_shape = (int(v.shape[1]), int(v.shape[2]))
-        if validate:
-            validate_bsr(crow, col, v, rows, cols, block_shape, name=name)
+        # validate=False: the format was checked already; the kernel's limits are always checked.
+        validate_bsr(crow, col, v, rows, cols, block_shape, name=name, format_checked=not validate)
         cp = _gpu.cupy()
         self.device = _gpu.require_device(device)
         self.info = _gpu.device_info(self.device)

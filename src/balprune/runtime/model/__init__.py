@@ -23,8 +23,41 @@ from .stages import Choice, Projection, dispatch
 from .vgg import PackedVgg
 
 
+def preflight(path: str | Path, dtypes: tuple[str, ...]):
+    """(PackedFile, Architecture) of a packed model, checked for every runtime dtype in ``dtypes``, in one
+    pass over the file and before any GPU is looked for: the whole file verified
+    (formats.packed_file.verify_packed: FormatError / InvalidInputError, exit 4, for any malformed
+    field or out-of-range index), every stored weight within each dtype's finite range (the runtime
+    casts to it: an fp32 weight of 7e4 would be inf in float16; InvalidInputError naming the tensor,
+    the figure and the dtype), the architecture recognised (InvalidInputError when it is not a
+    built-in one). ``bench --model`` runs it once for all its dtypes and hands the result to load_model.
+    """
+    from ...formats.packed_file import verify_packed
+    from ...models import detect
+
+    limits = sorted((torch.finfo(TORCH_OF[d]).max, d) for d in dict.fromkeys(dtypes) if d in TORCH_OF)
+
+    def in_range(name: str, obj) -> None:
+        values = obj if isinstance(obj, torch.Tensor) else getattr(obj, "values", None)
+        if not limits or not isinstance(values, torch.Tensor) or not values.is_floating_point():
+            return
+        if torch.finfo(values.dtype).max <= limits[0][0]:
+            return  # every value of this dtype fits the narrowest requested one
+        flat = values.reshape(-1)
+        peak = 0.0
+        for a in range(0, flat.numel(), 1 << 24):
+            peak = max(peak, float(flat[a:a + (1 << 24)].abs().max()))
+        for limit, dtype in limits:
+            if peak > limit:
+                raise InvalidInputError(f"tensor {name!r}: weights up to |w| = {peak:.4g} exceed {dtype}'s largest "
+                                        f"finite value {limit:.6g}", hint="run it at float32 or bfloat16 (--dtype)")
+
+    pf = verify_packed(path, each=in_range)
+    return pf, detect(pf)
+
+
 def load_model(path: str | Path, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
-               measure: bool = True, frames: int = 50, progress=None) -> PackedModel:
+               measure: bool = True, frames: int = 50, progress=None, checked=None) -> PackedModel:
     """Build the runtime of the packed model at ``path`` (see module doc).
 
     ``dtype``: float32, float16 or bfloat16: weights are cast from the file's dtype (the mask and
@@ -33,20 +66,15 @@ def load_model(path: str | Path, *, dtype: str = "float16", device: int = 0, pat
     "dense". ``measure=False`` skips timing (auto then takes the sparse path where there is one).
     ``frames``: the utterance length a ctc-bilstm runtime is built for.
 
-    Order: the whole file is verified first (formats.packed_file.verify_packed: FormatError /
-    InvalidInputError, exit 4, for any malformed field or out-of-range index, with no GPU needed),
-    then the architecture recognised (InvalidInputError when it is not a built-in one), then the
-    GPU probed (NoGpuError). The builders read every tensor through ``PackedFile.load``, which
+    Order: ``preflight(path, (dtype,))`` (the whole file verified, the weights within ``dtype``'s
+    range, the architecture recognised; exit 4 for any of them, with no GPU needed) unless
+    ``checked`` is that function's result for the same file and a dtype set including ``dtype``; then
+    the GPU probed (NoGpuError). The builders read every tensor through ``PackedFile.load``, which
     checks it again on the bytes it returns, so nothing unchecked is densified or uploaded.
     """
-    from ...formats.packed_file import verify_packed
-    from ...models import detect
     from .. import _gpu
 
-    pf = verify_packed(path)
-    arch = detect(pf)
-    if dtype in TORCH_OF:
-        _check_representable(pf, TORCH_OF[dtype], dtype)
+    pf, arch = checked if checked is not None else preflight(path, (dtype,))
     _gpu.require_device(device)
     common = {"dtype": dtype, "device": device, "paths": paths, "measure": measure, "progress": progress}
     if arch.kind == "lstm-lm":
@@ -56,29 +84,5 @@ def load_model(path: str | Path, *, dtype: str = "float16", device: int = 0, pat
     return PackedVgg(pf, arch, **common)
 
 
-def _check_representable(pf, tdt: torch.dtype, dtype: str) -> None:
-    """InvalidInputError (exit 4) when a stored weight is beyond ``dtype``'s largest finite value.
-
-    The runtime casts the file's values to the requested dtype; an fp32 weight of 7e4 becomes inf in
-    float16, and the failure would surface later as "stored values hold NaN/Inf" or as a model outside
-    its tolerance. Checked on the stored values (packed values, or the dense tensor), in chunks.
-    """
-    limit = torch.finfo(tdt).max
-    for name in pf.names():
-        t = pf.load(name)
-        values = t if isinstance(t, torch.Tensor) else getattr(t, "values", None)
-        if not isinstance(values, torch.Tensor) or not values.is_floating_point():
-            continue
-        if torch.finfo(values.dtype).max <= limit:
-            continue
-        flat = values.reshape(-1)
-        peak = 0.0
-        for a in range(0, flat.numel(), 1 << 24):
-            peak = max(peak, float(flat[a:a + (1 << 24)].abs().max()))
-        if peak > limit:
-            raise InvalidInputError(f"tensor {name!r}: weights up to |w| = {peak:.4g} exceed {dtype}'s largest finite "
-                                    f"value {limit:.6g}", hint="run it at float32 or bfloat16 (--dtype)")
-
-
 __all__ = ["Choice", "PackedBiLstm", "PackedLstmLm", "PackedModel", "PackedVgg", "Projection",
-           "dispatch", "load_model"]
+           "dispatch", "load_model", "preflight"]

@@ -136,7 +136,8 @@ class PackedLstmLm(PackedModel):
                 dense[:, :cell.input_size] = w_ih
                 dense[:, off_h:] = w_hh
                 name = f"{cell.weight_ih}+{cell.weight_hh}"
-                op = BalancedLinear(values.to(tdt), indices, cols=cols, block_length=L, device=self.device, name=name)
+                op = BalancedLinear(values.to(tdt), indices, cols=cols, block_length=L, device=self.device, name=name,
+                                    validate=False)  # from PackedFile.load: checked on the bytes it returned
                 projs = [self._projection(name, dense, xh, gates, None, pattern="balanced", sparse=("balanced", op))]
                 gh = None
                 self.layer_refs.append(_LayerRef(H, off_h, projs[0].dense, None, None, bias32))

@@ -123,11 +123,13 @@ def sparse_operator(packed, dtype: str, device: int, name: str):
     tdt = TORCH_OF[dtype]
     if isinstance(packed, BalancedTensor):
         g = packed.geometry
+        # packed comes from PackedFile.load, checked on the bytes it returned (and load_model checked the
+        # cast cannot overflow): the operator checks only its kernel's limits.
         return "balanced", BalancedLinear(packed.values.to(tdt), packed.indices, cols=g.cols,
-                                          block_length=g.block_length, device=device, name=name)
+                                          block_length=g.block_length, device=device, name=name, validate=False)
     if isinstance(packed, BsrTensor):
         return "bsr", BsrLinear(packed.crow_indices, packed.col_indices, packed.values.to(tdt), rows=packed.rows,
-                                cols=packed.cols, device=device, name=name)
+                                cols=packed.cols, device=device, name=name, validate=False)
     if isinstance(packed, torch.Tensor):
         return None, "stored dense (not pruned)"
     return None, f"no kernel for the {getattr(packed, 'pattern', type(packed).__name__)} pattern"

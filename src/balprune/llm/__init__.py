@@ -1,0 +1,22 @@
+"""Hugging Face causal LMs of the Llama family: recognition, a torch reference model, example folders.
+
+- ``family``: config.json parsed hostile-proof into :class:`LlmConfig`, and a folder's tensor names
+  and shapes checked against the layout that config implies (:func:`open_llm`).
+- ``reference``: :class:`ReferenceLM`, the family's forward pass in plain torch (no transformers).
+- ``examples``: HF folders with random weights (presets llama-tiny / llama-1b / llama-8b), streamed
+  shard by shard.
+"""
+
+from __future__ import annotations
+
+from .family import Llama3RopeScaling, LlmConfig, check_layout, expected_tensors, open_llm, parse_config, read_config
+
+__all__ = [
+    "LlmConfig",
+    "Llama3RopeScaling",
+    "check_layout",
+    "expected_tensors",
+    "open_llm",
+    "parse_config",
+    "read_config",
+]

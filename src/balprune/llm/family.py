@@ -1,0 +1,436 @@
+"""The Llama family of Hugging Face causal LMs: config.json parsed hostile-proof, tensor layout checked.
+
+Members (``model_type``): ``llama`` (Llama 2/3: GQA, RoPE with optional llama3 scaling, RMSNorm,
+SwiGLU, tied or untied lm_head; ``attention_bias`` puts biases on q/k/v/o), ``mistral`` (no biases;
+an optional sliding window), ``qwen2`` (Qwen2/2.5: q/k/v biases always, none on o), ``qwen3``
+(per-head RMSNorm on q and k; ``attention_bias`` on q/k/v/o).
+
+config.json is read through safeio (regular files only, size-capped, nesting-bounded, duplicate
+keys refused) and every field the model needs is type-checked (integers are not booleans, floats
+are finite) and bounded before anything is allocated from it: the bounds are generous for honest
+models (Llama-3-405B, Qwen2.5-72B fit with room) and refuse absurd ones. Defaults for absent keys
+are transformers' own where they derive from other fields (``num_key_value_heads`` = heads for
+llama, ``head_dim`` = hidden / heads except qwen3) or are conventions (``rope_theta`` 10000,
+``rms_norm_eps`` 1e-6, untied head); a size transformers would default to a fixed figure (its
+7B-model defaults) must be stated. Both serialisations are read: transformers 4.x
+(``rope_theta`` + ``rope_scaling``, ``torch_dtype``) and 5.x (``rope_parameters``, ``dtype``);
+``rope_scaling`` wins over ``rope_parameters`` as in transformers 5.
+
+Every refusal is an InvalidInputError (exit 4): one line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import safeio
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..errors import InvalidInputError
+
+#: model_type -> the transformers class that loads it (written as ``architectures`` by the example writer).
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+#: Largest config.json read (honest ones are 1-5 KB; a v5 qwen2 config lists one layer type per layer).
+MAX_CONFIG_BYTES = 1 << 20
+
+# Bounds: generous for honest models, refusing absurd values before anything is allocated from them.
+MAX_VOCAB = 1 << 22
+MAX_HIDDEN = 65536
+MAX_INTERMEDIATE = 1 << 20
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_POSITIONS = 1 << 24
+MAX_ROPE_THETA = 1e12
+MAX_ROPE_FACTOR = 1e6
+
+#: Weight dtypes the reference model reads (safetensors codes).
+FLOAT_CODES = frozenset({"F32", "F16", "BF16", "F64"})
+TORCH_DTYPE_NAMES = frozenset({"float32", "float16", "bfloat16"})
+
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+              "original_max_position_embeddings", "partial_rotary_factor"}
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (transformers' ``_compute_llama3_parameters``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    """What the reference model needs from config.json, validated (see the module docstring).
+
+    ``attention_bias`` says whether q/k/v carry biases; ``o_bias`` whether o_proj does too (llama and
+    qwen3 put ``attention_bias`` on all four, qwen2 biases q/k/v only). ``sliding_window`` (mistral) is
+    None for full causal attention. ``torch_dtype`` is the dtype the folder declares (None: not stated).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Llama3RopeScaling | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    max_position_embeddings: int
+    torch_dtype: str | None
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self, "config")
+
+    @property
+    def o_bias(self) -> bool:
+        """o_proj carries a bias (llama / qwen3 with attention_bias; never qwen2 or mistral)."""
+        return self.attention_bias and self.model_type in ("llama", "qwen3")
+
+    @property
+    def qk_norm(self) -> bool:
+        """q_norm / k_norm (RMSNorm over head_dim, per head) before RoPE: qwen3."""
+        return self.model_type == "qwen3"
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+def _short(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _err(where: str, field: str, msg: str) -> InvalidInputError:
+    return InvalidInputError(f"{where}: field {field!r} {msg}")
+
+
+def _int(where: str, field: str, v: object, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _err(where, field, f"must be an integer, found {_short(v)}")
+    if not lo <= v <= hi:
+        raise _err(where, field, f"must be in [{lo}, {hi}], found {v}")
+    return v
+
+
+def _float(where: str, field: str, v: object, *, lo_exclusive: float = 0.0, hi: float = math.inf) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise _err(where, field, f"must be a number, found {_short(v)}")
+    f = float(v)
+    if not math.isfinite(f) or not lo_exclusive < f <= hi:
+        raise _err(where, field, f"must be a finite number in ({lo_exclusive:g}, {hi:g}], found {_short(v)}")
+    return f
+
+
+def _bool(where: str, field: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise _err(where, field, f"must be true or false, found {_short(v)}")
+    return v
+
+
+def _validate(c: LlmConfig, where: str) -> None:
+    """Bounds and cross-field rules (run on every LlmConfig, parsed or built in code)."""
+    if c.model_type not in ARCHITECTURES:
+        raise _err(where, "model_type", f"must be one of {', '.join(sorted(ARCHITECTURES))}, found {_short(c.model_type)}")
+    _int(where, "vocab_size", c.vocab_size, 1, MAX_VOCAB)
+    _int(where, "hidden_size", c.hidden_size, 1, MAX_HIDDEN)
+    _int(where, "intermediate_size", c.intermediate_size, 1, MAX_INTERMEDIATE)
+    _int(where, "num_hidden_layers", c.num_hidden_layers, 1, MAX_LAYERS)
+    _int(where, "num_attention_heads", c.num_attention_heads, 1, MAX_HEADS)
+    _int(where, "num_key_value_heads", c.num_key_value_heads, 1, MAX_HEADS)
+    _int(where, "head_dim", c.head_dim, 2, MAX_HEAD_DIM)
+    _int(where, "max_position_embeddings", c.max_position_embeddings, 1, MAX_POSITIONS)
+    if c.hidden_size % c.num_attention_heads:
+        raise _err(where, "num_attention_heads", f"({c.num_attention_heads}) must divide hidden_size ({c.hidden_size})")
+    if c.num_attention_heads % c.num_key_value_heads:
+        raise _err(where, "num_key_value_heads",
+                   f"({c.num_key_value_heads}) must divide num_attention_heads ({c.num_attention_heads})")
+    if c.head_dim % 2:
+        raise _err(where, "head_dim", f"must be even (RoPE rotates pairs), found {c.head_dim}")
+    if c.q_dim > 4 * MAX_HIDDEN:
+        raise _err(where, "head_dim", f"num_attention_heads x head_dim = {c.q_dim} is over {4 * MAX_HIDDEN}")
+    _float(where, "rms_norm_eps", c.rms_norm_eps, hi=1.0)
+    _float(where, "rope_theta", c.rope_theta, lo_exclusive=1.0, hi=MAX_ROPE_THETA)
+    _bool(where, "tie_word_embeddings", c.tie_word_embeddings)
+    _bool(where, "attention_bias", c.attention_bias)
+    if c.model_type == "qwen2" and not c.attention_bias:
+        raise _err(where, "attention_bias", "must be true for qwen2 (its q/k/v projections always carry biases)")
+    if c.model_type == "mistral" and c.attention_bias:
+        raise _err(where, "attention_bias", "must be false for mistral (no projection carries a bias)")
+    if c.sliding_window is not None:
+        _int(where, "sliding_window", c.sliding_window, 1, MAX_POSITIONS)
+        if c.model_type != "mistral":
+            raise _err(where, "sliding_window", "is supported for mistral only")
+    if c.torch_dtype is not None and c.torch_dtype not in TORCH_DTYPE_NAMES:
+        raise _err(where, "torch_dtype", f"must be one of {', '.join(sorted(TORCH_DTYPE_NAMES))}, found "
+                   f"{_short(c.torch_dtype)}")
+    r = c.rope_scaling
+    if r is not None:
+        if not isinstance(r, Llama3RopeScaling):
+            raise _err(where, "rope_scaling", f"must be None or Llama3RopeScaling, found {_short(r)}")
+        _float(where, "rope_scaling.factor", r.factor, hi=MAX_ROPE_FACTOR)
+        _float(where, "rope_scaling.low_freq_factor", r.low_freq_factor, hi=MAX_ROPE_FACTOR)
+        _float(where, "rope_scaling.high_freq_factor", r.high_freq_factor, hi=MAX_ROPE_FACTOR)
+        _int(where, "rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings, 1,
+             MAX_POSITIONS)
+        if not r.high_freq_factor > r.low_freq_factor:
+            raise _err(where, "rope_scaling.high_freq_factor",
+                       f"({r.high_freq_factor:g}) must be greater than low_freq_factor ({r.low_freq_factor:g})")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def parse_config(data: object, where: str = "config.json") -> LlmConfig:
+    """An :class:`LlmConfig` from a parsed config.json object; InvalidInputError naming ``where`` and the field."""
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{where}: must hold a JSON object, found {type(data).__name__}")
+    if "model_type" not in data:
+        raise _err(where, "model_type", "is missing (expected one of " + ", ".join(sorted(ARCHITECTURES)) + ")")
+    mt = data["model_type"]
+    if not isinstance(mt, str) or mt not in ARCHITECTURES:
+        raise _err(where, "model_type", f"{_short(mt)} is not supported: expected one of "
+                   f"{', '.join(sorted(ARCHITECTURES))} (the Llama family)")
+    required = list(_REQUIRED)
+    if mt != "llama":  # transformers defaults these to a 7B model's figure (32), not to num_attention_heads
+        required.append("num_key_value_heads")
+    if mt == "qwen3":  # transformers defaults it to 128, not hidden / heads
+        required.append("head_dim")
+    for key in required:
+        if data.get(key) is None:
+            raise _err(where, key, "is missing")
+
+    def get(key: str, default: object) -> object:
+        v = data.get(key)
+        return default if v is None else v
+
+    # Types first (so a string never reaches an arithmetic check); bounds in _validate.
+    ints = {k: _int(where, k, data[k], -(2**63), 2**63) for k in _REQUIRED}
+    heads = ints["num_attention_heads"]
+    if not 1 <= heads <= MAX_HEADS:
+        raise _err(where, "num_attention_heads", f"must be in [1, {MAX_HEADS}], found {heads}")
+    kv = _int(where, "num_key_value_heads", get("num_key_value_heads", heads), -(2**63), 2**63)
+    head_dim_default = ints["hidden_size"] // heads
+    head_dim = _int(where, "head_dim", get("head_dim", head_dim_default), -(2**63), 2**63)
+    if mt == "qwen2" and head_dim != head_dim_default:
+        raise _err(where, "head_dim", f"must be hidden_size / num_attention_heads = {head_dim_default} for qwen2, "
+                   f"found {head_dim}")
+    max_pos = _int(where, "max_position_embeddings", get("max_position_embeddings", 2048), 1, MAX_POSITIONS)
+    act = data.get("hidden_act", "silu")
+    if act != "silu":
+        raise _err(where, "hidden_act", f"must be 'silu' (SwiGLU), found {_short(act)}")
+    if _bool(where, "mlp_bias", get("mlp_bias", False)):
+        raise _err(where, "mlp_bias", "true is not supported (no Llama-family release biases its MLP)")
+    if mt == "qwen2":
+        bias = True
+    elif mt == "mistral":
+        bias = False
+    else:
+        bias = _bool(where, "attention_bias", get("attention_bias", False))
+    _check_layer_types(data, where, ints["num_hidden_layers"])
+    sliding = None
+    if mt == "mistral":
+        sliding = data.get("sliding_window")
+        if sliding is not None:
+            sliding = _int(where, "sliding_window", sliding, 1, MAX_POSITIONS)
+    elif data.get("use_sliding_window") is not None and _bool(where, "use_sliding_window", data["use_sliding_window"]):
+        raise _err(where, "use_sliding_window", "true is not supported (sliding-window layers in qwen models)")
+    dtype_key = "torch_dtype" if data.get("torch_dtype") is not None else "dtype"
+    dtype = data.get(dtype_key)
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in TORCH_DTYPE_NAMES):
+        raise _err(where, dtype_key, f"must be one of {', '.join(sorted(TORCH_DTYPE_NAMES))}, found {_short(dtype)}")
+    theta, scaling = _parse_rope(data, where, max_pos)
+    cfg_fields = dict(
+        model_type=mt, **ints, num_key_value_heads=kv, head_dim=head_dim,
+        rms_norm_eps=_float(where, "rms_norm_eps", get("rms_norm_eps", 1e-6), hi=1.0),
+        rope_theta=theta, rope_scaling=scaling,
+        tie_word_embeddings=_bool(where, "tie_word_embeddings", get("tie_word_embeddings", False)),
+        attention_bias=bias, max_position_embeddings=max_pos, torch_dtype=dtype, sliding_window=sliding,
+    )
+    cfg = object.__new__(LlmConfig)  # validate with the file's name in the messages, then build for real
+    for k, v in cfg_fields.items():
+        object.__setattr__(cfg, k, v)
+    _validate(cfg, where)
+    return LlmConfig(**cfg_fields)
+
+
+def _check_layer_types(data: dict, where: str, layers: int) -> None:
+    lt = data.get("layer_types")
+    if lt is None:
+        return
+    if not isinstance(lt, list) or len(lt) != layers:
+        raise _err(where, "layer_types", f"must list one entry per layer ({layers}), found {_short(lt)}")
+    bad = next((t for t in lt if t != "full_attention"), None)
+    if bad is not None:
+        raise _err(where, "layer_types", f"only 'full_attention' layers are supported, found {_short(bad)}")
+
+
+def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3RopeScaling | None]:
+    """(rope_theta, llama3 scaling or None) from either serialisation (module docstring)."""
+    key = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
+    rope = data.get(key)
+    if rope is None:
+        rope = {}
+    if not isinstance(rope, dict):
+        raise _err(where, key, f"must be an object or null, found {_short(rope)}")
+    unknown = sorted(set(rope) - _ROPE_KEYS)
+    if unknown:
+        raise _err(where, f"{key}.{unknown[0]}", "is not a key of the supported RoPE kinds (default, llama3)")
+    theta_field = f"{key}.rope_theta" if rope.get("rope_theta") is not None else "rope_theta"
+    theta = rope.get("rope_theta") if rope.get("rope_theta") is not None else data.get("rope_theta")
+    theta = 10000.0 if theta is None else _float(where, theta_field, theta, lo_exclusive=1.0, hi=MAX_ROPE_THETA)
+    prf = rope.get("partial_rotary_factor", data.get("partial_rotary_factor"))
+    if prf is not None and prf != 1.0:
+        raise _err(where, "partial_rotary_factor", f"must be 1 (RoPE on the whole head), found {_short(prf)}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        extra = sorted(set(rope) & {"factor", "low_freq_factor", "high_freq_factor"})
+        if extra:
+            raise _err(where, f"{key}.{extra[0]}", "makes no sense with rope type 'default'")
+        return theta, None
+    if kind != "llama3":
+        raise _err(where, f"{key}.rope_type", f"{_short(kind)} is not supported: expected 'default' or 'llama3'")
+    for k in ("factor", "low_freq_factor", "high_freq_factor"):
+        if rope.get(k) is None:
+            raise _err(where, f"{key}.{k}", "is missing (llama3 RoPE scaling needs it)")
+    scaling = Llama3RopeScaling(
+        factor=_float(where, f"{key}.factor", rope["factor"], hi=MAX_ROPE_FACTOR),
+        low_freq_factor=_float(where, f"{key}.low_freq_factor", rope["low_freq_factor"], hi=MAX_ROPE_FACTOR),
+        high_freq_factor=_float(where, f"{key}.high_freq_factor", rope["high_freq_factor"], hi=MAX_ROPE_FACTOR),
+        original_max_position_embeddings=_int(where, f"{key}.original_max_position_embeddings",
+                                              rope.get("original_max_position_embeddings", max_pos), 1, MAX_POSITIONS),
+    )
+    if not scaling.high_freq_factor > scaling.low_freq_factor:
+        raise _err(where, f"{key}.high_freq_factor", f"({scaling.high_freq_factor:g}) must be greater than "
+                   f"low_freq_factor ({scaling.low_freq_factor:g})")
+    return theta, scaling
+
+
+def read_config(folder: str | os.PathLike[str]) -> LlmConfig:
+    """Parse ``folder/config.json`` (safeio: regular file, at most MAX_CONFIG_BYTES, bounded nesting)."""
+    path = Path(folder) / "config.json"
+    text = safeio.read_text(path, "config", max_bytes=MAX_CONFIG_BYTES)
+    data = safeio.loads_json(text, f"config {path}")
+    return parse_config(data, f"config {path}")
+
+
+# --------------------------------------------------------------------------- tensor layout
+
+
+def expected_tensors(cfg: LlmConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a folder of this config, in model order (HF names; torch [out, in] weights)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "self_attn.q_proj.weight"] = (cfg.q_dim, h)
+        out[p + "self_attn.k_proj.weight"] = (cfg.kv_dim, h)
+        out[p + "self_attn.v_proj.weight"] = (cfg.kv_dim, h)
+        out[p + "self_attn.o_proj.weight"] = (h, cfg.q_dim)
+        if cfg.attention_bias:
+            out[p + "self_attn.q_proj.bias"] = (cfg.q_dim,)
+            out[p + "self_attn.k_proj.bias"] = (cfg.kv_dim,)
+            out[p + "self_attn.v_proj.bias"] = (cfg.kv_dim,)
+        if cfg.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
+            out[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out[p + "mlp.gate_proj.weight"] = (i, h)
+        out[p + "mlp.up_proj.weight"] = (i, h)
+        out[p + "mlp.down_proj.weight"] = (h, i)
+    out["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, h)
+    return out
+
+
+def _ignorable(name: str, cfg: LlmConfig, shape: tuple[int, ...]) -> bool:
+    """Buffers some older conversions stored and transformers ignores: rotary_emb.inv_freq."""
+    parts = name.split(".")
+    return (len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+            and int(parts[2]) < cfg.num_hidden_layers and parts[3:] == ["self_attn", "rotary_emb", "inv_freq"]
+            and shape == (cfg.head_dim // 2,))
+
+
+def check_layout(cfg: LlmConfig, ckpt: Checkpoint, where: str | None = None) -> None:
+    """The checkpoint holds exactly the tensors ``cfg`` implies, with those shapes, in float dtypes.
+
+    Missing, extra and misshaped tensors are refused naming the first (model order for missing and
+    misshaped, sorted for extra). A tied model whose lm_head.weight is stored as its own tensor is
+    refused (which of the two transformers would use depends on load order); one stored as an alias
+    of the embedding (a torch file's shared storage) is fine.
+    """
+    where = where or ckpt.display
+    expected = expected_tensors(cfg)
+    held = {t.name: t for t in ckpt.tensors}
+    aliases = dict(ckpt.aliases)
+    if cfg.tie_word_embeddings and "lm_head.weight" in held:
+        raise InvalidInputError(f"{where}: tensor 'lm_head.weight' is stored although config.json sets "
+                                "tie_word_embeddings true", hint="set tie_word_embeddings false, or drop lm_head.weight")
+    if aliases.get("lm_head.weight") == "model.embed_tokens.weight" and cfg.tie_word_embeddings:
+        del aliases["lm_head.weight"]
+    missing = next((n for n in expected if n not in held and n not in aliases), None)
+    if missing is not None:
+        raise InvalidInputError(f"{where}: tensor {missing!r} is missing (config.json's {cfg.model_type} layout needs it)")
+    if aliases:
+        name = sorted(aliases)[0]
+        raise InvalidInputError(f"{where}: tensor {name!r} shares its storage with {aliases[name]!r}; the "
+                                f"{cfg.model_type} layout ties no such pair")
+    extra = sorted(n for n, t in held.items() if n not in expected and not _ignorable(n, cfg, t.shape))
+    if extra:
+        raise InvalidInputError(f"{where}: tensor {_short(extra[0])} is not part of config.json's {cfg.model_type} "
+                                f"layout ({len(extra)} such tensor(s))")
+    for name, shape in expected.items():
+        t = held[name]
+        if t.shape != shape:
+            raise InvalidInputError(f"{where}: tensor {name!r} has shape {list(t.shape)}, config.json implies "
+                                    f"{list(shape)}")
+        if t.dtype not in FLOAT_CODES:
+            raise InvalidInputError(f"{where}: tensor {name!r} is {t.dtype}; the reference model reads "
+                                    f"{', '.join(sorted(FLOAT_CODES))} weights")
+
+
+def open_llm(folder: str | os.PathLike[str]) -> tuple[LlmConfig, Checkpoint]:
+    """Recognise an HF causal-LM folder of the family: its config and its (lazily read) checkpoint.
+
+    config.json is parsed first (nothing else is read if it is refused), then the checkpoint is opened
+    (open_checkpoint: headers only) and its layout checked against the config.
+    """
+    p = Path(folder)
+    if not p.is_dir():
+        raise InvalidInputError(f"{p}: not a folder (an HF causal-LM folder holds config.json and weights)")
+    cfg = read_config(p)
+    ckpt = open_checkpoint(p)
+    check_layout(cfg, ckpt, str(p))
+    return cfg, ckpt
