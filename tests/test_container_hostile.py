@@ -239,18 +239,22 @@ def test_link_to_a_regular_output_is_replaced_by_the_file_not_followed(cli, pack
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
-def test_a_fifo_planted_at_the_temp_name_is_never_opened(tmp_path):
-    """The temp name is predictable (.<name>.balprune-tmp-<pid>): whatever sits there is replaced by a new
-    regular file, never opened (a FIFO would block the writer) or followed (a link would redirect it)."""
+def test_nothing_planted_at_temp_names_is_opened_followed_or_removed(tmp_path):
+    """Temp files are created exclusively under a fresh random name: a FIFO or a link planted where a
+    temp file could go is never opened (a FIFO would block the writer), followed or removed."""
     from balprune.container import AtomicOutput
 
     final = tmp_path / "o.safetensors"
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
-    planted = tmp_path / f".{final.name}.balprune-tmp-{os.getpid()}"
-    for make in (os.mkfifo, lambda p: os.symlink(victim, p)):
-        make(planted)
-        with AtomicOutput(final, force=True) as out:
-            out.file.write(b"new")
-            out.commit()
-        assert final.read_bytes() == b"new" and victim.read_bytes() == b"keep" and not planted.exists()
+    fifo = tmp_path / f".{final.name}.balprune-tmp-{os.getpid()}"
+    os.mkfifo(fifo)
+    link = tmp_path / f".{final.name}.balprune-tmp-{os.getpid()}-0"
+    os.symlink(victim, link)
+    with AtomicOutput(final, force=True) as out:
+        assert out.temp_path.name.startswith(f".{final.name}.balprune-tmp-{os.getpid()}-")
+        assert out.temp_path not in (fifo, link) and stat.S_ISREG(os.lstat(out.temp_path).st_mode)
+        out.file.write(b"new")
+        out.commit()
+    assert final.read_bytes() == b"new" and victim.read_bytes() == b"keep"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(link)

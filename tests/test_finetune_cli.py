@@ -292,3 +292,27 @@ def test_sigint_mid_stage_exits_130_and_keeps_the_last_stage_checkpoint(tmp_path
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["stage"] == 0
     assert json.loads((out / "metrics.json").read_text())["done"] is False
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s.update(stage="1"),
+    lambda s: s.update(global_step=-5),
+    lambda s: s.pop("optimizer"),
+    lambda s: s.update(history=json.dumps([{"stage": "0"}])),
+    lambda s: s.update(history="[" * 500 + "]" * 500),
+    lambda s: s["model"].update({next(iter(s["model"])): torch.zeros(3)}),
+], ids=["stage-str", "negative-step", "no-optimizer", "history-fields", "history-nesting", "misshaped-weight"])
+def test_a_damaged_checkpoint_is_refused_on_resume(cli, tmp_path, edit):
+    """--resume of a checkpoint.pt whose fields are missing, mistyped or do not fit the model: one line,
+    exit 4, the checkpoint unchanged (never a KeyError / TypeError / size mismatch as exit 70)."""
+    recipe = write_recipe(tmp_path)
+    out = tmp_path / "run"
+    assert cli("finetune", recipe, "--out", out, "--device", "cpu", "--no-export").code == 0
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    edit(state)
+    torch.save(state, ckpt)
+    before = ckpt.read_bytes()
+    r = cli("finetune", recipe, "--out", out, "--resume", "--device", "cpu")
+    assert r.code == 4 and r.err.startswith("balprune: error: ") and r.err.count("\n") == 1, r
+    assert ckpt.read_bytes() == before

@@ -388,7 +388,7 @@ class AtomicOutput:
     and without ``force`` the final path must not exist; with it, it must be a regular file
     (``check_output_path``: a FIFO, a device or a link to one is never replaced). The temp file
     lives in the target folder (so the final rename is atomic) under a recognisable name,
-    ``.<name>.balprune-tmp-<pid>``. ``commit(check)`` flushes, fsyncs, runs ``check(temp_path)``
+    ``.<name>.balprune-tmp-<pid>-<8 hex digits>``. ``commit(check)`` flushes, fsyncs, runs ``check(temp_path)``
     and renames; any exception before that removes the temp file. Without ``force`` the rename
     refuses to replace a file that appeared meanwhile.
     """
@@ -398,9 +398,8 @@ class AtomicOutput:
         self.force = force
         folder = self.final_path.parent
         check_output_path(self.final_path, force=force)
-        self.temp_path = folder / f".{self.final_path.name}.balprune-tmp-{os.getpid()}"
         try:
-            self.file = _create_temp(self.temp_path)
+            self.temp_path, self.file = _create_temp(folder, self.final_path.name)
         except OSError as exc:
             raise OutputError(f"cannot write in {folder}: {exc.strerror or exc}") from None
         self._done = False
@@ -480,20 +479,25 @@ def check_output_path(path: Path | None, *, force: bool = False) -> None:
         raise OutputError(f"{path} exists", hint="pass --force to replace it")
 
 
-def _create_temp(path: Path):
-    """A new, empty regular file at ``path``, opened read-write.
+def _create_temp(folder: Path, name: str):
+    """(path, file) of a new, empty regular file ``.<name>.balprune-tmp-<pid>-<random>`` in ``folder``.
 
-    Created with O_EXCL | O_NOFOLLOW so that whatever already sits at the temp name (a stale temp of a
-    killed run with this pid, a FIFO or a link someone planted) is never opened or followed: it is
-    unlinked (the name is balprune's own) and the exclusive create tried once more.
+    Created with O_EXCL | O_NOFOLLOW: whatever already sits at a name (another process's temp file, a
+    FIFO or a link someone planted) is never opened, followed or removed; another random name is tried.
     """
+    import secrets
+
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileExistsError:
-        os.unlink(path)
-        fd = os.open(path, flags, 0o644)
-    return os.fdopen(fd, "w+b")
+    for attempt in range(16):
+        path = folder / f".{name}.balprune-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError:
+            if attempt == 15:
+                raise
+            continue
+        return path, os.fdopen(fd, "w+b")
+    raise AssertionError("unreachable")
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, force: bool = True) -> None:

@@ -101,12 +101,12 @@ def read_regular(path: str | os.PathLike[str], what: str = "input", *, max_bytes
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
             raise InvalidInputError(f"{what} {p} is {size} bytes, over the {max_bytes}-byte limit for this kind of file")
-        try:
-            data = f.read(max_bytes + 1)
+        try:  # the real size, not the cap, sizes the buffer (+1 to notice a file that grew meanwhile)
+            data = f.read(size + 1)
         except OSError as exc:
             raise InvalidInputError(f"{what} {p}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > max_bytes:  # grew while we read
-        raise InvalidInputError(f"{what} {p} is over the {max_bytes}-byte limit for this kind of file")
+    if len(data) != size:  # grew or shrank while we read: what we hold is not the file
+        raise InvalidInputError(f"{what} {p} changed while it was read ({size} bytes, then {len(data)})")
     return data
 
 

@@ -44,8 +44,6 @@ from ..patterns.block import kept_tiles, tiles_to_mask
 
 #: The subject kernel of each packed pattern: balprune's own path for it.
 SUBJECT = {"balanced": "balanced", "block": "bsr", "unstructured": "csr"}
-#: Kernels balprune itself can run a layer with (the runtime's choice is the faster of them).
-OWN_PATHS = ("balanced", "bsr", "dense")
 #: Tile of the block-sparse peer of a balanced layer (the paper's block baseline).
 PEER_TILE = (8, 8)
 

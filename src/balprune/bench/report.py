@@ -29,7 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from .peers import OWN_PATHS
+
+#: Kernels balprune itself can run a layer with (the runtime's choice is the faster of them): a failure
+#: of one of these is exit 7; a peer library's is reported and not fatal. Kept here, not in peers.py, so
+#: reading and comparing reports imports nothing heavy (no torch).
+OWN_PATHS = ("balanced", "bsr", "dense")
 
 SCHEMA = "balprune.bench/2"
 READABLE = ("balprune.bench/1", SCHEMA)
@@ -69,16 +73,31 @@ class BenchReport:
     meta: dict = field(default_factory=dict)  # what produced it (e.g. the sweep's matrix and sparsities)
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "file": self.file, "device": self.device,
-                "read_bandwidth_gbps": self.read_bandwidth_gbps,
-                "measurements": [_measurement_json(m) for m in self.measurements],
-                "unavailable": list(self.unavailable), "selection": selection(self), "meta": dict(self.meta)}
+        """The report as JSON-ready data: every non-finite number (an untimed measurement's times, an
+        infinite error, anywhere in meta or selection too) is null, because JSON has no NaN/Infinity."""
+        return _finite_json({"schema": SCHEMA, "file": self.file, "device": self.device,
+                             "read_bandwidth_gbps": self.read_bandwidth_gbps,
+                             "measurements": [_measurement_json(m) for m in self.measurements],
+                             "unavailable": list(self.unavailable), "selection": selection(self),
+                             "meta": dict(self.meta)})
 
     def write(self, path: Path) -> None:
-        """Write the JSON report atomically (replacing an older report at ``path``)."""
+        """Write the JSON report atomically (replacing an older report at ``path``); strict JSON."""
         from ..container import write_bytes_atomic
 
-        write_bytes_atomic(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        write_bytes_atomic(Path(path), (text + "\n").encode())
+
+
+def _finite_json(obj: object) -> object:
+    """``obj`` with every non-finite float replaced by None, recursively (dicts, lists, tuples)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def _finite(m: Measurement | None) -> bool:
@@ -132,7 +151,7 @@ OWN_MODEL_RUNNER = "balprune"
 def own_failures(report: BenchReport) -> list[Measurement]:
     """The measurements of balprune's own paths that failed their correctness gate: the ones that
     make ``bench`` exit 7. Own: in a layer row, its subject kernel when that is one of
-    bench.peers.OWN_PATHS (balanced, bsr) and dense (the runtime's alternative); in a model
+    OWN_PATHS (balanced, bsr) and dense (the runtime's alternative); in a model
     report's "model" rows, the balprune runner. A failed peer (CSR, torch's BSR and 2:4, balprune's
     BSR kernel on a balanced layer's block-sparse peer, torch's dense model) is reported, not fatal.
     """

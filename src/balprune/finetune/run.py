@@ -245,9 +245,22 @@ def load_checkpoint(path: Path) -> dict:
                                 hint="delete it, or pass --force to start over") from None
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
         raise InvalidInputError(f"{path}: not a balprune fine-tuning checkpoint")
-    if not isinstance(state.get("history"), str):
-        raise InvalidInputError(f"{path}: the checkpoint's history is not a JSON string")
+    for name, kinds in _STATE_TYPES.items():
+        value = state.get(name)
+        ok = isinstance(value, kinds) and not isinstance(value, bool)
+        if ok and isinstance(value, int) and value < 0:
+            ok = False
+        if not ok:
+            raise InvalidInputError(f"{path}: the checkpoint's field {name!r} is missing or of the wrong type "
+                                    f"({type(value).__name__})", hint="delete it, or pass --force to start over")
     return state
+
+
+#: The fields a fine-tuning checkpoint must hold, with their types (ints >= 0); what _restore and the
+#: resume logic read. A damaged or hand-edited checkpoint is refused here (exit 4), not mid-run (exit 70).
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "stage": int, "global_step": int, "history": str, "model": dict, "optimizer": dict, "pruner": dict,
+    "key": (str, type(None)), "dense_key": str, "data_id": str}
 
 
 _STAGE_FIELDS = set(StageResult.__dataclass_fields__)
@@ -258,10 +271,28 @@ def _history(state: dict) -> list[StageResult]:
     from ..safeio import loads_json
 
     items = loads_json(state["history"], "checkpoint history")
-    if not isinstance(items, list) or not all(isinstance(s, dict) and set(s) == _STAGE_FIELDS for s in items):
+    if not isinstance(items, list) or not all(isinstance(s, dict) and set(s) == _STAGE_FIELDS and _stage_typed(s)
+                                              for s in items):
         raise InvalidInputError(f"checkpoint history: expected a list of stage records with the fields "
-                                f"{', '.join(sorted(_STAGE_FIELDS))}")
+                                f"{', '.join(sorted(_STAGE_FIELDS))} (ints, finite numbers, metric objects)")
     return [StageResult(**s) for s in items]
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _metric_map(v: object) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and (_number(x) or x is None) for k, x in v.items())
+
+
+def _stage_typed(s: dict) -> bool:
+    """One history record's field types (StageResult): what the tables and metrics.json print."""
+    return (all(isinstance(s[k], int) and not isinstance(s[k], bool) for k in ("stage", "steps", "global_step"))
+            and all(_number(s[k]) for k in ("sparsity", "achieved", "seconds"))
+            and (s["after_prune"] is None or _metric_map(s["after_prune"]))
+            and isinstance(s["metrics"], dict)
+            and all(isinstance(k, str) and _metric_map(v) for k, v in s["metrics"].items()))
 
 
 def _checkpoint_state(session: Session, pruner: Pruner, recipe: Recipe, task: Task, stage: int, global_step: int,
@@ -275,10 +306,18 @@ def _checkpoint_state(session: Session, pruner: Pruner, recipe: Recipe, task: Ta
     }
 
 
-def _restore(session: Session, pruner: Pruner, state: dict) -> None:
-    session.model.load_state_dict(state["model"])
-    session.optimizer.load_state_dict(state["optimizer"])
-    pruner.load_state_dict(state["pruner"])
+def _restore(session: Session, pruner: Pruner, state: dict, *, with_pruner: bool = True) -> None:
+    """Load a checkpoint's model, optimizer (and pruner) state; InvalidInputError (exit 4) when they do
+    not fit this recipe's model (a checkpoint edited by hand: the recipe key matched)."""
+    try:
+        session.model.load_state_dict(state["model"])
+        session.optimizer.load_state_dict(state["optimizer"])
+        if with_pruner:
+            pruner.load_state_dict(state["pruner"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise InvalidInputError(f"the checkpoint's state does not fit this recipe's model: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                                hint="delete it, or pass --force to start over") from None
 
 
 def packed_name(recipe: Recipe) -> str:
@@ -372,8 +411,7 @@ def run_finetune(recipe: Recipe, out: Path, *, data: Path | None = None, resume:
         state = load_checkpoint(Path(dense_checkpoint))
         if state.get("dense_key") != recipe.dense_key() or state.get("data_id") != task.data_id() or state["stage"] != 0:
             raise InvalidInputError(f"{dense_checkpoint}: a dense model of a different task, data or training")
-        session.model.load_state_dict(state["model"])
-        session.optimizer.load_state_dict(state["optimizer"])
+        _restore(session, pruner, state, with_pruner=False)
         stage, global_step, history = 0, state["global_step"], _history(state)
         save_checkpoint(ckpt_path, _checkpoint_state(session, pruner, recipe, task, 0, global_step, history, key))
 

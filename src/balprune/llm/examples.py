@@ -5,8 +5,10 @@
 N(0, 0.02) (norm weights 1, biases 0.02-normal too), each tensor from its own generator seeded by
 (seed, tensor name), so the bytes do not depend on the shard size. Only one tensor is in memory at a
 time (llama-8b is 16 GB in bfloat16; its largest tensor, the embedding, is 1 GB). Every file goes
-through balprune's atomic writer (temp file, fsync, re-read and CRC check, rename); config.json is
-written last, so an interrupted run leaves a folder ``open_llm`` refuses rather than a partial model.
+through balprune's atomic writer (temp file, fsync, re-read and CRC check, rename). A new folder is
+built beside its final path (``.NAME.balprune-tmp-PID``) and renamed into place when complete, so an
+interrupted run leaves nothing at the final path; with ``force`` over an existing folder each file is
+replaced atomically and config.json comes last.
 
 Presets (``PRESETS``): ``llama-tiny`` (4 layers, hidden 64, GQA 4:2, llama3 RoPE scaling, tied: seconds
 on a CPU), ``llama-1b`` (Llama-3.2-1B shapes, tied, bfloat16: 2.5 GB), ``llama-8b`` (Llama-3-8B
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,7 +30,7 @@ import torch
 
 from ..container import AtomicOutput, PlannedTensor, StreamingWriter, dtype_code, verify_written, write_bytes_atomic
 from ..errors import OutputError, UsageError
-from .family import ARCHITECTURES, LlmConfig, Llama3RopeScaling, expected_tensors
+from .family import ARCHITECTURES, Llama3RopeScaling, LlmConfig, expected_tensors
 
 #: Default largest shard (HF's save_pretrained default is 5 GB: llama-8b comes out in 4 shards).
 MAX_SHARD_BYTES = 5 * 10**9
@@ -145,14 +148,44 @@ def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int
     if dtype_name is None:
         raise UsageError(f"dtype must be one of {', '.join(_TORCH_DTYPES)}, got {dtype}")
     cfg = replace(cfg, torch_dtype=dtype_name)
-    _prepare_folder(out, force)
-
-    names = expected_tensors(cfg)
-    plan = [PlannedTensor(n, dtype_code(dtype, name=n), s) for n, s in names.items()]
+    in_place = _prepare_folder(out, force)
+    plan = [PlannedTensor(n, dtype_code(dtype, name=n), s) for n, s in expected_tensors(cfg).items()]
     shards = _plan_shards(plan, max_shard_bytes)
     files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    _check_free_space(out, plan, shards, files, in_place)
+    if in_place:  # --force over a non-empty folder: each file replaced atomically, config.json last
+        _write_files(cfg, out, shards, files, dtype, seed, True, progress, tensor_fn)
+        return out
+    # A new (or empty) folder is built beside it and renamed into place: it appears complete or not at all.
+    tmp = out.parent / f".{out.name}.balprune-tmp-{os.getpid()}"
+    if os.path.lexists(tmp):  # a stale temp of a killed run with this pid (balprune's own name): removed
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
+    try:
+        _write_files(cfg, tmp, shards, files, dtype, seed, False, progress, tensor_fn)
+        try:
+            os.rename(tmp, out)  # replaces an empty folder; fails if anything appeared in it meanwhile
+        except OSError as exc:
+            raise OutputError(f"cannot move the written folder to {out}: {exc.strerror or exc}",
+                              hint="was something written there meanwhile?") from None
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_files(cfg: LlmConfig, out: Path, shards: list[list[PlannedTensor]], files: list[str], dtype: torch.dtype,
+                 seed: int, force: bool, progress: Callable[[str, int, int], None] | None,
+                 tensor_fn: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None) -> None:
+    """The shards (one tensor in memory at a time), then the index, then config.json; each file atomic."""
     make = tensor_fn or (lambda n, s, d: random_tensor(n, s, d, seed))
-    done, total = 0, len(plan)
+    done, total = 0, sum(len(s) for s in shards)
     weight_map: dict[str, str] = {}
     for file, shard in zip(files, shards):
         with AtomicOutput(out / file, force=force) as atomic:
@@ -165,11 +198,25 @@ def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int
                     progress(t.name, done, total)
             writer.finish()
             atomic.commit(lambda tmp, w=writer: verify_written(tmp, w.header_bytes, w.crc32))
-    index = {"metadata": {"total_size": sum(t.nbytes for t in plan)},
+    index = {"metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard)},
              "weight_map": dict(sorted(weight_map.items()))}
     write_bytes_atomic(out / "model.safetensors.index.json", _json_bytes(index), force=force)
     write_bytes_atomic(out / "config.json", _json_bytes(config_dict(cfg)), force=force)
-    return out
+
+
+def _check_free_space(out: Path, plan: list[PlannedTensor], shards: list[list[PlannedTensor]], files: list[str],
+                      in_place: bool) -> None:
+    """OutputError (exit 5) before any work when the file system cannot hold the folder."""
+    need = sum(t.nbytes for t in plan) + (1 << 20)
+    if in_place:  # files replaced one at a time: the old ones' space comes back, one shard's worth is extra
+        old = sum((out / f).stat().st_size for f in files if (out / f).is_file())
+        need = max(need - old, max(sum(t.nbytes for t in s) for s in shards))
+    try:
+        free = shutil.disk_usage(out if out.exists() else out.parent).free
+    except OSError:
+        return
+    if need > free:
+        raise OutputError(f"{out}: the folder needs {need / 1e9:.2f} GB, the file system has {free / 1e9:.2f} GB free")
 
 
 def write_example(name: str, folder: str | os.PathLike[str], *, seed: int = 0, force: bool = False,
@@ -191,16 +238,21 @@ def _json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-def _prepare_folder(out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
+def _prepare_folder(out: Path, force: bool) -> bool:
+    """True when writing into an existing non-empty folder (force); False when building beside it."""
+    if out.is_symlink():
+        raise OutputError(f"output {out} is a symbolic link; give the folder's own path")
+    if out.exists():
         if not out.is_dir():
             raise OutputError(f"output {out} exists and is not a folder")
-        if any(out.iterdir()) and not force:
-            raise OutputError(f"output folder {out} is not empty", hint="pass --force to replace the files it writes")
-        return
+        if any(out.iterdir()):
+            if not force:
+                raise OutputError(f"output folder {out} is not empty",
+                                  hint="pass --force to replace the files it writes")
+            return True
+        return False
     if not out.parent.is_dir():
         raise OutputError(f"output folder {out.parent} does not exist")
-    try:
-        out.mkdir()
-    except OSError as exc:
-        raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write in {out.parent}")
+    return False

@@ -134,7 +134,14 @@ def _int(where: str, field: str, v: object, lo: int, hi: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise _err(where, field, f"must be an integer, found {_short(v)}")
     if not lo <= v <= hi:
-        raise _err(where, field, f"must be in [{lo}, {hi}], found {v}")
+        raise _err(where, field, f"must be in [{lo}, {hi}], found {_short(v)}")
+    return v
+
+
+def _typed_int(where: str, field: str, v: object) -> int:
+    """An integer of any size (bounds come later, in _validate, with the other fields known)."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _err(where, field, f"must be an integer, found {_short(v)}")
     return v
 
 
@@ -233,13 +240,13 @@ def parse_config(data: object, where: str = "config.json") -> LlmConfig:
         return default if v is None else v
 
     # Types first (so a string never reaches an arithmetic check); bounds in _validate.
-    ints = {k: _int(where, k, data[k], -(2**63), 2**63) for k in _REQUIRED}
+    ints = {k: _typed_int(where, k, data[k]) for k in _REQUIRED}
     heads = ints["num_attention_heads"]
     if not 1 <= heads <= MAX_HEADS:
         raise _err(where, "num_attention_heads", f"must be in [1, {MAX_HEADS}], found {heads}")
-    kv = _int(where, "num_key_value_heads", get("num_key_value_heads", heads), -(2**63), 2**63)
+    kv = _typed_int(where, "num_key_value_heads", get("num_key_value_heads", heads))
     head_dim_default = ints["hidden_size"] // heads
-    head_dim = _int(where, "head_dim", get("head_dim", head_dim_default), -(2**63), 2**63)
+    head_dim = _typed_int(where, "head_dim", get("head_dim", head_dim_default))
     if mt == "qwen2" and head_dim != head_dim_default:
         raise _err(where, "head_dim", f"must be hidden_size / num_attention_heads = {head_dim_default} for qwen2, "
                    f"found {head_dim}")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import safeio
 from ..checkpoint import Checkpoint
 from ..errors import InvalidInputError
 from .family import LlmConfig, expected_tensors, open_llm
@@ -234,6 +235,8 @@ class ReferenceLM(nn.Module):
         """
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        if torch.device(device).type == "cpu":
+            _check_memory(cfg, ckpt, dtype)
         with torch.device("meta"):
             model = cls(cfg, dtype)
         for name in expected_tensors(cfg):
@@ -252,6 +255,20 @@ class ReferenceLM(nn.Module):
         """``open_llm(folder)`` (config and layout checked), then ``from_checkpoint``."""
         cfg, ckpt = open_llm(folder)
         return cls.from_checkpoint(cfg, ckpt, dtype=dtype, device=device)
+
+
+def _check_memory(cfg: LlmConfig, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    """The model in ``dtype`` (plus the largest tensor as read) must fit in available memory: exit 4 with
+    the figures, not an OOM kill. The shapes were checked against the files, so these are real sizes."""
+    item = torch.empty((), dtype=dtype).element_size()
+    sizes = {t.name: t for t in ckpt.tensors}
+    need = sum(math.prod(s) * item for s in expected_tensors(cfg).values())
+    need += max((t.nbytes for t in sizes.values()), default=0)
+    avail = safeio.memory_available()
+    if avail is not None and need > avail:
+        raise InvalidInputError(f"{ckpt.display}: the reference model needs {need / 2**30:.1f} GiB in {dtype} "
+                                f"(weights plus one tensor being read); {avail / 2**30:.1f} GiB is available",
+                                hint="load it in bfloat16, or on a machine with more memory")
 
 
 def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:

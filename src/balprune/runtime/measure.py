@@ -379,10 +379,8 @@ class on_torch_stream_ctx:
         self._cp_stream = None
 
     def __enter__(self):
-        import cupy as cp
-
         self._g.__enter__()
-        self._cp_stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        self._cp_stream = cupy_on_torch_stream()
         self._cp_stream.__enter__()
         return self
 
@@ -393,9 +391,9 @@ class on_torch_stream_ctx:
 
 def cupy_on_torch_stream():
     """A CuPy stream context for torch's current stream (enter it around launches of our kernels)."""
-    import cupy as cp
+    from . import _gpu
 
-    return cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    return _gpu.cupy().cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
 
 
 def capture_graph(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
