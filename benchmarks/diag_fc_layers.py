@@ -31,17 +31,10 @@ def main() -> None:
     a = ap.parse_args()
 
     from balprune.bench.sweep import sweep_matrix
-    from balprune.bench.timing import Timer
     from balprune.runtime._linear import TORCH_OF
-    from balprune.runtime.model.stages import (
-        CupyViews,
-        ModelKernels,
-        Projection,
-        cupy_on_torch_stream,
-        measure_us,
-        rel_error,
-        sparse_operator,
-    )
+    from balprune.runtime.measure import Timer, cupy_on_torch_stream, measure_us
+    from balprune.runtime.measure import relative_error as rel_error
+    from balprune.runtime.model.stages import CupyViews, ModelKernels, Projection, sparse_operator
 
     tdt = TORCH_OF[a.dtype]
     dev = torch.device("cuda", 0)

@@ -37,8 +37,8 @@ def main() -> None:
     a = ap.parse_args()
     from balprune.runtime._launch import prepared
     from balprune.runtime.kernels import load_module
+    from balprune.runtime.measure import cupy_on_torch_stream, measure_us
     from balprune.runtime.model import load_model
-    from balprune.runtime.model.stages import cupy_on_torch_stream, measure_us
 
     rt = load_model(a.packed, dtype=a.dtype, paths="sparse", measure=False)
     pm = rt.persistent
@@ -78,7 +78,7 @@ def compare(rt, nm: str, sets: list[tuple[str, ...]], base: tuple[str, ...], tri
     from balprune.models import relative_error
     from balprune.runtime._launch import prepared
     from balprune.runtime.kernels import load_module
-    from balprune.runtime.model.stages import cupy_on_torch_stream, measure_us
+    from balprune.runtime.measure import cupy_on_torch_stream, measure_us
 
     pm, tokens, reference = rt.persistent, rt.step.gate_tokens, rt.step.reference()
 
@@ -123,7 +123,7 @@ def timeline(pm, nm: str, defines: tuple[str, ...] = (), launches: int = 20, lat
 
     from balprune.runtime._launch import prepared
     from balprune.runtime.kernels import load_module
-    from balprune.runtime.model.stages import cupy_on_torch_stream
+    from balprune.runtime.measure import cupy_on_torch_stream
 
     # A BP_LM_DIAG among ``defines`` replaces 4 (it must keep bit 4: 5 = timeline without arithmetic).
     diag = tuple(d for d in defines if d.startswith("BP_LM_DIAG=")) or ("BP_LM_DIAG=4",)

@@ -11,7 +11,8 @@ import torch
 
 from balprune.bench.sweep import sweep_matrix
 from balprune.runtime.balanced import BalancedLinear
-from balprune.runtime.model.stages import cupy_on_torch_stream, launch_variants, measure_us
+from balprune.runtime.measure import cupy_on_torch_stream, measure_us
+from balprune.runtime.model.stages import launch_variants
 
 SHAPES = [("lstm fused 6000x3004 80%", 6000, 3004, 0.8, 64), ("bilstm hh 4096x1024 87.5%", 4096, 1024, 0.875, 32),
           ("fc6 4096x25088 92%", 4096, 25088, 0.92, 32), ("fc7 4096x4096 92%", 4096, 4096, 0.92, 32)]
@@ -20,7 +21,7 @@ SHAPES = [("lstm fused 6000x3004 80%", 6000, 3004, 0.8, 64), ("bilstm hh 4096x10
 def main() -> None:
     import cupy as cp
 
-    from balprune.bench.timing import Timer
+    from balprune.runtime.measure import Timer
 
     timer = Timer(0)
     dev = torch.device("cuda", 0)
@@ -51,7 +52,7 @@ def cold_big() -> None:
     """16384 x 8192 at 90%, batch 1, cold (weight copies > 4.5x L2, rotated), eager: staging variants."""
     import cupy as cp
 
-    from balprune.bench.timing import Timer, copies_for
+    from balprune.runtime.measure import Timer, copies_for
 
     timer = Timer(0)
     dev = torch.device("cuda", 0)

@@ -34,8 +34,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from balprune.bench.timing import Timer, copies_for
-    from balprune.runtime.model.stages import cupy_on_torch_stream
+    from balprune.runtime.measure import Timer, copies_for, cupy_on_torch_stream
 
     timer = Timer(0)
     l2 = timer.info.l2_bytes

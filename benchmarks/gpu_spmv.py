@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from balprune.bench.timing import Timer
+from balprune.runtime.measure import Timer
 
 ITERS = 200
 
 
 class Bench(Timer):
-    """The library's timer (balprune.bench.timing: the one timing function), returning dicts for printing."""
+    """The library's timer (balprune.runtime.measure: the one timing function), returning dicts for printing."""
 
     def __init__(self, cp) -> None:
         super().__init__(0)

@@ -7,8 +7,7 @@ import json
 import pytest
 from helpers import gpu_skip_reason
 
-from balprune.bench.report import BenchReport, Measurement, load_report
-from balprune.bench.run import rows, selection
+from balprune.bench.report import BenchReport, Measurement, load_report, rows, selection
 from balprune.cli import render
 
 

@@ -213,7 +213,7 @@ def test_importing_bench_and_measure_touches_no_gpu():
         "        if name.split('.')[0] in ('cupy', 'cupyx'): raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import balprune.bench.run, balprune.bench.model, balprune.bench.sweep, balprune.bench.peers\n"
-        "import balprune.bench.report, balprune.bench.timing, balprune.runtime.measure, balprune.runtime.model\n"
+        "import balprune.bench.report, balprune.runtime.measure, balprune.runtime.model\n"
         "import torch\n"
         "assert not torch.cuda.is_initialized()\n"
         "print('ok')\n"

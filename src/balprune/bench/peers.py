@@ -235,7 +235,7 @@ def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: i
                peers: bool = True) -> LayerCase:
     """The candidates for one packed layer (BalancedTensor / BsrTensor / CsrTensor) at one batch.
 
-    ``stream(nbytes)`` returns a Candidate timing a plain read of nbytes (bench.timing), or None.
+    ``stream(nbytes)`` returns a Candidate timing a plain read of nbytes (runtime.measure.Timer.read_launch), or None.
     ``peers`` False: only the subject kernel and dense (what the runtime chooses between).
     """
     dev = torch.device("cuda", device)

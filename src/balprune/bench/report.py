@@ -183,7 +183,7 @@ def _measurement_json(m: Measurement) -> dict:
 _REQUIRED = ("schema", "file", "device", "read_bandwidth_gbps", "measurements")
 _OPTIONAL = ("unavailable", "selection", "meta")
 
-#: The device block's known facts (bench.run.device_facts) and their JSON types; "name" is required.
+#: The device block's known facts (runtime.measure.Timer.device_facts) and their JSON types; "name" is required.
 _DEVICE_FIELDS: dict[str, type] = {"name": str, "compute_capability": int, "multiprocessors": int, "l2_bytes": int,
                                    "cuda_runtime": int, "driver": int, "cupy": str, "torch": str,
                                    "sm_clock_max_khz": int, "memory_clock_max_khz": int}

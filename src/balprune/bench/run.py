@@ -29,17 +29,12 @@ from ..errors import GpuRuntimeError
 from ..formats.packed_file import verify_packed
 from ..runtime.measure import Timer, Timing, copies_for, product_tolerance, relative_error
 from .peers import SUBJECT, Candidate, candidates, quiet_libraries
-from .report import BenchReport, Measurement, own_failures, rows, selection
+from .report import BenchReport, Measurement
 
 #: The value dtypes bench runs (report codes): the kernels' storage types.
 DTYPES = ("F32", "F16", "BF16")
 
 Progress = Callable[[str], None]
-
-
-def device_facts(timer: Timer) -> dict:
-    """The report's device block (runtime.measure.Timer.device_facts)."""
-    return timer.device_facts()
 
 
 def bench_file(path: str | Path, *, batches: tuple[int, ...] = (1,), modes: tuple[str, ...] = ("cold", "hot"),
@@ -163,4 +158,4 @@ def _bench_layer(report, timer: Timer, packed, name, batches, modes, graph, iter
         free_device_memory()
 
 
-__all__ = ["DTYPES", "Session", "bench_file", "device_facts", "own_failures", "rows", "selection"]
+__all__ = ["DTYPES", "Session", "bench_file"]

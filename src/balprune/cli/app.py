@@ -323,7 +323,8 @@ def bench(
     """Time every pruned layer on the GPU: balprune's kernel against dense cuBLAS, cuSPARSE CSR, block-sparse
     and 2:4 peers, and a plain read of the same bytes; the path the runtime takes per layer. With --model:
     the whole model end to end against dense torch."""
-    from ..bench.run import bench_file, rows
+    from ..bench.report import rows
+    from ..bench.run import bench_file
     from ..iopaths import check_io
 
     check_io(inputs=[("packed file", packed)], outputs=[("--json", json_out)])
@@ -385,7 +386,7 @@ def bench_sweep(
 ) -> None:
     """The paper's micro-benchmark: one random matrix pruned balanced at each sparsity, timed against dense,
     CSR, BSR, 2:4 and the ideal (bytes / measured read bandwidth); JSON report and a PNG plot."""
-    from ..bench.run import rows
+    from ..bench.report import rows
     from ..bench.sweep import paper_sweep, plot_sweep
 
     if dtype not in ("float32", "float16", "bfloat16"):

@@ -112,7 +112,9 @@ def prune_table(report: PruneReport) -> Table:
               total, human_bytes(report.dense_bytes), f"{human_bytes(report.packed_bytes)} ({100 * ratio:.1f}%)")
     lines = [f"sparsity of the whole checkpoint: {_pct(report.sparsity_achieved_all)} of all weights removed; "
              "of the targets: achieved vs requested (weighted by size)"] if report.sparsity_requested is not None else []
-    t.caption = literal_lines(lines + list(report.notes))
+    # report.notes (warnings) go to stderr, one line each (cli prune): not repeated here; a layer short of
+    # its request is marked in its row.
+    t.caption = literal_lines(lines)
     t.caption_justify = "left"
     return t
 

@@ -166,35 +166,10 @@ def check_bsr_arrays(crow_indices: torch.Tensor, col_indices: torch.Tensor, valu
     bh, bw = block_shape_of(block_shape, where)
     rb, cb = tile_counts(rows, cols, bh, bw)
     crow, col, v = crow_indices, col_indices, values
-    if v.dtype not in VALUE_DTYPES:
-        raise FormatError(f"{where}: values dtype {v.dtype} is not float32, float16, bfloat16 or float64")
-    for what, t in (("crow_indices", crow), ("col_indices", col)):
-        if t.dtype != torch.int32:
-            raise FormatError(f"{where}: {what} dtype {t.dtype} must be torch.int32")
-    if tuple(crow.shape) != (rb + 1,):
-        raise FormatError(f"{where}: crow_indices shape {list(crow.shape)} is not [ceil(rows / bh) + 1] = [{rb + 1}]")
-    if col.dim() != 1:
-        raise FormatError(f"{where}: col_indices must be 1-D [nnz_blocks], got shape {list(col.shape)}")
-    nnzb = int(col.shape[0])
-    if tuple(v.shape) != (nnzb, bh, bw):
-        raise FormatError(f"{where}: values shape {list(v.shape)} is not [nnz_blocks, bh, bw] = {[nnzb, bh, bw]}")
-    for what, t in (("crow_indices", crow), ("col_indices", col), ("values", v)):
-        if not t.is_contiguous():
-            raise FormatError(f"{where}: {what} is not C-contiguous")
-    check_row_pointers(crow, nnzb, where=where, unit="tile row", total="nnz_blocks")
-    if nnzb:
-        def tile_row_of(p: int) -> int:
-            return int(torch.searchsorted(crow, torch.tensor([p], dtype=torch.int32), right=True)[0]) - 1
-
-        bad = out_of_range_int32(col, cb)
-        if bool(bad.any()):
-            p = int(torch.nonzero(bad)[0])
-            raise FormatError(f"{where}: tile column {int(col[p])} out of range [0, {cb}) at tile row "
-                              f"{tile_row_of(p)} (position {p} of col_indices)")
-        p = first_unsorted(crow, col)
-        if p is not None:
-            raise FormatError(f"{where}: tile columns of tile row {tile_row_of(p)} are unsorted or duplicated "
-                              f"(position {p}: {int(col[p])} after {int(col[p - 1])})")
+    tile_row_of = check_compressed(crow, col, v, n_rows=rb, n_cols=cb, value_shape=(bh, bw), where=where,
+                                   row="tile row", column="tile column", total="nnz_blocks",
+                                   rows_expr="ceil(rows / bh)")
+    if int(col.shape[0]):
         if rows % bh:
             a, b = int(crow[rb - 1]), int(crow[rb])
             bad = (v[a:b, rows % bh:, :] != 0).flatten(1).any(1)
@@ -210,6 +185,51 @@ def check_bsr_arrays(crow_indices: torch.Tensor, col_indices: torch.Tensor, valu
                 raise FormatError(f"{where}: non-zero value right of the last column (cols = {cols}) in the tile at "
                                   f"tile row {tile_row_of(p)}, tile column {cb - 1}")
     check_finite_values(where, v)
+
+
+def check_compressed(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, *, n_rows: int, n_cols: int,
+                     value_shape: tuple[int, ...], where: str, row: str, column: str, total: str,
+                     rows_expr: str = "rows"):
+    """The checks CSR and BSR share (compressed rows of entries or tiles); FormatError at the first
+    violation, worded with ``row`` / ``column`` / ``total`` ("row", "column", "nnz" for CSR; "tile row",
+    "tile column", "nnz_blocks" for BSR). Returns ``row_of(position)``, the row holding an entry.
+
+    ``crow`` int32 [n_rows + 1], ``col`` int32 [n], ``values`` [n, *value_shape] F32/F16/BF16/F64, all
+    C-contiguous CPU tensors; crow starts at 0, never decreases and ends at n; columns lie in
+    [0, n_cols) (a negative one would wrap in torch's indexing) and strictly increase within a row.
+    """
+    if values.dtype not in VALUE_DTYPES:
+        raise FormatError(f"{where}: values dtype {values.dtype} is not float32, float16, bfloat16 or float64")
+    for what, t in (("crow_indices", crow), ("col_indices", col)):
+        if t.dtype != torch.int32:
+            raise FormatError(f"{where}: {what} dtype {t.dtype} must be torch.int32")
+    if tuple(crow.shape) != (n_rows + 1,):
+        raise FormatError(f"{where}: crow_indices shape {list(crow.shape)} is not [{rows_expr} + 1] = [{n_rows + 1}]")
+    if col.dim() != 1:
+        raise FormatError(f"{where}: col_indices must be 1-D [{total}], got shape {list(col.shape)}")
+    n = int(col.shape[0])
+    if tuple(values.shape) != (n, *value_shape):
+        dims = ", ".join([total] + ["bh", "bw"][:len(value_shape)])
+        raise FormatError(f"{where}: values shape {list(values.shape)} is not [{dims}] = {[n, *value_shape]}")
+    for what, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
+        if not t.is_contiguous():
+            raise FormatError(f"{where}: {what} is not C-contiguous")
+    check_row_pointers(crow, n, where=where, unit=row, total=total)
+
+    def row_of(p: int) -> int:
+        return int(torch.searchsorted(crow, torch.tensor([p], dtype=torch.int32), right=True)[0]) - 1
+
+    if n:
+        bad = out_of_range_int32(col, n_cols)
+        if bool(bad.any()):
+            p = int(torch.nonzero(bad)[0])
+            raise FormatError(f"{where}: {column} {'index ' if column == 'column' else ''}{int(col[p])} out of range "
+                              f"[0, {n_cols}) at {row} {row_of(p)} (position {p} of col_indices)")
+        p = first_unsorted(crow, col)
+        if p is not None:
+            raise FormatError(f"{where}: {column}{'s' if column != 'column' else ' indices'} of {row} {row_of(p)} are "
+                              f"unsorted or duplicated (position {p}: {int(col[p])} after {int(col[p - 1])})")
+    return row_of
 
 
 def check_row_pointers(crow: torch.Tensor, nnz: int, *, where: str, unit: str, total: str) -> None:

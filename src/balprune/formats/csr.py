@@ -16,7 +16,6 @@ from ..errors import FormatError
 from ..patterns.unstructured import mask_keep_n
 from . import spec
 from .base import (
-    VALUE_DTYPES,
     PartSpec,
     as_matrix,
     check_finite_values,
@@ -26,7 +25,7 @@ from .base import (
     positive_int,
     torch_dtype,
 )
-from .bsr import check_row_pointers, first_unsorted, out_of_range_int32
+from .bsr import check_compressed
 
 INT32_MAX = 2**31 - 1
 
@@ -134,35 +133,8 @@ def check_csr_arrays(crow_indices: torch.Tensor, col_indices: torch.Tensor, valu
     rows = positive_int(rows, f"{where}: rows")
     cols = positive_int(cols, f"{where}: cols")
     crow, col, v = crow_indices, col_indices, values
-    if v.dtype not in VALUE_DTYPES:
-        raise FormatError(f"{where}: values dtype {v.dtype} is not float32, float16, bfloat16 or float64")
-    for what, t in (("crow_indices", crow), ("col_indices", col)):
-        if t.dtype != torch.int32:
-            raise FormatError(f"{where}: {what} dtype {t.dtype} must be torch.int32")
-    if tuple(crow.shape) != (rows + 1,):
-        raise FormatError(f"{where}: crow_indices shape {list(crow.shape)} is not [rows + 1] = [{rows + 1}]")
-    if col.dim() != 1:
-        raise FormatError(f"{where}: col_indices must be 1-D [nnz], got shape {list(col.shape)}")
-    nnz = int(col.shape[0])
-    if tuple(v.shape) != (nnz,):
-        raise FormatError(f"{where}: values shape {list(v.shape)} is not [nnz] = [{nnz}]")
-    for what, t in (("crow_indices", crow), ("col_indices", col), ("values", v)):
-        if not t.is_contiguous():
-            raise FormatError(f"{where}: {what} is not C-contiguous")
-    check_row_pointers(crow, nnz, where=where, unit="row", total="nnz")
-    if nnz:
-        def row_of(p: int) -> int:
-            return int(torch.searchsorted(crow, torch.tensor([p], dtype=torch.int32), right=True)[0]) - 1
-
-        bad = out_of_range_int32(col, cols)
-        if bool(bad.any()):
-            p = int(torch.nonzero(bad)[0])
-            raise FormatError(f"{where}: column index {int(col[p])} out of range [0, {cols}) at row {row_of(p)} "
-                              f"(position {p} of col_indices)")
-        p = first_unsorted(crow, col)
-        if p is not None:
-            raise FormatError(f"{where}: column indices of row {row_of(p)} are unsorted or duplicated "
-                              f"(position {p}: {int(col[p])} after {int(col[p - 1])})")
+    check_compressed(crow, col, v, n_rows=rows, n_cols=cols, value_shape=(), where=where, row="row", column="column",
+                     total="nnz")
     check_finite_values(where, v)
 
 

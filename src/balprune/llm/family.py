@@ -213,6 +213,9 @@ def _validate(c: LlmConfig, where: str) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
+#: transformers' defaults for an absent max_position_embeddings (it only bounds llama3's original length here).
+_DEFAULT_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -250,7 +253,8 @@ def parse_config(data: object, where: str = "config.json") -> LlmConfig:
     if mt == "qwen2" and head_dim != head_dim_default:
         raise _err(where, "head_dim", f"must be hidden_size / num_attention_heads = {head_dim_default} for qwen2, "
                    f"found {head_dim}")
-    max_pos = _int(where, "max_position_embeddings", get("max_position_embeddings", 2048), 1, MAX_POSITIONS)
+    max_pos = _int(where, "max_position_embeddings", get("max_position_embeddings", _DEFAULT_POSITIONS[mt]), 1,
+                   MAX_POSITIONS)
     act = data.get("hidden_act", "silu")
     if act != "silu":
         raise _err(where, "hidden_act", f"must be 'silu' (SwiGLU), found {_short(act)}")

@@ -20,12 +20,10 @@ import torch
 
 from ...errors import GpuRuntimeError, UsageError
 from .._linear import STORAGE, TORCH_OF
-from ..measure import STAGE_TOLERANCE, capture_graph, cupy_on_torch_stream, measure_us, relative_error
+from ..measure import STAGE_TOLERANCE, cupy_on_torch_stream, measure_us, relative_error
 
-# The names benchmarks/ scripts import from here; the functions live in runtime.measure.
-rel_error = relative_error
-__all__ = ["Choice", "CupyViews", "ModelKernels", "Projection", "capture_graph", "cupy_on_torch_stream", "dispatch",
-           "launch_variants", "measure_us", "model_kernel_variants", "ptr", "sparse_operator"]
+__all__ = ["Choice", "CupyViews", "ModelKernels", "Projection", "dispatch", "launch_variants",
+           "model_kernel_variants", "ptr", "sparse_operator"]
 
 # Paths a Projection can take: "balanced" / "bsr", balprune's kernel for the layer's pattern
 # (in launch variants: "balanced (threads=512, x raw)"), and "dense", the same masked matrix
