@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -89,3 +90,35 @@ def assert_within_rounding(y: torch.Tensor, ref: torch.Tensor, absdot: torch.Ten
         assert rel <= product_tolerance(dtype, k, accumulate="float32"), (rel, product_tolerance(dtype, k, accumulate="float32"))
     else:
         assert bool((y64 == 0).all())
+
+
+def sha256(path: Path) -> str:
+    """sha256 of a file's bytes (inputs must be byte-identical after a refused command)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def listing(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 / link target / kind of everything under ``folder`` (no reads of FIFOs):
+    compared before and after a command to show inputs unchanged and nothing left behind."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = f"link -> {os.readlink(p)}"
+        elif p.is_fifo():
+            out[rel] = "fifo"
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def one_error_line(err: str, out: str = "") -> str:
+    """The single ``balprune: error: ...`` line of a refused command's stderr (asserts there is exactly one,
+    and no traceback anywhere)."""
+    assert "Traceback" not in err and "Traceback" not in out, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    assert lines[0].startswith("balprune: error:"), lines[0]
+    return lines[0]

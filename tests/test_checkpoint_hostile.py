@@ -7,7 +7,6 @@ and signals run in a subprocess with a timeout, so a hang fails the test instead
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -21,34 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_subprocess, small_state_dict
+from helpers import REPO, listing, one_error_line, run_subprocess, small_state_dict
 from safetensors.torch import save_file
 
 TIMEOUT = 120  # seconds: far above a refusal (a few seconds of imports), far below a hang
 
 
-def listing(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 / link target / kind of everything under ``folder`` (no reads of FIFOs)."""
-    out = {}
-    for p in sorted(Path(folder).rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = f"link -> {os.readlink(p)}"
-        elif p.is_fifo():
-            out[rel] = "fifo"
-        elif p.is_file():
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            out[rel] = "dir"
-    return out
-
-
-def one_error_line(err: str, out: str = "") -> str:
-    assert "Traceback" not in err and "Traceback" not in out, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert lines[0].startswith("balprune: error:"), lines[0]
-    return lines[0]
 
 
 def refused(tmp_path: Path, args: list, code: int, *mentions: str, subprocess_: bool = False, cli=None) -> str:

@@ -8,7 +8,6 @@ trained: exit 2 for an option, exit 4 for a file value, the bound named in the m
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -16,34 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_subprocess, small_state_dict
+from helpers import listing, one_error_line, run_subprocess, small_state_dict
 
 from balprune.config import MAX_SCHEDULE_STEPS
 
 TIMEOUT = 120
 
 
-def listing(folder: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(Path(folder).rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = f"link -> {os.readlink(p)}"
-        elif p.is_fifo():
-            out[rel] = "fifo"
-        elif p.is_file():
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            out[rel] = "dir"
-    return out
-
-
-def one_error_line(err: str, out: str = "") -> str:
-    assert "Traceback" not in err and "Traceback" not in out, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert lines[0].startswith("balprune: error:"), lines[0]
-    return lines[0]
 
 
 def refused(tmp_path: Path, args: list, code: int, *mentions: str, cli=None) -> str:

@@ -10,7 +10,6 @@ node unchanged, no temp file left; a regular file is still replaced with --force
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_subprocess, small_state_dict
+from helpers import one_error_line, run_subprocess, sha256, small_state_dict
 
 from balprune.cli import main
 
@@ -28,16 +27,6 @@ from balprune.cli import main
 TIMEOUT = 60
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def one_error_line(err: str, out: str = "") -> str:
-    assert "Traceback" not in err and "Traceback" not in out, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert lines[0].startswith("balprune: error:"), lines[0]
-    return lines[0]
 
 
 def st_bytes(header: dict | bytes, data: bytes = b"") -> bytes:

@@ -427,3 +427,12 @@ def test_writer_checks_free_space_first(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="GB free") as e:
         write_example("llama-8b", tmp_path / "big")
     assert e.value.exit_code == 5 and list(tmp_path.iterdir()) == []
+
+
+def test_writer_folder_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = write_hf_folder(TINY, tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755

@@ -12,7 +12,6 @@ runtime's host-side path (reference_module, load_model's validation order) runs 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import struct
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import gpu_skip_reason, small_lm_packed, small_state_dict
+from helpers import gpu_skip_reason, one_error_line, sha256, small_lm_packed, small_state_dict
 
 from balprune.cli import main
 from balprune.errors import FormatError, InvalidInputError, NoGpuError
@@ -39,16 +38,6 @@ SECONDS = 20
 
 # --------------------------------------------------------------------------- helpers
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def one_error_line(err: str, out: str = "") -> str:
-    assert "Traceback" not in err and "Traceback" not in out, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert lines[0].startswith("balprune: error:"), lines[0]
-    return lines[0]
 
 
 def read_st(path: Path) -> tuple[dict, bytearray]:

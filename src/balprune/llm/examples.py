@@ -6,7 +6,7 @@ N(0, 0.02) (norm weights 1, biases 0.02-normal too), each tensor from its own ge
 (seed, tensor name), so the bytes do not depend on the shard size. Only one tensor is in memory at a
 time (llama-8b is 16 GB in bfloat16; its largest tensor, the embedding, is 1 GB). Every file goes
 through balprune's atomic writer (temp file, fsync, re-read and CRC check, rename). A new folder is
-built beside its final path (``.NAME.balprune-tmp-PID``) and renamed into place when complete, so an
+built beside its final path (``.NAME.balprune-tmp-PID-RANDOM``) and renamed into place when complete, so an
 interrupted run leaves nothing at the final path; with ``force`` over an existing folder each file is
 replaced atomically and config.json comes last.
 
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -157,14 +158,11 @@ def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int
         _write_files(cfg, out, shards, files, dtype, seed, True, progress, tensor_fn)
         return out
     # A new (or empty) folder is built beside it and renamed into place: it appears complete or not at all.
-    tmp = out.parent / f".{out.name}.balprune-tmp-{os.getpid()}"
-    if os.path.lexists(tmp):  # a stale temp of a killed run with this pid (balprune's own name): removed
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp)
-        else:
-            tmp.unlink()
-    try:
-        tmp.mkdir()
+    try:  # a fresh random name, created exclusively: nothing already there is opened or removed
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.balprune-tmp-{os.getpid()}-", dir=out.parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700; the folder is an ordinary output
     except OSError as exc:
         raise OutputError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
     try:
