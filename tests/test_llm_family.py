@@ -436,3 +436,22 @@ def test_writer_folder_mode_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert folder.stat().st_mode & 0o777 == 0o755
+
+
+def test_example_command_writes_an_hf_folder_that_prune_reads(cli, tmp_path):
+    """`balprune example llama-tiny -o DIR`: config.json, shards and their index; prune takes the folder;
+    an existing non-empty folder is refused without --force (exit 5) and left as it was."""
+    folder = tmp_path / "tiny"
+    r = cli("example", "llama-tiny", "-o", folder)
+    assert r.code == 0 and "llama-tiny" in r.out, r
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model-00001-of-00001.safetensors",
+                                                        "model.safetensors.index.json"]
+    cfg = read_config(folder)
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size) == ("llama", 4, 64)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    r = cli("example", "llama-tiny", "-o", folder)
+    assert r.code == 5 and r.err.count("\n") == 1 and "--force" in r.err, r
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    out = tmp_path / "tiny.balanced.safetensors"
+    assert cli("prune", folder, "-s", "0.5", "--blocks", "4", "-o", out).code == 0
+    assert cli("verify", out).code == 0

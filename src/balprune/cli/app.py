@@ -206,23 +206,38 @@ def inspect(
 
 @app.command()
 def example(
-    name: str = typer.Argument(..., help="vgg16, lstm-lm, ctc-bilstm or tiny-cnn ('list' to describe them)."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Checkpoint to write (.pt or .safetensors)."),
+    name: str = typer.Argument(..., help="vgg16, lstm-lm, ctc-bilstm, tiny-cnn, llama-tiny, llama-1b or llama-8b "
+                                         "('list' to describe them)."),
+    output: Path | None = typer.Option(None, "--output", "-o",
+                                       help="Checkpoint to write (.pt or .safetensors); a folder for llama-*."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the weights."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file (or folder's files)."),
 ) -> None:
-    """Write a checkpoint of one of the paper's workloads with random weights."""
+    """Write a checkpoint of one of the paper's workloads, or a Llama-family HF folder, with random weights."""
     from ..examples import EXAMPLES, example_state_dict
+    from ..llm.examples import PRESETS, write_example
     from ..save import save_state_dict
 
     if name == "list":
-        for n, (desc, _) in EXAMPLES.items():
+        for n, (desc, _) in {**EXAMPLES, **PRESETS}.items():
             typer.echo(f"{n:12s} {desc}")
         return
-    if name not in EXAMPLES:
-        raise UsageError(f"unknown example {name!r}; choose one of {', '.join(EXAMPLES)}")
+    if name not in EXAMPLES and name not in PRESETS:
+        raise UsageError(f"unknown example {name!r}; choose one of {', '.join([*EXAMPLES, *PRESETS])}")
     if output is None:
         raise UsageError("--output/-o is required")
+    if name in PRESETS:  # an HF folder: config.json, sharded safetensors with their index, streamed shard by shard
+        bar = _progress_bar(True)
+        if bar is None:
+            folder = write_example(name, output, seed=seed, force=force)
+        else:
+            with bar:
+                task = bar.add_task(name, total=None)
+                folder = write_example(name, output, seed=seed, force=force,
+                                       progress=lambda t, done, total: bar.update(task, completed=done, total=total,
+                                                                                  description=render.visible(t[-40:])))
+        render.console().print(render.literal(f"wrote {name} (Hugging Face folder: {PRESETS[name][0]}) to {folder}"))
+        return
     sd = example_state_dict(name, seed)
     save_state_dict(sd, output, force=force)
     n = sum(t.numel() for t in sd.values())
