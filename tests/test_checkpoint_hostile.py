@@ -372,3 +372,14 @@ def test_names_balprune_cannot_write_are_refused_aliases_included(cli, tmp_path,
     assert r.code == 4 and r.err.startswith("balprune: error: ") and r.err.count("\n") == 1, r
     assert ascii(names[-1])[1:-1] in r.err or names[-1] in r.err, r.err
     assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_checkpoint_with_both_wrappers_asks_for_key(cli, tmp_path):
+    """{'state_dict': ..., 'model': ...}: unwrapping either would silently drop the other's weights, so the
+    top-level keys are listed and --key asked for (exit 4); with --key the chosen one is pruned."""
+    src = tmp_path / "both.pt"
+    torch.save({"state_dict": {"w": torch.randn(8, 32)}, "model": {"v": torch.randn(8, 32)}}, src)
+    r = cli("prune", src, "-s", "0.5", "--blocks", "4", "-o", tmp_path / "o.safetensors")
+    line = one_error_line(r.err)
+    assert r.code == 4 and "--key" in line and "'state_dict'" in line and "'model'" in line, r
+    assert cli("prune", src, "-s", "0.5", "--blocks", "4", "--key", "model", "-o", tmp_path / "o.safetensors").code == 0

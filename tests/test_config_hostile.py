@@ -336,3 +336,44 @@ def test_image_that_is_a_fifo_refused(tmp_path):
     line = one_error_line(p.stderr, p.stdout)
     assert "1.png" in line and "FIFO" in line
     assert listing(data) == before
+
+
+@pytest.mark.parametrize("table,words", [
+    ('[prune]\nsparsity = "0.5"\n', 'sparsity must be a number, got str'),
+    ('[prune]\nblocks = "4"\n', "blocks must be an integer, got str"),
+    ("[prune]\nblocks = 4.0\n", "blocks must be an integer, got float"),
+    ('[schedule]\nsteps = "3"\n', "steps must be an integer, got str"),
+    ('[[layers]]\nmatch = "*"\nsparsity = "0.9"\n', "sparsity must be a number, got str"),
+])
+def test_config_values_must_have_their_toml_type(cli, tmp_path, table, words):
+    """The option parsers read command-line strings, so a file's "0.5" would pass them: a --config value of
+    the wrong TOML type is exit 4 naming the key, nothing written."""
+    src = tmp_path / "m.pt"
+    torch.save({"w": torch.randn(8, 32)}, src)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(table)
+    r = cli("prune", src, "--config", cfg, "-s", "0.5", "-o", tmp_path / "o.safetensors")
+    assert r.code == 4 and words in one_error_line(r.err), r
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("args", [["-s", "\u0660.\u0665"], ["-s", "0.5", "--blocks", "\u0661\u0662"]])
+def test_option_numbers_take_ascii_digits_only(cli, tmp_path, args):
+    """float() and int() read Arabic-Indic digits; an option value must be a plain ASCII decimal (exit 2)."""
+    src = tmp_path / "m.pt"
+    torch.save({"w": torch.randn(8, 32)}, src)
+    r = cli("prune", src, *args, "-o", tmp_path / "o.safetensors")
+    assert r.code == 2 and r.err.count("\n") == 1, r
+
+
+def test_sensitivity_samples_are_checked_against_memory_before_work(cli, tmp_path, monkeypatch):
+    """--samples decides the proxy's allocations (x [K, samples], two [rows, samples] products): checked
+    against the memory available before any tensor is read (exit 4 with the figure, never exit 70)."""
+    import balprune.safeio as safeio
+
+    src = tmp_path / "tall.pt"
+    torch.save({"w": torch.randn(1000, 64)}, src)
+    monkeypatch.setattr(safeio, "memory_available", lambda: 1 << 20)
+    r = cli("sensitivity", src, "--blocks", "4", "--samples", "4096", "-o", tmp_path / "plan.toml")
+    assert r.code == 4 and "--samples 4096 needs" in one_error_line(r.err), r
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tall.pt"]

@@ -318,3 +318,18 @@ def test_plan_of_a_checkpoint_whose_path_is_not_utf8(cli, tmp_path):
     r = cli("sensitivity", src, "--sparsities", "0.5,0.75", "--tolerance", "100", "-o", plan)
     assert r.code == 0, r
     assert load_config(plan)["prune"]["sparsity"] == 0.75 and "\\udcff" in plan.read_text()
+
+
+def test_a_failing_torch_save_is_an_output_error(cli, tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as RuntimeError ("unexpected pos ..."): a .pt output that
+    cannot be written is exit 5 with one line, nothing at the output path, no temp file left."""
+    import balprune.save as save
+
+    def full(*_a, **_k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1536 vs 1430")
+
+    monkeypatch.setattr(save.torch, "save", full)
+    out = tmp_path / "e.pt"
+    r = cli("example", "tiny-cnn", "-o", out)
+    assert r.code == 5 and r.err.startswith(f"balprune: error: cannot write {out}") and r.err.count("\n") == 1, r
+    assert list(tmp_path.iterdir()) == []

@@ -283,3 +283,29 @@ def test_contradicting_cli_options_are_usage_errors_with_or_without_config(cli, 
     cfg.write_text("[prune]\nsparsity = 0.5\n")
     for extra in ([], ["--config", cfg]):
         assert_fails(cli("prune", tmp_path / "nowhere.pt", *args, *extra), 2, Guard(tmp_path), mentions=(needle,))
+
+
+def test_nan_in_a_target_that_passes_through_dense_is_refused(cli, tmp_path):
+    """A 2-D weight too short to prune (passes through dense) is still a weight: NaN/Inf is exit 4 naming it,
+    as for a pruned one; nothing is written."""
+    w = torch.randn(64, 4)
+    w[3, 1] = float("nan")
+    src = tmp_path / "m.pt"
+    torch.save({"short.weight": w, "long.weight": torch.randn(8, 256)}, src)
+    r = cli("prune", src, "-s", "0.9", "-o", tmp_path / "o.safetensors")
+    assert r.code == 4 and "short.weight" in r.err and "NaN" in r.err and r.err.count("\n") == 1, r
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("args", [["-p", "block", "--block-shape", "16384x16384"],
+                                  ["-p", "vector", "--vector-length", "100000000000"]])
+def test_tiles_larger_than_the_matrix_pass_it_through_with_a_warning(cli, tmp_path, args):
+    """Padded to whole tiles, a tile larger than the matrix would be far larger than dense (a 0.5 MB checkpoint
+    became 4.3 GB) and prune nothing: such a layer passes through dense, said per layer; --strict refuses."""
+    src = _ckpt(tmp_path, {"fc.weight": (32, 144)})
+    out = tmp_path / "o.safetensors"
+    r = cli("prune", src, "-s", "0.5", *args, "-o", out)
+    assert r.code == 0 and "is larger than the [32, 144] matrix" in r.err, r
+    assert out.stat().st_size < 2 * src.stat().st_size
+    r = cli("prune", src, "-s", "0.5", *args, "--strict", "-o", tmp_path / "s.safetensors", "--force")
+    assert r.code == 4 and not (tmp_path / "s.safetensors").exists(), r

@@ -460,12 +460,14 @@ def _select_state_dict(obj: object, path: Path, key: str | None) -> Mapping:
     else:
         for _ in range(2):
             if isinstance(obj, Mapping) and not _all_tensors(obj):
-                for wrapper in ("state_dict", "model"):
-                    if isinstance(obj.get(wrapper), Mapping):
-                        obj = obj[wrapper]
-                        break
-                else:
+                wrappers = [w for w in ("state_dict", "model") if isinstance(obj.get(w), Mapping)]
+                if len(wrappers) > 1:  # two candidates: choosing one would drop the other's weights silently
+                    raise InvalidInputError(f"{path}: both 'state_dict' and 'model' hold a mapping; top-level keys: "
+                                            f"{[str(k)[:40] for k in list(obj.keys())[:20]]}",
+                                            hint="choose the entry holding the weights with --key NAME")
+                if not wrappers:
                     break
+                obj = obj[wrappers[0]]
     if not isinstance(obj, Mapping):
         raise InvalidInputError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
     if not _all_tensors(obj):

@@ -18,8 +18,8 @@ from typing import Union
 
 from .errors import ConfigError, UsageError
 
-_DECIMAL = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
-_INTEGER = re.compile(r"^[+-]?\d+$")
+_DECIMAL = re.compile(r"^(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")  # ASCII digits only: float() reads others
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")  # ASCII digits only (\d would take Arabic-Indic digits)
 
 
 def parse_sparsity(text: object, *, what: str = "--sparsity", error=UsageError) -> float:
@@ -40,7 +40,8 @@ def parse_sparsity(text: object, *, what: str = "--sparsity", error=UsageError) 
             raise error(f"{what}: expected a decimal number in [0, 1) such as 0.9, got {str(text)!r}")
         value = float(s)
     if not 0.0 <= value < 1.0:
-        raise error(f"{what}: must be in [0, 1) (1.0 would remove every weight), got {value:g}")
+        why = " (1.0 would remove every weight)" if "sparsit" in what else ""
+        raise error(f"{what}: must be in [0, 1){why}, got {value:g}")
     return value
 
 
@@ -57,6 +58,8 @@ MAX_SEED = 2**63 - 1
 INT_LIMITS: dict[str, int] = {
     "--steps": MAX_SCHEDULE_STEPS, "steps": MAX_SCHEDULE_STEPS, "schedule steps": MAX_SCHEDULE_STEPS,
     "--seed": MAX_SEED, "--samples": 1 << 16,
+    # bench: a batch is one GEMM's column count, iterations are timed launches, a device an index
+    "--batch": 1 << 16, "--iters": 1 << 20, "--frames": 1 << 16, "--device": 1 << 10,
 }
 
 #: The bound of any integer value (a signed 64-bit integer, what torch and the file format hold).
@@ -327,10 +330,28 @@ _LAYER_KEYS = {"match", "skip", "pattern", "sparsity", "blocks", "block_size", "
 _SCHEDULE_KEYS = {"kind", "steps", "values"}
 
 
+#: The TOML type each key of the [prune] / [schedule] / [[layers]] tables must have. The option
+#: parsers also read command-line strings ("0.9"), so a file's "0.5" would pass them: the file's own
+#: types are checked here, where TOML's types are still known.
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "sparsity": (int, float), "blocks": (int,), "block_size": (int,), "vector_length": (int,), "steps": (int,),
+    "pattern": (str,), "block_shape": (str,), "nm": (str,), "scope": (str,), "kind": (str,), "match": (str,),
+    "skip": (bool,), "strict": (bool,), "include": (list,), "exclude": (list,), "values": (list,),
+}
+_TOML_TYPE = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "an array"}
+
+
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    for key, value in table.items():
+        kinds = _KEY_TYPES.get(key)
+        if kinds is None:
+            continue
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            want = "a number" if kinds == (int, float) else " or ".join(_TOML_TYPE[k] for k in kinds)
+            raise ConfigError(f"{where}: {key} must be {want}, got {type(value).__name__} {value!r}"[:300])
 
 
 #: Pattern-specific option keys and the one pattern each applies to. A key given for another

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from .container import AtomicOutput, PlannedTensor, StreamingWriter, dtype_code, verify_written
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], output: Path, *, force: bool = False,
@@ -28,5 +29,24 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], output: Path, *, force:
             writer.finish()
             out.commit(lambda tmp: verify_written(tmp, writer.header_bytes, writer.crc32))
         else:
-            torch.save(state_dict, out.file)
+            _torch_save(state_dict, out)
             out.commit()
+
+
+def save_torch_atomic(obj: object, output: Path, *, force: bool = False) -> None:
+    """torch.save ``obj`` (tensors and plain values: weights_only loads it) to ``output`` atomically."""
+    with AtomicOutput(Path(output), force=force) as out:
+        _torch_save(obj, out)
+        out.commit()
+
+
+def _torch_save(obj: object, out: AtomicOutput) -> None:
+    """torch.save into the temp file; a failed write is an output error (exit 5), never exit 70.
+
+    torch's zip writer reports a full disk as RuntimeError ("unexpected pos ..."), not OSError."""
+    try:
+        torch.save(obj, out.file)
+    except (RuntimeError, OSError) as exc:
+        free = shutil.disk_usage(out.temp_path.parent).free
+        reason = "disk full" if free < (1 << 20) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        raise OutputError(f"cannot write {out.final_path}: {reason}; nothing was written") from None

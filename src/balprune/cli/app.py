@@ -210,7 +210,8 @@ def example(
                                          "('list' to describe them)."),
     output: Path | None = typer.Option(None, "--output", "-o",
                                        help="Checkpoint to write (.pt or .safetensors); a folder for llama-*."),
-    seed: int = typer.Option(0, "--seed", help="Random seed of the weights."),
+    seed: str = typer.Option("0", "--seed", callback=usage(lambda v: parse_positive_int(v, what="--seed", minimum=0)),
+                             help="Random seed of the weights, in [0, 2^63)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file (or folder's files)."),
 ) -> None:
     """Write a checkpoint of one of the paper's workloads, or a Llama-family HF folder, with random weights."""
@@ -229,16 +230,16 @@ def example(
     if name in PRESETS:  # an HF folder: config.json, sharded safetensors with their index, streamed shard by shard
         bar = _progress_bar(True)
         if bar is None:
-            folder = write_example(name, output, seed=seed, force=force)
+            folder = write_example(name, output, seed=int(seed), force=force)
         else:
             with bar:
                 task = bar.add_task(name, total=None)
-                folder = write_example(name, output, seed=seed, force=force,
+                folder = write_example(name, output, seed=int(seed), force=force,
                                        progress=lambda t, done, total: bar.update(task, completed=done, total=total,
                                                                                   description=render.visible(t[-40:])))
         render.console().print(render.literal(f"wrote {name} (Hugging Face folder: {PRESETS[name][0]}) to {folder}"))
         return
-    sd = example_state_dict(name, seed)
+    sd = example_state_dict(name, int(seed))
     save_state_dict(sd, output, force=force)
     n = sum(t.numel() for t in sd.values())
     render.console().print(render.literal(f"wrote {name} ({len(sd)} tensors, {n / 1e6:.1f}M parameters) to {output}"))
@@ -323,7 +324,8 @@ def bench(
                                   help="Only balprune's kernel and dense (skip CSR, BSR and 2:4 peers)."),
     iters: str = typer.Option("200", "--iters", callback=usage(lambda v: parse_positive_int(v, what="--iters")),
                               help="Timed launches per measurement."),
-    device: int = typer.Option(0, "--device", help="CUDA device index."),
+    device: str = typer.Option("0", "--device", callback=usage(lambda v: parse_positive_int(v, what="--device", minimum=0)),
+                               help="CUDA device index."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report (schema balprune.bench/2) here."),
     model: bool = typer.Option(False, "--model",
                                help="End to end: the whole packed model (lstm-lm, ctc-bilstm, vgg) at batch 1 against "
@@ -395,7 +397,8 @@ def bench_sweep(
     graph: bool = typer.Option(False, "--graph", help="Also time CUDA-graph replay."),
     iters: str = typer.Option("100", "--iters", callback=usage(lambda v: parse_positive_int(v, what="--iters")),
                               help="Timed launches per measurement."),
-    device: int = typer.Option(0, "--device", help="CUDA device index."),
+    device: str = typer.Option("0", "--device", callback=usage(lambda v: parse_positive_int(v, what="--device", minimum=0)),
+                               help="CUDA device index."),
     json_out: Path = typer.Option(Path("sweep.json"), "--json", help="The report (schema balprune.bench/2)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a PNG of latency against sparsity."),
 ) -> None:

@@ -14,7 +14,7 @@ import typer
 from ..config import parse_block_shape, parse_positive_int, parse_sparsity
 from ..errors import UsageError
 
-_FLOAT = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+_FLOAT = re.compile(r"^(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")  # ASCII digits only
 
 
 def usage(fn):

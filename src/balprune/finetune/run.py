@@ -226,13 +226,19 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save ``state`` atomically; it holds only tensors and plain values (weights_only loads it)."""
-    with AtomicOutput(path, force=True) as out:
-        torch.save(state, out.file)
-        out.commit()
+    """torch.save ``state`` atomically (save.save_torch_atomic); it holds only tensors and plain values."""
+    from ..save import save_torch_atomic
+
+    save_torch_atomic(state, path, force=True)
 
 
-def load_checkpoint(path: Path) -> dict:
+#: What to do about an unusable checkpoint: a run's own is replaced by starting over; a --dense one is the
+#: user's input and is never to be deleted.
+RUN_HINT = "delete it, or pass --force to start over"
+DENSE_HINT = "pass the dense.pt that a sweep of this recipe wrote"
+
+
+def load_checkpoint(path: Path, *, hint: str = RUN_HINT) -> dict:
     """A run's checkpoint.pt (or a sweep's dense.pt), read as every user torch file is
     (checkpoint.load_torch_file: regular files only, storage claims checked, weights_only, signals
     passed through); InvalidInputError (exit 4) for anything that is not one of balprune's."""
@@ -242,7 +248,7 @@ def load_checkpoint(path: Path) -> dict:
         state = load_torch_file(path)
     except InvalidInputError as exc:
         raise InvalidInputError(f"{path}: not a readable fine-tuning checkpoint ({exc.one_line()})",
-                                hint="delete it, or pass --force to start over") from None
+                                hint=hint) from None
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
         raise InvalidInputError(f"{path}: not a balprune fine-tuning checkpoint")
     for name, kinds in _STATE_TYPES.items():
@@ -252,7 +258,7 @@ def load_checkpoint(path: Path) -> dict:
             ok = False
         if not ok:
             raise InvalidInputError(f"{path}: the checkpoint's field {name!r} is missing or of the wrong type "
-                                    f"({type(value).__name__})", hint="delete it, or pass --force to start over")
+                                    f"({type(value).__name__})", hint=hint)
     return state
 
 
@@ -408,7 +414,7 @@ def run_finetune(recipe: Recipe, out: Path, *, data: Path | None = None, resume:
         _restore(session, pruner, state)
         stage, global_step, history = state["stage"], state["global_step"], _history(state)
     elif dense_checkpoint is not None:
-        state = load_checkpoint(Path(dense_checkpoint))
+        state = load_checkpoint(Path(dense_checkpoint), hint=DENSE_HINT)
         if state.get("dense_key") != recipe.dense_key() or state.get("data_id") != task.data_id() or state["stage"] != 0:
             raise InvalidInputError(f"{dense_checkpoint}: a dense model of a different task, data or training")
         _restore(session, pruner, state, with_pruner=False)

@@ -112,6 +112,13 @@ def sensitivity_from_checkpoint(path: Path, options: PruneOptions, sparsities: l
     plans = [p for p in plan_checkpoint(ckpt, options) if p.pruned]
     if not plans:
         raise InvalidInputError(f"{path}: no tensor is a pruning target under these options")
+    from ..formats.base import check_fits_memory
+
+    for plan in plans:  # before any work: x [K, samples], W x and (W - W_s) x [rows, samples], W in float64
+        rows = plan.source.shape[0]
+        cols = plan.source.numel // max(rows, 1)
+        check_fits_memory(8 * (cols * samples + 2 * rows * samples + 2 * rows * cols),
+                          f"tensor {plan.source.name!r} with --samples {samples}")
     layers = []
     total = len(plans) * len(sparsities)
     done = 0
@@ -145,14 +152,14 @@ def sensitivity_from_recipe(recipe, sparsities: list[float], *, data: Path | Non
     """
     from ..tasks import make_task
     from .pruner import Pruner
-    from .run import Session, load_checkpoint, resolve_device
+    from .run import DENSE_HINT, Session, load_checkpoint, resolve_device
 
     dev = resolve_device(device)
     task = make_task(recipe.task, recipe.task_options, data)
     session = Session(recipe, task, dev)
     pruner = Pruner(session.model, recipe.options, mask_gradients=False)
     if dense is not None:
-        state = load_checkpoint(Path(dense))
+        state = load_checkpoint(Path(dense), hint=DENSE_HINT)
         if state.get("dense_key") != recipe.dense_key() or state.get("data_id") != task.data_id() or state["stage"] != 0:
             raise InvalidInputError(f"{dense}: not the dense model of this recipe (task, data and [train] must match)")
         session.model.load_state_dict(state["model"])

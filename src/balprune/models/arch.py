@@ -33,8 +33,8 @@ FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 KINDS = ("lstm-lm", "ctc-bilstm", "vgg")
 _A = {"lstm-lm": "an lstm-lm", "ctc-bilstm": "a ctc-bilstm", "vgg": "a vgg"}  # for messages
 
-_LSTM_RE = re.compile(r"lstm\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?")
-_FEATURES_RE = re.compile(r"features\.(\d+)\.(weight|bias)")
+_LSTM_RE = re.compile(r"lstm\.(weight_ih|weight_hh|bias_ih|bias_hh)_l([0-9]+)(_reverse)?")
+_FEATURES_RE = re.compile(r"features\.([0-9]+)\.(weight|bias)")
 _BATCH_NORM_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 

@@ -117,8 +117,15 @@ def plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | N
         entry = csr_entry(src.shape, src.dtype, keep, pattern.sparsity)
     else:
         assert isinstance(pattern, (BlockPattern, VectorPattern))  # vector: 1 x V tiles, packed as BSR
+        bh, bw = pattern.block_shape
+        if bh > rows or bw > cols:  # padded to whole tiles it would be larger than dense and prune nothing
+            return _dense(src, f"tile {bh}x{bw} is larger than the [{rows}, {cols}] matrix",
+                          requested=pattern.sparsity)
         rb, cb = tile_grid(rows, cols, pattern.block_shape)
         keep = keep_count(pattern.sparsity, rb * cb)
+        if keep >= rb * cb:
+            return _dense(src, f"{rb * cb} tile(s) of {bh}x{bw}: keeping {keep} prunes nothing",
+                          requested=pattern.sparsity)
         entry = bsr_entry(src.shape, src.dtype, pattern.block_shape, keep, pattern.sparsity)
     specs = PACKED_CLASSES[entry["pattern"]].part_specs(entry, src.name)
     outputs = tuple(PlannedTensor(part_name(src.name, part), ps.dtype, ps.shape) for part, ps in specs.items())
