@@ -122,3 +122,20 @@ def one_error_line(err: str, out: str = "") -> str:
     assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
     assert lines[0].startswith("balprune: error:"), lines[0]
     return lines[0]
+
+
+def assert_refused(rc: int, stdout: str, stderr: str, *, code: int, mentions, folder: Path, before: dict,
+                   started: float, timeout: float) -> str:
+    """The refusal contract of a command run in ``folder`` (``before`` = listing(folder) beforehand): within
+    ``timeout`` seconds of ``started`` (time.monotonic), exit ``code``, one error line naming each of
+    ``mentions`` (the folder's own path does not count), every file as it was, nothing left. Returns the line."""
+    import time
+
+    assert time.monotonic() - started < timeout
+    assert rc == code, (rc, stderr)
+    line = one_error_line(stderr, stdout)
+    own = line.replace(str(folder), "TMP")  # the test's folder name must not satisfy a mention
+    for m in mentions:
+        assert m in own, f"{m!r} not in {line!r}"
+    assert listing(folder) == before, "an input changed or an output / temp file was left"
+    return line

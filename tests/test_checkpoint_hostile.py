@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, listing, one_error_line, run_subprocess, small_state_dict
+from helpers import REPO, assert_refused, listing, one_error_line, run_subprocess, small_state_dict
 from safetensors.torch import save_file
 
 TIMEOUT = 120  # seconds: far above a refusal (a few seconds of imports), far below a hang
@@ -39,14 +39,8 @@ def refused(tmp_path: Path, args: list, code: int, *mentions: str, subprocess_: 
     else:
         r = cli(*args, "-o", out)
         rc, stdout, stderr = r.code, r.out, r.err
-    assert time.monotonic() - start < TIMEOUT
-    assert rc == code, (rc, stderr)
-    line = one_error_line(stderr, stdout)
-    own = line.replace(str(tmp_path), "TMP")  # the test's folder name must not satisfy a mention
-    for m in mentions:
-        assert m in own, f"{m!r} not in {line!r}"
-    assert listing(tmp_path) == before, "inputs changed or an output / temp file was left"
-    return line
+    return assert_refused(rc, stdout, stderr, code=code, mentions=mentions, folder=tmp_path, before=before,
+                          started=start, timeout=TIMEOUT)
 
 
 def rezip(src: Path, dst: Path, edit=lambda name, data: data, *, extra: list[tuple[str, bytes]] = (),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import listing, one_error_line, run_subprocess, small_state_dict
+from helpers import assert_refused, listing, one_error_line, run_subprocess, small_state_dict
 
 from balprune.config import MAX_SCHEDULE_STEPS
 
@@ -48,14 +48,8 @@ def refused(tmp_path: Path, args: list, code: int, *mentions: str, cli=None) -> 
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
         rc, stdout, stderr = r.code, r.out, r.err
-    assert time.monotonic() - start < TIMEOUT
-    assert rc == code, (rc, stderr)
-    line = one_error_line(stderr, stdout)
-    own = line.replace(str(tmp_path), "TMP")  # the test's folder name must not satisfy a mention
-    for m in mentions:
-        assert m in own, f"{m!r} not in {line!r}"
-    assert listing(tmp_path) == before, "an input changed or an output / temp file was left"
-    return line
+    return assert_refused(rc, stdout, stderr, code=code, mentions=mentions, folder=tmp_path, before=before,
+                          started=start, timeout=TIMEOUT)
 
 
 @pytest.fixture
