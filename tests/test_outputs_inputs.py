@@ -333,3 +333,33 @@ def test_a_failing_torch_save_is_an_output_error(cli, tmp_path, monkeypatch):
     r = cli("example", "tiny-cnn", "-o", out)
     assert r.code == 5 and r.err.startswith(f"balprune: error: cannot write {out}") and r.err.count("\n") == 1, r
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_after_the_output_is_committed_says_the_output_is_complete(tmp_path):
+    """SIGTERM while the table is printed, after prune committed its file: exit 143 with one line saying the
+    file had been written completely (not "no output was written"), and the file is there and verifies."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    src, out = tmp_path / "m.pt", tmp_path / "o.safetensors"
+    torch.save({"w": torch.randn(8, 32)}, src)
+    script = (
+        "import os, signal, sys\n"
+        "import balprune.cli.render as r\n"
+        "table = r.prune_table\n"
+        "def late(report):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return table(report)\n"
+        "r.prune_table = late\n"
+        "from balprune.cli import entry_point\n"
+        f"sys.argv = ['balprune', 'prune', {str(src)!r}, '-s', '0.5', '--blocks', '4', '-o', {str(out)!r}]\n"
+        "entry_point()\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert p.returncode == 143, p.stderr
+    assert p.stderr.count("\n") == 1 and f"{out} had been written completely" in p.stderr, p.stderr
+    from balprune.formats.packed_file import verify_packed
+
+    verify_packed(out)

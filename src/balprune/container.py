@@ -422,6 +422,7 @@ class AtomicOutput:
                 os.unlink(self.temp_path)
             _fsync_dir(self.final_path.parent)
             self._done = True
+            COMMITTED.append(self.final_path)
         except OSError as exc:
             raise _output_error(self.final_path, exc) from None
 
@@ -498,6 +499,11 @@ def _create_temp(folder: Path, name: str):
             continue
         return path, os.fdopen(fd, "w+b")
     raise AssertionError("unreachable")
+
+
+#: Every output this process has committed (complete, verified, renamed into place), in order: an
+#: interruption after a commit says which files are complete instead of "no output was written".
+COMMITTED: list[Path] = []
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, force: bool = True) -> None:

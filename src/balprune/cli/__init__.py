@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from ..container import COMMITTED
 from ..errors import EXIT_INTERNAL, BalpruneError, Interrupted
 
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
 
+    COMMITTED.clear()  # the outputs of this command (in-process callers run several)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
     args = list(sys.argv[1:] if argv is None else argv)
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{ctx.command_path}: " if ctx is not None else ""
         return _fail(f"{where}{exc.format_message()}", getattr(exc, "exit_code", 2))
     except Interrupted as exc:
+        if COMMITTED and "no output was written" in exc.message:  # the signal came after a commit
+            done = ", ".join(str(p) for p in COMMITTED[-3:]) + (" ..." if len(COMMITTED) > 3 else "")
+            exc.message = exc.message.replace("no output was written", f"{done} had been written completely")
         return _fail(exc.one_line(), exc.exit_code)
     except BalpruneError as exc:
         if debug or _STATE.get("debug"):
@@ -82,4 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    # The command is over (its outputs committed or removed, its line printed): a signal from here to
+    # the process's end must not kill it with the signal's status, which would say "interrupted" about
+    # work that completed.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
