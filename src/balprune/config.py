@@ -292,7 +292,19 @@ class LayerRule:
     pattern: Pattern | None = None
 
     def matches(self, name: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.match)
+        return glob_matcher(self.match)(name) is not None
+
+
+def glob_matcher(pattern: str):
+    """The compiled match function of a glob (fnmatchcase semantics). Compiled once per rule for the run:
+    fnmatch's own cache holds 32768 patterns, so a recipe with more rules recompiled each per tensor."""
+    compiled = _GLOBS.get(pattern)
+    if compiled is None:
+        compiled = _GLOBS[pattern] = re.compile(fnmatch.translate(pattern)).match
+    return compiled
+
+
+_GLOBS: dict[str, object] = {}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ bad options fail before minutes of work, and the output file's header can be wri
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from ..config import (
     PruneOptions,
     UnstructuredPattern,
     VectorPattern,
+    glob_matcher,
     keep_count,
 )
 from ..container import PRUNABLE_CODES, PlannedTensor
@@ -76,9 +76,9 @@ def _target(src: SourceTensor, options: PruneOptions) -> tuple[Pattern | None, s
             if rule.skip:
                 return None, f"skipped by rule {rule.match!r}", True
             return rule.pattern, f"rule {rule.match!r}", True
-    if options.include and not any(fnmatch.fnmatchcase(src.name, g) for g in options.include):
+    if options.include and not any(glob_matcher(g)(src.name) for g in options.include):
         return None, "not matched by --include", False
-    if any(fnmatch.fnmatchcase(src.name, g) for g in options.exclude):
+    if any(glob_matcher(g)(src.name) for g in options.exclude):
         return None, "excluded by --exclude", False
     return options.pattern, "default", bool(options.include)
 
@@ -143,6 +143,7 @@ def unmatched_globs(names: list[str], options: PruneOptions) -> list[str]:
     for what, globs in (("include", options.include), ("exclude", options.exclude),
                         ("[[layers]] rule", tuple(r.match for r in options.rules))):
         for g in dict.fromkeys(globs):
-            if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            match = glob_matcher(g)
+            if not any(match(n) for n in names):
                 out.append(f"{what} glob {g!r} matches no tensor")
     return out
