@@ -59,23 +59,27 @@ def _command(command: str, path: Path, out_dir: Path) -> list:
 
 # --------------------------------------------------------------------------- non-regular inputs
 
-def _non_regular_input(tmp_path: Path, kind: str) -> Path:
+def _plant(p: Path, kind: str) -> Path:
+    """Something that is not a regular file at ``p`` (its folder exists): a FIFO, a link to one, a link to
+    a device node, a dangling link; ``dev-null`` is /dev/null itself (``p`` is not used)."""
+    if kind == "dev-null":
+        return Path("/dev/null")
     if kind == "fifo":
-        p = tmp_path / "packed.safetensors"
         os.mkfifo(p)
     elif kind == "fifo-link":
-        os.mkfifo(tmp_path / "pipe")
-        p = tmp_path / "packed.safetensors"
-        p.symlink_to(tmp_path / "pipe")
-    elif kind == "dev-zero-link":
-        p = tmp_path / "packed.safetensors"
-        p.symlink_to("/dev/zero")
-    elif kind == "dev-urandom-link":
-        p = tmp_path / "model.safetensors"
-        p.symlink_to("/dev/urandom")
+        os.mkfifo(p.parent / "pipe")
+        p.symlink_to(p.parent / "pipe")
+    elif kind.endswith("-link") and kind.startswith("dev-"):  # dev-zero-link, dev-urandom-link, dev-null-link
+        p.symlink_to("/dev/" + kind[len("dev-"):-len("-link")])
+    elif kind == "dangling-link":
+        p.symlink_to(p.parent / "nowhere" / "x.safetensors")
     else:
-        p = Path("/dev/null")
+        raise ValueError(kind)
     return p
+
+
+def _non_regular_input(tmp_path: Path, kind: str) -> Path:
+    return _plant(tmp_path / ("model.safetensors" if kind == "dev-urandom-link" else "packed.safetensors"), kind)
 
 
 @pytest.mark.parametrize("command", ["verify", "inspect", "unpack", "bench", "prune"])
@@ -156,22 +160,7 @@ def test_a_zero_size_tensor_with_large_dims_is_still_read(cli, tmp_path):
 def _non_regular_output(tmp_path: Path, kind: str) -> Path:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    if kind == "fifo":
-        p = out_dir / "dense.safetensors"
-        os.mkfifo(p)
-    elif kind == "dev-null-link":
-        p = out_dir / "dense.safetensors"
-        p.symlink_to("/dev/null")
-    elif kind == "fifo-link":
-        os.mkfifo(out_dir / "pipe")
-        p = out_dir / "dense.safetensors"
-        p.symlink_to(out_dir / "pipe")
-    elif kind == "dangling-link":
-        p = out_dir / "dense.safetensors"
-        p.symlink_to(tmp_path / "nowhere" / "x.safetensors")
-    else:
-        p = Path("/dev/null")
-    return p
+    return _plant(out_dir / "dense.safetensors", kind)
 
 
 def _snapshot(p: Path) -> tuple:

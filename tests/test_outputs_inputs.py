@@ -63,13 +63,19 @@ def test_prune_output_over_the_config(cli, tmp_path, kind):
     assert_fails(cli("prune", src, "--config", cfg, "-o", out, "--force"), 3, g, mentions=("--config", "over an input"))
 
 
-def test_prune_output_over_a_shard_of_a_folder(cli, tmp_path):
+def _two_shards(tmp_path: Path, first: str, second: str) -> Path:
+    """A sharded folder tmp_path/hf: a.weight in ``first``, b.weight in ``second``, and their index."""
     folder = tmp_path / "hf"
     folder.mkdir()
-    _ckpt(folder / "model-00001-of-00002.safetensors", names=("a.weight",))
-    _ckpt(folder / "model-00002-of-00002.safetensors", names=("b.weight",))
+    _ckpt(folder / first, names=("a.weight",))
+    _ckpt(folder / second, names=("b.weight",))
     (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}))
+        {"weight_map": {"a.weight": first, "b.weight": second}}))
+    return folder
+
+
+def test_prune_output_over_a_shard_of_a_folder(cli, tmp_path):
+    folder = _two_shards(tmp_path, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
     g = Guard(tmp_path)
     assert_fails(cli("prune", folder, "-s", "0.5", "-o", folder / "model-00002-of-00002.safetensors", "--force"),
                  3, g, mentions=("model-00002-of-00002.safetensors", "over an input"))
@@ -132,12 +138,7 @@ def test_sensitivity_outputs_over_the_config(cli, tmp_path):
 
 
 def test_sensitivity_outputs_over_a_shard(cli, tmp_path):
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    _ckpt(folder / "s1.safetensors", names=("a.weight",))
-    _ckpt(folder / "s2.safetensors", names=("b.weight",))
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a.weight": "s1.safetensors", "b.weight": "s2.safetensors"}}))
+    folder = _two_shards(tmp_path, "s1.safetensors", "s2.safetensors")
     g = Guard(tmp_path)
     assert_fails(cli("sensitivity", folder, "-o", folder / "s2.safetensors", "--force"), 3, g,
                  mentions=("s2.safetensors",))

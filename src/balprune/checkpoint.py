@@ -374,11 +374,8 @@ def _check_legacy_claims(f: BinaryIO, path: Path, size: int) -> None:
     if total > remaining:
         raise InvalidInputError(f"{path}: its storages claim {total} bytes; the file holds {remaining} bytes after "
                                 "its pickle")
-    avail = safeio.memory_available()
-    if avail is not None and total > avail:
-        raise InvalidInputError(f"{path}: a legacy (pre-zip) torch file is loaded whole: {total / 2**30:.1f} GiB, "
-                                f"{avail / 2**30:.1f} GiB is available",
-                                hint="re-save it with a current torch.save (zip format, memory-mapped) or as safetensors")
+    safeio.check_fits_memory(total, f"{path}: a legacy (pre-zip) torch file is loaded whole: it",
+                             hint="re-save it with a current torch.save (zip format, memory-mapped) or as safetensors")
 
 
 def _fd_path(f: BinaryIO, path: Path) -> str | Path:

@@ -136,6 +136,27 @@ def memory_available() -> int | None:
         return None
 
 
+def human(nbytes: int) -> str:
+    """A byte count for an error line (``1.5 GiB``)."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def check_fits_memory(need: int, what: str, *, hint: str = "run on a machine with more memory",
+                      error: type[InvalidInputError] = InvalidInputError) -> None:
+    """``error`` (exit 4) with both figures when ``need`` bytes exceed ``memory_available()``.
+
+    Called before every allocation whose size a file or an option decides (a packed file's dense view,
+    a legacy torch file loaded whole, a recipe's model, the sensitivity proxy's inputs), so a small
+    input claiming a huge size is refused instead of OOM-killed. Unknown memory: nothing to compare.
+    """
+    avail = memory_available()
+    if avail is not None and need > avail:
+        raise error(f"{what} needs {human(need)}; {human(avail)} of memory is available", hint=hint)
+
+
 def json_depth(text: str) -> int:
     """Deepest nesting of arrays and objects in JSON text (strings skipped; linear, no recursion)."""
     depth = deepest = 0

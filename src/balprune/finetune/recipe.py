@@ -152,12 +152,9 @@ def _check_model_fits(spec: TaskSpec, options: dict, optimizer: str, where: str)
     from .. import safeio
 
     params = spec.model_params(options)
-    need = (16 if optimizer == "adam" else 12) * params
-    avail = safeio.memory_available()
-    if avail is not None and need > avail:
-        raise ConfigError(f"{where} [task]: the {spec.name} model has {params:,} parameters; training it needs about "
-                          f"{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB is available",
-                          hint="choose smaller sizes in [task]")
+    safeio.check_fits_memory((16 if optimizer == "adam" else 12) * params,
+                             f"{where} [task]: the {spec.name} model has {params:,} parameters; training it",
+                             hint="choose smaller sizes in [task]", error=ConfigError)
 
 
 def _init_sha256(path: Path, what: str) -> str:

@@ -112,7 +112,7 @@ def sensitivity_from_checkpoint(path: Path, options: PruneOptions, sparsities: l
     plans = [p for p in plan_checkpoint(ckpt, options) if p.pruned]
     if not plans:
         raise InvalidInputError(f"{path}: no tensor is a pruning target under these options")
-    from ..formats.base import check_fits_memory
+    from ..safeio import check_fits_memory
 
     for plan in plans:  # before any work: x [K, samples], W x and (W - W_s) x [rows, samples], W in float64
         rows = plan.source.shape[0]

@@ -17,6 +17,7 @@ import torch
 from ..config import BalancedPattern
 from ..errors import FormatError
 from ..patterns.balanced import MAX_BLOCK_LENGTH, BalancedGeometry, balanced_offsets, geometry_for
+from ..safeio import check_fits_memory
 from . import spec
 from .base import (
     CHECK_CHUNK_ENTRIES,
@@ -24,7 +25,6 @@ from .base import (
     PartSpec,
     as_matrix,
     check_finite_values,
-    check_fits_memory,
     check_part,
     code_of,
     positive_int,

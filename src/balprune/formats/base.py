@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..container import CODE_FROM_TORCH, TORCH_FROM_CODE
-from ..errors import FormatError, InvalidInputError
+from ..errors import FormatError
 
 #: dtypes a packed tensor's values may have (FORMAT.md: F32/F16/BF16/F64).
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -65,28 +65,3 @@ def positive_int(v, what: str) -> int:
     return int(v)
 
 
-def memory_available() -> int:
-    """Bytes this process may allocate (safeio.memory_available; unknown: no limit to compare against)."""
-    from .. import safeio
-
-    avail = safeio.memory_available()
-    return avail if avail is not None else 1 << 62
-
-
-def human(nbytes: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if nbytes >= 1 << shift:
-            return f"{nbytes / (1 << shift):.1f} {unit}"
-    return f"{nbytes} bytes"
-
-
-def check_fits_memory(need: int, what: str) -> None:
-    """InvalidInputError (exit 4) with the figures when ``need`` bytes exceed the memory available.
-
-    Called before every allocation whose size a packed file's manifest decides (a dense view, the
-    parts of a tensor), so a small file claiming a huge matrix is refused instead of OOM-killed.
-    """
-    avail = memory_available()
-    if need > avail:
-        raise InvalidInputError(f"{what} needs {human(need)}; {human(avail)} of memory is available",
-                                hint="run on a machine with more memory")

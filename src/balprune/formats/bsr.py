@@ -16,13 +16,13 @@ import torch
 from ..errors import FormatError
 from ..patterns.block import padded_tiles, tile_grid
 from ..patterns.ranking import top_positions
+from ..safeio import check_fits_memory
 from . import spec
 from .base import (
     VALUE_DTYPES,
     PartSpec,
     as_matrix,
     check_finite_values,
-    check_fits_memory,
     check_part,
     code_of,
     positive_int,

@@ -14,12 +14,12 @@ import torch
 
 from ..errors import FormatError
 from ..patterns.unstructured import mask_keep_n
+from ..safeio import check_fits_memory
 from . import spec
 from .base import (
     PartSpec,
     as_matrix,
     check_finite_values,
-    check_fits_memory,
     check_part,
     code_of,
     positive_int,

@@ -12,8 +12,8 @@ import torch
 
 from .. import container
 from ..errors import FormatError, OutputError
+from ..safeio import check_fits_memory, human
 from . import PACKED_CLASSES, spec
-from .base import check_fits_memory, human
 
 
 @dataclass(frozen=True)

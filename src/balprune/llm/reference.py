@@ -264,11 +264,8 @@ def _check_memory(cfg: LlmConfig, ckpt: Checkpoint, dtype: torch.dtype) -> None:
     sizes = {t.name: t for t in ckpt.tensors}
     need = sum(math.prod(s) * item for s in expected_tensors(cfg).values())
     need += max((t.nbytes for t in sizes.values()), default=0)
-    avail = safeio.memory_available()
-    if avail is not None and need > avail:
-        raise InvalidInputError(f"{ckpt.display}: the reference model needs {need / 2**30:.1f} GiB in {dtype} "
-                                f"(weights plus one tensor being read); {avail / 2**30:.1f} GiB is available",
-                                hint="load it in bfloat16, or on a machine with more memory")
+    safeio.check_fits_memory(need, f"{ckpt.display}: the reference model in {dtype} (weights plus one tensor "
+                             "being read)", hint="load it in bfloat16, or on a machine with more memory")
 
 
 def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
