@@ -265,9 +265,9 @@ class _Inert:
 class _DryRun(pickle.Unpickler):
     """Unpickles with inert stand-ins and records each storage's claimed byte size by key."""
 
-    def __init__(self, f, claims: dict[str, int], what: str, legacy: bool) -> None:
+    def __init__(self, f, claims: dict[str, int], what: str) -> None:
         super().__init__(f, encoding="utf-8")
-        self.claims, self.what, self.legacy = claims, what, legacy
+        self.claims, self.what = claims, what
 
     def find_class(self, module: str, name: str):
         return type("_Global", (_Inert,), {"_global": f"{module}.{name}"})
@@ -301,11 +301,11 @@ def _storage_itemsize(qualname: str) -> int | None:
     return dtype.itemsize if isinstance(dtype, torch.dtype) else None
 
 
-def _dry_run(stream, claims: dict[str, int], what: str, *, legacy: bool = False) -> object:
+def _dry_run(stream, claims: dict[str, int], what: str) -> object:
     """One pickle of ``stream`` through _DryRun; None when it is not a readable pickle (torch.load
     then reports the file as corrupt or unsafe itself)."""
     try:
-        return _DryRun(stream, claims, what, legacy).load()
+        return _DryRun(stream, claims, what).load()
     except BalpruneError:
         raise
     except Exception:
@@ -368,7 +368,7 @@ def _check_legacy_claims(f: BinaryIO, path: Path, size: int) -> None:
         return  # not a legacy torch file: torch.load refuses it
     for _ in range(2):  # protocol version, system info
         _dry_run(f, claims, str(path))
-    _dry_run(f, claims, str(path), legacy=True)
+    _dry_run(f, claims, str(path))
     total = sum(claims.values())
     remaining = max(0, size - f.tell())
     if total > remaining:

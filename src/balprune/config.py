@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -295,16 +296,11 @@ class LayerRule:
         return glob_matcher(self.match)(name) is not None
 
 
+@functools.cache
 def glob_matcher(pattern: str):
-    """The compiled match function of a glob (fnmatchcase semantics). Compiled once per rule for the run:
-    fnmatch's own cache holds 32768 patterns, so a recipe with more rules recompiled each per tensor."""
-    compiled = _GLOBS.get(pattern)
-    if compiled is None:
-        compiled = _GLOBS[pattern] = re.compile(fnmatch.translate(pattern)).match
-    return compiled
-
-
-_GLOBS: dict[str, object] = {}
+    """The compiled match function of a glob (fnmatchcase semantics). Compiled once per pattern: fnmatch's
+    own cache holds 32768 patterns, so a recipe with more rules recompiled each one per tensor."""
+    return re.compile(fnmatch.translate(pattern)).match
 
 
 @dataclass(frozen=True)

@@ -471,8 +471,7 @@ def check_output_path(path: Path | None, *, force: bool = False) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise OutputError(f"output path {path} is a folder")
     if not stat.S_ISREG(st.st_mode):
-        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-                stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        kind = safeio.file_kind(st.st_mode)
         link = " (through a symbolic link)" if os.path.islink(path) else ""
         raise OutputError(f"output path {path} is {kind}{link}, not a regular file; refusing to replace it, "
                           "with or without --force")

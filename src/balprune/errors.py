@@ -84,11 +84,16 @@ class GpuRuntimeError(BalpruneError):
 class Interrupted(BalpruneError):
     """The run was interrupted by a signal; the exit code is 128 + the signal number."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, committed=()) -> None:
+        """``committed``: the outputs this command had already written completely (container.COMMITTED)
+        when the signal came; the message names them instead of saying nothing was written."""
         import signal
 
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name}; no output was written")
+        done = [str(p) for p in committed]
+        written = ("no output was written" if not done else
+                   ", ".join(done[-3:]) + (" ..." if len(done) > 3 else "") + " had been written completely")
+        super().__init__(f"interrupted by {name}; {written}")
         self.exit_code = 128 + signum
 
 

@@ -41,7 +41,8 @@ _KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBL
          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for a message ("a FIFO", "a character device", ...), from its st_mode."""
     return _KIND.get(stat.S_IFMT(mode), "not a regular file")
 
 
@@ -59,7 +60,7 @@ def check_regular(path: str | os.PathLike[str], what: str = "input") -> Path:
     except OSError as exc:
         raise InvalidInputError(f"{what} {p}: cannot read: {exc.strerror or exc}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise InvalidInputError(f"{what} {p} is {_kind(st.st_mode)}, not a regular file; refusing to read it")
+        raise InvalidInputError(f"{what} {p} is {file_kind(st.st_mode)}, not a regular file; refusing to read it")
     return p
 
 
@@ -83,7 +84,7 @@ def open_regular(path: str | os.PathLike[str], what: str = "input") -> Iterator[
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise InvalidInputError(f"{what} {p} is {_kind(st.st_mode)}, not a regular file; refusing to read it")
+            raise InvalidInputError(f"{what} {p} is {file_kind(st.st_mode)}, not a regular file; refusing to read it")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         f = os.fdopen(fd, "rb")

@@ -17,7 +17,7 @@ from ..errors import EXIT_INTERNAL, BalpruneError, Interrupted
 
 
 def _raise_interrupted(signum, frame):  # pragma: no cover - exercised through subprocess tests
-    raise Interrupted(signum)
+    raise Interrupted(signum, COMMITTED)
 
 
 def _fail(message: str, code: int) -> int:
@@ -68,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{ctx.command_path}: " if ctx is not None else ""
         return _fail(f"{where}{exc.format_message()}", getattr(exc, "exit_code", 2))
     except Interrupted as exc:
-        if COMMITTED and "no output was written" in exc.message:  # the signal came after a commit
-            done = ", ".join(str(p) for p in COMMITTED[-3:]) + (" ..." if len(COMMITTED) > 3 else "")
-            exc.message = exc.message.replace("no output was written", f"{done} had been written completely")
         return _fail(exc.one_line(), exc.exit_code)
     except BalpruneError as exc:
         if debug or _STATE.get("debug"):

@@ -114,7 +114,8 @@ def prune(
     if options.pattern.sparsity == 0:
         err.print("warning: sparsity 0 prunes nothing; tensors pass through unchanged")
     out = output if output is not None else default_output(checkpoint, options.pattern.kind.value)
-    check_io(inputs=inputs, outputs=[("-o/--output", out)])  # the shards of a folder: prune_checkpoint
+    if output is None:  # the default output path, known only now
+        check_io(inputs=inputs, outputs=[("-o/--output", out)])  # the shards of a folder: prune_checkpoint
     ckpt = open_checkpoint(checkpoint, key=key)
     bar = _progress_bar(not as_json)
     if bar is None:

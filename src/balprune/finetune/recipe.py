@@ -171,7 +171,7 @@ def _init_sha256(path: Path, what: str) -> str:
         if path.is_dir():
             files = []
             for f in sorted(path.rglob("*")):
-                if f.is_symlink() and not f.resolve().is_relative_to(path):
+                if f.is_symlink() and not f.resolve().is_relative_to(path.resolve()):  # both sides resolved
                     raise ConfigError(f"{what}: {f} links outside {path}")
                 if not f.is_dir():
                     files.append(safeio.check_regular(f, what))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .. import safeio
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..container import short_repr
 from ..errors import InvalidInputError
 
 #: model_type -> the transformers class that loads it (written as ``architectures`` by the example writer).
@@ -121,49 +122,44 @@ class LlmConfig:
 # --------------------------------------------------------------------------- field checks
 
 
-def _short(v: object) -> str:
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
 def _err(where: str, field: str, msg: str) -> InvalidInputError:
     return InvalidInputError(f"{where}: field {field!r} {msg}")
 
 
 def _int(where: str, field: str, v: object, lo: int, hi: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
-        raise _err(where, field, f"must be an integer, found {_short(v)}")
+        raise _err(where, field, f"must be an integer, found {short_repr(v)}")
     if not lo <= v <= hi:
-        raise _err(where, field, f"must be in [{lo}, {hi}], found {_short(v)}")
+        raise _err(where, field, f"must be in [{lo}, {hi}], found {short_repr(v)}")
     return v
 
 
 def _typed_int(where: str, field: str, v: object) -> int:
     """An integer of any size (bounds come later, in _validate, with the other fields known)."""
     if not isinstance(v, int) or isinstance(v, bool):
-        raise _err(where, field, f"must be an integer, found {_short(v)}")
+        raise _err(where, field, f"must be an integer, found {short_repr(v)}")
     return v
 
 
 def _float(where: str, field: str, v: object, *, lo_exclusive: float = 0.0, hi: float = math.inf) -> float:
     if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise _err(where, field, f"must be a number, found {_short(v)}")
+        raise _err(where, field, f"must be a number, found {short_repr(v)}")
     f = float(v)
     if not math.isfinite(f) or not lo_exclusive < f <= hi:
-        raise _err(where, field, f"must be a finite number in ({lo_exclusive:g}, {hi:g}], found {_short(v)}")
+        raise _err(where, field, f"must be a finite number in ({lo_exclusive:g}, {hi:g}], found {short_repr(v)}")
     return f
 
 
 def _bool(where: str, field: str, v: object) -> bool:
     if not isinstance(v, bool):
-        raise _err(where, field, f"must be true or false, found {_short(v)}")
+        raise _err(where, field, f"must be true or false, found {short_repr(v)}")
     return v
 
 
 def _validate(c: LlmConfig, where: str) -> None:
     """Bounds and cross-field rules (run on every LlmConfig, parsed or built in code)."""
     if c.model_type not in ARCHITECTURES:
-        raise _err(where, "model_type", f"must be one of {', '.join(sorted(ARCHITECTURES))}, found {_short(c.model_type)}")
+        raise _err(where, "model_type", f"must be one of {', '.join(sorted(ARCHITECTURES))}, found {short_repr(c.model_type)}")
     _int(where, "vocab_size", c.vocab_size, 1, MAX_VOCAB)
     _int(where, "hidden_size", c.hidden_size, 1, MAX_HIDDEN)
     _int(where, "intermediate_size", c.intermediate_size, 1, MAX_INTERMEDIATE)
@@ -195,11 +191,11 @@ def _validate(c: LlmConfig, where: str) -> None:
             raise _err(where, "sliding_window", "is supported for mistral only")
     if c.torch_dtype is not None and c.torch_dtype not in TORCH_DTYPE_NAMES:
         raise _err(where, "torch_dtype", f"must be one of {', '.join(sorted(TORCH_DTYPE_NAMES))}, found "
-                   f"{_short(c.torch_dtype)}")
+                   f"{short_repr(c.torch_dtype)}")
     r = c.rope_scaling
     if r is not None:
         if not isinstance(r, Llama3RopeScaling):
-            raise _err(where, "rope_scaling", f"must be None or Llama3RopeScaling, found {_short(r)}")
+            raise _err(where, "rope_scaling", f"must be None or Llama3RopeScaling, found {short_repr(r)}")
         _float(where, "rope_scaling.factor", r.factor, hi=MAX_ROPE_FACTOR)
         _float(where, "rope_scaling.low_freq_factor", r.low_freq_factor, hi=MAX_ROPE_FACTOR)
         _float(where, "rope_scaling.high_freq_factor", r.high_freq_factor, hi=MAX_ROPE_FACTOR)
@@ -227,7 +223,7 @@ def parse_config(data: object, where: str = "config.json") -> LlmConfig:
         raise _err(where, "model_type", "is missing (expected one of " + ", ".join(sorted(ARCHITECTURES)) + ")")
     mt = data["model_type"]
     if not isinstance(mt, str) or mt not in ARCHITECTURES:
-        raise _err(where, "model_type", f"{_short(mt)} is not supported: expected one of "
+        raise _err(where, "model_type", f"{short_repr(mt)} is not supported: expected one of "
                    f"{', '.join(sorted(ARCHITECTURES))} (the Llama family)")
     required = list(_REQUIRED)
     if mt != "llama":  # transformers defaults these to a 7B model's figure (32), not to num_attention_heads
@@ -257,7 +253,7 @@ def parse_config(data: object, where: str = "config.json") -> LlmConfig:
                    MAX_POSITIONS)
     act = data.get("hidden_act", "silu")
     if act != "silu":
-        raise _err(where, "hidden_act", f"must be 'silu' (SwiGLU), found {_short(act)}")
+        raise _err(where, "hidden_act", f"must be 'silu' (SwiGLU), found {short_repr(act)}")
     if _bool(where, "mlp_bias", get("mlp_bias", False)):
         raise _err(where, "mlp_bias", "true is not supported (no Llama-family release biases its MLP)")
     if mt == "qwen2":
@@ -277,7 +273,7 @@ def parse_config(data: object, where: str = "config.json") -> LlmConfig:
     dtype_key = "torch_dtype" if data.get("torch_dtype") is not None else "dtype"
     dtype = data.get(dtype_key)
     if dtype is not None and (not isinstance(dtype, str) or dtype not in TORCH_DTYPE_NAMES):
-        raise _err(where, dtype_key, f"must be one of {', '.join(sorted(TORCH_DTYPE_NAMES))}, found {_short(dtype)}")
+        raise _err(where, dtype_key, f"must be one of {', '.join(sorted(TORCH_DTYPE_NAMES))}, found {short_repr(dtype)}")
     theta, scaling = _parse_rope(data, where, max_pos)
     cfg_fields = dict(
         model_type=mt, **ints, num_key_value_heads=kv, head_dim=head_dim,
@@ -298,10 +294,10 @@ def _check_layer_types(data: dict, where: str, layers: int) -> None:
     if lt is None:
         return
     if not isinstance(lt, list) or len(lt) != layers:
-        raise _err(where, "layer_types", f"must list one entry per layer ({layers}), found {_short(lt)}")
+        raise _err(where, "layer_types", f"must list one entry per layer ({layers}), found {short_repr(lt)}")
     bad = next((t for t in lt if t != "full_attention"), None)
     if bad is not None:
-        raise _err(where, "layer_types", f"only 'full_attention' layers are supported, found {_short(bad)}")
+        raise _err(where, "layer_types", f"only 'full_attention' layers are supported, found {short_repr(bad)}")
 
 
 def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3RopeScaling | None]:
@@ -311,7 +307,7 @@ def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3Rope
     if rope is None:
         rope = {}
     if not isinstance(rope, dict):
-        raise _err(where, key, f"must be an object or null, found {_short(rope)}")
+        raise _err(where, key, f"must be an object or null, found {short_repr(rope)}")
     unknown = sorted(set(rope) - _ROPE_KEYS)
     if unknown:
         raise _err(where, f"{key}.{unknown[0]}", "is not a key of the supported RoPE kinds (default, llama3)")
@@ -320,7 +316,7 @@ def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3Rope
     theta = 10000.0 if theta is None else _float(where, theta_field, theta, lo_exclusive=1.0, hi=MAX_ROPE_THETA)
     prf = rope.get("partial_rotary_factor", data.get("partial_rotary_factor"))
     if prf is not None and prf != 1.0:
-        raise _err(where, "partial_rotary_factor", f"must be 1 (RoPE on the whole head), found {_short(prf)}")
+        raise _err(where, "partial_rotary_factor", f"must be 1 (RoPE on the whole head), found {short_repr(prf)}")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         extra = sorted(set(rope) & {"factor", "low_freq_factor", "high_freq_factor"})
@@ -328,7 +324,7 @@ def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3Rope
             raise _err(where, f"{key}.{extra[0]}", "makes no sense with rope type 'default'")
         return theta, None
     if kind != "llama3":
-        raise _err(where, f"{key}.rope_type", f"{_short(kind)} is not supported: expected 'default' or 'llama3'")
+        raise _err(where, f"{key}.rope_type", f"{short_repr(kind)} is not supported: expected 'default' or 'llama3'")
     for k in ("factor", "low_freq_factor", "high_freq_factor"):
         if rope.get(k) is None:
             raise _err(where, f"{key}.{k}", "is missing (llama3 RoPE scaling needs it)")
@@ -420,7 +416,7 @@ def check_layout(cfg: LlmConfig, ckpt: Checkpoint, where: str | None = None) -> 
                                 f"{cfg.model_type} layout ties no such pair")
     extra = sorted(n for n, t in held.items() if n not in expected and not _ignorable(n, cfg, t.shape))
     if extra:
-        raise InvalidInputError(f"{where}: tensor {_short(extra[0])} is not part of config.json's {cfg.model_type} "
+        raise InvalidInputError(f"{where}: tensor {short_repr(extra[0])} is not part of config.json's {cfg.model_type} "
                                 f"layout ({len(extra)} such tensor(s))")
     for name, shape in expected.items():
         t = held[name]
