@@ -76,6 +76,7 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
     NoGpuError without a GPU, GpuRuntimeError on a CUDA failure."""
     from ..models import reference_module, reference_outputs, sample_inputs
     from ..runtime import _gpu
+    from ..runtime._linear import TORCH_OF
     from ..runtime.measure import free_device_memory, gpu_failures
     from ..runtime.model import load_model, preflight
 
@@ -102,8 +103,7 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                                 checked=checked)
                 unit = rt.unit
                 with quiet_libraries():
-                    tm = reference_module(pf, arch, dtype={"float32": torch.float32, "float16": torch.float16,
-                                                           "bfloat16": torch.bfloat16}[dtype], device=dev)
+                    tm = reference_module(pf, arch, dtype=TORCH_OF[dtype], device=dev)
                     torch_out = reference_outputs(tm, arch, inputs)
                     torch_runner = _torch_runner(tm, arch, inputs, dev)
                 errors = {"balprune": relative_error(rt.forward(inputs), ref), "torch": relative_error(torch_out, ref)}

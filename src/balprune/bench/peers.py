@@ -98,10 +98,10 @@ def _op_candidate(kernel, make_op, x_t, batch, rows, xy_bytes, note, weight) -> 
     y_cp = cupy().empty((rows,) if x_t.dim() == 1 else (rows, batch), dtype=x_cp.dtype)
     # The packed tensor comes from PackedFile.load (checked on the bytes it returned) or was built here
     # (bench-sweep): the operators check only their kernel's limits, not the format a second time.
-    first = make_op(False)
+    first = make_op()
 
     def make(n):
-        ops = [first] + [make_op(False) for _ in range(n - 1)]
+        ops = [first] + [make_op() for _ in range(n - 1)]
         return [o.prepared_launch(x_cp, y_cp, batch) for o in ops]
 
     def run():
@@ -250,7 +250,7 @@ def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: i
         from ..runtime import BalancedLinear
 
         case.candidates.append(_op_candidate(
-            "balanced", lambda v: BalancedLinear.from_tensor(packed, device=device, validate=v), x_t, batch,
+            "balanced", lambda: BalancedLinear.from_tensor(packed, device=device, validate=False), x_t, batch,
             rows, xy_bytes, "", w_host))
     elif pattern == "block":
         case.candidates.append(_bsr_candidate(packed, x_t, batch, xy_bytes, device, w_host))
@@ -290,5 +290,5 @@ def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: i
 def _bsr_candidate(bt: BsrTensor, x_t, batch, xy_bytes, device, weight, note="") -> Candidate:
     from ..runtime import BsrLinear
 
-    return _op_candidate("bsr", lambda v: BsrLinear.from_tensor(bt, device=device, validate=v), x_t, batch, bt.rows,
+    return _op_candidate("bsr", lambda: BsrLinear.from_tensor(bt, device=device, validate=False), x_t, batch, bt.rows,
                          xy_bytes, note, weight)

@@ -173,10 +173,8 @@ _FIELDS = {f for f in Measurement.__dataclass_fields__}
 
 
 def _measurement_json(m: Measurement) -> dict:
-    """A measurement as JSON: a non-finite float (the NaN times of an untimed measurement, an infinite
-    error) is written as null, because JSON has no NaN and load_report (safeio) refuses the literal."""
-    d = {**asdict(m), "shape": list(m.shape)}
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
+    """A measurement as JSON data (to_dict turns its non-finite floats into null with the rest)."""
+    return {**asdict(m), "shape": list(m.shape)}
 
 #: A report's top-level fields: those every readable version has, and those version 2 added (or that
 #: only some reports carry). Anything else is refused: a misspelt field must not pass unread.

@@ -75,7 +75,7 @@ class BsrTensor:
     def to_dense(self, name: str = "tensor") -> torch.Tensor:
         """The dense-with-zeros tensor; InvalidInputError (exit 4) first when it cannot fit in memory."""
         bh, bw = self.block_shape
-        rb, cb = tile_counts(self.rows, self.cols, bh, bw)
+        rb, cb = tile_grid(self.rows, self.cols, (bh, bw))
         item = self.values.element_size()
         # the padded tiles, their row-major copy, and the cropped result
         check_fits_memory(2 * rb * cb * bh * bw * item + self.rows * self.cols * item,
@@ -110,7 +110,7 @@ class BsrTensor:
         spec.req_float(entry, "sparsity_achieved", name)
         if len(bs) != 2 or min(bs) < 1:
             raise FormatError(f"manifest entry {name!r}: block_shape must be [bh, bw] with bh, bw >= 1")
-        rb, cb = tile_counts(rows, cols, bs[0], bs[1])
+        rb, cb = tile_grid(rows, cols, bs)
         if len(shape) < 2 or shape[0] != rows or math.prod(shape[1:]) != cols or nnzb > rb * cb:
             raise FormatError(f"manifest entry {name!r}: shape, rows, cols and nnz_blocks disagree")
         return {
@@ -145,11 +145,6 @@ def block_shape_of(block_shape, where: str) -> tuple[int, int]:
     return int(bh), int(bw)
 
 
-def tile_counts(rows: int, cols: int, bh: int, bw: int) -> tuple[int, int]:
-    """(tile rows, tile cols) in exact integer arithmetic (any size a manifest may claim)."""
-    return -(-rows // bh), -(-cols // bw)
-
-
 def check_bsr_arrays(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, rows: int,
                      cols: int, block_shape, *, where: str) -> None:
     """THE validator of a BSR matrix's arrays (FORMAT.md, pattern ``block``); FormatError starting
@@ -164,7 +159,7 @@ def check_bsr_arrays(crow_indices: torch.Tensor, col_indices: torch.Tensor, valu
     rows = positive_int(rows, f"{where}: rows")
     cols = positive_int(cols, f"{where}: cols")
     bh, bw = block_shape_of(block_shape, where)
-    rb, cb = tile_counts(rows, cols, bh, bw)
+    rb, cb = tile_grid(rows, cols, (bh, bw))
     crow, col, v = crow_indices, col_indices, values
     tile_row_of = check_compressed(crow, col, v, n_rows=rb, n_cols=cb, value_shape=(bh, bw), where=where,
                                    row="tile row", column="tile column", total="nnz_blocks",

@@ -48,11 +48,11 @@ class PackedFile:
         """
         entry = self.manifest["tensors"][name]
         cls = PACKED_CLASSES.get(entry["pattern"])
-        stored = [name] if cls is None else [spec.part_name(name, part) for part in cls.part_specs(entry, name)]
-        check_fits_memory(sum(self.parsed.entry(n).nbytes for n in stored), f"tensor {name!r}: reading its parts")
+        stored = {None: name} if cls is None else {part: spec.part_name(name, part) for part in cls.part_specs(entry, name)}
+        check_fits_memory(sum(self.parsed.entry(n).nbytes for n in stored.values()), f"tensor {name!r}: reading its parts")
         if cls is None:
             return self._raw(name)
-        parts = {part: self._raw(spec.part_name(name, part)) for part in cls.part_specs(entry, name)}
+        parts = {part: self._raw(stored_name) for part, stored_name in stored.items()}
         obj = cls.from_parts(entry, parts, name)
         obj.check(name)
         if abs(obj.sparsity_achieved() - entry["sparsity_achieved"]) > 1e-12:

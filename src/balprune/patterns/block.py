@@ -6,8 +6,6 @@ keep_count(sparsity, number of tiles). Ties: lower tile index (row-major over th
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..config import keep_count
@@ -15,8 +13,9 @@ from .ranking import top_positions
 
 
 def tile_grid(rows: int, cols: int, block_shape: tuple[int, int]) -> tuple[int, int]:
+    """(tile rows, tile cols) covering the matrix, in exact integer arithmetic (any size a manifest may claim)."""
     bh, bw = block_shape
-    return math.ceil(rows / bh), math.ceil(cols / bw)
+    return -(-rows // bh), -(-cols // bw)
 
 
 def padded_tiles(matrix: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:

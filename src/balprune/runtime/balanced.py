@@ -86,10 +86,6 @@ def _as_torch(a, what: str) -> torch.Tensor:
     raise FormatError(f"{what} must be a numpy array or a torch tensor, got {type(a).__name__}")
 
 
-def _positive_int(v, what: str) -> int:
-    return positive_int(v, what)
-
-
 def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_length: int, keep: int,
                       *, name: str = "tensor", format_checked: bool = False) -> None:
     """Check a packed balanced matrix on the CPU before it reaches the kernel; FormatError naming
@@ -104,11 +100,11 @@ def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_
     of the format, which this calls unless ``format_checked`` (the arrays come from PackedFile.load,
     which ran it on the very bytes it returned: a second pass over a large layer costs seconds).
     """
-    rows = _positive_int(rows, "rows")
-    cols = _positive_int(cols, "cols")
-    blocks = _positive_int(blocks, "blocks")
-    L = _positive_int(block_length, "block_length")
-    keep = _positive_int(keep, "keep")
+    rows = positive_int(rows, "rows")
+    cols = positive_int(cols, "cols")
+    blocks = positive_int(blocks, "blocks")
+    L = positive_int(block_length, "block_length")
+    keep = positive_int(keep, "keep")
     if rows > INT_LIMIT or blocks * L > INT_LIMIT or keep * blocks > INT_LIMIT:
         raise FormatError(f"{name}: [{rows}, {cols}] with {blocks} blocks of {L} (keep {keep}) exceeds the kernel's "
                           f"32-bit indexing (rows, padded cols and keep * blocks must each be <= {INT_LIMIT})")

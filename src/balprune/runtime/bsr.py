@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FormatError, UsageError
+from ..formats.base import positive_int
 from ..formats.bsr import block_shape_of, check_bsr_arrays
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from ._linear import SparseLinear
-from .balanced import INT_LIMIT, _as_torch, _host_numpy, _next_pow2, _positive_int
+from .balanced import INT_LIMIT, _as_torch, _host_numpy, _next_pow2
 
 #: Batch columns per pass the kernel is built for.
 BATCH_TILES = (1, 2, 4, 8)
@@ -152,8 +153,8 @@ def validate_bsr(crow_indices, col_indices, values, rows: int, cols: int, block_
     values) is formats.bsr.check_bsr_arrays, the one validator of the format, which this calls unless
     ``format_checked`` (the arrays come from PackedFile.load, which ran it on the bytes it returned).
     """
-    rows = _positive_int(rows, "rows")
-    cols = _positive_int(cols, "cols")
+    rows = positive_int(rows, "rows")
+    cols = positive_int(cols, "cols")
     bh, bw = block_shape_of(block_shape, name)
     rb, cb = -(-rows // bh), -(-cols // bw)
     if rb * bh > INT_LIMIT or cb * bw > INT_LIMIT or bh * bw > INT_LIMIT:
