@@ -54,8 +54,8 @@ def balanced_random(R: int, K: int, B: int, sparsity: float, seed: int):
 
     Balanced pruning by per-block top-k of |W| (ties have probability zero with random data).
     """
-    from balprune.config import BalancedPattern
     from balprune.patterns.balanced import geometry_for
+    from balprune.patterns.kinds import BalancedPattern
 
     g = geometry_for(R, K, BalancedPattern(sparsity, blocks=B))
     gen = torch.Generator(device="cuda").manual_seed(seed)

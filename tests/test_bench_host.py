@@ -132,7 +132,7 @@ def test_block_peer_keeps_whole_tiles_at_the_layer_sparsity():
     import torch
 
     from balprune.bench.peers import block_peer
-    from balprune.config import keep_count
+    from balprune.patterns.kinds import keep_count
 
     w = torch.randn(100, 70, generator=torch.Generator().manual_seed(0))
     bt = block_peer(w, 0.9)

@@ -194,7 +194,9 @@ def test_torchvision_vgg16_state_dict_prunes(cli, tmp_path):
     for name in ("features.2.weight", "features.28.weight", "classifier.0.weight", "classifier.6.weight"):
         assert by[name]["action"] == "pruned"
     # fc6: K=25088, 32 blocks of 784 (uint16 indices), k=78: 1 - 78*32/25088
-    assert by["classifier.0.weight"]["reason"].startswith("balanced B=32 L=784 k=78 idx=U16")
+    # auto: 78 u16 offsets per block (4992 bytes a row) against one bit per column (3136 bytes)
+    assert by["classifier.0.weight"]["reason"].startswith("balanced B=32 L=784 k=78 idx=bitmask")
+    assert "offsets 4992, bitmask 3136" in by["classifier.0.weight"]["reason"]
     assert by["classifier.0.weight"]["sparsity_achieved"] == pytest.approx(1 - 78 * 32 / 25088)
     rep = json.loads(r.out)
     assert rep["packed_bytes"] < 0.2 * rep["dense_bytes"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import assert_refused, listing, one_error_line, run_subprocess, small_state_dict
 
-from balprune.config import MAX_SCHEDULE_STEPS
+from balprune.values import MAX_SCHEDULE_STEPS
 
 TIMEOUT = 120
 
@@ -198,7 +198,7 @@ def test_prune_steps_bounded_as_a_usage_error(cli, tmp_path, ckpt, value):
 
 
 def test_prune_steps_at_the_bound_is_accepted_by_the_parser(tmp_path):
-    from balprune.config import parse_positive_int
+    from balprune.values import parse_positive_int
 
     assert parse_positive_int(str(MAX_SCHEDULE_STEPS), what="--steps") == MAX_SCHEDULE_STEPS
 

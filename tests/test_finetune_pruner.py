@@ -6,21 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from balprune.config import (
+from balprune.config import PruneOptions
+from balprune.errors import ConfigError, InvalidInputError, UsageError
+from balprune.finetune import Pruner, clean_name
+from balprune.formats.packed_file import verify_packed
+from balprune.patterns.balanced import geometry_for
+from balprune.patterns.kinds import (
     BalancedPattern,
     BlockPattern,
-    PruneOptions,
-    Schedule,
-    ScheduleKind,
     UnstructuredPattern,
     UnstructuredScope,
     VectorPattern,
     keep_count,
 )
-from balprune.errors import ConfigError, InvalidInputError, UsageError
-from balprune.finetune import Pruner, clean_name
-from balprune.formats.packed_file import verify_packed
-from balprune.patterns.balanced import geometry_for
+from balprune.prune.schedule import Schedule, ScheduleKind
 
 
 def _model(seed=0):

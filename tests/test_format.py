@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from balprune.config import BalancedPattern, BlockPattern, UnstructuredPattern
 from balprune.formats import BalancedTensor, BsrTensor, CsrTensor
 from balprune.formats.packed_file import read_packed, verify_packed
 from balprune.patterns.balanced import geometry_for
+from balprune.patterns.kinds import BalancedPattern, BlockPattern, UnstructuredPattern
 from balprune.prune.masks import one_shot_mask
 
 GOLDEN_DIR = Path(__file__).parent / "golden"

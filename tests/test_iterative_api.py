@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from balprune.config import BalancedPattern, PruneOptions, Schedule, ScheduleKind
+from balprune.config import PruneOptions
 from balprune.formats.packed_file import read_packed, verify_packed
+from balprune.patterns.kinds import BalancedPattern
 from balprune.prune.iterative import export_packed, iterative_prune
+from balprune.prune.schedule import Schedule, ScheduleKind
 
 
 def _model():

@@ -62,6 +62,14 @@ def test_batch1_shared_x_variants_do_not_spill(tmp_path):
     _assert_fit_64_registers_no_spills(tmp_path, names, "balanced_spmv.cu")
 
 
+def test_every_bitmask_variant_compiles_without_spills(tmp_path):
+    """kernels/balanced_bitmask.cu: every (dtype, batch tile, x staging) the runtime launches, at
+    <= 64 registers (its __launch_bounds__(256, 4)) and no local memory."""
+    from balprune.runtime.bitmask import kernel_variants as bitmask_variants
+
+    _assert_fit_64_registers_no_spills(tmp_path, bitmask_variants(), "balanced_bitmask.cu")
+
+
 def test_every_bsr_variant_compiles(tmp_path):
     names = bsr_kernel_variants()
     r = _nvcc(tmp_path, _instantiating_source(names, "bsr_spmv.cu"), "--ptx")

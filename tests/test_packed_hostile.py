@@ -27,7 +27,8 @@ from balprune.cli import main
 from balprune.errors import FormatError, InvalidInputError, NoGpuError
 
 PATTERN_ARGS = {
-    "balanced": ["-s", "0.5"],
+    "balanced": ["-s", "0.5", "--index", "offsets"],
+    "bitmask": ["-s", "0.5", "--index", "bitmask"],
     "unstructured": ["-s", "0.5", "-p", "unstructured"],
     "block": ["-s", "0.5", "-p", "block", "--block-shape", "4x4"],
 }
@@ -171,7 +172,26 @@ def _bsr_col_past_end(h, d, m):
     part(h, d, "fc1.weight::col_indices")[crow[1] - 1] = 25  # 100 / 4 tile columns: 25 is one past
 
 
+def _bitmask_padding_kept(h, d, m):
+    # conv2.weight: K = 144, L = 5, B = 29: the last block (columns 140..144) has 4 real columns and
+    # k = 3, so column 144 (padding) is never kept; keep it instead of the block's first kept column
+    mask = part(h, d, "conv2.weight::mask")
+    bits = np.unpackbits(mask[0], bitorder="little")
+    first = 140 + int(np.nonzero(bits[140:144])[0][0])
+    bits[first], bits[144] = 0, 1
+    mask[0] = np.packbits(bits, bitorder="little")
+
+
 CONTENT = {
+    # bitmask: fc1.weight [24, 100], L = 4, k = 2, B = 25: mask [24, 13] bytes (100 bits a row)
+    "bitmask-popcount": ("bitmask", _set_part("fc1.weight::mask", (0, 0), lambda a: a[0, 0] ^ 1),
+                         ("'fc1.weight'", "row 0, block 0 has", "mask bits set, keep is 2")),
+    "bitmask-bit-past-last-column": ("bitmask", _set_part("fc1.weight::mask", (5, 12), lambda a: a[5, 12] | 0x80),
+                                     ("'fc1.weight'", "row 5 has mask bits past its last column")),
+    "bitmask-padding-kept": ("bitmask", _bitmask_padding_kept, ("'conv2.weight'", "padding")),
+    "bitmask-nan": ("bitmask", _set_part("fc1.weight::values", (1, 1, 1), np.nan), ("'fc1.weight'", "NaN")),
+    "bitmask-value-count": ("bitmask", lambda h, d, m: entry(m, "fc1.weight").__setitem__("keep", 1),
+                            ("'fc1.weight'",)),
     # balanced: fc1.weight [24, 100], L = 4, k = 2, B = 25 (indices [24, 2, 25] uint8)
     "balanced-index-far": ("balanced", _set_part("fc1.weight::indices", (0, 1, 0), 200), ("'fc1.weight'", "200")),
     "balanced-index-equal-L": ("balanced", _set_part("fc1.weight::indices", (0, 1, 0), 4),
@@ -518,7 +538,7 @@ def test_runtime_validators_call_the_format_validators(monkeypatch, which):
 
     calls = []
     if which == "balanced":
-        from balprune.config import BalancedPattern
+        from balprune.patterns.kinds import BalancedPattern
 
         bt = BalancedTensor.from_dense(torch.zeros(4, 8), BalancedPattern(0.5, blocks=2))
         monkeypatch.setattr(rb, "check_balanced_arrays", lambda *a, **k: calls.append(k["where"]))

@@ -9,11 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balprune.config import BalancedPattern, BlockPattern, Schedule, ScheduleKind, UnstructuredPattern, keep_count
 from balprune.patterns.balanced import balanced_mask, balanced_offsets, geometry_for
 from balprune.patterns.block import block_mask
+from balprune.patterns.kinds import BalancedPattern, BlockPattern, UnstructuredPattern, keep_count
 from balprune.patterns.unstructured import global_keep_counts, mask_keep_n, unstructured_mask
 from balprune.prune.masks import nested_masks, one_shot_mask
+from balprune.prune.schedule import Schedule, ScheduleKind
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import gpu_skip_reason
 
-from balprune.config import BalancedPattern
 from balprune.errors import FormatError, NoGpuError
 from balprune.formats.balanced import BalancedTensor
 from balprune.formats.bsr import BsrTensor
 from balprune.patterns.block import block_mask, padded_tiles
+from balprune.patterns.kinds import BalancedPattern
 from balprune.prune.masks import one_shot_mask
 from balprune.runtime import interleave_rows, kernel_name, kernel_variants, validate_balanced, validate_bsr
 from balprune.runtime.balanced import vector_width

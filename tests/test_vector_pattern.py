@@ -9,18 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balprune.config import (
-    BalancedPattern,
-    BlockPattern,
-    UnstructuredPattern,
-    VectorPattern,
-    build_pattern,
-    keep_count,
-    load_config,
-    prune_options_from_config,
-)
+from balprune.config import build_pattern, load_config, prune_options_from_config
 from balprune.errors import ConfigError, UsageError
 from balprune.formats.packed_file import read_packed, verify_packed
+from balprune.patterns.kinds import BalancedPattern, BlockPattern, UnstructuredPattern, VectorPattern, keep_count
 from balprune.patterns.vector import vector_mask
 from balprune.prune.masks import nested_masks, next_mask, one_shot_mask
 

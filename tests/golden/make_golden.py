@@ -1,4 +1,4 @@
-"""Regenerate the format v1 golden files: python tests/golden/make_golden.py
+"""Regenerate the format v1 and v2 golden files: python tests/golden/make_golden.py
 
 Only run this when the format changes on purpose; then bump FORMAT_VERSION and FORMAT.md too.
 The source checkpoint is built from integer arithmetic (no random generator), so it is the
@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 from balprune.checkpoint import open_checkpoint  # noqa: E402
-from balprune.config import BalancedPattern, BlockPattern, PruneOptions, UnstructuredPattern  # noqa: E402
+from balprune.config import PruneOptions  # noqa: E402
+from balprune.patterns.kinds import BalancedPattern, BlockPattern, UnstructuredPattern  # noqa: E402
 from balprune.prune.engine import prune_checkpoint  # noqa: E402
 
 
@@ -36,8 +37,12 @@ def source_state_dict() -> dict[str, torch.Tensor]:
 
 
 GOLDEN = {
-    "balanced": PruneOptions(BalancedPattern(0.6, blocks=4)),
-    "nm24": PruneOptions(BalancedPattern(0.5, blocks=None, block_size=4)),
+    # format v1 (offsets indices): these bytes predate format v2 and must not change
+    "balanced": PruneOptions(BalancedPattern(0.6, blocks=4), index="offsets"),
+    "nm24": PruneOptions(BalancedPattern(0.5, blocks=None, block_size=4), index="offsets"),
+    # format v2 (bitmask indices)
+    "balanced_bitmask": PruneOptions(BalancedPattern(0.6, blocks=4), index="bitmask"),
+    "nm24_bitmask": PruneOptions(BalancedPattern(0.5, blocks=None, block_size=4), index="bitmask"),
     "unstructured": PruneOptions(UnstructuredPattern(0.7)),
     "block": PruneOptions(BlockPattern(0.5, (2, 4))),
 }

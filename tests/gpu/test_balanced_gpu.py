@@ -24,9 +24,9 @@ from helpers import DTYPES, assert_within_rounding, gpu_skip_reason  # noqa: E40
 SKIP = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 
-from balprune.config import BalancedPattern  # noqa: E402
 from balprune.errors import UsageError  # noqa: E402
 from balprune.formats.balanced import BalancedTensor  # noqa: E402
+from balprune.patterns.kinds import BalancedPattern  # noqa: E402
 from balprune.prune.masks import one_shot_mask  # noqa: E402
 
 # name: (rows, cols, pattern). keep k per block and (for 16-bit / fp32) groups + tail pieces vary.

@@ -18,11 +18,11 @@ from helpers import DTYPES, assert_within_rounding, gpu_skip_reason  # noqa: E40
 SKIP = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 
-from balprune.config import BalancedPattern  # noqa: E402
 from balprune.errors import UsageError  # noqa: E402
 from balprune.formats.balanced import BalancedTensor  # noqa: E402
 from balprune.formats.bsr import BsrTensor  # noqa: E402
 from balprune.patterns.block import block_mask  # noqa: E402
+from balprune.patterns.kinds import BalancedPattern  # noqa: E402
 from balprune.prune.masks import one_shot_mask  # noqa: E402
 from balprune.runtime.balanced import _host_numpy  # noqa: E402
 

@@ -36,14 +36,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import BalancedPattern
 from ..formats.base import as_matrix
 from ..formats.bsr import BsrTensor
 from ..patterns.balanced import balanced_mask, geometry_for
 from ..patterns.block import kept_tiles, tiles_to_mask
+from ..patterns.kinds import BalancedPattern
+from ..patterns.registry import ENCODINGS
 
-#: The subject kernel of each packed pattern: balprune's own path for it.
-SUBJECT = {"balanced": "balanced", "block": "bsr", "unstructured": "csr"}
+#: The subject kernel of each packed pattern: balprune's own path for it (patterns.registry's
+#: Encoding.bench_subject).
+SUBJECT = {enc.name: enc.bench_subject for enc in ENCODINGS.values()}
 #: Tile of the block-sparse peer of a balanced layer (the paper's block baseline).
 PEER_TILE = (8, 8)
 
@@ -245,24 +247,30 @@ def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: i
     y_bytes = rows * batch * w.element_size()
     xy_bytes = x_t.numel() * x_t.element_size() + y_bytes
     case = LayerCase(x_t)
-    subject = SUBJECT[pattern]
-    if pattern == "balanced":
+    enc = ENCODINGS[pattern]  # what bench does per pattern: its record in patterns.registry
+    subject = enc.bench_subject
+    if enc.operator is not None:  # balprune's own operator (balanced, bsr); csr's subject is a library's
+        case.candidates.append(_op_candidate(
+            subject, lambda: enc.operator(packed, device=device, validate=False), x_t, batch,
+            rows, xy_bytes, enc.bench_note(packed), w_host))
+    if getattr(packed, "encoding", None) == "bitmask":
+        # the runtime's other own path for a bitmask-stored balanced layer: the offsets kernel on
+        # the exact in-memory conversion (report.ALTERNATIVES); the faster of the two is the path
         from ..runtime import BalancedLinear
 
+        offsets = packed.with_encoding("offsets")
         case.candidates.append(_op_candidate(
-            "balanced", lambda: BalancedLinear.from_tensor(packed, device=device, validate=False), x_t, batch,
-            rows, xy_bytes, "", w_host))
-    elif pattern == "block":
-        case.candidates.append(_bsr_candidate(packed, x_t, batch, xy_bytes, device, w_host))
+            "balanced_offsets", lambda: BalancedLinear.from_tensor(offsets, device=device, validate=False), x_t,
+            batch, rows, xy_bytes, "offsets indices, converted in memory", w_host))
     case.candidates.append(_dense(w, x_t, xy_bytes))
-    if pattern == "unstructured" or peers:
+    if subject == "csr" or peers:
         c = _csr(w, x_t, xy_bytes)
         (case.candidates if isinstance(c, Candidate) else case.unavailable).append(c)
         if isinstance(c, Candidate):
             c.weight = w_host
-    if peers and pattern in ("balanced", "block"):
-        bt = packed if pattern == "block" else block_peer(w_host, float(packed.sparsity_target))
-        if pattern == "balanced":
+    if peers and enc.bench_block_peer is not None:
+        bt = packed if enc.bench_block_peer == "self" else block_peer(w_host, float(packed.sparsity_target))
+        if enc.bench_block_peer == "built":
             case.candidates.append(_bsr_candidate(bt, x_t, batch, xy_bytes, device, as_matrix(bt.to_dense()),
                                                   note=f"{PEER_TILE[0]}x{PEER_TILE[1]} tiles at the same sparsity"))
         c = _torch_bsr(bt, x_t, xy_bytes, dev)

@@ -33,7 +33,15 @@ from ..errors import InvalidInputError
 #: Kernels balprune itself can run a layer with (the runtime's choice is the faster of them): a failure
 #: of one of these is exit 7; a peer library's is reported and not fatal. Kept here, not in peers.py, so
 #: reading and comparing reports imports nothing heavy (no torch).
-OWN_PATHS = ("balanced", "bsr", "dense")
+OWN_PATHS = ("balanced", "balanced_offsets", "bsr", "dense")
+#: Own paths a subject kernel has besides dense: a bitmask-stored balanced layer also runs the
+#: offsets kernel on its exact in-memory conversion (formats.layouts), and the runtime takes the faster.
+ALTERNATIVES = {"balanced": ("balanced_offsets",)}
+
+
+def _own(kernel: str, subject: str | None) -> bool:
+    """Whether ``kernel`` is one of balprune's own paths for a row whose subject is ``subject``."""
+    return kernel in OWN_PATHS and (kernel in ("dense", subject) or kernel in ALTERNATIVES.get(subject, ()))
 
 SCHEMA = "balprune.bench/2"
 READABLE = ("balprune.bench/1", SCHEMA)
@@ -119,7 +127,7 @@ def rows(report: BenchReport) -> list[dict]:
         row["subject"] = subject
         s = ks.get(subject)
         row["ideal_us"] = (s.bytes / (report.read_bandwidth_gbps * 1e3)) if s is not None else None
-        own = [ks[k] for k in OWN_PATHS if _finite(ks.get(k)) and (k == "dense" or k == subject)]
+        own = [ks[k] for k in OWN_PATHS if _finite(ks.get(k)) and _own(k, subject)]
         best = min(own, key=lambda m: m.median_us) if own else None
         row["path"] = best.kernel if best else None
         row["path_us"] = best.median_us if best else None
@@ -163,7 +171,7 @@ def own_failures(report: BenchReport) -> list[Measurement]:
             if r["layer"] == "model" and "model" in report.meta:
                 own = k == OWN_MODEL_RUNNER
             else:
-                own = k in OWN_PATHS and k in ("dense", r["subject"])
+                own = _own(k, r["subject"])
             if own:
                 bad.append(m)
     return bad

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import BalancedPattern
 from ..formats.balanced import BalancedTensor
 from ..patterns.balanced import balanced_offsets, geometry_for
+from ..patterns.kinds import BalancedPattern
 from .report import BenchReport
 from .run import Session
 

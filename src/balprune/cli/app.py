@@ -1,6 +1,6 @@
 """The Typer commands: parse, build a config, call one library function, render the result.
 
-Option values are parsed by the strict parsers of balprune.config inside Click callbacks, so a
+Option values are parsed by the strict parsers of balprune.values inside Click callbacks, so a
 bad value is a usage error (exit 2) before any file is opened.
 """
 
@@ -18,14 +18,11 @@ from ..config import (
     PruneOptions,
     check_cli_pattern_options,
     load_config,
-    parse_block_shape,
-    parse_nm,
-    parse_positive_int,
-    parse_sparsity,
     prune_options_from_config,
 )
 from ..container import check_output_path
 from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, InvalidInputError, UsageError
+from ..values import parse_block_shape, parse_nm, parse_positive_int, parse_sparsity
 from . import render
 from .options import csv_items, parse_int_list, parse_sparsity_list, usage
 
@@ -95,6 +92,9 @@ def prune(
                                         help="Schedule steps of Algorithm 1 (one-shot without fine-tuning)."),
     schedule: str | None = typer.Option(None, "--schedule", help="cubic (default) or linear."),
     key: str | None = typer.Option(None, "--key", help="Entry of a torch checkpoint holding the state dict (dotted path)."),
+    index: str | None = typer.Option(None, "--index", help="How balanced tensors store positions: auto (default: "
+                                     "per tensor the smaller of the two), offsets (a byte per kept value; format v1) "
+                                     "or bitmask (a bit per weight; format v2)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse non-float matrices instead of passing them through, "
                                                          "and targets more than 2 points short of their sparsity (exit 4)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: <input>.<pattern>.safetensors beside the input)."),
@@ -109,7 +109,7 @@ def prune(
     inputs = [("checkpoint", checkpoint), ("--config", config)]
     check_io(inputs=inputs, outputs=[("-o/--output", output)])  # before the config is read
     options = _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope,
-                             include, exclude, steps, schedule, strict, vector_length)
+                             include, exclude, steps, schedule, strict, vector_length, index)
     err = render.console(stderr=True)
     if options.pattern.sparsity == 0:
         err.print("warning: sparsity 0 prunes nothing; tensors pass through unchanged")
@@ -135,7 +135,7 @@ def prune(
 
 
 def _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope, include, exclude,
-                   steps, schedule, strict, vector_length=None) -> PruneOptions:
+                   steps, schedule, strict, vector_length=None, index=None) -> PruneOptions:
     overrides = {"sparsity": sparsity, "blocks": blocks, "block_size": block_size, "block_shape": block_shape,
                  "vector_length": vector_length, "nm": nm, "scope": scope}
     if pattern is not None or config is None:
@@ -146,7 +146,7 @@ def _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shap
     # CLI values win over the config's [prune] table, which wins over the defaults.
     return prune_options_from_config(data, overrides=overrides, pattern=pattern, schedule_kind=schedule,
                                      steps=steps, include=tuple(include), exclude=tuple(exclude), strict=strict,
-                                     error=UsageError if config is None else ConfigError)
+                                     index=index, error=UsageError if config is None else ConfigError)
 
 
 @app.command()

@@ -11,8 +11,8 @@ import re
 
 import typer
 
-from ..config import parse_block_shape, parse_positive_int, parse_sparsity
 from ..errors import UsageError
+from ..values import parse_block_shape, parse_positive_int, parse_sparsity
 
 _FLOAT = re.compile(r"^(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")  # ASCII digits only
 

@@ -16,12 +16,11 @@ import typer
 from ..config import (
     check_cli_pattern_options,
     load_config,
-    parse_block_shape,
-    parse_positive_int,
     prune_options_from_config,
 )
 from ..container import check_output_path
 from ..errors import ConfigError, Interrupted, UsageError
+from ..values import parse_block_shape, parse_positive_int
 from . import render, render_train
 from .options import (
     csv_items,

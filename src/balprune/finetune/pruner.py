@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PruneOptions, UnstructuredPattern, UnstructuredScope, load_config, prune_options_from_config
+from ..config import PruneOptions, load_config, prune_options_from_config
 from ..container import PRUNABLE_CODES, dtype_code
 from ..errors import ConfigError, InvalidInputError, UsageError
 from ..patterns.ranking import check_finite
@@ -88,7 +88,7 @@ class Pruner:
         if not isinstance(options, PruneOptions):
             options = options_from_recipe(options)
         for p in [options.pattern] + [r.pattern for r in options.rules if r.pattern is not None]:
-            if isinstance(p, UnstructuredPattern) and p.scope is UnstructuredScope.GLOBAL:
+            if p.ranks_globally:
                 raise ConfigError("fine-tuning supports unstructured scope 'tensor' only (a global ranking would "
                                   "move weights between layers at every step); set scope = \"tensor\"")
         self.model = model

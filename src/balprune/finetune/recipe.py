@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..config import (
-    MAX_SEED,
     PruneOptions,
     _check_keys,
     prune_options_from_config,
@@ -30,6 +29,7 @@ from ..config import (
 from ..errors import ConfigError
 from ..tasks import TASKS, TaskSpec
 from ..tasks.base import Option
+from ..values import MAX_SEED
 
 #: Most optimizer steps one phase (dense training, one fine-tuning stage) may ask for.
 MAX_TRAIN_STEPS = 10_000_000

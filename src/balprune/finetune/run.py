@@ -499,7 +499,7 @@ def train_dense(recipe: Recipe, path: Path, *, task: Task, device: str | None = 
 
 
 def _pattern_dict(recipe: Recipe) -> dict:
-    from ..config import pattern_to_dict
+    from ..patterns.kinds import pattern_to_dict
 
     d = pattern_to_dict(recipe.options.pattern)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

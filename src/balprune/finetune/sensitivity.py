@@ -26,19 +26,17 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..config import (
+from ..config import PruneOptions, load_config, prune_options_from_config
+from ..container import AtomicOutput
+from ..errors import InvalidInputError, OutputError
+from ..patterns.kinds import (
     BalancedPattern,
     BlockPattern,
     Pattern,
-    PruneOptions,
     UnstructuredPattern,
     VectorPattern,
-    load_config,
     pattern_to_dict,
-    prune_options_from_config,
 )
-from ..container import AtomicOutput
-from ..errors import InvalidInputError, OutputError
 from ..patterns.ranking import check_finite
 from ..prune.masks import one_shot_mask
 

@@ -94,7 +94,7 @@ def variants_for(recipe: Recipe, patterns: list[str], blocks: list[int] | None =
     Balanced: one line per ``blocks`` (B blocks per row) and per ``block_sizes`` (block length L,
     the paper's balance range); with neither, the recipe's own geometry (default 32 blocks).
     """
-    from ..config import BalancedPattern
+    from ..patterns.kinds import BalancedPattern
 
     base = recipe.prune_config.get("prune", {})
     out: list[Variant] = []
@@ -210,7 +210,7 @@ def _dense_budget_recipe(recipe: Recipe) -> Recipe:
     """The recipe with nothing pruned (sparsity 0, no layer rules): the same stages of training."""
     from dataclasses import replace
 
-    from ..config import UnstructuredPattern
+    from ..patterns.kinds import UnstructuredPattern
 
     return recipe.with_options(replace(recipe.options, pattern=UnstructuredPattern(0.0), rules=(), include=(),
                                        exclude=()))

@@ -1,35 +1,33 @@
-"""The balanced packed tensor: k values and k in-block indices per block, kernel-ready.
+"""The balanced packed tensor: k values per block and their positions, in either index encoding.
 
-Layout ROWS_SLOTS_BLOCKS (FORMAT.md): ``values`` [R, k, B] in the source dtype and ``indices``
-[R, k, B] as uint8 (L <= 256) or uint16 (L <= 65536). Entry (r, t, j) is the t-th kept entry of
-block j of row r, its column being j*L + indices[r, t, j]. Within a block the indices strictly
-increase with t. For a fixed (r, t) the B entries are contiguous, so a warp whose lane j owns
-block j reads one coalesced run per slot, and lane j only ever touches x[j*L : (j+1)*L].
+In memory the arrays are always the offsets form (formats.layouts): ``values`` [R, k, B] in the
+source dtype and ``indices`` [R, k, B] as uint8 (L <= 256) or uint16 (L <= 65536). Entry (r, t, j)
+is the t-th kept entry of block j of row r, its column being j*L + indices[r, t, j]; within a block
+the indices strictly increase with t. ``encoding`` says how the file stores them (FORMAT.md):
+``offsets`` (layout rows_slots_blocks: these arrays as they are) or ``bitmask`` (layout
+rows_blocks_slots: values [R, B, k] in column order and one mask bit per column).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import BalancedPattern
 from ..errors import FormatError
-from ..patterns.balanced import MAX_BLOCK_LENGTH, BalancedGeometry, balanced_offsets, geometry_for
+from ..patterns.balanced import BalancedGeometry, balanced_offsets, geometry_for
+from ..patterns.kinds import BalancedPattern
 from ..safeio import check_fits_memory
-from . import spec
+from . import layouts, spec
 from .base import (
-    CHECK_CHUNK_ENTRIES,
-    VALUE_DTYPES,
     PartSpec,
     as_matrix,
-    check_finite_values,
     check_part,
     code_of,
-    positive_int,
     torch_dtype,
 )
+from .layouts import BITMASK, OFFSETS, check_balanced_arrays, check_bitmask_arrays
 
 
 @dataclass(frozen=True)
@@ -38,10 +36,17 @@ class BalancedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     values: torch.Tensor  # [R, k, B], dtype
-    indices: torch.Tensor  # [R, k, B], uint8/uint16
+    indices: torch.Tensor  # [R, k, B], uint8/uint16 (offsets form, whatever the encoding)
     sparsity_target: float
+    encoding: str = OFFSETS  # how the file stores the positions (layouts.ENCODINGS)
 
     pattern = "balanced"
+
+    def with_encoding(self, encoding: str) -> BalancedTensor:
+        """The same tensor stored with ``encoding`` (the arrays are shared, not copied)."""
+        if encoding not in layouts.ENCODINGS:
+            raise ValueError(f"index encoding must be one of {layouts.ENCODINGS}, got {encoding!r}")
+        return replace(self, encoding=encoding)
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, pattern: BalancedPattern) -> BalancedTensor:
@@ -101,6 +106,11 @@ class BalancedTensor:
         return out.reshape(g.rows, g.padded_width)[:, : g.cols].reshape(self.shape).clone()
 
     def parts(self) -> dict[str, torch.Tensor]:
+        """The stored arrays of the encoding, in part order (FORMAT.md)."""
+        if self.encoding == BITMASK:
+            g = self.geometry
+            return {"values": self.values.permute(0, 2, 1).contiguous(),
+                    "mask": layouts.mask_from_offsets(self.indices, g.blocks, g.block_length)}
         return {"values": self.values, "indices": self.indices}
 
     def sparsity_achieved(self) -> float:
@@ -112,14 +122,16 @@ class BalancedTensor:
         return 1.0 - kept / g.cols
 
     def manifest(self) -> dict:
-        return balanced_entry(self.shape, code_of(self.dtype), self.geometry, self.sparsity_target)
+        return balanced_entry(self.shape, code_of(self.dtype), self.geometry, self.sparsity_target, self.encoding)
 
     @staticmethod
     def part_specs(entry: dict, name: str) -> dict[str, PartSpec]:
-        """Validate a manifest entry and derive the parts' dtype and shape from it."""
+        """Validate a manifest entry and derive the parts' dtype and shape from it (an entry read
+        from a format-v1 file has had ``index_encoding: offsets`` filled in by read_packed)."""
         shape = spec.req_shape(entry, "shape", name)
         torch_dtype(spec.req_choice(entry, "dtype", name, {"F16", "BF16", "F32", "F64"}), name)
-        spec.req_choice(entry, "layout", name, {spec.Layout.ROWS_SLOTS_BLOCKS.value})
+        encoding = spec.req_choice(entry, "index_encoding", name, set(layouts.ENCODINGS))
+        spec.req_choice(entry, "layout", name, {spec.BALANCED_LAYOUT[encoding].value})
         rows = spec.req_int(entry, "rows", name, 1)
         cols = spec.req_int(entry, "cols", name, 1)
         blocks = spec.req_int(entry, "blocks", name, 1)
@@ -131,111 +143,63 @@ class BalancedTensor:
         spec.req_float(entry, "sparsity_achieved", name)
         if len(shape) < 2 or shape[0] != rows or math.prod(shape[1:]) != cols:
             raise FormatError(f"manifest entry {name!r}: shape {list(shape)} is not rows x cols = {rows} x {cols}")
-        if length > 65536 or keep > length or blocks != -(-cols // length):
+        if length > layouts.MAX_BLOCK_LENGTH or keep > length or blocks != -(-cols // length):
             raise FormatError(
                 f"manifest entry {name!r}: blocks={blocks}, block_length={length}, keep={keep} do not fit cols={cols}"
             )
-        want_index = "U8" if length <= 256 else "U16"
+        want_index = _index_code(encoding, length)
         if entry["index_dtype"] != want_index:
-            raise FormatError(f"manifest entry {name!r}: index_dtype must be {want_index} for block_length {length}")
+            raise FormatError(f"manifest entry {name!r}: index_dtype must be {want_index} for "
+                              f"{encoding} indices of block_length {length}")
+        if encoding == BITMASK:
+            return {"values": PartSpec(entry["dtype"], (rows, blocks, keep)),
+                    "mask": PartSpec("U8", (rows, layouts.mask_row_bytes(blocks, length)))}
         return {"values": PartSpec(entry["dtype"], (rows, keep, blocks)), "indices": PartSpec(want_index, (rows, keep, blocks))}
 
     @classmethod
     def from_parts(cls, entry: dict, parts: dict[str, torch.Tensor], name: str) -> BalancedTensor:
+        """The tensor of a manifest entry and its stored parts. Bitmask parts are checked completely
+        (check_bitmask_arrays) before they are decoded to the offsets form: the decoding relies on
+        exactly k bits per block."""
         specs = cls.part_specs(entry, name)
         for part, ps in specs.items():
             check_part(name, part, parts[part], ps)
         g = BalancedGeometry(entry["rows"], entry["cols"], entry["blocks"], entry["block_length"],
                              entry["keep"], entry["blocks_requested"])
-        return cls(g, tuple(entry["shape"]), torch_dtype(entry["dtype"], name),
-                   parts["values"], parts["indices"], float(entry["sparsity_target"]))
+        encoding = entry["index_encoding"]
+        values, positions = parts["values"], parts["indices" if encoding == OFFSETS else "mask"]
+        if encoding == BITMASK:
+            check_bitmask_arrays(values, positions, g.rows, g.cols, g.blocks, g.block_length, g.keep,
+                                 where=f"tensor {name!r}")
+            values = values.permute(0, 2, 1).contiguous()
+            positions = layouts.offsets_from_mask(positions, g.blocks, g.block_length, g.keep)
+        return cls(g, tuple(entry["shape"]), torch_dtype(entry["dtype"], name), values, positions,
+                   float(entry["sparsity_target"]), encoding)
 
     def check(self, name: str) -> None:
-        """Every invariant of FORMAT.md and of the GPU kernel (``check_balanced_arrays``); FormatError
-        naming the first violation. Matching ``sparsity_achieved`` is the manifest's side
+        """Every invariant of FORMAT.md and of the GPU kernel on the offsets-form arrays
+        (``check_balanced_arrays``, whatever the stored encoding); FormatError naming the first violation. Matching ``sparsity_achieved`` is the manifest's side
         (PackedFile.load)."""
         g = self.geometry
         check_balanced_arrays(self.values, self.indices, g.rows, g.cols, g.blocks, g.block_length, g.keep,
                               where=f"tensor {name!r}")
 
 
-def check_balanced_arrays(values: torch.Tensor, indices: torch.Tensor, rows: int, cols: int, blocks: int,
-                          block_length: int, keep: int, *, where: str) -> None:
-    """THE validator of a balanced matrix's arrays (FORMAT.md, pattern ``balanced``); FormatError
-    starting with ``where`` at the first violation. The runtime's ``validate_balanced`` calls it.
-
-    ``values`` [rows, keep, blocks] F32/F16/BF16/F64 and ``indices`` [rows, keep, blocks] uint8
-    (block_length <= 256) or uint16 (<= 65536), CPU torch tensors, C-contiguous. Geometry: all
-    positive, blocks == ceil(cols / block_length), keep <= block_length. Content: every index <
-    block_length; strictly increasing with the slot inside each block (sorted, no duplicates);
-    padding columns (j*block_length + index >= cols, only in the last block) kept exactly where the
-    block has fewer than keep real columns, and holding 0; values finite. Walks the rows in chunks,
-    so its temporaries stay bounded whatever the size.
-    """
-    rows = positive_int(rows, f"{where}: rows")
-    cols = positive_int(cols, f"{where}: cols")
-    blocks = positive_int(blocks, f"{where}: blocks")
-    L = positive_int(block_length, f"{where}: block_length")
-    keep = positive_int(keep, f"{where}: keep")
-    if L > MAX_BLOCK_LENGTH:
-        raise FormatError(f"{where}: block_length {L} exceeds {MAX_BLOCK_LENGTH}, the most a uint16 index addresses")
-    if keep > L:
-        raise FormatError(f"{where}: keep {keep} exceeds block_length {L}")
-    if blocks != -(-cols // L):
-        raise FormatError(f"{where}: blocks {blocks} is not ceil(cols / block_length) = {-(-cols // L)}")
-    v, i = values, indices
-    if v.dtype not in VALUE_DTYPES:
-        raise FormatError(f"{where}: values dtype {v.dtype} is not float32, float16, bfloat16 or float64")
-    want_index = torch.uint8 if L <= 256 else torch.uint16
-    if i.dtype != want_index:
-        raise FormatError(f"{where}: indices dtype {i.dtype} must be {want_index} for block_length {L}")
-    shape = (rows, keep, blocks)
-    for what, t in (("values", v), ("indices", i)):
-        if tuple(t.shape) != shape:
-            raise FormatError(f"{where}: {what} shape {list(t.shape)} is not [rows, keep, blocks] = {list(shape)}")
-        if not t.is_contiguous():
-            raise FormatError(f"{where}: {what} is not C-contiguous")
-    pad_from = cols - (blocks - 1) * L  # in-block offsets >= this are padding (last block only)
-    pad_want = max(0, keep - pad_from)  # padding slots the last block must keep (fill-up rule)
-    step = max(1, CHECK_CHUNK_ENTRIES // (keep * blocks))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        idx = i[r0:r1].to(torch.int64)  # [n, keep, blocks]
-        bad = idx >= L
-        if bool(bad.any()):
-            r, t, j = torch.nonzero(bad)[0].tolist()
-            raise FormatError(f"{where}: index {int(idx[r, t, j])} >= block_length {L} at row {r0 + r}, "
-                              f"block {j}, slot {t}")
-        if keep > 1:
-            bad = idx[:, 1:, :] <= idx[:, :-1, :]
-            if bool(bad.any()):
-                r, t, j = torch.nonzero(bad)[0].tolist()
-                raise FormatError(f"{where}: indices of row {r0 + r}, block {j} are unsorted or duplicated "
-                                  f"(slot {t + 1}: {int(idx[r, t + 1, j])} after {int(idx[r, t, j])})")
-        if pad_from < L:
-            last = idx[:, :, blocks - 1]
-            on_pad = last >= pad_from
-            bad = on_pad.sum(1) != pad_want
-            if bool(bad.any()):
-                r = int(torch.nonzero(bad)[0])
-                raise FormatError(f"{where}: row {r0 + r}, block {blocks - 1} keeps {int(on_pad[r].sum())} padding "
-                                  f"column(s), the fill-up rule gives {pad_want} (padding kept while real columns "
-                                  f"were left out)")
-            bad = on_pad & (v[r0:r1, :, blocks - 1] != 0)
-            if bool(bad.any()):
-                r, t = torch.nonzero(bad)[0].tolist()
-                raise FormatError(f"{where}: non-zero value on padding column {(blocks - 1) * L + int(last[r, t])} "
-                                  f"(cols = {cols}) at row {r0 + r}, block {blocks - 1}, slot {t}")
-        check_finite_values(where, v[r0:r1])
+def _index_code(encoding: str, block_length: int) -> str:
+    """The manifest's index_dtype: the mask's U8 for bitmask, the offsets' U8/U16 otherwise."""
+    return "U8" if encoding == BITMASK else code_of(layouts.offsets_index_dtype(block_length))
 
 
-def balanced_entry(shape: tuple[int, ...], dtype: str, g: BalancedGeometry, target: float) -> dict:
-    """The manifest entry of a balanced tensor, from its geometry alone (known before packing)."""
+def balanced_entry(shape: tuple[int, ...], dtype: str, g: BalancedGeometry, target: float,
+                   encoding: str = OFFSETS) -> dict:
+    """The manifest entry of a balanced tensor, from its geometry and encoding alone (known before
+    packing). Always carries ``index_encoding``; a format-v1 file is written without it
+    (spec.entry_for_version)."""
     return {
         "pattern": "balanced", "shape": list(shape), "dtype": dtype,
-        "layout": spec.Layout.ROWS_SLOTS_BLOCKS.value, "rows": g.rows, "cols": g.cols,
-        "blocks": g.blocks, "blocks_requested": g.blocks_requested, "block_length": g.block_length,
-        "keep": g.keep, "index_dtype": code_of(g.index_dtype),
+        "layout": spec.BALANCED_LAYOUT[encoding].value, "index_encoding": encoding, "rows": g.rows,
+        "cols": g.cols, "blocks": g.blocks, "blocks_requested": g.blocks_requested,
+        "block_length": g.block_length, "keep": g.keep, "index_dtype": _index_code(encoding, g.block_length),
         "sparsity_target": target, "sparsity_achieved": g.achieved_sparsity,
     }
 

@@ -83,8 +83,11 @@ def read_packed(path: str | Path) -> PackedFile:
     manifest = spec.parse_metadata(parsed.metadata, str(path))
     stored = {e.name: e for e in parsed.entries}
     expected: set[str] = set()
+    version = parsed.metadata["format_version"]
     for name, entry in manifest["tensors"].items():
-        pattern = spec.check_entry_keys(entry, name)
+        pattern = spec.check_entry_keys(entry, name, version)
+        if version == "1" and pattern == "balanced":
+            entry["index_encoding"] = "offsets"  # v1 had one encoding; every reader sees the key
         cls = PACKED_CLASSES.get(pattern)
         if cls is None:
             shape = spec.req_shape(entry, "shape", name)

@@ -1,9 +1,9 @@
-"""Packed format v1: names, versions and the strict manifest schema (mirrors FORMAT.md).
+"""Packed format v2 (and v1): names, versions and the strict manifest schema (mirrors FORMAT.md).
 
 A packed file is a safetensors file. ``__metadata__`` holds only strings:
 
     format          "balprune.packed"
-    format_version  "1"
+    format_version  "2" when a balanced tensor uses the bitmask encoding, else "1" (file_version)
     tool_version    balprune's version
     manifest        compact JSON (keys sorted): {"tensors": [entry, ...], "aliases": {...},
                     "options": {...}, "source": {"name": ..., "sha256": ...}}
@@ -25,7 +25,10 @@ from ..container import short_repr
 from ..errors import FormatError, InvalidInputError
 
 FORMAT_NAME = "balprune.packed"
-FORMAT_VERSION = "1"
+#: The newest version written; a file is written as the oldest version that can hold it (file_version).
+FORMAT_VERSION = "2"
+#: Versions this balprune reads. v1 = v2 without bitmask tensors and without ``index_encoding``.
+READ_VERSIONS = ("1", "2")
 PART_SEPARATOR = _PART_SEPARATOR  # the container owns the rule; re-exported for readers of the format
 
 
@@ -35,13 +38,19 @@ class Layout(str, enum.Enum):
     #: balanced: values/indices [rows, keep, blocks]; entry (r, t, j) is the t-th kept entry
     #: (ascending column) of block j in row r, so one row's blocks are contiguous per slot.
     ROWS_SLOTS_BLOCKS = "rows_slots_blocks"
+    #: balanced, bitmask encoding (v2): values [rows, blocks, keep] (each block's kept entries in
+    #: column order), mask U8 [rows, ceil(blocks*block_length/8)], one bit per padded-row column.
+    ROWS_BLOCKS_SLOTS = "rows_blocks_slots"
     #: unstructured: CSR, int32 crow_indices [rows+1], col_indices [nnz], values [nnz].
     CSR = "csr"
     #: block: BSR, int32 crow_indices [rows/bh+1], col_indices [nnzb], values [nnzb, bh, bw].
     BSR = "bsr"
 
 
-#: Keys of a manifest entry, per pattern; every key is required, no other key is allowed.
+#: The layout of a balanced tensor per index encoding (formats.layouts.ENCODINGS).
+BALANCED_LAYOUT = {"offsets": Layout.ROWS_SLOTS_BLOCKS, "bitmask": Layout.ROWS_BLOCKS_SLOTS}
+
+#: Keys of a manifest entry, per pattern (format v1); every key is required, no other key is allowed.
 ENTRY_KEYS: dict[str, frozenset[str]] = {
     "dense": frozenset({"pattern", "shape", "dtype", "reason"}),
     "balanced": frozenset({
@@ -57,6 +66,30 @@ ENTRY_KEYS: dict[str, frozenset[str]] = {
         "index_dtype", "sparsity_target", "sparsity_achieved",
     }),
 }
+
+#: What format v2 adds to an entry's keys: a balanced tensor states its index encoding.
+V2_EXTRA_KEYS: dict[str, frozenset[str]] = {"balanced": frozenset({"index_encoding"})}
+
+
+def entry_keys(pattern: str, version: str) -> frozenset[str]:
+    """The keys an entry of ``pattern`` has in a file of format ``version``."""
+    keys = ENTRY_KEYS[pattern]
+    return keys | V2_EXTRA_KEYS.get(pattern, frozenset()) if version != "1" else keys
+
+
+def file_version(entries) -> str:
+    """The version a file holding these manifest entries is written as: "2" when a balanced entry
+    uses the bitmask encoding, else "1" (so offsets-only files stay readable by v1 readers, byte for
+    byte what earlier balprune wrote)."""
+    return "2" if any(e.get("index_encoding") == "bitmask" for e in entries) else "1"
+
+
+def entry_for_version(entry: dict, version: str) -> dict:
+    """``entry`` as a file of ``version`` stores it (v1: without ``index_encoding``)."""
+    if version == "1":
+        return {k: v for k, v in entry.items() if k != "index_encoding"}
+    return entry
+
 
 MANIFEST_KEYS = frozenset({"tensors", "aliases", "options", "source"})
 METADATA_KEYS = frozenset({"format", "format_version", "tool_version", "manifest"})
@@ -133,15 +166,16 @@ def check_tensor_name(name: object, where: str) -> str:
     return _check_name(name, where, FormatError)
 
 
-def check_entry_keys(entry: object, name: str) -> str:
-    """The entry's pattern, after checking it is an object with exactly that pattern's keys."""
+def check_entry_keys(entry: object, name: str, version: str = FORMAT_VERSION) -> str:
+    """The entry's pattern, after checking it is an object with exactly that pattern's keys in a
+    file of format ``version``."""
     if not isinstance(entry, dict):
         raise FormatError(f"manifest entry {name!r} is not an object")
     pattern = entry.get("pattern")
     if not isinstance(pattern, str) or pattern not in ENTRY_KEYS:
         raise FormatError(f"{_where(name, 'pattern')} is unknown: {short_repr(pattern)}")
-    keys = set(entry)
-    missing, extra = ENTRY_KEYS[pattern] - keys, keys - ENTRY_KEYS[pattern]
+    keys, want = set(entry), entry_keys(pattern, version)
+    missing, extra = want - keys, keys - want
     if missing:
         raise FormatError(f"manifest entry {name!r}: missing key(s) {sorted(missing)}")
     if extra:
@@ -238,9 +272,10 @@ def parse_metadata(metadata: dict[str, str] | None, where: str) -> dict:
     if metadata.get("format") != FORMAT_NAME:
         raise FormatError(f"{where}: not a balprune packed file (format {short_repr(metadata.get('format'))})")
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise FormatError(
-            f"{where}: format version {short_repr(version)} is not supported (this balprune reads {FORMAT_VERSION!r})",
+            f"{where}: format version {short_repr(version)} is not supported (this balprune reads versions "
+            f"{', '.join(READ_VERSIONS)})",
             hint="use the balprune version that wrote it",
         )
     extra = set(metadata) - METADATA_KEYS
@@ -286,7 +321,8 @@ def describe_entry(entry: dict) -> str:
     if p == "balanced":
         asked = entry["blocks_requested"]
         fewer = f" ({asked} asked)" if asked is not None and asked != entry["blocks"] else ""
-        return f"B={entry['blocks']}{fewer} L={entry['block_length']} k={entry['keep']} idx={entry['index_dtype']}"
+        idx = "bitmask" if entry.get("index_encoding") == "bitmask" else entry["index_dtype"]
+        return f"B={entry['blocks']}{fewer} L={entry['block_length']} k={entry['keep']} idx={idx}"
     if p == "unstructured":
         return f"CSR nnz={entry['nnz']}"
     return f"BSR {entry['block_shape'][0]}x{entry['block_shape'][1]} tiles={entry['nnz_blocks']}"

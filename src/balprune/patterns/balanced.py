@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import BalancedPattern, keep_count
+from .kinds import BalancedPattern, keep_count
 from .ranking import magnitude_bits
 
 #: Largest block length an in-block index can address (uint16).
@@ -42,7 +42,10 @@ class BalancedGeometry:
 
     @property
     def index_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.block_length <= 256 else torch.uint16
+        """The offsets encoding's index type (formats.layouts owns the rule)."""
+        from ..formats.layouts import offsets_index_dtype  # formats imports this module: no cycle at call time
+
+        return offsets_index_dtype(self.block_length)
 
     def real_length(self, block: int) -> int:
         """Number of real (non-padding) columns in block ``block``."""

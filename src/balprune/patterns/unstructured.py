@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import keep_count
+from .kinds import keep_count
 from .ranking import magnitude_bits
 
 

@@ -15,12 +15,13 @@ import torch
 
 from .. import __version__, safeio
 from ..checkpoint import Checkpoint
-from ..config import PruneOptions, UnstructuredPattern, UnstructuredScope
+from ..config import PruneOptions
 from ..container import AtomicOutput, StreamingWriter, check_not_an_input, verify_written
 from ..errors import InvalidInputError, OutputError
 from ..formats import BalancedTensor, BsrTensor, CsrTensor, spec
 from ..patterns.balanced import balanced_offsets, geometry_for
 from ..patterns.ranking import check_finite
+from ..patterns.registry import ENCODINGS
 from ..patterns.unstructured import global_keep_counts
 from .masks import one_shot_mask
 from .plan import TensorPlan, plan_tensor, unmatched_globs
@@ -109,7 +110,7 @@ def default_output(source: Path, pattern_name: str) -> Path:
 def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions) -> list[TensorPlan]:
     """Plans for every tensor in source order; global unstructured scope reads magnitudes first."""
     plans = [plan_tensor(t, options) for t in ckpt.tensors]
-    global_ = [p for p in plans if isinstance(p.pattern, UnstructuredPattern) and p.pattern.scope is UnstructuredScope.GLOBAL]
+    global_ = [p for p in plans if p.pattern is not None and p.pattern.ranks_globally]
     if global_:
         sparsities = {p.pattern.sparsity for p in global_}
         if len(sparsities) > 1:
@@ -128,8 +129,7 @@ def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions) -> list[TensorPlan]
 
 def _per_layer(plan: TensorPlan) -> bool:
     """Whether the plan's own request is what its layer should meet (a global ranking only meets it in total)."""
-    p = plan.pattern
-    return not (isinstance(p, UnstructuredPattern) and p.scope is UnstructuredScope.GLOBAL)
+    return not (plan.pattern is not None and plan.pattern.ranks_globally)
 
 
 def is_shortfall(plan: TensorPlan) -> bool:
@@ -203,7 +203,7 @@ def _check_written(tmp: Path, writer: StreamingWriter) -> None:
 
 
 def pack_tensor(plan: TensorPlan, weight: torch.Tensor):
-    """Prune one tensor by its plan and pack it.
+    """Prune one tensor by its plan and pack it, with its encoding's packer (patterns.registry).
 
     Balanced: one ranking, packed directly (from_offsets; the same bytes as from_dense of the
     masked weight, tests/test_format.py checks it), at a third of the time and memory. Other
@@ -212,20 +212,36 @@ def pack_tensor(plan: TensorPlan, weight: torch.Tensor):
     name = plan.source.name
     check_finite(weight, name)
     matrix = weight.reshape(weight.shape[0], -1)
-    kind = plan.entry["pattern"]
-    if kind == "balanced":
-        g = geometry_for(matrix.shape[0], matrix.shape[1], plan.pattern)
-        packed = BalancedTensor.from_offsets(weight, plan.pattern, balanced_offsets(matrix, g, dtype=g.index_dtype))
-    else:
-        mask = one_shot_mask(matrix, plan.pattern, keep_override=plan.keep)
-        dense = torch.where(mask, matrix, torch.zeros((), dtype=matrix.dtype)).reshape(weight.shape)
-        if kind == "unstructured":
-            packed = CsrTensor.from_dense(dense, plan.keep, plan.pattern.sparsity)
-        else:
-            packed = BsrTensor.from_dense(dense, plan.pattern.block_shape, plan.keep, plan.pattern.sparsity)
+    packed = ENCODINGS[plan.entry["pattern"]].pack(weight, matrix, plan)
     if packed.manifest() != plan.entry:  # the plan fixed the file layout; packing must agree
         raise AssertionError(f"tensor {name!r}: packed manifest differs from the plan")
     return packed
+
+
+# --------------------------------------------------------------------------- packers
+# One per encoding, named by patterns.registry (Encoding.pack): (weight, its [R, K] matrix view,
+# plan) -> the packed tensor, whose manifest() must equal plan.entry.
+
+
+def pack_balanced(weight: torch.Tensor, matrix: torch.Tensor, plan: TensorPlan) -> BalancedTensor:
+    g = geometry_for(matrix.shape[0], matrix.shape[1], plan.pattern)
+    packed = BalancedTensor.from_offsets(weight, plan.pattern, balanced_offsets(matrix, g, dtype=g.index_dtype))
+    return packed.with_encoding(plan.entry["index_encoding"])
+
+
+def _masked(weight: torch.Tensor, matrix: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
+    """The dense-with-zeros weight (its own shape) under the plan's one-shot mask."""
+    mask = one_shot_mask(matrix, plan.pattern, keep_override=plan.keep)
+    return torch.where(mask, matrix, torch.zeros((), dtype=matrix.dtype)).reshape(weight.shape)
+
+
+def pack_csr(weight: torch.Tensor, matrix: torch.Tensor, plan: TensorPlan) -> CsrTensor:
+    return CsrTensor.from_dense(_masked(weight, matrix, plan), plan.keep, plan.pattern.sparsity)
+
+
+def pack_bsr(weight: torch.Tensor, matrix: torch.Tensor, plan: TensorPlan) -> BsrTensor:
+    return BsrTensor.from_dense(_masked(weight, matrix, plan), plan.pattern.block_shape, plan.keep,
+                                plan.pattern.sparsity)
 
 
 def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, force: bool = False,
@@ -242,13 +258,14 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
         short = check_shortfalls(plans, options)
         preflight(plans, output)
         sha = ckpt.sha256()
+        version = spec.file_version([p.entry for p in plans])  # v1 unless a tensor needs v2
         manifest = {
-            "tensors": [{"name": p.source.name, **p.entry} for p in plans],
+            "tensors": [{"name": p.source.name, **spec.entry_for_version(p.entry, version)} for p in plans],
             "aliases": dict(ckpt.aliases),
             "options": options.to_dict(),
             "source": {"name": Path(ckpt.display).name, "sha256": sha},
         }
-        metadata = {"format": spec.FORMAT_NAME, "format_version": spec.FORMAT_VERSION,
+        metadata = {"format": spec.FORMAT_NAME, "format_version": version,
                     "tool_version": __version__, "manifest": spec.dumps(manifest)}
         writer = StreamingWriter(out.file, [o for p in plans for o in p.outputs], metadata)
         report = PruneReport(ckpt.display, str(output), sha, aliases=dict(ckpt.aliases))

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import SourceTensor, TorchCheckpoint
-from ..config import Pattern, PruneOptions
+from ..config import PruneOptions
 from ..container import dtype_code
+from ..patterns.kinds import Pattern
 from ..patterns.ranking import check_finite
 from .engine import PruneReport, prune_checkpoint
 from .masks import nested_masks

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import torch
 
-from ..config import BalancedPattern, Pattern, UnstructuredPattern, keep_count
 from ..patterns.balanced import balanced_offsets, geometry_for, offsets_to_mask
 from ..patterns.block import kept_tiles, padded_tiles, tiles_to_mask
+from ..patterns.kinds import BalancedPattern, Pattern, UnstructuredPattern, keep_count
 from ..patterns.ranking import top_positions
 from ..patterns.unstructured import mask_keep_n
 

@@ -11,22 +11,16 @@ import math
 from dataclasses import dataclass
 
 from ..checkpoint import SourceTensor
-from ..config import (
-    BalancedPattern,
-    BlockPattern,
-    Pattern,
-    PruneOptions,
-    UnstructuredPattern,
-    VectorPattern,
-    glob_matcher,
-    keep_count,
-)
+from ..config import PruneOptions, glob_matcher
 from ..container import PRUNABLE_CODES, PlannedTensor
 from ..errors import InvalidInputError
-from ..formats import PACKED_CLASSES, balanced_entry, bsr_entry, csr_entry
+from ..formats import balanced_entry, bsr_entry, csr_entry
+from ..formats.layouts import choose_encoding
 from ..formats.spec import describe_entry, part_name
 from ..patterns.balanced import geometry_for
 from ..patterns.block import tile_grid
+from ..patterns.kinds import BalancedPattern, BlockPattern, Pattern, UnstructuredPattern, VectorPattern, keep_count
+from ..patterns.registry import ENCODINGS, pattern_spec
 
 
 @dataclass(frozen=True)
@@ -102,35 +96,65 @@ def plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | N
     if pattern.sparsity == 0:
         return _dense(src, "sparsity 0")
     rows, cols = _matrix_shape(src.shape)
-    if isinstance(pattern, BalancedPattern):
-        try:
-            g = geometry_for(rows, cols, pattern)
-        except ValueError as exc:
-            raise InvalidInputError(f"tensor {src.name!r} (K={cols}): {exc}", hint="use more --blocks") from None
-        if not g.prunes_anything:
-            return _dense(src, f"row too short: K={cols} gives block length {g.block_length}, "
-                               f"keeping {g.keep} of {g.block_length} prunes nothing", requested=pattern.sparsity)
-        entry = balanced_entry(src.shape, src.dtype, g, pattern.sparsity)
-        keep = None
-    elif isinstance(pattern, UnstructuredPattern):
-        keep = keep_override if keep_override is not None else keep_count(pattern.sparsity, rows * cols)
-        entry = csr_entry(src.shape, src.dtype, keep, pattern.sparsity)
-    else:
-        assert isinstance(pattern, (BlockPattern, VectorPattern))  # vector: 1 x V tiles, packed as BSR
-        bh, bw = pattern.block_shape
-        if bh > rows or bw > cols:  # padded to whole tiles it would be larger than dense and prune nothing
-            return _dense(src, f"tile {bh}x{bw} is larger than the [{rows}, {cols}] matrix",
-                          requested=pattern.sparsity)
-        rb, cb = tile_grid(rows, cols, pattern.block_shape)
-        keep = keep_count(pattern.sparsity, rb * cb)
-        if keep >= rb * cb:
-            return _dense(src, f"{rb * cb} tile(s) of {bh}x{bw}: keeping {keep} prunes nothing",
-                          requested=pattern.sparsity)
-        entry = bsr_entry(src.shape, src.dtype, pattern.block_shape, keep, pattern.sparsity)
-    specs = PACKED_CLASSES[entry["pattern"]].part_specs(entry, src.name)
+    planned = pattern_spec(pattern).plan(src, rows, cols, pattern, keep_override, index=options.index)
+    if isinstance(planned, str):  # its geometry prunes nothing: passed through, still a target
+        return _dense(src, planned, requested=pattern.sparsity)
+    entry, keep = planned
+    specs = ENCODINGS[entry["pattern"]].packed_class.get().part_specs(entry, src.name)
     outputs = tuple(PlannedTensor(part_name(src.name, part), ps.dtype, ps.shape) for part, ps in specs.items())
     reason = f"{pattern.kind.value} {describe_entry(entry)}" + ("" if why == "default" else f" ({why})")
+    if "index_encoding" in entry:  # say why this index encoding (layouts.choose_encoding's figures)
+        reason += f"; {index_reason(options.index, entry)}"
     return TensorPlan(src, pattern, reason, entry, outputs, keep, requested=pattern.sparsity)
+
+
+# --------------------------------------------------------------------------- planners
+# One per pattern, named by patterns.registry (PatternSpec.plan): (src, rows, cols, pattern,
+# keep_override, index=) -> (manifest entry, keep count or None), or the reason the tensor passes
+# through dense; InvalidInputError for a request no geometry can meet. ``index`` (--index) is used
+# by the balanced planner only: the other patterns have one position encoding.
+
+Planned = tuple[dict, int | None] | str
+
+
+def plan_balanced(src: SourceTensor, rows: int, cols: int, pattern: BalancedPattern,
+                  keep_override: int | None = None, index: str = "auto") -> Planned:
+    """Balanced: one block geometry for every row (keep is None: k lives in the entry), its
+    positions stored in the index encoding ``index`` picks (layouts.choose_encoding)."""
+    try:
+        g = geometry_for(rows, cols, pattern)
+    except ValueError as exc:
+        raise InvalidInputError(f"tensor {src.name!r} (K={cols}): {exc}", hint="use more --blocks") from None
+    if not g.prunes_anything:
+        return (f"row too short: K={cols} gives block length {g.block_length}, "
+                f"keeping {g.keep} of {g.block_length} prunes nothing")
+    encoding, _ = choose_encoding(index, g.rows, g.blocks, g.block_length, g.keep)
+    return balanced_entry(src.shape, src.dtype, g, pattern.sparsity, encoding), None
+
+
+def index_reason(index: str, entry: dict) -> str:
+    """Why a balanced entry stores its positions the way it does, with the figures."""
+    return choose_encoding(index, entry["rows"], entry["blocks"], entry["block_length"], entry["keep"])[1]
+
+
+def plan_unstructured(src: SourceTensor, rows: int, cols: int, pattern: UnstructuredPattern,
+                      keep_override: int | None = None, index: str = "auto") -> Planned:
+    """Unstructured: keep is the tensor's nnz (``keep_override``: its share of a global ranking)."""
+    keep = keep_override if keep_override is not None else keep_count(pattern.sparsity, rows * cols)
+    return csr_entry(src.shape, src.dtype, keep, pattern.sparsity), keep
+
+
+def plan_tiles(src: SourceTensor, rows: int, cols: int, pattern: BlockPattern | VectorPattern,
+               keep_override: int | None = None, index: str = "auto") -> Planned:
+    """Block and vector (1 x V tiles): keep is the kept tile count; packed as BSR."""
+    bh, bw = pattern.block_shape
+    if bh > rows or bw > cols:  # padded to whole tiles it would be larger than dense and prune nothing
+        return f"tile {bh}x{bw} is larger than the [{rows}, {cols}] matrix"
+    rb, cb = tile_grid(rows, cols, pattern.block_shape)
+    keep = keep_count(pattern.sparsity, rb * cb)
+    if keep >= rb * cb:
+        return f"{rb * cb} tile(s) of {bh}x{bw}: keeping {keep} prunes nothing"
+    return bsr_entry(src.shape, src.dtype, pattern.block_shape, keep, pattern.sparsity), keep
 
 
 def unmatched_globs(names: list[str], options: PruneOptions) -> list[str]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .balanced import BalancedLinear, interleave_rows, kernel_name, kernel_variants, validate_balanced
+from ..patterns.registry import ENCODINGS
+from .balanced import BalancedLinear, interleave_rows, kernel_name, kernel_variants, operator_for, validate_balanced
 from .bsr import BsrLinear, validate_bsr
 from .dense import DenseLinear
-
-#: load() options BsrLinear also takes (the others are BalancedLinear's own).
-_BSR_OPTIONS = ("threads", "defines", "team_lanes")
 
 
 def load(path: str | Path, device: int = 0, **options) -> dict:
@@ -30,33 +28,32 @@ def load(path: str | Path, device: int = 0, **options) -> dict:
     file is read), FormatError / InvalidInputError for a bad file: every layer comes from
     ``PackedFile.load``, which checks it completely (formats' validators, the same code
     validate_balanced / validate_bsr run) before anything is densified or uploaded, and a dense
-    fallback's size is checked against host memory first.
+    fallback's size is checked against host memory first. Which builder makes an encoding's operator,
+    for which dtypes and with which options, is its record in patterns.registry (``ENCODINGS``).
     """
     from ..formats.base import as_matrix
-    from ..formats.bsr import BsrTensor
     from ..formats.packed_file import read_packed
     from . import _gpu
 
     _gpu.require_device(device)
     pf = read_packed(path)
     ops: dict = {}
-    balanced_options = {k: v for k, v in options.items() if k != "team_lanes"}
-    bsr_options = {k: v for k, v in options.items() if k in _BSR_OPTIONS}
     for name in pf.names():
         entry = pf.manifest["tensors"][name]
         if entry["pattern"] == "dense":
             continue
         obj = pf.load(name)
-        if entry["pattern"] == "balanced" and entry["dtype"] in ("F32", "F16", "BF16"):
+        # the encoding's own operator: balanced -> runtime.balanced.operator_for, every BSR-packed tensor
+        # ("block", and "vector" whose 1 x V tiles pack the same way) -> BsrLinear; unstructured: none
+        enc = ENCODINGS[entry["pattern"]]
+        if enc.operator is not None and entry["dtype"] in enc.operator_dtypes:
             # obj comes from PackedFile.load, checked on the bytes it returned: not checked twice
-            ops[name] = BalancedLinear.from_tensor(obj, device=device, name=name, **{"validate": False, **balanced_options})
-        elif isinstance(obj, BsrTensor) and entry["dtype"] in ("F32", "F16", "BF16"):
-            # every BSR-packed tensor: pattern "block", and "vector" (1 x V tiles) which packs the same way
-            ops[name] = BsrLinear.from_tensor(obj, device=device, name=name, **{"validate": False, **bsr_options})
+            ops[name] = enc.operator(obj, device=device, name=name, **{"validate": False, **enc.operator_kwargs(options)})
         else:
             ops[name] = DenseLinear(as_matrix(obj.to_dense(name)), device=device, name=name)
     return ops
 
 
 __all__ = ["BalancedLinear", "BsrLinear", "DenseLinear", "interleave_rows", "kernel_name", "kernel_variants", "load",
+           "operator_for",
            "validate_balanced", "validate_bsr"]

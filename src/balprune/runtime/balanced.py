@@ -2,7 +2,7 @@
 
 ``validate_balanced`` runs on the CPU (numpy / torch only, no CuPy) and checks everything the
 kernel relies on before a byte reaches the device: the format's own validator
-(formats.balanced.check_balanced_arrays) plus the kernel's dtypes and 32-bit limits. ``BalancedLinear`` uploads one packed matrix
+(formats.layouts.check_balanced_arrays) plus the kernel's dtypes and 32-bit limits. ``BalancedLinear`` uploads one packed matrix
 and computes y = W x with kernels/balanced_spmv.cu.
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, UsageError
-from ..formats.balanced import check_balanced_arrays
 from ..formats.base import positive_int
+from ..formats.layouts import check_balanced_arrays, interleave_rows, offsets_index_dtype
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from ._linear import SparseLinear
@@ -96,7 +96,7 @@ def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_
     C-contiguous. What the kernel adds to the format: its value dtypes, and sizes within its 32-bit
     indexing (rows, the padded row blocks * block_length and the slots per row keep * blocks, each
     <= INT_LIMIT, the limits validate_bsr applies). Everything else (geometry, shapes, index ranges
-    and order, padding, finite values) is formats.balanced.check_balanced_arrays, the one validator
+    and order, padding, finite values) is formats.layouts.check_balanced_arrays, the one validator
     of the format, which this calls unless ``format_checked`` (the arrays come from PackedFile.load,
     which ran it on the very bytes it returned: a second pass over a large layer costs seconds).
     """
@@ -114,39 +114,6 @@ def validate_balanced(values, indices, rows: int, cols: int, blocks: int, block_
         raise FormatError(f"{name}: values dtype {v.dtype} is not float32, float16 or bfloat16")
     if not format_checked:
         check_balanced_arrays(v, i, rows, cols, blocks, L, keep, where=name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout
-# ---------------------------------------------------------------------------------------------
-
-def interleave_rows(values, indices, vec: int, xp=np):
-    """The interleaved layout of kernels/README.md from [R, k, B] arrays: ([R, S], [R, S], S).
-
-    Works with numpy or cupy (``xp``). Per row: for g < G = k // vec, element (g*B + j)*vec + s
-    is slot g*vec + s of block j; then the tail pieces of width W in (4, 2, 1) present in
-    rem = k - G*vec, each laid out [B, W]. S = k*B rounded up to a multiple of 16 (so a row of
-    1-byte indices is a whole number of 16-byte units, as bulk copies need; 16 is a multiple of
-    vec); the rest is zero.
-    """
-    R, k, B = values.shape
-    G = k // vec
-    rem = k - G * vec
-    S = -(-k * B // 16) * 16
-    out = []
-    for a in (values, indices):
-        o = xp.zeros((R, S), dtype=a.dtype)
-        main = a[:, : G * vec, :].reshape(R, G, vec, B).transpose(0, 1, 3, 2).reshape(R, G * B * vec)
-        o[:, : G * B * vec] = main
-        pos, slot = G * B * vec, G * vec
-        for w in (4, 2, 1):
-            if rem & w:
-                piece = a[:, slot: slot + w, :].transpose(0, 2, 1).reshape(R, B * w)
-                o[:, pos: pos + B * w] = piece
-                pos += B * w
-                slot += w
-        out.append(o)
-    return out[0], out[1], S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +180,7 @@ class BalancedLinear(SparseLinear):
         self.name = name
         self.rows, self.cols, self.blocks, self.block_length, self.keep = rows, int(cols), blocks, int(block_length), keep
         self.dtype = _VALUE_DTYPES[v.dtype]
-        self.index_dtype = "uint8" if self.block_length <= 256 else "uint16"
+        self.index_dtype = str(offsets_index_dtype(self.block_length)).removeprefix("torch.")
         self.layout, self.staging, self.threads = layout, staging, threads
         self.defines = tuple(defines)
         if pipeline not in ("auto", True, False):
@@ -393,5 +360,21 @@ class BalancedLinear(SparseLinear):
                 f"k={self.keep}, {self.dtype}/{self.index_dtype}, layout={self.layout}, device={self.device})")
 
 
-__all__ = ["BATCH_TILES", "LAYOUTS", "STAGINGS", "X_GLOBAL", "X_SHARED_F32", "X_SHARED_OWN", "X_SHARED_RAW", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
+#: Options BitmaskLinear takes (the others are BalancedLinear's offsets-kernel choices).
+BITMASK_OPTIONS = ("device", "validate", "name", "defines")
+
+
+def operator_for(bt, **options):
+    """The runtime operator of a BalancedTensor for the encoding its file stores: BitmaskLinear
+    (kernels/balanced_bitmask.cu, one bit of index per weight) for ``bitmask``, BalancedLinear
+    (kernels/balanced_spmv.cu) for ``offsets``. ``options`` go to the operator; the offsets kernel's
+    own choices (layout, staging, threads, pipeline, ...) are dropped for a bitmask tensor."""
+    if bt.encoding == "bitmask":
+        from .bitmask import BitmaskLinear
+
+        return BitmaskLinear.from_tensor(bt, **{k: v for k, v in options.items() if k in BITMASK_OPTIONS})
+    return BalancedLinear.from_tensor(bt, **options)
+
+
+__all__ = ["BATCH_TILES", "operator_for", "LAYOUTS", "STAGINGS", "X_GLOBAL", "X_SHARED_F32", "X_SHARED_OWN", "X_SHARED_RAW", "BalancedLinear", "interleave_rows", "kernel_name", "kernel_variants",
            "pipelined_kernel_name", "validate_balanced", "vector_width"]

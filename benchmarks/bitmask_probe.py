@@ -1,0 +1,97 @@
+"""Probe: the bitmask kernel against the offsets kernel, dense cuBLAS and a plain read, on LLM linears.
+
+python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2]
+Per shape x sparsity (balanced, 32 blocks) and N:M: graph-replayed per-launch us (hot, 20 launches
+per graph) and cold per-launch medians (rotating copies > 4.5x L2) of: the bitmask kernel, the
+offsets kernel (BalancedLinear defaults), torch dense (cuBLAS), and a plain read of the bitmask
+kernel's bytes; the ratios dense / bitmask and read / bitmask. Prints one line per case.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import torch
+
+from balprune.formats.balanced import BalancedTensor
+from balprune.patterns.balanced import balanced_offsets, geometry_for
+from balprune.patterns.kinds import BalancedPattern
+from balprune.runtime import BalancedLinear
+from balprune.runtime._gpu import as_cupy
+from balprune.runtime.bitmask import BitmaskLinear
+from balprune.runtime.measure import Timer, copies_for
+
+SHAPES = {"8b": {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
+          "1b": {"q/o": (2048, 2048), "k/v": (512, 2048), "gate/up": (8192, 2048), "down": (2048, 8192)}}
+CONFIGS = {"50%": BalancedPattern(0.5, blocks=32), "70%": BalancedPattern(0.7, blocks=32),
+           "80%": BalancedPattern(0.8, blocks=32), "2:4": BalancedPattern(0.5, blocks=None, block_size=4),
+           "4:8": BalancedPattern(0.5, blocks=None, block_size=8)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8b")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--defines", default="")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--cold", action="store_true")
+    a = ap.parse_args()
+    dt = getattr(torch, a.dtype)
+    defines = tuple(d for d in a.defines.split(",") if d)
+    timer = Timer(0)
+    l2 = timer.info.l2_bytes if hasattr(timer.info, "l2_bytes") else 50 << 20
+    rows_out = []
+    for lname, (R, K) in SHAPES[a.shapes].items():
+        w = (torch.randn(R, K, generator=torch.Generator().manual_seed(R + K)) * 0.02).to(dt)
+        wd = w.cuda()
+        for cname in a.configs.split(","):
+            pat = CONFIGS[cname]
+            g = geometry_for(R, K, pat)
+            bt = BalancedTensor.from_offsets(w, pat, balanced_offsets(w, g, dtype=g.index_dtype))
+            bm = BitmaskLinear.from_tensor(bt, validate=False, defines=defines)
+            off = BalancedLinear.from_tensor(bt, validate=False)
+            for batch in (int(b) for b in a.batch.split(",")):
+                x = torch.randn(*((K,) if batch == 1 else (K, batch)), device="cuda").to(dt)
+                xc = as_cupy(x)
+                yb = as_cupy(torch.empty(*((R,) if batch == 1 else (R, batch)), device="cuda", dtype=dt))
+                yo = as_cupy(torch.empty_like(torch.empty(*((R,) if batch == 1 else (R, batch)), device="cuda", dtype=dt)))
+                fb = bm.prepared_launch(xc, yb, batch)
+                fo = off.prepared_launch(xc, yo, batch)
+                fb()
+                fo()
+                ref = (bt.to_dense().to(torch.float64) @ x.cpu().to(torch.float64).reshape(K, -1)).reshape(yb.shape)
+                got = torch.from_dlpack(yb).cpu().to(torch.float64) if dt != torch.bfloat16 else None
+                err = float((got - ref).norm() / ref.norm()) if got is not None else float("nan")
+                xm = x if batch > 1 else x.view(K, 1)
+                out = torch.empty(R, xm.shape[1], device="cuda", dtype=dt)
+                fd = functools.partial(torch.mm, wd, xm, out=out)
+                fr = timer.read_launch(bm.weight_bytes)
+                res = {}
+                for label, f in (("bitmask", fb), ("offsets", fo), ("dense", fd), ("read", fr)):
+                    res[label] = timer.graph_time([f]).median_us
+                if a.cold:
+                    n = copies_for(bm.weight_bytes, l2)
+                    bms = [BitmaskLinear.from_tensor(bt, validate=False, defines=defines) for _ in range(n)]
+                    res["bitmask_cold"] = timer.time([o.prepared_launch(xc, yb, batch) for o in bms]).median_us
+                    res["read_cold"] = timer.time([timer.read_launch(bm.weight_bytes) for _ in range(n)]).median_us
+                    del bms
+                line = {"layer": lname, "shape": [R, K], "config": cname, "batch": batch, "dtype": a.dtype,
+                        "bitmask_bytes": bm.weight_bytes, "offsets_bytes": off.weight_bytes, "dense_bytes": R * K * w.element_size(),
+                        "rel_err": err, "g": bm.segments.g, "lanes": bm.segments.lanes, **{k: round(v, 2) for k, v in res.items()}}
+                line["dense/bitmask"] = round(res["dense"] / res["bitmask"], 2)
+                line["dense/offsets"] = round(res["dense"] / res["offsets"], 2)
+                line["read/bitmask"] = round(res["read"] / res["bitmask"], 2)
+                rows_out.append(line)
+                print(json.dumps(line), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows_out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

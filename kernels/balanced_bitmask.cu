@@ -1,0 +1,290 @@
+// balanced_bitmask.cu: y = W x for a balanced-sparse W stored with the BITMASK index encoding.
+//
+// Device layout (built on the host by balprune.formats.layouts.bitmask_segments; kernels/README.md
+// states it byte for byte): a row of B blocks of length L is cut into S segments of g whole
+// blocks, g = 32 / gcd(L, 32), so a segment covers g*L columns = W whole 32-bit mask words and
+// holds exactly g*k kept values (the last segment is filled up with phantom blocks: zero values,
+// their first k bits set, columns past the row whose x is staged as 0). A row's segments go to P
+// lanes (P = min(32, next power of two >= S); 32 / P rows per warp), segment s = q*P + l to lane
+// l in round q. Arrays:
+//   vals  [rows, Q, C, P] 16-byte units: unit c of lane l in round q holds values c*V .. c*V+V-1
+//         of segment q*P + l in column order (V = 16 / sizeof(T); zeros past g*k);
+//   masks [rows, Q, W, P] 32-bit words: word w of that segment, bit 31 - b = segment column
+//         32*w + b (bit-reversed: the next kept column is a count of leading zeros away).
+// So a warp's loads of one unit (or one word) over its lanes are one contiguous run.
+//
+// Per value a lane finds its column by walking the set bits of its mask words (find lowest set
+// bit, clear it), reads x from shared memory and accumulates in fp32; the lanes of a row add
+// their sums with shuffles; the epilogue (bias, ReLU) runs in fp32 before the one rounding to T.
+//
+// Shared memory: x staged once per CTA, interleaved by segment (column cs of segment s at
+// xs[(cs * SP + s) * NB + n], SP = Q * P), so the 32 lanes of a warp, which walk 32 different
+// segments, read 32 different banks whatever columns they are at; then per warp the W mask words
+// of each lane's current segment (mw[w * 32 + lane]), loaded with the value units at the start of
+// a segment: a lane refills its walk from shared memory, never with a global load inside the
+// walk (lanes refill at different values, so a global load there would serialise its latency
+// over the warp: measured 4-5x slower than a plain read of the bytes).
+#include "bp_common.cuh"
+
+// Kernel-side constants the host layout must agree with (tests/test_kernels_compile.py reads them).
+#define BP_BM_UNIT_BYTES 16
+#define BP_BM_WORD_BITS 32
+// Units loaded ahead of their use, per lane (registers: 4 words each).
+#ifndef BP_BM_AHEAD
+#define BP_BM_AHEAD 4
+#endif
+// CTAs of 256 threads per SM the register budget is sized for (4: 64 registers, 32 warps per SM).
+#ifndef BP_BM_MIN_CTAS
+#define BP_BM_MIN_CTAS 4
+#endif
+
+namespace bp {
+
+// x of NB batch columns from the shared-window address `addr` (NB values of XT, aligned to NB *
+// sizeof(XT)), as fp32.
+template <typename XT, int NB>
+__device__ __forceinline__ void lds_x(unsigned addr, float (&out)[NB]) {
+  if constexpr (sizeof(XT) == 4) {
+#pragma unroll
+    for (int n = 0; n < NB; ++n) out[n] = lds_f32(addr + 4u * n);
+  } else if constexpr (NB == 1) {
+    out[0] = lds_as_f32<XT>(addr);
+  } else {
+    // 16-bit x: the NB halves as whole 32-bit words (NB >= 2)
+#pragma unroll
+    for (int i = 0; i < NB / 2; ++i) {
+      unsigned wv;
+      asm("ld.shared.u32 %0, [%1];" : "=r"(wv) : "r"(addr + 4u * i));
+      Words<1> one;
+      one.w[0] = wv;
+      out[2 * i] = Val<XT>::template at<1>(one, 0);
+      out[2 * i + 1] = Val<XT>::template at<1>(one, 1);
+    }
+  }
+}
+
+__device__ __forceinline__ unsigned lds_u32(unsigned addr) {
+  unsigned v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+// One lane's walk over the kept columns of its segment. Mask words are stored bit-reversed
+// (bit 31 = the word's first column), so the next kept column is one count of leading zeros
+// away. Exactly g*k bits are set per segment and exactly g*k values are consumed, so fill()
+// never runs past the segment's last word.
+struct MaskWalk {
+  unsigned m;      // the current word's kept columns not consumed yet
+  unsigned maddr;  // shared address of the current word (a lane's words are 128 bytes apart)
+  unsigned xaddr;  // shared address of x at the current word's first column
+  unsigned xw;     // x bytes from one word's first column to the next word's
+  unsigned xcol;   // x bytes between consecutive columns
+  __device__ __forceinline__ void fill() {  // make m non-empty (empty words are skipped)
+    while (m == 0u) {
+      maddr += 128u;
+      xaddr += xw;
+      m = lds_u32(maddr);
+    }
+  }
+  __device__ __forceinline__ unsigned take() {  // m != 0: x's address at the next kept column
+    const unsigned b = __clz(m);
+    m ^= 0x80000000u >> b;
+    return xaddr + b * xcol;
+  }
+};
+
+// Multiply-accumulate values t0 .. t0 + H - 1 of a 16-byte unit. When the current word holds
+// all H of them (the common case) their columns come without a check in between, so the H x
+// loads are in flight together; otherwise each value refills the word first.
+template <typename T, typename XT, int NB, int H>
+__device__ __forceinline__ void part_fma(const Words<4>& v, int t0, MaskWalk& walk, float (&acc)[NB]) {
+  walk.fill();
+  if (__popc(walk.m) >= H) {
+    unsigned a[H];
+#pragma unroll
+    for (int h = 0; h < H; ++h) a[h] = walk.take();
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      float xv[NB];
+      lds_x<XT, NB>(a[h], xv);
+      const float w = Val<T>::template at<4>(v, t0 + h);
+#pragma unroll
+      for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      walk.fill();
+      float xv[NB];
+      lds_x<XT, NB>(walk.take(), xv);
+      const float w = Val<T>::template at<4>(v, t0 + h);
+#pragma unroll
+      for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+    }
+  }
+}
+
+// A whole unit (V values) in parts of 4.
+template <typename T, typename XT, int NB>
+__device__ __forceinline__ void unit_fma(const Words<4>& v, MaskWalk& walk, float (&acc)[NB]) {
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+#pragma unroll
+  for (int t0 = 0; t0 < V; t0 += 4) part_fma<T, XT, NB, 4>(v, t0, walk, acc);
+}
+
+// The first `cnt` (< V) values of a unit, one at a time (the segment's last, partial unit).
+template <typename T, typename XT, int NB>
+__device__ __forceinline__ void tail_fma(const Words<4>& v, int cnt, MaskWalk& walk, float (&acc)[NB]) {
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+#pragma unroll
+  for (int t = 0; t < V; ++t) {
+    if (t < cnt) {
+      walk.fill();
+      float xv[NB];
+      lds_x<XT, NB>(walk.take(), xv);
+      const float w = Val<T>::template at<4>(v, t);
+#pragma unroll
+      for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+    }
+  }
+}
+
+// y[rows, batch] = act(W x + bias), columns n0 = blockIdx.y * NB .. of the batch per CTA row of
+// the grid. x [cols, batch] and y [rows, batch] row-major in T. Dynamic shared memory: x as
+// XT [seg_cols][SP][NB] (SP = Q * P; zero past cols and past the batch), rounded up to 16 bytes,
+// then W * 32 words per warp. Grid-stride over row groups of 32 / P rows per warp.
+template <typename T, typename XT, int NB>
+__global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
+    balanced_bitmask_spmm(const Words<4>* __restrict__ vals, const unsigned* __restrict__ masks, int rows, int Q,
+                          int C, int W, int P, int seg_keep, int seg_cols, int S, const T* __restrict__ x, int cols,
+                          int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  XT* xs = reinterpret_cast<XT*>(smem_raw);
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+  const int SP = Q * P;
+  const int n0 = blockIdx.y * NB;
+  const int xs_elems = seg_cols * SP * NB;
+  // stage x: element i = (cs * SP + s) * NB + n holds x[(s * seg_cols + cs) * batch + n0 + n].
+  constexpr int VX = 16 / sizeof(T);  // x elements per 16-byte load
+  if (NB == 1 && batch == 1 && seg_cols % VX == 0 && (reinterpret_cast<unsigned long long>(x) & 15) == 0) {
+    // batch 1: consecutive threads take the same 16-byte piece of consecutive segments, so each
+    // load moves 16 useful bytes and the stores of one piece position hit 32 different banks
+    const int pieces = seg_cols / VX * SP;
+    for (int i0 = threadIdx.x; i0 < pieces; i0 += blockDim.x * 4) {
+      Words<4> v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int i = i0 + j * blockDim.x;
+        const int s = i % SP, c0 = s * seg_cols + (i / SP) * VX;
+        v[j].w[0] = v[j].w[1] = v[j].w[2] = v[j].w[3] = 0u;
+        if (i < pieces && s < S && c0 + VX <= cols) {
+          v[j] = *reinterpret_cast<const Words<4>*>(x + c0);
+        } else if (i < pieces && s < S && c0 < cols) {  // the row's last, partial piece
+          for (int t = 0; t < cols - c0; ++t) {
+            const unsigned h = sizeof(T) == 4 ? __float_as_uint(Val<T>::ldg(x + c0 + t))
+                                              : reinterpret_cast<const unsigned short*>(x)[c0 + t];
+            v[j].w[t * sizeof(T) / 4] |= sizeof(T) == 4 ? h : h << (16 * (t & 1));
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int i = i0 + j * blockDim.x;
+        if (i < pieces) {
+          const int s = i % SP, cs0 = (i / SP) * VX;
+#pragma unroll
+          for (int t = 0; t < VX; ++t) Val<XT>::store(xs + (cs0 + t) * SP + s, Val<T>::template at<4>(v[j], t));
+        }
+      }
+    }
+  } else {
+    // any batch and shape: element by element, 8 loads in flight per thread before their stores
+    constexpr int SU = 8;
+    for (int i0 = threadIdx.x; i0 < xs_elems; i0 += blockDim.x * SU) {
+      float v[SU];
+#pragma unroll
+      for (int j = 0; j < SU; ++j) {
+        const int i = i0 + j * blockDim.x;
+        const int n = i % NB, cs_s = i / NB;
+        const int cs = cs_s / SP, s = cs_s - cs * SP;
+        const int c = s * seg_cols + cs;
+        v[j] = (i < xs_elems && c < cols && n0 + n < batch) ? Val<T>::ldg(x + (long long)c * batch + n0 + n) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < SU; ++j)
+        if (i0 + j * blockDim.x < xs_elems) Val<XT>::store(xs + i0 + j * blockDim.x, v[j]);
+    }
+  }
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  unsigned* mw = reinterpret_cast<unsigned*>(smem_raw + ((xs_elems * (int)sizeof(XT) + 15) & ~15)) +
+                 warp * W * 32 + lane;  // this lane's words: mw[w * 32]
+  __syncthreads();
+
+  const int l = lane & (P - 1);  // lane within its row's group
+  const int rows_per_warp = 32 / P;
+  const int warps = blockDim.x >> 5;
+  const long long unit_row = (long long)Q * C * P;  // 16-byte units per row
+  const long long word_row = (long long)Q * W * P;  // mask words per row
+  const int full = seg_keep / V;                    // whole units of a segment
+  const int tail = seg_keep - full * V;             // values in its last, partial unit
+  const int cstride = SP * NB;                      // x elements between consecutive columns
+  // wide batch tiles hold NB accumulators and NB x values per weight: fewer units in flight
+  constexpr int AHEAD = NB >= 16 ? 1 : NB >= 8 ? 2 : BP_BM_AHEAD;
+  for (int group = blockIdx.x * warps + warp; group * rows_per_warp < rows; group += gridDim.x * warps) {
+    const int row = group * rows_per_warp + lane / P;
+    float acc[NB];
+#pragma unroll
+    for (int n = 0; n < NB; ++n) acc[n] = 0.0f;
+    for (int q = 0; q < Q; ++q) {
+      // uniform over the warp (every lane stages and syncs); lanes without a segment skip the walk
+      const int s = q * P + l;
+      const bool active = row < rows && s < S;
+      const Words<4>* vp = vals + (long long)(active ? row : 0) * unit_row + (long long)q * C * P + l;
+      const unsigned* mp = masks + (long long)(active ? row : 0) * word_row + (long long)q * W * P + l;
+      Words<4> u[AHEAD];
+      const int first = full < AHEAD ? full : AHEAD;
+      if (active) {
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)
+          if (a < first) u[a] = ld_words<4>(vp + (long long)a * P);
+      }
+      __syncwarp();  // the previous segment's walk is done with mw
+      if (active)
+        for (int w = 0; w < W; ++w) mw[w * 32] = __ldg(mp + (long long)w * P);
+      __syncwarp();
+      if (!active) continue;
+      const unsigned xcol = (unsigned)(cstride * sizeof(XT));
+      MaskWalk walk{mw[0], smem_addr(mw), smem_addr(xs + s * NB), 32u * xcol, xcol};
+      int c = 0;
+      if (first == AHEAD) {
+        for (;;) {
+#pragma unroll
+          for (int a = 0; a < AHEAD; ++a) unit_fma<T, XT, NB>(u[a], walk, acc);
+          c += AHEAD;
+          if (c + AHEAD > full) break;
+#pragma unroll
+          for (int a = 0; a < AHEAD; ++a) u[a] = ld_words<4>(vp + (long long)(c + a) * P);
+        }
+      } else {
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)
+          if (a < first) unit_fma<T, XT, NB>(u[a], walk, acc);
+        c = first;
+      }
+      for (; c < full; ++c) unit_fma<T, XT, NB>(ld_words<4>(vp + (long long)c * P), walk, acc);
+      if (tail) tail_fma<T, XT, NB>(ld_words<4>(vp + (long long)full * P), tail, walk, acc);
+    }
+    // the P lanes of a row add their sums (groups are aligned runs of P lanes)
+#pragma unroll
+    for (int n = 0; n < NB; ++n)
+      for (int off = P >> 1; off > 0; off >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
+    if (row < rows && l == 0) {
+#pragma unroll
+      for (int n = 0; n < NB; ++n)
+        if (n0 + n < batch) Val<T>::store(y + (long long)row * batch + n0 + n, epilogue(acc[n], bias, act, row));
+    }
+  }
+}
+
+}  // namespace bp

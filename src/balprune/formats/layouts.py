@@ -1,0 +1,389 @@
+"""Index encodings of a balanced matrix and every device re-layout of its arrays: the one owner.
+
+A balanced matrix [rows, cols] has B blocks of length L per row (the row zero-padded to B*L
+columns) and keeps exactly k entries per block (FORMAT.md). Its positions are stored in one of two
+index encodings:
+
+* ``offsets``: per kept entry its column within the block, uint8 when L <= 256, else uint16
+  (``offsets_index_dtype``); values and indices [rows, k, B] (slot-major: entry (r, t, j) is the
+  t-th kept entry of block j).
+* ``bitmask``: one bit per column of the padded row, least significant bit first
+  (column c of row r is bit c % 8 of byte r * mask_row_bytes + c // 8; trailing bits of a row's
+  last byte are 0); values [rows, B, k], the kept entries of each block in column order, so a
+  row's values are in column order.
+
+In memory a BalancedTensor always holds the offsets form (the canonical arrays); ``mask_from_offsets``
+and ``offsets_from_mask`` convert exactly. ``choose_encoding`` is the rule for ``--index auto``.
+``check_balanced_arrays`` and ``check_bitmask_arrays`` are THE validators of the two encodings
+(formats and the runtime's host validation call them). ``interleave_rows`` and
+``bitmask_segments`` are the device layouts of kernels/balanced_spmv.cu and
+kernels/balanced_bitmask.cu (kernels/README.md); the kernel-side constants they assume
+(UNIT_BYTES, WORD_BITS) are checked against the .cu sources by tests/test_kernels_compile.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import FormatError
+from ..patterns.balanced import MAX_BLOCK_LENGTH
+from .base import CHECK_CHUNK_ENTRIES, VALUE_DTYPES, check_finite_values, positive_int
+
+OFFSETS, BITMASK = "offsets", "bitmask"
+#: The stored index encodings of a balanced tensor.
+ENCODINGS = (OFFSETS, BITMASK)
+#: Values of ``prune --index``: auto picks, per tensor, the encoding with fewer index bytes.
+INDEX_CHOICES = ("auto", OFFSETS, BITMASK)
+#: Bytes of one value unit of the bitmask kernel's layout (one 16-byte vector load).
+UNIT_BYTES = 16
+#: Bits of one mask word the bitmask kernel walks.
+WORD_BITS = 32
+
+
+def offsets_index_dtype(block_length: int) -> torch.dtype:
+    """The offsets encoding's index type: uint8 when L <= 256, else uint16."""
+    return torch.uint8 if block_length <= 256 else torch.uint16
+
+
+def mask_row_bytes(blocks: int, block_length: int) -> int:
+    """Bytes of one row's bitmask: ceil(B * L / 8)."""
+    return -(-blocks * block_length // 8)
+
+
+def index_bytes(encoding: str, rows: int, blocks: int, block_length: int, keep: int) -> int:
+    """Bytes the encoding spends on positions for a [rows, B blocks of L] matrix keeping k per block."""
+    if encoding == BITMASK:
+        return rows * mask_row_bytes(blocks, block_length)
+    return rows * blocks * keep * offsets_index_dtype(block_length).itemsize
+
+
+def choose_encoding(requested: str, rows: int, blocks: int, block_length: int, keep: int) -> tuple[str, str]:
+    """(encoding, why) for ``--index requested``: auto takes the encoding with fewer index bytes
+    (offsets on a tie, the format-v1 encoding); an explicit choice is taken as it is."""
+    if requested not in INDEX_CHOICES:
+        raise ValueError(f"index encoding must be one of {INDEX_CHOICES}, got {requested!r}")
+    per_off = blocks * keep * offsets_index_dtype(block_length).itemsize
+    per_bit = mask_row_bytes(blocks, block_length)
+    figures = f"index bytes per row: offsets {per_off}, bitmask {per_bit}"
+    if requested != "auto":
+        return requested, f"--index {requested} ({figures})"
+    choice = BITMASK if per_bit < per_off else OFFSETS
+    return choice, f"auto: {figures}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions (exact, both directions; the arguments are assumed valid)
+# ---------------------------------------------------------------------------------------------
+
+def _row_chunk(rows: int, per_row: int) -> int:
+    return max(1, min(rows, CHECK_CHUNK_ENTRIES // max(1, per_row)))
+
+
+def mask_from_offsets(indices: torch.Tensor, blocks: int, block_length: int) -> torch.Tensor:
+    """The bitmask [rows, mask_row_bytes] uint8 of offsets ``indices`` [rows, k, B]."""
+    rows, keep, B = indices.shape
+    L = block_length
+    nbytes = mask_row_bytes(B, L)
+    out = torch.empty(rows, nbytes, dtype=torch.uint8)
+    base = (torch.arange(B, dtype=torch.int64) * L).view(1, 1, B)
+    step = _row_chunk(rows, B * L)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        bits = torch.zeros(r1 - r0, nbytes * 8, dtype=torch.bool)
+        cols = (indices[r0:r1].to(torch.int64) + base).reshape(r1 - r0, keep * B)
+        bits.scatter_(1, cols, True)
+        packed = np.packbits(bits.numpy(), axis=1, bitorder="little")
+        out[r0:r1] = torch.from_numpy(packed)
+    return out
+
+
+def unpack_mask(mask: torch.Tensor, nbits: int) -> torch.Tensor:
+    """[rows, nbits] bool: the first ``nbits`` bits of each row of a bitmask (LSB first)."""
+    return torch.from_numpy(np.unpackbits(mask.numpy(), axis=1, count=nbits, bitorder="little").astype(bool))
+
+
+def offsets_from_mask(mask: torch.Tensor, blocks: int, block_length: int, keep: int) -> torch.Tensor:
+    """Offsets indices [rows, k, B] of a bitmask whose every block holds exactly k set bits."""
+    rows = mask.shape[0]
+    L = block_length
+    out = torch.empty(rows, keep, blocks, dtype=offsets_index_dtype(L))
+    step = _row_chunk(rows, blocks * L)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        bits = unpack_mask(mask[r0:r1], blocks * L).view(r1 - r0, blocks, L)
+        # a stable sort of "not kept" puts a block's kept columns first, in ascending order
+        order = torch.argsort((~bits).to(torch.uint8), dim=-1, stable=True)[..., :keep]
+        out[r0:r1] = order.permute(0, 2, 1).to(out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The validators
+# ---------------------------------------------------------------------------------------------
+
+def _check_geometry(rows, cols, blocks, block_length, keep, where: str) -> tuple[int, int, int, int, int]:
+    rows = positive_int(rows, f"{where}: rows")
+    cols = positive_int(cols, f"{where}: cols")
+    blocks = positive_int(blocks, f"{where}: blocks")
+    L = positive_int(block_length, f"{where}: block_length")
+    keep = positive_int(keep, f"{where}: keep")
+    if L > MAX_BLOCK_LENGTH:
+        raise FormatError(f"{where}: block_length {L} exceeds {MAX_BLOCK_LENGTH}, the most a uint16 index addresses")
+    if keep > L:
+        raise FormatError(f"{where}: keep {keep} exceeds block_length {L}")
+    if blocks != -(-cols // L):
+        raise FormatError(f"{where}: blocks {blocks} is not ceil(cols / block_length) = {-(-cols // L)}")
+    return rows, cols, blocks, L, keep
+
+
+def _check_arrays(where: str, arrays: tuple[tuple[str, torch.Tensor, tuple[int, ...], str], ...]) -> None:
+    for what, t, shape, label in arrays:
+        if tuple(t.shape) != shape:
+            raise FormatError(f"{where}: {what} shape {list(t.shape)} is not {label} = {list(shape)}")
+        if not t.is_contiguous():
+            raise FormatError(f"{where}: {what} is not C-contiguous")
+
+
+def check_balanced_arrays(values: torch.Tensor, indices: torch.Tensor, rows: int, cols: int, blocks: int,
+                          block_length: int, keep: int, *, where: str) -> None:
+    """THE validator of the offsets encoding (FORMAT.md, pattern ``balanced``); FormatError
+    starting with ``where`` at the first violation. The runtime's ``validate_balanced`` calls it.
+
+    ``values`` [rows, keep, blocks] F32/F16/BF16/F64 and ``indices`` [rows, keep, blocks] uint8
+    (block_length <= 256) or uint16 (<= 65536), CPU torch tensors, C-contiguous. Geometry: all
+    positive, blocks == ceil(cols / block_length), keep <= block_length. Content: every index <
+    block_length; strictly increasing with the slot inside each block (sorted, no duplicates);
+    padding columns (j*block_length + index >= cols, only in the last block) kept exactly where the
+    block has fewer than keep real columns, and holding 0; values finite. Walks the rows in chunks,
+    so its temporaries stay bounded whatever the size.
+    """
+    rows, cols, blocks, L, keep = _check_geometry(rows, cols, blocks, block_length, keep, where)
+    v, i = values, indices
+    if v.dtype not in VALUE_DTYPES:
+        raise FormatError(f"{where}: values dtype {v.dtype} is not float32, float16, bfloat16 or float64")
+    want_index = offsets_index_dtype(L)
+    if i.dtype != want_index:
+        raise FormatError(f"{where}: indices dtype {i.dtype} must be {want_index} for block_length {L}")
+    shape = (rows, keep, blocks)
+    _check_arrays(where, (("values", v, shape, "[rows, keep, blocks]"), ("indices", i, shape, "[rows, keep, blocks]")))
+    pad_from = cols - (blocks - 1) * L  # in-block offsets >= this are padding (last block only)
+    pad_want = max(0, keep - pad_from)  # padding slots the last block must keep (fill-up rule)
+    step = max(1, CHECK_CHUNK_ENTRIES // (keep * blocks))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        idx = i[r0:r1].to(torch.int64)  # [n, keep, blocks]
+        bad = idx >= L
+        if bool(bad.any()):
+            r, t, j = torch.nonzero(bad)[0].tolist()
+            raise FormatError(f"{where}: index {int(idx[r, t, j])} >= block_length {L} at row {r0 + r}, "
+                              f"block {j}, slot {t}")
+        if keep > 1:
+            bad = idx[:, 1:, :] <= idx[:, :-1, :]
+            if bool(bad.any()):
+                r, t, j = torch.nonzero(bad)[0].tolist()
+                raise FormatError(f"{where}: indices of row {r0 + r}, block {j} are unsorted or duplicated "
+                                  f"(slot {t + 1}: {int(idx[r, t + 1, j])} after {int(idx[r, t, j])})")
+        if pad_from < L:
+            last = idx[:, :, blocks - 1]
+            on_pad = last >= pad_from
+            bad = on_pad.sum(1) != pad_want
+            if bool(bad.any()):
+                r = int(torch.nonzero(bad)[0])
+                raise FormatError(f"{where}: row {r0 + r}, block {blocks - 1} keeps {int(on_pad[r].sum())} padding "
+                                  f"column(s), the fill-up rule gives {pad_want} (padding kept while real columns "
+                                  f"were left out)")
+            bad = on_pad & (v[r0:r1, :, blocks - 1] != 0)
+            if bool(bad.any()):
+                r, t = torch.nonzero(bad)[0].tolist()
+                raise FormatError(f"{where}: non-zero value on padding column {(blocks - 1) * L + int(last[r, t])} "
+                                  f"(cols = {cols}) at row {r0 + r}, block {blocks - 1}, slot {t}")
+        check_finite_values(where, v[r0:r1])
+
+
+def check_bitmask_arrays(values: torch.Tensor, mask: torch.Tensor, rows: int, cols: int, blocks: int,
+                         block_length: int, keep: int, *, where: str) -> None:
+    """THE validator of the bitmask encoding (FORMAT.md); FormatError starting with ``where`` at the
+    first violation.
+
+    ``values`` [rows, blocks, keep] F32/F16/BF16/F64 and ``mask`` [rows, ceil(blocks*L/8)] uint8,
+    CPU torch tensors, C-contiguous; geometry as for offsets. Content: every block has exactly
+    ``keep`` bits set (popcount); no bit past the padded row (B*L) in a row's last byte; padding
+    columns (>= cols) set exactly as the fill-up rule gives (only where the last block has fewer
+    than keep real columns) and their values (the block's last slots, in column order) 0; values
+    finite. Chunked over rows like check_balanced_arrays.
+    """
+    rows, cols, blocks, L, keep = _check_geometry(rows, cols, blocks, block_length, keep, where)
+    if values.dtype not in VALUE_DTYPES:
+        raise FormatError(f"{where}: values dtype {values.dtype} is not float32, float16, bfloat16 or float64")
+    if mask.dtype != torch.uint8:
+        raise FormatError(f"{where}: mask dtype {mask.dtype} must be torch.uint8")
+    nbytes = mask_row_bytes(blocks, L)
+    _check_arrays(where, (("values", values, (rows, blocks, keep), "[rows, blocks, keep]"),
+                          ("mask", mask, (rows, nbytes), "[rows, ceil(blocks * block_length / 8)]")))
+    width = blocks * L
+    pad_from = cols - (blocks - 1) * L
+    pad_want = max(0, keep - pad_from)
+    step = _row_chunk(rows, nbytes * 8)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        bits = unpack_mask(mask[r0:r1], nbytes * 8)
+        if nbytes * 8 > width:
+            bad = bits[:, width:].any(1)
+            if bool(bad.any()):
+                r = int(torch.nonzero(bad)[0])
+                raise FormatError(f"{where}: row {r0 + r} has mask bits past its last column "
+                                  f"(the padded row has {width} columns)")
+        blk = bits[:, :width].view(r1 - r0, blocks, L)
+        count = blk.sum(-1)
+        bad = count != keep
+        if bool(bad.any()):
+            r, j = torch.nonzero(bad)[0].tolist()
+            raise FormatError(f"{where}: row {r0 + r}, block {j} has {int(count[r, j])} mask bits set, "
+                              f"keep is {keep} (the values hold exactly keep per block)")
+        if pad_from < L:
+            on_pad = blk[:, blocks - 1, pad_from:].sum(-1)
+            bad = on_pad != pad_want
+            if bool(bad.any()):
+                r = int(torch.nonzero(bad)[0])
+                raise FormatError(f"{where}: row {r0 + r}, block {blocks - 1} keeps {int(on_pad[r])} padding "
+                                  f"column(s), the fill-up rule gives {pad_want} (padding kept while real columns "
+                                  f"were left out)")
+            if pad_want:
+                tail = values[r0:r1, blocks - 1, keep - pad_want:]
+                bad = tail != 0
+                if bool(bad.any()):
+                    r, t = torch.nonzero(bad)[0].tolist()
+                    raise FormatError(f"{where}: non-zero value on a padding column (cols = {cols}) at row {r0 + r}, "
+                                      f"block {blocks - 1}, slot {keep - pad_want + t}")
+        check_finite_values(where, values[r0:r1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Device layouts
+# ---------------------------------------------------------------------------------------------
+
+def interleave_rows(values, indices, vec: int, xp=np):
+    """The interleaved layout of kernels/balanced_spmv.cu from offsets [R, k, B] arrays: ([R, S], [R, S], S).
+
+    Works with numpy or cupy (``xp``). Per row: for g < G = k // vec, element (g*B + j)*vec + s
+    is slot g*vec + s of block j; then the tail pieces of width W in (4, 2, 1) present in
+    rem = k - G*vec, each laid out [B, W]. S = k*B rounded up to a multiple of 16 (so a row of
+    1-byte indices is a whole number of 16-byte units, as bulk copies need; 16 is a multiple of
+    vec); the rest is zero.
+    """
+    R, k, B = values.shape
+    G = k // vec
+    rem = k - G * vec
+    S = -(-k * B // 16) * 16
+    out = []
+    for a in (values, indices):
+        o = xp.zeros((R, S), dtype=a.dtype)
+        main = a[:, : G * vec, :].reshape(R, G, vec, B).transpose(0, 1, 3, 2).reshape(R, G * B * vec)
+        o[:, : G * B * vec] = main
+        pos, slot = G * B * vec, G * vec
+        for w in (4, 2, 1):
+            if rem & w:
+                piece = a[:, slot: slot + w, :].transpose(0, 2, 1).reshape(R, B * w)
+                o[:, pos: pos + B * w] = piece
+                pos += B * w
+                slot += w
+        out.append(o)
+    return out[0], out[1], S
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class SegmentGeometry:
+    """How kernels/balanced_bitmask.cu cuts a row (its module comment): S segments of g whole
+    blocks (g*k values, g*L columns in W = ceil(g*L/32) mask words, the bits past g*L zero), P lanes
+    per row, Q rounds, C 16-byte units of V values per segment, padded_cols = S*g*L, and
+    staged_cols = g*L*Q*P columns of x in shared memory (interleaved by segment).
+
+    g is the smallest number of blocks per segment (1 to 32) whose device bytes per row,
+    S*(4W + 16C), are within 10% of the fewest: whole mask words (2:4 takes g = 8: one word per 8
+    blocks of 4) and whole value units (80% of L = 128 in fp16 keeps 26 per block;
+    g = 2 pads its 52 values to 56 where g = 1 pads 26 to 32), while a small g keeps more segments, so
+    more lanes per row and more loads in flight.
+    """
+
+    def __init__(self, blocks: int, block_length: int, keep: int, itemsize: int) -> None:
+        L = block_length
+        self.per_unit = UNIT_BYTES // itemsize
+
+        def row_bytes(g: int) -> int:
+            s = -(-blocks // g)
+            return s * (4 * -(-g * L // WORD_BITS) + UNIT_BYTES * -(-g * keep // self.per_unit))
+
+        least = min(row_bytes(g) for g in range(1, WORD_BITS + 1))
+        self.g = next(g for g in range(1, WORD_BITS + 1) if row_bytes(g) * 10 <= least * 11)
+        self.segments = -(-blocks // self.g)
+        self.seg_cols = self.g * L
+        self.words = -(-self.seg_cols // WORD_BITS)
+        self.seg_keep = self.g * keep
+        self.units = -(-self.seg_keep // self.per_unit)
+        self.lanes = min(32, _next_pow2(self.segments))
+        self.rounds = -(-self.segments // self.lanes)
+        self.padded_cols = self.segments * self.seg_cols
+        self.staged_cols = self.seg_cols * self.rounds * self.lanes  # x as the kernel stages it
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (self.g, self.segments, self.seg_cols, self.words, self.seg_keep, self.per_unit, self.units,
+                self.lanes, self.rounds, self.padded_cols)
+
+
+def bitmask_segments(values: np.ndarray, indices: np.ndarray, block_length: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                           SegmentGeometry]:
+    """The device layout of kernels/balanced_bitmask.cu from offsets [R, k, B] numpy arrays.
+
+    Returns (units [R, Q, C, P, V] of the values' dtype, words [R, Q, W, P] uint32, geometry):
+    unit c of lane l in round q holds values c*V .. of segment s = q*P + l in column order (zeros
+    past g*k, and for s >= S); word w holds in bit 31 - b the mask bit of segment column 32*w + b,
+    i.e. of row column s*g*L + 32*w + b (bit-reversed, so the kernel finds the next kept column with
+    one count of leading zeros; bits past g*L zero). Phantom blocks filling the last segment keep their
+    first k columns with value 0 (columns past the row, where the kernel stages x as 0). The
+    values' bits are copied, never converted.
+    """
+    R, k, B = values.shape
+    L = block_length
+    sg = SegmentGeometry(B, L, k, values.dtype.itemsize)
+    g, S, P, Q, C, V, W = sg.g, sg.segments, sg.lanes, sg.rounds, sg.units, sg.per_unit, sg.words
+    Bp = S * g  # blocks with the phantom ones
+    # values in column order [R, B, k] -> [R, Bp, k] -> [R, S, g*k] -> [R, Q*P, C*V]
+    vcol = np.zeros((R, Q * P, C * V), dtype=values.dtype)
+    vb = np.zeros((R, Bp, k), dtype=values.dtype)
+    vb[:, :B, :] = values.transpose(0, 2, 1)
+    vcol[:, :S, : g * k] = vb.reshape(R, S, g * k)
+    units = np.ascontiguousarray(vcol.reshape(R, Q, P, C, V).transpose(0, 1, 3, 2, 4))
+    # mask bits [R, Bp, L] -> [R, S, W*32] (zero past g*L) -> words [R, S, W] -> [R, Q, W, P]
+    bits = np.zeros((R, Bp, L), dtype=bool)
+    np.put_along_axis(bits[:, :B, :], indices.transpose(0, 2, 1).astype(np.int64), True, axis=2)
+    bits[:, B:, :k] = True
+    seg_bits = np.zeros((R, S, W * WORD_BITS), dtype=bool)
+    seg_bits[:, :, : sg.seg_cols] = bits.reshape(R, S, sg.seg_cols)
+    # bit-reversed words: a word's first column is its bit 31 (big-endian bit and byte order)
+    packed = np.packbits(seg_bits, axis=2, bitorder="big")  # [R, S, W*4] bytes = whole words
+    words = np.zeros((R, Q * P, W), dtype=np.uint32)
+    words[:, :S, :] = np.ascontiguousarray(packed).view(">u4").reshape(R, S, W)
+    words = np.ascontiguousarray(words.reshape(R, Q, P, W).transpose(0, 1, 3, 2))
+    return units, words, sg
+
+
+def bitmask_reference(units: np.ndarray, words: np.ndarray, sg: SegmentGeometry, x: np.ndarray) -> np.ndarray:
+    """y = W x computed from the bitmask device layout the way the kernel walks it (float64; x
+    [cols] or [cols, N]): the CPU model of kernels/balanced_bitmask.cu that tests hold the layout to."""
+    R = units.shape[0]
+    xx = np.zeros((sg.padded_cols,) + x.shape[1:], dtype=np.float64)
+    xx[: x.shape[0]] = x
+    y = np.zeros((R,) + x.shape[1:], dtype=np.float64)
+    for s in range(sg.segments):
+        q, lane = divmod(s, sg.lanes)
+        vals = units[:, q, :, lane, :].reshape(R, -1)[:, : sg.seg_keep].astype(np.float64)  # [R, g*k]
+        w = np.ascontiguousarray(words[:, q, :, lane]).astype(">u4").view(np.uint8)  # [R, W*4], MSB first
+        bits = np.unpackbits(w, axis=1, bitorder="big").astype(bool)  # [R, W*32], zero past seg_cols
+        for r in range(R):
+            cols = s * sg.seg_cols + np.nonzero(bits[r])[0]
+            y[r] += vals[r, : len(cols)] @ xx[cols]
+    return y

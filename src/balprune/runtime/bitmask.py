@@ -1,0 +1,169 @@
+"""Balanced-sparse layers read through the bitmask index encoding: kernels/balanced_bitmask.cu.
+
+``BitmaskLinear`` holds one balanced matrix in the bitmask kernel's device layout
+(formats.layouts.bitmask_segments: one bit per column, values in column order, cut into segments
+of whole blocks and interleaved over lanes) and computes y = act(W x + bias) with fp32
+accumulation. It reads one bit of index per weight instead of the offsets kernels' one or two
+bytes per kept value: the smaller of the two below ~87.5% sparsity (u8 offsets), which is where
+LLM linears are pruned. Host validation is the offsets validator (validate_balanced): the arrays
+arrive in the offsets form every BalancedTensor holds in memory, whatever the file stored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError, UsageError
+from ..formats.layouts import bitmask_segments
+from ._linear import STORAGE as _STORAGE
+from ._linear import VALUE_DTYPES as _VALUE_DTYPES
+from ._linear import SparseLinear
+from .balanced import INT_LIMIT, _as_torch, _host_numpy, validate_balanced
+
+#: Batch columns per pass the kernel is built for (a larger batch runs in several passes over y's columns).
+BATCH_TILES = (1, 2, 4, 8, 16)
+
+
+def batch_tiles(dtype: str) -> tuple[int, ...]:
+    """The tiles built for ``dtype``: float32 stops at 8 (16 fp32 sums and x values per weight
+    do not fit the 64 registers of __launch_bounds__(256, 4) without spilling)."""
+    return BATCH_TILES[:-1] if dtype == "float32" else BATCH_TILES
+#: Threads per CTA: the kernel's __launch_bounds__(256, 2).
+THREADS = 256
+_X_STAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def kernel_name(dtype: str, batch_tile: int, x_own: bool) -> str:
+    """The CuPy name expression of bp::balanced_bitmask_spmm<T, XT, NB>: x staged as fp32, or in the
+    layer's own 16-bit type (``x_own``: half the shared memory, so wider batch tiles fit)."""
+    t = _STORAGE[dtype][1]
+    return f"bp::balanced_bitmask_spmm<{t}, {t if x_own else 'float'}, {batch_tile}>"
+
+
+def kernel_variants() -> list[str]:
+    """Every instantiation the runtime can launch (``plan``'s choices; the compile test builds them all):
+    x staged as fp32 at NB = 1 (and at every NB for float32), in the 16-bit types' own type at NB = 1
+    when fp32 does not fit, and always beyond NB = 1."""
+    names = []
+    for d in _STORAGE:
+        for nb in batch_tiles(d):
+            if d == "float32" or nb == 1:
+                names.append(kernel_name(d, nb, False))
+            if d != "float32":
+                names.append(kernel_name(d, nb, True))
+    return names
+
+
+class BitmaskLinear(SparseLinear):
+    """y = W x for one balanced-sparse W [rows, cols] on a GPU, through the bitmask kernel.
+
+    Build from offsets-form arrays (``values``/``indices`` [rows, keep, blocks], numpy or CPU
+    torch; validated on the host first unless ``validate=False``: the arrays come from
+    PackedFile.load, which checked them) or with ``from_tensor(BalancedTensor)``. The call contract
+    is SparseLinear's (x [cols] or [cols, N] in the layer's dtype, C-contiguous). ``defines``: extra
+    -D options for the kernel build (experiments, e.g. "BP_BM_AHEAD=4").
+    """
+
+    def __init__(self, values, indices, *, cols: int, block_length: int, device: int = 0, validate: bool = True,
+                 name: str = "tensor", defines: tuple[str, ...] = ()) -> None:
+        from . import _gpu
+
+        v = _as_torch(values, f"{name}: values")
+        i = _as_torch(indices, f"{name}: indices")
+        if v.dim() != 3:
+            raise FormatError(f"{name}: values must be [rows, keep, blocks], got shape {list(v.shape)}")
+        rows, keep, blocks = (int(d) for d in v.shape)
+        validate_balanced(v, i, rows, cols, blocks, block_length, keep, name=name, format_checked=not validate)
+        cp = _gpu.cupy()
+        self.device = _gpu.require_device(device)
+        self.info = _gpu.device_info(self.device)
+        self.name = name
+        self.rows, self.cols, self.blocks, self.block_length, self.keep = rows, int(cols), blocks, int(block_length), keep
+        self.dtype = _VALUE_DTYPES[v.dtype]
+        self.defines = tuple(defines)
+        units, words, sg = bitmask_segments(_host_numpy(v), i.numpy(), self.block_length)
+        self.segments = sg
+        if sg.staged_cols * BATCH_TILES[-1] > INT_LIMIT:  # the staged x is indexed with 32-bit ints
+            raise FormatError(f"{name}: {cols} columns exceed the bitmask kernel's 32-bit indexing")
+        with cp.cuda.Device(self.device):
+            self.units_dev = cp.asarray(units)
+            self.words_dev = cp.asarray(words)
+        self._kernels: dict[tuple, object] = {}
+        self._configs: dict[int, dict] = {}
+
+    @classmethod
+    def from_tensor(cls, bt, **kw) -> BitmaskLinear:
+        """From a balprune.formats.BalancedTensor (either stored encoding; conv weights as their matrix view)."""
+        g = bt.geometry
+        kw.setdefault("name", "tensor")
+        return cls(bt.values, bt.indices, cols=g.cols, block_length=g.block_length, **kw)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of value units and mask words the kernel streams per pass (layout padding included)."""
+        return int(self.units_dev.nbytes + self.words_dev.nbytes)
+
+    def shared_bytes(self, batch_tile: int, x_own: bool) -> int:
+        """Dynamic shared memory of a launch: x staged [seg_cols, Q*P, NB] as fp32 or in its own
+        type (rounded up to 16 bytes), then each warp's W mask words per lane."""
+        sg = self.segments
+        item = _X_STAGE_BYTES[self.dtype] if x_own else 4
+        return -(-sg.staged_cols * batch_tile * item // 16) * 16 + (THREADS // 32) * sg.words * 32 * 4
+
+    def plan(self, batch: int) -> tuple[int, bool]:
+        """(batch tile NB, x in its own type) for ``batch`` columns: the widest tile up to the batch
+        (rounded up to a power of two, at most 16) whose x fits in shared memory, staging fp32 at
+        NB = 1 and 16-bit layers' own type beyond (half the bytes). UsageError when even one column
+        of x does not fit (K beyond ~110k for 16-bit, ~58k for float32)."""
+        limit = self.info.smem_per_block_optin
+        tiles = batch_tiles(self.dtype)
+        want = min(tiles[-1], 1 << max(0, (batch - 1).bit_length()))
+        for nb in reversed(tiles):
+            if nb > want:
+                continue
+            own_choices = (False,) if self.dtype == "float32" else ((False, True) if nb == 1 else (True,))
+            for own in own_choices:
+                if self.shared_bytes(nb, own) <= limit:
+                    return nb, own
+        raise UsageError(f"{self.name}: x of {self.cols} columns does not fit in shared memory "
+                         f"({self.shared_bytes(1, self.dtype != 'float32')} > {limit} bytes)")
+
+    def _kernel(self, nb: int, own: bool, smem: int):
+        key = (nb, own)
+        k = self._kernels.get(key)
+        if k is None:
+            from .kernels import load_module
+
+            name = kernel_name(self.dtype, nb, own)
+            k = load_module("balanced_bitmask.cu", (name,), device=self.device, defines=self.defines).get_function(name)
+            self._kernels[key] = k
+        if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
+            k.max_dynamic_shared_size_bytes = smem
+        return k
+
+    def _launch_config(self, batch: int) -> dict:
+        info = self.info
+        nb, own = self.plan(batch)
+        smem = self.shared_bytes(nb, own)
+        k = self._kernel(nb, own, smem)
+        rows_per_cta = (32 // self.segments.lanes) * (THREADS // 32)
+        per_sm = max(1, min(info.max_threads_per_sm // THREADS, info.regs_per_sm // max(1, k.num_regs * THREADS),
+                            info.smem_per_sm // (smem + 1024)))
+        passes = -(-batch // nb)
+        grid_x = max(1, min(-(-self.rows // rows_per_cta), info.multiprocessors * per_sm))
+        return {"kernel": k, "grid": (grid_x, passes), "block": (THREADS,), "shared_mem": smem, "batch_tile": nb,
+                "x_own": own, "ctas_per_sm": per_sm}
+
+    def _launch_args(self, x, y, batch: int, cfg: dict) -> tuple:
+        """The kernel arguments of one launch (kernels/balanced_bitmask.cu's parameter order, up to y)."""
+        sg = self.segments
+        return (self.units_dev, self.words_dev, np.int32(self.rows), np.int32(sg.rounds), np.int32(sg.units),
+                np.int32(sg.words), np.int32(sg.lanes), np.int32(sg.seg_keep), np.int32(sg.seg_cols),
+                np.int32(sg.segments), x, np.int32(self.cols), np.int32(batch), y)
+
+    def __repr__(self) -> str:
+        return (f"BitmaskLinear({self.name!r}, [{self.rows}, {self.cols}], B={self.blocks}, L={self.block_length}, "
+                f"k={self.keep}, {self.dtype}, device={self.device})")
+
+
+__all__ = ["BATCH_TILES", "BitmaskLinear", "kernel_name", "kernel_variants"]
