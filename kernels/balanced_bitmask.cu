@@ -2,8 +2,8 @@
 //
 // Device layout (built on the host by balprune.formats.layouts.bitmask_segments; kernels/README.md
 // states it byte for byte): a row of B blocks of length L is cut into S segments of g whole
-// blocks, g = 32 / gcd(L, 32), so a segment covers g*L columns = W whole 32-bit mask words and
-// holds exactly g*k kept values (the last segment is filled up with phantom blocks: zero values,
+// blocks (g chosen by SegmentGeometry), so a segment covers g*L columns in W = ceil(g*L/32)
+// 32-bit mask words (bits past g*L zero) and holds exactly g*k kept values (the last segment is filled up with phantom blocks: zero values,
 // their first k bits set, columns past the row whose x is staged as 0). A row's segments go to P
 // lanes (P = min(32, next power of two >= S); 32 / P rows per warp), segment s = q*P + l to lane
 // l in round q. Arrays:

@@ -108,7 +108,7 @@ def test_inspect_verify_unpack_show_names_literally(packed, tmp_path):
     assert code == 0 and err == "", err
     _assert_names_shown(out)
     code, out, err = _run("verify", packed)
-    assert code == 0 and out == f"ok: {packed}: 10 tensors (9 packed) satisfy format v1\n" and err == "", (out, err)
+    assert code == 0 and out == f"ok: {packed}: 10 tensors (9 packed) satisfy format v2\n" and err == "", (out, err)
     code, out, err = _run("unpack", packed, "-o", tmp_path / "d.safetensors")
     assert code == 0 and out == f"wrote 10 tensors to {tmp_path / 'd.safetensors'}\n", (out, err)
     assert _sha(packed) == before

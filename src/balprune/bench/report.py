@@ -35,7 +35,8 @@ from ..errors import InvalidInputError
 #: reading and comparing reports imports nothing heavy (no torch).
 OWN_PATHS = ("balanced", "balanced_offsets", "bsr", "dense")
 #: Own paths a subject kernel has besides dense: a bitmask-stored balanced layer also runs the
-#: offsets kernel on its exact in-memory conversion (formats.layouts), and the runtime takes the faster.
+#: offsets kernel on its exact in-memory conversion (formats.layouts); the path is the fastest of
+#: them (the model runtime runs the offsets kernels; runtime.load gives the stored encoding's kernel).
 ALTERNATIVES = {"balanced": ("balanced_offsets",)}
 
 

@@ -176,7 +176,7 @@ def verify(
         typer.echo(json.dumps({"schema": "balprune.verify/1", "file": str(packed), "ok": True, "tensors": len(rows)}))
     else:
         pruned = sum(r.pattern != "dense" for r in rows)
-        render.console().print(render.literal(f"ok: {packed}: {len(rows)} tensors ({pruned} packed) satisfy format v1"))
+        render.console().print(render.literal(f"ok: {packed}: {len(rows)} tensors ({pruned} packed) satisfy format v{pf.format_version}"))
 
 
 @app.command()
@@ -192,7 +192,7 @@ def inspect(
     if as_json:
         typer.echo(json.dumps({
             "schema": "balprune.inspect/1", "file": str(packed), "file_bytes": pf.parsed.file_size,
-            "header_bytes": len(pf.parsed.header_bytes), "format_version": "1", "tool_version": pf.tool_version,
+            "header_bytes": len(pf.parsed.header_bytes), "format_version": pf.format_version, "tool_version": pf.tool_version,
             "manifest": json.loads(pf.parsed.metadata["manifest"]),  # as stored: tensors in source order
             "layers": [{"name": r.name, "pattern": r.pattern, "shape": list(r.shape), "dtype": r.dtype,
                         "detail": r.detail, "sparsity_achieved": r.sparsity_achieved,

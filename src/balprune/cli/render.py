@@ -140,7 +140,7 @@ def header_lines(pf: PackedFile) -> list[Text]:
     opts = pf.manifest["options"]
     return [literal(line) for line in (
         f"file            {pf.path} ({human_bytes(pf.parsed.file_size)}, header {len(pf.parsed.header_bytes)} bytes)",
-        f"format          balprune.packed v1, written by balprune {pf.tool_version}",
+        f"format          balprune.packed v{pf.format_version}, written by balprune {pf.tool_version}",
         f"source          {src.get('name')} sha256 {src.get('sha256')}",
         f"options         pattern={opts.get('pattern')} sparsity={opts.get('sparsity')}"
         + (f" blocks={opts['blocks']}" if "blocks" in opts else "")

@@ -21,6 +21,7 @@ from ..patterns.kinds import BalancedPattern
 from ..safeio import check_fits_memory
 from . import layouts, spec
 from .base import (
+    CHECK_CHUNK_ENTRIES,
     PartSpec,
     as_matrix,
     check_part,
@@ -169,6 +170,13 @@ class BalancedTensor:
         encoding = entry["index_encoding"]
         values, positions = parts["values"], parts["indices" if encoding == OFFSETS else "mask"]
         if encoding == BITMASK:
+            # validating and decoding unpack a chunk of rows (at least one) as bools, and the
+            # decoded offsets; a crafted file of few, very wide rows must not outgrow its parts
+            row_bits = g.blocks * g.block_length
+            rows_at_once = max(1, min(g.rows, CHECK_CHUNK_ENTRIES // max(1, row_bits)))
+            check_fits_memory(rows_at_once * row_bits * 2 + rows_at_once * g.blocks * g.keep * 8
+                              + g.rows * g.blocks * g.keep * (2 + values.element_size()),
+                              f"tensor {name!r}: decoding its bitmask")
             check_bitmask_arrays(values, positions, g.rows, g.cols, g.blocks, g.block_length, g.keep,
                                  where=f"tensor {name!r}")
             values = values.permute(0, 2, 1).contiguous()

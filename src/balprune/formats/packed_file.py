@@ -30,6 +30,11 @@ class PackedFile:
     def path(self) -> Path:
         return self.parsed.path
 
+    @property
+    def format_version(self) -> str:
+        """The file's format version ("1" or "2"; read_packed accepted it)."""
+        return self.parsed.metadata["format_version"]
+
     def names(self) -> list[str]:
         return list(self.manifest["tensors"])
 

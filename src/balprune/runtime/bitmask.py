@@ -28,7 +28,7 @@ def batch_tiles(dtype: str) -> tuple[int, ...]:
     """The tiles built for ``dtype``: float32 stops at 8 (16 fp32 sums and x values per weight
     do not fit the 64 registers of __launch_bounds__(256, 4) without spilling)."""
     return BATCH_TILES[:-1] if dtype == "float32" else BATCH_TILES
-#: Threads per CTA: the kernel's __launch_bounds__(256, 2).
+#: Threads per CTA: the kernel's __launch_bounds__(256, 4).
 THREADS = 256
 _X_STAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
