@@ -253,15 +253,12 @@ def candidates(packed, pattern: str, x_t: torch.Tensor, batch: int, *, device: i
         case.candidates.append(_op_candidate(
             subject, lambda: enc.operator(packed, device=device, validate=False), x_t, batch,
             rows, xy_bytes, enc.bench_note(packed), w_host))
-    if getattr(packed, "encoding", None) == "bitmask":
-        # the runtime's other own path for a bitmask-stored balanced layer: the offsets kernel on
-        # the exact in-memory conversion (report.ALTERNATIVES); the faster of the two is the path
-        from ..runtime import BalancedLinear
-
-        offsets = packed.with_encoding("offsets")
-        case.candidates.append(_op_candidate(
-            "balanced_offsets", lambda: BalancedLinear.from_tensor(offsets, device=device, validate=False), x_t,
-            batch, rows, xy_bytes, "offsets indices, converted in memory", w_host))
+    for alt in enc.bench_alternatives:  # the encoding's other own paths (patterns.registry)
+        other = alt.convert(packed)
+        if other is not None:
+            case.candidates.append(_op_candidate(
+                alt.kernel, lambda alt=alt, other=other: alt.operator(other, device=device, validate=False), x_t,
+                batch, rows, xy_bytes, alt.note, w_host))
     case.candidates.append(_dense(w, x_t, xy_bytes))
     if subject == "csr" or peers:
         c = _csr(w, x_t, xy_bytes)

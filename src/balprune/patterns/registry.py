@@ -86,6 +86,19 @@ class PatternSpec:
 
 
 @dataclass(frozen=True)
+class BenchAlternative:
+    """Another own path of an encoding's layers, timed by bench beside its subject kernel: the
+    runtime's path is the fastest of them and dense."""
+
+    kernel: str
+    #: convert(packed) -> the tensor the alternative operator runs, or None when it has none
+    convert: Callable[[object], object]
+    #: the operator, built like ``Encoding.operator``
+    operator: Ref
+    note: str
+
+
+@dataclass(frozen=True)
 class Encoding:
     """One packed encoding (see the module docstring)."""
 
@@ -110,6 +123,8 @@ class Encoding:
     #: BSR: the peers run on it), "built" (a PEER_TILE block-sparse copy at the same sparsity, timed
     #: with balprune's bsr kernel too)
     bench_block_peer: str | None
+    #: own paths besides the subject kernel and dense
+    bench_alternatives: tuple[BenchAlternative, ...] = ()
 
     def operator_kwargs(self, options: dict) -> dict:
         """The subset of runtime.load's ``options`` this encoding's operator takes."""
@@ -206,7 +221,13 @@ ENCODINGS: dict[str, Encoding] = {enc.name: enc for enc in (
              Ref("balprune.runtime.balanced:operator_for"), KERNEL_DTYPES,
              operator_options=None, operator_drops=("team_lanes",),
              bench_subject="balanced", bench_note=lambda packed: f"{packed.encoding} indices",
-             bench_block_peer="built"),
+             bench_block_peer="built",
+             # a bitmask-stored layer also runs the offsets kernel on its exact in-memory conversion
+             bench_alternatives=(BenchAlternative(
+                 "balanced_offsets",
+                 lambda packed: packed.with_encoding("offsets") if packed.encoding == "bitmask" else None,
+                 Ref("balprune.runtime.balanced:BalancedLinear.from_tensor"),
+                 "offsets indices, converted in memory"),)),
     Encoding("unstructured", Ref("balprune.formats.csr:CsrTensor"), Ref("balprune.prune.engine:pack_csr"),
              None, (), operator_options=None, operator_drops=(),
              bench_subject="csr", bench_note=lambda packed: "", bench_block_peer=None),

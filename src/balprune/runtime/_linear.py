@@ -28,6 +28,20 @@ TORCH_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torc
 class SparseLinear:
     """Base of BalancedLinear and BsrLinear (see the module doc for the contract)."""
 
+    def _compiled(self, key, filename: str, name: str, smem: int = 0):
+        """The kernel ``name`` of kernels/``filename`` built for this layer's device and ``defines``
+        (cached per ``key`` on the operator; runtime.kernels caches the module), with its dynamic
+        shared-memory limit raised to ``smem`` where that is above the 48 KB default."""
+        k = self._kernels.get(key)
+        if k is None:
+            from .kernels import load_module
+
+            k = load_module(filename, (name,), device=self.device, defines=self.defines).get_function(name)
+            self._kernels[key] = k
+        if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
+            k.max_dynamic_shared_size_bytes = smem
+        return k
+
     def launch_config(self, batch: int) -> dict:
         """Grid, block, shared memory and kernel of a launch for ``batch`` columns (cached)."""
         cfg = self._configs.get(batch)

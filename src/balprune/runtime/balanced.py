@@ -130,7 +130,33 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-class BalancedLinear(SparseLinear):
+def checked_arrays(values, indices, cols: int, block_length: int, *, name: str, validate: bool):
+    """(values, indices as CPU torch tensors, rows, keep, blocks) of a balanced operator's offsets-form
+    arrays after validate_balanced. validate=False: the format was checked already (PackedFile.load,
+    or a validated copy); the kernels' own limits and value dtype are cheap and always checked."""
+    v = _as_torch(values, f"{name}: values")
+    i = _as_torch(indices, f"{name}: indices")
+    if v.dim() != 3:
+        raise FormatError(f"{name}: values must be [rows, keep, blocks], got shape {list(v.shape)}")
+    rows, keep, blocks = (int(d) for d in v.shape)
+    validate_balanced(v, i, rows, cols, blocks, block_length, keep, name=name, format_checked=not validate)
+    return v, i, rows, keep, blocks
+
+
+class BalancedOperator(SparseLinear):
+    """Base of the operators built from a balanced matrix's offsets-form arrays (BalancedLinear,
+    runtime.bitmask.BitmaskLinear): ``cls(values, indices, cols=, block_length=, **options)``."""
+
+    @classmethod
+    def from_tensor(cls, bt, **kw):
+        """From a balprune.formats.BalancedTensor (conv weights run as their [C_out, C_in*kh*kw] view;
+        either stored encoding: the tensor holds the offsets form in memory)."""
+        g = bt.geometry
+        kw.setdefault("name", "tensor")
+        return cls(bt.values, bt.indices, cols=g.cols, block_length=g.block_length, **kw)
+
+
+class BalancedLinear(BalancedOperator):
     """y = W x for one balanced-sparse W [rows, cols] held on a GPU.
 
     Build from the packed arrays (``values``/``indices`` [rows, keep, blocks], numpy or CPU
@@ -166,14 +192,7 @@ class BalancedLinear(SparseLinear):
             raise UsageError(f"staging must be one of {', '.join(map(repr, STAGINGS))}, got {staging!r}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads % 32 or not 32 <= threads <= 1024:
             raise UsageError(f"threads must be a multiple of 32 in [32, 1024], got {threads!r}")
-        v = _as_torch(values, f"{name}: values")
-        i = _as_torch(indices, f"{name}: indices")
-        if v.dim() != 3:
-            raise FormatError(f"{name}: values must be [rows, keep, blocks], got shape {list(v.shape)}")
-        rows, keep, blocks = (int(d) for d in v.shape)
-        # validate=False: the format was checked already (PackedFile.load, or a validated copy); the
-        # kernel's own limits and value dtype are cheap and always checked.
-        validate_balanced(v, i, rows, cols, blocks, block_length, keep, name=name, format_checked=not validate)
+        v, i, rows, keep, blocks = checked_arrays(values, indices, cols, block_length, name=name, validate=validate)
         cp = _gpu.cupy()
         self.device = _gpu.require_device(device)
         self.info = _gpu.device_info(self.device)
@@ -201,13 +220,6 @@ class BalancedLinear(SparseLinear):
             self.values_dev, self.indices_dev, self.row_stride = dv, di, int(stride)
         self._kernels: dict[tuple, object] = {}
         self._configs: dict[int, dict] = {}
-
-    @classmethod
-    def from_tensor(cls, bt, **kw) -> BalancedLinear:
-        """From a balprune.formats.BalancedTensor (conv weights run as their [C_out, C_in*kh*kw] view)."""
-        g = bt.geometry
-        kw.setdefault("name", "tensor")
-        return cls(bt.values, bt.indices, cols=g.cols, block_length=g.block_length, **kw)
 
     # -- geometry of one launch -----------------------------------------------------------------
 
@@ -301,18 +313,9 @@ class BalancedLinear(SparseLinear):
         return X_SHARED_RAW if self.staging == "raw" else X_SHARED_F32
 
     def _kernel(self, nb: int, xs: int, pipelined: bool = False, smem: int = 0):
-        key = (nb, xs, pipelined)
-        k = self._kernels.get(key)
-        if k is None:
-            from .kernels import load_module
-
-            name = pipelined_kernel_name(self.dtype, self.index_dtype, xs == X_SHARED_RAW) if pipelined else \
-                kernel_name(self.dtype, self.index_dtype, nb, xs, self.layout)
-            k = load_module("balanced_spmv.cu", (name,), device=self.device, defines=self.defines).get_function(name)
-            self._kernels[key] = k
-        if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
-            k.max_dynamic_shared_size_bytes = smem
-        return k
+        name = pipelined_kernel_name(self.dtype, self.index_dtype, xs == X_SHARED_RAW) if pipelined else \
+            kernel_name(self.dtype, self.index_dtype, nb, xs, self.layout)
+        return self._compiled((nb, xs, pipelined), "balanced_spmv.cu", name, smem)
 
     def _launch_config(self, batch: int) -> dict:
         info = self.info

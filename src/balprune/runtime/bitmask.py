@@ -17,8 +17,7 @@ from ..errors import FormatError, UsageError
 from ..formats.layouts import bitmask_segments
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
-from ._linear import SparseLinear
-from .balanced import INT_LIMIT, _as_torch, _host_numpy, validate_balanced
+from .balanced import INT_LIMIT, BalancedOperator, _host_numpy, checked_arrays
 
 #: Batch columns per pass the kernel is built for (a larger batch runs in several passes over y's columns).
 BATCH_TILES = (1, 2, 4, 8, 16)
@@ -54,7 +53,7 @@ def kernel_variants() -> list[str]:
     return names
 
 
-class BitmaskLinear(SparseLinear):
+class BitmaskLinear(BalancedOperator):
     """y = W x for one balanced-sparse W [rows, cols] on a GPU, through the bitmask kernel.
 
     Build from offsets-form arrays (``values``/``indices`` [rows, keep, blocks], numpy or CPU
@@ -68,12 +67,7 @@ class BitmaskLinear(SparseLinear):
                  name: str = "tensor", defines: tuple[str, ...] = ()) -> None:
         from . import _gpu
 
-        v = _as_torch(values, f"{name}: values")
-        i = _as_torch(indices, f"{name}: indices")
-        if v.dim() != 3:
-            raise FormatError(f"{name}: values must be [rows, keep, blocks], got shape {list(v.shape)}")
-        rows, keep, blocks = (int(d) for d in v.shape)
-        validate_balanced(v, i, rows, cols, blocks, block_length, keep, name=name, format_checked=not validate)
+        v, i, rows, keep, blocks = checked_arrays(values, indices, cols, block_length, name=name, validate=validate)
         cp = _gpu.cupy()
         self.device = _gpu.require_device(device)
         self.info = _gpu.device_info(self.device)
@@ -90,13 +84,6 @@ class BitmaskLinear(SparseLinear):
             self.words_dev = cp.asarray(words)
         self._kernels: dict[tuple, object] = {}
         self._configs: dict[int, dict] = {}
-
-    @classmethod
-    def from_tensor(cls, bt, **kw) -> BitmaskLinear:
-        """From a balprune.formats.BalancedTensor (either stored encoding; conv weights as their matrix view)."""
-        g = bt.geometry
-        kw.setdefault("name", "tensor")
-        return cls(bt.values, bt.indices, cols=g.cols, block_length=g.block_length, **kw)
 
     @property
     def weight_bytes(self) -> int:
@@ -129,17 +116,7 @@ class BitmaskLinear(SparseLinear):
                          f"({self.shared_bytes(1, self.dtype != 'float32')} > {limit} bytes)")
 
     def _kernel(self, nb: int, own: bool, smem: int):
-        key = (nb, own)
-        k = self._kernels.get(key)
-        if k is None:
-            from .kernels import load_module
-
-            name = kernel_name(self.dtype, nb, own)
-            k = load_module("balanced_bitmask.cu", (name,), device=self.device, defines=self.defines).get_function(name)
-            self._kernels[key] = k
-        if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
-            k.max_dynamic_shared_size_bytes = smem
-        return k
+        return self._compiled((nb, own), "balanced_bitmask.cu", kernel_name(self.dtype, nb, own), smem)
 
     def _launch_config(self, batch: int) -> dict:
         info = self.info

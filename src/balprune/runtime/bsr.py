@@ -249,14 +249,7 @@ class BsrLinear(SparseLinear):
         return int(self.values_dev.nbytes + self.col_dev.nbytes + self.crow_dev.nbytes)
 
     def _kernel(self, nb: int):
-        k = self._kernels.get(nb)
-        if k is None:
-            from .kernels import load_module
-
-            name = kernel_name(self.dtype, self.geometry.load_bytes, nb)
-            k = load_module("bsr_spmv.cu", (name,), device=self.device, defines=self.defines).get_function(name)
-            self._kernels[nb] = k
-        return k
+        return self._compiled(nb, "bsr_spmv.cu", kernel_name(self.dtype, self.geometry.load_bytes, nb))
 
     def _launch_config(self, batch: int) -> dict:
         g = self.geometry
