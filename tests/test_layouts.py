@@ -186,3 +186,19 @@ def test_unknown_format_version_names_the_versions_read(tmp_path):
 
     with pytest.raises(FormatError, match="format version '3' is not supported.*versions 1, 2"):
         spec.parse_metadata({"format": spec.FORMAT_NAME, "format_version": "3", "manifest": "{}"}, "f")
+
+
+def test_bitmask_decoding_is_checked_against_memory_first(cli, tmp_path, monkeypatch):
+    """A bitmask tensor's decoding (bits unpacked per chunk of rows, int64 positions, the offsets
+    form) is sized before it runs: exit 4 naming the tensor, not an out-of-memory kill."""
+    import balprune.safeio as safeio
+
+    src = tmp_path / "m.pt"
+    torch.save(small_state_dict(), src)
+    out = tmp_path / "bm.safetensors"
+    assert cli("prune", src, "-s", "0.5", "--index", "bitmask", "-o", out).code == 0
+    # room for every stored part (the parts' own check), not for decoding one of them
+    parts = max(e["data_offsets"][1] - e["data_offsets"][0] for k, e in _header(out).items() if k != "__metadata__")
+    monkeypatch.setattr(safeio, "memory_available", lambda: parts + 1)
+    r = cli("verify", out)
+    assert r.code == 4 and "decoding its bitmask" in r.err, r.err
