@@ -70,6 +70,14 @@ def test_every_bitmask_variant_compiles_without_spills(tmp_path):
     _assert_fit_64_registers_no_spills(tmp_path, bitmask_variants(), "balanced_bitmask.cu")
 
 
+def test_every_nm24_variant_compiles_without_spills(tmp_path):
+    """kernels/nm24_sparse_mma.cu (mma.sp on the sparse tensor cores): every (dtype, batch tile) the
+    runtime launches, at <= 64 registers (16 warps per CTA, two CTAs per SM) and no local memory."""
+    from balprune.runtime.nm24 import kernel_variants as nm24_variants
+
+    _assert_fit_64_registers_no_spills(tmp_path, nm24_variants(), "nm24_sparse_mma.cu")
+
+
 def test_every_bsr_variant_compiles(tmp_path):
     names = bsr_kernel_variants()
     r = _nvcc(tmp_path, _instantiating_source(names, "bsr_spmv.cu"), "--ptx")

@@ -387,3 +387,93 @@ def bitmask_reference(units: np.ndarray, words: np.ndarray, sg: SegmentGeometry,
             cols = s * sg.seg_cols + np.nonzero(bits[r])[0]
             y[r] += vals[r, : len(cols)] @ xx[cols]
     return y
+
+
+# -- the 2:4 sparse tensor-core layout (kernels/nm24_sparse_mma.cu) --------------------------------
+
+#: Bytes of one record of the 2:4 tensor-core layout: a row tile's two k-tiles (2 x 512 bytes of
+#: A fragments) and their 32 metadata words.
+NM24_RECORD_BYTES = 1152
+#: Rows of a row tile and columns of a k-tile (the m16n8k32 sparse MMA's M and K).
+NM24_TILE_ROWS = 16
+NM24_TILE_COLS = 32
+#: Lane (g, t) of a warp holds, in its four A registers, (row g, block t), (row g + 8, block t),
+#: (row g, block t + 4), (row g + 8, block t + 4) of a k-tile: the MMA's A fragment.
+_NM24_LANES = np.arange(32)
+_NM24_ROW = (_NM24_LANES[:, None] >> 2) + 8 * (np.arange(4)[None, :] & 1)  # [lane, register]
+_NM24_BLOCK = (_NM24_LANES[:, None] & 3) + 4 * (np.arange(4)[None, :] >> 1)
+
+
+def is_nm24(block_length: int, keep: int) -> bool:
+    """True for the geometry the sparse tensor cores take: blocks of 4 keeping 2 (2:4)."""
+    return int(block_length) == 4 and int(keep) == 2
+
+
+def nm24_records(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The device layout of kernels/nm24_sparse_mma.cu from a 2:4 matrix's offsets-form arrays
+    (``values`` [R, 2, B] 16-bit, numpy; ``indices`` [R, 2, B] in-block offsets 0..3, distinct per
+    block: check_balanced_arrays holds them to that): uint8 [ceil(R/16), ceil(ceil(B/8)/2), 1152],
+    record (rt, kp) = A fragments of k-tiles 2kp and 2kp + 1 of row tile rt, then their metadata
+    words (the .cu file's header states the bytes). Rows past R and blocks past B are zero values at
+    in-block indices (0, 1), which the hardware takes as a valid 2:4 pattern."""
+    R, k, B = values.shape
+    if k != 2:
+        raise FormatError(f"the 2:4 tensor-core layout needs keep = 2 per block of 4, got keep = {k}")
+    rt, kt = -(-R // NM24_TILE_ROWS), -(-B // 8)
+    kt += kt & 1  # whole pairs: an odd last k-tile is paired with an all-zero one
+    Rp, Bp = rt * NM24_TILE_ROWS, kt * 8
+    order = np.argsort(indices, axis=1, kind="stable")  # the two kept entries of a block in column order
+    v = np.zeros((Rp, Bp, 2), dtype=values.dtype)
+    i = np.zeros((Rp, Bp, 2), dtype=np.uint32)
+    i[:, :, 1] = 1
+    v[:R, :B] = np.take_along_axis(values, order, axis=1).transpose(0, 2, 1)
+    i[:R, :B] = np.take_along_axis(indices, order, axis=1).transpose(0, 2, 1).astype(np.uint32)
+    # A: [rt, kt, 16 rows, 8 blocks, 2] -> per lane and register -> [rt, kt, 32, 4, 2] (16 bytes a lane)
+    v5 = v.reshape(rt, NM24_TILE_ROWS, kt, 8, 2).transpose(0, 2, 1, 3, 4)
+    a = v5[:, :, _NM24_ROW, _NM24_BLOCK, :]
+    # metadata: 4 bits per block (i0 | i1 << 2); word (g, h) = blocks 4h..4h+3 of rows g (low 16 bits), g + 8
+    nib = (i[:, :, 0] | (i[:, :, 1] << 2)).reshape(rt, NM24_TILE_ROWS, kt, 8).transpose(0, 2, 1, 3)
+    shifts = (4 * np.arange(4, dtype=np.uint32))
+    half = (nib.reshape(rt, kt, NM24_TILE_ROWS, 2, 4) << shifts).sum(axis=-1, dtype=np.uint32)  # [rt, kt, 16, 2]
+    words = half[:, :, :8, :] | (half[:, :, 8:, :] << np.uint32(16))  # [rt, kt, g, h]
+    # lane (g, t): t < 2 -> even k-tile's word h = t; t >= 2 -> odd k-tile's word h = t - 2
+    kp = kt // 2
+    w2 = words.reshape(rt, kp, 2, 8, 2)  # [rt, kp, parity, g, h]
+    meta = w2.transpose(0, 1, 3, 2, 4).reshape(rt, kp, 32)  # lane = g * 4 + parity * 2 + h
+    rec = np.empty((rt, kp, NM24_RECORD_BYTES), dtype=np.uint8)
+    a_bytes = np.ascontiguousarray(a).view(np.uint8).reshape(rt, kp, 2 * 32 * 16)
+    rec[:, :, :1024] = a_bytes
+    rec[:, :, 1024:] = np.ascontiguousarray(meta.astype("<u4")).view(np.uint8).reshape(rt, kp, 128)
+    return rec
+
+
+def nm24_reference(records: np.ndarray, rows: int, cols: int, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """y = W x (float64) read back from ``nm24_records``'s layout the way the sparse MMA reads it
+    (its A fragments, metadata words and selectors as kernels/nm24_sparse_mma.cu states them): the
+    CPU model tests hold the layout to. ``dtype``: the values' numpy dtype (float16, or uint16 bits
+    of bfloat16)."""
+    rt, kp, _ = records.shape
+    kt = 2 * kp
+    a = records[:, :, :1024].copy().view(dtype).reshape(rt, kp, 2, 32, 4, 2)
+    if dtype == np.uint16:  # bfloat16 bits -> float
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    a = a.astype(np.float64)
+    meta = records[:, :, 1024:].copy().view("<u4").reshape(rt, kp, 8, 4)  # [.., g, t]
+    W = np.zeros((rt * NM24_TILE_ROWS, kt * NM24_TILE_COLS))
+    for p in range(kp):
+        for par in range(2):
+            c0 = (2 * p + par) * NM24_TILE_COLS
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                for reg in range(4):
+                    row, blk = _NM24_ROW[lane, reg], _NM24_BLOCK[lane, reg]
+                    h = blk // 4
+                    word = meta[:, p, g, par * 2 + h]  # the selector's lanes: 0, 1 (even) or 2, 3 (odd)
+                    nib = (word >> (16 * (row >= 8) + 4 * (blk % 4))) & 15
+                    for s in range(2):
+                        col = c0 + 4 * blk + ((nib >> (2 * s)) & 3)
+                        W[np.arange(rt) * NM24_TILE_ROWS + row, col] += a[:, p, par, lane, reg, s]
+                del t
+    xx = np.zeros((W.shape[1],) + x.shape[1:])
+    xx[: x.shape[0]] = x
+    return (W @ xx)[:rows]

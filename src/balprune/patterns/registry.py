@@ -227,7 +227,13 @@ ENCODINGS: dict[str, Encoding] = {enc.name: enc for enc in (
                  "balanced_offsets",
                  lambda packed: packed.with_encoding("offsets") if packed.encoding == "bitmask" else None,
                  Ref("balprune.runtime.balanced:BalancedLinear.from_tensor"),
-                 "offsets indices, converted in memory"),)),
+                 "offsets indices, converted in memory"),
+                 # a 2:4 layer in fp16/bf16 also runs on the sparse tensor cores (mma.sp)
+                 BenchAlternative(
+                 "balanced_nm24",
+                 Ref("balprune.runtime.nm24:nm24_alternative"),
+                 Ref("balprune.runtime.nm24:Nm24Linear.from_tensor"),
+                 "2:4 on the sparse tensor cores"))),
     Encoding("unstructured", Ref("balprune.formats.csr:CsrTensor"), Ref("balprune.prune.engine:pack_csr"),
              None, (), operator_options=None, operator_drops=(),
              bench_subject="csr", bench_note=lambda packed: "", bench_block_peer=None),
