@@ -115,3 +115,19 @@ def test_bench_offers_the_tensor_core_path_for_16_bit_24_layers():
     assert "balanced_nm24" in ALTERNATIVES["balanced"]
     bt = _random_24(16, 64, 2)
     assert nm24_alternative(bt) is bt and nm24_alternative(bt.with_encoding("bitmask")) is not None
+
+
+def test_device_relayouts_are_sized_against_memory_first(monkeypatch):
+    """Both kernel layouts (2:4 records, bitmask segments) check their peak against the machine's
+    memory before allocating (exit 4 with the figures), like every allocation a file decides."""
+    from balprune import safeio
+    from balprune.errors import InvalidInputError
+    from balprune.formats.layouts import bitmask_segments
+
+    bt = _random_24(64, 256, 4)
+    vals, _ = _np_values(bt)
+    monkeypatch.setattr(safeio, "memory_available", lambda: 4096)
+    with pytest.raises(InvalidInputError, match="2:4 tensor-core layout of a \\[64, 256\\] tensor needs"):
+        nm24_records(vals, bt.indices.numpy())
+    with pytest.raises(InvalidInputError, match="bitmask kernel's layout of a \\[64, 256\\] tensor needs"):
+        bitmask_segments(vals, bt.indices.numpy(), 4)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError
+from ..safeio import check_fits_memory
 from ..patterns.balanced import MAX_BLOCK_LENGTH
 from .base import CHECK_CHUNK_ENTRIES, VALUE_DTYPES, check_finite_values, positive_int
 
@@ -351,6 +352,9 @@ def bitmask_segments(values: np.ndarray, indices: np.ndarray, block_length: int)
     sg = SegmentGeometry(B, L, k, values.dtype.itemsize)
     g, S, P, Q, C, V, W = sg.g, sg.segments, sg.lanes, sg.rounds, sg.units, sg.per_unit, sg.words
     Bp = S * g  # blocks with the phantom ones
+    # the re-layout's peak: the units twice, the values once more, two bool masks, the words twice
+    peak = 3 * R * Q * P * C * UNIT_BYTES + R * Bp * k * values.dtype.itemsize + 2 * R * Bp * L + 8 * R * Q * P * W
+    check_fits_memory(peak, f"the bitmask kernel's layout of a [{R}, {B * L}] tensor")
     # values in column order [R, B, k] -> [R, Bp, k] -> [R, S, g*k] -> [R, Q*P, C*V]
     vcol = np.zeros((R, Q * P, C * V), dtype=values.dtype)
     vb = np.zeros((R, Bp, k), dtype=values.dtype)
@@ -422,6 +426,9 @@ def nm24_records(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
     rt, kt = -(-R // NM24_TILE_ROWS), -(-B // 8)
     kt += kt & 1  # whole pairs: an odd last k-tile is paired with an all-zero one
     Rp, Bp = rt * NM24_TILE_ROWS, kt * 8
+    # the re-layout's peak: values and indices padded (and sorted, gathered) a few times, the records
+    check_fits_memory(Rp * Bp * 2 * (3 * values.dtype.itemsize + 12) + rt * (kt // 2) * NM24_RECORD_BYTES,
+                      f"the 2:4 tensor-core layout of a [{R}, {B * 4}] tensor")
     order = np.argsort(indices, axis=1, kind="stable")  # the two kept entries of a block in column order
     v = np.zeros((Rp, Bp, 2), dtype=values.dtype)
     i = np.zeros((Rp, Bp, 2), dtype=np.uint32)

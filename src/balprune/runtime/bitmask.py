@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError, UsageError
-from ..formats.layouts import bitmask_segments
+from ..formats.layouts import SegmentGeometry, bitmask_segments
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from .balanced import INT_LIMIT, BalancedOperator, _host_numpy, checked_arrays
@@ -75,10 +75,11 @@ class BitmaskLinear(BalancedOperator):
         self.rows, self.cols, self.blocks, self.block_length, self.keep = rows, int(cols), blocks, int(block_length), keep
         self.dtype = _VALUE_DTYPES[v.dtype]
         self.defines = tuple(defines)
+        # the staged x is indexed with 32-bit ints: refuse before building the layout
+        if SegmentGeometry(blocks, self.block_length, keep, v.element_size()).staged_cols * BATCH_TILES[-1] > INT_LIMIT:
+            raise FormatError(f"{name}: {cols} columns exceed the bitmask kernel's 32-bit indexing")
         units, words, sg = bitmask_segments(_host_numpy(v), i.numpy(), self.block_length)
         self.segments = sg
-        if sg.staged_cols * BATCH_TILES[-1] > INT_LIMIT:  # the staged x is indexed with 32-bit ints
-            raise FormatError(f"{name}: {cols} columns exceed the bitmask kernel's 32-bit indexing")
         with cp.cuda.Device(self.device):
             self.units_dev = cp.asarray(units)
             self.words_dev = cp.asarray(words)
