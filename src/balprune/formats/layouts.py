@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..errors import FormatError
-from ..safeio import check_fits_memory
 from ..patterns.balanced import MAX_BLOCK_LENGTH
+from ..safeio import check_fits_memory
 from .base import CHECK_CHUNK_ENTRIES, VALUE_DTYPES, check_finite_values, positive_int
 
 OFFSETS, BITMASK = "offsets", "bitmask"
