@@ -181,6 +181,19 @@ def test_bad_index_choice_is_a_usage_error(cli, tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize("pattern", [("-p", "unstructured"), ("-p", "block", "--block-shape", "4x4")])
+def test_an_index_encoding_without_a_balanced_tensor_is_a_usage_error(cli, tmp_path, pattern):
+    """--index offsets|bitmask only means something for balanced tensors: with another pattern (and no
+    [[layers]] rule making any tensor balanced) it is refused, never silently ignored; auto is fine."""
+    src = tmp_path / "m.pt"
+    torch.save(small_state_dict(), src)
+    out = tmp_path / "o.safetensors"
+    r = cli("prune", src, *pattern, "-s", "0.5", "--index", "bitmask", "-o", out)
+    assert r.code == 2 and "index encodings apply to the balanced pattern only" in r.err
+    assert not out.exists()
+    assert cli("prune", src, *pattern, "-s", "0.5", "--index", "auto", "-o", out).code == 0
+
+
 def test_unknown_format_version_names_the_versions_read(tmp_path):
     from balprune.formats import spec
 

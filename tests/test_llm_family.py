@@ -445,7 +445,7 @@ def test_example_command_writes_an_hf_folder_that_prune_reads(cli, tmp_path):
     r = cli("example", "llama-tiny", "-o", folder)
     assert r.code == 0 and "llama-tiny" in r.out, r
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model-00001-of-00001.safetensors",
-                                                        "model.safetensors.index.json"]
+                                                        "model.safetensors.index.json", "tokenizer.json"]
     cfg = read_config(folder)
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size) == ("llama", 4, 64)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}

@@ -21,8 +21,9 @@ from .errors import ConfigError, UsageError
 from .formats.layouts import INDEX_CHOICES
 from .patterns.kinds import Pattern, PatternKind, pattern_to_dict
 from .patterns.registry import CLI_SPELLING, OPTION_TOML_TYPES, PATTERN_KEY_OWNER, PATTERNS
+from .prune.criteria import Criterion
 from .prune.schedule import Schedule, ScheduleKind
-from .values import parse_positive_int, parse_sparsity
+from .values import MAX_CALIBRATION_SAMPLES, MAX_SEQ_LEN, parse_positive_int, parse_sparsity
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,44 @@ def glob_matcher(pattern: str):
     return re.compile(fnmatch.translate(pattern)).match
 
 
+#: Calibration devices (``--device``). The default is the CPU: the same bytes on every machine.
+CALIBRATION_DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Where an activation-aware criterion (wanda, sparsegpt) gets its inputs: ``samples`` windows of
+    ``seq_len`` tokens drawn (seeded by ``seed``) from the token ids or text of ``data``, tokenized with
+    ``tokenizer`` (a folder holding tokenizer.json, or the file; None: the model folder's own), run
+    through the model on ``device``."""
+
+    data: Path
+    tokenizer: Path | None = None
+    samples: int = 128
+    seq_len: int = 512
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        parse_positive_int(self.samples, what="samples", error=ConfigError, maximum=MAX_CALIBRATION_SAMPLES)
+        parse_positive_int(self.seq_len, what="seq_len", error=ConfigError, maximum=MAX_SEQ_LEN)
+        parse_positive_int(self.seed, what="seed", error=ConfigError, minimum=0)
+        if self.device not in CALIBRATION_DEVICES:
+            raise ConfigError(f"device must be {' or '.join(CALIBRATION_DEVICES)}, got {short_repr(self.device)}")
+
+    def to_dict(self) -> dict[str, object]:
+        """What the packed file's manifest records (the data file by name)."""
+        return {"data": Path(self.data).name, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed,
+                "device": self.device}
+
+
 @dataclass(frozen=True)
 class PruneOptions:
-    """Everything one prune run needs besides its input and output paths."""
+    """Everything one prune run needs besides its input and output paths.
+
+    ``criterion`` chooses which weights are kept (prune.criteria); an activation-aware one needs
+    ``calibration`` (and, at run time, a model the calibration can run: llm.calibrate).
+    """
 
     pattern: Pattern
     include: tuple[str, ...] = ()
@@ -58,9 +94,20 @@ class PruneOptions:
     #: tensor in the manifest (index_encoding), not in the options (so offsets-only runs write the
     #: same v1 bytes as before the option existed)
     index: str = "auto"
+    criterion: Criterion = Criterion.MAGNITUDE
+    calibration: CalibrationOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.criterion.calibrated and self.calibration is None:
+            raise ConfigError(f"criterion {self.criterion.value} needs calibration data")
+        if not self.criterion.calibrated and self.calibration is not None:
+            raise ConfigError("calibration data is used by the wanda and sparsegpt criteria only")
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        # The criterion is recorded only when it is not magnitude, so magnitude runs keep their bytes.
+        calibrated = ({"criterion": self.criterion.value, "calibration": self.calibration.to_dict()}
+                      if self.calibration is not None else {})
+        return {**calibrated,
             **pattern_to_dict(self.pattern),
             "include": list(self.include),
             "exclude": list(self.exclude),
@@ -82,7 +129,9 @@ class PruneOptions:
 #: tests/test_registry.py checks it lists exactly sparsity and the registry's keys.
 _PATTERN_KEYS = ("sparsity", "blocks", "block_size", "block_shape", "vector_length", "nm", "scope")
 
-_PRUNE_KEYS = {"pattern", *_PATTERN_KEYS, "include", "exclude", "strict", "index"}
+#: The calibration keys of a [prune] table (``balprune prune`` only; with criterion wanda or sparsegpt).
+_CALIBRATION_KEYS = ("calibration", "tokenizer", "samples", "seq_len", "device")
+_PRUNE_KEYS = {"pattern", *_PATTERN_KEYS, "include", "exclude", "strict", "index", "criterion", *_CALIBRATION_KEYS}
 _LAYER_KEYS = {"match", "skip", "pattern", *_PATTERN_KEYS}
 _SCHEDULE_KEYS = {"kind", "steps", "values"}
 
@@ -93,6 +142,8 @@ _SCHEDULE_KEYS = {"kind", "steps", "values"}
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "sparsity": (int, float), "steps": (int,), "pattern": (str,), "kind": (str,), "match": (str,),
     "skip": (bool,), "strict": (bool,), "index": (str,), "include": (list,), "exclude": (list,), "values": (list,),
+    "criterion": (str,), "calibration": (str,), "tokenizer": (str,), "samples": (int,), "seq_len": (int,),
+    "device": (str,),
     **OPTION_TOML_TYPES,
 }
 _TOML_TYPE = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "an array"}
@@ -283,6 +334,8 @@ def prune_options_from_config(
     exclude: tuple[str, ...] = (),
     strict: bool = False,
     index: str | None = None,
+    calibration: dict[str, object] | None = None,
+    config_dir: Path | None = None,
     error=ConfigError,
 ) -> PruneOptions:
     """PruneOptions from a loaded recipe (``load_config``), with command-line style overrides.
@@ -297,6 +350,12 @@ def prune_options_from_config(
     (the file contradicts itself). One exception: ``pattern`` (--pattern) replacing the recipe's
     own pattern drops the [prune] keys written for that other pattern, so one recipe serves
     several patterns; [[layers]] rules are still checked against the pattern they end up with.
+
+    ``calibration`` holds the command line's criterion and calibration values (keys ``criterion`` and
+    those of ``_CALIBRATION_KEYS``, None = not given; they win over the [prune] table's); only
+    ``balprune prune`` passes it, and without it a [prune] table asking for another criterion than
+    magnitude is refused (fine-tuning and sensitivity rank by magnitude). The [prune] table's paths are
+    relative to ``config_dir`` (the config's folder).
     """
     base = data.get("prune", {})
     cli = {k: (overrides or {}).get(k) for k in _PATTERN_KEYS}
@@ -332,5 +391,68 @@ def prune_options_from_config(
         where = "--index" if index is not None else "[prune] index"
         raise (UsageError if index is not None else error)(
             f"{where} must be one of {', '.join(INDEX_CHOICES)}, got {short_repr(index_choice)}")
-    return PruneOptions(p, include=inc, exclude=exc, rules=rules_from_config(data.get("layers", []), p),
-                        schedule=sched, strict=strict or strict_cfg, index=index_choice)
+    criterion, calib = _criterion_options(base, calibration, config_dir, error)
+    rules = rules_from_config(data.get("layers", []), p)
+    if index_choice != "auto" and not any(q is not None and q.kind is PatternKind.BALANCED for q in (p, *(r.pattern for r in rules))):
+        # an index encoding is a balanced tensor's: asked for with no balanced tensor, it would do nothing
+        where = "--index" if index is not None else "[prune] index"
+        raise (UsageError if index is not None else error)(
+            f"{where} {index_choice}: index encodings apply to the balanced pattern only, not {p.kind.value}")
+    if criterion.calibrated and any(q.ranks_globally for q in (p, *(r.pattern for r in rules if r.pattern))):
+        raise error(f"criterion {criterion.value} ranks each tensor by its own inputs: it cannot be used with "
+                    "the global unstructured scope")
+    return PruneOptions(p, include=inc, exclude=exc, rules=rules, schedule=sched, strict=strict or strict_cfg,
+                        index=index_choice, criterion=criterion, calibration=calib)
+
+
+def _criterion_options(base: dict, cli: dict[str, object] | None, config_dir: Path | None,
+                       error) -> tuple[Criterion, CalibrationOptions | None]:
+    """The criterion and calibration options from the command line (``cli``) over the [prune] table."""
+    def pick(key: str) -> tuple[object, str, type]:
+        """(value, how to name it in a message, the error class a bad value raises)."""
+        given = (cli or {}).get(key)
+        if given is not None:
+            return given, "--" + key.replace("_", "-"), UsageError
+        return base.get(key), f"[prune] {key}", error
+
+    value, where, err = pick("criterion")
+    try:
+        criterion = Criterion(value if value is not None else "magnitude")
+    except ValueError:
+        raise err(f"{where} must be {', '.join(c.value for c in Criterion)}, got {short_repr(value)}") from None
+    picked = {key: pick(key) for key in _CALIBRATION_KEYS}
+    if not criterion.calibrated:
+        # --criterion magnitude replacing the config's criterion drops the config's calibration keys (as
+        # --pattern drops the keys of the config's pattern): one recipe serves every criterion.
+        dropped = where.startswith("--")
+        for v, name, e in picked.values():
+            if dropped and not name.startswith("--"):
+                continue
+            if v is not None:
+                raise e(f"{name} applies to --criterion wanda or sparsegpt; the criterion is magnitude")
+        return criterion, None
+    if cli is None:
+        raise error(f"[prune] criterion {criterion.value}: only `balprune prune` calibrates; fine-tuning and "
+                    "sensitivity rank weights by magnitude", hint="drop the criterion and calibration keys")
+
+    def path(key: str) -> Path | None:
+        v, name, _ = picked[key]
+        if v is None:
+            return None
+        # The command line's paths are as typed; a config's are relative to the config's folder.
+        return Path(v) if name.startswith("--") or config_dir is None else Path(config_dir) / str(v)
+
+    data = path("calibration")
+    if data is None:
+        raise UsageError(f"--criterion {criterion.value} needs calibration data: --calibration FILE (token ids "
+                         "as .npy or decimal text, or text with a tokenizer)")
+    numbers = {}
+    for key, bound in (("samples", MAX_CALIBRATION_SAMPLES), ("seq_len", MAX_SEQ_LEN)):
+        v, name, e = picked[key]
+        if v is not None:
+            numbers[key] = parse_positive_int(v, what=name, error=e, maximum=bound)
+    device, name, e = picked["device"]
+    if device is not None and device not in CALIBRATION_DEVICES:
+        raise e(f"{name} must be {' or '.join(CALIBRATION_DEVICES)}, got {short_repr(device)}")
+    extra = {"device": device} if device is not None else {}
+    return criterion, CalibrationOptions(data, tokenizer=path("tokenizer"), **numbers, **extra)

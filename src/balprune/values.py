@@ -58,6 +58,12 @@ INT_LIMITS: dict[str, int] = {
     "--batch": 1 << 16, "--iters": 1 << 20, "--frames": 1 << 16, "--device": 1 << 10,
 }
 
+#: Calibration (``prune --criterion wanda|sparsegpt``): most windows and tokens per window. Memory is
+#: checked against the model's shapes before anything is allocated; these only refuse absurd values.
+MAX_CALIBRATION_SAMPLES = 1 << 16
+MAX_SEQ_LEN = 1 << 20
+INT_LIMITS.update({"--seq-len": MAX_SEQ_LEN})
+
 #: The bound of any integer value (a signed 64-bit integer, what torch and the file format hold).
 MAX_INT = 2**63 - 1
 

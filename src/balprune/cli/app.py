@@ -22,7 +22,14 @@ from ..config import (
 )
 from ..container import check_output_path
 from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, InvalidInputError, UsageError
-from ..values import parse_block_shape, parse_nm, parse_positive_int, parse_sparsity
+from ..values import (
+    MAX_CALIBRATION_SAMPLES,
+    MAX_SEQ_LEN,
+    parse_block_shape,
+    parse_nm,
+    parse_positive_int,
+    parse_sparsity,
+)
 from . import render
 from .options import csv_items, parse_int_list, parse_sparsity_list, usage
 
@@ -66,6 +73,22 @@ def _progress_bar(enabled: bool):
                     console=render.console(stderr=True), transient=True)
 
 
+def _parse_criterion(value: str) -> str:
+    from ..prune.criteria import Criterion
+
+    if value not in {c.value for c in Criterion}:
+        raise UsageError(f"--criterion must be {', '.join(c.value for c in Criterion)}, got {value!r}")
+    return value
+
+
+def _parse_calibration_device(value: str) -> str:
+    from ..config import CALIBRATION_DEVICES
+
+    if value not in CALIBRATION_DEVICES:
+        raise UsageError(f"--device must be {' or '.join(CALIBRATION_DEVICES)}, got {value!r}")
+    return value
+
+
 @app.command()
 def prune(
     checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.bin state dict, a .safetensors file, or a sharded folder / *.index.json."),
@@ -100,23 +123,58 @@ def prune(
     output: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: <input>.<pattern>.safetensors beside the input)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    criterion: str | None = typer.Option(None, "--criterion", callback=usage(_parse_criterion),
+                                         help="Which weights to keep: magnitude (default), wanda or sparsegpt "
+                                              "(these two run a Llama-family HF folder on --calibration data)."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="wanda/sparsegpt: calibration data: token ids "
+                                            "(.npy, or decimal ids separated by whitespace) or UTF-8 text."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="wanda/sparsegpt: a folder holding tokenizer.json, "
+                                          "or the file, for text data (default: the model folder's)."),
+    samples: str | None = typer.Option(None, "--samples", callback=usage(
+        lambda v: parse_positive_int(v, what="--samples", maximum=MAX_CALIBRATION_SAMPLES)),
+        help="wanda/sparsegpt: calibration windows (default 128)."),
+    seq_len: str | None = typer.Option(None, "--seq-len", callback=usage(
+        lambda v: parse_positive_int(v, what="--seq-len", maximum=MAX_SEQ_LEN)),
+        help="wanda/sparsegpt: tokens per calibration window (default 512)."),
+    device: str | None = typer.Option(None, "--device", callback=usage(_parse_calibration_device),
+                                      help="wanda/sparsegpt: cpu (default) or cuda."),
 ) -> None:
     """Prune a checkpoint and write the packed balanced-sparse safetensors file."""
     from ..checkpoint import open_checkpoint
     from ..iopaths import check_io
-    from ..prune.engine import default_output, prune_checkpoint
+    from ..prune.engine import default_output
 
-    inputs = [("checkpoint", checkpoint), ("--config", config)]
+    inputs = [("checkpoint", checkpoint), ("--config", config), ("--calibration", calibration),
+              ("--tokenizer", tokenizer)]
     check_io(inputs=inputs, outputs=[("-o/--output", output)])  # before the config is read
+    calibration_values = {"criterion": criterion, "calibration": calibration, "tokenizer": tokenizer,
+                          "samples": samples, "seq_len": seq_len, "device": device}
     options = _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope,
-                             include, exclude, steps, schedule, strict, vector_length, index)
+                             include, exclude, steps, schedule, strict, vector_length, index, calibration_values)
+    if options.calibration is not None:  # the config's own paths (relative to it), known only now
+        inputs += [("calibration data", options.calibration.data), ("tokenizer", options.calibration.tokenizer)]
+        check_io(inputs=inputs, outputs=[("-o/--output", output)])
     err = render.console(stderr=True)
     if options.pattern.sparsity == 0:
         err.print("warning: sparsity 0 prunes nothing; tensors pass through unchanged")
     out = output if output is not None else default_output(checkpoint, options.pattern.kind.value)
     if output is None:  # the default output path, known only now
         check_io(inputs=inputs, outputs=[("-o/--output", out)])  # the shards of a folder: prune_checkpoint
-    ckpt = open_checkpoint(checkpoint, key=key)
+    if options.calibration is not None:
+        report = _prune_calibrated(checkpoint, out, options, key=key, force=force, as_json=as_json)
+    else:
+        report = _prune_by_magnitude(open_checkpoint(checkpoint, key=key), out, options, force=force, as_json=as_json)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        render.console().print(render.prune_table(report))
+    for note in report.notes:  # "warning: ..." / "note: ...", one line each; names are file text, not markup
+        err.print(render.literal(note), soft_wrap=True)
+
+
+def _prune_by_magnitude(ckpt, out: Path, options: PruneOptions, *, force: bool, as_json: bool):
+    from ..prune.engine import prune_checkpoint
+
     bar = _progress_bar(not as_json)
     if bar is None:
         report = prune_checkpoint(ckpt, out, options, force=force)
@@ -126,16 +184,49 @@ def prune(
             report = prune_checkpoint(ckpt, out, options, force=force,
                                       progress=lambda done, total, name: bar.update(
                                           task, completed=done, description=render.visible(name[-40:])))
-    if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def _prune_calibrated(checkpoint: Path, out: Path, options: PruneOptions, *, key: str | None, force: bool,
+                      as_json: bool):
+    """wanda / sparsegpt: the decoder linears of a Llama-family folder pruned layer by layer on the
+    calibration windows (llm.calibrate), every other target by magnitude, in one packed file."""
+    from ..finetune.run import resolve_device
+    from ..llm.calibrate import calibration_windows, prune_layers
+    from ..llm.family import open_llm
+    from ..prune.engine import prune_checkpoint
+
+    cal, criterion = options.calibration, options.criterion
+    folder = checkpoint.parent if checkpoint.name.endswith(".index.json") else checkpoint
+    if not (folder.is_dir() and (folder / "config.json").exists()):
+        raise UsageError(f"--criterion {criterion.value} runs the model on its calibration data: it needs a Hugging "
+                         f"Face folder of the Llama family (config.json and safetensors), not {checkpoint}",
+                         hint="use --criterion magnitude for other checkpoints")
+    if key is not None:
+        raise UsageError("--key applies to torch pickles; an HF folder's weights are found by its index")
+    device = resolve_device(cal.device)  # exit 6 for cuda without a GPU, before any file is read
+    cfg, ckpt = open_llm(folder)
+    windows = calibration_windows(cfg, folder, cal.data, tokenizer=cal.tokenizer, samples=cal.samples,
+                                  seq_len=cal.seq_len, seed=cal.seed)
+    bar = None if as_json or not sys.stderr.isatty() else _count_bar()
+    task = bar.add_task(f"{criterion.value}: decoder layers", total=cfg.num_hidden_layers) if bar else None
+
+    def pruned_weights(plans):
+        return prune_layers(cfg, ckpt, plans, windows, criterion, device=device,
+                            progress=None if bar is None else lambda done, total: bar.update(task, completed=done))
+
+    if bar is None:
+        report = prune_checkpoint(ckpt, out, options, force=force, pruned_weights=pruned_weights)
     else:
-        render.console().print(render.prune_table(report))
-    for note in report.notes:  # "warning: ..." / "note: ...", one line each; names are file text, not markup
-        err.print(render.literal(note), soft_wrap=True)
+        with bar:
+            report = prune_checkpoint(ckpt, out, options, force=force, pruned_weights=pruned_weights)
+    report.notes.append(f"note: criterion {criterion.value}: decoder linears pruned on {cal.samples} calibration "
+                        f"windows of {cal.seq_len} tokens from {cal.data} ({device.type}); other targets by magnitude")
+    return report
 
 
 def _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shape, scope, include, exclude,
-                   steps, schedule, strict, vector_length=None, index=None) -> PruneOptions:
+                   steps, schedule, strict, vector_length=None, index=None, calibration=None) -> PruneOptions:
     overrides = {"sparsity": sparsity, "blocks": blocks, "block_size": block_size, "block_shape": block_shape,
                  "vector_length": vector_length, "nm": nm, "scope": scope}
     if pattern is not None or config is None:
@@ -146,20 +237,66 @@ def _prune_options(config, pattern, sparsity, blocks, block_size, nm, block_shap
     # CLI values win over the config's [prune] table, which wins over the defaults.
     return prune_options_from_config(data, overrides=overrides, pattern=pattern, schedule_kind=schedule,
                                      steps=steps, include=tuple(include), exclude=tuple(exclude), strict=strict,
-                                     index=index, error=UsageError if config is None else ConfigError)
+                                     index=index, calibration=calibration or {},
+                                     config_dir=None if config is None else config.parent,
+                                     error=UsageError if config is None else ConfigError)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_shard_size(text: str) -> int:
+    """``--shard-size``: a positive byte count, plain (``1000000``) or with a unit as transformers writes
+    them (``5GB`` = 5 * 10^9, ``500MiB`` = 500 * 2^20; units in any case), below 2^63."""
+    import re
+
+    m = re.fullmatch(r"([0-9]{1,19})\s*([A-Za-z]{0,3})", str(text).strip())
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise UsageError(f"--shard-size: expected a byte count such as 5GB, 500MiB or 1000000, got {str(text)[:40]!r}")
+    size = int(m.group(1)) * _SIZE_UNITS[unit]
+    if not 1 <= size < 2**63:
+        raise UsageError(f"--shard-size: must be at least 1 byte and below 2^63, got {str(text)[:40]!r}")
+    return size
 
 
 @app.command()
 def unpack(
     packed: Path = typer.Argument(..., help="A packed file written by `balprune prune`."),
-    output: Path = typer.Option(..., "--output", "-o", help="Dense safetensors file to write."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Dense safetensors file to write."),
+    hf_folder: Path | None = typer.Option(None, "--hf-folder", help="Write a Hugging Face folder instead "
+                                          "(sharded weights, index, config and tokenizer files): from_pretrained loads it."),
+    like: Path | None = typer.Option(None, "--like", help="--hf-folder: take config.json and the tokenizer files "
+                                     "from this source folder instead of the packed file's record."),
+    shard_size: str | None = typer.Option(None, "--shard-size", callback=usage(parse_shard_size),
+                                          help="--hf-folder: largest shard, e.g. 5GB (default), 500MiB or bytes."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file (or model folder)."),
 ) -> None:
-    """Write the dense-with-zeros checkpoint back: every tensor at its name, shape and dtype."""
-    from ..formats.packed_file import unpack as unpack_file
+    """Write the dense-with-zeros checkpoint back: every tensor at its name, shape and dtype (as one
+    safetensors file, or with --hf-folder as a folder from_pretrained loads)."""
+    if (output is None) == (hf_folder is None):
+        raise UsageError("give exactly one of -o/--output (a safetensors file) and --hf-folder (a Hugging Face folder)")
+    if hf_folder is None:
+        given = [o for o, v in (("--like", like), ("--shard-size", shard_size)) if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} applies to --hf-folder only, not to -o/--output")
+        from ..formats.packed_file import unpack as unpack_file
 
-    n = unpack_file(packed, output, force=force)
-    render.console().print(render.literal(f"wrote {n} tensors to {output}"))
+        n = unpack_file(packed, output, force=force)
+        render.console().print(render.literal(f"wrote {n} tensors to {output}"))
+        return
+    from ..llm.examples import MAX_SHARD_BYTES
+    from ..llm.hfexport import export_hf_folder
+
+    done = export_hf_folder(packed, hf_folder, like=like, force=force,
+                            max_shard_bytes=MAX_SHARD_BYTES if shard_size is None else shard_size)
+    err = render.console(stderr=True)
+    for note in done.notes:
+        err.print(render.literal(f"warning: {note}"), soft_wrap=True)
+    render.console().print(render.literal(
+        f"wrote {done.folder}: {done.tensors} tensors in {len(done.shards)} shard(s), {', '.join(done.files)}"),
+        soft_wrap=True)
 
 
 @app.command()
@@ -244,6 +381,65 @@ def example(
     save_state_dict(sd, output, force=force)
     n = sum(t.numel() for t in sd.values())
     render.console().print(render.literal(f"wrote {name} ({len(sd)} tensors, {n / 1e6:.1f}M parameters) to {output}"))
+
+
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Argument(..., help="An HF causal-LM folder, or a safetensors file (dense or packed) with --like."),
+    data: Path = typer.Option(..., "--data", help="Token ids (.npy, or decimal ids separated by whitespace) or "
+                                                  "UTF-8 text (tokenized with the tokenizer)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer",
+                                          help="A folder holding tokenizer.json, or the file (default: the model "
+                                               "folder's, or --like's)."),
+    like: Path | None = typer.Option(None, "--like", help="The HF folder whose config.json a single-file MODEL follows."),
+    seq_len: str = typer.Option("512", "--seq-len",
+                                callback=usage(lambda v: parse_positive_int(v, what="--seq-len", minimum=2,
+                                                                            maximum=_max_seq_len())),
+                                help="Tokens per evaluation window (consecutive, non-overlapping)."),
+    max_tokens: str | None = typer.Option(None, "--max-tokens",
+                                          callback=usage(lambda v: parse_positive_int(v, what="--max-tokens")),
+                                          help="Evaluate only the first N tokens of the data."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when present)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16: the weights' and "
+                                                         "activations' dtype."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (schema balprune.eval/1)."),
+) -> None:
+    """Perplexity of a Llama-family model on a text or token file: exp(mean next-token NLL) over consecutive windows."""
+    from ..finetune.run import resolve_device
+    from ..llm.evaluate import DTYPES, evaluate
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)  # exit 2 for a bad name, 6 for cuda without a GPU: before any file is read
+    bar = None if as_json or not sys.stderr.isatty() else _count_bar()
+    if bar is None:
+        result = evaluate(model, data, like=like, tokenizer=tokenizer, seq_len=int(seq_len),
+                          max_tokens=None if max_tokens is None else int(max_tokens), dtype=dtype, device=dev)
+    else:
+        with bar:
+            task = bar.add_task("windows", total=None)
+            result = evaluate(model, data, like=like, tokenizer=tokenizer, seq_len=int(seq_len),
+                              max_tokens=None if max_tokens is None else int(max_tokens), dtype=dtype, device=dev,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    render.console().print(render.literal(
+        f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of {result.seq_len})"))
+
+
+def _max_seq_len() -> int:
+    from ..llm.evaluate import MAX_SEQ_LEN
+
+    return MAX_SEQ_LEN
+
+
+def _count_bar():
+    """A rich progress bar on stderr counting items (done/total), for a person at a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=render.console(stderr=True), transient=True)
 
 
 @app.command()

@@ -91,7 +91,8 @@ def _pct(x: float | None) -> str:
 def prune_table(report: PruneReport) -> Table:
     """The per-tensor table; a target short of its request is marked (``!``, the request beside it) and
     the total row gives achieved against requested sparsity; the caption holds the report's notes."""
-    t = Table(title=literal(f"balprune prune -> {report.output}"), title_justify="left")
+    by = "" if report.criterion == "magnitude" else f" (criterion {report.criterion})"
+    t = Table(title=literal(f"balprune prune -> {report.output}{by}"), title_justify="left")
     for col, just in (("tensor", "left"), ("shape", "left"), ("dtype", "left"), ("action", "left"),
                       ("sparsity", "right"), ("dense", "right"), ("packed", "right")):
         t.add_column(col, justify=just, no_wrap=col not in ("action", "tensor"))

@@ -13,7 +13,7 @@ import torch
 from .. import container
 from ..errors import FormatError, OutputError
 from ..safeio import check_fits_memory, human
-from . import PACKED_CLASSES, spec
+from . import PACKED_CLASSES, hf_record, spec
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,22 @@ class PackedFile:
 
     def names(self) -> list[str]:
         return list(self.manifest["tensors"])
+
+    @property
+    def transposed(self) -> frozenset[str]:
+        """Tensors stored as the transpose of their source tensor (manifest ``transposed``: GPT-2 Conv1D
+        weights, [in, out] in the source, packed as their [out, in] matrix)."""
+        return frozenset(self.manifest.get("transposed", ()))
+
+    def source_shape(self, name: str) -> tuple[int, ...]:
+        """The shape ``name`` had in the source checkpoint (the entry's, reversed for a transposed tensor)."""
+        shape = tuple(self.manifest["tensors"][name]["shape"])
+        return shape[::-1] if name in self.transposed else shape
+
+    def hf_files(self) -> hf_record.HfFiles | None:
+        """The source HF folder's files the file records (``hf:config.json`` ...), every one checked
+        (hf_record.parse_texts: JSON objects within their caps); None when it records none."""
+        return hf_record.parse_texts(self.parsed.metadata, str(self.path))
 
     def _raw(self, stored_name: str) -> torch.Tensor:
         e = self.parsed.entry(stored_name)
@@ -65,9 +81,18 @@ class PackedFile:
         return obj
 
     def dense(self, name: str) -> torch.Tensor:
-        """The dense-with-zeros tensor of ``name`` (checked by ``load``; its size checked against memory)."""
+        """The dense-with-zeros tensor of ``name`` as its entry describes it (checked by ``load``; its size
+        checked against memory): the matrix the runtime multiplies by, [out, in] for a transposed tensor."""
         obj = self.load(name)
         return obj if isinstance(obj, torch.Tensor) else obj.to_dense(name)
+
+    def source_dense(self, name: str) -> torch.Tensor:
+        """``dense(name)`` in the source's orientation (``source_shape``): a transposed tensor transposed back."""
+        t = self.dense(name)
+        if name in self.transposed:
+            check_fits_memory(t.numel() * t.element_size(), f"tensor {name!r}: transposing it back")
+            t = t.t().contiguous()
+        return t
 
     def dense_bytes(self, name: str) -> int:
         """Bytes of ``name``'s dense form, from the manifest alone (no allocation)."""
@@ -159,6 +184,7 @@ def verify_packed(path: str | Path, progress=None, each=None) -> PackedFile:
     ``each(name, obj)``, when given, sees every loaded tensor (dense ones too) in the same pass, for a
     consumer's own checks (the model runtime's dtype range) without reading the file twice."""
     pf = read_packed(path)
+    pf.hf_files()  # the recorded HF files' contents (JSON objects), which unpack --hf-folder writes
     names = pf.names()
     for i, name in enumerate(names):
         # dense entries: dtype, shape and span are checked by read_packed; loaded only for ``each``
@@ -171,32 +197,48 @@ def verify_packed(path: str | Path, progress=None, each=None) -> PackedFile:
     return pf
 
 
-def _preflight(pf: PackedFile, output: Path) -> None:
-    """Refuse an unpack whose largest dense tensor cannot fit in memory or whose output cannot fit on disk."""
+def check_unpack_fits(pf: PackedFile, output: Path) -> None:
+    """Refuse an unpack whose largest dense tensor cannot fit in memory (exit 4) or whose output (a file
+    or a folder) cannot fit on the disk of its parent folder (exit 5), with the figures."""
     sizes = {name: pf.dense_bytes(name) for name in pf.names()}
-    packed = [n for n in sizes if pf.manifest["tensors"][n]["pattern"] != "dense"]
-    if packed:
-        largest = max(packed, key=lambda n: sizes[n])
-        check_fits_memory(2 * sizes[largest], f"tensor {largest!r}: unpacking its dense form of {sizes[largest]} bytes")
+    made = [n for n in sizes if pf.manifest["tensors"][n]["pattern"] != "dense" or n in pf.transposed]
+    if made:  # the dense form and its copy (a transposed tensor: one more, turned back)
+        largest = max(made, key=lambda n: sizes[n] * (3 if n in pf.transposed else 2))
+        factor = 3 if largest in pf.transposed else 2
+        check_fits_memory(factor * sizes[largest], f"tensor {largest!r}: unpacking its dense form of {sizes[largest]} bytes")
     total = sum(sizes.values()) + sum(sizes[t] for t in pf.manifest["aliases"].values())
     free = shutil.disk_usage(output.parent).free if output.parent.is_dir() else None
     if free is not None and total > free:
         raise OutputError(f"{output.parent} has {human(free)} free; the unpacked checkpoint needs {human(total)}")
 
 
-def iter_unpacked(pf: PackedFile) -> Iterator[tuple[str, torch.Tensor | bytearray]]:
-    """(name, dense tensor or the stored bytes) for every tensor and alias, in manifest order."""
+def _aliases_of(pf: PackedFile) -> dict[str, list[str]]:
     aliases_of: dict[str, list[str]] = {}
     for alias, target in pf.manifest["aliases"].items():
         aliases_of.setdefault(target, []).append(alias)
+    return aliases_of
+
+
+def iter_unpacked(pf: PackedFile) -> Iterator[tuple[str, torch.Tensor | bytearray]]:
+    """(name, dense tensor or the stored bytes) for every tensor and alias, in manifest order (each
+    tensor followed by its aliases: ``unpacked_plan``'s order), each in its source shape
+    (``PackedFile.source_shape``: a transposed tensor is turned back)."""
+    aliases_of = _aliases_of(pf)
     for name, entry in pf.manifest["tensors"].items():
-        if entry["pattern"] == "dense":
+        if entry["pattern"] == "dense" and name not in pf.transposed:
             e = pf.parsed.entry(name)
             data = container.read_bytes(pf.path, e.begin, e.end)
         else:
-            data = pf.dense(name)
+            data = pf.source_dense(name)
         for n in [name] + aliases_of.get(name, []):
             yield n, data
+
+
+def unpacked_plan(pf: PackedFile) -> list[container.PlannedTensor]:
+    """Name, dtype and source shape of every tensor and alias, in the order ``iter_unpacked`` yields them."""
+    aliases_of = _aliases_of(pf)
+    return [container.PlannedTensor(n, entry["dtype"], pf.source_shape(name))
+            for name, entry in pf.manifest["tensors"].items() for n in [name, *aliases_of.get(name, [])]]
 
 
 def unpack(path: str | Path, output: Path, *, force: bool = False) -> int:
@@ -204,18 +246,17 @@ def unpack(path: str | Path, output: Path, *, force: bool = False) -> int:
 
     Before anything is written: the output path (not an input, not a non-regular file), the whole
     file verified, the largest dense tensor checked against memory and the output's size against
-    the free disk space (exit 4 / 5 with the figures).
+    the free disk space (exit 4 / 5 with the figures). Tensors come out in their source shape (a
+    transposed GPT-2 Conv1D weight as the [in, out] tensor it was).
     """
     container.check_not_an_input(Path(output), [Path(path)])
     container.check_output_path(Path(output), force=force)
     pf = verify_packed(path)
-    _preflight(pf, Path(output))
-    plan = []
-    for name, entry in pf.manifest["tensors"].items():
-        plan.append(container.PlannedTensor(name, entry["dtype"], tuple(entry["shape"])))
-    for alias, target in pf.manifest["aliases"].items():
-        entry = pf.manifest["tensors"][target]
-        plan.append(container.PlannedTensor(alias, entry["dtype"], tuple(entry["shape"])))
+    check_unpack_fits(pf, Path(output))
+    plan = [container.PlannedTensor(name, entry["dtype"], pf.source_shape(name))
+            for name, entry in pf.manifest["tensors"].items()]
+    for alias, target in pf.manifest["aliases"].items():  # after the tensors: the layout unpack always had
+        plan.append(container.PlannedTensor(alias, pf.manifest["tensors"][target]["dtype"], pf.source_shape(target)))
     with container.AtomicOutput(Path(output), force=force) as out:
         writer = container.StreamingWriter(out.file, plan, {"format": "pt", "balprune": "unpacked",
                                                           "source_sha256": pf.manifest["source"]["sha256"]})

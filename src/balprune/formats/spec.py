@@ -6,7 +6,9 @@ A packed file is a safetensors file. ``__metadata__`` holds only strings:
     format_version  "2" when a balanced tensor uses the bitmask encoding, else "1" (file_version)
     tool_version    balprune's version
     manifest        compact JSON (keys sorted): {"tensors": [entry, ...], "aliases": {...},
-                    "options": {...}, "source": {"name": ..., "sha256": ...}}
+                    "options": {...}, "source": {"name": ..., "sha256": ...}} and, when some tensor
+                    is stored as the transpose of its source (GPT-2 Conv1D), "transposed": [name, ...]
+    hf:<file>       optional: the source HF folder's config.json, tokenizer files ... (formats.hf_record)
 
 Each tensor of the source checkpoint has one manifest entry (with its "name"), in source order. A packed tensor
 ``name`` is stored as parts ``name::<part>``; a dense one under its own name.
@@ -23,6 +25,7 @@ from ..container import RESERVED_NAME as _RESERVED_NAME
 from ..container import check_tensor_name as _check_name
 from ..container import short_repr
 from ..errors import FormatError, InvalidInputError
+from . import hf_record
 
 FORMAT_NAME = "balprune.packed"
 #: The newest version written; a file is written as the oldest version that can hold it (file_version).
@@ -92,7 +95,12 @@ def entry_for_version(entry: dict, version: str) -> dict:
 
 
 MANIFEST_KEYS = frozenset({"tensors", "aliases", "options", "source"})
+#: Manifest keys written only when they have something to say (so files without them keep their bytes):
+#: ``transposed``, the tensors stored as the transpose of their source tensor (GPT-2 Conv1D weights).
+OPTIONAL_MANIFEST_KEYS = frozenset({"transposed"})
 METADATA_KEYS = frozenset({"format", "format_version", "tool_version", "manifest"})
+#: Besides METADATA_KEYS, ``__metadata__`` may hold the source HF folder's files (formats.hf_record:
+#: ``hf:config.json`` ...), written only when the source is an HF folder.
 
 
 def part_name(tensor: str, part: str) -> str:
@@ -278,7 +286,7 @@ def parse_metadata(metadata: dict[str, str] | None, where: str) -> dict:
             f"{', '.join(READ_VERSIONS)})",
             hint="use the balprune version that wrote it",
         )
-    extra = set(metadata) - METADATA_KEYS
+    extra = {k for k in metadata if k not in METADATA_KEYS and not hf_record.is_record_key(k)}
     if extra:
         raise FormatError(f"{where}: unknown __metadata__ key(s) {[short_repr(k) for k in sorted(extra)[:5]]}")
     if "tool_version" in metadata:
@@ -289,8 +297,9 @@ def parse_metadata(metadata: dict[str, str] | None, where: str) -> dict:
         manifest = loads_json(metadata["manifest"], f"{where}: manifest")
     except InvalidInputError as exc:
         raise FormatError(_non_finite_field(metadata["manifest"], where) or exc.message) from None
-    if not isinstance(manifest, dict) or set(manifest) != MANIFEST_KEYS:
-        raise FormatError(f"{where}: manifest must be an object with keys {sorted(MANIFEST_KEYS)}")
+    if not isinstance(manifest, dict) or not MANIFEST_KEYS <= set(manifest) <= MANIFEST_KEYS | OPTIONAL_MANIFEST_KEYS:
+        raise FormatError(f"{where}: manifest must be an object with keys {sorted(MANIFEST_KEYS)} "
+                          f"(and optionally {sorted(OPTIONAL_MANIFEST_KEYS)})")
     if not isinstance(manifest["tensors"], list) or not isinstance(manifest["aliases"], dict):
         raise FormatError(f"{where}: manifest tensors must be a list and aliases an object")
     tensors: dict[str, dict] = {}
@@ -310,7 +319,25 @@ def parse_metadata(metadata: dict[str, str] | None, where: str) -> dict:
             raise FormatError(f"{where}: alias {alias!r} is also a stored tensor")
     _check_options(manifest["options"], where)
     _check_source(manifest["source"], where)
+    if "transposed" in manifest:
+        _check_transposed(manifest["transposed"], manifest["tensors"], where)
+    hf_record.check_metadata(metadata, where)
     return manifest
+
+
+def _check_transposed(names: object, tensors: dict[str, dict], where: str) -> None:
+    """``transposed``: a non-empty list of distinct stored tensors with 2-D shapes (their entries describe
+    the [out, in] matrix; the source held its transpose, which unpack restores)."""
+    if not isinstance(names, list) or not names:
+        raise FormatError(f"{where}: manifest transposed must be a non-empty list of tensor names")
+    for name in names:
+        if not isinstance(name, str) or name not in tensors:
+            raise FormatError(f"{where}: manifest transposed names {short_repr(name)}, which is not a stored tensor")
+        shape = tensors[name].get("shape")
+        if not isinstance(shape, list) or len(shape) != 2:
+            raise FormatError(f"{where}: manifest transposed names {name!r}, whose shape {short_repr(shape)} is not 2-D")
+    if len(set(names)) != len(names):
+        raise FormatError(f"{where}: manifest transposed names a tensor twice")
 
 
 def describe_entry(entry: dict) -> str:

@@ -1,7 +1,8 @@
 """Hugging Face folders of the Llama family with random weights, written shard by shard.
 
 ``write_hf_folder(cfg, folder)`` writes what ``from_pretrained`` and ``open_llm`` read: config.json,
-``model-0000K-of-0000N.safetensors`` shards and ``model.safetensors.index.json``. Weights are drawn
+``model-0000K-of-0000N.safetensors`` shards and ``model.safetensors.index.json`` (and a tokenizer.json when
+given one; ``write_example`` gives the presets llm.text's small byte-level BPE, ids < vocab_size). Weights are drawn
 N(0, 0.02) (norm weights 1, biases 0.02-normal too), each tensor from its own generator seeded by
 (seed, tensor name), so the bytes do not depend on the shard size. Only one tensor is in memory at a
 time (llama-8b is 16 GB in bfloat16; its largest tensor, the embedding, is 1 GB). Every file goes
@@ -131,13 +132,15 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
 def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int = 0, force: bool = False,
                     max_shard_bytes: int = MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
                     progress: Callable[[str, int, int], None] | None = None,
-                    tensor_fn: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> Path:
+                    tensor_fn: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+                    tokenizer_json: bytes | None = None) -> Path:
     """Write an HF causal-LM folder for ``cfg`` with random weights (module docstring); returns the folder.
 
     ``folder`` is created if missing (its parent must exist); an existing folder must be empty unless
     ``force``, which replaces the files this writer names (each atomically) and leaves others alone.
     ``dtype`` defaults to cfg.torch_dtype (float32 if unset). ``progress(name, done, total)`` is called
     after each tensor. ``tensor_fn(name, shape, dtype)`` replaces the random values (tests).
+    ``tokenizer_json``: the bytes of a tokenizer.json to write beside the weights (None: none written).
     Raises OutputError (exit 5) for an unusable folder, UsageError (exit 2) for a bad shard size.
     """
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
@@ -155,7 +158,7 @@ def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int
     files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     _check_free_space(out, plan, shards, files, in_place)
     if in_place:  # --force over a non-empty folder: each file replaced atomically, config.json last
-        _write_files(cfg, out, shards, files, dtype, seed, True, progress, tensor_fn)
+        _write_files(cfg, out, shards, files, dtype, seed, True, progress, tensor_fn, tokenizer_json)
         return out
     # A new (or empty) folder is built beside it and renamed into place: it appears complete or not at all.
     try:  # a fresh random name, created exclusively: nothing already there is opened or removed
@@ -166,7 +169,7 @@ def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int
     except OSError as exc:
         raise OutputError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
     try:
-        _write_files(cfg, tmp, shards, files, dtype, seed, False, progress, tensor_fn)
+        _write_files(cfg, tmp, shards, files, dtype, seed, False, progress, tensor_fn, tokenizer_json)
         try:
             os.rename(tmp, out)  # replaces an empty folder; fails if anything appeared in it meanwhile
         except OSError as exc:
@@ -180,8 +183,10 @@ def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int
 
 def _write_files(cfg: LlmConfig, out: Path, shards: list[list[PlannedTensor]], files: list[str], dtype: torch.dtype,
                  seed: int, force: bool, progress: Callable[[str, int, int], None] | None,
-                 tensor_fn: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None) -> None:
-    """The shards (one tensor in memory at a time), then the index, then config.json; each file atomic."""
+                 tensor_fn: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None,
+                 tokenizer_json: bytes | None = None) -> None:
+    """The shards (one tensor in memory at a time), then the index (and tokenizer.json), then config.json;
+    each file atomic."""
     make = tensor_fn or (lambda n, s, d: random_tensor(n, s, d, seed))
     done, total = 0, sum(len(s) for s in shards)
     weight_map: dict[str, str] = {}
@@ -199,6 +204,8 @@ def _write_files(cfg: LlmConfig, out: Path, shards: list[list[PlannedTensor]], f
     index = {"metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard)},
              "weight_map": dict(sorted(weight_map.items()))}
     write_bytes_atomic(out / "model.safetensors.index.json", _json_bytes(index), force=force)
+    if tokenizer_json is not None:
+        write_bytes_atomic(out / "tokenizer.json", tokenizer_json, force=force)
     write_bytes_atomic(out / "config.json", _json_bytes(config_dict(cfg)), force=force)
 
 
@@ -219,10 +226,15 @@ def _check_free_space(out: Path, plan: list[PlannedTensor], shards: list[list[Pl
 
 def write_example(name: str, folder: str | os.PathLike[str], *, seed: int = 0, force: bool = False,
                   progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """``write_hf_folder`` of preset ``name`` (a key of PRESETS); UsageError (exit 2) for an unknown one."""
+    """``write_hf_folder`` of preset ``name`` (a key of PRESETS), with the example tokenizer.json
+    (llm.text.example_tokenizer_json: the same bytes for every seed); UsageError (exit 2) for an unknown one."""
+    from .text import example_tokenizer_json
+
     if name not in PRESETS:
         raise UsageError(f"unknown LLM example {name!r}; choose one of {', '.join(PRESETS)}")
-    return write_hf_folder(PRESETS[name][1], folder, seed=seed, force=force, progress=progress)
+    cfg = PRESETS[name][1]
+    return write_hf_folder(cfg, folder, seed=seed, force=force, progress=progress,
+                           tokenizer_json=example_tokenizer_json(cfg.vocab_size))
 
 
 def folder_bytes(cfg: LlmConfig, dtype: torch.dtype | None = None) -> int:

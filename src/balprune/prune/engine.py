@@ -7,7 +7,7 @@ packed and written one at a time into a file whose layout was fixed by the plan.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,8 @@ from ..checkpoint import Checkpoint
 from ..config import PruneOptions
 from ..container import AtomicOutput, StreamingWriter, check_not_an_input, verify_written
 from ..errors import InvalidInputError, OutputError
-from ..formats import BalancedTensor, BsrTensor, CsrTensor, spec
+from ..formats import BalancedTensor, BsrTensor, CsrTensor, hf_record, spec
+from ..llm.gpt2 import conv1d_weights
 from ..patterns.balanced import balanced_offsets, geometry_for
 from ..patterns.ranking import check_finite
 from ..patterns.registry import ENCODINGS
@@ -28,6 +29,12 @@ from .plan import TensorPlan, plan_tensor, unmatched_globs
 
 #: progress(done_bytes, total_bytes, tensor_name): called after each tensor.
 Progress = Callable[[int, int, str], None]
+
+#: Targets pruned before the streaming loop by another criterion than magnitude (llm.calibrate through
+#: prune.criteria): called with the plans by tensor name, it yields (name, the tensor's dense-with-zeros
+#: weight in its source dtype and shape) for pruned targets, in any order; each is packed by its plan and
+#: written at once (the writer's offsets are fixed, so the order does not change the bytes).
+PrunedWeights = Callable[[Mapping[str, TensorPlan]], Iterable[tuple[str, torch.Tensor]]]
 
 #: A target whose achieved sparsity falls more than this (2 points) below its request is reported
 #: (a warning; --strict refuses the run). Rounding of k alone stays well inside it for real layers.
@@ -67,6 +74,7 @@ class PruneReport:
     sparsity_requested: float | None = None
     sparsity_achieved: float | None = None
     sparsity_achieved_all: float = 0.0
+    criterion: str = "magnitude"  # which weights were kept (prune.criteria.Criterion)
 
     @property
     def dense_bytes(self) -> int:
@@ -79,6 +87,7 @@ class PruneReport:
     def to_dict(self) -> dict:
         return {
             "schema": "balprune.prune-report/1", "source": self.source, "output": self.output,
+            "criterion": self.criterion,
             "source_sha256": self.source_sha256, "aliases": self.aliases, "notes": self.notes,
             "dense_bytes": self.dense_bytes, "packed_bytes": self.packed_bytes,
             "sparsity_requested": self.sparsity_requested, "sparsity_achieved": self.sparsity_achieved,
@@ -107,9 +116,11 @@ def default_output(source: Path, pattern_name: str) -> Path:
     return source.with_name(f"{stem}.{pattern_name}.safetensors")
 
 
-def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions) -> list[TensorPlan]:
-    """Plans for every tensor in source order; global unstructured scope reads magnitudes first."""
-    plans = [plan_tensor(t, options) for t in ckpt.tensors]
+def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions, transposed: frozenset[str] = frozenset()) -> list[TensorPlan]:
+    """Plans for every tensor in source order; global unstructured scope reads magnitudes first.
+    ``transposed``: the tensors stored [in, out] (GPT-2 Conv1D: llm.gpt2.conv1d_weights), planned as
+    their transpose."""
+    plans = [plan_tensor(t, options, transposed=t.name in transposed) for t in ckpt.tensors]
     global_ = [p for p in plans if p.pattern is not None and p.pattern.ranks_globally]
     if global_:
         sparsities = {p.pattern.sparsity for p in global_}
@@ -122,8 +133,8 @@ def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions) -> list[TensorPlan]
             mags.append(t.reshape(-1))
         counts = global_keep_counts(mags, sparsities.pop())
         by_name = {p.source.name: c for p, c in zip(global_, counts)}
-        plans = [plan_tensor(t, options, keep_override=max(1, by_name[t.name])) if t.name in by_name else p
-                 for t, p in zip(ckpt.tensors, plans)]
+        plans = [plan_tensor(t, options, keep_override=max(1, by_name[t.name]), transposed=t.name in transposed)
+                 if t.name in by_name else p for t, p in zip(ckpt.tensors, plans)]
     return plans
 
 
@@ -211,6 +222,8 @@ def pack_tensor(plan: TensorPlan, weight: torch.Tensor):
     """
     name = plan.source.name
     check_finite(weight, name)
+    if plan.transposed:  # a GPT-2 Conv1D weight [in, out]: its output units are the columns
+        weight = weight.t().contiguous()
     matrix = weight.reshape(weight.shape[0], -1)
     packed = ENCODINGS[plan.entry["pattern"]].pack(weight, matrix, plan)
     if packed.manifest() != plan.entry:  # the plan fixed the file layout; packing must agree
@@ -244,17 +257,45 @@ def pack_bsr(weight: torch.Tensor, matrix: torch.Tensor, plan: TensorPlan) -> Bs
                                 plan.pattern.sparsity)
 
 
+def _write_supplied(writer: StreamingWriter, plans: list[TensorPlan], pruned_weights: PrunedWeights) -> set[str]:
+    """Pack and write every tensor ``pruned_weights`` yields; the names written.
+
+    The dense-with-zeros weight holds at most its plan's count of non-zeros per unit, so the plan's
+    packer stores exactly its entries; packing is checked to be lossless (the packed tensor's dense form
+    equals the weight), since a packer given too many non-zeros would drop some silently.
+    """
+    by_name = {p.source.name: p for p in plans}
+    written: set[str] = set()
+    for name, weight in pruned_weights(by_name):
+        plan = by_name.get(name)
+        if plan is None or not plan.pruned or name in written or tuple(weight.shape) != plan.source.shape:
+            raise AssertionError(f"pruned weight {name!r} is not a planned target, comes twice or has another shape")
+        packed = pack_tensor(plan, weight)
+        if not torch.equal(packed.to_dense(name), weight.t() if plan.transposed else weight):
+            raise AssertionError(f"tensor {name!r}: the pruned weight does not fit its pattern (packing lost entries)")
+        for o, tensor in zip(plan.outputs, packed.parts().values()):
+            writer.write(o.name, tensor)
+        written.add(name)
+    return written
+
+
 def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, force: bool = False,
-                     progress: Progress | None = None) -> PruneReport:
+                     progress: Progress | None = None, pruned_weights: PrunedWeights | None = None) -> PruneReport:
     """Prune ``ckpt`` by ``options`` into the packed file ``output`` (atomic; see AtomicOutput).
 
-    Raises the project's errors only; on any error no file appears at ``output``.
+    ``pruned_weights`` supplies some targets already pruned (``PrunedWeights``); every other target is
+    pruned by magnitude here.
+
+    Raises the project's errors only; on any error no file appears at ``output``. A source with a
+    config.json beside its weights (an HF folder) has its config and tokenizer files recorded in the
+    packed file (formats.hf_record), and its GPT-2 Conv1D weights pruned as [out, in] (llm.gpt2).
     """
     output = Path(output)
-    check_not_an_input(output, ckpt.files)
+    hf = hf_record.read_beside(ckpt.files)
+    check_not_an_input(output, [*ckpt.files, *(hf.paths if hf else ())])
     # Opening the output first makes a missing or unwritable folder fail before any work.
     with AtomicOutput(output, force=force) as out:
-        plans = plan_checkpoint(ckpt, options)
+        plans = plan_checkpoint(ckpt, options, conv1d_weights(ckpt.tensors, hf.model_type if hf else None))
         short = check_shortfalls(plans, options)
         preflight(plans, output)
         sha = ckpt.sha256()
@@ -265,21 +306,27 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
             "options": options.to_dict(),
             "source": {"name": Path(ckpt.display).name, "sha256": sha},
         }
+        if any(p.transposed for p in plans):  # only then: files without it keep their bytes
+            manifest["transposed"] = [p.source.name for p in plans if p.transposed]
         metadata = {"format": spec.FORMAT_NAME, "format_version": version,
-                    "tool_version": __version__, "manifest": spec.dumps(manifest)}
+                    "tool_version": __version__, "manifest": spec.dumps(manifest), **(hf.metadata() if hf else {})}
         writer = StreamingWriter(out.file, [o for p in plans for o in p.outputs], metadata)
-        report = PruneReport(ckpt.display, str(output), sha, aliases=dict(ckpt.aliases))
+        report = PruneReport(ckpt.display, str(output), sha, aliases=dict(ckpt.aliases),
+                             criterion=options.criterion.value)
         report.sparsity_requested, report.sparsity_achieved, report.sparsity_achieved_all = sparsity_totals(plans)
         report.notes += [f"warning: {shortfall_line(p)}" for p in short]
         report.notes += [f"warning: {w}" for w in unmatched_globs([t.name for t in ckpt.tensors], options)]
+        report.notes += [f"warning: {n}" for n in (hf.notes if hf else ())]
+        supplied = _write_supplied(writer, plans, pruned_weights) if pruned_weights is not None else set()
         total = sum(p.source.nbytes for p in plans)
         done = 0
         for plan in plans:
             name = plan.source.name
             if plan.pruned:
-                packed = pack_tensor(plan, ckpt.load(name))
-                for o, tensor in zip(plan.outputs, packed.parts().values()):
-                    writer.write(o.name, tensor)
+                if name not in supplied:
+                    packed = pack_tensor(plan, ckpt.load(name))
+                    for o, tensor in zip(plan.outputs, packed.parts().values()):
+                        writer.write(o.name, tensor)
                 achieved = float(plan.entry["sparsity_achieved"])
                 action = "pruned"
             else:

@@ -8,7 +8,7 @@ bad options fail before minutes of work, and the output file's header can be wri
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..checkpoint import SourceTensor
 from ..config import PruneOptions, glob_matcher
@@ -36,6 +36,9 @@ class TensorPlan:
     #: the sparsity the options ask of this tensor: its pattern's (default or its rule's), also when
     #: its geometry cannot prune it (row too short); None when it is not a target at all
     requested: float | None = None
+    #: pruned as the transpose of the source tensor (a GPT-2 Conv1D weight [in, out]): ``entry`` and
+    #: ``outputs`` describe the [out, in] matrix; the packer is given ``weight.t()``
+    transposed: bool = False
 
     @property
     def pruned(self) -> bool:
@@ -77,8 +80,31 @@ def _target(src: SourceTensor, options: PruneOptions) -> tuple[Pattern | None, s
     return options.pattern, "default", bool(options.include)
 
 
-def plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | None = None) -> TensorPlan:
-    """The plan of one tensor (see module doc). InvalidInputError for impossible requests."""
+#: What the reason column adds for a GPT-2 Conv1D weight (llm.gpt2.conv1d_weights recognises them).
+CONV1D_REASON = "GPT-2 Conv1D [in, out]: each output unit's inputs balanced, stored as its [out, in] transpose"
+
+
+def plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | None = None, *,
+                transposed: bool = False) -> TensorPlan:
+    """The plan of one tensor (see module doc). InvalidInputError for impossible requests.
+
+    ``transposed``: ``src`` is a 2-D weight stored [in, out] (GPT-2's Conv1D), whose rows are not its
+    output units: it is planned as its transpose [out, in], so every output unit keeps the same count
+    per block of its inputs, and ``transposed`` is set on the plan. When that view prunes nothing, the
+    tensor passes through as it is stored.
+    """
+    if not transposed:
+        return _plan_tensor(src, options, keep_override)
+    if len(src.shape) != 2:
+        raise ValueError(f"only a 2-D tensor can be planned transposed, not {src.name!r} {list(src.shape)}")
+    plan = _plan_tensor(replace(src, shape=src.shape[::-1]), options, keep_override)
+    if plan.pruned:
+        return replace(plan, source=src, transposed=True, reason=f"{plan.reason}; {CONV1D_REASON}")
+    reason = plan.reason if plan.requested is None else f"{plan.reason} (GPT-2 Conv1D, viewed as its [out, in] transpose)"
+    return _dense(src, reason, requested=plan.requested)
+
+
+def _plan_tensor(src: SourceTensor, options: PruneOptions, keep_override: int | None = None) -> TensorPlan:
     pattern, why, explicit = _target(src, options)
     if pattern is None:
         return _dense(src, why)

@@ -1,0 +1,249 @@
+"""GPT-2 Conv1D weights ([in, out]) are balanced along the input axis of each output unit.
+
+transformers' Conv1D computes ``x @ W + b`` with W stored [in, out]: an output unit is a COLUMN. Balanced
+sparsity must keep the same count per block of each output unit's inputs, so balprune prunes the
+transpose [out, in], stores it that way (the manifest's ``transposed`` list says so) and gives the
+[in, out] tensor back on unpack. The tiny GPT-2-like folders here are written by the test itself
+(config.json + safetensors with the HF GPT-2 tensor names); the transformers cross-check is skipped
+where transformers is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import one_error_line
+from safetensors import safe_open
+
+from balprune.checkpoint import SourceTensor
+from balprune.errors import InvalidInputError
+from balprune.formats.packed_file import read_packed
+from balprune.llm.gpt2 import conv1d_weights
+from balprune.save import save_state_dict
+
+H, LAYERS, VOCAB, POSITIONS = 32, 2, 64, 16
+CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def gpt2_state_dict(prefix: str = "transformer.", seed: int = 0, linear_layout: bool = False) -> dict[str, torch.Tensor]:
+    """A GPT-2 state dict with HF's names; Conv1D weights [in, out] (``linear_layout``: [out, in], as a
+    Linear-based port like nanoGPT stores them)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(i: int, o: int) -> torch.Tensor:
+        t = 0.1 * torch.randn(i, o, generator=g)
+        return t.t().contiguous() if linear_layout else t
+
+    sd = {f"{prefix}wte.weight": 0.1 * torch.randn(VOCAB, H, generator=g),
+          f"{prefix}wpe.weight": 0.1 * torch.randn(POSITIONS, H, generator=g)}
+    for n in range(LAYERS):
+        p = f"{prefix}h.{n}."
+        sd[p + "ln_1.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+        sd[p + "ln_1.bias"] = 0.1 * torch.randn(H, generator=g)
+        sd[p + "attn.c_attn.weight"] = w(H, 3 * H)
+        sd[p + "attn.c_attn.bias"] = 0.1 * torch.randn(3 * H, generator=g)
+        sd[p + "attn.c_proj.weight"] = w(H, H)
+        sd[p + "attn.c_proj.bias"] = 0.1 * torch.randn(H, generator=g)
+        sd[p + "ln_2.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+        sd[p + "ln_2.bias"] = 0.1 * torch.randn(H, generator=g)
+        sd[p + "mlp.c_fc.weight"] = w(H, 4 * H)
+        sd[p + "mlp.c_fc.bias"] = 0.1 * torch.randn(4 * H, generator=g)
+        sd[p + "mlp.c_proj.weight"] = w(4 * H, H)
+        sd[p + "mlp.c_proj.bias"] = 0.1 * torch.randn(H, generator=g)
+    sd[f"{prefix}ln_f.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+    sd[f"{prefix}ln_f.bias"] = 0.1 * torch.randn(H, generator=g)
+    return sd
+
+
+GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": VOCAB, "n_positions": POSITIONS,
+               "n_embd": H, "n_layer": LAYERS, "n_head": 4, "activation_function": "gelu_new",
+               "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, "dtype": "float32"}
+
+
+def gpt2_folder(folder: Path, config: dict | None = GPT2_CONFIG, **kw) -> Path:
+    folder.mkdir()
+    save_state_dict(gpt2_state_dict(**kw), folder / "model.safetensors")
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _conv1d_names(prefix: str = "transformer.") -> list[str]:
+    return [f"{prefix}h.{n}.{m}.weight" for n in range(LAYERS) for m in CONV1D]
+
+
+def _prune(cli, src: Path, out: Path, *extra: str) -> dict:
+    r = cli("prune", src, "--blocks", "4", "--sparsity", "0.5", "-o", out, "--json", *extra)
+    assert r.code == 0, r.err
+    return {t["name"]: t for t in json.loads(r.out)["tensors"]}
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_every_output_unit_keeps_k_per_block_of_its_inputs(cli, tmp_path):
+    """The brief's test: c_attn [in, 3*in] pruned balanced; every COLUMN (output unit) of every Conv1D weight
+    keeps exactly k per block along the input axis, the largest magnitudes of that block; unpack gives the
+    [in, out] tensor back, kept values bit-exact, dropped ones 0."""
+    src = gpt2_folder(tmp_path / "gpt2")
+    source = gpt2_state_dict()
+    report = _prune(cli, src, tmp_path / "p.safetensors")
+    pf = read_packed(tmp_path / "p.safetensors")
+    assert sorted(pf.transposed) == sorted(_conv1d_names())
+    assert cli("unpack", tmp_path / "p.safetensors", "-o", tmp_path / "dense.safetensors").code == 0
+    dense = _load(tmp_path / "dense.safetensors")
+    for name in _conv1d_names():
+        w, d = source[name], dense[name]
+        assert tuple(d.shape) == tuple(w.shape), "unpack restores [in, out]"
+        assert "GPT-2 Conv1D [in, out]" in report[name]["reason"]
+        assert pf.manifest["tensors"][name]["shape"] == [w.shape[1], w.shape[0]]  # stored as [out, in]
+        k_in = w.shape[0]
+        length = math.ceil(k_in / 4)
+        keep = math.floor(0.5 * length + 0.5)
+        assert pf.manifest["tensors"][name]["block_length"] == length and pf.manifest["tensors"][name]["keep"] == keep
+        assert torch.equal(d[d != 0], w[d != 0]), "kept values are the source's, bit for bit"
+        for col in range(w.shape[1]):  # every output unit
+            for b0 in range(0, k_in, length):
+                block_w, block_d = w[b0:b0 + length, col], d[b0:b0 + length, col]
+                assert int((block_d != 0).sum()) == keep
+                top = torch.topk(block_w.abs(), keep).indices
+                assert set(top.tolist()) == set(torch.nonzero(block_d).flatten().tolist())
+        # and not balanced along the stored rows (the wrong axis): the inputs' fan-outs keep varying counts
+        lr = math.ceil(w.shape[1] / 4)
+        counts = torch.stack([(d[:, c0:c0 + lr] != 0).sum(1) for c0 in range(0, w.shape[1], lr)], 1)
+        assert int(counts.max()) != int(counts.min())
+    for name, t in source.items():  # biases and norms come back byte for byte; wte/wpe are ordinary rows
+        if t.dim() == 1:
+            assert torch.equal(dense[name], t)
+        elif name not in pf.transposed:
+            assert pf.manifest["tensors"][name]["shape"] == list(t.shape)
+
+
+def test_packed_matrix_is_the_layers_operator(cli, tmp_path):
+    """What the runtime multiplies by (PackedFile.dense / load: the [out, in] matrix, y = W x) is what the
+    Conv1D layer computes (x @ W_src + b) with the masked source weight: the runtime and bench run a
+    transposed tensor as the layer's own [out, in] operator."""
+    src = gpt2_folder(tmp_path / "gpt2")
+    _prune(cli, src, tmp_path / "p.safetensors")
+    pf = read_packed(tmp_path / "p.safetensors")
+    for name in _conv1d_names():
+        stored = pf.dense(name)  # [out, in]
+        source = pf.source_dense(name)  # [in, out], as the checkpoint holds it
+        assert tuple(stored.shape) == tuple(source.shape)[::-1]
+        xin = torch.randn(4, source.shape[0], generator=torch.Generator().manual_seed(4))
+        assert torch.allclose(xin @ source, (stored @ xin.t()).t(), atol=1e-6)
+        assert pf.load(name).manifest()["shape"] == list(stored.shape)
+
+
+def test_recognised_by_names_without_config_but_not_a_linear_port(cli, tmp_path):
+    """Without config.json: c_attn [h, 3h] is Conv1D's signature (transposed); a nanoGPT-style Linear port
+    stores [3h, h] and is pruned along its rows as any Linear."""
+    conv = gpt2_folder(tmp_path / "conv", config=None, prefix="")
+    report = _prune(cli, conv / "model.safetensors", tmp_path / "conv.safetensors")
+    assert sorted(read_packed(tmp_path / "conv.safetensors").transposed) == sorted(_conv1d_names(""))
+    assert all("Conv1D" in report[n]["reason"] for n in _conv1d_names(""))
+    lin = gpt2_folder(tmp_path / "lin", config=None, prefix="", linear_layout=True)
+    report = _prune(cli, lin / "model.safetensors", tmp_path / "lin.safetensors")
+    pf = read_packed(tmp_path / "lin.safetensors")
+    assert pf.transposed == frozenset() and "transposed" not in json.loads(pf.parsed.metadata["manifest"])
+    assert not any("Conv1D" in t["reason"] for t in report.values())
+
+
+def test_other_model_types_are_not_transposed():
+    t = [SourceTensor("h.0.attn.c_attn.weight", "F32", (8, 24), 768), SourceTensor("h.0.mlp.c_fc.weight", "F32", (8, 32), 1024),
+         SourceTensor("h.0.xattn.c_attn.weight", "F32", (8, 24), 768), SourceTensor("h.0.attn.c_attn.bias", "F32", (24,), 96)]
+    assert conv1d_weights(t, "bert") == frozenset()
+    assert conv1d_weights(t, "gpt2") == {"h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight"}
+    assert conv1d_weights(t, None) == {"h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight"}
+    t[0] = replace(t[0], shape=(24, 8))  # a Linear port's c_attn: the block has no Conv1D signature
+    assert conv1d_weights(t, None) == frozenset()
+    with pytest.raises(InvalidInputError, match="bias"):  # config says gpt2, the bias says [out, in]
+        conv1d_weights(t, "gpt2")
+
+
+def test_bias_contradicting_gpt2_config_refused(cli, tmp_path):
+    src = gpt2_folder(tmp_path / "gpt2", linear_layout=True)  # config says gpt2, weights are [out, in]
+    r = cli("prune", src, "--blocks", "4", "--sparsity", "0.5", "-o", tmp_path / "p.safetensors")
+    assert r.code == 4 and "bias" in one_error_line(r.err)
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_excluded_conv1d_passes_through_as_stored(cli, tmp_path):
+    src = gpt2_folder(tmp_path / "gpt2")
+    report = _prune(cli, src, tmp_path / "p.safetensors", "--exclude", "*mlp.c_proj*")
+    pf = read_packed(tmp_path / "p.safetensors")
+    excluded = "transformer.h.0.mlp.c_proj.weight"
+    assert report[excluded]["action"] == "passed" and excluded not in pf.transposed
+    assert pf.manifest["tensors"][excluded]["shape"] == [4 * H, H]
+    assert cli("unpack", tmp_path / "p.safetensors", "-o", tmp_path / "d.safetensors").code == 0
+    assert torch.equal(_load(tmp_path / "d.safetensors")[excluded], gpt2_state_dict()[excluded])
+
+
+@pytest.mark.parametrize("transposed, words", [
+    ([], "non-empty list"),
+    ("transformer.h.0.attn.c_attn.weight", "non-empty list"),
+    (["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.weight"], "twice"),
+    (["nope"], "not a stored tensor"),
+    (["transformer.h.0.ln_1.bias"], "not 2-D"),
+])
+def test_hostile_transposed_list_refused(cli, tmp_path, transposed, words):
+    from test_hf_export import rewrite_metadata
+
+    src = gpt2_folder(tmp_path / "gpt2")
+    _prune(cli, src, tmp_path / "p.safetensors")
+
+    def edit(meta):
+        manifest = json.loads(meta["manifest"])
+        manifest["transposed"] = transposed
+        meta["manifest"] = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+
+    rewrite_metadata(tmp_path / "p.safetensors", edit)
+    for command in (("verify",), ("unpack", "-o", tmp_path / "d.safetensors")):
+        r = cli(command[0], tmp_path / "p.safetensors", *command[1:])
+        assert r.code == 4 and words in one_error_line(r.err)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def _transformers():
+    from balprune.vision import torchvision
+
+    try:  # transformers imports torchvision; balprune.vision makes that work next to a CPU-only torch
+        torchvision()
+    except ImportError:
+        pass
+    return pytest.importorskip("transformers")
+
+
+def test_hf_folder_loads_in_transformers_with_conv1d_restored(cli, tmp_path):
+    """unpack --hf-folder of the pruned GPT-2 folder: transformers' GPT2LMHeadModel holds every Conv1D weight
+    [in, out] equal to the masked source, and its logits equal the source model with those weights masked."""
+    tf = _transformers()
+    src = gpt2_folder(tmp_path / "gpt2")
+    _prune(cli, src, tmp_path / "p.safetensors")
+    r = cli("unpack", tmp_path / "p.safetensors", "--hf-folder", tmp_path / "out")
+    assert r.code == 0, r.err
+    pf = read_packed(tmp_path / "p.safetensors")
+    assert sorted(pf.transposed) == sorted(_conv1d_names())
+    pruned = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    reference = tf.AutoModelForCausalLM.from_pretrained(src, attn_implementation="eager").eval()
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name in pf.names():  # every pruned weight (wte and wpe are pruned too, along their rows)
+            if pf.manifest["tensors"][name]["pattern"] != "dense":
+                mask = pf.source_dense(name) != 0
+                assert tuple(mask.shape) == tuple(params[name].shape)  # Conv1D: [in, out], as it holds it
+                params[name].mul_(mask)
+        got = dict(pruned.named_parameters())
+        for name in _conv1d_names():
+            assert tuple(got[name].shape) == tuple(gpt2_state_dict()[name].shape)
+            assert torch.equal(got[name], params[name])
+        ids = torch.randint(0, VOCAB, (2, POSITIONS), generator=torch.Generator().manual_seed(5))
+        a, b = pruned(ids).logits, reference(ids).logits
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
