@@ -226,10 +226,11 @@ def test_finetune_vgg16_on_a_tiny_image_folder(cli, tmp_path):
     assert tensors["classifier.6.weight"]["sparsity_target"] == 0.8
 
 
-@pytest.mark.parametrize("name", ["digits-balanced.toml", "lstm-lm-finetune.toml", "vgg16-finetune.toml"])
+@pytest.mark.parametrize("name", ["digits-balanced.toml", "lstm-lm-finetune.toml", "vgg16-finetune.toml",
+                                  "llama-lm-finetune.toml", "llama-lm-criteria.toml"])
 def test_shipped_recipes_load(name):
     r = load_recipe(REPO / "configs" / name)
-    assert r.options.pattern.sparsity in (0.8, 0.875, 0.92)
+    assert r.options.pattern.sparsity in (0.7, 0.8, 0.875, 0.92)
     assert r.train.steps_per_stage > 0 and r.options.schedule.steps > 1
 
 

@@ -321,6 +321,12 @@ def test_finetune_sweep_and_sensitivity_through_the_cli(cli, tmp_path):
     model = task.build_model()
     model.load_state_dict(ckpt)
     _assert_same_logits(hf, model, task.windows("valid")[:2])
+    # the run's packed file carries config.json and tokenizer.json: unpack gives the same folder's model
+    r = cli("unpack", run / "model.balanced.safetensors", "--hf-folder", tmp_path / "hf-unpacked")
+    assert r.code == 0, r.err
+    assert (tmp_path / "hf-unpacked" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    assert (tmp_path / "hf-unpacked" / "config.json").read_bytes() == (hf / "config.json").read_bytes()
+    _assert_same_logits(tmp_path / "hf-unpacked", model, task.windows("valid")[:2])
     with pytest.raises(InvalidInputError, match="not a readable fine-tuning checkpoint|not a balprune"):
         export_run(recipe, run / "metrics.json", tmp_path / "hf2")
     assert not (tmp_path / "hf2").exists()

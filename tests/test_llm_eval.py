@@ -160,6 +160,29 @@ def test_packed_and_unpacked_files_with_like(cli, tiny, corpus, tmp_path):
     assert float((masked.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
     assert a["nll_mean"] == pytest.approx(_direct_nll(masked, ids, SEQ)[0], rel=1e-6)
     assert a["nll_mean"] != full["nll_mean"]
+    # pruned from the folder, the packed file records its config.json and tokenizer.json: no --like needed
+    alone = _eval_json(cli, packed, "--data", corpus, "--seq-len", SEQ)
+    assert {k: v for k, v in alone.items() if k != "model"} == {k: v for k, v in a.items() if k != "model"}
+
+
+def test_a_packed_file_with_a_hostile_recorded_config_is_refused(cli, tiny, corpus, tmp_path):
+    """The recorded config.json is read as hostile as a folder's: a bad field is one line, exit 4."""
+    import json
+
+    from balprune import container
+
+    packed = tmp_path / "p.safetensors"
+    assert cli("prune", str(tiny), "--sparsity", "0.5", "--blocks", "4", "-o", str(packed), "--json").code == 0
+    parsed = container.parse_file(packed)
+    meta = dict(parsed.metadata)
+    cfg = json.loads(meta["hf:config.json"])
+    cfg["num_hidden_layers"] = 10**12
+    meta["hf:config.json"] = json.dumps(cfg)
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(packed), bad, metadata=meta)
+    refused(cli, tmp_path, [bad, "--data", corpus, "--seq-len", SEQ], 4, "bad.safetensors", "num_hidden_layers")
 
 
 def test_bfloat16_is_close_to_float32(cli, tiny, corpus):
@@ -325,7 +348,7 @@ def test_single_file_model_needs_like_and_a_matching_layout(cli, tiny, corpus, t
             "'model.embed_tokens.weight' is missing")
     refused(cli, tmp_path, [tiny, "--like", tiny, "--data", corpus], 2, "--like", "drop --like")
     refused(cli, tmp_path, [other, "--like", corpus, "--data", corpus], 4, "--like", "not a folder")
-    refused(cli, tmp_path, [tmp_path / "missing", "--data", corpus], 2, "--like")
+    refused(cli, tmp_path, [tmp_path / "missing", "--data", corpus], 4, "missing", "does not exist")
     refused(cli, tmp_path, [tmp_path / "missing.safetensors", "--like", tiny, "--data", corpus], 4,
             "missing.safetensors", "does not exist")
 

@@ -385,13 +385,15 @@ def example(
 
 @app.command("eval")
 def eval_command(
-    model: Path = typer.Argument(..., help="An HF causal-LM folder, or a safetensors file (dense or packed) with --like."),
+    model: Path = typer.Argument(..., help="An HF causal-LM folder, a packed file pruned from one, or a safetensors "
+                                 "file (dense or packed) with --like."),
     data: Path = typer.Option(..., "--data", help="Token ids (.npy, or decimal ids separated by whitespace) or "
                                                   "UTF-8 text (tokenized with the tokenizer)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer",
                                           help="A folder holding tokenizer.json, or the file (default: the model "
                                                "folder's, or --like's)."),
-    like: Path | None = typer.Option(None, "--like", help="The HF folder whose config.json a single-file MODEL follows."),
+    like: Path | None = typer.Option(None, "--like", help="The HF folder whose config.json a single-file MODEL follows "
+                                     "(default for a packed file: the config it recorded)."),
     seq_len: str = typer.Option("512", "--seq-len",
                                 callback=usage(lambda v: parse_positive_int(v, what="--seq-len", minimum=2,
                                                                             maximum=_max_seq_len())),

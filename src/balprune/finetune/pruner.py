@@ -254,8 +254,9 @@ class Pruner:
         self.applied = applied
         self.apply()
 
-    def export(self, path: str | Path, *, force: bool = False):
-        """Write the packed file of the pruned model (balprune.prune.iterative.export_packed).
+    def export(self, path: str | Path, *, force: bool = False, hf=None):
+        """Write the packed file of the pruned model (balprune.prune.iterative.export_packed), with
+        ``hf`` (formats.hf_record.HfFiles, a task's HF record) in it when given.
 
         Only after the last schedule step: the file holds the target sparsity, and an earlier
         export would re-prune the model in one shot. Returns the PruneReport.
@@ -266,7 +267,7 @@ class Pruner:
             raise UsageError(f"export: {self.applied} of {len(self.fractions)} schedule steps applied; "
                              "export after the last one")
         self.apply()
-        return export_packed(clean_state_dict(self.model), Path(path), self.options, force=force)
+        return export_packed(clean_state_dict(self.model), Path(path), self.options, force=force, hf=hf)
 
 
 def options_from_recipe(path: str | Path) -> PruneOptions:

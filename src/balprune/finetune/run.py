@@ -458,7 +458,7 @@ def run_finetune(recipe: Recipe, out: Path, *, data: Path | None = None, resume:
         emit("stage", stage, steps, steps, global_step)
 
     if export:
-        report = pruner.export(out / packed, force=True)
+        report = pruner.export(out / packed, force=True, hf=task.hf_files())
         result.packed, result.packed_bytes, result.dense_bytes = str(out / packed), report.packed_bytes, report.dense_bytes
     result.done = True
     write_metrics()

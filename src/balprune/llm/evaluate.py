@@ -6,10 +6,11 @@ The model is the project's reference model (llm.reference.ReferenceLM) on the we
 - one safetensors file with the config of another folder (``like``): a plain dense file (``unpack``'s
   output, or any file holding the folder's tensor names) or a packed file written by ``prune``, whose
   tensors are rebuilt dense-with-zeros by ``formats.packed_file`` (each checked completely as it is
-  read, exactly as ``unpack`` would write it).
+  read, exactly as ``unpack`` would write it); a packed file pruned from an HF folder needs no ``like``:
+  it records the folder's config.json and tokenizer.json (formats.hf_record).
 
 The data is read by ``llm.text.read_token_ids`` (token ids, or text through the tokenizer: by default
-the model folder's, or ``like``'s, tokenizer.json) and cut by ``llm.text.eval_windows`` into
+the model folder's, ``like``'s, or the packed file's recorded tokenizer.json) and cut by ``llm.text.eval_windows`` into
 consecutive non-overlapping windows of ``seq_len`` tokens, the last partial one dropped. Each window is
 one batch-1 forward from an empty context; its ``seq_len - 1`` next-token predictions are scored, and
 
@@ -40,9 +41,9 @@ from torch.nn import functional as F
 from .. import container, safeio
 from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from ..errors import GpuRuntimeError, InvalidInputError, UsageError
-from .family import LlmConfig, check_layout, expected_tensors, open_llm, read_config
+from .family import LlmConfig, check_layout, expected_tensors, open_llm, parse_config, read_config
 from .reference import ReferenceLM
-from .text import eval_windows, read_token_ids
+from .text import RecordedTokenizer, eval_windows, read_token_ids
 
 EVAL_SCHEMA = "balprune.eval/1"
 #: Longest evaluation window (--seq-len): far beyond any context length a Llama-family model is trained at.
@@ -96,6 +97,10 @@ class PackedCheckpoint(Checkpoint):
     def load(self, name: str) -> torch.Tensor:
         return self._pf.source_dense(self.aliases.get(name, name))
 
+    def hf_files(self):
+        """The HF files the packed file records (formats.hf_record.HfFiles, checked), or None."""
+        return self._pf.hf_files()
+
 
 def is_packed(path: str | os.PathLike[str]) -> bool:
     """Whether a safetensors file is balprune's packed format (its metadata names it; header read only)."""
@@ -106,13 +111,17 @@ def is_packed(path: str | os.PathLike[str]) -> bool:
 
 
 def open_model(model: str | os.PathLike[str], like: str | os.PathLike[str] | None = None
-               ) -> tuple[LlmConfig, Checkpoint, Path]:
-    """(config, checkpoint, the folder the config came from) of an eval MODEL; headers only are read.
+               ) -> tuple[LlmConfig, Checkpoint, Path | RecordedTokenizer | None]:
+    """(config, checkpoint, the tokenizer that comes with the config or None) of an eval MODEL; headers
+    only are read.
 
-    MODEL a folder: its own config.json (``like`` must be None: UsageError, exit 2). MODEL a file: a
-    packed file, or a dense checkpoint ``open_checkpoint`` reads (safetensors; a torch state dict is read
-    as safely as ``prune`` reads it), whose config is ``like``'s config.json (required: exit 2 without it). The checkpoint's tensors are checked against the config's layout (exit 4 naming the first
-    missing, extra or misshaped tensor).
+    MODEL a folder: its own config.json and tokenizer.json (``like`` must be None: UsageError, exit 2).
+    MODEL a file: a packed file, or a dense checkpoint ``open_checkpoint`` reads (safetensors; a torch
+    state dict is read as safely as ``prune`` reads it), whose config is ``like``'s config.json -- or,
+    without ``like``, the config.json (and tokenizer.json) a packed file pruned from an HF folder
+    recorded (formats.hf_record); a file with neither is a UsageError (exit 2). The checkpoint's
+    tensors are checked against the config's layout (exit 4 naming the first missing, extra or
+    misshaped tensor).
     """
     m = Path(model)
     if m.is_dir():
@@ -120,18 +129,30 @@ def open_model(model: str | os.PathLike[str], like: str | os.PathLike[str] | Non
             raise UsageError(f"--like gives the config of a single file; {m} is a folder with its own config.json",
                              hint="drop --like")
         cfg, ckpt = open_llm(m)
-        return cfg, ckpt, m
+        return cfg, ckpt, _folder_tokenizer(m)
+    safeio.check_regular(m, "model")
     if like is None:
-        raise UsageError(f"{m} is a single file: pass --like FOLDER naming the HF folder whose config.json it follows")
+        recorded = PackedCheckpoint(m) if m.suffix == ".safetensors" and is_packed(m) else None
+        hf = None if recorded is None else recorded.hf_files()
+        if hf is None:
+            raise UsageError(f"{m} is a single file without a recorded config.json: pass --like FOLDER naming the "
+                             "HF folder whose config.json it follows")
+        cfg = parse_config(hf.config, f"{m}: recorded config.json")
+        check_layout(cfg, recorded, str(m))
+        tok = hf.texts.get("tokenizer.json")
+        return cfg, recorded, None if tok is None else RecordedTokenizer(tok, f"{m}: recorded tokenizer.json")
     folder = Path(like)
     if not folder.is_dir():
         raise InvalidInputError(f"--like {folder}: not a folder (an HF causal-LM folder holding config.json)")
     cfg = read_config(folder)
-    safeio.check_regular(m, "model")
     packed = m.suffix == ".safetensors" and is_packed(m)
     ckpt = PackedCheckpoint(m) if packed else open_checkpoint(m)  # open_checkpoint: dense files of every kind
     check_layout(cfg, ckpt, str(m))
-    return cfg, ckpt, folder
+    return cfg, ckpt, _folder_tokenizer(folder)
+
+
+def _folder_tokenizer(folder: Path) -> Path | None:
+    return folder / "tokenizer.json" if (folder / "tokenizer.json").exists() else None
 
 
 def forward_bytes(cfg: LlmConfig, seq_len: int, dtype: torch.dtype) -> int:
@@ -200,7 +221,8 @@ def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], *, lik
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Perplexity of ``model`` on ``data`` (module docstring); nothing is written.
 
-    ``tokenizer`` defaults to the config folder's tokenizer.json when it exists (used only for text data).
+    ``tokenizer`` defaults to the tokenizer.json that comes with the config (``open_model``; used only for
+    text data).
     ``seq_len`` may not exceed the config's max_position_embeddings (exit 2, as calibration).
     Order: the model's config and headers, the data (read, tokenized, cut), the memory checks, then the
     weights and the forward passes. Raises InvalidInputError (exit 4) for bad files or a non-finite loss,
@@ -213,13 +235,12 @@ def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], *, lik
         raise UsageError(f"--seq-len must be an integer in [2, {MAX_SEQ_LEN}] (a window scores seq_len - 1 "
                          f"next tokens), got {seq_len!r}")
     torch_dtype, dev = DTYPES[dtype], torch.device(device)
-    cfg, ckpt, config_folder = open_model(model, like)
+    cfg, ckpt, model_tokenizer = open_model(model, like)
     if seq_len > cfg.max_position_embeddings:  # as calibration does: positions the model was never given
         raise UsageError(f"--seq-len {seq_len} is over the model's max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
-    if tokenizer is None and (config_folder / "tokenizer.json").exists():
-        tokenizer = config_folder / "tokenizer.json"
-    ids = read_token_ids(data, tokenizer=None if tokenizer is None else Path(tokenizer), vocab_size=cfg.vocab_size)
+    ids = read_token_ids(data, tokenizer=model_tokenizer if tokenizer is None else Path(tokenizer),
+                         vocab_size=cfg.vocab_size)
     windows = eval_windows(ids, seq_len=seq_len, max_tokens=max_tokens, what=f"data {data}")
     digest = file_sha256(data)
     _check_device_memory(cfg, seq_len, torch_dtype, dev)

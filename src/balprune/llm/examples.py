@@ -206,7 +206,7 @@ def _write_files(cfg: LlmConfig, out: Path, shards: list[list[PlannedTensor]], f
     write_bytes_atomic(out / "model.safetensors.index.json", _json_bytes(index), force=force)
     if tokenizer_json is not None:
         write_bytes_atomic(out / "tokenizer.json", tokenizer_json, force=force)
-    write_bytes_atomic(out / "config.json", _json_bytes(config_dict(cfg)), force=force)
+    write_bytes_atomic(out / "config.json", config_json(cfg).encode(), force=force)
 
 
 def _check_free_space(out: Path, plan: list[PlannedTensor], shards: list[list[PlannedTensor]], files: list[str],
@@ -242,6 +242,11 @@ def folder_bytes(cfg: LlmConfig, dtype: torch.dtype | None = None) -> int:
     dtype = dtype or _TORCH_DTYPES[cfg.torch_dtype or "float32"]
     item = torch.empty((), dtype=dtype).element_size()
     return sum(math.prod(s) * item for s in expected_tensors(cfg).values())
+
+
+def config_json(cfg: LlmConfig) -> str:
+    """The text of the config.json written for ``cfg`` (``config_dict``, indented, newline-terminated)."""
+    return json.dumps(config_dict(cfg), indent=2) + "\n"
 
 
 def _json_bytes(obj: object) -> bytes:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,12 @@ _WHITESPACE = b" \t\n\r\x0b\x0c"
 _PARSE_CHUNK = 4 << 20
 
 
-def read_token_ids(path: str | os.PathLike[str], *, tokenizer: Path | None = None,
+def read_token_ids(path: str | os.PathLike[str], *, tokenizer: Path | RecordedTokenizer | None = None,
                    vocab_size: int | None = None) -> torch.Tensor:
     """The token ids a data file holds (module docstring: .npy, ids text, or text tokenized), 1-D int64.
 
-    ``tokenizer``: a folder holding tokenizer.json, or the file itself; read only when the file is text.
+    ``tokenizer``: a folder holding tokenizer.json, the file itself, or a RecordedTokenizer; read only
+    when the file is text.
     ``vocab_size``: ids must lie in [0, vocab_size) (default: [0, family.MAX_VOCAB)).
     Raises InvalidInputError (exit 4) for bad data, UsageError (exit 2) for text with no tokenizer.
     """
@@ -85,8 +87,10 @@ def read_token_ids(path: str | os.PathLike[str], *, tokenizer: Path | None = Non
         if tokenizer is None:
             raise UsageError(f"data {p} is text (not only decimal token ids), and no tokenizer was given",
                              hint="pass --tokenizer FOLDER or tokenizer.json, or give token ids (.npy or ids text)")
-        ids = _tokenize(data, p, Path(tokenizer))
-        source = f"tokenized with {_tokenizer_file(Path(tokenizer))} gives"
+        tokenizer = tokenizer if isinstance(tokenizer, RecordedTokenizer) else Path(tokenizer)
+        ids = _tokenize(data, p, tokenizer)
+        source = (f"tokenized with {tokenizer.where if isinstance(tokenizer, RecordedTokenizer) else _tokenizer_file(tokenizer)}"
+                  " gives")
     if ids.size == 0:
         raise InvalidInputError(f"data {p} holds no tokens", hint="give a file with at least one token")
     _check_range(ids, p, bound, source)  # in the file's own dtype: a uint64 id cannot wrap before the check
@@ -162,13 +166,23 @@ def _text_ids(data: bytes, p: Path) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class RecordedTokenizer:
+    """A tokenizer.json held as text (a packed file's record, formats.hf_record, already checked to be a
+    JSON object within its cap), where a Path to one is otherwise given; ``where`` names it in errors."""
+
+    text: str
+    where: str
+
+
 def _tokenizer_file(tokenizer: Path) -> Path:
     """tokenizer.json inside a folder, or the path itself."""
     return tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
 
 
-def load_tokenizer(tokenizer: str | os.PathLike[str]):
-    """A ``tokenizers.Tokenizer`` from a folder holding tokenizer.json, or from the file itself.
+def load_tokenizer(tokenizer: str | os.PathLike[str] | RecordedTokenizer):
+    """A ``tokenizers.Tokenizer`` from a folder holding tokenizer.json, or from the file itself (or from
+    the text a packed file recorded).
 
     Read through safeio (regular file, at most MAX_TOKENIZER_BYTES, strict JSON with bounded nesting and
     no duplicate keys), then ``Tokenizer.from_str``: nothing is downloaded. InvalidInputError (exit 4)
@@ -176,8 +190,11 @@ def load_tokenizer(tokenizer: str | os.PathLike[str]):
     """
     from tokenizers import Tokenizer
 
-    path = _tokenizer_file(Path(tokenizer))
-    text = safeio.read_text(path, "tokenizer", max_bytes=MAX_TOKENIZER_BYTES)
+    if isinstance(tokenizer, RecordedTokenizer):
+        path, text = tokenizer.where, tokenizer.text
+    else:
+        path = _tokenizer_file(Path(tokenizer))
+        text = safeio.read_text(path, "tokenizer", max_bytes=MAX_TOKENIZER_BYTES)
     if not isinstance(safeio.loads_json(text, f"tokenizer {path}"), dict):
         raise InvalidInputError(f"tokenizer {path}: must hold a JSON object (a tokenizers tokenizer.json)")
     try:
@@ -186,7 +203,7 @@ def load_tokenizer(tokenizer: str | os.PathLike[str]):
         raise InvalidInputError(f"tokenizer {path}: not a valid tokenizer.json ({str(exc)[:200]})") from None
 
 
-def _tokenize(data: bytes, p: Path, tokenizer: Path) -> np.ndarray:
+def _tokenize(data: bytes, p: Path, tokenizer: Path | RecordedTokenizer) -> np.ndarray:
     """The ids of the whole text (UTF-8, at most MAX_TOKENIZE_BYTES), special tokens included."""
     if len(data) > MAX_TOKENIZE_BYTES:
         raise InvalidInputError(f"data {p} is text of {len(data)} bytes, over the {MAX_TOKENIZE_BYTES}-byte limit "

@@ -280,7 +280,8 @@ def _write_supplied(writer: StreamingWriter, plans: list[TensorPlan], pruned_wei
 
 
 def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, force: bool = False,
-                     progress: Progress | None = None, pruned_weights: PrunedWeights | None = None) -> PruneReport:
+                     progress: Progress | None = None, pruned_weights: PrunedWeights | None = None,
+                     hf: hf_record.HfFiles | None = None) -> PruneReport:
     """Prune ``ckpt`` by ``options`` into the packed file ``output`` (atomic; see AtomicOutput).
 
     ``pruned_weights`` supplies some targets already pruned (``PrunedWeights``); every other target is
@@ -288,10 +289,12 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
 
     Raises the project's errors only; on any error no file appears at ``output``. A source with a
     config.json beside its weights (an HF folder) has its config and tokenizer files recorded in the
-    packed file (formats.hf_record), and its GPT-2 Conv1D weights pruned as [out, in] (llm.gpt2).
+    packed file (formats.hf_record), and its GPT-2 Conv1D weights pruned as [out, in] (llm.gpt2);
+    ``hf`` gives that record for a checkpoint with no folder behind it (a fine-tuned model in memory).
     """
     output = Path(output)
-    hf = hf_record.read_beside(ckpt.files)
+    if hf is None:
+        hf = hf_record.read_beside(ckpt.files)
     check_not_an_input(output, [*ckpt.files, *(hf.paths if hf else ())])
     # Opening the output first makes a missing or unwritable folder fail before any work.
     with AtomicOutput(output, force=force) as out:

@@ -92,11 +92,12 @@ class _MemoryCheckpoint(TorchCheckpoint):
 
 
 def export_packed(state_dict: dict[str, torch.Tensor], output: Path, options: PruneOptions, *,
-                  force: bool = False) -> PruneReport:
-    """Write the packed file of a (pruned, dense-with-zeros) state dict with ``options``.
+                  force: bool = False, hf=None) -> PruneReport:
+    """Write the packed file of a (pruned, dense-with-zeros) state dict with ``options`` (and ``hf``,
+    a formats.hf_record.HfFiles, recorded in it when given).
 
     Pruning an already-pruned tensor with the same pattern keeps all its non-zeros, so the file
     holds exactly the weights the state dict holds.
     """
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    return prune_checkpoint(_MemoryCheckpoint(sd), Path(output), options, force=force)
+    return prune_checkpoint(_MemoryCheckpoint(sd), Path(output), options, force=force, hf=hf)

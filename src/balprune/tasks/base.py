@@ -88,6 +88,12 @@ class Task(abc.ABC):
         """A digest of the data, so a resumed run refuses data that changed underneath it."""
         return hashlib.sha256(repr(sorted(self.describe().items())).encode()).hexdigest()[:16]
 
+    def hf_files(self):
+        """The Hugging Face record (formats.hf_record.HfFiles: config.json, tokenizer.json) that the
+        packed file of this task's model carries, so ``unpack --hf-folder`` gives the model back as a
+        folder ``from_pretrained`` loads; None for a task whose models have no HF form (the default)."""
+        return None
+
 
 @dataclass(frozen=True)
 class TaskSpec:

@@ -327,6 +327,15 @@ class LlamaLmTask(Task):
     def data_id(self) -> str:
         return self.digest
 
+    def hf_files(self):
+        """config.json and tokenizer.json exactly as ``export_hf_folder`` writes them: a fine-tuning run's
+        packed file carries them, so ``balprune unpack RUN/PACKED --hf-folder DIR`` gives the folder."""
+        from ..formats import hf_record
+        from ..llm.examples import config_json
+
+        texts = {"config.json": config_json(self.config), "tokenizer.json": self.tokenizer_json.decode()}
+        return hf_record.parse_texts({hf_record.metadata_key(n): t for n, t in texts.items()}, "task llama-lm")
+
     def export_hf_folder(self, model: nn.Module, folder: str | os.PathLike[str], *, force: bool = False) -> Path:
         """Write ``model`` (this task's LlamaLm, trained, maybe pruned) as an HF causal-LM folder.
 
