@@ -48,6 +48,13 @@ PRESETS: dict[str, tuple[str, LlmConfig]] = {
                              rope_scaling=replace(_LLAMA32_ROPE, original_max_position_embeddings=256),
                              tie_word_embeddings=True, attention_bias=False, max_position_embeddings=2048,
                              torch_dtype="float32")),
+    "llama-100m": ("Llama-style, 12 layers, hidden 768, GQA 12:4, vocabulary 32000, tied, float32: 100M parameters "
+                   "(400 MB; the CPU-scale calibration target)",
+                   LlmConfig(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                             num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+                             rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
+                             tie_word_embeddings=True, attention_bias=False, max_position_embeddings=4096,
+                             torch_dtype="float32")),
     "llama-1b": ("Llama-3.2-1B shapes: 16 layers, hidden 2048, GQA 32:8, vocabulary 128256, tied, bfloat16 (2.5 GB)",
                  LlmConfig(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                            num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
