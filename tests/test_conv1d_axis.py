@@ -247,3 +247,93 @@ def test_hf_folder_loads_in_transformers_with_conv1d_restored(cli, tmp_path):
         ids = torch.randint(0, VOCAB, (2, POSITIONS), generator=torch.Generator().manual_seed(5))
         a, b = pruned(ids).logits, reference(ids).logits
     assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_sensitivity_measures_a_conv1d_weight_along_the_axis_prune_balances(tmp_path):
+    """`sensitivity` (checkpoint mode) plans a GPT-2 folder as prune does: each Conv1D weight's error is
+    that of the [out, in] transpose balanced per output unit -- not of the [in, out] rows."""
+    from balprune.config import prune_options_from_config
+    from balprune.finetune.sensitivity import relative_output_error, sensitivity_from_checkpoint
+    from balprune.prune.masks import one_shot_mask
+
+    src = gpt2_folder(tmp_path / "gpt2")
+    options = prune_options_from_config({}, overrides={"sparsity": 0.5, "blocks": 2})
+    result = sensitivity_from_checkpoint(src, options, [0.5], samples=8, seed=0)
+    name = "transformer.h.0.attn.c_attn.weight"
+    i, layer = next((i, la) for i, la in enumerate(result.layers) if la.name == name)
+    w = gpt2_state_dict()[name]  # [in, out]
+    g = torch.Generator().manual_seed(i)  # seed 0: the i-th tensor's draw
+    x = torch.randn(w.shape[0], 8, generator=g, dtype=torch.float64)
+    pattern = options.pattern  # balanced, 2 blocks, 50%
+    expected = relative_output_error(w.t(), one_shot_mask(w.t(), pattern), x)
+    along_rows = relative_output_error(w, one_shot_mask(w, pattern), torch.randn(w.shape[1], 8, dtype=torch.float64))
+    assert layer.degradation["0.5"] == pytest.approx(expected, rel=1e-12)
+    assert layer.degradation["0.5"] != pytest.approx(along_rows, rel=1e-6)
+
+
+def _columns_balanced(w: torch.Tensor, blocks: int, keep: int) -> bool:
+    """Every output unit (a column of the [in, out] weight) keeps exactly ``keep`` per block of its inputs."""
+    out_in = w.t()
+    return bool((out_in.reshape(out_in.shape[0], blocks, -1) != 0).sum(-1).eq(keep).all())
+
+
+def test_iterative_prune_and_its_export_balance_conv1d_weights_per_output_unit(tmp_path):
+    """Algorithm 1 on a GPT-2 state dict (Python API) masks the [out, in] transpose, and export_packed
+    plans the same axis: the file holds exactly the weights the state dict holds."""
+    from balprune.config import prune_options_from_config
+    from balprune.prune.iterative import export_packed, iterative_prune
+
+    sd = gpt2_state_dict()
+    options = prune_options_from_config({"schedule": {"kind": "cubic", "steps": 3}},
+                                        overrides={"sparsity": 0.5, "blocks": 2}, include=("transformer.h.*",))
+    masks = iterative_prune(sd, options)
+    for name in _conv1d_names():
+        assert masks[name].shape == sd[name].shape
+        assert _columns_balanced(sd[name], 2, sd[name].shape[0] // 4), name  # half of each block of in/2
+    export_packed(sd, tmp_path / "p.safetensors", options)
+    pf = read_packed(tmp_path / "p.safetensors")
+    assert sorted(pf.transposed) == sorted(_conv1d_names())
+    for name in _conv1d_names():
+        assert torch.equal(pf.source_dense(name), sd[name]), name
+
+
+class Conv1D(torch.nn.Module):
+    """transformers.pytorch_utils.Conv1D's shape contract: weight [nx, nf], y = x @ W + b."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(nx, nf))
+        self.bias = torch.nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_the_fine_tuning_pruner_masks_conv1d_modules_per_output_unit(tmp_path, real):
+    """Pruner on a model with Conv1D modules (transformers' own where installed): every schedule step keeps
+    k per block of each output unit's inputs, the mask survives a state_dict round trip, and the export
+    holds exactly the model's weights."""
+    from balprune.config import prune_options_from_config
+    from balprune.finetune.pruner import Pruner
+
+    if real:
+        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    else:
+        conv1d = Conv1D
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(conv1d(48, 32), torch.nn.ReLU(), conv1d(16, 48))
+    options = prune_options_from_config({"schedule": {"kind": "cubic", "steps": 2}},
+                                        overrides={"sparsity": 0.75, "blocks": 4})
+    pruner = Pruner(model, options)
+    pruner.advance()
+    pruner.advance()
+    assert _columns_balanced(model[0].weight.detach(), 4, 2) and _columns_balanced(model[2].weight.detach(), 4, 3)
+    again = Pruner(model, options)
+    again.load_state_dict(pruner.state_dict())
+    assert all(torch.equal(again.masks[n], m) for n, m in pruner.masks.items())
+    pruner.export(tmp_path / "p.safetensors")
+    pf = read_packed(tmp_path / "p.safetensors")
+    assert sorted(pf.transposed) == ["0.weight", "2.weight"]
+    assert torch.equal(pf.source_dense("0.weight"), model[0].weight.detach())

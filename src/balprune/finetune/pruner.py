@@ -69,8 +69,25 @@ class _Target:
     tensor: torch.Tensor  # the parameter or buffer, pruned in place
     pattern: object
     sparsities: list[float]  # one per schedule step
-    mask: torch.Tensor | None = None  # bool [R, K] on the CPU (nested chain state)
+    mask: torch.Tensor | None = None  # bool [R, K] of the matrix pruned (matrix_of), on the CPU (nested chain state)
     pruned: torch.Tensor | None = None  # bool, the tensor's shape, on its device: True where pruned
+    #: stored [in, out] (transformers' Conv1D, GPT-2): pruned as its [out, in] transpose, as ``prune`` does
+    transposed: bool = False
+
+    def matrix_of(self, w: torch.Tensor) -> torch.Tensor:
+        """The [out, in] matrix whose rows the pattern balances (a view of ``w``)."""
+        return w.t() if self.transposed else w.reshape(w.shape[0], -1)
+
+    def tensor_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A mask of ``matrix_of``'s shape as a mask of the tensor's."""
+        return mask.t() if self.transposed else mask.reshape(self.tensor.shape)
+
+
+def conv1d_parameters(model: nn.Module) -> set[int]:
+    """ids of the weights of transformers' Conv1D modules (GPT-2 & co.: ``nf`` outputs, weight [in, nf])."""
+    return {id(m.weight) for m in model.modules()
+            if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2 and m.weight.shape[1] == m.nf}
 
 
 class Pruner:
@@ -129,6 +146,7 @@ class Pruner:
         fractions = [s / base if base else 1.0 for s in options.schedule.sparsities(base)]
         targets: dict[str, _Target] = {}
         seen: set[int] = set()
+        conv1d = conv1d_parameters(model)
         for raw, t in [*model.named_parameters(), *model.named_buffers()]:
             name = clean_name(raw)
             if id(t) in seen or not t.is_floating_point() or name in targets:
@@ -137,9 +155,11 @@ class Pruner:
             code = dtype_code(t.dtype, name=name)
             if code not in PRUNABLE_CODES:
                 continue
-            plan = plan_tensor(SourceTensor(name, code, tuple(t.shape), t.numel() * t.element_size()), options)
+            plan = plan_tensor(SourceTensor(name, code, tuple(t.shape), t.numel() * t.element_size()), options,
+                               transposed=id(t) in conv1d)
             if plan.pruned:
-                targets[name] = _Target(name, t, plan.pattern, [plan.pattern.sparsity * f for f in fractions])
+                targets[name] = _Target(name, t, plan.pattern, [plan.pattern.sparsity * f for f in fractions],
+                                        transposed=plan.transposed)
         return targets
 
     @staticmethod
@@ -178,7 +198,7 @@ class Pruner:
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """Clean name -> bool mask (the tensor's shape, CPU) of the last applied step."""
-        return {n: t.mask.reshape(t.tensor.shape) for n, t in self._targets.items() if t.mask is not None}
+        return {n: t.tensor_mask(t.mask) for n, t in self._targets.items() if t.mask is not None}
 
     def step(self, global_step: int) -> int:
         """Apply every schedule step due at ``global_step``; returns how many were applied (often 0)."""
@@ -196,7 +216,7 @@ class Pruner:
         for t in self._targets.values():
             w = t.tensor.detach()
             check_finite(w, t.name)
-            matrix = w.reshape(w.shape[0], -1).cpu()
+            matrix = t.matrix_of(w).cpu()
             mask = next_mask(matrix, t.pattern, t.sparsities[i], t.mask)
             self._set_mask(t, _broadcast(mask, w.device))
         self.applied = i + 1
@@ -205,7 +225,7 @@ class Pruner:
 
     def _set_mask(self, t: _Target, mask: torch.Tensor) -> None:
         t.mask = mask.cpu()
-        t.pruned = (~mask).reshape(t.tensor.shape).to(t.tensor.device)
+        t.pruned = t.tensor_mask(~mask).to(t.tensor.device)
 
     def apply(self) -> None:
         """Set every pruned weight to exactly zero (after an optimizer step, a load, an averaging...)."""
@@ -243,9 +263,8 @@ class Pruner:
                                     f"{sorted(expected)[:3]}... (a different model or recipe?)")
         for name, mask in masks.items():
             t = self._targets[name]
-            rows = t.tensor.shape[0]
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
-                    tuple(mask.shape) != (rows, t.tensor.numel() // max(rows, 1)):
+                    tuple(mask.shape) != tuple(t.matrix_of(t.tensor.detach()).shape):
                 raise InvalidInputError(f"pruner state: mask of {name!r} does not fit the tensor")
             self._set_mask(t, mask)
         if not applied:
@@ -267,7 +286,8 @@ class Pruner:
             raise UsageError(f"export: {self.applied} of {len(self.fractions)} schedule steps applied; "
                              "export after the last one")
         self.apply()
-        return export_packed(clean_state_dict(self.model), Path(path), self.options, force=force, hf=hf)
+        return export_packed(clean_state_dict(self.model), Path(path), self.options, force=force, hf=hf,
+                             transposed=frozenset(n for n, t in self._targets.items() if t.transposed))
 
 
 def options_from_recipe(path: str | Path) -> PruneOptions:

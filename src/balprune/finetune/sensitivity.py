@@ -113,7 +113,7 @@ def sensitivity_from_checkpoint(path: Path, options: PruneOptions, sparsities: l
     from ..safeio import check_fits_memory
 
     for plan in plans:  # before any work: x [K, samples], W x and (W - W_s) x [rows, samples], W in float64
-        rows = plan.source.shape[0]
+        rows = plan.source.shape[-1] if plan.transposed else plan.source.shape[0]
         cols = plan.source.numel // max(rows, 1)
         check_fits_memory(8 * (cols * samples + 2 * rows * samples + 2 * rows * cols),
                           f"tensor {plan.source.name!r} with --samples {samples}")
@@ -124,7 +124,8 @@ def sensitivity_from_checkpoint(path: Path, options: PruneOptions, sparsities: l
         name = plan.source.name
         w = ckpt.load(name)
         check_finite(w, name)
-        matrix = w.reshape(w.shape[0], -1)
+        # the matrix prune balances: [out, in] (a GPT-2 Conv1D weight [in, out] as its transpose)
+        matrix = w.t() if plan.transposed else w.reshape(w.shape[0], -1)
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         x = torch.randn(matrix.shape[1], samples, generator=g, dtype=torch.float64)
         layer = LayerSensitivity(name, list(w.shape), {})

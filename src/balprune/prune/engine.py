@@ -116,10 +116,15 @@ def default_output(source: Path, pattern_name: str) -> Path:
     return source.with_name(f"{stem}.{pattern_name}.safetensors")
 
 
-def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions, transposed: frozenset[str] = frozenset()) -> list[TensorPlan]:
+def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions, transposed: frozenset[str] | None = None
+                    ) -> list[TensorPlan]:
     """Plans for every tensor in source order; global unstructured scope reads magnitudes first.
-    ``transposed``: the tensors stored [in, out] (GPT-2 Conv1D: llm.gpt2.conv1d_weights), planned as
-    their transpose."""
+    ``transposed``: the tensors stored [in, out] (GPT-2 Conv1D), planned as their transpose; None
+    recognises them (llm.gpt2.conv1d_weights, with the config.json beside the checkpoint if any), so
+    every caller plans a checkpoint the way ``prune`` does."""
+    if transposed is None:
+        hf = hf_record.read_beside(ckpt.files)
+        transposed = conv1d_weights(ckpt.tensors, hf.model_type if hf else None)
     plans = [plan_tensor(t, options, transposed=t.name in transposed) for t in ckpt.tensors]
     global_ = [p for p in plans if p.pattern is not None and p.pattern.ranks_globally]
     if global_:
@@ -281,7 +286,7 @@ def _write_supplied(writer: StreamingWriter, plans: list[TensorPlan], pruned_wei
 
 def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, force: bool = False,
                      progress: Progress | None = None, pruned_weights: PrunedWeights | None = None,
-                     hf: hf_record.HfFiles | None = None) -> PruneReport:
+                     hf: hf_record.HfFiles | None = None, transposed: frozenset[str] | None = None) -> PruneReport:
     """Prune ``ckpt`` by ``options`` into the packed file ``output`` (atomic; see AtomicOutput).
 
     ``pruned_weights`` supplies some targets already pruned (``PrunedWeights``); every other target is
@@ -290,7 +295,8 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
     Raises the project's errors only; on any error no file appears at ``output``. A source with a
     config.json beside its weights (an HF folder) has its config and tokenizer files recorded in the
     packed file (formats.hf_record), and its GPT-2 Conv1D weights pruned as [out, in] (llm.gpt2);
-    ``hf`` gives that record for a checkpoint with no folder behind it (a fine-tuned model in memory).
+    ``hf`` gives that record for a checkpoint with no folder behind it (a fine-tuned model in memory);
+    ``transposed`` the Conv1D weights when the caller knows them (plan_checkpoint recognises them otherwise).
     """
     output = Path(output)
     if hf is None:
@@ -298,7 +304,9 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
     check_not_an_input(output, [*ckpt.files, *(hf.paths if hf else ())])
     # Opening the output first makes a missing or unwritable folder fail before any work.
     with AtomicOutput(output, force=force) as out:
-        plans = plan_checkpoint(ckpt, options, conv1d_weights(ckpt.tensors, hf.model_type if hf else None))
+        if transposed is None:
+            transposed = conv1d_weights(ckpt.tensors, hf.model_type if hf else None)
+        plans = plan_checkpoint(ckpt, options, transposed)
         short = check_shortfalls(plans, options)
         preflight(plans, output)
         sha = ckpt.sha256()

@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import SourceTensor, TorchCheckpoint
 from ..config import PruneOptions
 from ..container import dtype_code
+from ..llm.gpt2 import conv1d_weights
 from ..patterns.kinds import Pattern
 from ..patterns.ranking import check_finite
 from .engine import PruneReport, prune_checkpoint
@@ -54,21 +55,30 @@ def iterative_prune(state_dict: dict[str, torch.Tensor], options: PruneOptions,
     targets: dict[str, tuple[Pattern, list[float]]] = {}
     base = options.pattern.sparsity
     fractions = [s / base if base else 1.0 for s in options.schedule.sparsities(base)]
-    for name, t in state_dict.items():
-        src = SourceTensor(name, dtype_code(t.dtype, name=name), tuple(t.shape), t.numel() * t.element_size())
-        plan = plan_tensor(src, options)
+    sources = [SourceTensor(name, dtype_code(t.dtype, name=name), tuple(t.shape), t.numel() * t.element_size())
+               for name, t in state_dict.items()]
+    conv1d = conv1d_weights(sources, None)  # GPT-2 Conv1D [in, out]: balanced per output unit, as prune does
+    transposed: set[str] = set()
+    for src in sources:
+        plan = plan_tensor(src, options, transposed=src.name in conv1d)
         if plan.pruned:
-            check_finite(t, name)
-            targets[name] = (plan.pattern, [_step_sparsity(plan.pattern, f) for f in fractions])
-    generators = {
-        name: nested_masks(state_dict[name].detach().reshape(state_dict[name].shape[0], -1), pattern, sparsities)
-        for name, (pattern, sparsities) in targets.items()
-    }
+            check_finite(state_dict[src.name], src.name)
+            targets[src.name] = (plan.pattern, [_step_sparsity(plan.pattern, f) for f in fractions])
+            if plan.transposed:
+                transposed.add(src.name)
+
+    def matrix(name: str) -> torch.Tensor:
+        w = state_dict[name].detach()
+        return w.t() if name in transposed else w.reshape(w.shape[0], -1)
+
+    generators = {name: nested_masks(matrix(name), pattern, sparsities)
+                  for name, (pattern, sparsities) in targets.items()}
     masks: dict[str, torch.Tensor] = {}
     for i, fraction in enumerate(fractions):
         for name, gen in generators.items():
             w = state_dict[name]
-            mask = next(gen).reshape(w.shape)
+            mask = next(gen)
+            mask = mask.t() if name in transposed else mask.reshape(w.shape)
             with torch.no_grad():
                 w.masked_fill_(~mask, 0)
             masks[name] = mask
@@ -92,12 +102,14 @@ class _MemoryCheckpoint(TorchCheckpoint):
 
 
 def export_packed(state_dict: dict[str, torch.Tensor], output: Path, options: PruneOptions, *,
-                  force: bool = False, hf=None) -> PruneReport:
+                  force: bool = False, hf=None, transposed: frozenset[str] | None = None) -> PruneReport:
     """Write the packed file of a (pruned, dense-with-zeros) state dict with ``options`` (and ``hf``,
-    a formats.hf_record.HfFiles, recorded in it when given).
+    a formats.hf_record.HfFiles, recorded in it when given). ``transposed``: the tensors that were
+    pruned as their transpose (GPT-2 Conv1D; None: recognised by name, as ``prune`` and
+    ``iterative_prune`` do), so the file is planned on the axis the masks were made on.
 
     Pruning an already-pruned tensor with the same pattern keeps all its non-zeros, so the file
     holds exactly the weights the state dict holds.
     """
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    return prune_checkpoint(_MemoryCheckpoint(sd), Path(output), options, force=force, hf=hf)
+    return prune_checkpoint(_MemoryCheckpoint(sd), Path(output), options, force=force, hf=hf, transposed=transposed)
