@@ -86,8 +86,26 @@ def test_wanda_and_sparsegpt_verify_differ_from_magnitude_and_repeat_byte_for_by
         if name in decoder_linears:
             assert not torch.equal(dense["wanda"], dense["magnitude"]), name
             assert not torch.equal(dense["sparsegpt"], dense["wanda"]), name
-        else:  # embedding (magnitude in every run), norms (dense)
-            assert torch.equal(dense["wanda"], dense["magnitude"]) and torch.equal(dense["sparsegpt"], dense["magnitude"])
+        else:  # embedding: magnitude-pruned without a criterion, left dense by the calibrated ones; norms dense
+            source = open_llm(folder)[1].load(name)
+            assert torch.equal(dense["wanda"], source) and torch.equal(dense["sparsegpt"], source), name
+            assert files["wanda"].manifest["tensors"][name]["pattern"] == "dense", name
+    assert not torch.equal(files["magnitude"].dense("model.embed_tokens.weight"),
+                           files["wanda"].dense("model.embed_tokens.weight"))  # the default without a criterion
+
+
+def test_calibrated_criteria_target_the_decoder_layers_unless_told_otherwise(cli, llm, tmp_path):
+    """Without --include the embedding stays dense, and a note says so; --include names it back in."""
+    folder, ids = llm
+    r = cli("prune", folder, "--sparsity", "0.5", "--criterion", "wanda", "--calibration", ids, *CAL,
+            "-o", tmp_path / "a.safetensors")
+    assert r.code == 0, r.err
+    assert "note: targets: the decoder layers' linears" in r.err
+    assert read_packed(tmp_path / "a.safetensors").manifest["tensors"]["model.embed_tokens.weight"]["pattern"] == "dense"
+    r = cli("prune", folder, "--sparsity", "0.5", "--criterion", "wanda", "--calibration", ids, *CAL,
+            "--include", "model.*", "-o", tmp_path / "b.safetensors")
+    assert r.code == 0 and "note: targets" not in r.err, r.err
+    assert read_packed(tmp_path / "b.safetensors").manifest["tensors"]["model.embed_tokens.weight"]["pattern"] != "dense"
 
 
 def test_each_layer_is_pruned_on_the_outputs_of_the_pruned_layers_before_it(cli, llm, tmp_path):

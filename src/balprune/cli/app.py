@@ -192,7 +192,7 @@ def _prune_calibrated(checkpoint: Path, out: Path, options: PruneOptions, *, key
     """wanda / sparsegpt: the decoder linears of a Llama-family folder pruned layer by layer on the
     calibration windows (llm.calibrate), every other target by magnitude, in one packed file."""
     from ..finetune.run import resolve_device
-    from ..llm.calibrate import calibration_windows, prune_layers
+    from ..llm.calibrate import calibration_windows, prune_layers, with_default_targets
     from ..llm.family import open_llm
     from ..prune.engine import prune_checkpoint
 
@@ -205,6 +205,7 @@ def _prune_calibrated(checkpoint: Path, out: Path, options: PruneOptions, *, key
     if key is not None:
         raise UsageError("--key applies to torch pickles; an HF folder's weights are found by its index")
     device = resolve_device(cal.device)  # exit 6 for cuda without a GPU, before any file is read
+    options, targets_note = with_default_targets(options)
     cfg, ckpt = open_llm(folder)
     windows = calibration_windows(cfg, folder, cal.data, tokenizer=cal.tokenizer, samples=cal.samples,
                                   seq_len=cal.seq_len, seed=cal.seed)
@@ -222,6 +223,8 @@ def _prune_calibrated(checkpoint: Path, out: Path, options: PruneOptions, *, key
             report = prune_checkpoint(ckpt, out, options, force=force, pruned_weights=pruned_weights)
     report.notes.append(f"note: criterion {criterion.value}: decoder linears pruned on {cal.samples} calibration "
                         f"windows of {cal.seq_len} tokens from {cal.data} ({device.type}); other targets by magnitude")
+    if targets_note is not None:
+        report.notes.append(targets_note)
     return report
 
 

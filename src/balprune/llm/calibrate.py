@@ -24,12 +24,14 @@ plan (magnitude or dense, as without calibration).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import safeio
+from ..config import PruneOptions
 from ..errors import GpuRuntimeError, InvalidInputError, UsageError
 from ..patterns.ranking import check_finite
 from ..prune.criteria import Criterion, InputStats, prune_matrix
@@ -55,6 +57,22 @@ _GROUP_MODULE = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", 
 
 #: progress(layers done, layers in all): called after each decoder layer.
 LayerProgress = Callable[[int, int], None]
+
+
+#: What a calibrated prune of an LLM folder targets when neither --include nor a config's include or
+#: [[layers]] rules choose: the decoder layers' weights (their linears; the 1-D norms are never default
+#: targets). That is Wanda's and SparseGPT's scope: the embedding and the head stay dense, since pruning
+#: them by magnitude costs more perplexity than the calibrated layers save.
+DEFAULT_INCLUDE = ("model.layers.*",)
+
+
+def with_default_targets(options: PruneOptions) -> tuple[PruneOptions, str | None]:
+    """``options`` with DEFAULT_INCLUDE when they choose no targets themselves, and the note that says so."""
+    if options.include or options.rules:
+        return options, None
+    return replace(options, include=DEFAULT_INCLUDE), (
+        "note: targets: the decoder layers' linears (--include 'model.layers.*', the default with --criterion "
+        "wanda|sparsegpt); the embedding and the head stay dense unless --include names them")
 
 
 def linear_name(layer: int, module: str) -> str:
