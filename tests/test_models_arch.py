@@ -34,7 +34,7 @@ VGG, make_layers = _vgg.VGG, _vgg.make_layers
 
 #: Seven convs (two pairs without a pool between them), five pools: 224 -> 7. detect names it vgg10.
 VGG_CFG: list[int | str] = [8, 8, "M", 16, "M", 16, 16, "M", 16, "M", 16, "M"]
-PREFIX = "not a built-in model (lstm-lm, ctc-bilstm, vgg): "
+PREFIX = "not a built-in model (lstm-lm, ctc-bilstm, vgg, resnet): "
 
 
 def seeded(build, seed: int = 0) -> nn.Module:
@@ -298,7 +298,7 @@ BAD = {
     "fc6-does-not-chain": (lambda: _with(_vgg(), classifier__0__weight=torch.randn(32, 100)),
                            "classifier.0.weight is [32, 100], expected [?, 784]"),
     "tiny-cnn": (lambda: example_state_dict("tiny-cnn"),
-                 "expected 'lstm.*' or 'features.*' tensors, found '0.bias', '0.weight', '2.bias', '2.weight', ..."),
+                 "expected 'lstm.*', 'features.*' or 'layer1.*' tensors, found '0.bias', '0.weight', '2.bias', '2.weight', ..."),
 }
 
 

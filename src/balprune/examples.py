@@ -45,6 +45,28 @@ def _vgg16() -> nn.Module:
     return torchvision().models.vgg16(weights=None)
 
 
+def _resnet(depth: int) -> Callable[[], nn.Module]:
+    """torchvision ResNet-``depth`` with its batch-norm affine parameters and running statistics drawn
+    (from the seeded generator, like every weight) instead of torchvision's 1/0 initial values, so that
+    folding them into the convs (models.bnfold) is not an identity: gamma in [0.5, 1.5), beta and the
+    mean N(0, 0.1), the variance in [0.5, 1.5)."""
+
+    def build() -> nn.Module:
+        from .vision import torchvision
+
+        model = getattr(torchvision().models, f"resnet{depth}")(weights=None)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.1)
+                    m.running_mean.normal_(0.0, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        return model
+
+    return build
+
+
 def _tiny_cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
@@ -56,6 +78,8 @@ EXAMPLES: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "vgg16": ("torchvision VGG-16 (ImageNet, 138M parameters)", _vgg16),
     "lstm-lm": ("2-layer LSTM language model, hidden 1500, vocabulary 10000 (PTB-sized)", LstmLanguageModel),
     "ctc-bilstm": ("2-layer Bi-LSTM acoustic model, hidden 1024 (TIMIT-like, CTC)", BiLstmAcousticModel),
+    "resnet18": ("torchvision ResNet-18 (ImageNet, 11.7M parameters; batch norm folded by prune)", _resnet(18)),
+    "resnet50": ("torchvision ResNet-50 (ImageNet, 25.6M parameters; batch norm folded by prune)", _resnet(50)),
     "tiny-cnn": ("a small CNN (two 3x3 convs, two linears): seconds to prune, for trying things", _tiny_cnn),
 }
 

@@ -347,7 +347,7 @@ def inspect(
 
 @app.command()
 def example(
-    name: str = typer.Argument(..., help="vgg16, lstm-lm, ctc-bilstm, tiny-cnn, llama-tiny, llama-100m, llama-1b or llama-8b "
+    name: str = typer.Argument(..., help="vgg16, resnet18, resnet50, lstm-lm, ctc-bilstm, tiny-cnn, llama-tiny, llama-100m, llama-1b or llama-8b "
                                          "('list' to describe them)."),
     output: Path | None = typer.Option(None, "--output", "-o",
                                        help="Checkpoint to write (.pt or .safetensors); a folder for llama-*."),

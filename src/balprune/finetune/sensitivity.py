@@ -103,10 +103,12 @@ def sensitivity_from_checkpoint(path: Path, options: PruneOptions, sparsities: l
     """
     from ..checkpoint import open_checkpoint
     from ..iopaths import check_io
+    from ..models.bnfold import fold_batch_norms
     from ..prune.engine import plan_checkpoint
 
     ckpt = open_checkpoint(path, key=key)
     check_io(inputs=[("checkpoint file", f) for f in ckpt.files], outputs=outputs)
+    ckpt, _ = fold_batch_norms(ckpt)  # the weights prune would prune (a ResNet's BN folded into its convs)
     plans = [p for p in plan_checkpoint(ckpt, options) if p.pruned]
     if not plans:
         raise InvalidInputError(f"{path}: no tensor is a pruning target under these options")

@@ -10,6 +10,15 @@ each naming its tensors by their state-dict names. The built-in architectures ar
   the features F, later layers 2H), ``classifier.weight`` [labels, 2H] (+ ``classifier.bias``).
 * ``vgg``: torchvision VGG without batch norm: ``features.{i}.weight`` [Cout, Cin, 3, 3] (+ bias),
   ``classifier.{0,3,6}.weight`` (+ biases).
+* ``resnet``: torchvision ResNet with its batch norms folded into the convs (what ``prune`` writes
+  from a torchvision ResNet checkpoint, models.bnfold): stem ``conv1`` [C, 3, 7, 7] (stride 2,
+  padding 3, ReLU, 3x3 max-pool stride 2), ``layer<i>.<j>`` blocks (i = 1.. consecutive, j = 0..
+  consecutive) all BasicBlocks (``conv1`` 3x3, ``conv2`` 3x3) or all Bottlenecks (``conv1`` 1x1,
+  ``conv2`` 3x3, ``conv3`` 1x1 with 4x the width), the first block of every layer after the first
+  with stride 2 (in ``conv1`` of a BasicBlock, ``conv2`` of a Bottleneck, as torchvision does), a
+  ``downsample.0`` 1x1 conv exactly where the block changes size or stride, every conv with or
+  without a bias; global average pool, ``fc.weight`` [classes, C] (+ ``fc.bias``). Batch-norm
+  tensors in the file mean it was not folded: refused, naming them.
 
 The match is strict: a missing tensor, a shape that does not chain, a gap in the layers, or a tensor
 the architecture does not use raises InvalidInputError (exit 4) with one line naming the file, what
@@ -30,12 +39,13 @@ from ..formats.packed_file import PackedFile
 #: Safetensors dtype codes the models can compute with (fp8/int tensors are not model weights here).
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
-KINDS = ("lstm-lm", "ctc-bilstm", "vgg")
-_A = {"lstm-lm": "an lstm-lm", "ctc-bilstm": "a ctc-bilstm", "vgg": "a vgg"}  # for messages
+KINDS = ("lstm-lm", "ctc-bilstm", "vgg", "resnet")
+_A = {"lstm-lm": "an lstm-lm", "ctc-bilstm": "a ctc-bilstm", "vgg": "a vgg", "resnet": "a resnet"}  # for messages
 
 _LSTM_RE = re.compile(r"lstm\.(weight_ih|weight_hh|bias_ih|bias_hh)_l([0-9]+)(_reverse)?")
 _FEATURES_RE = re.compile(r"features\.([0-9]+)\.(weight|bias)")
 _BATCH_NORM_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+_RESNET_RE = re.compile(r"layer([0-9]+)\.([0-9]+)\.(conv[123]|downsample\.0)\.(weight|bias)")
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,8 @@ class LstmCellRef:
 
 @dataclass(frozen=True)
 class ConvRef:
-    """A ``kernel``x``kernel`` conv (stride 1, ``padding``) + ReLU, then a 2x2 max-pool (stride 2) if ``pool_after``.
+    """A ``kernel``x``kernel`` conv (``stride``, ``padding``), then ReLU if ``relu``, then a 2x2 max-pool
+    (stride 2) if ``pool_after`` (vgg; a resnet's pooling is fixed by the architecture).
 
     ``weight`` [out_channels, in_channels, kernel, kernel], ``bias`` [out_channels] or None.
     """
@@ -79,6 +90,24 @@ class ConvRef:
     kernel: int
     padding: int
     pool_after: bool
+    stride: int = 1
+    relu: bool = True
+
+
+@dataclass(frozen=True)
+class ResBlockRef:
+    """A resnet block ``layer<layer>.<index>``: ``convs`` in order (each ReLU'd but the last), then the
+    residual -- ``downsample`` (a 1x1 conv with the block's stride) of the block's input, or the input
+    itself -- added, then ReLU."""
+
+    layer: int
+    index: int
+    convs: tuple[ConvRef, ...]
+    downsample: ConvRef | None
+
+    @property
+    def out_channels(self) -> int:
+        return self.convs[-1].out_channels
 
 
 @dataclass(frozen=True)
@@ -88,7 +117,7 @@ class Architecture:
     Fields a kind does not use keep their defaults (0, None, ()).
     """
 
-    kind: str  # "lstm-lm" | "ctc-bilstm" | "vgg"
+    kind: str  # "lstm-lm" | "ctc-bilstm" | "vgg" | "resnet"
     name: str  # display: "lstm-lm", "ctc-bilstm", "vgg16" (vgg11/13/16/19 by conv count)
     embedding: str | None = None  # lstm-lm: the embedding table's name
     vocab: int = 0  # lstm-lm
@@ -98,7 +127,8 @@ class Architecture:
     cells: tuple[LstmCellRef, ...] = ()  # layer order; ctc-bilstm: forward before reverse within a layer
     convs: tuple[ConvRef, ...] = ()  # vgg, in order
     fcs: tuple[LinearRef, ...] = ()  # lstm-lm: (decoder,); ctc-bilstm: (classifier,); vgg: (fc6, fc7, fc8)
-    image_size: int = 224  # vgg: the input the runtime is built for (five pools: the features end at 7x7)
+    image_size: int = 224  # vgg, resnet: the input the runtime is built for (vgg: five pools end at 7x7)
+    blocks: tuple[ResBlockRef, ...] = ()  # resnet, in order (its stem is convs[0])
 
     def weight_names(self) -> list[str]:
         """Every matrix the model multiplies by, in execution order: LSTM ih/hh per cell, convs, fcs.
@@ -109,6 +139,8 @@ class Architecture:
         for c in self.cells:
             names += [c.weight_ih, c.weight_hh]
         names += [c.weight for c in self.convs]
+        for b in self.blocks:
+            names += [c.weight for c in b.convs] + ([b.downsample.weight] if b.downsample else [])
         names += [f.weight for f in self.fcs]
         return names
 
@@ -119,6 +151,9 @@ class Architecture:
             names += [c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh]
         for v in self.convs:
             names += [v.weight, v.bias]
+        for b in self.blocks:
+            for v in [*b.convs, *([b.downsample] if b.downsample else [])]:
+                names += [v.weight, v.bias]
         for f in self.fcs:
             names += [f.weight, f.bias]
         return [n for n in names if n is not None]
@@ -184,9 +219,11 @@ def detect(pf: PackedFile) -> Architecture:
                 arch = _match_lstm(shapes, "lstm-lm")
         elif any(n.startswith(("features.", "classifier.")) for n in names):
             arch = _match_vgg(shapes)
+        elif any(n.startswith(("layer1.", "conv1.", "bn1.")) for n in names):
+            arch = _match_resnet(shapes)
         else:
             shown = ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
-            raise _Mismatch(f"expected 'lstm.*' or 'features.*' tensors, found {shown or 'no tensors'}")
+            raise _Mismatch(f"expected 'lstm.*', 'features.*' or 'layer1.*' tensors, found {shown or 'no tensors'}")
         used = set(arch.tensor_names())
         unused = [n for n in names if n not in used]
         if unused:
@@ -293,3 +330,66 @@ def _match_vgg(shapes: _Shapes) -> Architecture:
         fcs.append(LinearRef(w, shapes.bias(f"classifier.{idx}.bias", kind, out), size, out))
         size = out
     return Architecture(kind, f"vgg{len(convs) + 3}", convs=tuple(convs), fcs=tuple(fcs))
+
+
+def _match_resnet(shapes: _Shapes) -> Architecture:
+    """torchvision ResNet with folded batch norms (module doc): stem, blocks, fc."""
+    kind = "resnet"
+    bn = [n for n in shapes.entries if n.rsplit(".", 1)[-1] in _BATCH_NORM_KEYS
+          or any(part.startswith("bn") for part in n.split(".")) or ".downsample.1." in n]
+    if bn:
+        shown = ", ".join(repr(n) for n in bn[:3]) + (", ..." if len(bn) > 3 else "")
+        raise _Mismatch(f"batch-norm tensors {shown}: a resnet runs with its batch norms folded into the convs "
+                        "(prune a torchvision ResNet checkpoint with balprune, which folds them)")
+    stem_out = shapes.get("conv1.weight", kind, (None, 3, 7, 7))[0]
+    stem = ConvRef("conv1.weight", shapes.bias("conv1.bias", kind, stem_out), 3, stem_out, 7, 3, False, stride=2)
+    found: dict[int, set[int]] = {}
+    for n in shapes.entries:
+        m = _RESNET_RE.fullmatch(n)
+        if m is not None:
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not found:
+        raise _Mismatch("no 'layer1.0.conv1.weight' for a resnet")
+    layers = sorted(found)
+    if layers != list(range(1, len(layers) + 1)):
+        raise _Mismatch(f"layers {layers}: expected consecutive layers from layer1")
+    bottleneck = "layer1.0.conv3.weight" in shapes
+    blocks = []
+    channels = stem_out
+    for layer in layers:
+        indices = sorted(found[layer])
+        if indices != list(range(len(indices))):
+            raise _Mismatch(f"layer{layer} blocks {indices}: expected consecutive blocks from layer{layer}.0")
+        for j in indices:
+            p = f"layer{layer}.{j}."
+            stride = 2 if layer > 1 and j == 0 else 1
+            width = shapes.get(p + "conv1.weight", kind, (None, channels, None, None))[0]
+            if bottleneck:
+                specs = ((width, channels, 1, 1), (width, width, 3, stride), (4 * width, width, 1, 1))
+            else:
+                if p + "conv3.weight" in shapes:
+                    raise _Mismatch(f"{p}conv3.weight in a resnet of BasicBlocks (layer1.0 has no conv3)")
+                specs = ((width, channels, 3, stride), (width, width, 3, 1))
+            convs = []
+            for i, (cout, cin, k, s) in enumerate(specs):
+                w = f"{p}conv{i + 1}.weight"
+                shapes.get(w, kind, (cout, cin, k, k))
+                convs.append(ConvRef(w, shapes.bias(f"{p}conv{i + 1}.bias", kind, cout), cin, cout, k, k // 2,
+                                     False, stride=s, relu=i + 1 < len(specs)))
+            out = convs[-1].out_channels
+            needs = stride != 1 or channels != out
+            ds = None
+            if (p + "downsample.0.weight" in shapes) != needs:
+                raise _Mismatch(f"{p}downsample.0.weight is {'missing' if needs else 'present'}: expected one exactly "
+                                f"where a block changes its size ({channels} -> {out} channels, stride {stride})")
+            if needs:
+                w = p + "downsample.0.weight"
+                shapes.get(w, kind, (out, channels, 1, 1))
+                ds = ConvRef(w, shapes.bias(p + "downsample.0.bias", kind, out), channels, out, 1, 0, False,
+                             stride=stride, relu=False)
+            blocks.append(ResBlockRef(layer, j, tuple(convs), ds))
+            channels = out
+    classes = shapes.get("fc.weight", kind, (None, channels))[0]
+    fc = LinearRef("fc.weight", shapes.bias("fc.bias", kind, classes), channels, classes)
+    depth = 2 + (3 if bottleneck else 2) * len(blocks)
+    return Architecture(kind, f"resnet{depth}", convs=(stem,), blocks=tuple(blocks), fcs=(fc,))

@@ -33,7 +33,7 @@ from torch import nn
 from .. import examples
 from ..formats.packed_file import PackedFile
 from ..runtime.measure import MODEL_TOLERANCE, relative_error  # noqa: F401 - re-exported (models.relative_error)
-from .arch import Architecture, LinearRef, stored_name
+from .arch import Architecture, ConvRef, LinearRef, ResBlockRef, stored_name
 
 #: Bound on relative_error(runtime output, float32 reference output), per runtime dtype (see above).
 #: The table and relative_error are runtime.measure's (the one owner of gates and errors).
@@ -47,8 +47,54 @@ def _linear(ref: LinearRef) -> nn.Linear:
     return nn.Linear(ref.in_features, ref.out_features, bias=ref.bias is not None)
 
 
+def _conv(ref: ConvRef) -> nn.Conv2d:
+    return nn.Conv2d(ref.in_channels, ref.out_channels, ref.kernel, stride=ref.stride, padding=ref.padding,
+                     bias=ref.bias is not None)
+
+
+class _ResBlock(nn.Module):
+    """A folded torchvision block: conv1 (ReLU) conv2 [(ReLU) conv3] + residual, ReLU. Attribute names
+    are the state dict's (``conv1``, ``downsample.0``)."""
+
+    def __init__(self, ref: ResBlockRef) -> None:
+        super().__init__()
+        self.n = len(ref.convs)
+        for i, c in enumerate(ref.convs):
+            setattr(self, f"conv{i + 1}", _conv(c))
+        self.downsample = nn.Sequential(_conv(ref.downsample)) if ref.downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for i in range(1, self.n + 1):
+            y = getattr(self, f"conv{i}")(y)
+            if i < self.n:
+                y = torch.relu(y)
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class FoldedResNet(nn.Module):
+    """torchvision's ResNet forward with its batch norms folded into the convs (models.bnfold): stem conv,
+    ReLU, 3x3 max-pool (stride 2, padding 1), the blocks, global average pool, fc."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.conv1 = _conv(arch.convs[0])
+        for layer in sorted({b.layer for b in arch.blocks}):
+            setattr(self, f"layer{layer}", nn.Sequential(*[_ResBlock(b) for b in arch.blocks if b.layer == layer]))
+        self.layers = sorted({b.layer for b in arch.blocks})
+        self.fc = _linear(arch.fcs[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 3, stride=2, padding=1)
+        for layer in self.layers:
+            x = getattr(self, f"layer{layer}")(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def _build(arch: Architecture) -> nn.Module:
     """The untrained module of ``arch`` (call under ``torch.device("meta")``: no memory, no init)."""
+    if arch.kind == "resnet":
+        return FoldedResNet(arch)
     if arch.kind == "vgg":
         from ..vision import torchvision
 
@@ -115,7 +161,7 @@ def sample_inputs(arch: Architecture, *, seed: int = 0, frames: int = 50, steps:
     """Seeded inputs for ``arch`` (a CPU generator: the same values on every machine), on ``device``.
 
     lstm-lm: ``{"tokens": int64 [steps]}`` ids < vocab; ctc-bilstm: ``{"frames": float32 [frames,
-    features]}``; vgg: ``{"image": float32 [3, image_size, image_size]}`` (standard normal values).
+    features]}``; vgg, resnet: ``{"image": float32 [3, image_size, image_size]}`` (standard normal values).
     """
     g = torch.Generator().manual_seed(seed)
     if arch.kind == "lstm-lm":
@@ -131,7 +177,7 @@ def reference_outputs(module: nn.Module, arch: Architecture, inputs: dict[str, t
     """``module``'s outputs on ``inputs``, computed in its dtype on its device, returned float32 on CPU.
 
     lstm-lm: the logits of each token run one step at a time from a zero state (as a decoder serves
-    requests), [steps, vocab]; ctc-bilstm: [frames, labels]; vgg: [classes].
+    requests), [steps, vocab]; ctc-bilstm: [frames, labels]; vgg, resnet: [classes].
     """
     p = next(module.parameters())
     with torch.inference_mode():

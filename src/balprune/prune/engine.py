@@ -20,6 +20,7 @@ from ..container import AtomicOutput, StreamingWriter, check_not_an_input, verif
 from ..errors import InvalidInputError, OutputError
 from ..formats import BalancedTensor, BsrTensor, CsrTensor, hf_record, spec
 from ..llm.gpt2 import conv1d_weights
+from ..models.bnfold import fold_batch_norms
 from ..patterns.balanced import balanced_offsets, geometry_for
 from ..patterns.ranking import check_finite
 from ..patterns.registry import ENCODINGS
@@ -294,13 +295,15 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
 
     Raises the project's errors only; on any error no file appears at ``output``. A source with a
     config.json beside its weights (an HF folder) has its config and tokenizer files recorded in the
-    packed file (formats.hf_record), and its GPT-2 Conv1D weights pruned as [out, in] (llm.gpt2);
+    packed file (formats.hf_record), and its GPT-2 Conv1D weights pruned as [out, in] (llm.gpt2); a
+    torchvision ResNet has its batch norms folded into its convs first (models.bnfold, with a note);
     ``hf`` gives that record for a checkpoint with no folder behind it (a fine-tuned model in memory);
     ``transposed`` the Conv1D weights when the caller knows them (plan_checkpoint recognises them otherwise).
     """
     output = Path(output)
     if hf is None:
         hf = hf_record.read_beside(ckpt.files)
+    ckpt, fold_note = fold_batch_norms(ckpt)  # a torchvision ResNet: BN folded into its convs first
     check_not_an_input(output, [*ckpt.files, *(hf.paths if hf else ())])
     # Opening the output first makes a missing or unwritable folder fail before any work.
     with AtomicOutput(output, force=force) as out:
@@ -328,6 +331,7 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
         report.notes += [f"warning: {shortfall_line(p)}" for p in short]
         report.notes += [f"warning: {w}" for w in unmatched_globs([t.name for t in ckpt.tensors], options)]
         report.notes += [f"warning: {n}" for n in (hf.notes if hf else ())]
+        report.notes += [fold_note] if fold_note else []
         supplied = _write_supplied(writer, plans, pruned_weights) if pruned_weights is not None else set()
         total = sum(p.source.nbytes for p in plans)
         done = 0

@@ -23,6 +23,12 @@ from .stages import Choice, Projection, dispatch
 from .vgg import PackedVgg
 
 
+#: The recognised architectures (models.arch.KINDS) this runtime builds. A resnet is recognised and has
+#: a CPU reference (models.reference_module), but no GPU runtime yet: its convs need the sparse conv
+#: kernels, and nothing is offered that has not run on a GPU.
+RUNTIME_KINDS = ("lstm-lm", "ctc-bilstm", "vgg")
+
+
 def preflight(path: str | Path, dtypes: tuple[str, ...]):
     """(PackedFile, Architecture) of a packed model, checked for every runtime dtype in ``dtypes``, in one
     pass over the file and before any GPU is looked for: the whole file verified
@@ -30,7 +36,8 @@ def preflight(path: str | Path, dtypes: tuple[str, ...]):
     field or out-of-range index), every stored weight within each dtype's finite range (the runtime
     casts to it: an fp32 weight of 7e4 would be inf in float16; InvalidInputError naming the tensor,
     the figure and the dtype), the architecture recognised (InvalidInputError when it is not a
-    built-in one). ``bench --model`` runs it once for all its dtypes and hands the result to load_model.
+    built-in one, or one without a runtime here: RUNTIME_KINDS). ``bench --model`` runs it once for all
+    its dtypes and hands the result to load_model.
     """
     from ...formats.packed_file import verify_packed
     from ...models import detect
@@ -53,7 +60,12 @@ def preflight(path: str | Path, dtypes: tuple[str, ...]):
                                         f"finite value {limit:.6g}", hint="run it at float32 or bfloat16 (--dtype)")
 
     pf = verify_packed(path, each=in_range)
-    return pf, detect(pf)
+    arch = detect(pf)
+    if arch.kind not in RUNTIME_KINDS:
+        raise InvalidInputError(f"{pf.path}: {arch.name} is recognised, but the packed model runtime runs "
+                                f"{', '.join(RUNTIME_KINDS)} files only so far",
+                                hint="`balprune bench PACKED` (without --model) times its layers one by one")
+    return pf, arch
 
 
 def load_model(path: str | Path, *, dtype: str = "float16", device: int = 0, paths: str = "auto",

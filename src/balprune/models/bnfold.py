@@ -1,0 +1,167 @@
+"""Batch norm folded into the conv before it: what ``prune`` does to a torchvision ResNet checkpoint.
+
+At inference a BatchNorm2d after a conv is an affine map per output channel,
+
+    bn(conv(x)) = s * (W * x + b - mean) + beta,   s = gamma / sqrt(running_var + eps)
+
+so the pair is one conv with ``W' = s[:, None, None, None] * W`` and ``b' = beta + s * (b - mean)``
+(b = 0 for torchvision's bias-free convs). Folding before pruning is what a batch-1 deployment
+wants: the runtime runs one conv (and its epilogue) instead of a conv and a normalisation, and the
+balanced pattern is chosen on the weights that are actually multiplied. Each output channel is one
+row of the [C_out, C_in*kh*kw] view and is scaled by one factor, so a row's ranking by magnitude
+-- hence its balanced mask -- is the same before and after the fold.
+
+Recognition, from names and shapes only. Only a checkpoint laid out as a whole like torchvision's
+ResNet is folded (``is_torchvision_resnet``: every tensor one of ``conv1``, ``bn1``,
+``layer<i>.<j>.{conv1,conv2,conv3,bn1,bn2,bn3,downsample.0,downsample.1}``, ``fc``): names alone
+cannot tell a BN that follows its conv from one that precedes it (a pre-activation block), so no
+other model is touched. In it, ``batch_norm_pairs``: a conv weight ``P<conv>.weight`` [C, ...] (4-D)
+with a batch norm ``P<bn>`` holding ``weight``, ``bias``, ``running_mean`` and ``running_var``, all
+[C], (conv, bn) one of the pairs ``conv1``/``bn1``, ``conv2``/``bn2``, ``conv3``/``bn3``,
+``downsample.0``/``downsample.1``. The fold is computed in
+float64 and stored in the conv weight's dtype; the BN tensors (and ``num_batches_tracked``) leave
+the checkpoint and a ``<conv>.bias`` [C] enters it. ``eps`` is not stored in a state dict:
+torchvision's BatchNorm2d default, 1e-5, is used (``BN_EPS``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint import Checkpoint, SourceTensor
+from ..errors import InvalidInputError
+
+#: BatchNorm2d's eps in torchvision's ResNets (not part of a state dict).
+BN_EPS = 1e-5
+
+#: (conv, batch norm) module names that follow each other in torchvision's ResNet blocks and stem.
+_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("downsample.0", "downsample.1"))
+_BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
+_CONV_RE = re.compile(r"(.*?)(conv[123]|downsample\.0)\.weight")
+_BN_KEYS = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+_RESNET_RE = re.compile(
+    rf"conv1\.weight|bn1\.{_BN_KEYS}|fc\.(weight|bias)"
+    rf"|layer[0-9]+\.[0-9]+\.(conv[123]\.weight|bn[123]\.{_BN_KEYS}|downsample\.0\.weight|downsample\.1\.{_BN_KEYS})")
+
+
+def is_torchvision_resnet(names: list[str]) -> bool:
+    """Whether every tensor name is one of torchvision ResNet's (module doc), with its stem, first block
+    and classifier present."""
+    present = set(names)
+    return {"conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "fc.weight"} <= present and \
+        all(_RESNET_RE.fullmatch(n) for n in names)
+
+
+@dataclass(frozen=True)
+class FoldPair:
+    """One conv and the batch norm after it: their tensor names."""
+
+    conv_weight: str
+    conv_bias: str  # existing or created by the fold
+    bn: str  # prefix of the BN's tensors, ending in "."
+    channels: int
+
+    def bn_tensors(self) -> list[str]:
+        return [self.bn + p for p in _BN_PARAMS]
+
+
+def batch_norm_pairs(tensors: tuple[SourceTensor, ...] | list[SourceTensor]) -> list[FoldPair]:
+    """The (conv, batch norm) pairs of a torchvision ResNet state dict (module doc), in tensor order."""
+    by_name = {t.name: t for t in tensors}
+    pairs = []
+    for t in tensors:
+        m = _CONV_RE.fullmatch(t.name)
+        if m is None or len(t.shape) != 4:
+            continue
+        prefix, conv = m.group(1), m.group(2)
+        bn = prefix + dict(_PAIRS)[conv] + "."
+        c = t.shape[0]
+        if all(by_name.get(bn + p) is not None and by_name[bn + p].shape == (c,) for p in _BN_PARAMS):
+            bias = by_name.get(prefix + conv + ".bias")
+            if bias is not None and bias.shape != (c,):
+                continue
+            pairs.append(FoldPair(t.name, prefix + conv + ".bias", bn, c))
+    return pairs
+
+
+def fold(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
+         mean: torch.Tensor, var: torch.Tensor, eps: float = BN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of ``bn(conv(x))`` as one conv (module doc), in float64, then ``weight``'s dtype."""
+    if bool((var.double() + eps <= 0).any()):
+        raise InvalidInputError("a batch norm's running_var + eps is not positive: the fold would divide by it")
+    s = gamma.double() / torch.sqrt(var.double() + eps)
+    b = torch.zeros_like(s) if bias is None else bias.double()
+    w = weight.double() * s.view(-1, *([1] * (weight.dim() - 1)))
+    return w.to(weight.dtype), (beta.double() + s * (b - mean.double())).to(weight.dtype)
+
+
+class BatchNormFolded(Checkpoint):
+    """``inner`` with every pair of ``batch_norm_pairs`` folded: the BN tensors (and their
+    ``num_batches_tracked``) gone, each conv's weight folded and its ``<conv>.bias`` present, in the
+    conv's place. Reads only the tensors a load needs; the file's bytes are never changed.
+    ``sha256`` is the source's (the packed file names what it was made from)."""
+
+    def __init__(self, inner: Checkpoint, pairs: list[FoldPair]) -> None:
+        super().__init__(inner.display, list(inner.files))
+        self._inner = inner
+        self.pairs = pairs
+        self._by_weight = {p.conv_weight: p for p in pairs}
+        self._by_bias = {p.conv_bias: p for p in pairs}
+        dropped = {n for p in pairs for n in p.bn_tensors()} | {p.bn + "num_batches_tracked" for p in pairs}
+        dropped |= set(self._by_bias)  # an existing conv bias is re-emitted (folded) right after its weight
+        tensors = []
+        for t in inner.tensors:
+            if t.name in dropped:
+                continue
+            tensors.append(t)
+            p = self._by_weight.get(t.name)
+            if p is not None:
+                item = t.nbytes // max(t.numel, 1)
+                tensors.append(SourceTensor(p.conv_bias, t.dtype, (p.channels,), p.channels * item))
+        self.tensors = tuple(tensors)
+        if any(a in dropped or v in dropped for a, v in inner.aliases.items()):
+            raise InvalidInputError(f"{inner.display}: a tied (aliased) tensor is part of a batch norm fold")
+        self.aliases = dict(inner.aliases)
+
+    def _folded(self, p: FoldPair) -> tuple[torch.Tensor, torch.Tensor]:
+        src = {t.name for t in self._inner.tensors}
+        w = self._inner.load(p.conv_weight)
+        b = self._inner.load(p.conv_bias) if p.conv_bias in src else None
+        gamma, beta, mean, var = (self._inner.load(n) for n in p.bn_tensors())
+        try:
+            return fold(w, b, gamma, beta, mean, var)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{self.display}: {p.bn}: {exc.args[0]}") from None
+
+    def load(self, name: str) -> torch.Tensor:
+        if name in self._by_weight:
+            return self._folded(self._by_weight[name])[0]
+        if name in self._by_bias:
+            return self._folded(self._by_bias[name])[1]
+        return self._inner.load(name)
+
+    def raw(self, name: str):
+        if name in self._by_weight or name in self._by_bias:
+            return super().raw(name)
+        return self._inner.raw(name)
+
+    def sha256(self) -> str:
+        return self._inner.sha256()
+
+
+def fold_batch_norms(ckpt: Checkpoint) -> tuple[Checkpoint, str | None]:
+    """``ckpt`` with its torchvision-ResNet batch norms folded, and the note that says so (None and
+    ``ckpt`` itself when it is not such a checkpoint). Only float convs are folded."""
+    if not is_torchvision_resnet([t.name for t in ckpt.tensors]):
+        return ckpt, None
+    dtypes = {t.name: t.dtype for t in ckpt.tensors}
+    pairs = [p for p in batch_norm_pairs(ckpt.tensors) if dtypes[p.conv_weight] in ("F16", "BF16", "F32", "F64")]
+    if not pairs:
+        return ckpt, None
+    return BatchNormFolded(ckpt, pairs), (
+        f"note: batch norm folded into {len(pairs)} conv(s) before pruning (torchvision ResNet layout, eps "
+        f"{BN_EPS:g}): the packed file holds each conv's folded weight and bias and no batch-norm tensors")
+

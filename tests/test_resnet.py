@@ -1,0 +1,176 @@
+"""torchvision ResNets: batch norm folded by prune (models.bnfold), recognised in packed files
+(models.detect), and their dense reference (models.reference_module) -- all on the CPU.
+
+Files are made by the real pipeline (save a torchvision ResNet's state dict, ``balprune prune`` it), so
+the names and shapes are exactly what users get.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from balprune.cli import main
+from balprune.config import prune_options_from_config
+from balprune.errors import InvalidInputError
+from balprune.examples import example_state_dict
+from balprune.formats.packed_file import read_packed, unpack
+from balprune.models import detect, reference_module, reference_outputs, relative_error, sample_inputs
+from balprune.models.bnfold import BN_EPS, fold, is_torchvision_resnet
+from balprune.prune.masks import one_shot_mask
+from balprune.save import save_state_dict
+from balprune.vision import torchvision
+
+_resnet = torchvision().models.resnet
+PREFIX = "not a built-in model (lstm-lm, ctc-bilstm, vgg, resnet): "
+
+
+def small_resnet(block: str = "basic", layers=(1, 2, 1, 1), classes: int = 10, seed: int = 0) -> nn.Module:
+    """A torchvision ResNet (its class, names and strides) with drawn batch-norm parameters, in eval mode."""
+    cls = _resnet.BasicBlock if block == "basic" else _resnet.Bottleneck
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = _resnet.ResNet(cls, list(layers), num_classes=classes)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.weight.uniform_(-1.5, 1.5)  # negative scales too: a row's ranking is by magnitude
+                    mod.bias.normal_(0, 0.1)
+                    mod.running_mean.normal_(0, 0.1)
+                    mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def prune(folder: Path, name: str, state: dict[str, torch.Tensor], *args: str) -> Path:
+    src, out = folder / f"{name}.safetensors", folder / f"{name}.packed.safetensors"
+    save_state_dict(state, src)
+    assert main(["prune", str(src), *args, "-o", str(out), "--json"]) == 0
+    return out
+
+
+def test_fold_is_the_eval_mode_conv_then_batch_norm():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(5, 7, 3, padding=1, bias=True).double(), nn.BatchNorm2d(7).double().eval()
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.1, 2)
+    x = torch.randn(2, 5, 9, 9, dtype=torch.float64)
+    w, b = fold(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, eps=bn.eps)
+    torch.testing.assert_close(nn.functional.conv2d(x, w, b, padding=1), bn(conv(x)), rtol=1e-12, atol=1e-12)
+    assert BN_EPS == bn.eps  # torchvision's BatchNorm2d default, which a state dict does not store
+
+
+@pytest.mark.parametrize("block,layers,name", [("basic", (1, 2, 1, 1), "resnet12"),
+                                               ("bottleneck", (1, 1, 2, 1), "resnet17")])
+def test_prune_folds_and_the_reference_equals_torchvision_in_eval_mode(tmp_path, block, layers, name):
+    """At sparsity 0 the packed file is the folded model: its reference equals the unfolded torchvision
+    model with batch norm in eval mode; no batch-norm tensor is left and the note says why."""
+    model = small_resnet(block, layers)
+    out = prune(tmp_path, name, state_of(model), "--sparsity", "0")
+    pf = read_packed(out)
+    names = list(pf.manifest["tensors"])
+    assert not any(".bn" in f".{n}" or "downsample.1." in n for n in names)
+    assert "layer2.0.downsample.0.bias" in names and "conv1.bias" in names
+    arch = detect(pf)
+    assert (arch.kind, arch.name) == ("resnet", name)
+    stride2 = [c.weight for b in arch.blocks for c in b.convs if c.stride == 2]
+    assert stride2 == ([f"layer{i}.0.conv1.weight" for i in (2, 3, 4)] if block == "basic"
+                       else [f"layer{i}.0.conv2.weight" for i in (2, 3, 4)])
+    ref = reference_module(pf, arch)
+    inputs = sample_inputs(arch)
+    with torch.no_grad():
+        expected = model(inputs["image"][None])[0]
+    assert relative_error(reference_outputs(ref, arch, inputs), expected) < 1e-5
+
+
+def test_the_fold_keeps_each_rows_balanced_mask(tmp_path):
+    """A folded row is the unfolded row times one factor: the packed file keeps exactly the weights the
+    balanced pattern picks from the unfolded conv."""
+    model = small_resnet()
+    state = state_of(model)
+    pf = read_packed(prune(tmp_path, "r", state, "--sparsity", "0.75", "--blocks", "4"))
+    pattern = prune_options_from_config({}, overrides={"sparsity": 0.75, "blocks": 4}).pattern
+    for name in ("conv1.weight", "layer2.0.conv1.weight", "layer3.0.downsample.0.weight", "layer4.0.conv2.weight"):
+        w = state[name].reshape(state[name].shape[0], -1)
+        assert pf.manifest["tensors"][name]["pattern"] == "balanced", name
+        kept = pf.dense(name).reshape(w.shape) != 0
+        assert torch.equal(kept, one_shot_mask(w, pattern)), name
+
+
+def test_the_example_resnets_are_recognised_after_prune(tmp_path):
+    out = prune(tmp_path, "r18", example_state_dict("resnet18"), "--sparsity", "0.9")
+    arch = detect(read_packed(out))
+    assert arch.name == "resnet18" and len(arch.blocks) == 8 and arch.fcs[0].out_features == 1000
+    state = example_state_dict("resnet50")
+    assert is_torchvision_resnet(list(state))
+    arch = detect(read_packed(prune(tmp_path, "r50", state, "--sparsity", "0")))
+    assert arch.name == "resnet50" and len(arch.blocks) == 16 and arch.blocks[0].out_channels == 256
+
+
+def test_other_models_with_batch_norm_are_not_folded(tmp_path):
+    """Only a whole torchvision ResNet layout is folded: a model that merely has conv1/bn1 is left as is."""
+    state = state_of(small_resnet())
+    state["head.weight"] = torch.randn(3, 3)
+    assert not is_torchvision_resnet(list(state))
+    pf = read_packed(prune(tmp_path, "x", state, "--sparsity", "0.5"))
+    assert "bn1.running_var" in pf.manifest["tensors"] and "conv1.bias" not in pf.manifest["tensors"]
+
+
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The folded dense state dict of a small ResNet (unpack of its packed file)."""
+    folder = tmp_path_factory.mktemp("folded")
+    out = prune(folder, "r", state_of(small_resnet()), "--sparsity", "0.5")
+    unpack(out, folder / "dense.safetensors")
+    from safetensors.torch import load_file
+
+    return load_file(folder / "dense.safetensors")
+
+
+def _without(state, *prefixes):
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)}
+
+
+def _with(state, **kw):
+    return {**state, **{k.replace("__", "."): v for k, v in kw.items()}}
+
+
+BAD = {
+    "no-downsample": (lambda s: _without(s, "layer2.0.downsample."),
+                      "layer2.0.downsample.0.weight is missing: expected one exactly where a block changes its size "
+                      "(64 -> 128 channels, stride 2)"),
+    "block-gap": (lambda s: _without(s, "layer2.0."), "layer2 blocks [1]: expected consecutive blocks from layer2.0"),
+    "layer-gap": (lambda s: _without(s, "layer3."), "layers [1, 2, 4]: expected consecutive layers from layer1"),
+    "5x5-stem": (lambda s: _with(s, conv1__weight=torch.randn(64, 3, 5, 5)),
+                 "conv1.weight is [64, 3, 5, 5], expected [?, 3, 7, 7]"),
+    "fc-does-not-chain": (lambda s: _with(s, fc__weight=torch.randn(10, 100)),
+                          "fc.weight is [10, 100], expected [?, 512]"),
+    "extra": (lambda s: _with(s, extra__weight=torch.randn(4, 4)), "1 tensor(s) a resnet does not use: 'extra.weight'"),
+    "unfolded": (lambda s: _with(s, bn1__running_var=torch.ones(64)),
+                 "batch-norm tensors 'bn1.running_var': a resnet runs with its batch norms folded into the convs "
+                 "(prune a torchvision ResNet checkpoint with balprune, which folds them)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_near_misses_are_one_line_naming_what_was_expected(case, folded, tmp_path):
+    mutate, detail = BAD[case]
+    out = prune(tmp_path, case, mutate(dict(folded)), "--sparsity", "0.5")
+    with pytest.raises(InvalidInputError) as e:
+        detect(read_packed(out))
+    assert e.value.exit_code == 4 and e.value.one_line() == f"{out}: {PREFIX}{detail}"
+
+
+def test_bench_model_refuses_a_resnet_before_looking_for_a_gpu(tmp_path):
+    """Recognised, but the packed model runtime has no ResNet path yet: exit 4 naming it, on any machine."""
+    from balprune.runtime.model import preflight
+
+    out = prune(tmp_path, "r", state_of(small_resnet()), "--sparsity", "0.5")
+    with pytest.raises(InvalidInputError, match="resnet12 is recognised, but the packed model runtime runs"):
+        preflight(out, ("float16",))
