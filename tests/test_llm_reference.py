@@ -175,3 +175,53 @@ def test_model_larger_than_memory_refused_before_loading(tmp_path, monkeypatch):
     with pytest.raises(InvalidInputError, match="needs .*; 9.8 KiB of memory is available") as e:
         ReferenceLM.from_folder(folder)
     assert e.value.exit_code == 4
+
+
+# ---------------------------------------------------------------------------- decoding with a KV cache
+
+
+@pytest.mark.parametrize("case", ["llama3-gqa-rope-scaling", "mistral-sliding-window", "qwen3-qk-norm",
+                                  "qwen2-biases-tied"])
+def test_cached_steps_equal_the_full_forward(tmp_path, case):
+    """A prompt step, then one token per step through the static cache: every step's logits are the full
+    sequence's at those positions (the sliding window included: 24 tokens over a window of 5)."""
+    cfg = CASES[case]
+    ref = ReferenceLM.from_folder(write_hf_folder(cfg, tmp_path / case, tensor_fn=_values))
+    ids = _ids(cfg, b=1, t=24)
+    full = ref(ids)
+    cache = ref.new_cache(32)
+    got = [ref.step(ids[:, :7], cache)]
+    for i in range(7, 24):
+        got.append(ref.step(ids[:, i:i + 1], cache))
+    assert cache.length == 24
+    _close(torch.cat(got, dim=1), full)
+
+
+def test_greedy_generate_equals_transformers(tmp_path):
+    tf = _transformers()
+    cfg = CASES["llama3-gqa-rope-scaling"]
+    folder = write_hf_folder(cfg, tmp_path / "m", tensor_fn=_values)
+    prompt = _ids(cfg, b=1, t=9)
+    ours = ReferenceLM.from_folder(folder).generate(prompt[0].tolist(), 12)
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                                pad_token_id=0, eos_token_id=None)[0, 9:].tolist()
+    assert ours == theirs
+
+
+def test_a_step_past_the_cache_is_refused_and_writes_nothing(tmp_path):
+    from balprune.errors import UsageError
+
+    cfg = CASES["llama2-mha-untied"]
+    ref = ReferenceLM.from_folder(write_hf_folder(cfg, tmp_path / "m", tensor_fn=_values))
+    cache = ref.new_cache(8)
+    ref.step(_ids(cfg, b=1, t=6), cache)
+    before = [k.clone() for k, _ in cache.layers]
+    with pytest.raises(UsageError, match="do not fit a KV cache of 8 positions"):
+        ref.step(_ids(cfg, b=1, t=3), cache)
+    assert cache.length == 6 and all(torch.equal(a, k) for a, (k, _) in zip(before, cache.layers))
+    with pytest.raises(UsageError, match="cache length must be in"):
+        ref.new_cache(cfg.max_position_embeddings + 1)
+    with pytest.raises(UsageError, match="do not fit"):
+        ref.generate([1, 2, 3], 10, max_len=8)

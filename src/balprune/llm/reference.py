@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .. import safeio
 from ..checkpoint import Checkpoint
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UsageError
 from .family import LlmConfig, expected_tensors, open_llm
 
 
@@ -77,10 +77,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def causal_mask(t: int, sliding_window: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Additive mask [T, T] float32: 0 where query i may see key j (j <= i, and i - j < window), -inf-like else."""
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(t, device=device)[None, :]
+def causal_mask(t: int, sliding_window: int | None, device: torch.device | str = "cpu", start: int = 0
+                ) -> torch.Tensor:
+    """Additive mask [T, start + T] float32 for queries at positions start .. start+T-1 over keys at
+    0 .. start+T-1: 0 where query i may see key j (j <= i, and i - j < window), -inf-like else."""
+    i = torch.arange(start, start + t, device=device)[:, None]
+    j = torch.arange(start + t, device=device)[None, :]
     allowed = j <= i
     if sliding_window is not None:
         allowed &= j > i - sliding_window
@@ -109,8 +111,12 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, T, hidden]; cos, sin [T, head_dim]; mask [T, T] additive float32."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        """x [B, T, hidden] at positions start .. start+T-1; cos, sin [T, head_dim] of those positions; mask
+        [T, start + T] additive float32. ``cache``: (keys, values) [B, kv_heads, max_len, head_dim], the
+        layer's static KV cache: this call's keys and values (after RoPE) are written at start .. start+T-1
+        and the queries attend over 0 .. start+T-1 of it. Without a cache, start is 0 and T keys are used."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
@@ -120,6 +126,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            keys, values = cache
+            keys[:, :, start:start + t] = k
+            values[:, :, start:start + t] = v
+            k, v = keys[:, :, :start + t], values[:, :, :start + t]
         rep = self.heads // self.kv_heads
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
@@ -153,8 +164,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Mlp(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,11 +180,26 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+class KvCache:
+    """A static KV cache: per layer (keys, values) [B, kv_heads, max_len, head_dim] after RoPE, and how many
+    positions hold tokens (``length``). ``ReferenceLM.new_cache`` makes one, ``step`` fills it."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = layers
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+
 class ReferenceLM(nn.Module):
     """The family's causal LM. ``forward(input_ids [B, T] int64) -> logits [B, T, vocab] float32``.
 
     For layer-by-layer use (calibration): ``embed(ids) -> h [B, T, hidden]``, ``rope(T)``,
     ``mask(T)``, each ``model.layers[i](h, cos, sin, mask)``, then ``head(h) -> logits``.
+    For decoding: ``new_cache(max_len)``, ``step(ids, cache)`` (a prompt, then one token at a time)
+    and ``generate(prompt, n)`` (greedy) -- the float32 reference a decode runtime is held to.
     """
 
     def __init__(self, cfg: LlmConfig, dtype: torch.dtype = torch.float32) -> None:
@@ -221,6 +248,51 @@ class ReferenceLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask)
         return self.head(h)
+
+    # ----------------------------------------------------------------------- decoding
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KvCache:
+        """An empty static KV cache of ``max_len`` positions (zeros, this model's dtype and device)."""
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len <= self.cfg.max_position_embeddings:
+            raise UsageError(f"cache length must be in [1, {self.cfg.max_position_embeddings}] (the model's "
+                             f"max_position_embeddings), got {max_len!r}")
+        shape = (batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim)
+        return KvCache([(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                         torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.model.layers])
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, cache: KvCache) -> torch.Tensor:
+        """Run ``input_ids`` [B, T] (a prompt, or one token) at the cache's next positions, appending their
+        keys and values; logits [B, T, vocab] float32, equal to ``forward`` of the whole sequence so far at
+        those positions. UsageError (exit 2) when they do not fit the cache (never written past its end)."""
+        t = input_ids.shape[1] if input_ids.dim() == 2 else 0
+        start = cache.length
+        if t < 1 or start + t > cache.max_len:
+            raise UsageError(f"{t} token(s) at position {start} do not fit a KV cache of {cache.max_len} positions")
+        h = self.embed(input_ids)
+        cos, sin = rope_cos_sin(self.cfg, torch.arange(start, start + t, device=self.device), self.dtype)
+        mask = causal_mask(t, self.cfg.sliding_window, self.device, start)
+        for layer, kv in zip(self.model.layers, cache.layers):
+            h = layer(h, cos, sin, mask, kv, start)
+        cache.length = start + t
+        return self.head(h)
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int] | torch.Tensor, max_new_tokens: int, *, max_len: int | None = None
+                 ) -> list[int]:
+        """Greedy decoding at batch 1: the prompt in one step, then one token per step (argmax of the last
+        logits; the lowest id on a tie, as torch.argmax). Returns the ``max_new_tokens`` new ids. The cache
+        holds ``max_len`` positions (default: prompt + new tokens); a longer run is a UsageError."""
+        ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(1, -1)
+        cache = self.new_cache(max_len if max_len is not None else ids.shape[1] + max_new_tokens)
+        out: list[int] = []
+        logits = self.step(ids, cache)
+        for _ in range(max_new_tokens):
+            nxt = int(torch.argmax(logits[0, -1]))
+            out.append(nxt)
+            if len(out) < max_new_tokens:
+                logits = self.step(torch.tensor([[nxt]], dtype=torch.int64), cache)
+        return out
 
     # ----------------------------------------------------------------------- loading
 

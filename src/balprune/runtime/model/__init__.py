@@ -22,7 +22,6 @@ from .lstm import PackedBiLstm, PackedLstmLm
 from .stages import Choice, Projection, dispatch
 from .vgg import PackedVgg
 
-
 #: The recognised architectures (models.arch.KINDS) this runtime builds. A resnet is recognised and has
 #: a CPU reference (models.reference_module), but no GPU runtime yet: its convs need the sparse conv
 #: kernels, and nothing is offered that has not run on a GPU.
