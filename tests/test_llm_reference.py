@@ -225,3 +225,14 @@ def test_a_step_past_the_cache_is_refused_and_writes_nothing(tmp_path):
         ref.new_cache(cfg.max_position_embeddings + 1)
     with pytest.raises(UsageError, match="do not fit"):
         ref.generate([1, 2, 3], 10, max_len=8)
+
+
+def test_the_default_cache_holds_exactly_what_the_run_stores_and_batches_must_match(tmp_path):
+    from balprune.errors import UsageError
+
+    cfg = CASES["llama2-mha-untied"]  # 128 positions
+    ref = ReferenceLM.from_folder(write_hf_folder(cfg, tmp_path / "m", tensor_fn=_values))
+    prompt = _ids(cfg, b=1, t=126)[0].tolist()
+    assert len(ref.generate(prompt, 3)) == 3  # 126 + 2 stored positions: fits 128
+    with pytest.raises(UsageError, match="batch of 1 sequence"):
+        ref.step(_ids(cfg, b=1, t=2), ref.new_cache(8, batch=2))

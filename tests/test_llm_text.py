@@ -322,3 +322,22 @@ def test_write_example_writes_the_tokenizer(tmp_path):
     tok = load_tokenizer(a)
     ids = tok.encode("The quick brown fox").ids
     assert ids[0] == 1 and max(ids) < 512 and len(ids) < len("The quick brown fox")  # merges were learned
+
+
+def test_a_tokenizer_that_loads_but_cannot_encode_is_exit_4(tmp_path):
+    """A WordLevel tokenizer.json whose unk_token is not in its vocabulary loads, then fails on an unknown
+    word inside the Rust library: one line naming the tokenizer and the data, not a traceback."""
+    from tokenizers import models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={"a": 0, "b": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tok.to_str())
+    data = tmp_path / "d.txt"
+    data.write_text("a b c\n")
+    with pytest.raises(InvalidInputError) as e:
+        read_token_ids(data, tokenizer=path)
+    assert "fails to encode" in e.value.one_line() and str(path) in e.value.one_line()
+    recorded = text.RecordedTokenizer(path.read_text(), "p.safetensors: recorded tokenizer.json")
+    with pytest.raises(InvalidInputError, match="recorded tokenizer.json fails to encode"):
+        read_token_ids(data, tokenizer=recorded)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from balprune.cli import main
@@ -128,7 +129,6 @@ def folded(tmp_path_factory) -> dict[str, torch.Tensor]:
     folder = tmp_path_factory.mktemp("folded")
     out = prune(folder, "r", state_of(small_resnet()), "--sparsity", "0.5")
     unpack(out, folder / "dense.safetensors")
-    from safetensors.torch import load_file
 
     return load_file(folder / "dense.safetensors")
 
@@ -174,3 +174,60 @@ def test_bench_model_refuses_a_resnet_before_looking_for_a_gpu(tmp_path):
     out = prune(tmp_path, "r", state_of(small_resnet()), "--sparsity", "0.5")
     with pytest.raises(InvalidInputError, match="resnet12 is recognised, but the packed model runtime runs"):
         preflight(out, ("float16",))
+
+
+# -- hostile batch norms: one line, exit 4, no output ---------------------------------------------------
+
+
+def _refused(capsys, tmp_path: Path, src: Path, *words: str) -> None:
+    """prune exits 4 with one line holding ``words``, and writes nothing."""
+    out = tmp_path / "out.safetensors"
+    capsys.readouterr()
+    code = main(["prune", str(src), "--sparsity", "0.5", "--blocks", "4", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and not out.exists()
+    assert len(err.splitlines()) == 1 and err.startswith("balprune: error:"), err
+    assert all(w in err for w in words), err
+
+
+def _saved(tmp_path: Path, state: dict, suffix: str = ".safetensors") -> Path:
+    p = tmp_path / f"src{suffix}"
+    torch.save(state, p) if suffix == ".pt" else save_state_dict(state, p)
+    return p
+
+
+def test_a_nan_batch_norm_is_refused_naming_it(capsys, tmp_path):
+    s = state_of(small_resnet())
+    s["bn1.running_var"][0] = float("nan")
+    _refused(capsys, tmp_path, _saved(tmp_path, s), "batch norm 'bn1'", "'conv1.weight'", "running_var holds NaN or Inf")
+
+
+def test_a_fold_that_overflows_fp16_is_refused(capsys, tmp_path):
+    s = {k: v.half() if v.is_floating_point() else v for k, v in state_of(small_resnet()).items()}
+    s["bn1.running_var"].zero_()
+    s["bn1.running_mean"][0] = 5000.0
+    _refused(capsys, tmp_path, _saved(tmp_path, s), "batch norm 'bn1'", "not finite in float16")
+
+
+def test_a_batch_norm_that_cannot_be_paired_is_refused(capsys, tmp_path):
+    s = state_of(small_resnet())
+    s["layer1.0.bn2.running_var"] = torch.ones(65)
+    _refused(capsys, tmp_path, _saved(tmp_path, s), "batch norm 'layer1.0.bn2' cannot be folded")
+
+
+def test_tied_convs_are_refused(capsys, tmp_path):
+    s = state_of(small_resnet())
+    s["layer1.0.conv2.weight"] = s["layer1.0.conv1.weight"]  # one storage: a torch file keeps them tied
+    _refused(capsys, tmp_path, _saved(tmp_path, s, ".pt"), "tied (shared) tensors in a batch-norm fold")
+
+
+def test_a_layer_index_of_thousands_of_digits_is_a_near_miss_not_a_crash(tmp_path):
+    s = state_of(small_resnet())
+    out = prune(tmp_path, "ok", s, "--sparsity", "0")
+    unpack(out, tmp_path / "d.safetensors")
+    folded = load_file(tmp_path / "d.safetensors")
+    folded["layer" + "1" * 5000 + ".0.conv1.weight"] = torch.zeros(2, 2)
+    bad = prune(tmp_path, "bad", folded, "--sparsity", "0")
+    with pytest.raises(InvalidInputError) as e:
+        detect(read_packed(bad))
+    assert e.value.exit_code == 4 and "does not use" in e.value.one_line()

@@ -192,6 +192,10 @@ class KvCache:
     def max_len(self) -> int:
         return self.layers[0][0].shape[2] if self.layers else 0
 
+    @property
+    def batch(self) -> int:
+        return self.layers[0][0].shape[0] if self.layers else 0
+
 
 class ReferenceLM(nn.Module):
     """The family's causal LM. ``forward(input_ids [B, T] int64) -> logits [B, T, vocab] float32``.
@@ -267,6 +271,8 @@ class ReferenceLM(nn.Module):
         those positions. UsageError (exit 2) when they do not fit the cache (never written past its end)."""
         t = input_ids.shape[1] if input_ids.dim() == 2 else 0
         start = cache.length
+        if input_ids.dim() == 2 and input_ids.shape[0] != cache.batch:
+            raise UsageError(f"a batch of {input_ids.shape[0]} sequence(s) for a KV cache of batch {cache.batch}")
         if t < 1 or start + t > cache.max_len:
             raise UsageError(f"{t} token(s) at position {start} do not fit a KV cache of {cache.max_len} positions")
         h = self.embed(input_ids)
@@ -282,9 +288,10 @@ class ReferenceLM(nn.Module):
                  ) -> list[int]:
         """Greedy decoding at batch 1: the prompt in one step, then one token per step (argmax of the last
         logits; the lowest id on a tie, as torch.argmax). Returns the ``max_new_tokens`` new ids. The cache
-        holds ``max_len`` positions (default: prompt + new tokens); a longer run is a UsageError."""
+        holds ``max_len`` positions (default: what the run stores, the prompt and every new token but the
+        last); a longer run is a UsageError."""
         ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(1, -1)
-        cache = self.new_cache(max_len if max_len is not None else ids.shape[1] + max_new_tokens)
+        cache = self.new_cache(max_len if max_len is not None else ids.shape[1] + max(0, max_new_tokens - 1))
         out: list[int] = []
         logits = self.step(ids, cache)
         for _ in range(max_new_tokens):

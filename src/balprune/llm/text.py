@@ -214,7 +214,13 @@ def _tokenize(data: bytes, p: Path, tokenizer: Path | RecordedTokenizer) -> np.n
         raise InvalidInputError(f"data {p} is neither token ids nor UTF-8 text (byte {exc.start})") from None
     tok = load_tokenizer(tokenizer)
     safeio.check_fits_memory(len(data) * _TOKENIZE_BYTES_PER_BYTE, f"data {p}: tokenizing {len(data)} bytes")
-    ids = tok.encode(text, add_special_tokens=True).ids
+    try:
+        ids = tok.encode(text, add_special_tokens=True).ids
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: B036 - a tokenizer's Rust panic arrives as pyo3's PanicException
+        where = tokenizer.where if isinstance(tokenizer, RecordedTokenizer) else _tokenizer_file(tokenizer)
+        raise InvalidInputError(f"tokenizer {where} fails to encode data {p}: {str(exc)[:200]!r}") from None
     return np.asarray(ids, dtype=np.int64)
 
 

@@ -42,10 +42,10 @@ FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 KINDS = ("lstm-lm", "ctc-bilstm", "vgg", "resnet")
 _A = {"lstm-lm": "an lstm-lm", "ctc-bilstm": "a ctc-bilstm", "vgg": "a vgg", "resnet": "a resnet"}  # for messages
 
-_LSTM_RE = re.compile(r"lstm\.(weight_ih|weight_hh|bias_ih|bias_hh)_l([0-9]+)(_reverse)?")
-_FEATURES_RE = re.compile(r"features\.([0-9]+)\.(weight|bias)")
+_LSTM_RE = re.compile(r"lstm\.(weight_ih|weight_hh|bias_ih|bias_hh)_l([0-9]{1,6})(_reverse)?")
+_FEATURES_RE = re.compile(r"features\.([0-9]{1,6})\.(weight|bias)")
 _BATCH_NORM_KEYS = ("running_mean", "running_var", "num_batches_tracked")
-_RESNET_RE = re.compile(r"layer([0-9]+)\.([0-9]+)\.(conv[123]|downsample\.0)\.(weight|bias)")
+_RESNET_RE = re.compile(r"layer([0-9]{1,6})\.([0-9]{1,6})\.(conv[123]|downsample\.0)\.(weight|bias)")
 
 
 @dataclass(frozen=True)

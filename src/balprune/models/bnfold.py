@@ -67,6 +67,14 @@ class FoldPair:
     def bn_tensors(self) -> list[str]:
         return [self.bn + p for p in _BN_PARAMS]
 
+    @property
+    def bn_name(self) -> str:
+        return self.bn.rstrip(".")
+
+
+_FLOAT = ("F16", "BF16", "F32", "F64")
+_ITEM_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
 
 def batch_norm_pairs(tensors: tuple[SourceTensor, ...] | list[SourceTensor]) -> list[FoldPair]:
     """The (conv, batch norm) pairs of a torchvision ResNet state dict (module doc), in tensor order."""
@@ -79,23 +87,40 @@ def batch_norm_pairs(tensors: tuple[SourceTensor, ...] | list[SourceTensor]) -> 
         prefix, conv = m.group(1), m.group(2)
         bn = prefix + dict(_PAIRS)[conv] + "."
         c = t.shape[0]
-        if all(by_name.get(bn + p) is not None and by_name[bn + p].shape == (c,) for p in _BN_PARAMS):
+        if t.dtype in _FLOAT and all(by_name.get(bn + p) is not None and by_name[bn + p].shape == (c,)
+                                     and by_name[bn + p].dtype in _FLOAT for p in _BN_PARAMS):
             bias = by_name.get(prefix + conv + ".bias")
-            if bias is not None and bias.shape != (c,):
+            if bias is not None and (bias.shape != (c,) or bias.dtype not in _FLOAT):
                 continue
             pairs.append(FoldPair(t.name, prefix + conv + ".bias", bn, c))
     return pairs
 
 
+def _unpaired_batch_norms(tensors, pairs: list[FoldPair]) -> list[str]:
+    """Batch-norm modules of a ResNet layout (names ending in running_var) that no pair folds."""
+    folded = {p.bn for p in pairs}
+    return [t.name[: -len("running_var")].rstrip(".") for t in tensors
+            if t.name.endswith("running_var") and t.name[: -len("running_var")] not in folded]
+
+
 def fold(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
          mean: torch.Tensor, var: torch.Tensor, eps: float = BN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', b') of ``bn(conv(x))`` as one conv (module doc), in float64, then ``weight``'s dtype."""
+    """(W', b') of ``bn(conv(x))`` as one conv (module doc), in float64, then ``weight``'s dtype.
+
+    InvalidInputError (exit 4) for a non-finite batch-norm value, a running_var + eps that is not
+    positive, or a folded value that is not finite in ``weight``'s dtype (an fp16 bias overflowing)."""
+    for what, t in (("weight", gamma), ("bias", beta), ("running_mean", mean), ("running_var", var)):
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidInputError(f"its {what} holds NaN or Inf")
     if bool((var.double() + eps <= 0).any()):
-        raise InvalidInputError("a batch norm's running_var + eps is not positive: the fold would divide by it")
+        raise InvalidInputError("its running_var + eps is not positive: the fold would divide by it")
     s = gamma.double() / torch.sqrt(var.double() + eps)
     b = torch.zeros_like(s) if bias is None else bias.double()
-    w = weight.double() * s.view(-1, *([1] * (weight.dim() - 1)))
-    return w.to(weight.dtype), (beta.double() + s * (b - mean.double())).to(weight.dtype)
+    w = (weight.double() * s.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+    b = (beta.double() + s * (b - mean.double())).to(weight.dtype)
+    if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+        raise InvalidInputError(f"the folded weight or bias is not finite in {str(weight.dtype).split('.')[-1]}")
+    return w, b
 
 
 class BatchNormFolded(Checkpoint):
@@ -119,11 +144,14 @@ class BatchNormFolded(Checkpoint):
             tensors.append(t)
             p = self._by_weight.get(t.name)
             if p is not None:
-                item = t.nbytes // max(t.numel, 1)
+                item = _ITEM_BYTES[t.dtype]
                 tensors.append(SourceTensor(p.conv_bias, t.dtype, (p.channels,), p.channels * item))
         self.tensors = tuple(tensors)
-        if any(a in dropped or v in dropped for a, v in inner.aliases.items()):
-            raise InvalidInputError(f"{inner.display}: a tied (aliased) tensor is part of a batch norm fold")
+        touched = dropped | set(self._by_weight)
+        tied = [f"{a} -> {v}" for a, v in inner.aliases.items() if a in touched or v in touched]
+        if tied:  # a shared tensor would be folded once for two different batch norms, or not at all
+            raise InvalidInputError(f"{inner.display}: tied (shared) tensors in a batch-norm fold: {tied[0]}",
+                                    hint="store the convs and batch norms as separate tensors")
         self.aliases = dict(inner.aliases)
 
     def _folded(self, p: FoldPair) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +162,8 @@ class BatchNormFolded(Checkpoint):
         try:
             return fold(w, b, gamma, beta, mean, var)
         except InvalidInputError as exc:
-            raise InvalidInputError(f"{self.display}: {p.bn}: {exc.args[0]}") from None
+            raise InvalidInputError(f"{self.display}: batch norm {p.bn_name!r} (folded into "
+                                    f"{p.conv_weight!r}): {exc.args[0]}") from None
 
     def load(self, name: str) -> torch.Tensor:
         if name in self._by_weight:
@@ -157,8 +186,16 @@ def fold_batch_norms(ckpt: Checkpoint) -> tuple[Checkpoint, str | None]:
     ``ckpt`` itself when it is not such a checkpoint). Only float convs are folded."""
     if not is_torchvision_resnet([t.name for t in ckpt.tensors]):
         return ckpt, None
-    dtypes = {t.name: t.dtype for t in ckpt.tensors}
-    pairs = [p for p in batch_norm_pairs(ckpt.tensors) if dtypes[p.conv_weight] in ("F16", "BF16", "F32", "F64")]
+    if ckpt.aliases:  # torchvision's ResNet ties nothing; a shared conv or BN would fold twice or not at all
+        a, v = next(iter(ckpt.aliases.items()))
+        raise InvalidInputError(f"{ckpt.display}: tied (shared) tensors in a batch-norm fold: {a!r} -> {v!r}",
+                                hint="store the convs and batch norms as separate tensors")
+    pairs = batch_norm_pairs(ckpt.tensors)
+    unpaired = _unpaired_batch_norms(ckpt.tensors, pairs)
+    if unpaired:  # a ResNet with one batch norm left unfolded would be recognised as neither
+        raise InvalidInputError(f"{ckpt.display}: batch norm {unpaired[0]!r} cannot be folded into the conv before it "
+                                "(its weight, bias, running_mean and running_var must be float [C_out] of that conv)"
+                                + (f"; {len(unpaired) - 1} more" if len(unpaired) > 1 else ""))
     if not pairs:
         return ckpt, None
     return BatchNormFolded(ckpt, pairs), (
