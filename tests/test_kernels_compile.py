@@ -78,6 +78,13 @@ def test_every_nm24_variant_compiles_without_spills(tmp_path):
     _assert_fit_64_registers_no_spills(tmp_path, nm24_variants(), "nm24_sparse_mma.cu")
 
 
+def test_every_balanced_conv_variant_compiles_without_spills(tmp_path):
+    """kernels/balanced_conv.cu (direct conv): every (dtype, rows per lane) at <= 64 registers, no local memory."""
+    from balprune.runtime.conv import kernel_variants as conv_variants
+
+    _assert_fit_64_registers_no_spills(tmp_path, conv_variants(), "balanced_conv.cu")
+
+
 def test_every_bsr_variant_compiles(tmp_path):
     names = bsr_kernel_variants()
     r = _nvcc(tmp_path, _instantiating_source(names, "bsr_spmv.cu"), "--ptx")

@@ -484,3 +484,80 @@ def nm24_reference(records: np.ndarray, rows: int, cols: int, x: np.ndarray, dty
     xx = np.zeros((W.shape[1],) + x.shape[1:])
     xx[: x.shape[0]] = x
     return (W @ xx)[:rows]
+
+
+# --------------------------------------------------------------------------- balanced direct conv
+
+#: kernels/balanced_conv.cu: ``tap_pos = c << CONV_POS_SHIFT | dy << 4 | dx`` (kConvPosShift), output
+#: columns per tile (kConvTileCols), the largest kernel side the 4-bit dy / dx fields hold, and the
+#: channel bound the remaining 23 bits of a non-negative int32 hold.
+CONV_POS_SHIFT = 8
+CONV_TILE_COLS = 32
+CONV_MAX_KERNEL = 16
+CONV_MAX_CHANNELS = 1 << 23
+
+
+def conv_taps(values: np.ndarray, indices: np.ndarray, block_length: int, in_channels: int, kh: int, kw: int,
+              chunk_channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The device layout of kernels/balanced_conv.cu from a conv weight's offsets-form arrays (``values``
+    / ``indices`` [C_out, k, B] over the [C_out, C_in*kh*kw] view, validated by check_balanced_arrays):
+
+    - ``tap_w`` float32 [C_out * k * B]: each output channel's kept values in column order,
+    - ``tap_pos`` int32, same length: ``c << CONV_POS_SHIFT | dy << 4 | dx`` of each (column = c*kh*kw +
+      dy*kw + dx),
+    - ``chunk_start`` int32 [C_out, nchunks + 1], nchunks = ceil(C_in / chunk_channels): entry j of row o
+      is the index of o's first tap with c >= j * chunk_channels (the last, the end of o's taps).
+
+    FormatError for a kernel side over CONV_MAX_KERNEL or channels over CONV_MAX_CHANNELS."""
+    R, k, B = values.shape
+    kk = kh * kw
+    if not (1 <= kh <= CONV_MAX_KERNEL and 1 <= kw <= CONV_MAX_KERNEL):
+        raise FormatError(f"the balanced conv kernel takes kernel sides 1..{CONV_MAX_KERNEL}, got {kh}x{kw}")
+    if not 1 <= in_channels < CONV_MAX_CHANNELS:
+        raise FormatError(f"the balanced conv kernel takes fewer than {CONV_MAX_CHANNELS} input channels, got {in_channels}")
+    cc = positive_int(chunk_channels, "chunk_channels")
+    nchunks = -(-in_channels // cc)
+    per_row = k * B
+    check_fits_memory(R * per_row * (8 + 8 + 8 + 4 + 4) + R * (nchunks + 1) * 4,
+                      f"the balanced conv layout of a [{R}, {in_channels * kk}] weight")
+    cols = (np.arange(B, dtype=np.int64)[None, None, :] * block_length + indices.astype(np.int64)).reshape(R, per_row)
+    order = np.argsort(cols, axis=1, kind="stable")
+    cols = np.take_along_axis(cols, order, axis=1)
+    if cols.size and (cols.min() < 0 or cols.max() >= in_channels * kk):
+        raise FormatError(f"a kept column lies outside the {in_channels}x{kh}x{kw} conv view")
+    w = np.take_along_axis(values.reshape(R, per_row).astype(np.float32), order, axis=1)
+    c, r = cols // kk, cols % kk
+    pos = (c << CONV_POS_SHIFT) | ((r // kw) << 4) | (r % kw)
+    thresholds = np.arange(nchunks + 1, dtype=np.int64) * cc
+    local = np.stack([np.searchsorted(row, thresholds, side="left") for row in c]) if R else \
+        np.zeros((0, nchunks + 1), np.int64)
+    local[:, -1] = per_row
+    chunk_start = local + np.arange(R, dtype=np.int64)[:, None] * per_row
+    if chunk_start.size and chunk_start.max() >= 2**31:
+        raise FormatError(f"the balanced conv layout holds {R * per_row} taps, over the kernel's 32-bit tap index")
+    return w.reshape(-1), pos.astype(np.int32).reshape(-1), chunk_start.astype(np.int32)
+
+
+def conv_taps_reference(tap_w: np.ndarray, tap_pos: np.ndarray, chunk_start: np.ndarray, x: np.ndarray, kh: int,
+                        kw: int, stride: int, padding: int, chunk_channels: int) -> np.ndarray:
+    """What kernels/balanced_conv.cu computes from ``conv_taps``' arrays, on the CPU (float64): x [C, H, W]
+    -> y [C_out, OH, OW] without bias or ReLU. Walks the chunks and taps as the kernel does and asserts
+    every tap lies in its chunk's staged channels and inside the kernel window (the kernel's shared-
+    memory reads are in bounds exactly then)."""
+    C, H, W = x.shape
+    R = chunk_start.shape[0]
+    nchunks = chunk_start.shape[1] - 1
+    OH = (H + 2 * padding - kh) // stride + 1
+    OW = (W + 2 * padding - kw) // stride + 1
+    xp = np.zeros((C, H + 2 * padding + stride, W + 2 * padding + stride), np.float64)
+    xp[:, padding:padding + H, padding:padding + W] = x
+    y = np.zeros((R, OH, OW), np.float64)
+    for o in range(R):
+        for j in range(nchunks):
+            c0, c1 = j * chunk_channels, min(C, (j + 1) * chunk_channels)
+            for t in range(int(chunk_start[o, j]), int(chunk_start[o, j + 1])):
+                pos = int(tap_pos[t])
+                c, dy, dx = pos >> CONV_POS_SHIFT, (pos >> 4) & 15, pos & 15
+                assert c0 <= c < c1 and dy < kh and dx < kw, (o, j, t, c, dy, dx)
+                y[o] += float(tap_w[t]) * xp[c, dy:dy + stride * OH:stride, dx:dx + stride * OW:stride]
+    return y

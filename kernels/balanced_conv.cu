@@ -1,0 +1,106 @@
+// balanced_conv.cu: direct convolution with a balanced-sparse weight, batch 1..8 (NCHW).
+//
+// Why not im2col + SpMM: at batch 1 a conv's "batch" is H*W pixels (50176 for VGG's first layers),
+// far outside what the SpMV kernels are built for, and the explicit [C_in*kh*kw, H*W] operand is
+// 9x the activation bytes. Here each CTA stages an input tile once in shared memory (fp32) and every
+// warp walks the kept taps of one output channel against it: a tap (value, input channel, dy, dx) is
+// warp-uniform, each lane owns one output column of the tile and PY output rows, so one tap costs a
+// lane PY shared-memory loads (a warp's 32 lanes read 32 consecutive words: no bank conflict at
+// stride 1) and PY FMAs, and the index arithmetic is paid once per tap, not per pixel.
+//
+// Layout (formats.layouts.conv_taps; its CPU model conv_taps_reference is what the CPU tests hold
+// it to): the kept weights of output channel o, in column order of the [C_out, C_in*kh*kw] view
+// (which is (c, dy, dx) order, so sorted by input channel), as
+//   tap_w[t]   float32 value,
+//   tap_pos[t] int32 (c << 8) | (dy << 4) | dx          (kh, kw <= 16, c < 2^23),
+//   chunk_start[o * (nchunks + 1) + j]: the first tap of channel o whose c >= j * CC (the last entry
+//   is the end of o's taps), so chunk j's taps of o are [chunk_start[.. j], chunk_start[.. j + 1]).
+//
+// Launch: grid (ceil(OW / 32) * ceil(OH / (PY * WR)), ceil(Cout / CO), batch); block 32 x WR x CO
+// threads (warp (r, g) = rows r*PY .. r*PY+PY-1 of the tile, output channel blockIdx.y*CO + g);
+// dynamic shared memory CC * TIH * TIW floats, TIH = (PY*WR - 1) * stride + kh, TIW = 31 * stride + kw.
+// Epilogue: + bias[o] (fp32, optional), ReLU if relu, rounded to T once.
+#include "bp_common.cuh"
+
+namespace bp {
+
+constexpr int kConvTileCols = 32;  // output columns per tile: one per lane
+constexpr int kConvPosShift = 8;   // tap_pos: c << 8 | dy << 4 | dx
+
+template <typename T, int PY>
+__global__ void __launch_bounds__(1024) balanced_conv2d(
+    const T* __restrict__ x, int C, int H, int W, long long x_batch_stride,
+    const float* __restrict__ tap_w, const int* __restrict__ tap_pos, const int* __restrict__ chunk_start,
+    int Cout, int kh, int kw, int stride, int pad, int OH, int OW, int CC, int nchunks,
+    const float* __restrict__ bias, int relu, T* __restrict__ y, long long y_batch_stride) {
+  extern __shared__ float xs[];
+  const int lane = threadIdx.x;
+  const int WR = blockDim.y;  // warps per channel along rows
+  const int tile_rows = PY * WR;
+  const int tiles_x = (OW + kConvTileCols - 1) / kConvTileCols;
+  const int oy0 = (blockIdx.x / tiles_x) * tile_rows;
+  const int ox0 = (blockIdx.x % tiles_x) * kConvTileCols;
+  const int o = blockIdx.y * blockDim.z + threadIdx.z;
+  const int TIH = (tile_rows - 1) * stride + kh;
+  const int TIW = (kConvTileCols - 1) * stride + kw;
+  const int iy0 = oy0 * stride - pad, ix0 = ox0 * stride - pad;  // the tile's input origin
+  const T* xb = x + (long long)blockIdx.z * x_batch_stride;
+  const int nthreads = blockDim.x * blockDim.y * blockDim.z;
+  const int tid = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + lane;
+
+  float acc[PY];
+#pragma unroll
+  for (int p = 0; p < PY; ++p) acc[p] = 0.0f;
+
+  // this lane's first input word inside a channel's tile: row threadIdx.y*PY*stride, column lane*stride
+  const int lane_base = threadIdx.y * PY * stride * TIW + lane * stride;
+  const int row_step = stride * TIW;
+  const int* my_chunks = chunk_start + (long long)(o < Cout ? o : 0) * (nchunks + 1);
+
+  for (int j = 0; j < nchunks; ++j) {
+    const int c0 = j * CC;
+    const int cc = min(CC, C - c0);
+    // Also the barrier after the previous chunk's reads; a chunk none of the CTA's channels has a tap
+    // in (common at high sparsity with few channels per CTA) is not staged at all.
+    const bool mine = o < Cout && my_chunks[j + 1] > my_chunks[j];
+    if (!__syncthreads_or(mine)) continue;
+    const int tile_words = cc * TIH * TIW;
+    for (int i = tid; i < tile_words; i += nthreads) {
+      const int cl = i / (TIH * TIW);
+      const int r = (i / TIW) % TIH;
+      const int q = i % TIW;
+      const int iy = iy0 + r, ix = ix0 + q;
+      xs[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W)
+                  ? Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix) : 0.0f;
+    }
+    __syncthreads();
+    if (o < Cout) {
+      const int t_end = my_chunks[j + 1];
+      for (int t = my_chunks[j]; t < t_end; ++t) {
+        const float w = __ldg(tap_w + t);
+        const int pos = __ldg(tap_pos + t);
+        const int c = (pos >> kConvPosShift) - c0;
+        const int dy = (pos >> 4) & 15, dx = pos & 15;
+        const float* s = xs + (c * TIH + dy) * TIW + dx + lane_base;
+#pragma unroll
+        for (int p = 0; p < PY; ++p) acc[p] = fmaf(w, s[p * row_step], acc[p]);
+      }
+    }
+  }
+  if (o >= Cout) return;
+  const int ox = ox0 + lane;
+  if (ox >= OW) return;
+  const float b = bias != nullptr ? bias[o] : 0.0f;
+  T* yo = y + (long long)blockIdx.z * y_batch_stride + (long long)o * OH * OW;
+#pragma unroll
+  for (int p = 0; p < PY; ++p) {
+    const int oy = oy0 + threadIdx.y * PY + p;
+    if (oy < OH) {
+      float v = acc[p] + b;
+      if (relu) v = fmaxf(v, 0.0f);
+      Val<T>::store(yo + (long long)oy * OW + ox, v);
+    }
+  }
+}
+
+}  // namespace bp

@@ -1,0 +1,212 @@
+"""Balanced conv2d at batch 1..8 on a GPU: kernels/balanced_conv.cu (direct convolution, no im2col).
+
+``BalancedConv2d`` holds one conv weight balanced over its [C_out, C_in*kh*kw] view and computes
+``y = act(conv2d(x, W, stride, padding) + bias)`` for NCHW torch CUDA tensors, fp32 accumulation.
+Each CTA stages an input tile in shared memory once and its warps walk the kept taps of their
+output channels against it (the .cu file's header has the layout and the launch).
+
+Status: written, compile-checked for sm_90 (tests/test_kernels_compile.py) and held to its CPU
+model (formats.layouts.conv_taps_reference, tests/test_conv_layout.py); it has not run on a GPU
+yet, so no model runtime or bench path uses it (kernels/NOTES.md v17). ``launch_config`` is the
+first guess the device measurements are to replace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+from ..formats.layouts import CONV_TILE_COLS, conv_taps
+from ._linear import VALUE_DTYPES as _VALUE_DTYPES
+from .balanced import _host_numpy, checked_arrays
+
+DTYPES = ("float32", "float16", "bfloat16")
+#: Output rows per lane (PY: the kernel's register accumulators).
+ROWS_PER_LANE = (4, 8)
+#: Threads per CTA at most (32 lanes x row warps x channels).
+MAX_THREADS = 512
+#: Shared memory for the staged input tile (the default dynamic limit: no attribute needed).
+TILE_BYTES = 48 * 1024
+#: CTAs wanted on the whole GPU (two per SM on 132 SMs) before channels per CTA are lowered.
+TARGET_CTAS = 264
+#: Largest batch one launch takes (grid z).
+MAX_BATCH = 8
+_T = {"float32": "float", "float16": "bp::f16", "bfloat16": "bp::bf16"}
+
+
+def kernel_name(dtype: str, rows_per_lane: int) -> str:
+    """The CuPy name expression of bp::balanced_conv2d<T, PY>."""
+    return f"bp::balanced_conv2d<{_T[dtype]}, {rows_per_lane}>"
+
+
+def kernel_variants() -> list[str]:
+    """Every instantiation the runtime can launch (the compile test builds them all)."""
+    return [kernel_name(d, py) for d in DTYPES for py in ROWS_PER_LANE]
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One conv launch's sizes: input [C, H, W], weight [C_out, C, kh, kw], stride, zero padding."""
+
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kh: int
+    kw: int
+    stride: int = 1
+    padding: int = 0
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + 2 * self.padding - self.kh) // self.stride + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + 2 * self.padding - self.kw) // self.stride + 1
+
+
+def launch_config(s: ConvShape, batch: int = 1) -> dict:
+    """Rows per lane, row warps, channels per CTA, channels per staged chunk, grid, block and shared
+    memory of one launch (a pure function: the CPU tests check its bounds). UsageError when no tile of
+    this kernel side and stride fits TILE_BYTES."""
+    oh, ow = s.out_height, s.out_width
+    if oh < 1 or ow < 1:
+        raise UsageError(f"conv output would be {oh}x{ow}: the input is smaller than the kernel")
+    py = ROWS_PER_LANE[1] if oh >= ROWS_PER_LANE[1] else ROWS_PER_LANE[0]
+    wr = max(1, min(4, -(-min(oh, 16) // py)))
+    tiw = (CONV_TILE_COLS - 1) * s.stride + s.kw
+
+    def tih() -> int:
+        return (py * wr - 1) * s.stride + s.kh
+
+    while 4 * tih() * tiw > TILE_BYTES and (wr > 1 or py > ROWS_PER_LANE[0]):
+        if wr > 1:
+            wr -= 1
+        else:
+            py = ROWS_PER_LANE[0]
+    if 4 * tih() * tiw > TILE_BYTES:
+        raise UsageError(f"a {s.kh}x{s.kw} conv at stride {s.stride}: one channel's input tile "
+                         f"({tih()}x{tiw} floats) exceeds the kernel's {TILE_BYTES} bytes of shared memory")
+    tiles = math.ceil(ow / CONV_TILE_COLS) * math.ceil(oh / (py * wr))
+    co = max(1, min(MAX_THREADS // (32 * wr), s.out_channels))
+    while co > 1 and tiles * math.ceil(s.out_channels / co) * batch < TARGET_CTAS:
+        co //= 2
+    cc = max(1, min(s.in_channels, TILE_BYTES // (4 * tih() * tiw)))
+    return {"rows_per_lane": py, "row_warps": wr, "channels": co, "chunk_channels": cc,
+            "chunks": math.ceil(s.in_channels / cc),
+            "grid": (tiles, math.ceil(s.out_channels / co), batch), "block": (CONV_TILE_COLS, wr, co),
+            "shared_mem": 4 * cc * tih() * tiw}
+
+
+class BalancedConv2d:
+    """conv2d with one balanced weight on a GPU (module doc). Built from the offsets-form arrays of the
+    [C_out, C_in*kh*kw] view (validated on the host first unless ``validate=False``), or with
+    ``from_tensor(BalancedTensor)``; ``bias`` a float tensor [C_out] or None."""
+
+    def __init__(self, values, indices, *, in_channels: int, kh: int, kw: int, block_length: int, stride: int = 1,
+                 padding: int = 0, bias=None, device: int = 0, validate: bool = True, name: str = "conv",
+                 defines: tuple[str, ...] = ()) -> None:
+        from . import _gpu
+
+        for what, v, lo in (("in_channels", in_channels, 1), ("kh", kh, 1), ("kw", kw, 1), ("stride", stride, 1),
+                            ("padding", padding, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise UsageError(f"{name}: {what} must be an integer >= {lo}, got {v!r}")
+        v, i, rows, keep, blocks = checked_arrays(values, indices, in_channels * kh * kw, block_length, name=name,
+                                                  validate=validate)
+        self.dtype = _VALUE_DTYPES[v.dtype]
+        if self.dtype not in DTYPES:
+            raise UsageError(f"{name}: the balanced conv kernel takes {', '.join(DTYPES)} weights, not {self.dtype}")
+        self.name, self.defines = name, tuple(defines)
+        self.out_channels, self.in_channels, self.kh, self.kw = rows, in_channels, kh, kw
+        self.stride, self.padding, self.block_length = stride, padding, block_length
+        self._values, self._indices = _host_numpy(v), i.numpy()
+        cp = _gpu.cupy()
+        self.device = _gpu.require_device(device)
+        with cp.cuda.Device(self.device):
+            self.bias_dev = None
+            if bias is not None:
+                import torch
+
+                b = torch.as_tensor(bias).detach().to("cpu", torch.float32).contiguous()
+                if tuple(b.shape) != (rows,):
+                    raise UsageError(f"{name}: bias must be [{rows}], got {list(b.shape)}")
+                self.bias_dev = cp.asarray(b.numpy())
+        self._taps: dict[int, tuple] = {}
+        self._kernels: dict[str, object] = {}
+
+    @classmethod
+    def from_tensor(cls, bt, *, stride: int = 1, padding: int = 0, bias=None, **kw):
+        """From a balprune.formats.BalancedTensor of a conv weight [C_out, C_in, kh, kw]."""
+        if len(bt.shape) != 4:
+            raise UsageError(f"a conv weight is [C_out, C_in, kh, kw], got {list(bt.shape)}")
+        _, cin, kh, kwid = bt.shape
+        return cls(bt.values, bt.indices, in_channels=cin, kh=kh, kw=kwid, block_length=bt.geometry.block_length,
+                   stride=stride, padding=padding, bias=bias, validate=False, **kw)
+
+    def _taps_for(self, chunk_channels: int):
+        from . import _gpu
+
+        taps = self._taps.get(chunk_channels)
+        if taps is None:
+            cp = _gpu.cupy()
+            w, pos, starts = conv_taps(self._values, self._indices, self.block_length, self.in_channels, self.kh,
+                                       self.kw, chunk_channels)
+            with cp.cuda.Device(self.device):
+                taps = self._taps[chunk_channels] = (cp.asarray(w), cp.asarray(pos), cp.asarray(starts))
+        return taps
+
+    def _kernel(self, rows_per_lane: int):
+        name = kernel_name(self.dtype, rows_per_lane)
+        k = self._kernels.get(name)
+        if k is None:
+            from .kernels import load_module
+
+            k = self._kernels[name] = load_module("balanced_conv.cu", (name,), device=self.device,
+                                                   defines=self.defines).get_function(name)
+        return k
+
+    def __call__(self, x, *, relu: bool = False):
+        """y = act(conv2d(x) + bias): x a torch CUDA tensor [C, H, W] or [N, C, H, W] (N <= MAX_BATCH) of the
+        weight's dtype on the operator's device; returns a new tensor [C_out, OH, OW] / [N, C_out, OH, OW]."""
+        import torch
+
+        from . import _gpu
+
+        cp = _gpu.cupy()
+        want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.dtype != want or not x.is_cuda \
+                or x.device.index != self.device:
+            raise UsageError(f"{self.name}: x must be a CUDA {want} tensor [C, H, W] or [N, C, H, W] on device "
+                             f"{self.device}")
+        xb = x[None] if x.dim() == 3 else x
+        n, c, h, w = (int(d) for d in xb.shape)
+        if c != self.in_channels or not 1 <= n <= MAX_BATCH:
+            raise UsageError(f"{self.name}: x must have {self.in_channels} channels and a batch of 1..{MAX_BATCH}, "
+                             f"got {list(x.shape)}")
+        xb = xb.contiguous()
+        s = ConvShape(c, h, w, self.out_channels, self.kh, self.kw, self.stride, self.padding)
+        cfg = launch_config(s, n)
+        tap_w, tap_pos, starts = self._taps_for(cfg["chunk_channels"])
+        y = torch.empty((n, self.out_channels, s.out_height, s.out_width), dtype=want, device=xb.device)
+        args = (np.uint64(xb.data_ptr()), np.int32(c), np.int32(h), np.int32(w), np.int64(c * h * w),
+                tap_w, tap_pos, starts, np.int32(self.out_channels), np.int32(self.kh), np.int32(self.kw),
+                np.int32(self.stride), np.int32(self.padding), np.int32(s.out_height), np.int32(s.out_width),
+                np.int32(cfg["chunk_channels"]), np.int32(cfg["chunks"]),
+                self.bias_dev if self.bias_dev is not None else np.uint64(0), np.int32(1 if relu else 0),
+                np.uint64(y.data_ptr()), np.int64(self.out_channels * s.out_height * s.out_width))
+        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device)
+        with cp.cuda.Device(self.device), stream:
+            self._kernel(cfg["rows_per_lane"])(cfg["grid"], cfg["block"], args, shared_mem=cfg["shared_mem"])
+        return y[0] if x.dim() == 3 else y
+
+    def __repr__(self) -> str:
+        return (f"BalancedConv2d({self.name!r}, [{self.out_channels}, {self.in_channels}, {self.kh}, {self.kw}], "
+                f"stride {self.stride}, padding {self.padding}, {self.dtype}, device={self.device})")
+
+
+__all__ = ["BalancedConv2d", "ConvShape", "DTYPES", "kernel_name", "kernel_variants", "launch_config"]
