@@ -42,6 +42,8 @@ CASES = {
     "5x5-s1-p2": (4, 3, 5, 1, 2, 10, 10, 0.8, 5, 2),
     "7x7-s2-p3-stem": (4, 3, 7, 2, 3, 17, 15, 0.9, 7, 3),
     "blocks-straddle-channels": (3, 5, 3, 1, 0, 6, 6, 0.6, 7, 2),  # L = 45/7 -> 7: blocks cross channels
+    # 147 columns in 30 blocks of 5: the last block has 2 real columns and keeps 3 (fill-up padding)
+    "stem-fill-up": (4, 3, 7, 2, 3, 17, 15, 0.5, 32, 3),
 }
 
 
@@ -81,7 +83,7 @@ def test_layout_limits_are_format_errors():
     bt, g = _conv_weight(4, 3, 3, 0.5, 3)
     with pytest.raises(FormatError, match="kernel sides 1..16"):
         conv_taps(bt.values.numpy(), bt.indices.numpy(), g.block_length, 1, 17, 1, 1)
-    with pytest.raises(FormatError, match="outside"):  # a view claiming fewer columns than the indices reach
+    with pytest.raises(FormatError, match="do not cover"):  # a view claiming fewer columns than the blocks hold
         conv_taps(bt.values.numpy(), bt.indices.numpy(), g.block_length, 1, 3, 3, 1)
 
 

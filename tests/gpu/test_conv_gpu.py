@@ -36,6 +36,7 @@ CASES = {
     "deep-small-map": (96, 128, 3, 1, 1, 7, 7, 0.92, 32),
     "padding-3-3x3": (4, 5, 3, 1, 3, 5, 5, 0.5, 5),
     "blocks-straddle": (6, 5, 3, 1, 0, 9, 40, 0.6, 7),
+    "stem-fill-up": (16, 3, 7, 2, 3, 64, 64, 0.5, 32),  # the last block keeps padding columns
 }
 
 

@@ -520,12 +520,20 @@ def conv_taps(values: np.ndarray, indices: np.ndarray, block_length: int, in_cha
     per_row = k * B
     check_fits_memory(R * per_row * (8 + 8 + 8 + 4 + 4) + R * (nchunks + 1) * 4,
                       f"the balanced conv layout of a [{R}, {in_channels * kk}] weight")
+    K = in_channels * kk
+    if not (B - 1) * block_length < K <= B * block_length:
+        raise FormatError(f"{B} blocks of {block_length} do not cover the {in_channels}x{kh}x{kw} conv view ({K} columns)")
     cols = (np.arange(B, dtype=np.int64)[None, None, :] * block_length + indices.astype(np.int64)).reshape(R, per_row)
     order = np.argsort(cols, axis=1, kind="stable")
     cols = np.take_along_axis(cols, order, axis=1)
-    if cols.size and (cols.min() < 0 or cols.max() >= in_channels * kk):
-        raise FormatError(f"a kept column lies outside the {in_channels}x{kh}x{kw} conv view")
     w = np.take_along_axis(values.reshape(R, per_row).astype(np.float32), order, axis=1)
+    # A short last block keeps padding columns (>= K, value 0: the format's fill-up rule), as many in
+    # every row; sorted, they are each row's last taps. The kernel has no column for them: drop them.
+    pad = int((cols >= K).sum(axis=1).max()) if cols.size else 0
+    if cols.size and ((cols[:, per_row - pad:] < K).any() or (w[:, per_row - pad:] != 0).any() or cols.min() < 0):
+        raise FormatError(f"the padding taps past the {K} columns of the conv view are not the fill-up rule's")
+    per_row -= pad
+    cols, w = cols[:, :per_row], w[:, :per_row]
     c, r = cols // kk, cols % kk
     pos = (c << CONV_POS_SHIFT) | ((r // kw) << 4) | (r % kw)
     thresholds = np.arange(nchunks + 1, dtype=np.int64) * cc
