@@ -141,3 +141,17 @@ def assert_refused(rc: int, stdout: str, stderr: str, *, code: int, mentions, fo
         assert m in own, f"{m!r} not in {line!r}"
     assert listing(folder) == before, "an input changed or an output / temp file was left"
     return line
+
+
+def transformers_or_skip():
+    """The transformers module (a dev dependency, never a runtime one), or skip the test without it.
+    transformers imports torchvision; balprune.vision makes that work next to a CPU-only torch."""
+    import pytest
+
+    from balprune.vision import torchvision
+
+    try:
+        torchvision()
+    except ImportError:
+        pass
+    return pytest.importorskip("transformers")

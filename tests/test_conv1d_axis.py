@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_error_line
+from helpers import one_error_line, transformers_or_skip
 from safetensors import safe_open
 
 from balprune.checkpoint import SourceTensor
@@ -211,20 +211,12 @@ def test_hostile_transposed_list_refused(cli, tmp_path, transposed, words):
     assert not (tmp_path / "d.safetensors").exists()
 
 
-def _transformers():
-    from balprune.vision import torchvision
-
-    try:  # transformers imports torchvision; balprune.vision makes that work next to a CPU-only torch
-        torchvision()
-    except ImportError:
-        pass
-    return pytest.importorskip("transformers")
 
 
 def test_hf_folder_loads_in_transformers_with_conv1d_restored(cli, tmp_path):
     """unpack --hf-folder of the pruned GPT-2 folder: transformers' GPT2LMHeadModel holds every Conv1D weight
     [in, out] equal to the masked source, and its logits equal the source model with those weights masked."""
-    tf = _transformers()
+    tf = transformers_or_skip()
     src = gpt2_folder(tmp_path / "gpt2")
     _prune(cli, src, tmp_path / "p.safetensors")
     r = cli("unpack", tmp_path / "p.safetensors", "--hf-folder", tmp_path / "out")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_error_line, run_subprocess, small_state_dict
+from helpers import one_error_line, run_subprocess, small_state_dict, transformers_or_skip
 from safetensors import safe_open
 
 from balprune.checkpoint import TorchCheckpoint
@@ -31,14 +31,6 @@ from balprune.save import save_state_dict
 # --------------------------------------------------------------------------- helpers
 
 
-def _transformers():
-    from balprune.vision import torchvision
-
-    try:  # transformers imports torchvision; balprune.vision makes that work next to a CPU-only torch
-        torchvision()
-    except ImportError:
-        pass
-    return pytest.importorskip("transformers")
 
 
 def metadata_of(path: Path) -> dict:
@@ -109,7 +101,7 @@ def test_every_plain_safetensors_file_says_format_pt(cli, tmp_path, pruned):
     """example (.safetensors), the llama example's shards, unpack -o and unpack --hf-folder all say
     format pt, which transformers 4 requires; transformers' own loader reads each one; a packed file
     (parts, not plain tensors) says balprune.packed and transformers 4 would refuse it."""
-    tf = _transformers()
+    tf = transformers_or_skip()
     from transformers.modeling_utils import load_state_dict
 
     src, packed = pruned
@@ -226,7 +218,7 @@ def test_hf_folder_loads_and_gives_the_masked_models_logits(cli, tmp_path, prune
     """example llama-tiny -> prune -> unpack --hf-folder OUT (several shards) -> from_pretrained(OUT): logits
     equal the project's reference model on the masked source weights; every weight in OUT is zero exactly
     where the packed file's mask says; the recorded files come back byte for byte."""
-    tf = _transformers()
+    tf = transformers_or_skip()
     src, packed = pruned
     out = tmp_path / "OUT"
     r = cli("unpack", packed, "--hf-folder", out, "--shard-size", "200KB")
@@ -261,7 +253,7 @@ def test_hf_folder_loads_and_gives_the_masked_models_logits(cli, tmp_path, prune
 def test_like_folder_when_the_record_is_absent(cli, tmp_path):
     """A packed file pruned from the weights file alone records nothing: --hf-folder without --like is exit 2
     (one line, nothing written); with --like SRC the folder takes SRC's files."""
-    _transformers()
+    transformers_or_skip()
     src = llama_source(tmp_path)
     single = tmp_path / "weights"
     single.mkdir()
@@ -279,7 +271,7 @@ def test_like_folder_when_the_record_is_absent(cli, tmp_path):
     r = cli("unpack", packed, "--hf-folder", tmp_path / "out2", "--like", single)  # no config.json there
     assert r.code == 4 and "config.json" in one_error_line(r.err)
     assert not (tmp_path / "out2").exists()
-    _transformers().AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    transformers_or_skip().AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
 def _hostile_config(text: str):

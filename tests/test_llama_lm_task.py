@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, transformers_or_skip
 
 from balprune.errors import ConfigError, InvalidInputError, OutputError
 from balprune.finetune.recipe import load_recipe
@@ -256,13 +256,7 @@ def test_export_of_a_tied_model_loads_in_transformers(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
     windows = task.windows("test")[:2]
     _assert_same_logits(tmp_path / "hf", model, windows)
-    from balprune.vision import torchvision
-
-    try:  # transformers imports torchvision; balprune.vision makes that work next to a CPU-only torch
-        torchvision()
-    except ImportError:
-        pass
-    transformers = pytest.importorskip("transformers")
+    transformers = transformers_or_skip()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
     with torch.no_grad():

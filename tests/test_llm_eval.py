@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_refused, listing, run_subprocess, small_state_dict
+from helpers import assert_refused, listing, run_subprocess, small_state_dict, transformers_or_skip
 
 from balprune.checkpoint import open_checkpoint
 from balprune.llm.examples import PRESETS, random_tensor, write_example, write_hf_folder
@@ -69,14 +69,6 @@ def _direct_nll(lm: ReferenceLM, ids: torch.Tensor, seq_len: int) -> tuple[float
     return total / (windows * (seq_len - 1)), windows
 
 
-def _transformers():
-    from balprune.vision import torchvision
-
-    try:  # transformers imports torchvision; balprune.vision makes that work next to a CPU-only torch
-        torchvision()
-    except ImportError:
-        pass
-    return pytest.importorskip("transformers")
 
 
 # --------------------------------------------------------------------------- the figure is right
@@ -137,7 +129,7 @@ def test_near_uniform_head_gives_the_vocabulary_size_and_a_sharp_wrong_one_more(
 
 
 def test_nll_equals_transformers_loss(cli, tiny, corpus):
-    tf = _transformers()
+    tf = transformers_or_skip()
     res = _eval_json(cli, tiny, "--data", corpus, "--seq-len", SEQ)
     ids = torch.tensor(load_tokenizer(tiny).encode(corpus.read_text()).ids)
     model = tf.AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager", dtype=torch.float32).eval()

@@ -13,22 +13,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import transformers_or_skip
 
 from balprune.errors import InvalidInputError
 from balprune.llm.examples import PRESETS, write_hf_folder
 from balprune.llm.family import Llama3RopeScaling, LlmConfig, read_config
 from balprune.llm.reference import ReferenceLM
-
-
-def _transformers():
-    from balprune.vision import torchvision
-
-    try:  # transformers imports torchvision; balprune.vision makes that work next to a CPU-only torch
-        torchvision()
-    except ImportError:
-        pass
-    return pytest.importorskip("transformers")
-
 
 BASE = LlmConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -63,7 +53,7 @@ def _ids(cfg: LlmConfig, b: int = 2, t: int = 24) -> torch.Tensor:
 
 
 def _hf_logits(folder, ids: torch.Tensor) -> torch.Tensor:
-    tf = _transformers()
+    tf = transformers_or_skip()
     model = tf.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
         return model.eval()(ids).logits.float()
@@ -78,7 +68,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_reference_logits_equal_transformers(tmp_path, case):
-    _transformers()
+    transformers_or_skip()
     cfg = CASES[case]
     folder = write_hf_folder(cfg, tmp_path / case, max_shard_bytes=20_000, tensor_fn=_values)
     assert len(list(folder.glob("model-*.safetensors"))) > 1  # sharded, through the index
@@ -101,7 +91,7 @@ def test_bfloat16_folder_loaded_as_float32(tmp_path):
 
 def test_folder_saved_by_transformers_5_is_read(tmp_path):
     """transformers 5 writes rope_parameters and dtype (not rope_theta / rope_scaling / torch_dtype)."""
-    tf = _transformers()
+    tf = transformers_or_skip()
     hf_cfg = tf.LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                             rope_theta=500000.0, tie_word_embeddings=True,
@@ -198,7 +188,7 @@ def test_cached_steps_equal_the_full_forward(tmp_path, case):
 
 
 def test_greedy_generate_equals_transformers(tmp_path):
-    tf = _transformers()
+    tf = transformers_or_skip()
     cfg = CASES["llama3-gqa-rope-scaling"]
     folder = write_hf_folder(cfg, tmp_path / "m", tensor_fn=_values)
     prompt = _ids(cfg, b=1, t=9)

@@ -505,6 +505,22 @@ def _create_temp(folder: Path, name: str):
 COMMITTED: list[Path] = []
 
 
+def temp_folder_beside(out: Path) -> Path:
+    """A new empty folder next to ``out`` (a fresh random name, created exclusively: nothing already
+    there is opened or removed), with an ordinary folder's permissions, for building ``out`` whole
+    before renaming it into place. OutputError (exit 5) when the parent is not writable."""
+    import tempfile
+
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.balprune-tmp-{os.getpid()}-", dir=out.parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700; the folder is an ordinary output
+    except OSError as exc:
+        raise OutputError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
+    return tmp
+
+
 def write_bytes_atomic(path: Path, data: bytes, *, force: bool = True) -> None:
     """Write a small output file (a JSON report, a plot) completely or not at all (AtomicOutput)."""
     with AtomicOutput(Path(path), force=force) as out:

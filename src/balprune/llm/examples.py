@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,7 +29,15 @@ from pathlib import Path
 
 import torch
 
-from ..container import AtomicOutput, PlannedTensor, StreamingWriter, dtype_code, verify_written, write_bytes_atomic
+from ..container import (
+    AtomicOutput,
+    PlannedTensor,
+    StreamingWriter,
+    dtype_code,
+    temp_folder_beside,
+    verify_written,
+    write_bytes_atomic,
+)
 from ..errors import OutputError, UsageError
 from .family import ARCHITECTURES, Llama3RopeScaling, LlmConfig, expected_tensors
 
@@ -168,13 +175,7 @@ def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int
         _write_files(cfg, out, shards, files, dtype, seed, True, progress, tensor_fn, tokenizer_json)
         return out
     # A new (or empty) folder is built beside it and renamed into place: it appears complete or not at all.
-    try:  # a fresh random name, created exclusively: nothing already there is opened or removed
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.balprune-tmp-{os.getpid()}-", dir=out.parent))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700; the folder is an ordinary output
-    except OSError as exc:
-        raise OutputError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
+    tmp = temp_folder_beside(out)
     try:
         _write_files(cfg, tmp, shards, files, dtype, seed, False, progress, tensor_fn, tokenizer_json)
         try:

@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +77,7 @@ def export_hf_folder(packed: str | os.PathLike[str], folder: str | os.PathLike[s
     plan = unpacked_plan(pf)
     shards = _plan_shards(plan, max_shard_bytes)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    try:  # a fresh random name, created exclusively: nothing already there is opened or removed
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.balprune-tmp-{os.getpid()}-", dir=out.parent))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700; the folder is an ordinary output
-    except OSError as exc:
-        raise OutputError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
+    tmp = container.temp_folder_beside(out)
     committed = len(container.COMMITTED)
     try:
         _write_folder(pf, tmp, shards, names, files)

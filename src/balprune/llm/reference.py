@@ -245,6 +245,11 @@ class ReferenceLM(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(input_ids)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The whole-sequence forward, with gradients where the caller enables them (``forward`` is this
+        under no_grad, for inference; task llama-lm trains through it)."""
         h = self.embed(input_ids)
         t = input_ids.shape[1]
         cos, sin = self.rope(t)

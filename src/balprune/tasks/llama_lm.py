@@ -241,14 +241,7 @@ class LlamaLm(ReferenceLM):
             p.requires_grad_(True)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # ReferenceLM.forward runs under no_grad (it serves inference); the same pieces, with gradients.
-        h = self.embed(input_ids)
-        t = input_ids.shape[1]
-        cos, sin = self.rope(t)
-        mask = self.mask(t)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, mask)
-        return self.head(h)
+        return self.logits(input_ids)  # ReferenceLM.forward runs under no_grad; training needs gradients
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
