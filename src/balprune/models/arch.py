@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..container import short_repr
 from ..errors import InvalidInputError
 from ..formats.packed_file import PackedFile
 
@@ -222,12 +223,12 @@ def detect(pf: PackedFile) -> Architecture:
         elif any(n.startswith(("layer1.", "conv1.", "bn1.")) for n in names):
             arch = _match_resnet(shapes)
         else:
-            shown = ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
+            shown = ", ".join(short_repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
             raise _Mismatch(f"expected 'lstm.*', 'features.*' or 'layer1.*' tensors, found {shown or 'no tensors'}")
         used = set(arch.tensor_names())
         unused = [n for n in names if n not in used]
         if unused:
-            shown = ", ".join(repr(n) for n in unused[:4]) + (", ..." if len(unused) > 4 else "")
+            shown = ", ".join(short_repr(n) for n in unused[:4]) + (", ..." if len(unused) > 4 else "")
             raise _Mismatch(f"{len(unused)} tensor(s) {_A[arch.kind]} does not use: {shown}")
     except _Mismatch as e:
         raise InvalidInputError(f"{pf.path}: not a built-in model ({', '.join(KINDS)}): {e}") from None
@@ -338,7 +339,7 @@ def _match_resnet(shapes: _Shapes) -> Architecture:
     bn = [n for n in shapes.entries if n.rsplit(".", 1)[-1] in _BATCH_NORM_KEYS
           or any(part.startswith("bn") for part in n.split(".")) or ".downsample.1." in n]
     if bn:
-        shown = ", ".join(repr(n) for n in bn[:3]) + (", ..." if len(bn) > 3 else "")
+        shown = ", ".join(short_repr(n) for n in bn[:3]) + (", ..." if len(bn) > 3 else "")
         raise _Mismatch(f"batch-norm tensors {shown}: a resnet runs with its batch norms folded into the convs "
                         "(prune a torchvision ResNet checkpoint with balprune, which folds them)")
     stem_out = shapes.get("conv1.weight", kind, (None, 3, 7, 7))[0]
