@@ -58,8 +58,9 @@ INT_LIMITS: dict[str, int] = {
     "--batch": 1 << 16, "--iters": 1 << 20, "--frames": 1 << 16, "--device": 1 << 10,
 }
 
-#: Calibration (``prune --criterion wanda|sparsegpt``): most windows and tokens per window. Memory is
-#: checked against the model's shapes before anything is allocated; these only refuse absurd values.
+#: Calibration (``prune --criterion wanda|sparsegpt``) and evaluation (``eval``): most windows and tokens
+#: per window. Memory is checked against the model's shapes before anything is allocated; these only
+#: refuse absurd values.
 MAX_CALIBRATION_SAMPLES = 1 << 16
 MAX_SEQ_LEN = 1 << 20
 INT_LIMITS.update({"--seq-len": MAX_SEQ_LEN})

@@ -399,7 +399,7 @@ def eval_command(
                                      "(default for a packed file: the config it recorded)."),
     seq_len: str = typer.Option("512", "--seq-len",
                                 callback=usage(lambda v: parse_positive_int(v, what="--seq-len", minimum=2,
-                                                                            maximum=_max_seq_len())),
+                                                                            maximum=MAX_SEQ_LEN)),
                                 help="Tokens per evaluation window (consecutive, non-overlapping)."),
     max_tokens: str | None = typer.Option(None, "--max-tokens",
                                           callback=usage(lambda v: parse_positive_int(v, what="--max-tokens")),
@@ -432,11 +432,6 @@ def eval_command(
     render.console().print(render.literal(
         f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of {result.seq_len})"))
 
-
-def _max_seq_len() -> int:
-    from ..llm.evaluate import MAX_SEQ_LEN
-
-    return MAX_SEQ_LEN
 
 
 def _count_bar():

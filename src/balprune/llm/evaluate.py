@@ -41,13 +41,12 @@ from torch.nn import functional as F
 from .. import container, safeio
 from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from ..errors import GpuRuntimeError, InvalidInputError, UsageError
+from ..values import MAX_SEQ_LEN  # the one bound of --seq-len (calibration and evaluation windows)
 from .family import LlmConfig, check_layout, expected_tensors, open_llm, parse_config, read_config
 from .reference import ReferenceLM
 from .text import RecordedTokenizer, eval_windows, read_token_ids
 
 EVAL_SCHEMA = "balprune.eval/1"
-#: Longest evaluation window (--seq-len): far beyond any context length a Llama-family model is trained at.
-MAX_SEQ_LEN = 1 << 20
 DEFAULT_SEQ_LEN = 512
 
 #: Largest mean NLL whose exp is a finite float64 (a larger one is reported as an overflow, never as inf).
