@@ -434,6 +434,54 @@ def eval_command(
 
 
 
+@app.command("generate")
+def generate_command(
+    model: Path = typer.Argument(..., help="A packed file pruned from an HF folder, an HF causal-LM folder, or a "
+                                 "single safetensors file with --like."),
+    prompt: str = typer.Option(..., "--prompt", help="The text to continue (tokenized with the model's tokenizer.json)."),
+    max_new_tokens: str = typer.Option("64", "--max-new-tokens", callback=usage(
+        lambda v: parse_positive_int(v, what="--max-new-tokens", maximum=_max_new_tokens())),
+        help="Tokens to generate."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="A folder holding tokenizer.json, or the file "
+                                          "(default: the model's, or the one a packed file recorded)."),
+    like: Path | None = typer.Option(None, "--like", help="The HF folder whose config.json a single-file MODEL follows."),
+    max_context: str = typer.Option("2048", "--max-context", callback=usage(
+        lambda v: parse_positive_int(v, what="--max-context")),
+        help="Positions of the static KV cache (at most the model's max_position_embeddings)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 (default): greedy; > 0: sample from softmax(logits / T)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sampling: keep the most likely ids up to this probability mass."),
+    seed: str = typer.Option("0", "--seed", callback=usage(lambda v: parse_positive_int(v, what="--seed", minimum=0)),
+                             help="Sampling: the generator's seed."),
+    device: str = typer.Option("cuda", "--device", help="cuda (default), cuda:N or cpu."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 (default), bfloat16 or float32."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (schema balprune.generate/1)."),
+) -> None:
+    """Continue a prompt with a Llama-family model at batch 1 (greedy by default) and report tokens/s."""
+    from ..finetune.run import resolve_device
+    from ..llm.generate import generate
+
+    dev = resolve_device(device)  # exit 6 for cuda without a GPU, before any file is read
+    result = generate(model, prompt, like=like, tokenizer=tokenizer, max_new_tokens=int(max_new_tokens),
+                      max_context=int(max_context), temperature=float(temperature), top_p=float(top_p),
+                      seed=int(seed), dtype=dtype, device=dev)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    out = render.console()
+    out.print(render.literal_lines(result.text.split("\n")), soft_wrap=True)  # file-derived text: escaped
+    rate = result.tokens_per_s
+    render.console(stderr=True).print(render.literal(
+        f"{len(result.new_tokens)} tokens after a {result.prompt_tokens}-token prompt: prefill "
+        f"{result.prefill_s * 1e3:.1f} ms, {'-' if rate is None else f'{rate:.1f}'} tokens/s "
+        f"({result.device}, {result.dtype}; {result.runtime})"), soft_wrap=True)
+
+
+def _max_new_tokens() -> int:
+    from ..llm.generate import MAX_NEW_TOKENS
+
+    return MAX_NEW_TOKENS
+
+
 def _count_bar():
     """A rich progress bar on stderr counting items (done/total), for a person at a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -173,21 +173,24 @@ def weight_bytes(cfg: LlmConfig, dtype: torch.dtype) -> int:
     return sum(math.prod(s) for s in expected_tensors(cfg).values()) * item
 
 
-def _check_device_memory(cfg: LlmConfig, seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Activations (and, on CUDA, the weights) must fit where they will live: exit 4 on the CPU (the weights
-    are checked by ReferenceLM.from_checkpoint), exit 7 on a GPU, each with both figures."""
-    act = forward_bytes(cfg, seq_len, dtype)
+def kv_cache_bytes(cfg: LlmConfig, positions: int, dtype: torch.dtype) -> int:
+    """Bytes of a static KV cache of ``positions`` for batch 1 (keys and values of every layer)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.kv_dim * positions * item
+
+
+def check_model_memory(cfg: LlmConfig, dtype: torch.dtype, device: torch.device, working: int, what: str,
+                       hint: str) -> None:
+    """The weights in ``dtype`` plus ``working`` bytes must fit where they will live: exit 4 on the CPU,
+    exit 7 on a GPU, each naming ``what`` with both figures."""
+    need = weight_bytes(cfg, dtype) + working
     if device.type == "cpu":
-        safeio.check_fits_memory(weight_bytes(cfg, dtype) + act,
-                                 f"evaluating windows of {seq_len} tokens (weights in {dtype} plus one window's "
-                                 "activations)", hint="use a smaller --seq-len or --dtype bfloat16")
+        safeio.check_fits_memory(need, f"{what} (weights in {dtype} plus activations)", hint=hint)
         return
     free, _ = torch.cuda.mem_get_info(device)
-    need = weight_bytes(cfg, dtype) + act
     if need > free:
-        raise GpuRuntimeError(f"evaluating windows of {seq_len} tokens on {device} needs {safeio.human(need)} "
-                              f"(weights in {dtype} plus one window's activations); {safeio.human(free)} is free",
-                              hint="use a smaller --seq-len, --dtype bfloat16, or --device cpu")
+        raise GpuRuntimeError(f"{what} on {device} needs {safeio.human(need)} (weights in {dtype} plus "
+                              f"activations); {safeio.human(free)} is free", hint=hint)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -242,7 +245,9 @@ def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], *, lik
                          vocab_size=cfg.vocab_size)
     windows = eval_windows(ids, seq_len=seq_len, max_tokens=max_tokens, what=f"data {data}")
     digest = file_sha256(data)
-    _check_device_memory(cfg, seq_len, torch_dtype, dev)
+    check_model_memory(cfg, torch_dtype, dev, forward_bytes(cfg, seq_len, torch_dtype),
+                       f"evaluating windows of {seq_len} tokens",
+                       "use a smaller --seq-len, --dtype bfloat16" + (", or --device cpu" if dev.type == "cuda" else ""))
     try:
         lm = ReferenceLM.from_checkpoint(cfg, ckpt, dtype=torch_dtype, device=dev)
         sums = window_nll_sums(lm, windows, progress)

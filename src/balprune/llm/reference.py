@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -289,21 +290,25 @@ class ReferenceLM(nn.Module):
         return self.head(h)
 
     @torch.no_grad()
-    def generate(self, prompt: list[int] | torch.Tensor, max_new_tokens: int, *, max_len: int | None = None
+    def generate(self, prompt: list[int] | torch.Tensor, max_new_tokens: int, *, max_len: int | None = None,
+                 choose: Callable[[torch.Tensor], int] | None = None, on_prefill: Callable[[], None] | None = None
                  ) -> list[int]:
-        """Greedy decoding at batch 1: the prompt in one step, then one token per step (argmax of the last
-        logits; the lowest id on a tie, as torch.argmax). Returns the ``max_new_tokens`` new ids. The cache
-        holds ``max_len`` positions (default: what the run stores, the prompt and every new token but the
-        last); a longer run is a UsageError."""
+        """Decoding at batch 1: the prompt in one step, then one token per step. ``choose`` picks the next id
+        from the last position's logits [vocab] float32 (default greedy: argmax, the lowest id on a tie, as
+        torch.argmax); ``on_prefill`` is called once the prompt's step has run (a timer's split). Returns
+        the ``max_new_tokens`` new ids. The cache holds ``max_len`` positions (default: what the run
+        stores, the prompt and every new token but the last); a longer run is a UsageError."""
         ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(1, -1)
         cache = self.new_cache(max_len if max_len is not None else ids.shape[1] + max(0, max_new_tokens - 1))
+        pick = choose if choose is not None else (lambda logits: int(torch.argmax(logits)))
         out: list[int] = []
         logits = self.step(ids, cache)
+        if on_prefill is not None:
+            on_prefill()
         for _ in range(max_new_tokens):
-            nxt = int(torch.argmax(logits[0, -1]))
-            out.append(nxt)
+            out.append(pick(logits[0, -1]))
             if len(out) < max_new_tokens:
-                logits = self.step(torch.tensor([[nxt]], dtype=torch.int64), cache)
+                logits = self.step(torch.tensor([[out[-1]]], dtype=torch.int64), cache)
         return out
 
     # ----------------------------------------------------------------------- loading

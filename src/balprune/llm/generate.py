@@ -1,0 +1,150 @@
+"""`balprune generate`: text from a Llama-family model at batch 1, greedy or sampled.
+
+The model is what ``eval`` reads (llm.evaluate.open_model: an HF folder, a packed file with its
+recorded config.json and tokenizer.json, or a single file with ``like``), run today by the reference
+model (llm.reference.ReferenceLM: the dense masked weights in torch, a static KV cache) on the
+requested device. The packed decode runtime (balanced kernels, one CUDA graph per step) is to
+replace that engine behind the same command; the result names the engine that ran (``runtime``).
+
+Order, so that nothing heavy happens before a refusal: the device (NoGpuError, exit 6, for CUDA
+without one), the options (UsageError, exit 2), the model's config and headers, the tokenizer and
+the prompt's length against the cache (exit 2 when prompt + new tokens do not fit), the memory
+check, then the weights.
+
+Sampling (``temperature`` > 0): softmax(logits / temperature) in float32, then nucleus filtering
+(``top_p``: the smallest set of most likely ids whose probability reaches top_p, the boundary id
+included), drawn with a torch.Generator seeded by ``seed`` on the CPU, so the same seed gives the
+same text on every machine for the same logits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import GpuRuntimeError, InvalidInputError, UsageError
+from .evaluate import DTYPES, check_model_memory, forward_bytes, kv_cache_bytes, open_model
+from .reference import ReferenceLM
+from .text import RecordedTokenizer, _tokenizer_file, load_tokenizer
+
+SCHEMA = "balprune.generate/1"
+#: The engine that runs the model today (see the module doc).
+RUNTIME = "reference (dense masked weights, torch, static KV cache)"
+#: Most new tokens one command generates, and the default cache length.
+MAX_NEW_TOKENS = 1 << 16
+DEFAULT_MAX_CONTEXT = 2048
+
+
+@dataclass
+class GenerateResult:
+    model: str
+    prompt_tokens: int
+    new_tokens: list[int]
+    text: str
+    prefill_s: float
+    decode_s: float
+    device: str
+    dtype: str
+    runtime: str = RUNTIME
+    schema: str = field(default=SCHEMA)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """New tokens after the first, per second of decoding (the first comes from the prefill)."""
+        steps = len(self.new_tokens) - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+def sampler(temperature: float, top_p: float, seed: int):
+    """The ``choose`` function of ReferenceLM.generate for these options (module doc); None: greedy."""
+    if temperature == 0:
+        return None
+    g = torch.Generator().manual_seed(seed)
+
+    def choose(logits: torch.Tensor) -> int:
+        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_p, dim=-1)
+            keep = int(torch.searchsorted(cumulative, torch.tensor([top_p])).item()) + 1
+            probs = torch.zeros_like(probs).scatter_(0, order[:keep], sorted_p[:keep])
+        return int(torch.multinomial(probs, 1, generator=g).item())
+
+    return choose
+
+
+def check_options(max_new_tokens: int, temperature: float, top_p: float, max_context: int) -> None:
+    """UsageError (exit 2) for an option out of its range."""
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UsageError(f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
+    if not (isinstance(temperature, float) and 0.0 <= temperature <= 100.0):
+        raise UsageError(f"--temperature must be in [0, 100] (0: greedy), got {temperature!r}")
+    if not (isinstance(top_p, float) and 0.0 < top_p <= 1.0):
+        raise UsageError(f"--top-p must be in (0, 1], got {top_p!r}")
+    if not isinstance(max_context, int) or max_context < 1:
+        raise UsageError(f"--max-context must be a positive integer, got {max_context!r}")
+
+
+def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathLike[str] | None = None,
+             tokenizer: str | os.PathLike[str] | None = None, max_new_tokens: int = 64,
+             max_context: int = DEFAULT_MAX_CONTEXT, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             dtype: str = "float32", device: torch.device | str = "cpu") -> GenerateResult:
+    """Generate ``max_new_tokens`` tokens after ``prompt`` (module doc for the order and the sampling)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_options(max_new_tokens, temperature, top_p, max_context)
+    dev = torch.device(device)
+    cfg, ckpt, model_tokenizer = open_model(model, like)
+    tok_source = Path(tokenizer) if tokenizer is not None else model_tokenizer
+    if tok_source is None:
+        raise UsageError(f"{model}: no tokenizer.json comes with the model", hint="pass --tokenizer FOLDER or FILE")
+    tok = load_tokenizer(tok_source)
+    where = tok_source.where if isinstance(tok_source, RecordedTokenizer) else _tokenizer_file(Path(tok_source))
+    try:
+        ids = tok.encode(prompt, add_special_tokens=True).ids
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: B036 - a tokenizer's Rust panic arrives as pyo3's PanicException
+        raise InvalidInputError(f"tokenizer {where} fails to encode the prompt: {str(exc)[:200]!r}") from None
+    if not ids:
+        raise UsageError("the prompt gives no tokens", hint="give a non-empty --prompt")
+    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise InvalidInputError(f"tokenizer {where} gives id {bad[0]}, outside the model's vocabulary "
+                                f"[0, {cfg.vocab_size})")
+    context = min(max_context, cfg.max_position_embeddings)
+    need = len(ids) + max_new_tokens - 1
+    if need > context:
+        raise UsageError(f"the prompt's {len(ids)} tokens and {max_new_tokens} new ones need {need} cache positions; "
+                         f"the cache holds {context}",
+                         hint="a shorter prompt, fewer --max-new-tokens, or a larger --max-context")
+    torch_dtype = DTYPES[dtype]
+    check_model_memory(cfg, torch_dtype, dev, forward_bytes(cfg, len(ids), torch_dtype)
+                       + kv_cache_bytes(cfg, context, torch_dtype), f"generating with a cache of {context} positions",
+                       "a smaller --max-context or --dtype bfloat16" + (", or --device cpu" if dev.type == "cuda" else ""))
+    marks: list[float] = []
+
+    def clock() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        marks.append(time.perf_counter())
+
+    try:
+        lm = ReferenceLM.from_checkpoint(cfg, ckpt, dtype=torch_dtype, device=dev)
+        clock()
+        new = lm.generate(ids, max_new_tokens, max_len=context, choose=sampler(temperature, top_p, seed),
+                          on_prefill=clock)
+        clock()
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise GpuRuntimeError(f"out of GPU memory generating with {model} on {dev}: {str(exc).splitlines()[0][:200]}",
+                              hint="use --dtype bfloat16, a smaller --max-context, or --device cpu") from None
+    text = tok.decode(new, skip_special_tokens=True)
+    return GenerateResult(str(model), len(ids), new, text, marks[1] - marks[0], marks[2] - marks[1], str(dev), dtype)

@@ -1,0 +1,107 @@
+"""`balprune generate` on the CPU: the tokens are the reference model's (greedy, or seeded sampling), the
+prompt and options are checked before any weight is read, and the text reaches the terminal escaped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import listing
+
+from balprune.llm.evaluate import PackedCheckpoint
+from balprune.llm.examples import PRESETS, write_example
+from balprune.llm.family import read_config
+from balprune.llm.reference import ReferenceLM
+from balprune.llm.text import load_tokenizer
+
+PROMPT = "def main():\n    return 1"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(llama-tiny folder, its packed file at 50% balanced) shared by the module (never written to)."""
+    from balprune.cli import main
+
+    root = tmp_path_factory.mktemp("gen")
+    folder = write_example("llama-tiny", root / "tiny")
+    packed = root / "p.safetensors"
+    assert main(["prune", str(folder), "--sparsity", "0.5", "--blocks", "4", "-o", str(packed), "--json"]) == 0
+    return folder, packed
+
+
+def _json(cli, *args):
+    r = cli("generate", *map(str, args), "--device", "cpu", "--dtype", "float32", "--json")
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+def test_greedy_tokens_are_the_masked_reference_models(cli, files):
+    folder, packed = files
+    res = _json(cli, packed, "--prompt", PROMPT, "--max-new-tokens", 12)
+    ids = load_tokenizer(folder).encode(PROMPT).ids
+    lm = ReferenceLM.from_checkpoint(read_config(folder), PackedCheckpoint(packed))
+    assert res["schema"] == "balprune.generate/1" and res["prompt_tokens"] == len(ids)
+    assert res["new_tokens"] == lm.generate(ids, 12) and len(res["new_tokens"]) == 12
+    assert res["text"] == load_tokenizer(folder).decode(res["new_tokens"], skip_special_tokens=True)
+    assert res["runtime"].startswith("reference") and res["tokens_per_s"] > 0
+    dense = _json(cli, folder, "--prompt", PROMPT, "--max-new-tokens", 12)  # the folder itself: unpruned
+    assert dense["new_tokens"] == ReferenceLM.from_folder(folder).generate(ids, 12)
+
+
+def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(cli, files):
+    _, packed = files
+    a = _json(cli, packed, "--prompt", PROMPT, "--max-new-tokens", 16, "--temperature", 1.5, "--seed", 3)
+    b = _json(cli, packed, "--prompt", PROMPT, "--max-new-tokens", 16, "--temperature", 1.5, "--seed", 3)
+    c = _json(cli, packed, "--prompt", PROMPT, "--max-new-tokens", 16, "--temperature", 1.5, "--seed", 4)
+    greedy = _json(cli, packed, "--prompt", PROMPT, "--max-new-tokens", 16)
+    nucleus = _json(cli, packed, "--prompt", PROMPT, "--max-new-tokens", 16, "--temperature", 1.5, "--top-p", 1e-9)
+    assert a["new_tokens"] == b["new_tokens"] and a["new_tokens"] != c["new_tokens"]
+    assert a["new_tokens"] != greedy["new_tokens"] and nucleus["new_tokens"] == greedy["new_tokens"]
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (["--max-context", "8", "--max-new-tokens", "4"], 2, ["need", "cache positions", "the cache holds 8"]),
+    (["--max-new-tokens", "0"], 2, ["--max-new-tokens"]),
+    (["--temperature", "-1"], 2, ["--temperature"]),
+    (["--top-p", "0"], 2, ["--top-p"]),
+    (["--top-p", "1.5"], 2, ["--top-p"]),
+    (["--dtype", "int8"], 2, ["--dtype"]),
+])
+def test_bad_options_and_overlong_prompts_are_one_line(cli, files, tmp_path, args, code, words):
+    _, packed = files
+    before = listing(packed.parent)
+    r = cli("generate", str(packed), "--prompt", PROMPT, "--device", "cpu", *args)
+    assert r.code == code and r.out == "" and len(r.err.strip().splitlines()) == 1, r.err
+    assert all(w in r.err for w in words), r.err
+    assert listing(packed.parent) == before
+
+
+def test_no_gpu_is_exit_6_before_the_model_is_read(cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: this checks the machine without one")
+    r = cli("generate", str(tmp_path / "missing.safetensors"), "--prompt", "x")  # default --device cuda
+    assert r.code == 6 and "no CUDA device" in r.err
+
+
+def test_generated_text_is_escaped_on_the_terminal(cli, files, tmp_path):
+    """A tokenizer whose generated token is an escape sequence prints it escaped, never raw."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, packed = files
+    vocab_size = PRESETS["llama-tiny"][1].vocab_size
+
+    def tokenizer_file(special: dict[int, str]) -> str:
+        vocab = {special.get(i, f"t{i}"): i for i in range(vocab_size)}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        path = tmp_path / f"tok{len(special)}.json"
+        path.write_text(tok.to_str())
+        return str(path)
+
+    plain = _json(cli, packed, "--prompt", "t5 t7 t9", "--tokenizer", tokenizer_file({}), "--max-new-tokens", 3)
+    hostile = tokenizer_file({plain["new_tokens"][0]: "\x1b[2J\x1b]0;owned\x07"})
+    r = cli("generate", str(packed), "--prompt", "t5 t7 t9", "--tokenizer", hostile, "--max-new-tokens", "3",
+            "--device", "cpu", "--dtype", "float32")
+    assert r.code == 0, r.err
+    assert "\x1b" not in r.out and "\x07" not in r.out and "\\x1b[2J" in r.out
