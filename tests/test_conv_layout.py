@@ -119,3 +119,5 @@ def test_a_tile_that_cannot_fit_is_a_usage_error():
         launch_config(ConvShape(4, 800, 800, 4, 16, 16, 16, 0))
     with pytest.raises(UsageError, match="smaller than the kernel"):
         launch_config(ConvShape(4, 2, 2, 4, 3, 3, 1, 0))
+    with pytest.raises(UsageError, match="exceeds the kernel's grid"):
+        launch_config(ConvShape(4, 8, 8, 2_000_000, 1, 1, 1, 0))

@@ -105,3 +105,43 @@ def test_generated_text_is_escaped_on_the_terminal(cli, files, tmp_path):
             "--device", "cpu", "--dtype", "float32")
     assert r.code == 0, r.err
     assert "\x1b" not in r.out and "\x07" not in r.out and "\\x1b[2J" in r.out
+
+
+def test_non_finite_logits_are_exit_4_not_token_zero(cli, files, tmp_path):
+    """Finite weights whose activations overflow float16 give NaN logits: one line naming the dtype, for
+    greedy (argmax of NaN would be id 0) and for sampling alike; float32 runs."""
+    from balprune.llm.examples import random_tensor, write_hf_folder
+
+    def hot(name, shape, dtype):
+        t = random_tensor(name, shape, dtype, 0)
+        return t * 6e4 if name == "model.norm.weight" else t  # 6e4 fits float16; norm * hidden overflows
+
+    folder = write_hf_folder(PRESETS["llama-tiny"][1], tmp_path / "hot", tensor_fn=hot)
+    for extra in ((), ("--temperature", "1")):
+        r = cli("generate", str(folder), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float16",
+                "--max-new-tokens", "3", "--tokenizer", str(files[0]), *extra)
+        assert r.code == 4 and "logits are not finite in float16" in r.err and r.out == "", r.err
+    assert cli("generate", str(folder), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float32",
+               "--max-new-tokens", "3", "--tokenizer", str(files[0])).code == 0
+
+
+def test_a_tiny_temperature_is_near_greedy_not_a_crash(cli, files):
+    _, packed = files
+    greedy = _json(cli, packed, "--prompt", PROMPT, "--max-new-tokens", 6)
+    cold = _json(cli, packed, "--prompt", PROMPT, "--max-new-tokens", 6, "--temperature", "1e-45")
+    assert cold["new_tokens"] == greedy["new_tokens"]
+
+
+def test_a_tokenizer_that_fails_to_decode_is_exit_4(cli, files, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    _, packed = files
+    vocab = {"x" * (i + 1): i for i in range(PRESETS["llama-tiny"][1].vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="x"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.Strip(content="x", left=1000, right=1000)  # panics in Rust when it decodes
+    path = tmp_path / "strip.json"
+    path.write_text(tok.to_str())
+    r = cli("generate", str(packed), "--prompt", "x xx xxx", "--tokenizer", str(path), "--device", "cpu",
+            "--dtype", "float32", "--max-new-tokens", "2")
+    assert r.code == 4 and "fails to decode" in r.err and len(r.err.strip().splitlines()) == 1, r.err

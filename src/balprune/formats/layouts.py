@@ -502,7 +502,8 @@ def conv_taps(values: np.ndarray, indices: np.ndarray, block_length: int, in_cha
     """The device layout of kernels/balanced_conv.cu from a conv weight's offsets-form arrays (``values``
     / ``indices`` [C_out, k, B] over the [C_out, C_in*kh*kw] view, validated by check_balanced_arrays):
 
-    - ``tap_w`` float32 [C_out * k * B]: each output channel's kept values in column order,
+    - ``tap_w`` float32 [C_out * (k * B - p)]: each output channel's kept values in column order, less the
+      p fill-up padding taps a short last block keeps past the view's last column (the same p in every row),
     - ``tap_pos`` int32, same length: ``c << CONV_POS_SHIFT | dy << 4 | dx`` of each (column = c*kh*kw +
       dy*kw + dx),
     - ``chunk_start`` int32 [C_out, nchunks + 1], nchunks = ceil(C_in / chunk_channels): entry j of row o

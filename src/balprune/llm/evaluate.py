@@ -247,7 +247,7 @@ def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], *, lik
     digest = file_sha256(data)
     check_model_memory(cfg, torch_dtype, dev, forward_bytes(cfg, seq_len, torch_dtype),
                        f"evaluating windows of {seq_len} tokens",
-                       "use a smaller --seq-len, --dtype bfloat16" + (", or --device cpu" if dev.type == "cuda" else ""))
+                       "use a smaller --seq-len or --dtype bfloat16" + (", or --device cpu" if dev.type == "cuda" else ""))
     try:
         lm = ReferenceLM.from_checkpoint(cfg, ckpt, dtype=torch_dtype, device=dev)
         sums = window_nll_sums(lm, windows, progress)

@@ -69,7 +69,8 @@ def sampler(temperature: float, top_p: float, seed: int):
     g = torch.Generator().manual_seed(seed)
 
     def choose(logits: torch.Tensor) -> int:
-        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        z = logits.float().cpu()
+        probs = torch.softmax((z - z.max()) / temperature, dim=-1)  # shifted first: a tiny T cannot overflow
         if top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             cumulative = torch.cumsum(sorted_p, dim=-1)
@@ -80,15 +81,30 @@ def sampler(temperature: float, top_p: float, seed: int):
     return choose
 
 
+def finite_choice(choose, dtype: str):
+    """``choose`` (None: greedy) behind a check that the logits are finite: a model whose activations
+    overflow ``dtype`` gives NaN logits, and argmax of NaN is id 0 -- text that looks generated."""
+    pick = choose if choose is not None else (lambda logits: int(torch.argmax(logits)))
+
+    def checked(logits: torch.Tensor) -> int:
+        if not bool(torch.isfinite(logits).all()):
+            raise InvalidInputError(f"the model's logits are not finite in {dtype}: the weights hold NaN/Inf or "
+                                    "huge values, or the activations overflow this dtype",
+                                    hint="try --dtype float32 or bfloat16")
+        return pick(logits)
+
+    return checked
+
+
 def check_options(max_new_tokens: int, temperature: float, top_p: float, max_context: int) -> None:
     """UsageError (exit 2) for an option out of its range."""
-    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise UsageError(f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
-    if not (isinstance(temperature, float) and 0.0 <= temperature <= 100.0):
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and 0.0 <= temperature <= 100.0):
         raise UsageError(f"--temperature must be in [0, 100] (0: greedy), got {temperature!r}")
-    if not (isinstance(top_p, float) and 0.0 < top_p <= 1.0):
+    if isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise UsageError(f"--top-p must be in (0, 1], got {top_p!r}")
-    if not isinstance(max_context, int) or max_context < 1:
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
         raise UsageError(f"--max-context must be a positive integer, got {max_context!r}")
 
 
@@ -128,7 +144,7 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
     torch_dtype = DTYPES[dtype]
     check_model_memory(cfg, torch_dtype, dev, forward_bytes(cfg, len(ids), torch_dtype)
                        + kv_cache_bytes(cfg, context, torch_dtype), f"generating with a cache of {context} positions",
-                       "a smaller --max-context or --dtype bfloat16" + (", or --device cpu" if dev.type == "cuda" else ""))
+                       "use a smaller --max-context or --dtype bfloat16" + (", or --device cpu" if dev.type == "cuda" else ""))
     marks: list[float] = []
 
     def clock() -> None:
@@ -139,12 +155,17 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
     try:
         lm = ReferenceLM.from_checkpoint(cfg, ckpt, dtype=torch_dtype, device=dev)
         clock()
-        new = lm.generate(ids, max_new_tokens, max_len=context, choose=sampler(temperature, top_p, seed),
-                          on_prefill=clock)
+        new = lm.generate(ids, max_new_tokens, max_len=context,
+                          choose=finite_choice(sampler(float(temperature), float(top_p), seed), dtype), on_prefill=clock)
         clock()
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         raise GpuRuntimeError(f"out of GPU memory generating with {model} on {dev}: {str(exc).splitlines()[0][:200]}",
                               hint="use --dtype bfloat16, a smaller --max-context, or --device cpu") from None
-    text = tok.decode(new, skip_special_tokens=True)
+    try:
+        text = tok.decode(new, skip_special_tokens=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: B036 - as for encode: a Rust panic is pyo3's PanicException
+        raise InvalidInputError(f"tokenizer {where} fails to decode the generated ids: {str(exc)[:200]!r}") from None
     return GenerateResult(str(model), len(ids), new, text, marks[1] - marks[0], marks[2] - marks[1], str(dev), dtype)

@@ -95,6 +95,8 @@ def launch_config(s: ConvShape, batch: int = 1) -> dict:
     co = max(1, min(MAX_THREADS // (32 * wr), s.out_channels))
     while co > 1 and tiles * math.ceil(s.out_channels / co) * batch < TARGET_CTAS:
         co //= 2
+    if math.ceil(s.out_channels / co) > 65535 or tiles > 2**31 - 1:
+        raise UsageError(f"a conv of {s.out_channels} output channels and {tiles} tiles exceeds the kernel's grid")
     cc = max(1, min(s.in_channels, TILE_BYTES // (4 * tih() * tiw)))
     return {"rows_per_lane": py, "row_warps": wr, "channels": co, "chunk_channels": cc,
             "chunks": math.ceil(s.in_channels / cc),
