@@ -329,3 +329,16 @@ def test_the_fine_tuning_pruner_masks_conv1d_modules_per_output_unit(tmp_path, r
     pf = read_packed(tmp_path / "p.safetensors")
     assert sorted(pf.transposed) == ["0.weight", "2.weight"]
     assert torch.equal(pf.source_dense("0.weight"), model[0].weight.detach())
+
+
+@pytest.mark.parametrize("config,transposed", [
+    ({"model_type": "vision-encoder-decoder", "encoder": {"model_type": "vit"}, "decoder": GPT2_CONFIG}, True),
+    ({"model_type": "encoder-decoder", "encoder": {"model_type": "bert"}, "decoder": {"model_type": "bert"}}, False),
+])
+def test_a_gpt2_decoder_inside_an_encoder_decoder_is_recognised(cli, tmp_path, config, transposed):
+    """config.json names the composite model; its GPT-2 decoder's Conv1D weights are still balanced per
+    output unit (names and shapes decide, as without a config.json), and a non-GPT-2 pair is left alone."""
+    src = gpt2_folder(tmp_path / "ed", config, prefix="decoder.transformer.")
+    _prune(cli, src, tmp_path / "p.safetensors")
+    got = sorted(read_packed(tmp_path / "p.safetensors").transposed)
+    assert got == (sorted(_conv1d_names("decoder.transformer.")) if transposed else [])

@@ -44,9 +44,23 @@ def _block(name: str) -> str | None:
     return None
 
 
+def recognition_type(config: dict | None) -> str | None:
+    """The ``model_type`` conv1d_weights recognises by: config.json's own -- except for a composite model
+    (an encoder-decoder) whose ``encoder`` or ``decoder`` sub-config is a Conv1D model type, where names
+    and shapes decide (None), as without a config.json: its GPT-2 part is Conv1D, its other part not."""
+    if config is None:
+        return None
+    subs = [config.get(k) for k in ("encoder", "decoder")]
+    if config.get("model_type") not in CONV1D_MODEL_TYPES and any(
+            isinstance(c, dict) and c.get("model_type") in CONV1D_MODEL_TYPES for c in subs):
+        return None
+    return config.get("model_type")
+
+
 def conv1d_weights(tensors: Iterable[SourceTensor], model_type: str | None) -> frozenset[str]:
     """Names of the tensors stored [in, out] as transformers' Conv1D (module doc); ``model_type`` is
-    config.json's (None: the checkpoint has no config.json beside it)."""
+    ``recognition_type`` of config.json (None: no config.json beside the checkpoint, or a composite
+    model with a GPT-2 part)."""
     tensors = list(tensors)
     if model_type is not None and model_type not in CONV1D_MODEL_TYPES:
         return frozenset()

@@ -19,7 +19,7 @@ from ..config import PruneOptions
 from ..container import AtomicOutput, StreamingWriter, check_not_an_input, verify_written
 from ..errors import InvalidInputError, OutputError
 from ..formats import BalancedTensor, BsrTensor, CsrTensor, hf_record, spec
-from ..llm.gpt2 import conv1d_weights
+from ..llm.gpt2 import conv1d_weights, recognition_type
 from ..models.bnfold import fold_batch_norms
 from ..patterns.balanced import balanced_offsets, geometry_for
 from ..patterns.ranking import check_finite
@@ -125,7 +125,7 @@ def plan_checkpoint(ckpt: Checkpoint, options: PruneOptions, transposed: frozens
     every caller plans a checkpoint the way ``prune`` does."""
     if transposed is None:
         hf = hf_record.read_beside(ckpt.files)
-        transposed = conv1d_weights(ckpt.tensors, hf.model_type if hf else None)
+        transposed = conv1d_weights(ckpt.tensors, recognition_type(hf.config if hf else None))
     plans = [plan_tensor(t, options, transposed=t.name in transposed) for t in ckpt.tensors]
     global_ = [p for p in plans if p.pattern is not None and p.pattern.ranks_globally]
     if global_:
@@ -308,7 +308,7 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
     # Opening the output first makes a missing or unwritable folder fail before any work.
     with AtomicOutput(output, force=force) as out:
         if transposed is None:
-            transposed = conv1d_weights(ckpt.tensors, hf.model_type if hf else None)
+            transposed = conv1d_weights(ckpt.tensors, recognition_type(hf.config if hf else None))
         plans = plan_checkpoint(ckpt, options, transposed)
         short = check_shortfalls(plans, options)
         preflight(plans, output)
