@@ -155,3 +155,17 @@ def transformers_or_skip():
     except ImportError:
         pass
     return pytest.importorskip("transformers")
+
+
+def balanced_conv_weight(cout: int, cin: int, kh: int, kw: int, sparsity: float, blocks: int, seed: int = 0):
+    """(BalancedTensor, geometry) of a seeded random conv weight [cout, cin, kh, kw] pruned balanced over its
+    [cout, cin*kh*kw] view, float32 values (the conv layout and kernel tests' weight)."""
+    from balprune.formats.balanced import BalancedTensor
+    from balprune.patterns.balanced import balanced_offsets, geometry_for
+    from balprune.patterns.kinds import BalancedPattern
+
+    w = torch.randn(cout, cin, kh, kw, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    m = w.reshape(cout, -1).float()
+    pattern = BalancedPattern(sparsity, blocks=blocks)
+    g = geometry_for(*m.shape, pattern)
+    return BalancedTensor.from_offsets(m, pattern, balanced_offsets(m, g, dtype=g.index_dtype)), g

@@ -29,12 +29,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import balanced_conv_weight
 from torch.nn import functional as F
 
-from balprune.formats.balanced import BalancedTensor
 from balprune.formats.layouts import CONV_POS_SHIFT, CONV_TILE_COLS, conv_taps
-from balprune.patterns.balanced import balanced_offsets, geometry_for
-from balprune.patterns.kinds import BalancedPattern
 from balprune.runtime.conv import MAX_THREADS, ROWS_PER_LANE, TILE_BYTES, ConvShape, launch_config
 from balprune.runtime.kernels import kernel_source
 
@@ -238,15 +236,6 @@ def derive_launch(s: ConvShape, batch: int, py: int, wr: int, co: int, cc: int) 
             "shared_mem": 4 * cc * tih * tiw}
 
 
-def _conv_weight(cout, cin, kh, kw, sparsity, blocks, seed=0):
-    w = torch.randn(cout, cin, kh, kw, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    m = w.reshape(cout, -1)
-    pattern = BalancedPattern(sparsity, blocks=blocks)
-    g = geometry_for(*m.shape, pattern)
-    bt = BalancedTensor.from_offsets(m.float(), pattern, balanced_offsets(m.float(), g, dtype=g.index_dtype))
-    return bt, g
-
-
 # name -> (C_out, C_in, kh, kw, stride, pad, H, W, sparsity, blocks, batch, bias, relu,
 #          explicit (rows per lane, row warps, channels per CTA, chunk channels))
 CASES = {
@@ -273,7 +262,7 @@ CASES = {
 
 def _run(case_args, params=None, seed=0):
     cout, cin, kh, kw, stride, pad, h, w, sparsity, blocks, batch, with_bias, relu, _ = case_args
-    bt, g = _conv_weight(cout, cin, kh, kw, sparsity, blocks, seed)
+    bt, g = balanced_conv_weight(cout, cin, kh, kw, sparsity, blocks, seed)
     s = ConvShape(cin, h, w, cout, kh, kw, stride, pad)
     OH, OW = s.out_height, s.out_width
     if params is None:
@@ -364,7 +353,7 @@ FILL_UP_CASES = {
 def test_fill_up_padding_columns(case):
     args = FILL_UP_CASES[case]
     cout, cin, kh, kw, *_ = args
-    _, g = _conv_weight(cout, cin, kh, kw, args[8], args[9])
+    _, g = balanced_conv_weight(cout, cin, kh, kw, args[8], args[9])
     assert g.blocks * g.block_length > cin * kh * kw and g.keep > cin * kh * kw - (g.blocks - 1) * g.block_length
     _run(args, args[-1])
 

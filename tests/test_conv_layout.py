@@ -13,25 +13,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import balanced_conv_weight
 from torch.nn import functional as F
 
 from balprune.errors import FormatError, UsageError
-from balprune.formats.balanced import BalancedTensor
 from balprune.formats.layouts import CONV_POS_SHIFT, CONV_TILE_COLS, conv_taps, conv_taps_reference
-from balprune.patterns.balanced import balanced_offsets, geometry_for
-from balprune.patterns.kinds import BalancedPattern
 from balprune.runtime.conv import MAX_THREADS, TILE_BYTES, ConvShape, launch_config
 from balprune.runtime.kernels import kernel_source
-
-
-def _conv_weight(cout, cin, k, sparsity, blocks, seed=0):
-    w = torch.randn(cout, cin, k, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    m = w.reshape(cout, -1)
-    pattern = BalancedPattern(sparsity, blocks=blocks)
-    g = geometry_for(*m.shape, pattern)
-    bt = BalancedTensor.from_offsets(m.float(), pattern, balanced_offsets(m.float(), g, dtype=g.index_dtype))
-    return bt, g
-
 
 # (C_out, C_in, k, stride, padding, H, W, sparsity, blocks, chunk channels)
 CASES = {
@@ -50,7 +38,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_layouts_model_is_conv2d_of_the_masked_weight(case):
     cout, cin, k, s, p, h, w, sparsity, blocks, cc = CASES[case]
-    bt, g = _conv_weight(cout, cin, k, sparsity, blocks)
+    bt, g = balanced_conv_weight(cout, cin, k, k, sparsity, blocks)
     tap_w, tap_pos, starts = conv_taps(bt.values.numpy(), bt.indices.numpy(), g.block_length, cin, k, k, cc)
     assert tap_w.dtype == np.float32 and tap_pos.dtype == np.int32 and starts.dtype == np.int32
     padding = max(0, g.keep - (cin * k * k - (g.blocks - 1) * g.block_length))  # kept past the last real column
@@ -63,7 +51,7 @@ def test_the_layouts_model_is_conv2d_of_the_masked_weight(case):
 
 
 def test_taps_are_in_column_order_and_chunks_partition_them():
-    bt, g = _conv_weight(6, 10, 3, 0.75, 5)
+    bt, g = balanced_conv_weight(6, 10, 3, 3, 0.75, 5)
     tap_w, tap_pos, starts = conv_taps(bt.values.numpy(), bt.indices.numpy(), g.block_length, 10, 3, 3, 4)
     per_row = g.keep * g.blocks
     c = tap_pos >> CONV_POS_SHIFT
@@ -81,7 +69,7 @@ def test_taps_are_in_column_order_and_chunks_partition_them():
 
 
 def test_layout_limits_are_format_errors():
-    bt, g = _conv_weight(4, 3, 3, 0.5, 3)
+    bt, g = balanced_conv_weight(4, 3, 3, 3, 0.5, 3)
     with pytest.raises(FormatError, match="kernel sides 1..16"):
         conv_taps(bt.values.numpy(), bt.indices.numpy(), g.block_length, 1, 17, 1, 1)
     with pytest.raises(FormatError, match="do not cover"):  # a view claiming fewer columns than the blocks hold

@@ -63,6 +63,8 @@ INT_LIMITS: dict[str, int] = {
 #: refuse absurd values.
 MAX_CALIBRATION_SAMPLES = 1 << 16
 MAX_SEQ_LEN = 1 << 20
+#: ``generate --max-new-tokens``: most new tokens one command generates.
+MAX_NEW_TOKENS = 1 << 16
 INT_LIMITS.update({"--seq-len": MAX_SEQ_LEN})
 
 #: The bound of any integer value (a signed 64-bit integer, what torch and the file format hold).

@@ -24,6 +24,7 @@ from ..container import check_output_path
 from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, InvalidInputError, UsageError
 from ..values import (
     MAX_CALIBRATION_SAMPLES,
+    MAX_NEW_TOKENS,
     MAX_SEQ_LEN,
     parse_block_shape,
     parse_nm,
@@ -440,7 +441,7 @@ def generate_command(
                                  "single safetensors file with --like."),
     prompt: str = typer.Option(..., "--prompt", help="The text to continue (tokenized with the model's tokenizer.json)."),
     max_new_tokens: str = typer.Option("64", "--max-new-tokens", callback=usage(
-        lambda v: parse_positive_int(v, what="--max-new-tokens", maximum=_max_new_tokens())),
+        lambda v: parse_positive_int(v, what="--max-new-tokens", maximum=MAX_NEW_TOKENS)),
         help="Tokens to generate."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="A folder holding tokenizer.json, or the file "
                                           "(default: the model's, or the one a packed file recorded)."),
@@ -475,11 +476,6 @@ def generate_command(
         f"{result.prefill_s * 1e3:.1f} ms, {'-' if rate is None else f'{rate:.1f}'} tokens/s "
         f"({result.device}, {result.dtype}; {result.runtime})"), soft_wrap=True)
 
-
-def _max_new_tokens() -> int:
-    from ..llm.generate import MAX_NEW_TOKENS
-
-    return MAX_NEW_TOKENS
 
 
 def _count_bar():

@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 
 from ..errors import GpuRuntimeError, InvalidInputError, UsageError
+from ..values import MAX_NEW_TOKENS
 from .evaluate import DTYPES, check_model_memory, forward_bytes, kv_cache_bytes, open_model
 from .reference import ReferenceLM
-from .text import RecordedTokenizer, _tokenizer_file, load_tokenizer
+from .text import load_tokenizer, tokenizer_call, tokenizer_name
 
 SCHEMA = "balprune.generate/1"
 #: The engine that runs the model today (see the module doc).
 RUNTIME = "reference (dense masked weights, torch, static KV cache)"
-#: Most new tokens one command generates, and the default cache length.
-MAX_NEW_TOKENS = 1 << 16
+#: The default cache length (--max-context).
 DEFAULT_MAX_CONTEXT = 2048
 
 
@@ -122,18 +122,12 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
     if tok_source is None:
         raise UsageError(f"{model}: no tokenizer.json comes with the model", hint="pass --tokenizer FOLDER or FILE")
     tok = load_tokenizer(tok_source)
-    where = tok_source.where if isinstance(tok_source, RecordedTokenizer) else _tokenizer_file(Path(tok_source))
-    try:
-        ids = tok.encode(prompt, add_special_tokens=True).ids
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: B036 - a tokenizer's Rust panic arrives as pyo3's PanicException
-        raise InvalidInputError(f"tokenizer {where} fails to encode the prompt: {str(exc)[:200]!r}") from None
+    ids = tokenizer_call(lambda: tok.encode(prompt, add_special_tokens=True).ids, tok_source, "encode the prompt")
     if not ids:
         raise UsageError("the prompt gives no tokens", hint="give a non-empty --prompt")
     bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
     if bad:
-        raise InvalidInputError(f"tokenizer {where} gives id {bad[0]}, outside the model's vocabulary "
+        raise InvalidInputError(f"tokenizer {tokenizer_name(tok_source)} gives id {bad[0]}, outside the model's vocabulary "
                                 f"[0, {cfg.vocab_size})")
     context = min(max_context, cfg.max_position_embeddings)
     need = len(ids) + max_new_tokens - 1
@@ -162,10 +156,5 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
         torch.cuda.empty_cache()
         raise GpuRuntimeError(f"out of GPU memory generating with {model} on {dev}: {str(exc).splitlines()[0][:200]}",
                               hint="use --dtype bfloat16, a smaller --max-context, or --device cpu") from None
-    try:
-        text = tok.decode(new, skip_special_tokens=True)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: B036 - as for encode: a Rust panic is pyo3's PanicException
-        raise InvalidInputError(f"tokenizer {where} fails to decode the generated ids: {str(exc)[:200]!r}") from None
+    text = tokenizer_call(lambda: tok.decode(new, skip_special_tokens=True), tok_source, "decode the generated ids")
     return GenerateResult(str(model), len(ids), new, text, marks[1] - marks[0], marks[2] - marks[1], str(dev), dtype)

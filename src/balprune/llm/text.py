@@ -89,8 +89,7 @@ def read_token_ids(path: str | os.PathLike[str], *, tokenizer: Path | RecordedTo
                              hint="pass --tokenizer FOLDER or tokenizer.json, or give token ids (.npy or ids text)")
         tokenizer = tokenizer if isinstance(tokenizer, RecordedTokenizer) else Path(tokenizer)
         ids = _tokenize(data, p, tokenizer)
-        source = (f"tokenized with {tokenizer.where if isinstance(tokenizer, RecordedTokenizer) else _tokenizer_file(tokenizer)}"
-                  " gives")
+        source = f"tokenized with {tokenizer_name(tokenizer)} gives"
     if ids.size == 0:
         raise InvalidInputError(f"data {p} holds no tokens", hint="give a file with at least one token")
     _check_range(ids, p, bound, source)  # in the file's own dtype: a uint64 id cannot wrap before the check
@@ -180,6 +179,23 @@ def _tokenizer_file(tokenizer: Path) -> Path:
     return tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
 
 
+def tokenizer_name(tokenizer: str | os.PathLike[str] | RecordedTokenizer) -> str:
+    """How errors name a tokenizer: the tokenizer.json file, or where a packed file recorded it."""
+    return tokenizer.where if isinstance(tokenizer, RecordedTokenizer) else str(_tokenizer_file(Path(tokenizer)))
+
+
+def tokenizer_call(call, tokenizer: str | os.PathLike[str] | RecordedTokenizer, what: str):
+    """``call()`` (an encode or decode of the ``tokenizers`` library), any failure of it -- a Rust error,
+    or a panic, which pyo3 raises as a BaseException -- turned into one line naming the tokenizer and
+    ``what`` it failed to do (InvalidInputError, exit 4)."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: B036 - pyo3's PanicException derives from BaseException
+        raise InvalidInputError(f"tokenizer {tokenizer_name(tokenizer)} fails to {what}: {str(exc)[:200]!r}") from None
+
+
 def load_tokenizer(tokenizer: str | os.PathLike[str] | RecordedTokenizer):
     """A ``tokenizers.Tokenizer`` from a folder holding tokenizer.json, or from the file itself (or from
     the text a packed file recorded).
@@ -214,13 +230,7 @@ def _tokenize(data: bytes, p: Path, tokenizer: Path | RecordedTokenizer) -> np.n
         raise InvalidInputError(f"data {p} is neither token ids nor UTF-8 text (byte {exc.start})") from None
     tok = load_tokenizer(tokenizer)
     safeio.check_fits_memory(len(data) * _TOKENIZE_BYTES_PER_BYTE, f"data {p}: tokenizing {len(data)} bytes")
-    try:
-        ids = tok.encode(text, add_special_tokens=True).ids
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: B036 - a tokenizer's Rust panic arrives as pyo3's PanicException
-        where = tokenizer.where if isinstance(tokenizer, RecordedTokenizer) else _tokenizer_file(tokenizer)
-        raise InvalidInputError(f"tokenizer {where} fails to encode data {p}: {str(exc)[:200]!r}") from None
+    ids = tokenizer_call(lambda: tok.encode(text, add_special_tokens=True).ids, tokenizer, f"encode data {p}")
     return np.asarray(ids, dtype=np.int64)
 
 
