@@ -135,9 +135,9 @@ def test_golden_bytes_are_reproduced(tmp_path, name):
 @pytest.mark.parametrize("name", sorted(make_golden.GOLDEN))
 def test_golden_files_read_back_to_the_masked_source(name):
     pf = verify_packed(GOLDEN_DIR / f"{name}.safetensors")
-    src = make_golden.source_state_dict()
+    src = make_golden.source_of(name)
     for tname, want in src.items():
-        got = pf.dense(tname)
+        got = pf.source_dense(tname)
         assert got.dtype == want.dtype and got.shape == want.shape
         kept = got != 0
         assert torch.equal(got[kept], want[kept]), "kept values are bit-exact"
@@ -207,3 +207,14 @@ def test_one_ranking_fast_path_equals_from_dense_of_masked(shape, dtype, blocks,
     slow = BalancedTensor.from_dense(torch.where(one_shot_mask(m, p), m, torch.zeros((), dtype=dtype)).reshape(shape), p)
     assert torch.equal(fast.indices, slow.indices)
     assert torch.equal(fast.values.reshape(-1).view(torch.uint8), slow.values.reshape(-1).view(torch.uint8))
+
+
+def test_golden_optional_keys_are_what_format_md_states():
+    """gpt2_hf: a v1 file whose metadata records the source folder's config.json (hf:config.json, its text
+    as it was) and whose manifest lists the Conv1D weights stored as their [out, in] transpose."""
+    pf = verify_packed(GOLDEN_DIR / "gpt2_hf.safetensors")
+    meta = _header_and_data(GOLDEN_DIR / "gpt2_hf.safetensors")[0]["__metadata__"]
+    assert meta["format_version"] == "1" and meta["hf:config.json"] == make_golden.GPT2_CONFIG
+    assert sorted(pf.manifest["transposed"]) == ["transformer.h.0.attn.c_attn.weight",
+                                                 "transformer.h.0.mlp.c_fc.weight"]
+    assert pf.manifest["tensors"]["transformer.h.0.attn.c_attn.weight"]["shape"] == [12, 4]  # stored [out, in]
