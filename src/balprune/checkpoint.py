@@ -76,7 +76,7 @@ class Checkpoint:
 
     def sha256(self) -> str:
         """sha256 of the single input file; for several files, of the JSON {file: sha256}."""
-        digests = {p.name: _file_sha256(p) for p in self.files}
+        digests = {p.name: file_sha256(p) for p in self.files}
         if len(self.files) == 1:
             return next(iter(digests.values()))
         return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
@@ -87,9 +87,10 @@ class Checkpoint:
             container.check_tensor_name(name, f"{self.display}")
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str], what: str = "checkpoint") -> str:
+    """sha256 of a regular file's bytes, read in chunks through safeio (``what`` names it in errors)."""
     h = hashlib.sha256()
-    with safeio.open_regular(path, "checkpoint") as f:
+    with safeio.open_regular(path, what) as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()

@@ -28,7 +28,6 @@ GPU's free memory, exit 7), so a model or a --seq-len that cannot fit is refused
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -39,10 +38,11 @@ import torch
 from torch.nn import functional as F
 
 from .. import container, safeio
-from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from ..checkpoint import Checkpoint, SourceTensor, file_sha256, open_checkpoint
 from ..errors import GpuRuntimeError, InvalidInputError, UsageError
 from ..values import MAX_SEQ_LEN  # the one bound of --seq-len (calibration and evaluation windows)
-from .family import LlmConfig, check_layout, expected_tensors, open_llm, parse_config, read_config
+from .examples import folder_bytes
+from .family import LlmConfig, check_layout, open_llm, parse_config, read_config
 from .reference import ReferenceLM
 from .text import RecordedTokenizer, eval_windows, read_token_ids
 
@@ -167,11 +167,6 @@ def forward_bytes(cfg: LlmConfig, seq_len: int, dtype: torch.dtype) -> int:
     return attention + mlp + hidden + logits
 
 
-def weight_bytes(cfg: LlmConfig, dtype: torch.dtype) -> int:
-    """Bytes of the reference model's weights in ``dtype``."""
-    item = torch.empty((), dtype=dtype).element_size()
-    return sum(math.prod(s) for s in expected_tensors(cfg).values()) * item
-
 
 def kv_cache_bytes(cfg: LlmConfig, positions: int, dtype: torch.dtype) -> int:
     """Bytes of a static KV cache of ``positions`` for batch 1 (keys and values of every layer)."""
@@ -183,7 +178,7 @@ def check_model_memory(cfg: LlmConfig, dtype: torch.dtype, device: torch.device,
                        hint: str) -> None:
     """The weights in ``dtype`` plus ``working`` bytes must fit where they will live: exit 4 on the CPU,
     exit 7 on a GPU, each naming ``what`` with both figures."""
-    need = weight_bytes(cfg, dtype) + working
+    need = folder_bytes(cfg, dtype) + working  # the weights in dtype: what an HF folder of them holds
     if device.type == "cpu":
         safeio.check_fits_memory(need, f"{what} (weights in {dtype} plus activations)", hint=hint)
         return
@@ -192,14 +187,6 @@ def check_model_memory(cfg: LlmConfig, dtype: torch.dtype, device: torch.device,
         raise GpuRuntimeError(f"{what} on {device} needs {safeio.human(need)} (weights in {dtype} plus "
                               f"activations); {safeio.human(free)} is free", hint=hint)
 
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a regular file's bytes, read in chunks through safeio."""
-    h = hashlib.sha256()
-    with safeio.open_regular(path, "data") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def window_nll_sums(lm: ReferenceLM, windows: torch.Tensor,
@@ -244,7 +231,7 @@ def evaluate(model: str | os.PathLike[str], data: str | os.PathLike[str], *, lik
     ids = read_token_ids(data, tokenizer=model_tokenizer if tokenizer is None else Path(tokenizer),
                          vocab_size=cfg.vocab_size)
     windows = eval_windows(ids, seq_len=seq_len, max_tokens=max_tokens, what=f"data {data}")
-    digest = file_sha256(data)
+    digest = file_sha256(data, "data")
     check_model_memory(cfg, torch_dtype, dev, forward_bytes(cfg, seq_len, torch_dtype),
                        f"evaluating windows of {seq_len} tokens",
                        "use a smaller --seq-len or --dtype bfloat16" + (", or --device cpu" if dev.type == "cuda" else ""))

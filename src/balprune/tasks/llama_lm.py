@@ -400,10 +400,7 @@ def _model_params(o: dict) -> int:
     Also checks the options build a Llama model at all (ConfigError), so a recipe is refused when it
     is read, before any text is.
     """
-    c = llm_config(o, o["vocab_size"])
-    h, v = c.hidden_size, c.vocab_size
-    layer = h * c.q_dim + 2 * h * c.kv_dim + c.q_dim * h + 3 * h * c.intermediate_size + 2 * h
-    return v * h + c.num_hidden_layers * layer + h + (0 if c.tie_word_embeddings else h * v)
+    return sum(math.prod(s) for s in expected_tensors(llm_config(o, o["vocab_size"])).values())
 
 
 SPEC = TaskSpec(
