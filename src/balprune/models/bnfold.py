@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import Checkpoint, SourceTensor
+from ..container import DTYPE_BITS, PRUNABLE_CODES
 from ..errors import InvalidInputError
 
 #: BatchNorm2d's eps in torchvision's ResNets (not part of a state dict).
@@ -72,8 +73,7 @@ class FoldPair:
         return self.bn.rstrip(".")
 
 
-_FLOAT = ("F16", "BF16", "F32", "F64")
-_ITEM_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_FLOAT = PRUNABLE_CODES  # the float dtypes
 
 
 def batch_norm_pairs(tensors: tuple[SourceTensor, ...] | list[SourceTensor]) -> list[FoldPair]:
@@ -144,26 +144,27 @@ class BatchNormFolded(Checkpoint):
             tensors.append(t)
             p = self._by_weight.get(t.name)
             if p is not None:
-                item = _ITEM_BYTES[t.dtype]
+                item = DTYPE_BITS[t.dtype] // 8
                 tensors.append(SourceTensor(p.conv_bias, t.dtype, (p.channels,), p.channels * item))
         self.tensors = tuple(tensors)
-        touched = dropped | set(self._by_weight)
-        tied = [f"{a} -> {v}" for a, v in inner.aliases.items() if a in touched or v in touched]
-        if tied:  # a shared tensor would be folded once for two different batch norms, or not at all
-            raise InvalidInputError(f"{inner.display}: tied (shared) tensors in a batch-norm fold: {tied[0]}",
-                                    hint="store the convs and batch norms as separate tensors")
-        self.aliases = dict(inner.aliases)
+        self.aliases = dict(inner.aliases)  # fold_batch_norms refuses tied tensors in a ResNet layout
+        self._source_names = {t.name for t in inner.tensors}
+        self._last: tuple[FoldPair, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _folded(self, p: FoldPair) -> tuple[torch.Tensor, torch.Tensor]:
-        src = {t.name for t in self._inner.tensors}
+        # prune loads a conv's weight and then its bias: the pair is folded once for both
+        if self._last is not None and self._last[0] is p:
+            return self._last[1]
         w = self._inner.load(p.conv_weight)
-        b = self._inner.load(p.conv_bias) if p.conv_bias in src else None
+        b = self._inner.load(p.conv_bias) if p.conv_bias in self._source_names else None
         gamma, beta, mean, var = (self._inner.load(n) for n in p.bn_tensors())
         try:
-            return fold(w, b, gamma, beta, mean, var)
+            folded = fold(w, b, gamma, beta, mean, var)
         except InvalidInputError as exc:
             raise InvalidInputError(f"{self.display}: batch norm {p.bn_name!r} (folded into "
                                     f"{p.conv_weight!r}): {exc.args[0]}") from None
+        self._last = (p, folded)
+        return folded
 
     def load(self, name: str) -> torch.Tensor:
         if name in self._by_weight:

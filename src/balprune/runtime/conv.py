@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..formats.layouts import CONV_TILE_COLS, conv_taps
+from ._linear import TORCH_OF
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from .balanced import _host_numpy, checked_arrays
 
@@ -180,7 +181,7 @@ class BalancedConv2d:
         from . import _gpu
 
         cp = _gpu.cupy()
-        want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+        want = TORCH_OF[self.dtype]
         if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.dtype != want or not x.is_cuda \
                 or x.device.index != self.device:
             raise UsageError(f"{self.name}: x must be a CUDA {want} tensor [C, H, W] or [N, C, H, W] on device "
