@@ -22,6 +22,7 @@ from balprune.runtime import BalancedLinear
 from balprune.runtime._gpu import as_cupy
 from balprune.runtime.bitmask import BitmaskLinear
 from balprune.runtime.measure import Timer, copies_for
+from balprune.runtime.nm24 import Nm24Linear
 
 SHAPES = {"8b": {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
           "1b": {"q/o": (2048, 2048), "k/v": (512, 2048), "gate/up": (8192, 2048), "down": (2048, 8192)}}
@@ -54,6 +55,8 @@ def main() -> int:
             bt = BalancedTensor.from_offsets(w, pat, balanced_offsets(w, g, dtype=g.index_dtype))
             bm = BitmaskLinear.from_tensor(bt, validate=False, defines=defines)
             off = BalancedLinear.from_tensor(bt, validate=False)
+            # 2:4 also runs on the sparse tensor cores (kernels/nm24_sparse_mma.cu)
+            nm = Nm24Linear.from_tensor(bt, validate=False) if cname == "2:4" else None
             for batch in (int(b) for b in a.batch.split(",")):
                 x = torch.randn(*((K,) if batch == 1 else (K, batch)), device="cuda").to(dt)
                 xc = as_cupy(x)
@@ -61,27 +64,44 @@ def main() -> int:
                 yo = as_cupy(torch.empty_like(torch.empty(*((R,) if batch == 1 else (R, batch)), device="cuda", dtype=dt)))
                 fb = bm.prepared_launch(xc, yb, batch)
                 fo = off.prepared_launch(xc, yo, batch)
+                yn = as_cupy(torch.empty(*((R,) if batch == 1 else (R, batch)), device="cuda", dtype=dt))
+                fn = nm.prepared_launch(xc, yn, batch) if nm is not None else None
                 fb()
                 fo()
+                if fn is not None:
+                    fn()
                 ref = (bt.to_dense().to(torch.float64) @ x.cpu().to(torch.float64).reshape(K, -1)).reshape(yb.shape)
                 got = torch.from_dlpack(yb).cpu().to(torch.float64) if dt != torch.bfloat16 else None
                 err = float((got - ref).norm() / ref.norm()) if got is not None else float("nan")
+                if fn is not None:
+                    gn = torch.from_dlpack(yn).cpu().to(torch.float64)
+                    res_err_nm24 = float((gn - ref).norm() / ref.norm())
                 xm = x if batch > 1 else x.view(K, 1)
                 out = torch.empty(R, xm.shape[1], device="cuda", dtype=dt)
                 fd = functools.partial(torch.mm, wd, xm, out=out)
                 fr = timer.read_launch(bm.weight_bytes)
                 res = {}
-                for label, f in (("bitmask", fb), ("offsets", fo), ("dense", fd), ("read", fr)):
+                peers = [("bitmask", fb), ("offsets", fo), ("dense", fd), ("read", fr)]
+                if fn is not None:
+                    peers.append(("nm24", fn))
+                for label, f in peers:
                     res[label] = timer.graph_time([f]).median_us
+                if fn is not None:
+                    res["nm24_rel_err"] = res_err_nm24
+                    res["nm24_read"] = timer.graph_time([timer.read_launch(nm.weight_bytes)]).median_us
                 if a.cold:
                     n = copies_for(bm.weight_bytes, l2)
                     bms = [BitmaskLinear.from_tensor(bt, validate=False, defines=defines) for _ in range(n)]
                     res["bitmask_cold"] = timer.time([o.prepared_launch(xc, yb, batch) for o in bms]).median_us
                     res["read_cold"] = timer.time([timer.read_launch(bm.weight_bytes) for _ in range(n)]).median_us
                     del bms
+                    if nm is not None:
+                        nms = [Nm24Linear.from_tensor(bt, validate=False) for _ in range(n)]
+                        res["nm24_cold"] = timer.time([o.prepared_launch(xc, yn, batch) for o in nms]).median_us
+                        del nms
                 line = {"layer": lname, "shape": [R, K], "config": cname, "batch": batch, "dtype": a.dtype,
                         "bitmask_bytes": bm.weight_bytes, "offsets_bytes": off.weight_bytes, "dense_bytes": R * K * w.element_size(),
-                        "rel_err": err, "g": bm.segments.g, "lanes": bm.segments.lanes, **{k: round(v, 2) for k, v in res.items()}}
+                        "rel_err": err, "g": bm.segments.g, "lanes": bm.segments.lanes, **{k: (v if k.endswith('err') else round(v, 2)) for k, v in res.items()}}
                 line["dense/bitmask"] = round(res["dense"] / res["bitmask"], 2)
                 line["dense/offsets"] = round(res["dense"] / res["offsets"], 2)
                 line["read/bitmask"] = round(res["read"] / res["bitmask"], 2)
