@@ -96,6 +96,11 @@ class PackedCheckpoint(Checkpoint):
     def load(self, name: str) -> torch.Tensor:
         return self._pf.source_dense(self.aliases.get(name, name))
 
+    @property
+    def packed_file(self):
+        """The formats.packed_file.PackedFile underneath (the packed objects themselves: the decode runtime)."""
+        return self._pf
+
     def hf_files(self):
         """The HF files the packed file records (formats.hf_record.HfFiles, checked), or None."""
         return self._pf.hf_files()

@@ -1,0 +1,109 @@
+"""The packed Llama-family decode runtime (runtime.model.llama.PackedLlama) on a GPU.
+
+Against the float32 dense masked reference model (llm.reference.ReferenceLM) of the same packed
+file: the logits of every step of 64 from a 32-token prompt within MODEL_TOLERANCE for each dtype and
+forced path, and in float32 the greedy tokens identical; CUDA-graph replay equal to eager; qwen3 /
+qwen2 / mistral variants; a run past the cache refused before any launch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import gpu_skip_reason
+
+_why = gpu_skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why is not None, reason=_why or "")]
+
+from balprune.errors import UsageError  # noqa: E402
+from balprune.llm.evaluate import open_model  # noqa: E402
+from balprune.llm.reference import ReferenceLM  # noqa: E402
+from balprune.runtime.measure import MODEL_TOLERANCE, relative_error  # noqa: E402
+
+PROMPT = [(7 * i + 3) % 250 for i in range(32)]
+STEPS = 64
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    from test_llama_decoder import _packed
+
+    out = {}
+    for name, args in {"balanced": (), "nm24": ("--nm", "2:4")}.items():
+        d = tmp_path_factory.mktemp(name)
+        out[name] = _packed(d, None, *args)
+    return out
+
+
+def _reference_run(path, n=STEPS):
+    """float32 reference logits [n, vocab] of the prompt's last position and n - 1 greedy steps, and the tokens."""
+    cfg, ckpt, _ = open_model(path)
+    ref = ReferenceLM.from_checkpoint(cfg, ckpt)
+    cache = ref.new_cache(len(PROMPT) + n)
+    logits = [ref.step(torch.tensor([PROMPT]), cache)[0, -1]]
+    tokens = [int(torch.argmax(logits[-1]))]
+    for _ in range(n - 1):
+        logits.append(ref.step(torch.tensor([[tokens[-1]]]), cache)[0, -1])
+        tokens.append(int(torch.argmax(logits[-1])))
+    return torch.stack(logits), tokens
+
+
+@pytest.mark.parametrize("paths", ["auto", "sparse", "dense"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["balanced", "nm24"])
+def test_decode_steps_against_the_float32_reference(packed, kind, dtype, paths):
+    from balprune.runtime.model.llama import PackedLlama
+
+    want, tokens = _reference_run(packed[kind])
+    rt = PackedLlama.open(packed[kind], max_len=len(PROMPT) + STEPS, dtype=dtype, paths=paths)
+    if paths == "sparse":
+        assert any(c.path != "dense" for c in rt.choices)
+    got = [rt.prefill(PROMPT).cpu()]
+    for t in tokens[:-1]:  # teacher-forced on the reference's tokens, so the steps compare like for like
+        got.append(rt.step(t).cpu())
+    err = max(relative_error(g, w) for g, w in zip(got, want))
+    assert err <= MODEL_TOLERANCE[dtype], err
+    if dtype == "float32":
+        rt.reset()
+        assert rt.generate(PROMPT, STEPS) == tokens
+
+
+def test_graph_replay_equals_eager(packed):
+    from balprune.runtime.model.llama import PackedLlama
+
+    rt = PackedLlama.open(packed["balanced"], max_len=64, dtype="float16")
+    eager = rt.generate(PROMPT, 20)
+    eager_logits = rt.decoder.logits.clone()
+    rt.capture()
+    assert rt.generate(PROMPT, 20) == eager
+    assert torch.equal(rt.decoder.logits, eager_logits)
+
+
+def test_runs_past_the_cache_are_refused(packed):
+    from balprune.runtime.model.llama import PackedLlama
+
+    rt = PackedLlama.open(packed["balanced"], max_len=40, dtype="float16", measure=False)
+    with pytest.raises(UsageError, match="no prompt"):
+        rt.step()
+    with pytest.raises(UsageError, match="need 41 cache positions"):
+        rt.generate(PROMPT, 10)
+    rt.prefill(PROMPT)
+    for _ in range(8):
+        rt.step()
+    pos = int(rt.decoder.pos)
+    with pytest.raises(UsageError, match="do not fit"):
+        rt.step()
+    assert int(rt.decoder.pos) == pos == 40
+
+
+@pytest.mark.parametrize("variant", ["qwen3-qk-norm", "qwen2-biases", "mistral-window-4"])
+def test_family_variants(tmp_path, variant):
+    from test_llama_decoder import _packed
+
+    from balprune.runtime.model.llama import PackedLlama
+
+    path = _packed(tmp_path, variant)
+    want, tokens = _reference_run(path, 16)
+    rt = PackedLlama.open(path, max_len=64, dtype="float32")
+    got = [rt.prefill(PROMPT).cpu()] + [rt.step(t).cpu() for t in tokens[:-1]]
+    assert max(relative_error(g, w) for g, w in zip(got, want)) <= MODEL_TOLERANCE["float32"]
