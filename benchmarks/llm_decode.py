@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Issue 18: decode ms/token of the packed Llama-family runtime against the dense masked model.
+
+Run on the GPU machine from the repository root:
+
+    PYTHONPATH=src python3 benchmarks/llm_decode.py [--model 1b|8b|tiny] [--configs dense,50%,70%,2:4]
+        [--dtype float16] [--contexts 128,1024] [--steps 64] [--json OUT.json]
+
+Random weights (std 0.02, norms 1), the Llama-3.2-1B or Llama-3-8B shapes (tied head for 1B), pruned
+in memory balanced (32 blocks per row) at each sparsity or N:M, no file written. For each config the
+runtime (runtime.model.llama.PackedLlama) is built with every product dispatched ("auto"), and the
+same weights with every product forced dense ("dense": the masked model in torch with a static
+cache, the peer every config is compared with, identical for every mask); both run one decode step
+per CUDA-graph replay. Per context: prefill of that many prompt tokens, then ``--steps`` replays
+timed with CUDA events (ms/token = elapsed / steps). Also: the weight bytes each runtime reads per
+token, the bandwidth floor of those bytes at the same run's plain-read bandwidth, and the relative
+error of the packed runtime's logits against the dense runtime's over 8 teacher-forced steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zlib
+
+import torch
+
+from balprune.formats.balanced import BalancedTensor
+from balprune.llm.family import LlmConfig
+from balprune.patterns.balanced import geometry_for
+from balprune.patterns.kinds import BalancedPattern
+from balprune.runtime.measure import Timer
+from balprune.runtime.model.llama import PackedLlama
+
+BASE = dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None, attention_bias=False,
+            max_position_embeddings=8192, torch_dtype="bfloat16")
+MODELS = {
+    "tiny": LlmConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, **BASE),
+    "1b": LlmConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, **BASE),
+    "8b": LlmConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, **BASE),
+}
+CONFIGS = {"dense": None, "30%": BalancedPattern(0.3, blocks=32), "50%": BalancedPattern(0.5, blocks=32),
+           "70%": BalancedPattern(0.7, blocks=32), "80%": BalancedPattern(0.8, blocks=32),
+           "2:4": BalancedPattern(0.5, blocks=None, block_size=4), "4:8": BalancedPattern(0.5, blocks=None, block_size=8)}
+
+
+def weights(cfg: LlmConfig, pattern, dtype: torch.dtype):
+    """weight(name) for PackedLlama: random tensors per name (seeded by the name), the decoder's linears
+    pruned with ``pattern`` (None: dense) by magnitude on the GPU."""
+    def weight(name: str):
+        shape = _shape(cfg, name)
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=dtype)
+            return t, t
+        g = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
+        w = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(dtype)
+        if pattern is None or ".layers." not in name:
+            return w, w
+        geo = geometry_for(shape[0], shape[1], pattern)
+        bt = BalancedTensor.from_offsets(w.cpu(), pattern, _gpu_offsets(w, geo))
+        return bt, bt.to_dense(name)
+    return weight
+
+
+def _gpu_offsets(w: torch.Tensor, geo) -> torch.Tensor:
+    """In-block offsets [R, B, k] (the geometry's index dtype, CPU) of the k largest |w| per block, on the GPU."""
+    pad = geo.padded_width - geo.cols
+    m = torch.nn.functional.pad(w.float().abs(), (0, pad), value=-1.0).view(geo.rows, geo.blocks, geo.block_length)
+    idx = torch.topk(m, geo.keep, dim=-1, sorted=False).indices
+    return torch.sort(idx, dim=-1).values.to(torch.int32).cpu().to(geo.index_dtype)
+
+
+def _shape(cfg: LlmConfig, name: str) -> tuple[int, ...]:
+    from balprune.llm.family import expected_tensors
+
+    shapes = expected_tensors(cfg)
+    return shapes[name]
+
+
+def time_decode(rt: PackedLlama, context: int, steps: int) -> dict:
+    """Prefill ``context`` tokens, then ``steps`` graph replays timed with CUDA events."""
+    ids = torch.arange(context) % rt.cfg.vocab_size
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    rt.prefill(ids)
+    torch.cuda.synchronize()
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(3):  # warm replays (part of the cache budget)
+        rt.step()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(steps):
+        rt.step()
+    e1.record()
+    e1.synchronize()
+    return {"context": context, "prefill_ms": round(prefill_ms, 3), "ms_per_token": round(e0.elapsed_time(e1) / steps, 4)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="1b", choices=list(MODELS))
+    ap.add_argument("--configs", default="50%,70%,2:4")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--contexts", default="128,1024")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
+    contexts = [int(c) for c in a.contexts.split(",")]
+    max_len = max(contexts) + a.steps + 8
+    timer = Timer(0)
+    bw = timer.read_bandwidth_gbps()
+    rows = []
+    print(json.dumps({"model": a.model, "dtype": a.dtype, "read_GBps": round(bw, 1), "max_len": max_len,
+                      "device": torch.cuda.get_device_name()}), flush=True)
+    for cname in a.configs.split(","):
+        pattern = CONFIGS[cname]
+        built = {}
+        for paths in (("dense",) if pattern is None else ("auto", "dense")):
+            t0 = time.perf_counter()
+            rt = PackedLlama(cfg, weights(cfg, pattern, dt), max_len=max_len, dtype=a.dtype, paths=paths)
+            build_s = time.perf_counter() - t0
+            rt.capture()
+            row = {"config": cname, "paths": paths, "build_s": round(build_s, 1), "weight_MB": round(rt.weight_bytes / 1e6, 1),
+                   "floor_ms": round(rt.weight_bytes / bw / 1e6, 4),
+                   "sparse_layers": sum(c.path != "dense" for c in rt.choices), "layers": len(rt.choices)}
+            for ctx in contexts:
+                rt.reset()
+                row[f"ctx{ctx}"] = time_decode(rt, ctx, a.steps)
+            built[paths] = rt
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if len(built) == 2:  # the packed logits against the dense path's, teacher-forced
+            errs = []
+            prompt = torch.arange(16) % cfg.vocab_size
+            la, ld = built["auto"].prefill(prompt), built["dense"].prefill(prompt)
+            errs.append(float((la - ld).norm() / ld.norm()))
+            for t in range(8):
+                la, ld = built["auto"].step(t + 1), built["dense"].step(t + 1)
+                errs.append(float((la - ld).norm() / ld.norm()))
+            a_ms = rows[-2][f"ctx{contexts[0]}"]["ms_per_token"]
+            d_ms = rows[-1][f"ctx{contexts[0]}"]["ms_per_token"]
+            summary = {"config": cname, "dense/packed": round(d_ms / a_ms, 3), "max_rel_err_vs_dense": max(errs),
+                       "paths": {c.layer: c.path for c in built["auto"].choices[:5]}}
+            print(json.dumps(summary), flush=True)
+            rows.append(summary)
+        del built
+        torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
