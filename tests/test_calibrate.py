@@ -342,3 +342,26 @@ def test_calibration_memory_is_checked_before_the_first_layer(llm, monkeypatch):
     monkeypatch.setattr(safeio, "memory_available", lambda: need)
     name, weight = next(iter(prune_layers(cfg, ckpt, plans, windows, Criterion.SPARSEGPT)))
     assert name == linear_name(0, "self_attn.q_proj") and weight.shape == (64, 64)
+
+
+def test_gpu_memory_shortage_is_exit_7_before_any_layer_is_read(llm, monkeypatch):
+    """On a GPU the same check compares the device's free memory and gives exit 7 (README: every GPU memory
+    shortage), as eval and generate do; nothing is read from the checkpoint first."""
+    from balprune.config import PruneOptions
+    from balprune.errors import GpuRuntimeError
+    from balprune.llm.calibrate import device_bytes, prune_layers
+    from balprune.patterns.kinds import BalancedPattern
+    from balprune.prune.criteria import Criterion
+    from balprune.prune.plan import plan_tensor
+
+    folder, ids = llm
+    cfg, ckpt = open_llm(folder)
+    plans = {t.name: plan_tensor(t, PruneOptions(BalancedPattern(0.5, blocks=4))) for t in ckpt.tensors}
+    windows = calibration_windows(cfg, folder, ids, tokenizer=None, samples=6, seq_len=24, seed=0)
+    need = device_bytes(cfg, 6, 24, Criterion.WANDA)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need - 1, 10 * need))
+    loads = []
+    monkeypatch.setattr(type(ckpt), "load", lambda self, name: loads.append(name))
+    with pytest.raises(GpuRuntimeError, match="calibrating on 6 windows of 24 tokens on cuda"):
+        next(iter(prune_layers(cfg, ckpt, plans, windows, Criterion.WANDA, device="cuda")))
+    assert loads == [] and GpuRuntimeError.exit_code == 7

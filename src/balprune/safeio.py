@@ -158,6 +158,22 @@ def check_fits_memory(need: int, what: str, *, hint: str = "run on a machine wit
         raise error(f"{what} needs {human(need)}; {human(avail)} of memory is available", hint=hint)
 
 
+def check_fits_device(need: int, device, what: str, *, hint: str) -> None:
+    """``need`` bytes against where they will live: ``check_fits_memory`` on the CPU (InvalidInputError,
+    exit 4), the device's free memory on a GPU (GpuRuntimeError, exit 7: the code of every other GPU
+    memory shortage, README). ``device`` a torch.device."""
+    if device.type != "cuda":
+        check_fits_memory(need, what, hint=hint)
+        return
+    import torch
+
+    from .errors import GpuRuntimeError
+
+    free = torch.cuda.mem_get_info(device)[0]
+    if need > free:
+        raise GpuRuntimeError(f"{what} on {device} needs {human(need)}; {human(free)} of GPU memory is free", hint=hint)
+
+
 def json_depth(text: str) -> int:
     """Deepest nesting of arrays and objects in JSON text (strings skipped; linear, no recursion)."""
     depth = deepest = 0

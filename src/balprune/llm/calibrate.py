@@ -124,17 +124,6 @@ def device_bytes(cfg: LlmConfig, samples: int, seq_len: int, criterion: Criterio
     return layer + hidden + batch + stats + prune
 
 
-def check_device_memory(need: int, device: torch.device, what: str) -> None:
-    """InvalidInputError (exit 4) with both figures when ``need`` bytes exceed the device's free memory."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        if need > free:
-            raise InvalidInputError(f"{what} needs {safeio.human(need)} of GPU memory; {safeio.human(free)} is free",
-                                    hint="fewer --samples or a shorter --seq-len")
-    else:
-        safeio.check_fits_memory(need, what, hint="fewer --samples or a shorter --seq-len, or --device cuda")
-
-
 def _load_layer(cfg: LlmConfig, ckpt, index: int, device: torch.device) -> DecoderLayer:
     """Decoder layer ``index`` with its weights read from the checkpoint, float32 on ``device``."""
     prefix = f"model.layers.{index}."
@@ -183,8 +172,9 @@ def prune_layers(cfg: LlmConfig, ckpt, plans: Mapping[str, TensorPlan], windows:
         raise ValueError(f"windows must be a non-empty [S, T] int64 tensor, got {windows.dtype} {list(windows.shape)}")
     device = torch.device(device)
     samples, seq_len = windows.shape
-    check_device_memory(device_bytes(cfg, samples, seq_len, criterion), device,
-                        f"calibrating on {samples} windows of {seq_len} tokens ({device.type})")
+    safeio.check_fits_device(device_bytes(cfg, samples, seq_len, criterion), device,
+                             f"calibrating on {samples} windows of {seq_len} tokens",
+                             hint="fewer --samples or a shorter --seq-len" + (", or --device cuda" if device.type == "cpu" else ""))
     try:
         yield from _prune_layers(cfg, ckpt, plans, windows, criterion, device, progress)
     except torch.cuda.OutOfMemoryError as exc:

@@ -181,16 +181,10 @@ def kv_cache_bytes(cfg: LlmConfig, positions: int, dtype: torch.dtype) -> int:
 
 def check_model_memory(cfg: LlmConfig, dtype: torch.dtype, device: torch.device, working: int, what: str,
                        hint: str) -> None:
-    """The weights in ``dtype`` plus ``working`` bytes must fit where they will live: exit 4 on the CPU,
-    exit 7 on a GPU, each naming ``what`` with both figures."""
+    """The weights in ``dtype`` plus ``working`` bytes must fit where they will live (safeio.check_fits_device:
+    exit 4 on the CPU, exit 7 on a GPU), naming ``what`` with both figures."""
     need = folder_bytes(cfg, dtype) + working  # the weights in dtype: what an HF folder of them holds
-    if device.type == "cpu":
-        safeio.check_fits_memory(need, f"{what} (weights in {dtype} plus activations)", hint=hint)
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > free:
-        raise GpuRuntimeError(f"{what} on {device} needs {safeio.human(need)} (weights in {dtype} plus "
-                              f"activations); {safeio.human(free)} is free", hint=hint)
+    safeio.check_fits_device(need, device, f"{what} (weights in {dtype} plus activations)", hint=hint)
 
 
 
