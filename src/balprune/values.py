@@ -48,24 +48,24 @@ MAX_SCHEDULE_STEPS = 10_000
 #: Seeds are torch generator seeds: [0, 2**63).
 MAX_SEED = 2**63 - 1
 
-#: The largest value an integer option or file key accepts, by the name its parser is given
-#: (``what``): generous for honest use, small enough that no value asks for an allocation or a
-#: run no machine could finish. Every other integer is bounded by ``MAX_INT``.
-INT_LIMITS: dict[str, int] = {
-    "--steps": MAX_SCHEDULE_STEPS, "steps": MAX_SCHEDULE_STEPS, "schedule steps": MAX_SCHEDULE_STEPS,
-    "--seed": MAX_SEED, "--samples": 1 << 16,
-    # bench: a batch is one GEMM's column count, iterations are timed launches, a device an index
-    "--batch": 1 << 16, "--iters": 1 << 20, "--frames": 1 << 16, "--device": 1 << 10,
-}
-
 #: Calibration (``prune --criterion wanda|sparsegpt``) and evaluation (``eval``): most windows and tokens
 #: per window. Memory is checked against the model's shapes before anything is allocated; these only
 #: refuse absurd values.
 MAX_CALIBRATION_SAMPLES = 1 << 16
 MAX_SEQ_LEN = 1 << 20
+
+#: The largest value an integer option or file key accepts, by the name its parser is given
+#: (``what``): generous for honest use, small enough that no value asks for an allocation or a
+#: run no machine could finish. Every other integer is bounded by ``MAX_INT``.
+INT_LIMITS: dict[str, int] = {
+    "--steps": MAX_SCHEDULE_STEPS, "steps": MAX_SCHEDULE_STEPS, "schedule steps": MAX_SCHEDULE_STEPS,
+    "--seed": MAX_SEED, "--samples": MAX_CALIBRATION_SAMPLES, "--seq-len": MAX_SEQ_LEN,
+    # bench: a batch is one GEMM's column count, iterations are timed launches, a device an index
+    "--batch": 1 << 16, "--iters": 1 << 20, "--frames": 1 << 16, "--device": 1 << 10,
+}
+
 #: ``generate --max-new-tokens``: most new tokens one command generates.
 MAX_NEW_TOKENS = 1 << 16
-INT_LIMITS.update({"--seq-len": MAX_SEQ_LEN})
 
 #: The bound of any integer value (a signed 64-bit integer, what torch and the file format hold).
 MAX_INT = 2**63 - 1

@@ -23,9 +23,7 @@ from ..config import (
 from ..container import check_output_path
 from ..errors import EXIT_REGRESSION, ConfigError, GpuRuntimeError, InvalidInputError, UsageError
 from ..values import (
-    MAX_CALIBRATION_SAMPLES,
     MAX_NEW_TOKENS,
-    MAX_SEQ_LEN,
     parse_block_shape,
     parse_nm,
     parse_positive_int,
@@ -132,10 +130,10 @@ def prune(
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="wanda/sparsegpt: a folder holding tokenizer.json, "
                                           "or the file, for text data (default: the model folder's)."),
     samples: str | None = typer.Option(None, "--samples", callback=usage(
-        lambda v: parse_positive_int(v, what="--samples", maximum=MAX_CALIBRATION_SAMPLES)),
+        lambda v: parse_positive_int(v, what="--samples")),
         help="wanda/sparsegpt: calibration windows (default 128)."),
     seq_len: str | None = typer.Option(None, "--seq-len", callback=usage(
-        lambda v: parse_positive_int(v, what="--seq-len", maximum=MAX_SEQ_LEN)),
+        lambda v: parse_positive_int(v, what="--seq-len")),
         help="wanda/sparsegpt: tokens per calibration window (default 512)."),
     device: str | None = typer.Option(None, "--device", callback=usage(_parse_calibration_device),
                                       help="wanda/sparsegpt: cpu (default) or cuda."),
@@ -399,8 +397,7 @@ def eval_command(
     like: Path | None = typer.Option(None, "--like", help="The HF folder whose config.json a single-file MODEL follows "
                                      "(default for a packed file: the config it recorded)."),
     seq_len: str = typer.Option("512", "--seq-len",
-                                callback=usage(lambda v: parse_positive_int(v, what="--seq-len", minimum=2,
-                                                                            maximum=MAX_SEQ_LEN)),
+                                callback=usage(lambda v: parse_positive_int(v, what="--seq-len", minimum=2)),
                                 help="Tokens per evaluation window (consecutive, non-overlapping)."),
     max_tokens: str | None = typer.Option(None, "--max-tokens",
                                           callback=usage(lambda v: parse_positive_int(v, what="--max-tokens")),

@@ -121,6 +121,11 @@ def config_dict(cfg: LlmConfig) -> dict[str, object]:
     return d
 
 
+def shard_names(count: int) -> list[str]:
+    """The weight file names of an HF folder of ``count`` shards, as transformers writes them."""
+    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
 def _plan_shards(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
     """Greedy, in model order: a new shard starts when the next tensor would pass the limit."""
     shards: list[list[PlannedTensor]] = [[]]
@@ -169,7 +174,7 @@ def write_hf_folder(cfg: LlmConfig, folder: str | os.PathLike[str], *, seed: int
     in_place = _prepare_folder(out, force)
     plan = [PlannedTensor(n, dtype_code(dtype, name=n), s) for n, s in expected_tensors(cfg).items()]
     shards = _plan_shards(plan, max_shard_bytes)
-    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    files = shard_names(len(shards))
     _check_free_space(out, plan, shards, files, in_place)
     if in_place:  # --force over a non-empty folder: each file replaced atomically, config.json last
         _write_files(cfg, out, shards, files, dtype, seed, True, progress, tensor_fn, tokenizer_json)

@@ -33,7 +33,7 @@ from ..formats import hf_record
 from ..formats.packed_file import PackedFile, check_unpack_fits, iter_unpacked, unpacked_plan, verify_packed
 from ..iopaths import check_io
 from . import family
-from .examples import MAX_SHARD_BYTES, _plan_shards
+from .examples import MAX_SHARD_BYTES, _plan_shards, shard_names
 
 #: The index file transformers reads for sharded safetensors weights.
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,7 +76,7 @@ def export_hf_folder(packed: str | os.PathLike[str], folder: str | os.PathLike[s
     check_unpack_fits(pf, out)
     plan = unpacked_plan(pf)
     shards = _plan_shards(plan, max_shard_bytes)
-    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    names = shard_names(len(shards))
     tmp = container.temp_folder_beside(out)
     committed = len(container.COMMITTED)
     try:
