@@ -1,10 +1,11 @@
 """`balprune generate`: text from a Llama-family model at batch 1, greedy or sampled.
 
 The model is what ``eval`` reads (llm.evaluate.open_model: an HF folder, a packed file with its
-recorded config.json and tokenizer.json, or a single file with ``like``), run today by the reference
-model (llm.reference.ReferenceLM: the dense masked weights in torch, a static KV cache) on the
-requested device. The packed decode runtime (balanced kernels, one CUDA graph per step) is to
-replace that engine behind the same command; the result names the engine that ran (``runtime``).
+recorded config.json and tokenizer.json, or a single file with ``like``). On a GPU it runs on the
+packed decode runtime (runtime.model.llama.PackedLlama: every matrix product on its fastest correct
+path, balprune's balanced kernel or cuBLAS, one CUDA graph per token, the greedy choice on the
+device); on the CPU on the reference model (llm.reference.ReferenceLM: the dense masked weights in
+torch, a static KV cache). The result names the engine that ran (``runtime``).
 
 Order, so that nothing heavy happens before a refusal: the device (NoGpuError, exit 6, for CUDA
 without one), the options (UsageError, exit 2), the model's config and headers, the tokenizer and
@@ -28,13 +29,14 @@ import torch
 
 from ..errors import GpuRuntimeError, InvalidInputError, UsageError
 from ..values import MAX_NEW_TOKENS
-from .evaluate import DTYPES, check_model_memory, forward_bytes, kv_cache_bytes, open_model
+from .evaluate import DTYPES, check_model_memory, folder_bytes, forward_bytes, kv_cache_bytes, open_model
 from .reference import ReferenceLM
 from .text import load_tokenizer, tokenizer_call, tokenizer_name
 
 SCHEMA = "balprune.generate/1"
-#: The engine that runs the model today (see the module doc).
+#: The engines (see the module doc), as the result names them.
 RUNTIME = "reference (dense masked weights, torch, static KV cache)"
+PACKED_RUNTIME = "packed decode runtime (dispatched kernels, CUDA graph per token)"
 #: The default cache length (--max-context).
 DEFAULT_MAX_CONTEXT = 2048
 
@@ -136,7 +138,10 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
                          f"the cache holds {context}",
                          hint="a shorter prompt, fewer --max-new-tokens, or a larger --max-context")
     torch_dtype = DTYPES[dtype]
-    check_model_memory(cfg, torch_dtype, dev, forward_bytes(cfg, len(ids), torch_dtype)
+    packed_runtime = dev.type == "cuda"
+    # the packed runtime keeps each product's masked matrix beside its sparse operator (the dense path)
+    extra = folder_bytes(cfg, torch_dtype) if packed_runtime else 0
+    check_model_memory(cfg, torch_dtype, dev, forward_bytes(cfg, len(ids), torch_dtype) + extra
                        + kv_cache_bytes(cfg, context, torch_dtype), f"generating with a cache of {context} positions",
                        "use a smaller --max-context or --dtype bfloat16" + (", or --device cpu" if dev.type == "cuda" else ""))
     marks: list[float] = []
@@ -146,15 +151,52 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
             torch.cuda.synchronize(dev)
         marks.append(time.perf_counter())
 
+    choose = sampler(float(temperature), float(top_p), seed)
     try:
-        lm = ReferenceLM.from_checkpoint(cfg, ckpt, dtype=torch_dtype, device=dev)
-        clock()
-        new = lm.generate(ids, max_new_tokens, max_len=context,
-                          choose=finite_choice(sampler(float(temperature), float(top_p), seed), dtype), on_prefill=clock)
-        clock()
+        if packed_runtime:
+            new = _packed_generate(cfg, ckpt, ids, max_new_tokens, context, dtype, dev, choose, clock)
+            clock()
+        else:
+            lm = ReferenceLM.from_checkpoint(cfg, ckpt, dtype=torch_dtype, device=dev)
+            clock()
+            new = lm.generate(ids, max_new_tokens, max_len=context, choose=finite_choice(choose, dtype),
+                              on_prefill=clock)
+            clock()
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         raise GpuRuntimeError(f"out of GPU memory generating with {model} on {dev}: {str(exc).splitlines()[0][:200]}",
                               hint="use --dtype bfloat16, a smaller --max-context, or --device cpu") from None
     text = tokenizer_call(lambda: tok.decode(new, skip_special_tokens=True), tok_source, "decode the generated ids")
-    return GenerateResult(str(model), len(ids), new, text, marks[1] - marks[0], marks[2] - marks[1], str(dev), dtype)
+    return GenerateResult(str(model), len(ids), new, text, marks[1] - marks[0], marks[2] - marks[1], str(dev), dtype,
+                          PACKED_RUNTIME if packed_runtime else RUNTIME)
+
+
+def _packed_generate(cfg, ckpt, ids: list[int], n: int, context: int, dtype: str, dev: torch.device, choose,
+                     clock) -> list[int]:
+    """``n`` new ids on the packed runtime (module doc): greedy on the device, replaying the step's graph
+    with one host synchronisation for the run; sampled, one replay and one host choice per token. The
+    logits are checked finite after the prompt and after the last step (a model whose activations
+    overflow gives NaN at every step from the first)."""
+    from ..runtime.model.llama import PackedLlama, checkpoint_weights
+
+    rt = PackedLlama(cfg, checkpoint_weights(ckpt), max_len=context, dtype=dtype, device=dev.index or 0)
+    rt.capture()
+    check = finite_choice(None, dtype)
+    clock()
+    if choose is None:
+        def prefilled(logits: torch.Tensor) -> None:
+            check(logits)
+            clock()
+
+        out = rt.generate(ids, n, on_prefill=prefilled)
+        check(rt.decoder.logits.float())
+        return out
+    logits = rt.prefill(ids)
+    check(logits)
+    clock()
+    out = [choose(logits)]
+    for _ in range(n - 1):
+        logits = rt.step(out[-1])
+        check(logits)
+        out.append(choose(logits))
+    return out

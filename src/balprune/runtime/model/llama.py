@@ -426,15 +426,18 @@ class PackedLlama(PackedModel):
         self._replay()
         return self.decoder.logits.float()
 
-    def generate(self, ids, n: int) -> list[int]:
-        """Greedy decoding: ``n`` new ids after the prompt ``ids`` (the first from the prefill)."""
+    def generate(self, ids, n: int, *, on_prefill: Callable[[torch.Tensor], None] | None = None) -> list[int]:
+        """Greedy decoding: ``n`` new ids after the prompt ``ids`` (the first from the prefill);
+        ``on_prefill`` is called with the prompt's last logits (float32) before the steps run."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UsageError(f"the number of new tokens must be a positive integer, got {n!r}")
         t = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
         if t.numel() + n - 1 > self.decoder.max_len:
             raise UsageError(f"a prompt of {t.numel()} token(s) and {n} new ones need {t.numel() + n - 1} cache "
                              f"positions; the cache holds {self.decoder.max_len}")
-        self.prefill(t)
+        logits = self.prefill(t)
+        if on_prefill is not None:
+            on_prefill(logits)
         for _ in range(n - 1):
             self._replay()
         start = t.numel() - 1
