@@ -304,3 +304,64 @@ def test_compare_flags_a_runner_that_failed_its_gate_after_a_round_trip(tmp_path
     new.write(tmp_path / "b.json")
     bad = regressions(compare_reports(load_report(tmp_path / "a.json"), load_report(tmp_path / "b.json")))
     assert {(c.dtype, c.mode, c.graph, c.status) for c in bad if c.status == "incorrect"} == {("F16", "hot", False, "incorrect")}
+
+
+# --------------------------------------------------------------------------- Llama-family files
+
+
+@pytest.fixture(scope="module")
+def llama_packed(tmp_path_factory):
+    from balprune.cli import main
+    from balprune.llm.examples import write_example
+
+    root = tmp_path_factory.mktemp("llama")
+    out = root / "p.safetensors"
+    assert main(["prune", str(write_example("llama-tiny", root / "src")), "--sparsity", "0.5", "--blocks", "4",
+                 "-o", str(out)]) == 0
+    return out
+
+
+def test_llama_file_is_recognised_not_refused_as_unknown(llama_packed):
+    """A packed file recording an HF causal-LM config takes the decode path (bench.llm), whose preflight
+    verifies the file and checks the layout; other packed files (None) take the built-in architectures'."""
+    from helpers import small_lm_packed
+
+    from balprune.bench.llm import llm_preflight
+
+    cfg, _ = llm_preflight(llama_packed)
+    assert cfg.model_type == "llama"
+    assert llm_preflight(small_lm_packed(llama_packed.parent)) is None
+
+
+def test_llama_bench_without_a_gpu_exits_6_after_the_file_is_checked(llama_packed, tmp_path):
+    if gpu_skip_reason() is None:
+        pytest.skip("a GPU is present: the no-GPU path cannot be exercised here")
+    from helpers import run_subprocess
+
+    r = run_subprocess("bench", llama_packed, "--model", "--dtype", "float16")
+    assert r.returncode == 6 and r.stderr.startswith("balprune: error:") and r.stderr.count("\n") == 1, r.stderr
+    bad = tmp_path / "bad.safetensors"
+    data = bytearray(llama_packed.read_bytes())
+    data[-8:] = b"\xff" * 8  # a value or index byte of the last tensor: the verification refuses it first
+    bad.write_bytes(bytes(data))
+    r = run_subprocess("bench", bad, "--model", "--dtype", "float16")
+    assert r.returncode == 4 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_llama_report_renders_each_unit():
+    from balprune.bench.model import model_rows
+
+    ms = []
+    for layer, b, t in (("model", 400.0, 900.0), ("model@ctx1024", 420.0, 930.0), ("prefill@128", 3000.0, 2800.0)):
+        for kernel, us in (("balprune", b), ("torch", t)):
+            ms.append(Measurement(layer, (1, 1), "F16", 1, "hot", layer != "prefill@128", kernel, us, us, us, 1, 1.0,
+                                  1.0, 1e-3, True, ""))
+    report = BenchReport("x", {"name": "GPU"}, 1.0, ms)
+    report.meta["model"] = {"architecture": "llama", "kind": "llama", "contexts": [128, 1024], "read_gbps": 4000.0,
+                            "dtypes": {"float16": {"unit": "token", "dispatch": [],
+                                                   "floor_us": {"torch": 600.0, "balprune": 330.0}}}}
+    rows = model_rows(report)
+    assert [r["unit"] for r in rows] == ["model", "model@ctx1024", "prefill@128"]
+    assert rows[0]["speedup"] == pytest.approx(2.25)
+    text = _render(report)
+    assert "model@ctx1024" in text and "prefill@128" in text and "packed 330.0 us" in text

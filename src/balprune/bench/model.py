@@ -28,7 +28,7 @@ import torch
 from ..errors import GpuRuntimeError
 from ..runtime.measure import MODEL_TOLERANCE, Timing, capture_graph, relative_error
 from .peers import quiet_libraries
-from .report import BenchReport, Measurement
+from .report import BenchReport, Measurement, is_model_unit
 from .run import Session
 
 Progress = Callable[[str], None]
@@ -79,7 +79,12 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
     from ..runtime._linear import TORCH_OF
     from ..runtime.measure import free_device_memory, gpu_failures
     from ..runtime.model import load_model, preflight
+    from .llm import bench_llm, llm_preflight
 
+    llm = llm_preflight(path)
+    if llm is not None:  # a Llama-family file: decode latency (bench.llm); hot, graph only
+        _gpu.require_device(device)
+        return bench_llm(path, llm, dtypes=dtypes, iters=iters, device=device, paths=paths, progress=progress)
     checked = preflight(path, dtypes)
     pf, arch = checked
     _gpu.require_device(device)
@@ -169,12 +174,13 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
 
 
 def model_rows(report: BenchReport) -> list[dict]:
-    """End-to-end rows: one per (dtype, mode, graph) with balprune's and torch's medians and the speedup."""
+    """End-to-end rows: one per (unit, dtype, mode, graph) with balprune's and torch's medians and the speedup."""
     by: dict[tuple, dict] = {}
     for m in report.measurements:
-        if m.layer != "model":
+        if not is_model_unit(m.layer):
             continue
-        row = by.setdefault((m.dtype, m.mode, m.graph), {"dtype": m.dtype, "mode": m.mode, "graph": m.graph})
+        row = by.setdefault((m.layer, m.dtype, m.mode, m.graph),
+                            {"unit": m.layer, "dtype": m.dtype, "mode": m.mode, "graph": m.graph})
         row[m.kernel] = m
     out = []
     for row in by.values():
@@ -183,7 +189,8 @@ def model_rows(report: BenchReport) -> list[dict]:
         row["speedup"] = t.median_us / b.median_us if ok else None
         out.append(row)
     order = {"F32": 0, "F16": 1, "BF16": 2}
-    return sorted(out, key=lambda r: (order.get(r["dtype"], 9), r["graph"], r["mode"] != "hot"))
+    return sorted(out, key=lambda r: (r["unit"] != "model", r["unit"], order.get(r["dtype"], 9), r["graph"],
+                                      r["mode"] != "hot"))
 
 
-__all__ = ["PAPER", "bench_model", "model_rows"]
+__all__ = ["PAPER", "bench_model", "is_model_unit", "model_rows"]

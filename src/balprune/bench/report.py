@@ -171,13 +171,18 @@ def own_failures(report: BenchReport) -> list[Measurement]:
         for k, m in r["kernels"].items():
             if m.correct:
                 continue
-            if r["layer"] == "model" and "model" in report.meta:
+            if is_model_unit(r["layer"]) and "model" in report.meta:
                 own = k == OWN_MODEL_RUNNER
             else:
                 own = _own(k, r["subject"])
             if own:
                 bad.append(m)
     return bad
+
+
+def is_model_unit(layer: str) -> bool:
+    """Whether a measurement's layer is an end-to-end unit: "model", or an LLM's "model@ctxN" / "prefill@N"."""
+    return layer == "model" or layer.startswith(("model@", "prefill@"))
 
 
 _FIELDS = {f for f in Measurement.__dataclass_fields__}

@@ -273,7 +273,7 @@ def model_tables(report) -> list[Table]:
     (balprune vs dense torch, eager and graph, hot and cold) beside the paper's figures."""
     from rich import box
 
-    from ..bench.model import model_rows
+    from ..bench.model import is_model_unit, model_rows
 
     meta = report.meta.get("model", {})
     dev = report.device.get("name", "GPU")
@@ -304,17 +304,20 @@ def model_tables(report) -> list[Table]:
         tables.append(t)
     t = Table(title=literal(f"{meta.get('architecture')} end to end, batch 1, median us per {_unit(meta)}"),
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("dtype", "graph", "mode", "balprune", "p10-p90", "torch dense", "p10-p90", "x torch", "error"):
-        t.add_column(col, justify="left" if col in ("dtype", "graph", "mode") else "right")
+    rows = model_rows(report)
+    units = len({r["unit"] for r in rows}) > 1  # an LLM: decode at each context and the prefill
+    for col in (("unit",) if units else ()) + ("dtype", "graph", "mode", "balprune", "p10-p90", "torch dense",
+                                               "p10-p90", "x torch", "error"):
+        t.add_column(col, justify="left" if col in ("unit", "dtype", "graph", "mode") else "right")
     def us(m):
         return "" if m is None else ("failed" if not m.correct else f"{m.median_us:.1f}")
 
     def spread(m):
         return "" if m is None or not m.correct else f"{m.p10_us:.1f}-{m.p90_us:.1f}"
 
-    for r in model_rows(report):
+    for r in rows:
         b, d = r.get("balprune"), r.get("torch")
-        t.add_row(*map(literal, (r["dtype"], "yes" if r["graph"] else "no", r["mode"], us(b), spread(b), us(d),
+        t.add_row(*map(literal, ((r["unit"],) if units else ()) + (r["dtype"], "yes" if r["graph"] else "no", r["mode"], us(b), spread(b), us(d),
                                  spread(d), "" if r["speedup"] is None else f"{r['speedup']:.2f}",
                                  "" if b is None or b.max_rel_error is None else f"{b.max_rel_error:.1e}")))
     notes = []
@@ -324,10 +327,18 @@ def model_tables(report) -> list[Table]:
                      f"{paper['balanced_us']:.1f} us = {paper['dense_us'] / paper['balanced_us']:.2f}x")
     if meta.get("frames"):
         notes.append(f"one utterance = {meta['frames']} frames; per frame: divide by {meta['frames']}")
+    if meta.get("kind") == "llama":
+        notes.append("model: one decode token at context " + str(meta["contexts"][0]) + "; model@ctxN: at context N; "
+                     "prefill@N: a prompt of N tokens; torch dense: the same decoder with every product through cuBLAS")
+        for dtype, dm in meta.get("dtypes", {}).items():
+            floors = dm.get("floor_us", {})
+            if floors:
+                notes.append(f"{dtype} bandwidth floors (weight bytes / {meta['read_gbps']:.0f} GB/s): dense "
+                             f"{floors.get('torch', 0):.1f} us, packed {floors.get('balprune', 0):.1f} us")
     notes.append("x torch: torch's time over balprune's, same dtype, graph and mode; error: relative to the float32 "
                  "reference outputs")
     for u in getattr(report, "unavailable", []):
-        if u["layer"] == "model":
+        if is_model_unit(u["layer"]):
             notes.append(f"n/a {u['kernel']}: {u['reason']}")
     t.caption = literal_lines(notes)
     t.caption_justify = "left"
