@@ -127,3 +127,19 @@ def test_generate_command_runs_the_packed_runtime(packed, cli):
     sampled = cli("generate", str(packed["balanced"]), "--prompt", "x = ", "--max-new-tokens", "8", "--device", "cuda",
                   "--temperature", "1.0", "--seed", "2", "--json")
     assert sampled.code == 0 and len(json.loads(sampled.out)["new_tokens"]) == 8, sampled.err
+
+
+def test_bench_model_on_a_llama_file(packed, cli, tmp_path):
+    """`bench --model`: both runners inside the tolerance, decode timed at both contexts and the prefill,
+    every dispatched product in the report, the JSON readable by compare."""
+    import json
+
+    out = tmp_path / "r.json"
+    r = cli("bench", str(packed["balanced"]), "--model", "--dtype", "float16", "--iters", "20", "--json", str(out))
+    assert r.code == 0, r.err
+    rep = json.loads(out.read_text())
+    units = {(m["layer"], m["kernel"]) for m in rep["measurements"] if m["layer"].startswith(("model", "prefill"))}
+    assert units == {(u, k) for u in ("model", "model@ctx1024", "prefill@128") for k in ("balprune", "torch")}
+    assert all(m["correct"] for m in rep["measurements"])
+    assert "model@ctx1024" in r.out
+    assert cli("compare", str(out), str(out)).code == 0
