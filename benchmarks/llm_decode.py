@@ -107,6 +107,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--torch-ops", action="store_true", help="the work between the products in torch ops")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
@@ -123,12 +124,13 @@ def main() -> int:
         for paths in (("dense",) if pattern is None else ("auto", "dense")):
             t0 = time.perf_counter()
             rt = PackedLlama(cfg, weights(cfg, pattern, dt), max_len=max_len, dtype=a.dtype, paths=paths,
-                             measure=paths != "dense")
+                             measure=paths != "dense", fused=not a.torch_ops)
             build_s = time.perf_counter() - t0
             rt.capture()
             row = {"config": cname, "paths": paths, "build_s": round(build_s, 1), "weight_MB": round(rt.weight_bytes / 1e6, 1),
                    "floor_ms": round(rt.weight_bytes / bw / 1e6, 4),
-                   "sparse_layers": sum(c.path != "dense" for c in rt.choices), "layers": len(rt.choices)}
+                   "sparse_layers": sum(c.path != "dense" for c in rt.choices), "layers": len(rt.choices),
+                   "decode_ops": rt.decode_ops["path"]}
             for ctx in contexts:
                 rt.reset()
                 row[f"ctx{ctx}"] = time_decode(rt, ctx, a.steps)

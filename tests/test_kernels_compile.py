@@ -114,6 +114,15 @@ def test_every_model_op_compiles_without_spills(tmp_path):
     _assert_fit_64_registers_no_spills(tmp_path, names, "model_ops.cu")
 
 
+def test_every_llama_op_compiles_without_spills(tmp_path):
+    """kernels/llama_ops.cu: the decode step's fused norm, RoPE + cache append, attention and SiLU-multiply."""
+    from balprune.runtime.model.llama import llama_kernel_variants
+
+    names = llama_kernel_variants()
+    assert len(names) == 4 * 3
+    _assert_fit_64_registers_no_spills(tmp_path, names, "llama_ops.cu")
+
+
 def test_lstm_recurrence_compiles_without_spills(tmp_path):
     """kernels/lstm_recurrence.cu: the persistent Bi-LSTM recurrence, every value type."""
     from balprune.runtime.model.recurrence import recurrence_kernel_variants

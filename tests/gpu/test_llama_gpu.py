@@ -8,6 +8,8 @@ qwen2 / mistral variants; a run past the cache refused before any launch.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import gpu_skip_reason
@@ -35,6 +37,7 @@ def packed(tmp_path_factory):
     return out
 
 
+@functools.cache
 def _reference_run(path, n=STEPS):
     """float32 reference logits [n, vocab] of the prompt's last position and n - 1 greedy steps, and the tokens."""
     cfg, ckpt, _ = open_model(path)
@@ -48,14 +51,16 @@ def _reference_run(path, n=STEPS):
     return torch.stack(logits), tokens
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-ops", "torch-ops"])
 @pytest.mark.parametrize("paths", ["auto", "sparse", "dense"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("kind", ["balanced", "nm24"])
-def test_decode_steps_against_the_float32_reference(packed, kind, dtype, paths):
+def test_decode_steps_against_the_float32_reference(packed, kind, dtype, paths, fused):
     from balprune.runtime.model.llama import PackedLlama
 
     want, tokens = _reference_run(packed[kind])
-    rt = PackedLlama.open(packed[kind], max_len=len(PROMPT) + STEPS, dtype=dtype, paths=paths)
+    rt = PackedLlama.open(packed[kind], max_len=len(PROMPT) + STEPS, dtype=dtype, paths=paths, fused=fused)
+    assert rt.decode_ops["path"] == ("fused" if fused else "torch ops"), rt.decode_ops
     if paths == "sparse":
         assert any(c.path != "dense" for c in rt.choices)
     got = [rt.prefill(PROMPT).cpu()]
@@ -105,6 +110,7 @@ def test_family_variants(tmp_path, variant):
     path = _packed(tmp_path, variant)
     want, tokens = _reference_run(path, 16)
     rt = PackedLlama.open(path, max_len=64, dtype="float32")
+    assert rt.decode_ops["path"] == "fused", rt.decode_ops
     got = [rt.prefill(PROMPT).cpu()] + [rt.step(t).cpu() for t in tokens[:-1]]
     assert max(relative_error(g, w) for g, w in zip(got, want)) <= MODEL_TOLERANCE["float32"]
 

@@ -115,7 +115,7 @@ def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int,
                 nbytes = {k: r.weight_bytes for k, r in runners.items()}
                 meta = {"unit": "token", "dispatch": rt.describe(), "max_rel_error": errors, "weight_bytes": nbytes,
                         "floor_us": {k: v / (s.bandwidth * 1e3) for k, v in nbytes.items()},
-                        "paths": {c.layer: c.path for c in rt.choices}}
+                        "paths": {c.layer: c.path for c in rt.choices}, "decode_ops": rt.decode_ops}
                 model_meta["dtypes"][dtype] = meta
                 for c in rt.choices:
                     for kernel, us in c.times_us.items():

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -128,6 +129,7 @@ class LlamaDecoder:
         self.cos, self.sin = rope_cos_sin(cfg, torch.arange(max_len, device=device), dtype)  # [max_len, head_dim]
         self.positions = torch.arange(max_len, device=device)
         self.length = 0
+        self.fused: FusedOps | None = None
         outputs = {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
         inputs = {"qkv": self.xn, "o": self.attn, "gate_up": self.xn, "down": self.act}
         self.layers: list[LayerWeights] = []
@@ -192,7 +194,12 @@ class LlamaDecoder:
             proj.launch()
 
     def step_(self) -> None:
-        """One decode step on the buffers (class doc): no host synchronisation, capturable."""
+        """One decode step on the buffers (class doc): no host synchronisation, capturable. With
+        ``fused`` set (a FusedOps, GPU only) the work between the products is kernels/llama_ops.cu
+        (nine launches per layer), else torch ops (about forty)."""
+        if self.fused is not None:
+            self._step_fused()
+            return
         cfg = self.cfg
         heads, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim, inter = cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
@@ -225,6 +232,26 @@ class LlamaDecoder:
             self._launch(layer.projections["down"])
             self.h.add_(self.down)
         self._norm(self.h, self.final_norm, self.xn)
+        self.head.launch()
+        torch.argmax(self.logits, dim=0, keepdim=True, out=self.next_token)
+        self.history.index_copy_(0, self.pos, self.next_token)
+        self.token.copy_(self.next_token)
+        self.pos.add_(1)
+
+    def _step_fused(self) -> None:
+        f = self.fused
+        torch.index_select(self.embed, 0, self.token, out=self.h.view(1, -1))
+        for n, layer in enumerate(self.layers):
+            f.input_norm[n]()  # layer 0: the embedding row; later: + the previous layer's down output
+            self._launch(layer.projections["qkv"])
+            f.rope[n]()
+            f.attention[n]()
+            self._launch(layer.projections["o"])
+            f.post_norm[n]()  # h += o, then the norm
+            self._launch(layer.projections["gate_up"])
+            f.silu_mul()
+            self._launch(layer.projections["down"])
+        f.final_norm()  # h += the last down output, then the final norm
         self.head.launch()
         torch.argmax(self.logits, dim=0, keepdim=True, out=self.next_token)
         self.history.index_copy_(0, self.pos, self.next_token)
@@ -289,6 +316,91 @@ def _dense_apply(projections: list, x: torch.Tensor) -> torch.Tensor:
 
 
 
+class FusedOps:
+    """kernels/llama_ops.cu bound to one LlamaDecoder's buffers (GPU only): per layer the two residual
+    add + RMSNorm launches, RoPE with the KV-cache append, and attention; the SiLU-multiply; the final
+    norm. Each is a zero-argument launch on the current CuPy stream. ``supported`` says why a decoder
+    cannot take them (None when it can)."""
+
+    THREADS_NORM = 1024
+    THREADS_ATTENTION = 256
+    SHARED_LIMIT = 48 * 1024  # the default dynamic shared-memory limit (no attribute needed)
+
+    @classmethod
+    def supported(cls, dec: LlamaDecoder) -> str | None:
+        cfg = dec.cfg
+        if dec.dtype not in _KERNEL_TYPE:
+            return f"no kernels for {dec.dtype}"
+        if cfg.head_dim > 1024 or cfg.head_dim % 2:
+            return f"head_dim {cfg.head_dim}: the kernels take an even head_dim <= 1024"
+        if cls._attention_shared(dec) > cls.SHARED_LIMIT:
+            return (f"a cache of {dec.max_len} positions needs {cls._attention_shared(dec)} bytes of shared memory "
+                    f"in the attention kernel (limit {cls.SHARED_LIMIT})")
+        return None
+
+    @classmethod
+    def _attention_block(cls, d: int) -> int:
+        return max(cls.THREADS_ATTENTION, -(-d // 32) * 32)
+
+    @classmethod
+    def _attention_shared(cls, dec: LlamaDecoder) -> int:
+        d = dec.cfg.head_dim
+        return 4 * (dec.max_len + (cls._attention_block(d) // d) * d)
+
+    def __init__(self, dec: LlamaDecoder, device: int) -> None:
+        from .._launch import prepared
+        from ..kernels import load_module
+        from .stages import ptr
+
+        why = self.supported(dec)
+        if why is not None:
+            raise UsageError(why)
+        cfg = dec.cfg
+        t = _KERNEL_TYPE[dec.dtype]
+        names = {k: f"bp::{k}<{t}>" for k in LLAMA_KERNELS}
+        mod = load_module("llama_ops.cu", tuple(names.values()), device=device)
+        fn = {k: mod.get_function(n) for k, n in names.items()}
+        i32, f32 = np.int32, np.float32
+        heads, kvh, d, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        eps = f32(cfg.rms_norm_eps)
+        self._held = [dec]  # the buffers the raw pointers below point into
+
+        def norm(delta, w):
+            return prepared(fn["add_rms_norm"], (1,), (self.THREADS_NORM,),
+                            (ptr(dec.h), ptr(delta), ptr(w), ptr(dec.xn), i32(h), eps))
+
+        layer_elems = dec.keys[0].numel()
+        rope_block = -(-d // 32) * 32
+        att_block = self._attention_block(d)
+        att_shared = self._attention_shared(dec)
+        window = cfg.sliding_window or 0
+        self.input_norm, self.post_norm, self.rope, self.attention = [], [], [], []
+        for n, layer in enumerate(dec.layers):
+            self.input_norm.append(norm(None if n == 0 else dec.down, layer.input_norm))
+            self.post_norm.append(norm(dec.o, layer.post_norm))
+            keys, values = ptr(dec.keys.view(-1), n * layer_elems), ptr(dec.values.view(-1), n * layer_elems)
+            self.rope.append(prepared(fn["rope_append"], (heads + kvh,), (rope_block,), (
+                ptr(dec.qkv), ptr(dec.cos), ptr(dec.sin), ptr(dec.pos), keys, values, ptr(layer.q_norm),
+                ptr(layer.k_norm), eps, i32(heads), i32(kvh), i32(d), i32(dec.max_len))))
+            self.attention.append(prepared(fn["attention_decode"], (heads,), (att_block,), (
+                ptr(dec.qkv), keys, values, ptr(dec.pos), ptr(dec.attn), i32(heads), i32(kvh), i32(d),
+                i32(dec.max_len), i32(window), f32(d ** -0.5)), shared_mem=att_shared))
+        inter = cfg.intermediate_size
+        self.silu_mul = prepared(fn["silu_mul"], (-(-inter // 256),), (256,),
+                                 (ptr(dec.gate_up), ptr(dec.act), i32(inter)))
+        self.final_norm = norm(dec.down, dec.final_norm)
+
+
+#: kernels/llama_ops.cu's kernels and the type each model dtype instantiates them with.
+LLAMA_KERNELS = ("add_rms_norm", "rope_append", "attention_decode", "silu_mul")
+_KERNEL_TYPE = {torch.float32: "float", torch.float16: "bp::f16", torch.bfloat16: "bp::bf16"}
+
+
+def llama_kernel_variants() -> list[str]:
+    """Every instantiation of kernels/llama_ops.cu the decoder launches (the compile test builds them)."""
+    return [f"bp::{k}<{t}>" for k in LLAMA_KERNELS for t in _KERNEL_TYPE.values()]
+
+
 # --------------------------------------------------------------------------- building from a file
 
 
@@ -331,7 +443,8 @@ class PackedLlama(PackedModel):
     recorded config, or a dense folder: every product then dense) with ``max_len`` positions of KV cache; every
     matrix product is dispatched (``paths``: "auto" fastest correct, "sparse", "dense"; runtime.model
     for the rules) with sample data in its input, and ``choices`` says which path each took and why.
-    ``dtype`` float32, float16 or bfloat16 (accumulation float32).
+    ``dtype`` float32, float16 or bfloat16 (accumulation float32). ``fused``: run the work between
+    the products on kernels/llama_ops.cu where they pass their gate (``decode_ops`` says which ran).
 
     ``prefill(ids)`` then ``step()`` per token, or ``generate(ids, n)`` (greedy, on the device: one
     host synchronisation for the whole run); ``capture()`` gives the CUDA graph of one step, which
@@ -342,7 +455,8 @@ class PackedLlama(PackedModel):
     unit = "token"
 
     def __init__(self, cfg: LlmConfig, weight: Callable[[str], Weight], *, max_len: int, dtype: str = "float16", device: int = 0,
-                 paths: str = "auto", measure: bool = True, progress: Callable[[str], None] | None = None) -> None:
+                 paths: str = "auto", measure: bool = True, fused: bool = True,
+                 progress: Callable[[str], None] | None = None) -> None:
         # PackedModel owns the dtype/device/paths checks, the kernels, the views and the dispatch record
         super().__init__(None, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         m = self
@@ -358,7 +472,45 @@ class PackedLlama(PackedModel):
         with torch.no_grad():
             self.decoder = LlamaDecoder(cfg, weight, dtype=m.tdt, device=m.dev, max_len=max_len,
                                         make_projection=make, progress=progress)
+            #: how the work between the products runs: {"path": "fused" | "torch ops", "reason": ...}
+            self.decode_ops = self._choose_ops(fused)
         self.reset()
+
+    def _choose_ops(self, fused: bool) -> dict:
+        """kernels/llama_ops.cu when they can take this decoder and pass the gate: two steps after a short
+        prompt, their logits against the torch-ops step's within MODEL_TOLERANCE (only summation order
+        and the exponential's rounding differ); else torch ops, saying why."""
+        from ..measure import MODEL_TOLERANCE, cupy_on_torch_stream, relative_error
+
+        dec = self.decoder
+        why = "not asked for" if not fused else FusedOps.supported(dec)
+        if why is None and dec.max_len < 4:
+            why = f"a cache of {dec.max_len} positions leaves no room for the gate's run"
+        if why is not None:
+            return {"path": "torch ops", "reason": why}
+        ops = FusedOps(dec, self.device)
+        prompt = torch.arange(min(8, dec.max_len - 2)) * 7 % self.cfg.vocab_size
+        runs = []
+        for candidate in (None, ops):
+            dec.fused = candidate
+            self.reset()
+            dec.prefill(prompt)
+            logits = []
+            with cupy_on_torch_stream():
+                for _ in range(2):
+                    dec.step_()
+                    logits.append(dec.logits.float().clone())
+            runs.append(logits)
+        dec.fused = None
+        self.reset()
+        err = max(relative_error(f, t) for f, t in zip(runs[1], runs[0]))
+        bound = MODEL_TOLERANCE[self.dtype]
+        if not err <= bound:
+            return {"path": "torch ops", "reason": f"the fused kernels failed their gate (relative error {err:.2e} > "
+                                                   f"{bound:.0e} against the torch-ops step)"}
+        dec.fused = ops
+        return {"path": "fused", "reason": f"kernels/llama_ops.cu, 9 launches per layer (relative error {err:.1e} "
+                                           "against the torch-ops step)"}
 
     @classmethod
     def open(cls, path, *, like=None, **kw) -> PackedLlama:
@@ -444,5 +596,5 @@ class PackedLlama(PackedModel):
         return self.decoder.history[start:start + n].tolist()
 
 
-__all__ = ["FUSED", "LayerWeights", "LlamaDecoder", "PackedLlama", "checkpoint_weights", "dense_projection",
+__all__ = ["FUSED", "FusedOps", "LLAMA_KERNELS", "LayerWeights", "LlamaDecoder", "PackedLlama", "llama_kernel_variants", "checkpoint_weights", "dense_projection",
            "stack_rows"]
