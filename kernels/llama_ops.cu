@@ -42,7 +42,7 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  float s = lane < warps ? red[lane] : -INFINITY;
+  float s = lane < warps ? red[lane] : -__int_as_float(0x7f800000);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s = fmaxf(s, __shfl_xor_sync(0xffffffffu, s, o));
   return s;
@@ -157,7 +157,7 @@ __global__ void attention_decode(const T* __restrict__ q_all, const T* __restric
     if (lane == 0) scores[j] = rnd<T>(rnd<T>(acc) * scaling);
   }
   __syncthreads();
-  float m = -INFINITY;
+  float m = -__int_as_float(0x7f800000);
   for (int j = lo + (int)threadIdx.x; j <= hi; j += blockDim.x) m = fmaxf(m, scores[j]);
   m = block_max(m, red);
   float sum = 0.0f;

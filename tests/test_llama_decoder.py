@@ -52,7 +52,8 @@ def _packed(tmp_path, variant: str | None = None, *extra: str):
     else:
         folder = write_hf_folder(VARIANTS[variant], tmp_path / "src", tensor_fn=_values)
     out = tmp_path / "p.safetensors"
-    assert main(["prune", str(folder), "--sparsity", "0.5", "--blocks", "4", "-o", str(out), *extra]) == 0
+    pattern = [] if "--nm" in extra else ["--sparsity", "0.5", "--blocks", "4"]  # N:M sets its own sparsity
+    assert main(["prune", str(folder), *pattern, "-o", str(out), *extra]) == 0
     return out
 
 
