@@ -144,7 +144,9 @@ def test_bench_model_on_a_llama_file(packed, cli, tmp_path):
     r = cli("bench", str(packed["balanced"]), "--model", "--dtype", "float16", "--iters", "20", "--json", str(out))
     assert r.code == 0, r.err
     rep = json.loads(out.read_text())
-    units = {(m["layer"], m["kernel"]) for m in rep["measurements"] if m["layer"].startswith(("model", "prefill"))}
+    from balprune.bench.report import is_model_unit
+
+    units = {(m["layer"], m["kernel"]) for m in rep["measurements"] if is_model_unit(m["layer"])}
     assert units == {(u, k) for u in ("model", "model@ctx1024", "prefill@128") for k in ("balprune", "torch")}
     assert all(m["correct"] for m in rep["measurements"])
     assert "model@ctx1024" in r.out
