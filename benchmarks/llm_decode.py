@@ -27,7 +27,7 @@ import zlib
 import torch
 
 from balprune.formats.balanced import BalancedTensor
-from balprune.llm.family import LlmConfig
+from balprune.llm.family import LlmConfig, expected_tensors
 from balprune.patterns.balanced import geometry_for
 from balprune.patterns.kinds import BalancedPattern
 from balprune.runtime.measure import Timer
@@ -51,8 +51,10 @@ CONFIGS = {"dense": None, "30%": BalancedPattern(0.3, blocks=32), "50%": Balance
 def weights(cfg: LlmConfig, pattern, dtype: torch.dtype):
     """weight(name) for PackedLlama: random tensors per name (seeded by the name), the decoder's linears
     pruned with ``pattern`` (None: dense) by magnitude on the GPU."""
+    shapes = expected_tensors(cfg)
+
     def weight(name: str):
-        shape = _shape(cfg, name)
+        shape = shapes[name]
         if name.endswith("norm.weight"):
             t = torch.ones(shape, dtype=dtype)
             return t, t
@@ -72,13 +74,6 @@ def _gpu_offsets(w: torch.Tensor, geo) -> torch.Tensor:
     m = torch.nn.functional.pad(w.float().abs(), (0, pad), value=-1.0).view(geo.rows, geo.blocks, geo.block_length)
     idx = torch.topk(m, geo.keep, dim=-1, sorted=False).indices
     return torch.sort(idx, dim=-1).values.to(torch.int32).cpu().to(geo.index_dtype)
-
-
-def _shape(cfg: LlmConfig, name: str) -> tuple[int, ...]:
-    from balprune.llm.family import expected_tensors
-
-    shapes = expected_tensors(cfg)
-    return shapes[name]
 
 
 def time_decode(rt: PackedLlama, context: int, steps: int) -> dict:

@@ -19,7 +19,6 @@ packed weight bytes at this run's plain-read bandwidth.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 from ..errors import GpuRuntimeError, InvalidInputError
 from ..runtime.measure import MODEL_TOLERANCE, relative_error
+from .model import DTYPE_CODE, record_dispatch, untimed_runner
 from .report import BenchReport, Measurement
 from .run import Session
 
@@ -34,7 +34,6 @@ from .run import Session
 CONTEXTS = (128, 1024)
 PROMPT_TOKENS = 128
 CHECK_PROMPT, CHECK_STEPS = 32, 16
-_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def llm_preflight(path: str | Path):
@@ -117,21 +116,10 @@ def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int,
                         "floor_us": {k: v / (s.bandwidth * 1e3) for k, v in nbytes.items()},
                         "paths": {c.layer: c.path for c in rt.choices}, "decode_ops": rt.decode_ops}
                 model_meta["dtypes"][dtype] = meta
-                for c in rt.choices:
-                    for kernel, us in c.times_us.items():
-                        gbps = c.bytes[kernel] / (us * 1e-6) / 1e9
-                        report.measurements.append(Measurement(
-                            c.layer, c.shape, _CODE[dtype], c.batch, "hot", True, kernel, us, us, us, c.bytes[kernel],
-                            gbps, 100.0 * gbps / s.bandwidth, c.errors.get(kernel), True,
-                            f"dispatch: {c.path} ({c.reason})" if kernel == c.path else ""))
-                    for kernel, why in c.unavailable.items():
-                        report.unavailable.append({"layer": c.layer, "batch": c.batch, "kernel": kernel, "reason": why})
+                record_dispatch(report, rt.choices, dtype, s.bandwidth)
                 for name, r in runners.items():
                     if not errors[name] <= MODEL_TOLERANCE[dtype]:
-                        report.measurements.append(Measurement(
-                            "model", (1, 1), _CODE[dtype], 1, "hot", True, name, math.nan, math.nan, math.nan,
-                            nbytes[name], 0.0, 0.0, errors[name], False,
-                            f"relative error {errors[name]:.2e} > tolerance {MODEL_TOLERANCE[dtype]:.0e}; not timed"))
+                        report.measurements.append(untimed_runner(name, dtype, nbytes[name], errors[name], "hot", True))
                         continue
                     say(f"{dtype}: timing {name}")
                     r.capture()
@@ -141,13 +129,13 @@ def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int,
                         t = s.timer.time_calls(r.step, iters=n)
                         gbps = nbytes[name] / (t.median_us * 1e-6) / 1e9
                         report.measurements.append(Measurement(
-                            "model" if i == 0 else f"model@ctx{ctx}", (1, 1), _CODE[dtype], 1, "hot", True, name,
+                            "model" if i == 0 else f"model@ctx{ctx}", (1, 1), DTYPE_CODE[dtype], 1, "hot", True, name,
                             t.median_us, t.p10_us, t.p90_us, nbytes[name], gbps, 100.0 * gbps / s.bandwidth,
                             errors[name], True, f"token at context {ctx}"))
                     prompt = _ids(PROMPT_TOKENS, cfg.vocab_size)
                     t = s.timer.time_calls(lambda r=r, prompt=prompt: (r.reset(), r.prefill(prompt)), iters=max(5, n // 10))
                     report.measurements.append(Measurement(
-                        f"prefill@{PROMPT_TOKENS}", (1, 1), _CODE[dtype], 1, "hot", False, name, t.median_us,
+                        f"prefill@{PROMPT_TOKENS}", (1, 1), DTYPE_CODE[dtype], 1, "hot", False, name, t.median_us,
                         t.p10_us, t.p90_us, nbytes[name], 0.0, 0.0, errors[name], True,
                         f"prompt of {PROMPT_TOKENS} tokens, one batched pass"))
                 del rt, dense, runners

@@ -40,7 +40,8 @@ PAPER = {
     "vgg16": {"workload": "VGG-16 ImageNet, 92%", "dense_us": 6814.0, "balanced_us": 5213.0,
               "layers": {"classifier.0.weight": {"dense_us": 980.0, "balanced_us": 231.0}}},
 }
-_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+#: The report code of each runtime dtype.
+DTYPE_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def _torch_runner(module, arch, inputs: dict, dev) -> Callable[[], torch.Tensor]:
@@ -119,23 +120,11 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                                          "torch": sum(p.numel() * p.element_size() for p in tm.parameters())},
                         "paths": {c.layer: c.path for c in rt.choices}}
                 model_meta["dtypes"][dtype] = meta
-                for c in rt.choices:
-                    for kernel, us in c.times_us.items():
-                        nb = c.bytes[kernel]
-                        gbps = nb / (us * 1e-6) / 1e9
-                        report.measurements.append(Measurement(
-                            c.layer, c.shape, _CODE[dtype], c.batch, "hot", True, kernel, us, us, us, nb, gbps,
-                            100.0 * gbps / s.bandwidth, c.errors.get(kernel), True,
-                            f"dispatch: {c.path} ({c.reason})" if kernel == c.path else ""))
-                    for kernel, why in c.unavailable.items():
-                        report.unavailable.append({"layer": c.layer, "batch": c.batch, "kernel": kernel, "reason": why})
+                record_dispatch(report, rt.choices, dtype, s.bandwidth)
                 for runner, fn in runners.items():
                     nbytes = meta["weight_bytes"][runner]
                     if not errors[runner] <= MODEL_TOLERANCE[dtype]:
-                        report.measurements.append(Measurement(
-                            "model", (1, 1), _CODE[dtype], 1, modes[0], False, runner, math.nan, math.nan, math.nan,
-                            nbytes, 0.0, 0.0, errors[runner], False,
-                            f"relative error {errors[runner]:.2e} > tolerance {MODEL_TOLERANCE[dtype]:.0e}; not timed"))
+                        report.measurements.append(untimed_runner(runner, dtype, nbytes, errors[runner], modes[0], False))
                         continue
                     say(f"{dtype}: timing {runner}")
                     timed: list[tuple[bool, Callable[[], object]]] = [(False, fn)]
@@ -162,7 +151,7 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                             gbps = nbytes / (t.median_us * 1e-6) / 1e9
                             note = unit if t.spin_covered else f"{unit}; host fell behind the GPU"
                             report.measurements.append(Measurement(
-                                "model", (1, 1), _CODE[dtype], 1, mode, is_graph, runner, t.median_us, t.p10_us,
+                                "model", (1, 1), DTYPE_CODE[dtype], 1, mode, is_graph, runner, t.median_us, t.p10_us,
                                 t.p90_us, int(nbytes), gbps, 100.0 * gbps / s.bandwidth, errors[runner], True, note))
                 del rt, tm, runners, torch_runner
                 free_device_memory()
@@ -171,6 +160,28 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
             free_device_memory()
             raise GpuRuntimeError(f"model {arch.name}: {type(exc).__name__}: {exc}") from None
     return report
+
+
+def record_dispatch(report: BenchReport, choices, dtype: str, bandwidth: float) -> None:
+    """A model runtime's dispatch figures into ``report``: per stage and measured path one measurement
+    (hot, graph: the dispatcher's time), and every unavailable path with its reason."""
+    for c in choices:
+        for kernel, us in c.times_us.items():
+            nb = c.bytes[kernel]
+            gbps = nb / (us * 1e-6) / 1e9
+            report.measurements.append(Measurement(
+                c.layer, c.shape, DTYPE_CODE[dtype], c.batch, "hot", True, kernel, us, us, us, nb, gbps,
+                100.0 * gbps / bandwidth, c.errors.get(kernel), True,
+                f"dispatch: {c.path} ({c.reason})" if kernel == c.path else ""))
+        for kernel, why in c.unavailable.items():
+            report.unavailable.append({"layer": c.layer, "batch": c.batch, "kernel": kernel, "reason": why})
+
+
+def untimed_runner(runner: str, dtype: str, nbytes: int, error: float, mode: str, graph: bool) -> Measurement:
+    """The "model" row of a runner outside the tolerance contract: reported as incorrect, not timed."""
+    return Measurement("model", (1, 1), DTYPE_CODE[dtype], 1, mode, graph, runner, math.nan, math.nan, math.nan, nbytes,
+                       0.0, 0.0, error, False,
+                       f"relative error {error:.2e} > tolerance {MODEL_TOLERANCE[dtype]:.0e}; not timed")
 
 
 def model_rows(report: BenchReport) -> list[dict]:
@@ -193,4 +204,4 @@ def model_rows(report: BenchReport) -> list[dict]:
                                       r["mode"] != "hot"))
 
 
-__all__ = ["PAPER", "bench_model", "is_model_unit", "model_rows"]
+__all__ = ["PAPER", "bench_model", "is_model_unit", "model_rows", "record_dispatch", "untimed_runner"]

@@ -41,10 +41,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm's numbers (the family's one definition; the decode runtime calls it too): x normalised over
+    its last axis in float32, rounded back to x's dtype, then times ``weight``; into ``out`` when given."""
+    t = x.to(torch.float32)
+    t = (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * t if out is None else torch.mul(weight, t, out=out)
 
 
 def rope_inv_freq(cfg: LlmConfig) -> torch.Tensor:
@@ -76,6 +81,11 @@ def rope_cos_sin(cfg: LlmConfig, positions: torch.Tensor, dtype: torch.dtype) ->
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with rotate-half pairing: x [..., head_dim] with cos, sin broadcasting to it (rope_cos_sin)."""
+    return x * cos + _rotate_half(x) * sin
 
 
 def causal_mask(t: int, sliding_window: int | None, device: torch.device | str = "cpu", start: int = 0
@@ -125,8 +135,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # qwen3: per-head RMSNorm over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             keys, values = cache
             keys[:, :, start:start + t] = k

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from ...errors import UsageError
 from ...llm.family import LlmConfig
-from ...llm.reference import causal_mask, rope_cos_sin
+from ...llm.reference import apply_rope, causal_mask, rms_norm, rope_cos_sin
 from .base import PackedModel
 
 #: One linear of the family as the decoder builds it: the packed object (BalancedTensor ... or a
@@ -178,15 +178,7 @@ class LlamaDecoder:
     # -- the token step -----------------------------------------------------------------------------
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """llm.reference.RMSNorm over the last axis: float32 normalisation, then the weight in the model dtype."""
-        t = x.to(torch.float32)
-        t = (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)).to(self.dtype)
-        return torch.mul(w, t, out=out) if out is not None else w * t
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        return rms_norm(x, w, self.cfg.rms_norm_eps, out)
 
     @staticmethod
     def _launch(projections: list) -> None:
@@ -218,7 +210,7 @@ class LlamaDecoder:
             v = self.qkv[q_dim + kv_dim:].view(kvh, 1, d)
             if layer.q_norm is not None:
                 q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.keys[n].index_copy_(1, self.pos, k.view(kvh, 1, d))
             self.values[n].index_copy_(1, self.pos, v)
             scores = torch.matmul(q.view(kvh, heads // kvh, d), self.keys[n].transpose(1, 2)) * scaling + mask
@@ -232,6 +224,10 @@ class LlamaDecoder:
             self._launch(layer.projections["down"])
             self.h.add_(self.down)
         self._norm(self.h, self.final_norm, self.xn)
+        self._head_and_advance()
+
+    def _head_and_advance(self) -> None:
+        """The head on the normed state, the greedy id on the device, and the move to the next position."""
         self.head.launch()
         torch.argmax(self.logits, dim=0, keepdim=True, out=self.next_token)
         self.history.index_copy_(0, self.pos, self.next_token)
@@ -252,11 +248,7 @@ class LlamaDecoder:
             f.silu_mul()
             self._launch(layer.projections["down"])
         f.final_norm()  # h += the last down output, then the final norm
-        self.head.launch()
-        torch.argmax(self.logits, dim=0, keepdim=True, out=self.next_token)
-        self.history.index_copy_(0, self.pos, self.next_token)
-        self.token.copy_(self.next_token)
-        self.pos.add_(1)
+        self._head_and_advance()
 
     # -- the prompt ---------------------------------------------------------------------------------
 
@@ -283,7 +275,7 @@ class LlamaDecoder:
             v = qkv[:, q_dim + kv_dim:].view(t, kvh, d).transpose(0, 1)
             if layer.q_norm is not None:
                 q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.keys[n, :, :t] = k
             self.values[n, :, :t] = v
             rep = heads // kvh
@@ -312,8 +304,6 @@ def _dense_apply(projections: list, x: torch.Tensor) -> torch.Tensor:
             y = y + proj.bias_t
         outs.append(y)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-
 
 
 class FusedOps:
@@ -363,7 +353,7 @@ class FusedOps:
         i32, f32 = np.int32, np.float32
         heads, kvh, d, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         eps = f32(cfg.rms_norm_eps)
-        self._held = [dec]  # the buffers the raw pointers below point into
+        # the raw pointers below point into dec's buffers: dec owns these launches (dec.fused) and outlives them
 
         def norm(delta, w):
             return prepared(fn["add_rms_norm"], (1,), (self.THREADS_NORM,),
@@ -459,18 +449,17 @@ class PackedLlama(PackedModel):
                  progress: Callable[[str], None] | None = None) -> None:
         # PackedModel owns the dtype/device/paths checks, the kernels, the views and the dispatch record
         super().__init__(None, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
-        m = self
         self.cfg = cfg
         self.graph: torch.cuda.CUDAGraph | None = None
 
         def make(name, packed, dense, x, y, bias):
-            proj = m._projection(name, dense, x, y, packed, bias=bias)
-            m._random_(x)
-            m._dispatch(proj)
+            proj = self._projection(name, dense, x, y, packed, bias=bias)
+            self._random_(x)  # the dispatcher's sample input
+            self._dispatch(proj)
             return proj
 
         with torch.no_grad():
-            self.decoder = LlamaDecoder(cfg, weight, dtype=m.tdt, device=m.dev, max_len=max_len,
+            self.decoder = LlamaDecoder(cfg, weight, dtype=self.tdt, device=self.dev, max_len=max_len,
                                         make_projection=make, progress=progress)
             #: how the work between the products runs: {"path": "fused" | "torch ops", "reason": ...}
             self.decode_ops = self._choose_ops(fused)
@@ -596,5 +585,5 @@ class PackedLlama(PackedModel):
         return self.decoder.history[start:start + n].tolist()
 
 
-__all__ = ["FUSED", "FusedOps", "LLAMA_KERNELS", "LayerWeights", "LlamaDecoder", "PackedLlama", "llama_kernel_variants", "checkpoint_weights", "dense_projection",
-           "stack_rows"]
+__all__ = ["FUSED", "LLAMA_KERNELS", "FusedOps", "LayerWeights", "LlamaDecoder", "PackedLlama", "checkpoint_weights",
+           "dense_projection", "llama_kernel_variants", "stack_rows"]
