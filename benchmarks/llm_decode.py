@@ -4,7 +4,7 @@
 Run on the GPU machine from the repository root:
 
     PYTHONPATH=src python3 benchmarks/llm_decode.py [--model 1b|8b|tiny] [--configs dense,50%,70%,2:4]
-        [--dtype float16] [--contexts 128,1024] [--steps 64] [--json OUT.json]
+        [--dtype float16] [--contexts 128,1024] [--steps 64] [--split] [--json OUT.json]
 
 Random weights (std 0.02, norms 1), the Llama-3.2-1B or Llama-3-8B shapes (tied head for 1B), pruned
 in memory balanced (32 blocks per row) at each sparsity or N:M, no file written. For each config the
@@ -95,6 +95,74 @@ def time_decode(rt: PackedLlama, context: int, steps: int) -> dict:
     return {"context": context, "prefill_ms": round(prefill_ms, 3), "ms_per_token": round(e0.elapsed_time(e1) / steps, 4)}
 
 
+def _graph_ms(fn, replays: int = 50) -> float:
+    """ms per call of ``fn`` replayed from a CUDA graph (best of three runs of ``replays`` replays)."""
+    from balprune.runtime.measure import capture_graph
+
+    g = capture_graph(fn, warmup=1)
+    best = float("inf")
+    for _ in range(3):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(replays):
+            g.replay()
+        e1.record()
+        e1.synchronize()
+        best = min(best, e0.elapsed_time(e1) / replays)
+    return best
+
+
+def split_step(rt: PackedLlama) -> dict:
+    """Where one decode step's time goes (issue 18's first question), each part replayed from its own
+    CUDA graph at a fixed position: the products alone (every projection and the head, in step order),
+    the work between them alone (kernels/llama_ops.cu, embedding, argmax; the position not advanced),
+    the same number of empty launches (what a graph node costs before any work), and the sum of the
+    dispatcher's isolated per-product times (hot, 20 per graph)."""
+    import cupy as cp
+
+    dec = rt.decoder
+    keys = ("qkv", "o", "gate_up", "down")
+
+    def products():
+        for layer in dec.layers:
+            for key in keys:
+                for proj in layer.projections[key]:
+                    proj.launch()
+        dec.head.launch()
+
+    def ops():
+        f = dec.fused
+        torch.index_select(dec.embed, 0, dec.token, out=dec.h.view(1, -1))
+        for n in range(len(dec.layers)):
+            f.input_norm[n]()
+            f.rope[n]()
+            f.attention[n]()
+            f.post_norm[n]()
+            f.silu_mul()
+        f.final_norm()
+        torch.argmax(dec.logits, dim=0, keepdim=True, out=dec.next_token)
+
+    n_products = sum(len(layer.projections[k]) for layer in dec.layers for k in keys) + 1
+    n_ops = 5 * len(dec.layers) + 3
+    nop = cp.RawKernel('extern "C" __global__ void nop() {}', "nop")
+
+    def empty():
+        for _ in range(n_products + n_ops):
+            nop((1,), (32,), ())
+
+    rt.reset()
+    rt.prefill(torch.arange(128) % rt.cfg.vocab_size)
+    out = {"launches": n_products + n_ops, "products_ms": round(_graph_ms(products), 4),
+           "empty_launches_ms": round(_graph_ms(empty), 4),
+           "dispatcher_products_sum_ms": None}
+    if all(c.path in c.times_us for c in rt.choices):  # measured dispatch (not the forced-dense peer)
+        out["dispatcher_products_sum_ms"] = round(sum(c.times_us[c.path] for c in rt.choices) / 1e3, 4)
+        out["per_product_us"] = {c.layer: round(c.times_us[c.path], 1) for c in rt.choices[:5] + rt.choices[-1:]}
+    if dec.fused is not None:
+        out["ops_ms"] = round(_graph_ms(ops), 4)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="1b", choices=list(MODELS))
@@ -103,6 +171,7 @@ def main() -> int:
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--torch-ops", action="store_true", help="the work between the products in torch ops")
+    ap.add_argument("--split", action="store_true", help="also time the step's products and ops apart (split_step)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
@@ -129,6 +198,8 @@ def main() -> int:
             for ctx in contexts:
                 rt.reset()
                 row[f"ctx{ctx}"] = time_decode(rt, ctx, a.steps)
+            if a.split:
+                row["split"] = split_step(rt)
             built[paths] = rt
             rows.append(row)
             print(json.dumps(row), flush=True)

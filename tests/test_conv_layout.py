@@ -109,3 +109,20 @@ def test_a_tile_that_cannot_fit_is_a_usage_error():
         launch_config(ConvShape(4, 2, 2, 4, 3, 3, 1, 0))
     with pytest.raises(UsageError, match="exceeds the kernel's grid"):
         launch_config(ConvShape(4, 8, 8, 2_000_000, 1, 1, 1, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_16_bit_weights_reach_the_layout_as_their_numbers(dtype):
+    """The bf16 bug of the first GPU run: the raw 16-bit containers (how the SpMV operators upload bf16)
+    were taken as numbers by conv_taps. BalancedConv2d converts with tap_values; conv_taps refuses
+    anything but floats."""
+    from balprune.runtime.conv import tap_values
+
+    bt, g = balanced_conv_weight(6, 4, 3, 3, 0.5, 4)
+    values = bt.values.to(dtype)
+    tap_w, _, _ = conv_taps(tap_values(values), bt.indices.numpy(), g.block_length, 4, 3, 3, 2)
+    want, _, _ = conv_taps(values.double().numpy(), bt.indices.numpy(), g.block_length, 4, 3, 3, 2)
+    np.testing.assert_array_equal(tap_w, want.astype(np.float32))
+    raw = values.contiguous().view(torch.int16).numpy().view(np.uint16)
+    with pytest.raises(FormatError, match="float values"):
+        conv_taps(raw, bt.indices.numpy(), g.block_length, 4, 3, 3, 2)

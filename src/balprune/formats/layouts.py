@@ -512,6 +512,8 @@ def conv_taps(values: np.ndarray, indices: np.ndarray, block_length: int, in_cha
     FormatError for a kernel side over CONV_MAX_KERNEL or channels over CONV_MAX_CHANNELS."""
     R, k, B = values.shape
     kk = kh * kw
+    if values.dtype.kind != "f":  # raw 16-bit containers would be taken as numbers
+        raise FormatError(f"conv_taps takes float values, got numpy {values.dtype}")
     if not (1 <= kh <= CONV_MAX_KERNEL and 1 <= kw <= CONV_MAX_KERNEL):
         raise FormatError(f"the balanced conv kernel takes kernel sides 1..{CONV_MAX_KERNEL}, got {kh}x{kw}")
     if not 1 <= in_channels < CONV_MAX_CHANNELS:

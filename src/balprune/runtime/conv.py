@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..formats.layouts import CONV_TILE_COLS, conv_taps
 from ._linear import TORCH_OF
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
-from .balanced import _host_numpy, checked_arrays
+from .balanced import checked_arrays
 
 DTYPES = ("float32", "float16", "bfloat16")
 #: Output rows per lane (PY: the kernel's register accumulators).
@@ -105,6 +105,15 @@ def launch_config(s: ConvShape, batch: int = 1) -> dict:
             "shared_mem": 4 * cc * tih() * tiw}
 
 
+def tap_values(values) -> np.ndarray:
+    """The kept values as float32 numbers for conv_taps (the layout stores every tap in float32; f16 and
+    bf16 convert exactly). Not the raw 16-bit containers the SpMV operators upload: bf16 has no numpy
+    dtype, and its bits read as integers were the values of the first bf16 runs (error ~2e4)."""
+    import torch
+
+    return torch.as_tensor(values).detach().to("cpu", torch.float32).contiguous().numpy()
+
+
 class BalancedConv2d:
     """conv2d with one balanced weight on a GPU (module doc). Built from the offsets-form arrays of the
     [C_out, C_in*kh*kw] view (validated on the host first unless ``validate=False``), or with
@@ -127,7 +136,7 @@ class BalancedConv2d:
         self.name, self.defines = name, tuple(defines)
         self.out_channels, self.in_channels, self.kh, self.kw = rows, in_channels, kh, kw
         self.stride, self.padding, self.block_length = stride, padding, block_length
-        self._values, self._indices = _host_numpy(v), i.numpy()
+        self._values, self._indices = tap_values(v), i.numpy()
         cp = _gpu.cupy()
         self.device = _gpu.require_device(device)
         with cp.cuda.Device(self.device):
@@ -212,4 +221,4 @@ class BalancedConv2d:
                 f"stride {self.stride}, padding {self.padding}, {self.dtype}, device={self.device})")
 
 
-__all__ = ["BalancedConv2d", "ConvShape", "DTYPES", "kernel_name", "kernel_variants", "launch_config"]
+__all__ = ["BalancedConv2d", "ConvShape", "DTYPES", "kernel_name", "kernel_variants", "launch_config", "tap_values"]
