@@ -7,7 +7,9 @@ Run on the GPU machine from the repository root:
         [--dtype float16] [--contexts 128,1024] [--steps 64] [--split] [--json OUT.json]
 
 Random weights (std 0.02, norms 1), the Llama-3.2-1B or Llama-3-8B shapes (tied head for 1B), pruned
-in memory balanced (32 blocks per row) at each sparsity or N:M, no file written. For each config the
+in memory balanced (32 blocks per row) at each sparsity or N:M with the index encoding `prune --index
+auto` would store (bitmask at 50-80%: the runtime times the bitmask and the offsets kernel on it), no
+file written. For each config the
 runtime (runtime.model.llama.PackedLlama) is built with every product dispatched ("auto"), and the
 same weights with every product forced dense ("dense": the masked model in torch with a static
 cache, the peer every config is compared with, identical for every mask); both run one decode step
@@ -27,6 +29,7 @@ import zlib
 import torch
 
 from balprune.formats.balanced import BalancedTensor
+from balprune.formats.layouts import choose_encoding
 from balprune.llm.family import LlmConfig, expected_tensors
 from balprune.patterns.balanced import geometry_for
 from balprune.patterns.kinds import BalancedPattern
@@ -64,7 +67,9 @@ def weights(cfg: LlmConfig, pattern, dtype: torch.dtype):
             return w, w
         geo = geometry_for(shape[0], shape[1], pattern)
         bt = BalancedTensor.from_offsets(w.cpu(), pattern, _gpu_offsets(w, geo))
-        return bt, bt.to_dense(name)
+        # the index encoding `balprune prune` (--index auto) would store: the one with fewer bytes
+        enc, _ = choose_encoding("auto", geo.rows, geo.blocks, geo.block_length, geo.keep)
+        return bt.with_encoding(enc), bt.to_dense(name)
     return weight
 
 

@@ -33,6 +33,11 @@
 #ifndef BP_BM_AHEAD
 #define BP_BM_AHEAD 4
 #endif
+// 1: rolling prefetch of value units (each unit's registers reload as soon as it is consumed);
+// 0: the batch reload of AHEAD units (version 4).
+#ifndef BP_BM_ROLLING
+#define BP_BM_ROLLING 1
+#endif
 // CTAs of 256 threads per SM the register budget is sized for (4: 64 registers, 32 warps per SM).
 #ifndef BP_BM_MIN_CTAS
 #define BP_BM_MIN_CTAS 4
@@ -257,7 +262,25 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
       const unsigned xcol = (unsigned)(cstride * sizeof(XT));
       MaskWalk walk{mw[0], smem_addr(mw), smem_addr(xs + s * NB), 32u * xcol, xcol};
       int c = 0;
-      if (first == AHEAD) {
+      // (fp32 values with 4+ batch columns: the rolling loop spills at the 64-register budget)
+      constexpr bool kRolling = BP_BM_ROLLING && (sizeof(T) < 4 || NB < 4);
+      if (first == AHEAD && kRolling) {
+        // Rolling prefetch: the moment unit c + a is consumed, its registers load unit c + AHEAD + a,
+        // so AHEAD units stay in flight through the whole segment (the batch reload below waits a
+        // full memory latency once per AHEAD units; measured per version in kernels/NOTES.md).
+        for (; c + AHEAD <= full; c += AHEAD) {
+#pragma unroll
+          for (int a = 0; a < AHEAD; ++a) {
+            unit_fma<T, XT, NB>(u[a], walk, acc);
+            if (c + AHEAD + a < full) u[a] = ld_words<4>(vp + (long long)(c + AHEAD + a) * P);
+          }
+        }
+        // units c .. full - 1 (fewer than AHEAD) were loaded into u[0 ..] by the last round
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)
+          if (c + a < full) unit_fma<T, XT, NB>(u[a], walk, acc);
+        c = full;
+      } else if (first == AHEAD) {
         for (;;) {
 #pragma unroll
           for (int a = 0; a < AHEAD; ++a) unit_fma<T, XT, NB>(u[a], walk, acc);

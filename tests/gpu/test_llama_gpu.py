@@ -73,6 +73,23 @@ def test_decode_steps_against_the_float32_reference(packed, kind, dtype, paths, 
         assert rt.generate(PROMPT, STEPS) == tokens
 
 
+@pytest.mark.parametrize("kind", ["balanced", "nm24"])
+def test_bitmask_stored_products_offer_the_bitmask_kernel_gated(packed, kind):
+    """`prune --index auto` stores these files with bitmask indices: every pruned product is timed on the
+    bitmask kernel as well as the offsets kernel, and both pass the correctness gate."""
+    from balprune.patterns.registry import MODEL_BITMASK_PATH
+    from balprune.runtime.measure import STAGE_TOLERANCE
+    from balprune.runtime.model.llama import PackedLlama
+
+    rt = PackedLlama.open(packed[kind], max_len=len(PROMPT) + 8, dtype="float16")
+    pruned = [c for c in rt.choices if c.pattern != "dense"]
+    assert pruned
+    for c in pruned:
+        assert {"balanced", MODEL_BITMASK_PATH} <= set(c.times_us), (c.layer, c.times_us, c.unavailable)
+        assert c.errors[MODEL_BITMASK_PATH] <= STAGE_TOLERANCE["float16"], c.errors
+        assert c.bytes[MODEL_BITMASK_PATH] < c.bytes["balanced"]  # the stored encoding is the smaller
+
+
 def test_graph_replay_equals_eager(packed):
     from balprune.runtime.model.llama import PackedLlama
 

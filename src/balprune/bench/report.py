@@ -29,16 +29,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from ..patterns.registry import ENCODINGS
+from ..patterns.registry import ENCODINGS, MODEL_BITMASK_PATH
 
 #: Kernels balprune itself can run a layer with (the runtime's choice is the faster of them): a failure
 #: of one of these is exit 7; a peer library's is reported and not fatal. Kept here, not in peers.py, so
 #: reading and comparing reports imports nothing heavy (no torch).
 #: Own paths a subject kernel has besides dense (patterns.registry: an encoding's bench_alternatives;
 #: a bitmask-stored balanced layer also runs the offsets kernel on its exact in-memory conversion).
-#: The path is the fastest of them; the model runtime runs the offsets kernels, runtime.load the
-#: stored encoding's kernel.
+#: The path is the fastest of them; the model runtime's dispatcher times the offsets kernel and, for a
+#: bitmask-stored layer, the bitmask kernel (MODEL_BITMASK_PATH); runtime.load runs the stored encoding's kernel.
 ALTERNATIVES = {enc.bench_subject: tuple(a.kernel for a in enc.bench_alternatives) for enc in ENCODINGS.values()}
+ALTERNATIVES["balanced"] += (MODEL_BITMASK_PATH,)  # a model report's dispatch rows
 OWN_PATHS = ("balanced", "bsr", "dense", *(k for ks in ALTERNATIVES.values() for k in ks))
 
 

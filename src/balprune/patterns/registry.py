@@ -243,6 +243,12 @@ ENCODINGS: dict[str, Encoding] = {enc.name: enc for enc in (
 )}
 
 
+#: A model runtime's path for the bitmask kernel of a bitmask-stored balanced layer: runtime.model runs
+#: such a layer on the offsets kernel ("balanced", the exact in-memory conversion) and times the bitmask
+#: kernel on the stored form beside it (runtime.model.stages.sparse_alternatives); bench reports it as
+#: one of the layer's own paths.
+MODEL_BITMASK_PATH = "balanced_bitmask"
+
 def pattern_spec(pattern: Pattern | PatternKind) -> PatternSpec:
     """The record of a pattern (or a pattern kind)."""
     return PATTERNS[pattern if isinstance(pattern, PatternKind) else pattern.kind]

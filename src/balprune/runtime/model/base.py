@@ -65,17 +65,21 @@ class PackedModel:
 
     def _projection(self, name: str, dense: torch.Tensor, x: torch.Tensor, y: torch.Tensor, packed, *,
                     bias=None, relu: bool = False, pattern: str | None = None, sparse=None) -> Projection:
-        """A Projection of ``dense`` on buffers x -> y whose sparse path is balprune's kernel for
-        ``packed`` (or ``sparse``, a prebuilt (path, operator), when given)."""
-        from .stages import sparse_operator
+        """A Projection of ``dense`` on buffers x -> y whose sparse paths are balprune's kernels for
+        ``packed`` (sparse_operator and sparse_alternatives), or ``sparse``, a prebuilt (path, operator),
+        when given."""
+        from .stages import sparse_alternatives, sparse_operator
 
+        alternatives, unavailable = [], {}
         if sparse is not None:
             reason = ""
         else:
             path, op = sparse_operator(packed, self.dtype, self.device, name)
             sparse, reason = ((path, op), "") if path is not None else (None, op)
+            alternatives, unavailable = sparse_alternatives(packed, self.dtype, self.device, name)
         return Projection(name, dense.to(self.dev, self.tdt).contiguous(), x, y, dtype=self.dtype,
                           kernels=self.kernels, views=self.views, sparse=sparse, sparse_reason=reason,
+                          alternatives=alternatives, unavailable=unavailable,
                           pattern=pattern or getattr(packed, "pattern", "dense"), bias=bias, relu=relu)
 
     def _dispatch(self, stage) -> Choice:

@@ -19,15 +19,17 @@ import numpy as np
 import torch
 
 from ...errors import GpuRuntimeError, UsageError
+from ...patterns.registry import MODEL_BITMASK_PATH
 from .._linear import STORAGE, TORCH_OF
 from ..measure import STAGE_TOLERANCE, cupy_on_torch_stream, measure_us, relative_error
 
 __all__ = ["Choice", "CupyViews", "ModelKernels", "Projection", "dispatch", "launch_variants",
-           "model_kernel_variants", "ptr", "sparse_operator"]
+           "model_kernel_variants", "ptr", "sparse_alternatives", "sparse_operator"]
 
 # Paths a Projection can take: "balanced" / "bsr", balprune's kernel for the layer's pattern
 # (in launch variants: "balanced (threads=512, x raw)"), and "dense", the same masked matrix
-# through cuBLAS (torch), on tensor cores where cuBLAS uses them. Each is gated against the
+# through cuBLAS (torch), on tensor cores where cuBLAS uses them; "balanced_bitmask", the bitmask
+# kernel of a bitmask-stored balanced layer (sparse_alternatives). Each is gated against the
 # float64 product of the same rounded operands by runtime.measure (relative_error <=
 # STAGE_TOLERANCE[dtype]: the measurement module owns the bound and says why) before it is timed.
 
@@ -112,7 +114,9 @@ class Choice:
 
 def sparse_operator(packed, dtype: str, device: int, name: str):
     """balprune's operator for a packed matrix in ``dtype`` (values cast; mask and indices as stored),
-    as (path, operator), or (None, reason) when its pattern has no kernel."""
+    as (path, operator), or (None, reason) when its pattern has no kernel. A balanced tensor runs the
+    offsets kernel (a bitmask-stored one on its exact in-memory offsets form); sparse_alternatives
+    gives the other encodings' kernels, which the dispatcher times beside it."""
     from ...formats.balanced import BalancedTensor
     from ...formats.bsr import BsrTensor
     from ..balanced import BalancedLinear
@@ -131,6 +135,27 @@ def sparse_operator(packed, dtype: str, device: int, name: str):
     if isinstance(packed, torch.Tensor):
         return None, "stored dense (not pruned)"
     return None, f"no kernel for the {getattr(packed, 'pattern', type(packed).__name__)} pattern"
+
+
+def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[list[tuple[str, object]], dict[str, str]]:
+    """Further sparse operators of ``packed`` for the dispatcher to time beside sparse_operator's:
+    ([(path, operator)], {path: why it has none}). A balanced tensor stored with bitmask indices
+    (fewer bytes than offsets at 50-80%: FORMAT.md) also runs the bitmask kernel on its stored form;
+    an offsets-stored one is left to the offsets kernel (its file chose offsets as the smaller)."""
+    from ...errors import FormatError
+    from ...formats.balanced import BalancedTensor
+
+    if not isinstance(packed, BalancedTensor) or packed.encoding != "bitmask":
+        return [], {}
+    from ..bitmask import BitmaskLinear
+
+    g = packed.geometry
+    try:
+        op = BitmaskLinear(packed.values.to(TORCH_OF[dtype]), packed.indices, cols=g.cols, block_length=g.block_length,
+                           device=device, name=name, validate=False)
+    except FormatError as exc:  # the kernel's own limits (32-bit staging index)
+        return [], {MODEL_BITMASK_PATH: str(exc)}
+    return [(MODEL_BITMASK_PATH, op)], {}
 
 
 def launch_variants(op, batch: int) -> dict[str, object]:
@@ -171,13 +196,15 @@ class Projection:
     ``dense``: W as a [rows, cols] torch matrix in the model dtype on the device (the masked
     weights: the dense path, and the reference of the gate). ``sparse``: (path, operator) from
     sparse_operator, or None. ``bias``: [rows] float32 or None, added per row (every column);
-    ``relu``: clamp at 0 after it. After ``dispatch``, ``launch()`` runs the bound path on the
-    current stream.
+    ``relu``: clamp at 0 after it. ``alternatives``: further (path, operator) pairs of the same
+    matrix (sparse_alternatives), candidates beside ``sparse``. After ``dispatch``, ``launch()`` runs
+    the bound path on the current stream.
     """
 
     def __init__(self, name: str, dense: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, dtype: str,
                  kernels: ModelKernels, views: CupyViews, pattern: str, sparse=None, sparse_reason: str = "",
-                 bias: torch.Tensor | None = None, relu: bool = False) -> None:
+                 bias: torch.Tensor | None = None, relu: bool = False, alternatives=(),
+                 unavailable: dict[str, str] | None = None) -> None:
         self.name, self.dense, self.x, self.y = name, dense, x, y
         self.dtype, self.kernels, self.views, self.pattern = dtype, kernels, views, pattern
         self.rows, self.cols = int(dense.shape[0]), int(dense.shape[1])
@@ -185,6 +212,8 @@ class Projection:
         if int(x.shape[0]) != self.cols or int(y.shape[0]) != self.rows:
             raise UsageError(f"{name}: buffers {list(x.shape)} -> {list(y.shape)} do not fit W [{self.rows}, {self.cols}]")
         self.sparse = sparse  # (path, operator) or None
+        self.alternatives = list(alternatives)  # more (path, operator) of the same matrix
+        self.unavailable = dict(unavailable or {})  # {path: why this layer has none}, reported by dispatch
         self.sparse_reason = sparse_reason
         self.bias32 = None if bias is None else bias.to(device=dense.device, dtype=torch.float32).contiguous()
         self.bias_t = None if bias is None else bias.to(device=dense.device, dtype=dense.dtype).contiguous()
@@ -223,17 +252,21 @@ class Projection:
         x = self.x if x is None else x
         y = self.y if y is None else y
         out = {"dense": self._dense_launch(x, y)}
-        if self.sparse is not None:
-            for label, o in launch_variants(self.sparse[1], self.batch).items():
-                out[self.sparse[0] + (f" ({label})" if label else "")] = self._sparse_launch(x, y, o)
+        for path, op in self.sparse_paths():
+            for label, o in launch_variants(op, self.batch).items():
+                out[path + (f" ({label})" if label else "")] = self._sparse_launch(x, y, o)
         return out
+
+    def sparse_paths(self) -> list[tuple[str, object]]:
+        """Every (path, operator) of this layer besides dense: ``sparse`` first, then the alternatives."""
+        return ([self.sparse] if self.sparse is not None else []) + self.alternatives
 
     def bytes_of(self, key: str) -> int:
         """Weight bytes candidate ``key`` (a path, or "path (variant)") reads per launch."""
         path = key.split(" (")[0]
         if path == "dense":
             return int(self.dense.numel() * self.dense.element_size())
-        return int(self.sparse[1].weight_bytes)
+        return int(dict(self.sparse_paths())[path].weight_bytes)
 
     def reference(self) -> torch.Tensor:
         """float64 W x + b (+ReLU) of the rounded operands now in the buffers."""
@@ -303,7 +336,10 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
     choice.times_us = {p: times[k] for p, k in best_key.items()} if measure else {}
     choice.variants = {p: k for p, k in best_key.items()}
     choice.bytes = {p: proj.bytes_of(k) for p, k in best_key.items()}
-    sparse_path = proj.sparse[0] if proj.sparse is not None and proj.sparse[0] in best_key else None
+    # the forced-sparse path: the fastest correct sparse path (the first when untimed)
+    sparse_keys = [p for p, _ in getattr(proj, "sparse_paths", lambda: [proj.sparse] if proj.sparse else [])()
+                   if p in best_key]
+    sparse_path = (min(sparse_keys, key=choice.times_us.get) if measure else sparse_keys[0]) if sparse_keys else None
     if paths == "dense" or (paths == "sparse" and sparse_path is None):
         choice.path = "dense"
         choice.reason = "forced dense" if paths == "dense" else (choice.unavailable.get("sparse") or
