@@ -109,13 +109,12 @@ def test_operator_refuses_what_the_sparse_mma_cannot_run(block_size, sparsity, d
 
 
 def test_the_tensor_core_path_is_offered_only_for_16_bit_24_layers():
-    """nm24_alternative picks exactly the layers mma.sp can run. Bench does not list it yet (the
-    kernel has not run on a GPU; see patterns.registry), and this test says so, so that registering
-    it is a deliberate change."""
+    """nm24_alternative picks exactly the layers mma.sp can run; bench lists the path as one of a
+    balanced layer's own (registered once tests/gpu/test_nm24_gpu.py had passed on the device)."""
     from balprune.bench.report import ALTERNATIVES
     from balprune.runtime.nm24 import nm24_alternative
 
-    assert "balanced_nm24" not in ALTERNATIVES["balanced"]
+    assert "balanced_nm24" in ALTERNATIVES["balanced"]
     bt = _random_24(16, 64, 2)
     assert nm24_alternative(bt) is bt and nm24_alternative(bt.with_encoding("bitmask")) is not None
 

@@ -76,7 +76,8 @@ def test_decode_steps_against_the_float32_reference(packed, kind, dtype, paths, 
 @pytest.mark.parametrize("kind", ["balanced", "nm24"])
 def test_bitmask_stored_products_offer_the_bitmask_kernel_gated(packed, kind):
     """`prune --index auto` stores these files with bitmask indices: every pruned product is timed on the
-    bitmask kernel as well as the offsets kernel, and both pass the correctness gate."""
+    bitmask kernel as well as the offsets kernel (a 2:4 one on the sparse tensor cores too), and each
+    passes the correctness gate."""
     from balprune.patterns.registry import MODEL_BITMASK_PATH
     from balprune.runtime.measure import STAGE_TOLERANCE
     from balprune.runtime.model.llama import PackedLlama
@@ -88,6 +89,8 @@ def test_bitmask_stored_products_offer_the_bitmask_kernel_gated(packed, kind):
         assert {"balanced", MODEL_BITMASK_PATH} <= set(c.times_us), (c.layer, c.times_us, c.unavailable)
         assert c.errors[MODEL_BITMASK_PATH] <= STAGE_TOLERANCE["float16"], c.errors
         assert c.bytes[MODEL_BITMASK_PATH] < c.bytes["balanced"]  # the stored encoding is the smaller
+        if kind == "nm24":  # 2:4 in fp16 also runs on the sparse tensor cores
+            assert c.errors["balanced_nm24"] <= STAGE_TOLERANCE["float16"], c.errors
 
 
 def test_graph_replay_equals_eager(packed):

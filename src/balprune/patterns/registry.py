@@ -228,10 +228,11 @@ ENCODINGS: dict[str, Encoding] = {enc.name: enc for enc in (
                  lambda packed: packed.with_encoding("offsets") if packed.encoding == "bitmask" else None,
                  Ref("balprune.runtime.balanced:BalancedLinear.from_tensor"),
                  "offsets indices, converted in memory"),
-                 # NOT YET: the 2:4 sparse-tensor-core path (runtime.nm24) joins here as
-                 # BenchAlternative("balanced_nm24", nm24_alternative, Nm24Linear.from_tensor, ...)
-                 # once tests/gpu/test_nm24_gpu.py has passed on the device: an own path that has never
-                 # run on a GPU must not be able to turn a user's bench into exit 7 (kernels/NOTES.md v16).
+                 # 2:4 in fp16/bf16 on the sparse tensor cores (kernels/NOTES.md v16; tests/gpu/test_nm24_gpu.py
+                 # checks it against float64 on the device)
+                 BenchAlternative(
+                 "balanced_nm24", Ref("balprune.runtime.nm24:nm24_alternative"),
+                 Ref("balprune.runtime.nm24:Nm24Linear.from_tensor"), "2:4 on the sparse tensor cores"),
                  )),
     Encoding("unstructured", Ref("balprune.formats.csr:CsrTensor"), Ref("balprune.prune.engine:pack_csr"),
              None, (), operator_options=None, operator_drops=(),

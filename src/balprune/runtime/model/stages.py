@@ -29,7 +29,8 @@ __all__ = ["Choice", "CupyViews", "ModelKernels", "Projection", "dispatch", "lau
 # Paths a Projection can take: "balanced" / "bsr", balprune's kernel for the layer's pattern
 # (in launch variants: "balanced (threads=512, x raw)"), and "dense", the same masked matrix
 # through cuBLAS (torch), on tensor cores where cuBLAS uses them; "balanced_bitmask", the bitmask
-# kernel of a bitmask-stored balanced layer (sparse_alternatives). Each is gated against the
+# kernel of a bitmask-stored balanced layer, and "balanced_nm24", a 2:4 layer on the sparse tensor
+# cores (sparse_alternatives). Each is gated against the
 # float64 product of the same rounded operands by runtime.measure (relative_error <=
 # STAGE_TOLERANCE[dtype]: the measurement module owns the bound and says why) before it is timed.
 
@@ -140,22 +141,31 @@ def sparse_operator(packed, dtype: str, device: int, name: str):
 def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[list[tuple[str, object]], dict[str, str]]:
     """Further sparse operators of ``packed`` for the dispatcher to time beside sparse_operator's:
     ([(path, operator)], {path: why it has none}). A balanced tensor stored with bitmask indices
-    (fewer bytes than offsets at 50-80%: FORMAT.md) also runs the bitmask kernel on its stored form;
-    an offsets-stored one is left to the offsets kernel (its file chose offsets as the smaller)."""
+    (fewer bytes than offsets at 50-80%: FORMAT.md) also runs the bitmask kernel on its stored form
+    (MODEL_BITMASK_PATH); a 2:4 one in a 16-bit model dtype also runs on the sparse tensor cores
+    ("balanced_nm24", bench's name for the same path)."""
     from ...errors import FormatError
     from ...formats.balanced import BalancedTensor
 
-    if not isinstance(packed, BalancedTensor) or packed.encoding != "bitmask":
+    if not isinstance(packed, BalancedTensor):
         return [], {}
     from ..bitmask import BitmaskLinear
+    from ..nm24 import Nm24Linear, supports
 
     g = packed.geometry
-    try:
-        op = BitmaskLinear(packed.values.to(TORCH_OF[dtype]), packed.indices, cols=g.cols, block_length=g.block_length,
-                           device=device, name=name, validate=False)
-    except FormatError as exc:  # the kernel's own limits (32-bit staging index)
-        return [], {MODEL_BITMASK_PATH: str(exc)}
-    return [(MODEL_BITMASK_PATH, op)], {}
+    values = packed.values.to(TORCH_OF[dtype])
+    out, unavailable = [], {}
+    if packed.encoding == "bitmask":
+        try:
+            out.append((MODEL_BITMASK_PATH, BitmaskLinear(values, packed.indices, cols=g.cols,
+                                                          block_length=g.block_length, device=device, name=name,
+                                                          validate=False)))
+        except FormatError as exc:  # the kernel's own limits (32-bit staging index)
+            unavailable[MODEL_BITMASK_PATH] = str(exc)
+    if supports(dtype, g.block_length, g.keep):
+        out.append(("balanced_nm24", Nm24Linear(values, packed.indices, cols=g.cols, block_length=g.block_length,
+                                                device=device, name=name, validate=False)))
+    return out, unavailable
 
 
 def launch_variants(op, batch: int) -> dict[str, object]:
