@@ -8,7 +8,8 @@ Run on the GPU machine from the repository root:
 
 For every conv shape of VGG-16 (at 92% balanced) and ResNet-50 (at 90%; 224x224 input), random
 weights, 32 blocks per row where the row allows it: per-call device time (us) of
-``BalancedConv2d`` with its bias + ReLU epilogue, and of ``relu(conv2d(x, W, b))`` in torch with
+``BalancedConv2d`` with its bias + ReLU epilogue (each of its kernels that takes the shape: the tiled
+one, and the small-map one on maps of <= 4 x 256 pixels; the faster is the layer's sparse time), and of ``relu(conv2d(x, W, b))`` in torch with
 cudnn.benchmark on, NCHW and channels-last, each replayed from a CUDA graph (hot: what the layer
 costs inside a captured model; balprune.runtime.measure.measure_us). Also the sparse output's
 norm-wise error against float64 conv2d of the same weights and input, and the ratio of the faster
@@ -26,7 +27,7 @@ from torch.nn import functional as F
 from balprune.formats.balanced import BalancedTensor
 from balprune.patterns.balanced import balanced_offsets, geometry_for
 from balprune.patterns.kinds import BalancedPattern
-from balprune.runtime.conv import BalancedConv2d, ConvShape, launch_config
+from balprune.runtime.conv import BalancedConv2d, ConvShape, launch_config, map_launch_config
 from balprune.runtime.measure import measure_us
 
 # name -> (C_in, C_out, k, stride, padding, H=W of the input); one entry per distinct shape, with
@@ -66,24 +67,32 @@ def layer_row(name, spec, sparsity, dtype, batch) -> dict:
     g = geometry_for(cout, cin * k * k, pattern)
     bt = BalancedTensor.from_offsets(w, pattern, balanced_offsets(w, g, dtype=g.index_dtype))
     bias = (torch.randn(cout, generator=gen) * 0.1).to(dtype).float()  # the dense peer's bias, exactly
-    op = BalancedConv2d(bt.values, bt.indices, in_channels=cin, kh=k, kw=k, block_length=g.block_length,
-                        stride=stride, padding=pad, bias=bias, validate=False, name=name)
+    shape = ConvShape(cin, hw, hw, cout, k, k, stride, pad)
+    kernels = ["tiled"] + (["map"] if map_launch_config(shape, batch) is not None else [])
+    ops = {kn: BalancedConv2d(bt.values, bt.indices, in_channels=cin, kh=k, kw=k, block_length=g.block_length,
+                              stride=stride, padding=pad, bias=bias, validate=False, name=name, kernel=kn)
+           for kn in kernels}
     x = torch.randn(batch, cin, hw, hw, generator=gen).to(dtype).cuda()
     wd = bt.to_dense().reshape(cout, cin, k, k).to(dtype).cuda()
     bd = bias.to(dtype).cuda()
-    y = op(x, relu=True)
-    torch.cuda.synchronize()
     ref = F.relu(F.conv2d(x.double(), wd.double(), bd.double(), stride, pad))
-    err = float((y.double() - ref).norm() / ref.norm())
-    t_sparse = measure_us(lambda: op(x, relu=True))
+    errs, times = {}, {}
+    for kn, op in ops.items():
+        y = op(x, relu=True)
+        torch.cuda.synchronize()
+        errs[kn] = float((y.double() - ref).norm() / ref.norm())
+        times[kn] = round(measure_us(lambda op=op: op(x, relu=True)), 2)
+    fastest = min(times, key=times.get)
+    t_sparse, err = times[fastest], errs[fastest]
     t_nchw = measure_us(lambda: F.relu(F.conv2d(x, wd, bd, stride, pad)))
     xcl, wcl = x.to(memory_format=torch.channels_last), wd.to(memory_format=torch.channels_last)
     t_cl = measure_us(lambda: F.relu(F.conv2d(xcl, wcl, bd, stride, pad)))
-    cfg = launch_config(ConvShape(cin, hw, hw, cout, k, k, stride, pad), batch)
+    cfg = launch_config(shape, batch) if fastest == "tiled" else map_launch_config(shape, batch)
     best = min(t_nchw, t_cl)
     return {"layer": name, "shape": [cout, cin, k, k], "stride": stride, "hw": hw, "count": count,
             "sparsity": sparsity, "block_length": g.block_length, "dtype": str(dtype).split(".")[-1],
-            "batch": batch, "rel_err": err, "sparse_us": round(t_sparse, 2), "cudnn_nchw_us": round(t_nchw, 2),
+            "batch": batch, "rel_err": err, "sparse_us": round(t_sparse, 2), "kernel": fastest, "kernels_us": times,
+            "kernels_err": errs, "cudnn_nchw_us": round(t_nchw, 2),
             "cudnn_cl_us": round(t_cl, 2), "dense/sparse": round(best / t_sparse, 3),
             "launch": {k2: v for k2, v in cfg.items() if k2 not in ("grid", "block")} | {
                 "grid": list(cfg["grid"]), "block": list(cfg["block"])}}

@@ -103,4 +103,101 @@ __global__ void __launch_bounds__(1024) balanced_conv2d(
   }
 }
 
+// ---- small maps: balanced_conv2d_map ------------------------------------------------------------
+// Why a second kernel: on 7x7-14x14 maps (ResNet stages 3-4, VGG's last block) the tiled kernel above
+// has one tile per map, so 25-80% of its lanes own no output column, and every CTA re-stages ALL input
+// channels for its few output channels: the same input is read C_out / CO times (measured 10-300x
+// slower than cuDNN, kernels/NOTES.md v17). Here a CTA owns a run of PIX output pixels (the whole map
+// when it has <= PIX of them) of CO output channels and ONE slice of CS input channels: it stages
+// that slice once (the input rows its pixels need, zero-padded, fp32), each warp walks the kept taps
+// of its output channel that fall in the slice (chunk_start with chunk = slice), each lane owns the
+// pixels lane, lane + 32, ... of the run (NP = PIX / 32 accumulators; a tap costs a lane NP shared
+// loads and NP FMAs), and the slices' partial sums meet in fp32 by atomicAdd (S > 1) or go straight
+// through the epilogue (S == 1).
+//
+// Launch: grid (pixel runs * channel groups, S slices, batch), block (32, CO); dynamic shared memory
+// CS * TR * PW floats: PW = (OW - 1) * stride + kw padded input columns, TR = the padded input rows of
+// the run's output rows. part: fp32 [batch, Cout, OH*OW] zeroed before the launch (S > 1; then
+// conv_epilogue turns it into y), unused when S == 1.
+template <typename T, int NP>
+__global__ void __launch_bounds__(512) balanced_conv2d_map(
+    const T* __restrict__ x, int C, int H, int W, long long x_batch_stride,
+    const float* __restrict__ tap_w, const int* __restrict__ tap_pos, const int* __restrict__ chunk_start,
+    int Cout, int kh, int kw, int stride, int pad, int OH, int OW, int CS, int nslices, int runs,
+    const float* __restrict__ bias, int relu, T* __restrict__ y, float* __restrict__ part) {
+  extern __shared__ float xs[];
+  constexpr int PIX = 32 * NP;
+  const int lane = threadIdx.x;
+  const int run = blockIdx.x % runs;
+  const int o = (blockIdx.x / runs) * blockDim.y + threadIdx.y;
+  const int slice = blockIdx.y;
+  const int c0 = slice * CS;
+  const int cs = min(CS, C - c0);
+  const int P = OH * OW;
+  const int p0 = run * PIX;
+  const int p1 = min(P, p0 + PIX);
+  const int PW = (OW - 1) * stride + kw;
+  const int row0 = (p0 / OW) * stride;                    // first staged row, padded coordinates
+  const int TR = ((p1 - 1) / OW - p0 / OW) * stride + kh;  // staged rows
+  const T* xb = x + (long long)blockIdx.z * x_batch_stride;
+  const int nthreads = blockDim.x * blockDim.y;
+  const int tid = threadIdx.y * blockDim.x + lane;
+
+  const int words = cs * TR * PW;
+  for (int i = tid; i < words; i += nthreads) {
+    const int cl = i / (TR * PW);
+    const int r = (i / PW) % TR;
+    const int q = i % PW;
+    const int iy = row0 + r - pad, ix = q - pad;
+    xs[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix)
+                                                     : 0.0f;
+  }
+  __syncthreads();
+  if (o >= Cout) return;
+
+  int base[NP];
+  float acc[NP];
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int p = min(p0 + lane + 32 * j, p1 - 1);  // lanes past the run repeat its last pixel (not stored)
+    const int oy = p / OW, ox = p - (p / OW) * OW;
+    base[j] = (oy * stride - row0) * PW + ox * stride;
+    acc[j] = 0.0f;
+  }
+  const int* my = chunk_start + (long long)o * (nslices + 1);
+  const int t_end = my[slice + 1];
+  for (int t = my[slice]; t < t_end; ++t) {
+    const float w = __ldg(tap_w + t);
+    const int pos = __ldg(tap_pos + t);
+    const int off = (((pos >> kConvPosShift) - c0) * TR + ((pos >> 4) & 15)) * PW + (pos & 15);
+#pragma unroll
+    for (int j = 0; j < NP; ++j) acc[j] = fmaf(w, xs[off + base[j]], acc[j]);
+  }
+  const long long plane = ((long long)blockIdx.z * Cout + o) * P;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int p = p0 + lane + 32 * j;
+    if (p < p1) {
+      if (nslices > 1) {
+        atomicAdd(part + plane + p, acc[j]);
+      } else {
+        float v = acc[j] + (bias != nullptr ? bias[o] : 0.0f);
+        if (relu) v = fmaxf(v, 0.0f);
+        Val<T>::store(y + plane + p, v);
+      }
+    }
+  }
+}
+
+// y = act(part + bias) rounded to T once: the sliced map kernel's partial sums, [batch * Cout * P].
+template <typename T>
+__global__ void conv_epilogue(const float* __restrict__ part, long long n, int P, int Cout,
+                              const float* __restrict__ bias, int relu, T* __restrict__ y) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    float v = part[i] + (bias != nullptr ? bias[(i / P) % Cout] : 0.0f);
+    if (relu) v = fmaxf(v, 0.0f);
+    Val<T>::store(y + i, v);
+  }
+}
+
 }  // namespace bp

@@ -5,7 +5,9 @@ counts that are not a multiple of the staged chunk or of the CTA's channel group
 inside a 32-column tile and inside a row tile; blocks that straddle input channels; batch 1 and 3;
 fp32, fp16, bf16; bias and ReLU. The reference is float64 conv2d of the same (dtype-rounded) weights
 and inputs; the bound is norm-wise: the output's one rounding to the dtype plus fp32 accumulation.
-Outputs start as NaN so an unwritten element fails.
+Outputs start as NaN so an unwritten element fails. Both kernels: the tiled one on every case, the
+small-map one (balanced_conv2d_map, with its atomics and epilogue when it slices the input channels)
+on every case whose map it takes.
 """
 
 from __future__ import annotations
@@ -49,15 +51,17 @@ def _weight(case: str, dtype: torch.dtype) -> BalancedTensor:
     return BalancedTensor.from_offsets(m, pattern, balanced_offsets(m, g, dtype=g.index_dtype))  # the [C_out, K] view
 
 
-def _check(case: str, dtype: torch.dtype, batch: int, bias: bool, relu: bool) -> None:
-    from balprune.runtime.conv import BalancedConv2d
+def _check(case: str, dtype: torch.dtype, batch: int, bias: bool, relu: bool, kernel: str = "tiled") -> None:
+    from balprune.runtime.conv import BalancedConv2d, ConvShape, map_launch_config
 
     cout, cin, k, stride, pad, h, w, _, _ = CASES[case]
+    if kernel == "map" and map_launch_config(ConvShape(cin, h, w, cout, k, k, stride, pad), batch) is None:
+        pytest.skip(f"{case}: the small-map kernel does not take this map (the tiled kernel's)")
     bt = _weight(case, dtype)
     dense = bt.to_dense().double().reshape(cout, cin, k, k)
     b = torch.randn(cout, generator=torch.Generator().manual_seed(5)) if bias else None
     op = BalancedConv2d(bt.values, bt.indices, in_channels=cin, kh=k, kw=k, block_length=bt.geometry.block_length,
-                        stride=stride, padding=pad, bias=b)
+                        stride=stride, padding=pad, bias=b, kernel=kernel)
     x = torch.randn(batch, cin, h, w, generator=torch.Generator().manual_seed(7)).to(dtype)
     ref = F.conv2d(x.double(), dense, None if b is None else b.double(), stride=stride, padding=pad)
     if relu:
@@ -69,17 +73,20 @@ def _check(case: str, dtype: torch.dtype, batch: int, bias: bool, relu: bool) ->
     assert err <= BOUND[dtype], f"{case} {dtype} batch {batch}: relative error {err:.3g}"
 
 
+@pytest.mark.parametrize("kernel", ["tiled", "map"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_balanced_conv_against_float64(case, dtype, batch):
-    _check(case, dtype, batch, bias=False, relu=False)
+def test_balanced_conv_against_float64(case, dtype, batch, kernel):
+    _check(case, dtype, batch, bias=False, relu=False, kernel=kernel)
 
 
+@pytest.mark.parametrize("kernel,case", [("tiled", "3x3-ragged"), ("map", "deep-small-map"),
+                                         ("map", "1x1-bottleneck")])  # sliced (atomics) and one slice
 @pytest.mark.parametrize("bias,relu", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_balanced_conv_epilogue(dtype, bias, relu):
-    _check("3x3-ragged", dtype, 1, bias=bias, relu=relu)
+def test_balanced_conv_epilogue(dtype, bias, relu, kernel, case):
+    _check(case, dtype, 1, bias=bias, relu=relu, kernel=kernel)
 
 
 def test_bad_inputs_are_refused_before_any_launch():

@@ -38,14 +38,38 @@ MAX_BATCH = 8
 _T = {"float32": "float", "float16": "bp::f16", "bfloat16": "bp::bf16"}
 
 
+#: Accumulators per lane of the small-map kernel (NP: a CTA's run of output pixels is 32 * NP).
+PIXELS_PER_LANE = (1, 2, 4, 8)
+#: Pixel runs per map at most for the small-map kernel ("auto" takes the tiled kernel past it).
+MAP_MAX_RUNS = 4
+#: Warps (output channels) per CTA of the small-map kernel at most (its __launch_bounds__(512)).
+MAP_MAX_WARPS = 16
+#: CTAs the small-map kernel wants (one per SM of a 132-SM GPU) before it lowers the warps per CTA: each CTA
+#: stages its input slice once for all of its warps, so fewer, wider CTAs read the input fewer times.
+MAP_TARGET_CTAS = 132
+#: The kernels a BalancedConv2d can run: "tiled" (balanced_conv2d), "map" (balanced_conv2d_map).
+KERNELS = ("auto", "tiled", "map")
+
+
 def kernel_name(dtype: str, rows_per_lane: int) -> str:
     """The CuPy name expression of bp::balanced_conv2d<T, PY>."""
     return f"bp::balanced_conv2d<{_T[dtype]}, {rows_per_lane}>"
 
 
+def map_kernel_name(dtype: str, pixels_per_lane: int) -> str:
+    """The CuPy name expression of bp::balanced_conv2d_map<T, NP>."""
+    return f"bp::balanced_conv2d_map<{_T[dtype]}, {pixels_per_lane}>"
+
+
+def epilogue_kernel_name(dtype: str) -> str:
+    return f"bp::conv_epilogue<{_T[dtype]}>"
+
+
 def kernel_variants() -> list[str]:
     """Every instantiation the runtime can launch (the compile test builds them all)."""
-    return [kernel_name(d, py) for d in DTYPES for py in ROWS_PER_LANE]
+    return ([kernel_name(d, py) for d in DTYPES for py in ROWS_PER_LANE]
+            + [map_kernel_name(d, n) for d in DTYPES for n in PIXELS_PER_LANE]
+            + [epilogue_kernel_name(d) for d in DTYPES])
 
 
 @dataclass(frozen=True)
@@ -114,6 +138,36 @@ def tap_values(values) -> np.ndarray:
     return torch.as_tensor(values).detach().to("cpu", torch.float32).contiguous().numpy()
 
 
+def map_launch_config(s: ConvShape, batch: int = 1) -> dict | None:
+    """The small-map kernel's launch (kernels/balanced_conv.cu, balanced_conv2d_map), or None when it
+    does not take this shape: more than MAP_MAX_RUNS runs of 256 pixels, or one input channel's rows
+    of a run over TILE_BYTES. A pure function (the CPU tests check its bounds and emulate it)."""
+    oh, ow = s.out_height, s.out_width
+    if oh < 1 or ow < 1:
+        raise UsageError(f"conv output would be {oh}x{ow}: the input is smaller than the kernel")
+    pixels = oh * ow
+    np_ = next((n for n in PIXELS_PER_LANE if 32 * n >= pixels), PIXELS_PER_LANE[-1])
+    run = 32 * np_
+    runs = math.ceil(pixels / run)
+    if runs > MAP_MAX_RUNS:
+        return None
+    pw = (ow - 1) * s.stride + s.kw
+    # the padded input rows of each run's output rows (the kernel's TR); shared memory takes the largest
+    tr = max(((min(pixels, p0 + run) - 1) // ow - p0 // ow) * s.stride + s.kh for p0 in range(0, pixels, run))
+    cs = min(s.in_channels, TILE_BYTES // (4 * tr * pw))
+    if cs < 1:
+        return None
+    slices = math.ceil(s.in_channels / cs)
+    co = min(MAP_MAX_WARPS, s.out_channels)
+    while co > 1 and runs * math.ceil(s.out_channels / co) * slices * batch < MAP_TARGET_CTAS:
+        co //= 2
+    groups = math.ceil(s.out_channels / co)
+    if runs * groups > 2**31 - 1 or slices > 65535:
+        return None
+    return {"pixels_per_lane": np_, "runs": runs, "channels": co, "slice_channels": cs, "slices": slices,
+            "rows": tr, "grid": (runs * groups, slices, batch), "block": (32, co), "shared_mem": 4 * cs * tr * pw}
+
+
 class BalancedConv2d:
     """conv2d with one balanced weight on a GPU (module doc). Built from the offsets-form arrays of the
     [C_out, C_in*kh*kw] view (validated on the host first unless ``validate=False``), or with
@@ -121,7 +175,7 @@ class BalancedConv2d:
 
     def __init__(self, values, indices, *, in_channels: int, kh: int, kw: int, block_length: int, stride: int = 1,
                  padding: int = 0, bias=None, device: int = 0, validate: bool = True, name: str = "conv",
-                 defines: tuple[str, ...] = ()) -> None:
+                 defines: tuple[str, ...] = (), kernel: str = "auto") -> None:
         from . import _gpu
 
         for what, v, lo in (("in_channels", in_channels, 1), ("kh", kh, 1), ("kw", kw, 1), ("stride", stride, 1),
@@ -133,7 +187,9 @@ class BalancedConv2d:
         self.dtype = _VALUE_DTYPES[v.dtype]
         if self.dtype not in DTYPES:
             raise UsageError(f"{name}: the balanced conv kernel takes {', '.join(DTYPES)} weights, not {self.dtype}")
-        self.name, self.defines = name, tuple(defines)
+        if kernel not in KERNELS:
+            raise UsageError(f"{name}: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.name, self.defines, self.kernel = name, tuple(defines), kernel
         self.out_channels, self.in_channels, self.kh, self.kw = rows, in_channels, kh, kw
         self.stride, self.padding, self.block_length = stride, padding, block_length
         self._values, self._indices = tap_values(v), i.numpy()
@@ -173,7 +229,9 @@ class BalancedConv2d:
         return taps
 
     def _kernel(self, rows_per_lane: int):
-        name = kernel_name(self.dtype, rows_per_lane)
+        return self._function(kernel_name(self.dtype, rows_per_lane))
+
+    def _function(self, name: str):
         k = self._kernels.get(name)
         if k is None:
             from .kernels import load_module
@@ -202,16 +260,41 @@ class BalancedConv2d:
                              f"got {list(x.shape)}")
         xb = xb.contiguous()
         s = ConvShape(c, h, w, self.out_channels, self.kh, self.kw, self.stride, self.padding)
+        y = torch.empty((n, self.out_channels, s.out_height, s.out_width), dtype=want, device=xb.device)
+        bias = self.bias_dev if self.bias_dev is not None else np.uint64(0)
+        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device)
+        mcfg = map_launch_config(s, n) if self.kernel in ("auto", "map") else None
+        if self.kernel == "map" and mcfg is None:
+            raise UsageError(f"{self.name}: the small-map kernel does not take a {s.out_height}x{s.out_width} output "
+                             f"of a {self.kh}x{self.kw} conv at stride {self.stride}")
+        if mcfg is not None:
+            tap_w, tap_pos, starts = self._taps_for(mcfg["slice_channels"])
+            part = (torch.zeros(y.numel(), dtype=torch.float32, device=xb.device) if mcfg["slices"] > 1
+                    else None)
+            args = (np.uint64(xb.data_ptr()), np.int32(c), np.int32(h), np.int32(w), np.int64(c * h * w),
+                    tap_w, tap_pos, starts, np.int32(self.out_channels), np.int32(self.kh), np.int32(self.kw),
+                    np.int32(self.stride), np.int32(self.padding), np.int32(s.out_height), np.int32(s.out_width),
+                    np.int32(mcfg["slice_channels"]), np.int32(mcfg["slices"]), np.int32(mcfg["runs"]),
+                    bias, np.int32(1 if relu else 0), np.uint64(y.data_ptr()),
+                    np.uint64(part.data_ptr() if part is not None else 0))
+            with cp.cuda.Device(self.device), stream:
+                self._function(map_kernel_name(self.dtype, mcfg["pixels_per_lane"]))(
+                    mcfg["grid"], mcfg["block"], args, shared_mem=mcfg["shared_mem"])
+                if part is not None:
+                    total = y.numel()
+                    self._function(epilogue_kernel_name(self.dtype))(
+                        (min(4096, -(-total // 256)),), (256,),
+                        (np.uint64(part.data_ptr()), np.int64(total), np.int32(s.out_height * s.out_width),
+                         np.int32(self.out_channels), bias, np.int32(1 if relu else 0), np.uint64(y.data_ptr())))
+            return y[0] if x.dim() == 3 else y
         cfg = launch_config(s, n)
         tap_w, tap_pos, starts = self._taps_for(cfg["chunk_channels"])
-        y = torch.empty((n, self.out_channels, s.out_height, s.out_width), dtype=want, device=xb.device)
         args = (np.uint64(xb.data_ptr()), np.int32(c), np.int32(h), np.int32(w), np.int64(c * h * w),
                 tap_w, tap_pos, starts, np.int32(self.out_channels), np.int32(self.kh), np.int32(self.kw),
                 np.int32(self.stride), np.int32(self.padding), np.int32(s.out_height), np.int32(s.out_width),
                 np.int32(cfg["chunk_channels"]), np.int32(cfg["chunks"]),
-                self.bias_dev if self.bias_dev is not None else np.uint64(0), np.int32(1 if relu else 0),
+                bias, np.int32(1 if relu else 0),
                 np.uint64(y.data_ptr()), np.int64(self.out_channels * s.out_height * s.out_width))
-        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device)
         with cp.cuda.Device(self.device), stream:
             self._kernel(cfg["rows_per_lane"])(cfg["grid"], cfg["block"], args, shared_mem=cfg["shared_mem"])
         return y[0] if x.dim() == 3 else y
@@ -221,4 +304,5 @@ class BalancedConv2d:
                 f"stride {self.stride}, padding {self.padding}, {self.dtype}, device={self.device})")
 
 
-__all__ = ["BalancedConv2d", "ConvShape", "DTYPES", "kernel_name", "kernel_variants", "launch_config", "tap_values"]
+__all__ = ["KERNELS", "BalancedConv2d", "ConvShape", "DTYPES", "kernel_name", "kernel_variants", "launch_config",
+           "map_kernel_name", "map_launch_config", "tap_values"]
