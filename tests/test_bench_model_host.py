@@ -365,3 +365,23 @@ def test_llama_report_renders_each_unit():
     assert rows[0]["speedup"] == pytest.approx(2.25)
     text = _render(report)
     assert "model@ctx1024" in text and "prefill@128" in text and "packed 330.0 us" in text
+
+
+def test_llama_report_shows_the_transformers_peer_and_its_ratio():
+    """The transformers peer (bench.hf_peer) gets its own column and ratio; a step it could not capture is
+    a separate eager row and a note, and its failing gate never makes the report's own failures."""
+    from balprune.bench.report import own_failures
+
+    ms = [Measurement("model", (1, 1), "F16", 1, "hot", True, k, us, us, us, 1, 1.0, 1.0, 1e-3, True, "")
+          for k, us in (("balprune", 400.0), ("torch", 900.0), ("transformers", 2400.0))]
+    ms.append(Measurement("model@ctx1024", (1, 1), "F16", 1, "hot", True, "transformers", 9.0, 9.0, 9.0, 1, 1.0, 1.0,
+                          0.5, False, ""))
+    report = BenchReport("x", {"name": "GPU"}, 1.0, ms)
+    report.unavailable.append({"layer": "model", "batch": 1, "kernel": "transformers (graph)",
+                               "reason": "float16: RuntimeError: capture failed"})
+    report.meta["model"] = {"architecture": "llama", "kind": "llama", "contexts": [128, 1024], "read_gbps": 4000.0,
+                            "dtypes": {"float16": {"unit": "token", "dispatch": [], "floor_us": {}}}}
+    text = _render(report)
+    assert "transformers" in text and "x tf" in text and "6.00" in text  # 2400 / 400
+    assert "n/a transformers (graph)" in text
+    assert own_failures(report) == []

@@ -1,9 +1,11 @@
 """``balprune bench PACKED --model`` for a Llama-family packed file: decode latency at batch 1.
 
 For each dtype, in one process on one GPU: balprune's decode runtime (runtime.model.llama.PackedLlama,
-every matrix product on the path its dispatcher measured fastest) and the dense masked model in torch
+every matrix product on the path its dispatcher measured fastest), the dense masked model in torch
 (the same decoder with every product through cuBLAS: static KV cache, one CUDA graph per token, the
-same weights with zeros), both first checked against the float32 reference model
+same weights with zeros) and, where transformers imports, transformers' own model of the same weights
+(bench.hf_peer: StaticCache, the step in a CUDA graph; timed eager, and said so, when its step cannot
+be captured), all first checked against the float32 reference model
 (llm.reference.ReferenceLM) over a prompt and teacher-forced steps (runtime.measure.relative_error
 within MODEL_TOLERANCE; a runner outside it is reported and not timed, and only balprune's failing
 makes ``bench`` fail). Then, hot, replayed from each runner's CUDA graph: ms per token at each
@@ -11,9 +13,9 @@ context (the prompt prefilled to that length first), and the prefill of a ``PROM
 (eager: it is one batched pass).
 
 Report (schema balprune.bench/2, so ``compare`` works on it): layer "model" is decode at the first
-context, "model@ctxN" the others, "prefill@N" the prefill; kernel "balprune" or "torch"; the
+context, "model@ctxN" the others, "prefill@N" the prefill; kernel "balprune", "torch" or "transformers"; the
 dispatcher's per-product figures as per-layer measurements; ``meta["model"]`` holds the config, the
-unit ("token"), each dtype's decisions and errors, and the bandwidth floors of the dense and the
+unit ("token"; kernel "transformers" for the transformers peer), each dtype's decisions and errors, and the bandwidth floors of the dense and the
 packed weight bytes at this run's plain-read bandwidth.
 """
 
@@ -78,6 +80,21 @@ def _error(rt, want: list[torch.Tensor], tokens: list[int]) -> float:
     return max(relative_error(g, w) for g, w in zip(got, want))
 
 
+def _transformers_peer(path, cfg, ckpt, max_len: int, dtype: str, dev):
+    """transformers' model of the file (bench.hf_peer.TransformersDecoder), or why there is none."""
+    from ..formats.packed_file import read_packed
+    from ..runtime.model.llama import checkpoint_weights
+    from .hf_peer import TransformersDecoder, transformers_or_reason
+
+    if transformers_or_reason()[0] is None:
+        return transformers_or_reason()[1]
+    try:
+        return TransformersDecoder(cfg, read_packed(path).hf_files().config, checkpoint_weights(ckpt), max_len=max_len,
+                                   dtype=dtype, device=dev)
+    except Exception as exc:  # a peer that cannot be built is reported, never fatal
+        return f"transformers could not build the model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"[:300]
+
+
 def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int, device: int, paths: str,
               progress: Callable[[str], None] | None = None) -> BenchReport:
     """Benchmark the Llama-family packed file at ``path`` (module doc); ``checked`` is llm_preflight's result."""
@@ -110,6 +127,13 @@ def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int,
                 dense = PackedLlama(cfg, checkpoint_weights(ckpt), max_len=max_len, dtype=dtype, device=device,
                                     paths="dense", measure=False)
                 runners = {"balprune": rt, "torch": dense}
+                say(f"{dtype}: building the transformers peer")
+                hf = _transformers_peer(path, cfg, ckpt, max_len, dtype, dev)
+                if isinstance(hf, str):
+                    report.unavailable.append({"layer": "model", "batch": 1, "kernel": "transformers",
+                                               "reason": f"{dtype}: {hf}"})
+                else:
+                    runners["transformers"] = hf
                 errors = {k: _error(r, want, tokens) for k, r in runners.items()}
                 nbytes = {k: r.weight_bytes for k, r in runners.items()}
                 meta = {"unit": "token", "dispatch": rt.describe(), "max_rel_error": errors, "weight_bytes": nbytes,
@@ -122,14 +146,23 @@ def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int,
                         report.measurements.append(untimed_runner(name, dtype, nbytes[name], errors[name], "hot", True))
                         continue
                     say(f"{dtype}: timing {name}")
-                    r.capture()
+                    graph = True
+                    try:
+                        r.capture()
+                    except Exception as exc:  # only a peer's step may fail to capture: it is timed eager
+                        if name == "balprune":
+                            raise
+                        graph = False
+                        report.unavailable.append({"layer": "model", "batch": 1, "kernel": f"{name} (graph)",
+                                                   "reason": f"{dtype}: {type(exc).__name__}: "
+                                                             f"{str(exc).splitlines()[0] if str(exc) else ''}"[:300]})
                     for i, ctx in enumerate(CONTEXTS):
                         r.reset()
                         r.prefill(_ids(ctx, cfg.vocab_size))
                         t = s.timer.time_calls(r.step, iters=n)
                         gbps = nbytes[name] / (t.median_us * 1e-6) / 1e9
                         report.measurements.append(Measurement(
-                            "model" if i == 0 else f"model@ctx{ctx}", (1, 1), DTYPE_CODE[dtype], 1, "hot", True, name,
+                            "model" if i == 0 else f"model@ctx{ctx}", (1, 1), DTYPE_CODE[dtype], 1, "hot", graph, name,
                             t.median_us, t.p10_us, t.p90_us, nbytes[name], gbps, 100.0 * gbps / s.bandwidth,
                             errors[name], True, f"token at context {ctx}"))
                     prompt = _ids(PROMPT_TOKENS, cfg.vocab_size)
@@ -138,7 +171,7 @@ def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int,
                         f"prefill@{PROMPT_TOKENS}", (1, 1), DTYPE_CODE[dtype], 1, "hot", False, name, t.median_us,
                         t.p10_us, t.p90_us, nbytes[name], 0.0, 0.0, errors[name], True,
                         f"prompt of {PROMPT_TOKENS} tokens, one batched pass"))
-                del rt, dense, runners
+                del rt, dense, hf, runners
                 free_device_memory()
             report.meta["model"] = model_meta
         except gpu_failures() as exc:

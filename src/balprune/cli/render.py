@@ -288,7 +288,8 @@ def model_tables(report) -> list[Table]:
         tot = {"dense": 0.0, "sparse": 0.0, "path": 0.0}
         for c in dm.get("dispatch", []):
             times = c["times_us"]
-            sp = next((times[k] for k in ("balanced", "bsr") if k in times), None)
+            sparse = [v for k, v in times.items() if k != "dense"]  # the fastest of the layer's sparse paths
+            sp = min(sparse) if sparse else None
             d = times.get("dense")
             path_us = times.get(c["path"])
             for k, v in (("dense", d), ("sparse", sp if sp is not None else d), ("path", path_us)):
@@ -306,8 +307,9 @@ def model_tables(report) -> list[Table]:
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     rows = model_rows(report)
     units = len({r["unit"] for r in rows}) > 1  # an LLM: decode at each context and the prefill
+    hf = any("transformers" in r for r in rows)  # an LLM's transformers peer
     for col in (("unit",) if units else ()) + ("dtype", "graph", "mode", "balprune", "p10-p90", "torch dense",
-                                               "p10-p90", "x torch", "error"):
+                                               "p10-p90", "x torch") + (("transformers", "x tf") if hf else ()) + ("error",):
         t.add_column(col, justify="left" if col in ("unit", "dtype", "graph", "mode") else "right")
     def us(m):
         return "" if m is None else ("failed" if not m.correct else f"{m.median_us:.1f}")
@@ -315,11 +317,16 @@ def model_tables(report) -> list[Table]:
     def spread(m):
         return "" if m is None or not m.correct else f"{m.p10_us:.1f}-{m.p90_us:.1f}"
 
+    def ratio(peer, b):
+        ok = peer is not None and b is not None and peer.correct and b.correct
+        return f"{peer.median_us / b.median_us:.2f}" if ok else ""
+
     for r in rows:
-        b, d = r.get("balprune"), r.get("torch")
+        b, d, tf = r.get("balprune"), r.get("torch"), r.get("transformers")
         t.add_row(*map(literal, ((r["unit"],) if units else ()) + (r["dtype"], "yes" if r["graph"] else "no", r["mode"], us(b), spread(b), us(d),
-                                 spread(d), "" if r["speedup"] is None else f"{r['speedup']:.2f}",
-                                 "" if b is None or b.max_rel_error is None else f"{b.max_rel_error:.1e}")))
+                                 spread(d), "" if r["speedup"] is None else f"{r['speedup']:.2f}")
+                       + ((us(tf), ratio(tf, b)) if hf else ())
+                       + ("" if b is None or b.max_rel_error is None else f"{b.max_rel_error:.1e}",)))
     notes = []
     paper = meta.get("paper")
     if paper:
@@ -329,7 +336,9 @@ def model_tables(report) -> list[Table]:
         notes.append(f"one utterance = {meta['frames']} frames; per frame: divide by {meta['frames']}")
     if meta.get("kind") == "llama":
         notes.append("model: one decode token at context " + str(meta["contexts"][0]) + "; model@ctxN: at context N; "
-                     "prefill@N: a prompt of N tokens; torch dense: the same decoder with every product through cuBLAS")
+                     "prefill@N: a prompt of N tokens; torch dense: the same decoder with every product through cuBLAS"
+                     + ("; transformers: its own model of the same weights, StaticCache (x tf: its time over balprune's)"
+                        if hf else ""))
         for dtype, dm in meta.get("dtypes", {}).items():
             floors = dm.get("floor_us", {})
             if floors:
