@@ -16,7 +16,9 @@ cache, the peer every config is compared with, identical for every mask); both r
 per CUDA-graph replay. Per context: prefill of that many prompt tokens, then ``--steps`` replays
 timed with CUDA events (ms/token = elapsed / steps). Also: the weight bytes each runtime reads per
 token, the bandwidth floor of those bytes at the same run's plain-read bandwidth, and the relative
-error of the packed runtime's logits against the dense runtime's over 8 teacher-forced steps.
+error of the packed runtime's logits against the dense runtime's over 8 teacher-forced steps. With
+``--transformers`` also transformers' own model of the unpruned weights (StaticCache, the step in a
+CUDA graph where it can be captured), the issue's transformers peer.
 """
 from __future__ import annotations
 
@@ -168,6 +170,33 @@ def split_step(rt: PackedLlama) -> dict:
     return out
 
 
+def transformers_row(cfg, weight, max_len: int, dtype: str, contexts: list[int], steps: int, bw: float) -> dict:
+    """transformers' own model of the unpruned weights (the issue's "transformers with a static cache and
+    the step in a CUDA graph" figure), timed like the runtimes; or why it could not run."""
+    from balprune.bench.hf_peer import TransformersDecoder
+    from balprune.llm.examples import config_dict
+
+    try:
+        peer = TransformersDecoder(cfg, config_dict(cfg), weight, max_len=max_len, dtype=dtype,
+                                   device=torch.device("cuda"))
+    except Exception as exc:
+        return {"config": "transformers", "error": f"{type(exc).__name__}: {exc}"[:300]}
+    row = {"config": "transformers", "weight_MB": round(peer.weight_bytes / 1e6, 1),
+           "floor_ms": round(peer.weight_bytes / bw / 1e6, 4)}
+    try:
+        peer.capture()
+        row["graph"] = True
+    except Exception as exc:
+        row["graph"] = False
+        row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    for ctx in contexts:
+        peer.reset()
+        row[f"ctx{ctx}"] = time_decode(peer, ctx, steps)
+    del peer
+    torch.cuda.empty_cache()
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="1b", choices=list(MODELS))
@@ -176,6 +205,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--torch-ops", action="store_true", help="the work between the products in torch ops")
+    ap.add_argument("--transformers", action="store_true",
+                    help="also time transformers' own model of the dense weights (bench.hf_peer: StaticCache + CUDA graph)")
     ap.add_argument("--split", action="store_true", help="also time the step's products and ops apart (split_step)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
@@ -208,6 +239,9 @@ def main() -> int:
             built[paths] = rt
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if a.transformers and "dense" in built:
+            rows.append(transformers_row(cfg, weights(cfg, None, dt), max_len, a.dtype, contexts, a.steps, bw))
+            print(json.dumps(rows[-1]), flush=True)
         if len(built) == 2:  # the packed logits against the dense path's, teacher-forced
             errs = []
             prompt = torch.arange(16) % cfg.vocab_size
