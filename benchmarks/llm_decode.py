@@ -93,13 +93,19 @@ def time_decode(rt: PackedLlama, context: int, steps: int) -> dict:
     prefill_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(3):  # warm replays (part of the cache budget)
         rt.step()
+    ms = _events_ms(rt.step, steps)
+    return {"context": context, "prefill_ms": round(prefill_ms, 3), "ms_per_token": round(ms, 4)}
+
+
+def _events_ms(fn, n: int) -> float:
+    """ms per call of ``fn`` over ``n`` back-to-back calls, timed with CUDA events."""
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
-    for _ in range(steps):
-        rt.step()
+    for _ in range(n):
+        fn()
     e1.record()
     e1.synchronize()
-    return {"context": context, "prefill_ms": round(prefill_ms, 3), "ms_per_token": round(e0.elapsed_time(e1) / steps, 4)}
+    return e0.elapsed_time(e1) / n
 
 
 def _graph_ms(fn, replays: int = 50) -> float:
@@ -107,16 +113,7 @@ def _graph_ms(fn, replays: int = 50) -> float:
     from balprune.runtime.measure import capture_graph
 
     g = capture_graph(fn, warmup=1)
-    best = float("inf")
-    for _ in range(3):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(replays):
-            g.replay()
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) / replays)
-    return best
+    return min(_events_ms(g.replay, replays) for _ in range(3))
 
 
 def split_step(rt: PackedLlama) -> dict:
