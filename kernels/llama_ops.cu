@@ -1,6 +1,6 @@
 // llama_ops.cu: the non-matrix work of a Llama-family decode step at batch 1
 // (balprune.runtime.model.llama), fused so that a decoder layer is nine launches: norm, q/k/v,
-// rope_append, attention, o, add_rms_norm, gate/up, silu_mul, down (the next layer's add_rms_norm
+// rope_append, attention_split, o, add_rms_norm, gate/up, silu_mul, down (the next layer's add_rms_norm
 // takes down's residual add). In torch ops the same layer is about forty launches; at batch 1 a
 // launch costs about as much as moving a few MB, so launches set the floor of a 1B model's step.
 //
@@ -127,59 +127,133 @@ __global__ void rope_append(T* __restrict__ qkv, const T* __restrict__ cos, cons
   }
 }
 
-// Grouped-query attention of one query at position pos[0] over the cache, one CTA per query head
-// (query head b reads key/value head b / (heads / kvh)): scores s_j = T(T(q . k_j) * scaling) for
-// the visible positions j (j <= pos, and pos - j < window when window > 0), a float32 softmax,
-// probabilities rounded to T, out = T(sum_j p_j v_j). Dynamic shared memory: (max_len + d *
-// (blockDim.x / d)) floats. blockDim.x a multiple of 32 and of d's 32-rounding; d <= blockDim.x.
+// Grouped-query attention of one query at position pos[0] over the cache, split over the cache
+// (flash-decoding). Why: one CTA per query head walking the whole cache (the first version) keeps
+// one load in flight per warp per key, so its time grows with the context at memory latency, and
+// reads each K/V head once per query head. Here a CTA owns one K/V head g and one chunk of `chunk`
+// positions: it stages the chunk's keys once (fp32, rows padded by one word: conflict-free), scores
+// them against all rep = heads / kvh query heads of g (s_j = T(T(q . k_j) * scaling) for the visible
+// positions: j <= pos, and pos - j < window when window > 0), takes the chunk's max m and exp-sum l
+// per head, stages the chunk's values in the same buffer and writes the unnormalised partial output
+// o = sum_j exp(s_j - m) v_j (fp32) with m and l to `part`. The last CTA of g to finish (a counter per
+// K/V head, reset by that CTA for the next step) combines the chunks: out = T(sum_c o_c e^(m_c - M) /
+// sum_c l_c e^(m_c - M)). The probabilities are not rounded to T on their own (the fp32 reference
+// does not round them either); the runtime's gate holds the step to the torch-ops step's logits.
+// grid (kvh, ceil(max_len / chunk)), block kAttThreads; chunks past pos exit at once.
+// Dynamic shared memory: chunk * (d + 1) + rep * d + rep * chunk floats.
+// part: float [heads, ceil(max_len / chunk), d + 2]; count: int [kvh], zero before the first step.
+constexpr int kAttThreads = 128;
+
 template <typename T>
-__global__ void attention_decode(const T* __restrict__ q_all, const T* __restrict__ keys, const T* __restrict__ values,
-                                 const long long* __restrict__ pos, T* __restrict__ out, int heads, int kvh, int d,
-                                 int max_len, int window, float scaling) {
+__global__ void __launch_bounds__(kAttThreads) attention_split(
+    const T* __restrict__ q_all, const T* __restrict__ keys, const T* __restrict__ values,
+    const long long* __restrict__ pos, T* __restrict__ out, float* __restrict__ part, int* __restrict__ count,
+    int heads, int kvh, int d, int max_len, int window, float scaling, int chunk) {
   extern __shared__ float sm[];
-  __shared__ float red[32];
-  float* scores = sm;            // [max_len]
-  float* part = sm + max_len;    // [groups, d] partial outputs
-  const int b = blockIdx.x, g = b / (heads / kvh);
+  const int g = blockIdx.x, c = blockIdx.y, rep = heads / kvh;
+  const int nchunks = gridDim.y;
   const long long p = pos[0];
   if (p < 0 || p >= max_len) return;
   const int lo = window > 0 ? (int)max(0LL, p - window + 1) : 0, hi = (int)p;  // visible: lo .. hi
-  const T* q = q_all + (long long)b * d;
+  const int j0 = c * chunk;
+  if (j0 > hi || j0 + chunk <= lo) return;  // nothing visible in this chunk (counted by nobody)
+  const int stride = d + 1;
+  float* kv = sm;                       // [chunk][d + 1]: keys, then values
+  float* qs = sm + chunk * stride;      // [rep][d]
+  float* sc = qs + rep * d;             // [rep][chunk]: scores, then exp(s - m)
+  __shared__ float mx[32], sum[32];     // per head (rep <= 32)
+  __shared__ int last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
   const T* K = keys + (long long)g * max_len * d;
   const T* V = values + (long long)g * max_len * d;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  // scores: a warp per key, lanes over the head dimension
-  for (int j = lo + warp; j <= hi; j += warps) {
-    float acc = 0.0f;
-    for (int i = lane; i < d; i += 32) acc += Val<T>::sload(q + i) * Val<T>::sload(K + (long long)j * d + i);
+  const int rows = min(chunk, max_len - j0);  // rows of the cache in this chunk
+
+  for (int i = tid; i < rep * d; i += blockDim.x) qs[i] = Val<T>::sload(q_all + (long long)g * rep * d + i);
+#pragma unroll 8
+  for (int i = tid; i < chunk * d; i += blockDim.x) {  // independent loads: many in flight per thread
+    const int r = i / d, e = i - r * d;
+    kv[r * stride + e] = r < rows ? Val<T>::sload(K + (long long)(j0 + r) * d + e) : 0.0f;
+  }
+  __syncthreads();
+  // scores: thread per (head, position) pair, the dot product over d from shared memory
+  for (int t = tid; t < rep * chunk; t += blockDim.x) {
+    const int r = t / chunk, jj = t - r * chunk, j = j0 + jj;
+    float s = -__int_as_float(0x7f800000);
+    if (j >= lo && j <= hi) {
+      float acc = 0.0f;
+      const float* k = kv + jj * stride;
+      const float* q = qs + r * d;
+      for (int e = 0; e < d; ++e) acc = fmaf(q[e], k[e], acc);
+      s = rnd<T>(rnd<T>(acc) * scaling);
+    }
+    sc[t] = s;
+  }
+  __syncthreads();
+  // per head: the chunk's max and exp-sum (a warp per head)
+  for (int r = warp; r < rep; r += warps) {
+    float m = -__int_as_float(0x7f800000);
+    for (int jj = lane; jj < chunk; jj += 32) m = fmaxf(m, sc[r * chunk + jj]);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) scores[j] = rnd<T>(rnd<T>(acc) * scaling);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0.0f;
+    for (int jj = lane; jj < chunk; jj += 32) {
+      const float s = sc[r * chunk + jj];
+      const float e = s == -__int_as_float(0x7f800000) ? 0.0f : __expf(s - m);
+      sc[r * chunk + jj] = e;
+      l += e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0) {
+      mx[r] = m;
+      sum[r] = l;
+    }
+  }
+  // values into the same buffer (every score is read: the barrier above the loop below orders it)
+  __syncthreads();
+#pragma unroll 8
+  for (int i = tid; i < chunk * d; i += blockDim.x) {
+    const int r = i / d, e = i - r * d;
+    kv[r * stride + e] = r < rows ? Val<T>::sload(V + (long long)(j0 + r) * d + e) : 0.0f;
   }
   __syncthreads();
-  float m = -__int_as_float(0x7f800000);
-  for (int j = lo + (int)threadIdx.x; j <= hi; j += blockDim.x) m = fmaxf(m, scores[j]);
-  m = block_max(m, red);
-  float sum = 0.0f;
-  for (int j = lo + (int)threadIdx.x; j <= hi; j += blockDim.x) {
-    const float e = __expf(scores[j] - m);
-    scores[j] = e;
-    sum += e;
+  const int slots = d + 2;
+  for (int t = tid; t < rep * d; t += blockDim.x) {
+    const int r = t / d, e = t - r * d;
+    float acc = 0.0f;
+    for (int jj = 0; jj < chunk; ++jj) acc = fmaf(sc[r * chunk + jj], kv[jj * stride + e], acc);
+    part[((long long)(g * rep + r) * nchunks + c) * slots + e] = acc;
   }
-  const float inv = 1.0f / block_sum(sum, red);  // ends with a barrier: every exp is in place
-  // out: thread (group, i) sums its share of the positions for element i; groups added at the end
-  const int groups = blockDim.x / d, grp = threadIdx.x / d, i = threadIdx.x % d;
-  float acc = 0.0f;
-  if (grp < groups) {
-    for (int j = lo + grp; j <= hi; j += groups) acc += rnd<T>(scores[j] * inv) * Val<T>::sload(V + (long long)j * d + i);
-    part[grp * d + i] = acc;
+  if (tid < rep) {
+    float* ml = part + ((long long)(g * rep + tid) * nchunks + c) * slots + d;
+    ml[0] = mx[tid];
+    ml[1] = sum[tid];
+  }
+  // the last chunk of g to finish combines (its partials are visible after the fence + atomic)
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const int c_lo = lo / chunk, c_hi = hi / chunk;
+    last = atomicAdd(count + g, 1) == c_hi - c_lo;
   }
   __syncthreads();
-  if (threadIdx.x < d) {
-    float t = 0.0f;
-    for (int k = 0; k < groups; ++k) t += part[k * d + threadIdx.x];
-    Val<T>::store(out + (long long)b * d + threadIdx.x, t);
+  if (!last) return;
+  __threadfence();
+  const int c_lo = lo / chunk, c_hi = hi / chunk;
+  for (int t = tid; t < rep * d; t += blockDim.x) {
+    const int r = t / d, e = t - r * d;
+    const float* base = part + (long long)(g * rep + r) * nchunks * slots;
+    float M = -__int_as_float(0x7f800000);
+    for (int cc = c_lo; cc <= c_hi; ++cc) M = fmaxf(M, __ldcg(base + cc * slots + d));
+    float L = 0.0f, acc = 0.0f;
+    for (int cc = c_lo; cc <= c_hi; ++cc) {
+      const float f = __expf(__ldcg(base + cc * slots + d) - M);
+      L = fmaf(__ldcg(base + cc * slots + d + 1), f, L);
+      acc = fmaf(__ldcg(base + cc * slots + e), f, acc);
+    }
+    Val<T>::store(out + (long long)(g * rep + r) * d + e, acc / L);
   }
+  if (tid == 0) count[g] = 0;  // ready for the next step (the graph replays this launch)
 }
 
 // out[j] = T(T(silu(gate[j])) * up[j]) for gate_up = [gate | up], j < inter.

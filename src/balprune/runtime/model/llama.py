@@ -313,8 +313,9 @@ class FusedOps:
     cannot take them (None when it can)."""
 
     THREADS_NORM = 1024
-    THREADS_ATTENTION = 256
+    THREADS_ATTENTION = 128  # kernels/llama_ops.cu kAttThreads
     SHARED_LIMIT = 48 * 1024  # the default dynamic shared-memory limit (no attribute needed)
+    CHUNKS = (64, 32, 16, 8)  # cache positions per attention CTA, the largest that fits SHARED_LIMIT
 
     @classmethod
     def supported(cls, dec: LlamaDecoder) -> str | None:
@@ -323,19 +324,24 @@ class FusedOps:
             return f"no kernels for {dec.dtype}"
         if cfg.head_dim > 1024 or cfg.head_dim % 2:
             return f"head_dim {cfg.head_dim}: the kernels take an even head_dim <= 1024"
-        if cls._attention_shared(dec) > cls.SHARED_LIMIT:
-            return (f"a cache of {dec.max_len} positions needs {cls._attention_shared(dec)} bytes of shared memory "
-                    f"in the attention kernel (limit {cls.SHARED_LIMIT})")
+        if cfg.num_attention_heads // cfg.num_key_value_heads > 32:
+            return (f"{cfg.num_attention_heads // cfg.num_key_value_heads} query heads per key/value head: the attention "
+                    "kernel takes at most 32")
+        if cls.attention_chunk(cfg) is None:
+            return (f"head_dim {cfg.head_dim} with {cfg.num_attention_heads // cfg.num_key_value_heads} query heads per "
+                    f"key/value head needs more than {cls.SHARED_LIMIT} bytes of shared memory in the attention kernel")
         return None
 
     @classmethod
-    def _attention_block(cls, d: int) -> int:
-        return max(cls.THREADS_ATTENTION, -(-d // 32) * 32)
+    def attention_shared(cls, cfg, chunk: int) -> int:
+        """Bytes of dynamic shared memory attention_split takes (its header: staged rows, q, scores)."""
+        d, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+        return 4 * (chunk * (d + 1) + rep * d + rep * chunk)
 
     @classmethod
-    def _attention_shared(cls, dec: LlamaDecoder) -> int:
-        d = dec.cfg.head_dim
-        return 4 * (dec.max_len + (cls._attention_block(d) // d) * d)
+    def attention_chunk(cls, cfg) -> int | None:
+        """Cache positions per attention CTA: the largest of CHUNKS whose shared memory fits, or None."""
+        return next((c for c in cls.CHUNKS if cls.attention_shared(cfg, c) <= cls.SHARED_LIMIT), None)
 
     def __init__(self, dec: LlamaDecoder, device: int) -> None:
         from .._launch import prepared
@@ -361,8 +367,13 @@ class FusedOps:
 
         layer_elems = dec.keys[0].numel()
         rope_block = -(-d // 32) * 32
-        att_block = self._attention_block(d)
-        att_shared = self._attention_shared(dec)
+        chunk = self.attention_chunk(cfg)
+        nchunks = -(-dec.max_len // chunk)
+        # attention_split's partial outputs and per-K/V-head counters, shared by the layers (they run in
+        # turn, and the last CTA of each head resets its counter)
+        self.part = torch.zeros(heads * nchunks * (d + 2), dtype=torch.float32, device=dec.h.device)
+        self.count = torch.zeros(kvh, dtype=torch.int32, device=dec.h.device)
+        att_shared = self.attention_shared(cfg, chunk)
         window = cfg.sliding_window or 0
         self.input_norm, self.post_norm, self.rope, self.attention = [], [], [], []
         for n, layer in enumerate(dec.layers):
@@ -372,9 +383,9 @@ class FusedOps:
             self.rope.append(prepared(fn["rope_append"], (heads + kvh,), (rope_block,), (
                 ptr(dec.qkv), ptr(dec.cos), ptr(dec.sin), ptr(dec.pos), keys, values, ptr(layer.q_norm),
                 ptr(layer.k_norm), eps, i32(heads), i32(kvh), i32(d), i32(dec.max_len))))
-            self.attention.append(prepared(fn["attention_decode"], (heads,), (att_block,), (
-                ptr(dec.qkv), keys, values, ptr(dec.pos), ptr(dec.attn), i32(heads), i32(kvh), i32(d),
-                i32(dec.max_len), i32(window), f32(d ** -0.5)), shared_mem=att_shared))
+            self.attention.append(prepared(fn["attention_split"], (kvh, nchunks), (self.THREADS_ATTENTION,), (
+                ptr(dec.qkv), keys, values, ptr(dec.pos), ptr(dec.attn), ptr(self.part), ptr(self.count), i32(heads),
+                i32(kvh), i32(d), i32(dec.max_len), i32(window), f32(d ** -0.5), i32(chunk)), shared_mem=att_shared))
         inter = cfg.intermediate_size
         self.silu_mul = prepared(fn["silu_mul"], (-(-inter // 256),), (256,),
                                  (ptr(dec.gate_up), ptr(dec.act), i32(inter)))
@@ -382,7 +393,7 @@ class FusedOps:
 
 
 #: kernels/llama_ops.cu's kernels and the type each model dtype instantiates them with.
-LLAMA_KERNELS = ("add_rms_norm", "rope_append", "attention_decode", "silu_mul")
+LLAMA_KERNELS = ("add_rms_norm", "rope_append", "attention_split", "silu_mul")
 _KERNEL_TYPE = {torch.float32: "float", torch.float16: "bp::f16", torch.bfloat16: "bp::bf16"}
 
 
