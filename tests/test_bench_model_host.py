@@ -376,12 +376,20 @@ def test_llama_report_shows_the_transformers_peer_and_its_ratio():
           for k, us in (("balprune", 400.0), ("torch", 900.0), ("transformers", 2400.0))]
     ms.append(Measurement("model@ctx1024", (1, 1), "F16", 1, "hot", True, "transformers", 9.0, 9.0, 9.0, 1, 1.0, 1.0,
                           0.5, False, ""))
+    # a peer whose step could not be captured ran eager: it still shares the graph row of its unit
+    ms += [Measurement("model@ctx2048", (1, 1), "F16", 1, "hot", g, k, us, us, us, 1, 1.0, 1.0, 1e-3, True, "")
+           for k, g, us in (("balprune", True, 500.0), ("transformers", False, 5000.0))]
     report = BenchReport("x", {"name": "GPU"}, 1.0, ms)
     report.unavailable.append({"layer": "model", "batch": 1, "kernel": "transformers (graph)",
                                "reason": "float16: RuntimeError: capture failed"})
     report.meta["model"] = {"architecture": "llama", "kind": "llama", "contexts": [128, 1024], "read_gbps": 4000.0,
                             "dtypes": {"float16": {"unit": "token", "dispatch": [], "floor_us": {}}}}
+    from balprune.bench.model import model_rows
+
+    rows = {r["unit"]: r for r in model_rows(report)}
+    assert set(rows["model@ctx2048"]) >= {"balprune", "transformers"} and rows["model@ctx2048"]["graph"]
     text = _render(report)
     assert "transformers" in text and "x tf" in text and "6.00" in text  # 2400 / 400
+    assert "5000.0 eager" in text and "10.00" in text
     assert "n/a transformers (graph)" in text
     assert own_failures(report) == []

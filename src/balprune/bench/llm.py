@@ -80,14 +80,53 @@ def _error(rt, want: list[torch.Tensor], tokens: list[int]) -> float:
     return max(relative_error(g, w) for g, w in zip(got, want))
 
 
+#: The transformers peer's runner name (bench.hf_peer): the one runner whose failures are only reported.
+PEER = "transformers"
+
+
+def _peer_failed(report: BenchReport, dtype: str, what: str, exc: BaseException) -> None:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    report.unavailable.append({"layer": "model", "batch": 1, "kernel": PEER + what,
+                               "reason": f"{dtype}: {type(exc).__name__}: {first}"[:300]})
+
+
+def _time_runner(s: Session, report: BenchReport, name: str, r, dtype: str, nbytes: int, err: float, n: int,
+                 cfg) -> None:
+    """Time runner ``r``: its step replayed from its CUDA graph at each context, then the prefill. The
+    transformers peer whose step cannot be captured is timed eager (graph False), and a note says why."""
+    graph = True
+    try:
+        r.capture()
+    except Exception as exc:
+        if name != PEER:
+            raise
+        graph = False
+        _peer_failed(report, dtype, " (graph)", exc)
+    for i, ctx in enumerate(CONTEXTS):
+        r.reset()
+        r.prefill(_ids(ctx, cfg.vocab_size))
+        t = s.timer.time_calls(r.step, iters=n)
+        gbps = nbytes / (t.median_us * 1e-6) / 1e9
+        report.measurements.append(Measurement(
+            "model" if i == 0 else f"model@ctx{ctx}", (1, 1), DTYPE_CODE[dtype], 1, "hot", graph, name,
+            t.median_us, t.p10_us, t.p90_us, nbytes, gbps, 100.0 * gbps / s.bandwidth, err, True,
+            f"token at context {ctx}" + ("" if graph else " (eager: the step could not be captured)")))
+    prompt = _ids(PROMPT_TOKENS, cfg.vocab_size)
+    t = s.timer.time_calls(lambda: (r.reset(), r.prefill(prompt)), iters=max(5, n // 10))
+    report.measurements.append(Measurement(
+        f"prefill@{PROMPT_TOKENS}", (1, 1), DTYPE_CODE[dtype], 1, "hot", False, name, t.median_us, t.p10_us, t.p90_us,
+        nbytes, 0.0, 0.0, err, True, f"prompt of {PROMPT_TOKENS} tokens, one batched pass"))
+
+
 def _transformers_peer(path, cfg, ckpt, max_len: int, dtype: str, dev):
     """transformers' model of the file (bench.hf_peer.TransformersDecoder), or why there is none."""
     from ..formats.packed_file import read_packed
     from ..runtime.model.llama import checkpoint_weights
     from .hf_peer import TransformersDecoder, transformers_or_reason
 
-    if transformers_or_reason()[0] is None:
-        return transformers_or_reason()[1]
+    tf, why = transformers_or_reason()
+    if tf is None:
+        return why
     try:
         return TransformersDecoder(cfg, read_packed(path).hf_files().config, checkpoint_weights(ckpt), max_len=max_len,
                                    dtype=dtype, device=dev)
@@ -130,47 +169,35 @@ def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int,
                 say(f"{dtype}: building the transformers peer")
                 hf = _transformers_peer(path, cfg, ckpt, max_len, dtype, dev)
                 if isinstance(hf, str):
-                    report.unavailable.append({"layer": "model", "batch": 1, "kernel": "transformers",
+                    report.unavailable.append({"layer": "model", "batch": 1, "kernel": PEER,
                                                "reason": f"{dtype}: {hf}"})
                 else:
-                    runners["transformers"] = hf
-                errors = {k: _error(r, want, tokens) for k, r in runners.items()}
+                    runners[PEER] = hf
+                errors = {k: _error(r, want, tokens) for k, r in runners.items() if k != PEER}
+                if PEER in runners:
+                    try:
+                        errors[PEER] = _error(runners[PEER], want, tokens)
+                    except Exception as exc:  # transformers' own failure: reported, never fatal
+                        _peer_failed(report, dtype, "", exc)
+                        del runners[PEER]
                 nbytes = {k: r.weight_bytes for k, r in runners.items()}
                 meta = {"unit": "token", "dispatch": rt.describe(), "max_rel_error": errors, "weight_bytes": nbytes,
                         "floor_us": {k: v / (s.bandwidth * 1e3) for k, v in nbytes.items()},
                         "paths": {c.layer: c.path for c in rt.choices}, "decode_ops": rt.decode_ops}
                 model_meta["dtypes"][dtype] = meta
                 record_dispatch(report, rt.choices, dtype, s.bandwidth)
-                for name, r in runners.items():
+                for name in list(runners):
                     if not errors[name] <= MODEL_TOLERANCE[dtype]:
                         report.measurements.append(untimed_runner(name, dtype, nbytes[name], errors[name], "hot", True))
                         continue
                     say(f"{dtype}: timing {name}")
-                    graph = True
+                    if name != PEER:
+                        _time_runner(s, report, name, runners[name], dtype, nbytes[name], errors[name], n, cfg)
+                        continue
                     try:
-                        r.capture()
-                    except Exception as exc:  # only a peer's step may fail to capture: it is timed eager
-                        if name == "balprune":
-                            raise
-                        graph = False
-                        report.unavailable.append({"layer": "model", "batch": 1, "kernel": f"{name} (graph)",
-                                                   "reason": f"{dtype}: {type(exc).__name__}: "
-                                                             f"{str(exc).splitlines()[0] if str(exc) else ''}"[:300]})
-                    for i, ctx in enumerate(CONTEXTS):
-                        r.reset()
-                        r.prefill(_ids(ctx, cfg.vocab_size))
-                        t = s.timer.time_calls(r.step, iters=n)
-                        gbps = nbytes[name] / (t.median_us * 1e-6) / 1e9
-                        report.measurements.append(Measurement(
-                            "model" if i == 0 else f"model@ctx{ctx}", (1, 1), DTYPE_CODE[dtype], 1, "hot", graph, name,
-                            t.median_us, t.p10_us, t.p90_us, nbytes[name], gbps, 100.0 * gbps / s.bandwidth,
-                            errors[name], True, f"token at context {ctx}"))
-                    prompt = _ids(PROMPT_TOKENS, cfg.vocab_size)
-                    t = s.timer.time_calls(lambda r=r, prompt=prompt: (r.reset(), r.prefill(prompt)), iters=max(5, n // 10))
-                    report.measurements.append(Measurement(
-                        f"prefill@{PROMPT_TOKENS}", (1, 1), DTYPE_CODE[dtype], 1, "hot", False, name, t.median_us,
-                        t.p10_us, t.p90_us, nbytes[name], 0.0, 0.0, errors[name], True,
-                        f"prompt of {PROMPT_TOKENS} tokens, one batched pass"))
+                        _time_runner(s, report, name, runners[name], dtype, nbytes[name], errors[name], n, cfg)
+                    except Exception as exc:
+                        _peer_failed(report, dtype, " (timing)", exc)
                 del rt, dense, hf, runners
                 free_device_memory()
             report.meta["model"] = model_meta
@@ -180,4 +207,4 @@ def bench_llm(path: str | Path, checked, *, dtypes: tuple[str, ...], iters: int,
     return report
 
 
-__all__ = ["CONTEXTS", "PROMPT_TOKENS", "bench_llm", "llm_preflight"]
+__all__ = ["CONTEXTS", "PEER", "PROMPT_TOKENS", "bench_llm", "llm_preflight"]

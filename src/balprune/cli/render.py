@@ -325,7 +325,8 @@ def model_tables(report) -> list[Table]:
         b, d, tf = r.get("balprune"), r.get("torch"), r.get("transformers")
         t.add_row(*map(literal, ((r["unit"],) if units else ()) + (r["dtype"], "yes" if r["graph"] else "no", r["mode"], us(b), spread(b), us(d),
                                  spread(d), "" if r["speedup"] is None else f"{r['speedup']:.2f}")
-                       + ((us(tf), ratio(tf, b)) if hf else ())
+                       + (((us(tf) + ("" if tf is None or tf.graph == r["graph"] else " eager")), ratio(tf, b))
+                          if hf else ())
                        + ("" if b is None or b.max_rel_error is None else f"{b.max_rel_error:.1e}",)))
     notes = []
     paper = meta.get("paper")

@@ -76,7 +76,8 @@ class PackedModel:
         else:
             path, op = sparse_operator(packed, self.dtype, self.device, name)
             sparse, reason = ((path, op), "") if path is not None else (None, op)
-            alternatives, unavailable = sparse_alternatives(packed, self.dtype, self.device, name)
+            if self.paths != "dense":  # a forced-dense runtime times nothing else
+                alternatives, unavailable = sparse_alternatives(packed, self.dtype, self.device, name)
         return Projection(name, dense.to(self.dev, self.tdt).contiguous(), x, y, dtype=self.dtype,
                           kernels=self.kernels, views=self.views, sparse=sparse, sparse_reason=reason,
                           alternatives=alternatives, unavailable=unavailable,

@@ -289,8 +289,11 @@ class Projection:
     # -- binding ----------------------------------------------------------------------------------
 
     def bind(self, key: str) -> None:
-        """Bind the launch of candidate ``key`` (a path, or "path (variant)")."""
+        """Bind the launch of candidate ``key`` (a path, or "path (variant)"); the alternatives not bound
+        are let go (their device copies of the matrix are not needed again)."""
         self._bound = self.candidates()[key]
+        path = key.split(" (")[0]
+        self.alternatives = [(p, o) for p, o in self.alternatives if p == path]
 
     def launch(self) -> None:
         self._bound()
@@ -317,9 +320,17 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
     if proj.sparse is None:
         choice.unavailable["sparse"] = proj.sparse_reason
     errors: dict[str, float] = {}
-    for key, fn in cands.items():
-        with cupy_on_torch_stream():
-            out = fn()
+    primary = {"dense", proj.sparse[0] if proj.sparse is not None else None}
+    for key, fn in list(cands.items()):
+        try:
+            with cupy_on_torch_stream():
+                out = fn()
+        except Exception as exc:  # an alternative kernel that cannot run here is reported, never fatal
+            if key.split(" (")[0] in primary:
+                raise
+            choice.unavailable[key] = f"could not run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"[:300]
+            del cands[key]
+            continue
         errors[key] = relative_error(out, ref)
     gate = STAGE_TOLERANCE[proj.dtype]
     correct = [k for k in cands if errors[k] <= gate]
