@@ -83,6 +83,9 @@ def test_runtime_matches_the_dense_masked_model(small_files, kind, dtype, paths)
         assert c.reason
         if paths == "auto":
             assert c.path == min(c.times_us, key=c.times_us.get)
+    if kind == "vgg" and paths == "auto":  # the direct balanced conv is timed (and gated) on every conv layer
+        convs = [c for c in rt.choices if c.layer.startswith("features.")]
+        assert convs and all("balanced_conv" in c.times_us for c in convs), [c.times_us for c in convs]
 
 
 @pytest.mark.parametrize("kind", list(SMALL))

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from ..patterns.registry import ENCODINGS, MODEL_BITMASK_PATH
+from ..patterns.registry import ENCODINGS, MODEL_BITMASK_PATH, MODEL_CONV_PATH
 
 #: Kernels balprune itself can run a layer with (the runtime's choice is the faster of them): a failure
 #: of one of these is exit 7; a peer library's is reported and not fatal. Kept here, not in peers.py, so
@@ -39,7 +39,7 @@ from ..patterns.registry import ENCODINGS, MODEL_BITMASK_PATH
 #: The path is the fastest of them; the model runtime's dispatcher times the offsets kernel and, for a
 #: bitmask-stored layer, the bitmask kernel (MODEL_BITMASK_PATH); runtime.load runs the stored encoding's kernel.
 ALTERNATIVES = {enc.bench_subject: tuple(a.kernel for a in enc.bench_alternatives) for enc in ENCODINGS.values()}
-ALTERNATIVES["balanced"] += (MODEL_BITMASK_PATH,)  # a model report's dispatch rows
+ALTERNATIVES["balanced"] += (MODEL_BITMASK_PATH, MODEL_CONV_PATH)  # a model report's dispatch rows
 OWN_PATHS = ("balanced", "bsr", "dense", *(k for ks in ALTERNATIVES.values() for k in ks))
 
 

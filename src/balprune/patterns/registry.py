@@ -249,6 +249,9 @@ ENCODINGS: dict[str, Encoding] = {enc.name: enc for enc in (
 #: kernel on the stored form beside it (runtime.model.stages.sparse_alternatives); bench reports it as
 #: one of the layer's own paths.
 MODEL_BITMASK_PATH = "balanced_bitmask"
+#: A model runtime's path for the direct balanced convolution of a conv layer (runtime.conv, timed by the
+#: VGG runtime beside im2col + the balanced SpMM, "balanced", and cuDNN).
+MODEL_CONV_PATH = "balanced_conv"
 
 def pattern_spec(pattern: Pattern | PatternKind) -> PatternSpec:
     """The record of a pattern (or a pattern kind)."""

@@ -207,6 +207,11 @@ class BalancedConv2d:
         self._taps: dict[int, tuple] = {}
         self._kernels: dict[str, object] = {}
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights a call reads: each kept tap's fp32 value and int32 position (the layout)."""
+        return int(self._values.size) * 8
+
     @classmethod
     def from_tensor(cls, bt, *, stride: int = 1, padding: int = 0, bias=None, **kw):
         """From a balprune.formats.BalancedTensor of a conv weight [C_out, C_in, kh, kw]."""

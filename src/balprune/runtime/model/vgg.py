@@ -1,9 +1,11 @@
 """VGG runtime: one image per ``run()``, every conv and fc layer on the path measured fastest.
 
-A conv layer (3x3, padding 1, + bias + ReLU, + 2x2 max-pool where VGG has one) has two paths:
-dense, torch's conv2d (cuDNN, tensor cores), and sparse: im2col into a static [C_in*9, H*W]
+A conv layer (3x3, padding 1, + bias + ReLU, + 2x2 max-pool where VGG has one) has three paths:
+dense, torch's conv2d (cuDNN, tensor cores); sparse: im2col into a static [C_in*9, H*W]
 buffer (kernels/model_ops.cu), balprune's SpMM of the layer's [C_out, C_in*9] matrix over those
-H*W columns with bias + ReLU in its epilogue (or, before a pool, bias + ReLU + pool in one launch). At batch 1 the early layers' H*W is
+H*W columns with bias + ReLU in its epilogue (or, before a pool, bias + ReLU + pool in one launch);
+and "balanced_conv", the direct balanced convolution (runtime.conv: no im2col; the small-map kernel
+on the 14x14 and 28x28 layers), then the pool in torch. At batch 1 the early layers' H*W is
 large (50176 columns at 224x224), where tensor cores win by far; the late 14x14 layers are where
 the sparse path can; the dispatcher measures both on this GPU and says which ran. fc6/fc7/fc8
 are Projections (SpMV with bias/ReLU in its epilogue, or cuBLAS addmv). The adaptive average pool is the identity
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UsageError
+from ...patterns.registry import MODEL_CONV_PATH as DIRECT
 from ..measure import cupy_on_torch_stream
 from .base import PackedModel, check_float_request, load_dense, load_packed
 from .lstm import _matrix
@@ -54,6 +57,18 @@ class ConvStage:
         self.bias32 = None if b is None else b.to(dev, torch.float32)
         path, op = sparse_operator(packed, model.dtype, model.device, self.name)
         self.sparse, self.sparse_reason = ((path, op), "") if path is not None else (None, op)
+        #: the direct convolution (runtime.conv, kernels/balanced_conv.cu) of a balanced conv weight
+        self.direct = None
+        self.unavailable: dict[str, str] = {}
+        if path == "balanced" and model.paths != "dense":
+            from ..conv import BalancedConv2d
+
+            try:
+                self.direct = BalancedConv2d(packed.values.to(tdt), packed.indices, in_channels=cin, kh=k, kw=k,
+                                             block_length=packed.geometry.block_length, padding=pad,
+                                             bias=self.bias32, device=model.device, validate=False, name=self.name)
+            except UsageError as exc:  # a shape the direct kernel does not take
+                self.unavailable[DIRECT] = str(exc)
         self.out = out
         self.choice = None
         self._fn = None
@@ -112,13 +127,31 @@ class ConvStage:
             return result
         return run
 
+    def _direct_fn(self):
+        op, pool, out = self.direct, self.pool, self.out
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = op(x, relu=True)
+            if pool:
+                y = F.max_pool2d(y, 2)
+            if out is not None:
+                out.copy_(y)
+                return out
+            return y
+        return run
+
     def _make(self, key: str):
-        return self._dense_fn() if key == "dense" else self._sparse_fn()
+        return {"dense": self._dense_fn, DIRECT: self._direct_fn}.get(key, self._sparse_fn)()
 
     # -- the dispatch surface -----------------------------------------------------------------------
 
+    def sparse_paths(self) -> list[tuple[str, object]]:
+        """The layer's sparse paths: im2col + the balanced SpMM, and the direct convolution."""
+        return (([self.sparse] if self.sparse is not None else [])
+                + ([(DIRECT, self.direct)] if self.direct is not None else []))
+
     def candidates(self) -> dict:
-        paths = ["dense"] + ([self.sparse[0]] if self.sparse is not None else [])
+        paths = ["dense"] + [p for p, _ in self.sparse_paths()]
         fns = {p: self._make(p) for p in paths}
         return {p: (lambda f=f: f(self.x)) for p, f in fns.items()}
 
@@ -131,7 +164,7 @@ class ConvStage:
         path = path.split(" (")[0]
         if path == "dense":
             return int(self.dense.numel() * self.dense.element_size())
-        return int(self.sparse[1].weight_bytes)
+        return int(dict(self.sparse_paths())[path].weight_bytes)
 
     def bind(self, path: str) -> None:
         self._fn = self._make(path)
