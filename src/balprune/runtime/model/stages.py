@@ -289,11 +289,9 @@ class Projection:
     # -- binding ----------------------------------------------------------------------------------
 
     def bind(self, key: str) -> None:
-        """Bind the launch of candidate ``key`` (a path, or "path (variant)"); the alternatives not bound
-        are let go (their device copies of the matrix are not needed again)."""
+        """Bind the launch of candidate ``key`` (a path, or "path (variant)"). Every path stays available:
+        a stage built on this one (an LSTM recurrence) asks for the candidates of each correct path later."""
         self._bound = self.candidates()[key]
-        path = key.split(" (")[0]
-        self.alternatives = [(p, o) for p, o in self.alternatives if p == path]
 
     def launch(self) -> None:
         self._bound()
