@@ -164,6 +164,11 @@ def split_step(rt: PackedLlama) -> dict:
         out["per_product_us"] = {c.layer: round(c.times_us[c.path], 1) for c in rt.choices[:5] + rt.choices[-1:]}
     if dec.fused is not None:
         out["ops_ms"] = round(_graph_ms(ops), 4)
+        f = dec.fused
+        for kind in ("input_norm", "rope", "attention", "post_norm"):  # each op over every layer, alone
+            launches = getattr(f, kind)
+            out[f"{kind}_ms"] = round(_graph_ms(lambda launches=launches: [g() for g in launches]), 4)
+        out["silu_mul_ms"] = round(_graph_ms(lambda: [f.silu_mul() for _ in dec.layers]), 4)
     return out
 
 
