@@ -223,6 +223,14 @@ def emulate_balanced_conv2d(grid, block, shared_mem, PY,
 
 # ------------------------------------------------------------------------------------- launches and cases
 
+def conv_reference(bt, kh: int, kw: int, x, bias, stride: int, pad: int, relu: bool) -> torch.Tensor:
+    """float64 act(conv2d(x, the masked weight) + bias) for ``bt`` over the [C_out, C_in*kh*kw] view: what
+    every emulated conv kernel is held to."""
+    dense = bt.to_dense().double().reshape(-1, int(x.shape[1]), kh, kw)
+    ref = F.conv2d(x, dense, None if bias is None else bias.double(), stride=stride, padding=pad)
+    return ref.clamp_min(0) if relu else ref
+
+
 def derive_launch(s: ConvShape, batch: int, py: int, wr: int, co: int, cc: int) -> dict:
     """launch_config's dictionary for given rows per lane, row warps, channels per CTA and chunk channels,
     with grid / block / shared memory by launch_config's formulas (the kernel's header)."""
@@ -291,10 +299,7 @@ def _run(case_args, params=None, seed=0):
                                  f"written more than once"
     assert not np.isnan(y).any()
     assert stats["max_xs_read"] < cfg["shared_mem"] // 4 and stats["max_xs_write"] < cfg["shared_mem"] // 4
-    dense = bt.to_dense().double().reshape(cout, cin, kh, kw)
-    ref = F.conv2d(x, dense, None if bias is None else bias.double(), stride=stride, padding=pad)
-    if relu:
-        ref = ref.clamp_min(0)
+    ref = conv_reference(bt, kh, kw, x, bias, stride, pad, relu)
     np.testing.assert_allclose(y.reshape(batch, cout, OH, OW), ref.numpy(), rtol=0, atol=1e-9)
     return cfg, stats
 

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import balanced_conv_weight
-from test_conv_kernel_emulation import _cdiv, _cmod, _in, _int32
-from torch.nn import functional as F
+from test_conv_kernel_emulation import _cdiv, _cmod, _in, _int32, conv_reference
 
 from balprune.formats.layouts import CONV_POS_SHIFT, conv_taps
 from balprune.runtime.conv import (
@@ -199,10 +198,7 @@ def _run(args, explicit: bool, seed=0):
     assert (written == 1).all()
     if cfg["slices"] > 1:
         assert (partials == cfg["slices"]).all(), "an output missed a slice's partial sum or got one twice"
-    dense = bt.to_dense().double().reshape(cout, cin, k, kw)
-    ref = F.conv2d(x, dense, None if bias is None else bias.double(), stride=stride, padding=pad)
-    if relu:
-        ref = ref.clamp_min(0)
+    ref = conv_reference(bt, k, kw, x, bias, stride, pad, relu)
     np.testing.assert_allclose(y.reshape(batch, cout, OH, OW), ref.numpy(), rtol=0, atol=1e-9)
     return cfg, stats
 

@@ -153,16 +153,19 @@ def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[lis
     from ..nm24 import Nm24Linear, supports
 
     g = packed.geometry
+    bitmask, nm24 = packed.encoding == "bitmask", supports(dtype, g.block_length, g.keep)
+    if not (bitmask or nm24):
+        return [], {}
     values = packed.values.to(TORCH_OF[dtype])
     out, unavailable = [], {}
-    if packed.encoding == "bitmask":
+    if bitmask:
         try:
             out.append((MODEL_BITMASK_PATH, BitmaskLinear(values, packed.indices, cols=g.cols,
                                                           block_length=g.block_length, device=device, name=name,
                                                           validate=False)))
         except FormatError as exc:  # the kernel's own limits (32-bit staging index)
             unavailable[MODEL_BITMASK_PATH] = str(exc)
-    if supports(dtype, g.block_length, g.keep):
+    if nm24:
         out.append(("balanced_nm24", Nm24Linear(values, packed.indices, cols=g.cols, block_length=g.block_length,
                                                 device=device, name=name, validate=False)))
     return out, unavailable

@@ -82,11 +82,12 @@ class ConvStage:
     def out_shape(self) -> tuple[int, int, int]:
         return (self.rows, self.H // 2, self.W // 2) if self.pool else (self.rows, self.H, self.W)
 
-    def _dense_fn(self):
-        w, b, pad, pool, out = self.w4, self.bias_t, self.pad, self.pool, self.out
+    def _pooled(self, conv_relu):
+        """run(x): ``conv_relu(x)`` (bias and ReLU applied), then the layer's pool, into ``out`` when given."""
+        pool, out = self.pool, self.out
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu_(F.conv2d(x[None], w, b, padding=pad)[0])
+            y = conv_relu(x)
             if pool:
                 y = F.max_pool2d(y, 2)
             if out is not None:
@@ -94,6 +95,10 @@ class ConvStage:
                 return out
             return y
         return run
+
+    def _dense_fn(self):
+        w, b, pad = self.w4, self.bias_t, self.pad
+        return self._pooled(lambda x: torch.relu_(F.conv2d(x[None], w, b, padding=pad)[0]))
 
     def _sparse_fn(self):
         K = self.kernels
@@ -128,17 +133,8 @@ class ConvStage:
         return run
 
     def _direct_fn(self):
-        op, pool, out = self.direct, self.pool, self.out
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            y = op(x, relu=True)
-            if pool:
-                y = F.max_pool2d(y, 2)
-            if out is not None:
-                out.copy_(y)
-                return out
-            return y
-        return run
+        op = self.direct
+        return self._pooled(lambda x: op(x, relu=True))
 
     def _make(self, key: str):
         return {"dense": self._dense_fn, DIRECT: self._direct_fn}.get(key, self._sparse_fn)()
