@@ -6,7 +6,9 @@
 // warp walks the kept taps of one output channel against it: a tap (value, input channel, dy, dx) is
 // warp-uniform, each lane owns one output column of the tile and PY output rows, so one tap costs a
 // lane PY shared-memory loads (a warp's 32 lanes read 32 consecutive words: no bank conflict at
-// stride 1) and PY FMAs, and the index arithmetic is paid once per tap, not per pixel.
+// stride 1) and PY FMAs, and the index arithmetic is paid once per tap, not per pixel. A warp loads
+// its taps 32 at a time, one per lane, and broadcasts each by __shfl_sync: the walk waits for one
+// global load per 32 taps (a load per tap made both kernels latency-bound: kernels/NOTES.md v23).
 //
 // Layout (formats.layouts.conv_taps; its CPU model conv_taps_reference is what the CPU tests hold
 // it to): the kept weights of output channel o, in column order of the [C_out, C_in*kh*kw] view
@@ -28,7 +30,7 @@ constexpr int kConvTileCols = 32;  // output columns per tile: one per lane
 constexpr int kConvPosShift = 8;   // tap_pos: c << 8 | dy << 4 | dx
 
 template <typename T, int PY>
-__global__ void __launch_bounds__(1024) balanced_conv2d(
+__global__ void __launch_bounds__(512) balanced_conv2d(
     const T* __restrict__ x, int C, int H, int W, long long x_batch_stride,
     const float* __restrict__ tap_w, const int* __restrict__ tap_pos, const int* __restrict__ chunk_start,
     int Cout, int kh, int kw, int stride, int pad, int OH, int OW, int CC, int nchunks,
@@ -74,16 +76,26 @@ __global__ void __launch_bounds__(1024) balanced_conv2d(
                   ? Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix) : 0.0f;
     }
     __syncthreads();
-    if (o < Cout) {
+    if (o < Cout) {  // warp-uniform: a warp is one output channel
       const int t_end = my_chunks[j + 1];
-      for (int t = my_chunks[j]; t < t_end; ++t) {
-        const float w = __ldg(tap_w + t);
-        const int pos = __ldg(tap_pos + t);
-        const int c = (pos >> kConvPosShift) - c0;
-        const int dy = (pos >> 4) & 15, dx = pos & 15;
-        const float* s = xs + (c * TIH + dy) * TIW + dx + lane_base;
+      for (int tb = my_chunks[j]; tb < t_end; tb += 32) {
+        // 32 taps at once, one per lane (coalesced), each turned into its shared-memory offset; the
+        // warp then walks them from registers: one load latency per 32 taps, not one per tap
+        const int tt = tb + lane;
+        float wl = 0.0f;
+        int offl = 0;
+        if (tt < t_end) {
+          wl = __ldg(tap_w + tt);
+          const int pos = __ldg(tap_pos + tt);
+          offl = (((pos >> kConvPosShift) - c0) * TIH + ((pos >> 4) & 15)) * TIW + (pos & 15);
+        }
+        const int nb = min(32, t_end - tb);
+        for (int u = 0; u < nb; ++u) {
+          const float w = __shfl_sync(0xffffffffu, wl, u);
+          const float* s = xs + __shfl_sync(0xffffffffu, offl, u) + lane_base;
 #pragma unroll
-        for (int p = 0; p < PY; ++p) acc[p] = fmaf(w, s[p * row_step], acc[p]);
+          for (int p = 0; p < PY; ++p) acc[p] = fmaf(w, s[p * row_step], acc[p]);
+        }
       }
     }
   }
@@ -166,12 +178,23 @@ __global__ void __launch_bounds__(512) balanced_conv2d_map(
   }
   const int* my = chunk_start + (long long)o * (nslices + 1);
   const int t_end = my[slice + 1];
-  for (int t = my[slice]; t < t_end; ++t) {
-    const float w = __ldg(tap_w + t);
-    const int pos = __ldg(tap_pos + t);
-    const int off = (((pos >> kConvPosShift) - c0) * TR + ((pos >> 4) & 15)) * PW + (pos & 15);
+  for (int tb = my[slice]; tb < t_end; tb += 32) {
+    // 32 taps at once, one per lane, as shared-memory offsets; walked from registers (see the tiled kernel)
+    const int tt = tb + lane;
+    float wl = 0.0f;
+    int offl = 0;
+    if (tt < t_end) {
+      wl = __ldg(tap_w + tt);
+      const int pos = __ldg(tap_pos + tt);
+      offl = (((pos >> kConvPosShift) - c0) * TR + ((pos >> 4) & 15)) * PW + (pos & 15);
+    }
+    const int nb = min(32, t_end - tb);
+    for (int u = 0; u < nb; ++u) {
+      const float w = __shfl_sync(0xffffffffu, wl, u);
+      const int off = __shfl_sync(0xffffffffu, offl, u);
 #pragma unroll
-    for (int j = 0; j < NP; ++j) acc[j] = fmaf(w, xs[off + base[j]], acc[j]);
+      for (int j = 0; j < NP; ++j) acc[j] = fmaf(w, xs[off + base[j]], acc[j]);
+    }
   }
   const long long plane = ((long long)blockIdx.z * Cout + o) * P;
 #pragma unroll

@@ -127,20 +127,60 @@ __global__ void rope_append(T* __restrict__ qkv, const T* __restrict__ cos, cons
   }
 }
 
+// One attention chunk's keys and values into shared memory as fp32: rows x d contiguous elements of K
+// and V (a chunk's cache rows are adjacent) into ks / vs [chunk][stride], rows rows..chunk-1 zeroed.
+// With d a multiple of a 16-byte vector and aligned sources each thread issues all its 16-byte loads
+// of K and V before it stores any (the unrolled loop), so the chunk is one memory round trip.
+template <typename T>
+__device__ __forceinline__ void stage_kv(const T* __restrict__ K, const T* __restrict__ V, int rows, int chunk, int d,
+                                         float* ks, float* vs, int stride) {
+  constexpr int kVec = 16 / (int)sizeof(T);
+  const int n = chunk * d;
+  const bool vec = d % kVec == 0 && ((reinterpret_cast<unsigned long long>(K) | reinterpret_cast<unsigned long long>(V)) & 15) == 0;
+  if (vec) {
+#pragma unroll 4
+    for (int i = threadIdx.x * kVec; i < n; i += blockDim.x * kVec) {
+      const int r = i / d, e = i - r * d;  // a vector never crosses a row: d % kVec == 0
+      uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
+      if (r < rows) {
+        kr = __ldg(reinterpret_cast<const uint4*>(K + i));
+        vr = __ldg(reinterpret_cast<const uint4*>(V + i));
+      }
+      const T* kt = reinterpret_cast<const T*>(&kr);
+      const T* vt = reinterpret_cast<const T*>(&vr);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        ks[r * stride + e + u] = Val<T>::sload(kt + u);
+        vs[r * stride + e + u] = Val<T>::sload(vt + u);
+      }
+    }
+    return;
+  }
+#pragma unroll 8
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {  // independent loads: many in flight per thread
+    const int r = i / d, e = i - r * d;
+    ks[r * stride + e] = r < rows ? Val<T>::sload(K + i) : 0.0f;
+    vs[r * stride + e] = r < rows ? Val<T>::sload(V + i) : 0.0f;
+  }
+}
+
 // Grouped-query attention of one query at position pos[0] over the cache, split over the cache
 // (flash-decoding). Why: one CTA per query head walking the whole cache (the first version) keeps
 // one load in flight per warp per key, so its time grows with the context at memory latency, and
 // reads each K/V head once per query head. Here a CTA owns one K/V head g and one chunk of `chunk`
-// positions: it stages the chunk's keys once (fp32, rows padded by one word: conflict-free), scores
+// positions: it stages the chunk's keys and values once, together (fp32, rows padded by one word:
+// conflict-free; 16-byte loads where d allows, so the whole chunk is in flight at once: staging keys
+// and values one after the other with scalar loads made the kernel wait for memory ~9 times and cost
+// ~20 us per layer at context 128, kernels/NOTES.md v23), scores
 // them against all rep = heads / kvh query heads of g (s_j = T(T(q . k_j) * scaling) for the visible
 // positions: j <= pos, and pos - j < window when window > 0), takes the chunk's max m and exp-sum l
-// per head, stages the chunk's values in the same buffer and writes the unnormalised partial output
+// per head and writes the unnormalised partial output
 // o = sum_j exp(s_j - m) v_j (fp32) with m and l to `part`. The last CTA of g to finish (a counter per
 // K/V head, reset by that CTA for the next step) combines the chunks: out = T(sum_c o_c e^(m_c - M) /
 // sum_c l_c e^(m_c - M)). The probabilities are not rounded to T on their own (the fp32 reference
 // does not round them either); the runtime's gate holds the step to the torch-ops step's logits.
 // grid (kvh, ceil(max_len / chunk)), block kAttThreads; chunks past pos exit at once.
-// Dynamic shared memory: chunk * (d + 1) + rep * d + rep * chunk floats.
+// Dynamic shared memory: 2 * chunk * (d + 1) + rep * d + rep * chunk floats.
 // part: float [heads, ceil(max_len / chunk), d + 2]; count: int [kvh], zero before the first step.
 constexpr int kAttThreads = 128;
 
@@ -158,8 +198,9 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
   const int j0 = c * chunk;
   if (j0 > hi || j0 + chunk <= lo) return;  // nothing visible in this chunk (counted by nobody)
   const int stride = d + 1;
-  float* kv = sm;                       // [chunk][d + 1]: keys, then values
-  float* qs = sm + chunk * stride;      // [rep][d]
+  float* ks = sm;                       // [chunk][d + 1]: keys
+  float* vs = ks + chunk * stride;      // [chunk][d + 1]: values
+  float* qs = vs + chunk * stride;      // [rep][d]
   float* sc = qs + rep * d;             // [rep][chunk]: scores, then exp(s - m)
   __shared__ float mx[32], sum[32];     // per head (rep <= 32)
   __shared__ int last;
@@ -169,11 +210,7 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
   const int rows = min(chunk, max_len - j0);  // rows of the cache in this chunk
 
   for (int i = tid; i < rep * d; i += blockDim.x) qs[i] = Val<T>::sload(q_all + (long long)g * rep * d + i);
-#pragma unroll 8
-  for (int i = tid; i < chunk * d; i += blockDim.x) {  // independent loads: many in flight per thread
-    const int r = i / d, e = i - r * d;
-    kv[r * stride + e] = r < rows ? Val<T>::sload(K + (long long)(j0 + r) * d + e) : 0.0f;
-  }
+  stage_kv<T>(K + (long long)j0 * d, V + (long long)j0 * d, rows, chunk, d, ks, vs, stride);
   __syncthreads();
   // scores: thread per (head, position) pair, the dot product over d from shared memory
   for (int t = tid; t < rep * chunk; t += blockDim.x) {
@@ -181,7 +218,7 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
     float s = -__int_as_float(0x7f800000);
     if (j >= lo && j <= hi) {
       float acc = 0.0f;
-      const float* k = kv + jj * stride;
+      const float* k = ks + jj * stride;
       const float* q = qs + r * d;
       for (int e = 0; e < d; ++e) acc = fmaf(q[e], k[e], acc);
       s = rnd<T>(rnd<T>(acc) * scaling);
@@ -209,19 +246,12 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
       sum[r] = l;
     }
   }
-  // values into the same buffer (every score is read: the barrier above the loop below orders it)
-  __syncthreads();
-#pragma unroll 8
-  for (int i = tid; i < chunk * d; i += blockDim.x) {
-    const int r = i / d, e = i - r * d;
-    kv[r * stride + e] = r < rows ? Val<T>::sload(V + (long long)(j0 + r) * d + e) : 0.0f;
-  }
-  __syncthreads();
+  __syncthreads();  // every exp(s - m) written
   const int slots = d + 2;
   for (int t = tid; t < rep * d; t += blockDim.x) {
     const int r = t / d, e = t - r * d;
     float acc = 0.0f;
-    for (int jj = 0; jj < chunk; ++jj) acc = fmaf(sc[r * chunk + jj], kv[jj * stride + e], acc);
+    for (int jj = 0; jj < chunk; ++jj) acc = fmaf(sc[r * chunk + jj], vs[jj * stride + e], acc);
     part[((long long)(g * rep + r) * nchunks + c) * slots + e] = acc;
   }
   if (tid < rep) {

@@ -76,22 +76,34 @@ __global__ void bias_relu_pool2(const T* __restrict__ y, const float* __restrict
   Val<T>::store(out + i, fmaxf(m, 0.0f));
 }
 
-// Implicit-im2col's explicit form for a 3x3-style conv (stride 1, dilation 1, zero padding pad):
-// cols[(c*kh*kw + dy*kw + dx), (oy*W + ox)] = x[c, oy + dy - pad, ox + dx - pad] (0 outside),
-// the [C*kh*kw, H*W] operand whose row order matches the weight's [C_out, C_in*kh*kw] view, so
-// y [C_out, H*W] = W cols is the conv. x is [C, H, W]; n = C*kh*kw*H*W outputs.
+// Implicit-im2col's explicit form for a conv (dilation 1, zero padding pad, any stride):
+// cols[(c*kh*kw + dy*kw + dx), (oy*OW + ox)] = x[c, oy*stride + dy - pad, ox*stride + dx - pad] (0 outside),
+// the [C*kh*kw, OH*OW] operand whose row order matches the weight's [C_out, C_in*kh*kw] view, so
+// y [C_out, OH*OW] = W cols is the conv. x is [C, H, W]; n = C*kh*kw*OH*OW outputs.
 template <typename T>
-__global__ void im2col(const T* __restrict__ x, int C, int H, int W, int kh, int kw, int pad, T* __restrict__ cols) {
-  const long long HW = (long long)H * W;
-  const long long n = (long long)C * kh * kw * HW;
+__global__ void im2col(const T* __restrict__ x, int C, int H, int W, int kh, int kw, int pad, int stride, int OH,
+                       int OW, T* __restrict__ cols) {
+  const long long P = (long long)OH * OW;
+  const long long n = (long long)C * kh * kw * P;
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const long long p = i % HW;
-  const long long r = i / HW;
+  const long long p = i % P;
+  const long long r = i / P;
   const int dx = (int)(r % kw), dy = (int)((r / kw) % kh), c = (int)(r / ((long long)kw * kh));
-  const int oy = (int)(p / W), ox = (int)(p % W);
-  const int iy = oy + dy - pad, ix = ox + dx - pad;
+  const int oy = (int)(p / OW), ox = (int)(p % OW);
+  const int iy = oy * stride + dy - pad, ix = ox * stride + dx - pad;
   cols[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[((long long)c * H + iy) * W + ix] : T{};
+}
+
+// A residual block's end, in place: y = act(y + r) (ResNet: the block's last conv, bias already added,
+// plus the block's identity, then ReLU), one rounding to T. n outputs.
+template <typename T>
+__global__ void add_relu(T* __restrict__ y, const T* __restrict__ r, long long n, int relu) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float v = Val<T>::sload(y + i) + Val<T>::sload(r + i);
+  if (relu) v = fmaxf(v, 0.0f);
+  Val<T>::store(y + i, v);
 }
 
 }  // namespace bp

@@ -177,16 +177,25 @@ def emulate_balanced_conv2d(grid, block, shared_mem, PY,
                         t_beg[own] = chunk_start[my_chunks[own] + j]
                         t_end[own] = chunk_start[my_chunks[own] + j + 1]
                         n = np.where(own, t_end - t_beg, 0)
-                        for u in range(int(max(0, n.max()))):  # for (t = my_chunks[j]; t < t_end; ++t)
+                        warp0 = lin - lane  # thread index of lane 0 of each thread's warp
+                        wl = np.zeros(nthreads)
+                        offl = np.zeros(nthreads, np.int64)
+                        for u in range(int(max(0, n.max()))):  # the taps [my_chunks[j], t_end) in order
+                            if u % 32 == 0:  # lanes load taps tb + lane (tb = t_beg + u) as shared offsets
+                                tt = t_beg + u + lane
+                                ld = own & (tt < t_end)
+                                _in(tt[ld], tap_w.size, "tap_w read")
+                                _in(tt[ld], tap_pos.size, "tap_pos read")
+                                pos = tap_pos[tt[ld]].astype(np.int64)
+                                c = (pos >> kConvPosShift) - c0
+                                dy, dx = (pos >> 4) & 15, pos & 15
+                                wl[:], offl[:] = 0.0, 0
+                                wl[ld] = tap_w[tt[ld]].astype(np.float64)
+                                offl[ld] = (c * TIH + dy) * TIW + dx
                             a = own & (u < n)
-                            t = t_beg[a] + u
-                            _in(t, tap_w.size, "tap_w read")
-                            _in(t, tap_pos.size, "tap_pos read")
-                            w = tap_w[t].astype(np.float64)
-                            pos = tap_pos[t].astype(np.int64)
-                            c = (pos >> kConvPosShift) - c0
-                            dy, dx = (pos >> 4) & 15, pos & 15
-                            base = (c * TIH + dy) * TIW + dx + lane_base[a]  # s = xs + ...
+                            src = warp0[a] + u % 32  # __shfl_sync(.., u): lane u of the warp's batch
+                            w = wl[src]
+                            base = offl[src] + lane_base[a]  # s = xs + ...
                             sidx = base[:, None] + np.arange(PY, dtype=np.int64)[None, :] * row_step
                             _in(sidx, XS, "xs read (tap loop)")
                             assert staged[sidx].all(), \
@@ -389,9 +398,9 @@ def test_the_emulation_mirrors_the_kernel_source():
         "const int r = (i / TIW) % TIH;",
         "const int q = i % TIW;",
         "xs[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix) : 0.0f;",
-        "const int c = (pos >> kConvPosShift) - c0;",
-        "const int dy = (pos >> 4) & 15, dx = pos & 15;",
-        "const float* s = xs + (c * TIH + dy) * TIW + dx + lane_base;",
+        "offl = (((pos >> kConvPosShift) - c0) * TIH + ((pos >> 4) & 15)) * TIW + (pos & 15);",
+        "const int tt = tb + lane;",
+        "const float* s = xs + __shfl_sync(0xffffffffu, offl, u) + lane_base;",
         "acc[p] = fmaf(w, s[p * row_step], acc[p]);",
         "if (o >= Cout) return;",
         "if (ox >= OW) return;",

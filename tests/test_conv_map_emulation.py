@@ -106,16 +106,25 @@ def emulate_map(grid, block, shared_mem, NP, x, C, H, W, x_batch_stride, tap_w, 
                 t_beg = np.where(live, chunk_start[my + slice_], 0)
                 t_end = np.where(live, chunk_start[my + slice_ + 1], 0)
                 n = t_end - t_beg
+                warp0 = lin - lane  # thread index of lane 0 of each thread's warp
+                wl = np.zeros(nthreads)
+                offl = np.zeros(nthreads, np.int64)
                 for u in range(int(max(0, n.max()))):
+                    if u % 32 == 0:  # each lane loads tap tb + lane (tb = t_beg + u) and turns it into an offset
+                        tt = t_beg + u + lane
+                        ld = live & (tt < t_end)
+                        _in(tt[ld], tap_w.size, "tap read")
+                        assert (tt[ld] >= t_beg[ld]).all()
+                        pos = tap_pos[tt[ld]].astype(np.int64)
+                        c_local = (pos >> CONV_POS_SHIFT) - c0
+                        assert ((c_local >= 0) & (c_local < cs)).all(), "a tap outside the CTA's slice"
+                        wl[:], offl[:] = 0.0, 0
+                        wl[ld] = tap_w[tt[ld]].astype(np.float64)
+                        offl[ld] = (c_local * TR + ((pos >> 4) & 15)) * PW + (pos & 15)
                     a = live & (u < n)
-                    t = t_beg[a] + u
-                    _in(t, tap_w.size, "tap read")
-                    w = tap_w[t].astype(np.float64)
-                    pos = tap_pos[t].astype(np.int64)
-                    c_local = (pos >> CONV_POS_SHIFT) - c0
-                    assert ((c_local >= 0) & (c_local < cs)).all(), "a tap outside the CTA's slice"
-                    off = ((c_local * TR + ((pos >> 4) & 15)) * PW + (pos & 15))
-                    sidx = off[:, None] + base[a]
+                    src = warp0[a] + u % 32  # __shfl_sync(.., u): lane u of the warp's batch
+                    w = wl[src]
+                    sidx = offl[src][:, None] + base[a]
                     _in(sidx, xs.size, "xs read")
                     assert staged[sidx].all(), "a tap reads a shared word nobody staged"
                     stats["max_xs_read"] = max(stats["max_xs_read"], int(sidx.max()))
@@ -267,7 +276,9 @@ def test_the_emulation_mirrors_the_map_kernel_source():
         "const int iy = row0 + r - pad, ix = q - pad;",
         "const int p = min(p0 + lane + 32 * j, p1 - 1);",
         "base[j] = (oy * stride - row0) * PW + ox * stride;",
-        "const int off = (((pos >> kConvPosShift) - c0) * TR + ((pos >> 4) & 15)) * PW + (pos & 15);",
+        "offl = (((pos >> kConvPosShift) - c0) * TR + ((pos >> 4) & 15)) * PW + (pos & 15);",
+        "const int tt = tb + lane;",
+        "const int off = __shfl_sync(0xffffffffu, offl, u);",
         "acc[j] = fmaf(w, xs[off + base[j]], acc[j]);",
         "atomicAdd(part + plane + p, acc[j]);",
         "float v = part[i] + (bias != nullptr ? bias[(i / P) % Cout] : 0.0f);",

@@ -110,7 +110,7 @@ def test_every_model_op_compiles_without_spills(tmp_path):
     from balprune.runtime.model.stages import model_kernel_variants
 
     names = model_kernel_variants()
-    assert len(names) == 4 * 3  # lstm_cell, embedding_row, bias_relu_pool2, im2col x 3 value types
+    assert len(names) == 5 * 3  # lstm_cell, embedding_row, bias_relu_pool2, im2col, add_relu x 3 value types
     _assert_fit_64_registers_no_spills(tmp_path, names, "model_ops.cu")
 
 

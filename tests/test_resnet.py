@@ -167,13 +167,14 @@ def test_near_misses_are_one_line_naming_what_was_expected(case, folded, tmp_pat
     assert e.value.exit_code == 4 and e.value.one_line() == f"{out}: {PREFIX}{detail}"
 
 
-def test_bench_model_refuses_a_resnet_before_looking_for_a_gpu(tmp_path):
-    """Recognised, but the packed model runtime has no ResNet path yet: exit 4 naming it, on any machine."""
-    from balprune.runtime.model import preflight
+def test_the_model_runtime_preflight_takes_a_resnet_without_a_gpu(tmp_path):
+    """``bench --model``'s preflight verifies a packed ResNet and recognises it on any machine (the
+    GPU runtime itself is tests/gpu/test_model_gpu.py's)."""
+    from balprune.runtime.model import RUNTIMES, PackedResNet, preflight
 
     out = prune(tmp_path, "r", state_of(small_resnet()), "--sparsity", "0.5")
-    with pytest.raises(InvalidInputError, match="resnet12 is recognised, but the packed model runtime runs"):
-        preflight(out, ("float16",))
+    _, arch = preflight(out, ("float16",))
+    assert arch.kind == "resnet" and arch.name == "resnet12" and RUNTIMES["resnet"] is PackedResNet
 
 
 # -- hostile batch norms: one line, exit 4, no output ---------------------------------------------------

@@ -167,7 +167,9 @@ def test_bench_model_on_a_llama_file(packed, cli, tmp_path):
     from balprune.bench.report import is_model_unit
 
     units = {(m["layer"], m["kernel"]) for m in rep["measurements"] if is_model_unit(m["layer"])}
-    assert units == {(u, k) for u in ("model", "model@ctx1024", "prefill@128") for k in ("balprune", "torch")}
+    ours = {(u, k) for u in ("model", "model@ctx1024", "prefill@128") for k in ("balprune", "torch")}
+    # transformers, where it imports, is timed beside them (bench.llm.PEER); nothing else is
+    assert ours <= units and {k for _, k in units - ours} <= {"transformers"}, units
     assert all(m["correct"] for m in rep["measurements"])
     from test_bench_model_host import _render  # a wide console: the terminal's 80 columns fold the unit names
 

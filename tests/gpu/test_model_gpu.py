@@ -33,11 +33,30 @@ def _vgg_small():
     return m
 
 
+def _resnet_small():
+    """A torchvision ResNet of Bottleneck blocks (downsample 1x1 convs at stride 1 and 2, 3x3 convs at
+    stride 2) with drawn batch-norm statistics, so the fold prune does is not the identity."""
+    from balprune.vision import torchvision
+
+    resnet = torchvision().models.resnet
+    m = resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], num_classes=10)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
 SMALL = {
     "lstm-lm": lambda: examples.LstmLanguageModel(vocab=300, hidden=96, layers=2),
     "ctc-bilstm": lambda: examples.BiLstmAcousticModel(features=39, hidden=64, layers=2, labels=20),
     "vgg": _vgg_small,
+    "resnet": _resnet_small,
 }
+OUTPUT = {"lstm-lm": "logits", "ctc-bilstm": "out"}  # the buffer a run() ends in (vision: fc_out[-1])
 
 
 def _packed(tmp_path, name: str, build, sparsity: float, blocks: int = 8):
@@ -83,9 +102,12 @@ def test_runtime_matches_the_dense_masked_model(small_files, kind, dtype, paths)
         assert c.reason
         if paths == "auto":
             assert c.path == min(c.times_us, key=c.times_us.get)
-    if kind == "vgg" and paths == "auto":  # the direct balanced conv is timed (and gated) on every conv layer
-        convs = [c for c in rt.choices if c.layer.startswith("features.")]
-        assert convs and all("balanced_conv" in c.times_us for c in convs), [c.times_us for c in convs]
+    if kind in ("vgg", "resnet") and paths == "auto":
+        # the direct balanced conv is timed (and gated) on every conv layer, or said why not
+        convs = [c for c in rt.choices if not c.layer.startswith(("classifier.", "fc."))]
+        assert convs and all("balanced_conv" in c.times_us or "balanced_conv" in c.unavailable for c in convs), \
+            [(c.layer, c.times_us, c.unavailable) for c in convs]
+        assert sum("balanced_conv" in c.times_us for c in convs) >= len(convs) - 1
 
 
 @pytest.mark.parametrize("kind", list(SMALL))
@@ -101,7 +123,7 @@ def test_graph_replay_equals_eager(small_files, kind):
         for _ in range(3):  # three token steps for the LM (state advances per run)
             rt.run() if how == "eager" else g.replay()
         torch.cuda.synchronize()
-        buf = rt.logits if kind == "lstm-lm" else (rt.out if kind == "ctc-bilstm" else rt.fc_out[-1])
+        buf = getattr(rt, OUTPUT[kind]) if kind in OUTPUT else rt.fc_out[-1]
         outs[how] = buf.clone()
     assert torch.equal(outs["eager"], outs["graph"])
 
@@ -137,6 +159,18 @@ def test_paper_sized_vgg16(tmp_path):
     assert err <= TOLERANCE["float16"], err
     by = {c.layer: c for c in rt.choices}
     assert by["classifier.0.weight"].path == "balanced"  # fc6 at 92%: the sparse kernel must win
+
+
+def test_paper_sized_resnet50(tmp_path):
+    from balprune.runtime.model import load_model
+
+    path = _packed(tmp_path, "resnet50", examples.EXAMPLES["resnet50"][1], 0.9, blocks=32)
+    arch, inputs, ref = _reference(path)
+    assert arch.name == "resnet50"
+    rt = load_model(path, dtype="float16")
+    err = relative_error(rt.forward(inputs), ref)
+    assert err <= TOLERANCE["float16"], err
+    assert len(rt.choices) == 54  # 53 convs (stem, 48 in blocks, 4 downsamples) and fc
 
 
 def test_bench_model_command_writes_a_comparable_report(small_files, tmp_path, capsys):

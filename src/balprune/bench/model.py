@@ -2,7 +2,8 @@
 
 For each dtype, in one process on one GPU: balprune's model runtime (runtime.model, every layer
 on the path its dispatcher measured fastest) and the dense masked model in torch (cuBLAS/cuDNN,
-the same weights with zeros), both first checked against the float32 reference outputs
+the same weights with zeros; a vision model's with cuDNN's benchmark mode on and in the faster of
+NCHW and channels-last, ``meta["model"]["dtypes"][d]["torch_layout"]``), both first checked against the float32 reference outputs
 (runtime.measure.relative_error within MODEL_TOLERANCE, README "Tolerance contract": a runner
 outside it is reported and not timed; only balprune's runner failing makes ``bench`` fail), then timed per unit
 of work (lstm-lm: one token step; ctc-bilstm: one utterance; vgg: one image) eagerly and
@@ -68,6 +69,34 @@ def _torch_runner(module, arch, inputs: dict, dev) -> Callable[[], torch.Tensor]
     return lambda: module(image)
 
 
+def _faster_layout(module, inputs: dict, dev, timer) -> tuple[Callable[[], torch.Tensor], dict]:
+    """The dense torch runner of a vision model in the memory layout cuDNN runs faster at batch 1: NCHW
+    (``module`` as it is) or channels-last (a copy), each timed hot and eager after a warm-up in which
+    cuDNN's benchmark mode (on for the whole vision bench: _cudnn_benchmark) picked its algorithms.
+    Returns the runner and ``{"layout": the faster, "eager_hot_us": {layout: median}}`` for the report."""
+    import copy
+
+    image = inputs["image"].to(dev, next(module.parameters()).dtype)[None].contiguous()
+    cl = copy.deepcopy(module).to(memory_format=torch.channels_last)
+    image_cl = image.contiguous(memory_format=torch.channels_last)
+    runners = {"NCHW": lambda: module(image), "channels-last": lambda: cl(image_cl)}
+    times = {k: timer.time_calls(f, iters=20, warmup=5).median_us for k, f in runners.items()}
+    best = min(times, key=times.get)
+    return runners[best], {"layout": best, "eager_hot_us": times}
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    """torch.backends.cudnn.benchmark set to ``on`` inside, restored after (cuDNN then times its
+    algorithms per conv shape once: the dense peer and the runtime's dense path at their best)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "float16"),
                 modes: tuple[str, ...] = ("hot", "cold"), graph: bool = True, iters: int = 100, frames: int = 50,
                 device: int = 0, paths: str = "auto", progress: Progress | None = None) -> BenchReport:
@@ -91,7 +120,8 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
     _gpu.require_device(device)
     inputs = sample_inputs(arch, frames=frames)
     say = progress or (lambda _m: None)
-    with Session(device) as s:
+    vision = arch.kind in ("vgg", "resnet")
+    with Session(device) as s, _cudnn_benchmark(vision):
         report = s.new_report(str(path))
         dev = torch.device("cuda", device)
         try:
@@ -111,7 +141,10 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                 with quiet_libraries():
                     tm = reference_module(pf, arch, dtype=TORCH_OF[dtype], device=dev)
                     torch_out = reference_outputs(tm, arch, inputs)
-                    torch_runner = _torch_runner(tm, arch, inputs, dev)
+                    if vision:
+                        torch_runner, layout = _faster_layout(tm, inputs, dev, s.timer)
+                    else:
+                        torch_runner, layout = _torch_runner(tm, arch, inputs, dev), None
                 errors = {"balprune": relative_error(rt.forward(inputs), ref), "torch": relative_error(torch_out, ref)}
                 rt.load_inputs(inputs)
                 runners = {"balprune": rt.run, "torch": torch_runner}
@@ -119,6 +152,8 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                         "weight_bytes": {"balprune": rt.weight_bytes,
                                          "torch": sum(p.numel() * p.element_size() for p in tm.parameters())},
                         "paths": {c.layer: c.path for c in rt.choices}}
+                if layout is not None:
+                    meta["torch_layout"] = layout
                 model_meta["dtypes"][dtype] = meta
                 record_dispatch(report, rt.choices, dtype, s.bandwidth)
                 for runner, fn in runners.items():

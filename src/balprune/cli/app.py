@@ -566,7 +566,7 @@ def bench(
                                help="CUDA device index."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report (schema balprune.bench/2) here."),
     model: bool = typer.Option(False, "--model",
-                               help="End to end: the whole packed model (lstm-lm, ctc-bilstm, vgg) at batch 1 against "
+                               help="End to end: the whole packed model (lstm-lm, ctc-bilstm, vgg, resnet, llama family) at batch 1 against "
                                     "dense torch, eager and CUDA graph, with each layer on its fastest path."),
     dtype: str = typer.Option("float32,float16", "--dtype", callback=usage(lambda v: tuple(csv_items(v, "--dtype"))),
                               help="--model: precisions to run, comma-separated (float32, float16, bfloat16)."),

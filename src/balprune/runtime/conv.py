@@ -5,10 +5,10 @@
 Each CTA stages an input tile in shared memory once and its warps walk the kept taps of their
 output channels against it (the .cu file's header has the layout and the launch).
 
-Status: written, compile-checked for sm_90 (tests/test_kernels_compile.py) and held to its CPU
-model (formats.layouts.conv_taps_reference, tests/test_conv_layout.py); it has not run on a GPU
-yet, so no model runtime or bench path uses it (kernels/NOTES.md v17). ``launch_config`` is the
-first guess the device measurements are to replace.
+Status: correct on the GPU (tests/gpu/test_conv_gpu.py, every dtype) and held to its CPU models
+(formats.layouts.conv_taps_reference, tests/test_conv_layout.py; the thread emulations
+tests/test_conv_kernel_emulation.py, tests/test_conv_map_emulation.py). The model runtimes time it on
+every balanced conv layer (runtime.model.conv_stage, path "balanced_conv") through ``prepared_launch``.
 """
 
 from __future__ import annotations
@@ -245,63 +245,101 @@ class BalancedConv2d:
                                                    defines=self.defines).get_function(name)
         return k
 
-    def __call__(self, x, *, relu: bool = False):
-        """y = act(conv2d(x) + bias): x a torch CUDA tensor [C, H, W] or [N, C, H, W] (N <= MAX_BATCH) of the
-        weight's dtype on the operator's device; returns a new tensor [C_out, OH, OW] / [N, C_out, OH, OW]."""
+    def _checked_input(self, x):
+        """x as [N, C, H, W] (a [C, H, W] gets N = 1), checked against the operator (UsageError)."""
         import torch
 
-        from . import _gpu
-
-        cp = _gpu.cupy()
         want = TORCH_OF[self.dtype]
         if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.dtype != want or not x.is_cuda \
                 or x.device.index != self.device:
             raise UsageError(f"{self.name}: x must be a CUDA {want} tensor [C, H, W] or [N, C, H, W] on device "
                              f"{self.device}")
         xb = x[None] if x.dim() == 3 else x
-        n, c, h, w = (int(d) for d in xb.shape)
+        n, c = int(xb.shape[0]), int(xb.shape[1])
         if c != self.in_channels or not 1 <= n <= MAX_BATCH:
             raise UsageError(f"{self.name}: x must have {self.in_channels} channels and a batch of 1..{MAX_BATCH}, "
                              f"got {list(x.shape)}")
-        xb = xb.contiguous()
-        s = ConvShape(c, h, w, self.out_channels, self.kh, self.kw, self.stride, self.padding)
-        y = torch.empty((n, self.out_channels, s.out_height, s.out_width), dtype=want, device=xb.device)
+        return xb
+
+    def out_shape(self, height: int, width: int) -> ConvShape:
+        """The launch sizes of an input [C_in, height, width]."""
+        return ConvShape(self.in_channels, height, width, self.out_channels, self.kh, self.kw, self.stride,
+                         self.padding)
+
+    def prepared_launch(self, x, y, *, relu: bool = False, packed: bool = True):
+        """A zero-argument callable computing y = act(conv2d(x) + bias) into ``y`` on CuPy's current stream,
+        its arguments built once (runtime._launch.prepared): the form a model runtime binds. ``x``: a
+        contiguous CUDA tensor [C, H, W] / [N, C, H, W] of the weight's dtype; ``y``: a contiguous tensor of
+        the output's shape and dtype. Both must outlive the callable (raw pointers). One launch, or three
+        where the small-map kernel splits the input channels: the fp32 partial sums zeroed (torch, on its
+        current stream: run it inside measure.cupy_on_torch_stream), the map kernel, conv_epilogue."""
+        import torch
+
+        from ._launch import prepared
+
+        xb = self._checked_input(x)
+        if not xb.is_contiguous():
+            raise UsageError(f"{self.name}: x must be contiguous for a prepared launch")
+        n, c, h, w = (int(d) for d in xb.shape)
+        s = self.out_shape(h, w)
+        want = (n, self.out_channels, s.out_height, s.out_width)
+        if not isinstance(y, torch.Tensor) or y.dtype != xb.dtype or y.device != xb.device or not y.is_contiguous() \
+                or y.numel() != n * self.out_channels * s.out_height * s.out_width:
+            raise UsageError(f"{self.name}: y must be a contiguous {xb.dtype} tensor of {list(want)} on {xb.device}")
         bias = self.bias_dev if self.bias_dev is not None else np.uint64(0)
-        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device)
+        act = np.int32(1 if relu else 0)
+        head = (np.uint64(xb.data_ptr()), np.int32(c), np.int32(h), np.int32(w), np.int64(c * h * w))
+        sizes = (np.int32(self.out_channels), np.int32(self.kh), np.int32(self.kw), np.int32(self.stride),
+                 np.int32(self.padding), np.int32(s.out_height), np.int32(s.out_width))
         mcfg = map_launch_config(s, n) if self.kernel in ("auto", "map") else None
         if self.kernel == "map" and mcfg is None:
             raise UsageError(f"{self.name}: the small-map kernel does not take a {s.out_height}x{s.out_width} output "
                              f"of a {self.kh}x{self.kw} conv at stride {self.stride}")
-        if mcfg is not None:
-            tap_w, tap_pos, starts = self._taps_for(mcfg["slice_channels"])
-            part = (torch.zeros(y.numel(), dtype=torch.float32, device=xb.device) if mcfg["slices"] > 1
-                    else None)
-            args = (np.uint64(xb.data_ptr()), np.int32(c), np.int32(h), np.int32(w), np.int64(c * h * w),
-                    tap_w, tap_pos, starts, np.int32(self.out_channels), np.int32(self.kh), np.int32(self.kw),
-                    np.int32(self.stride), np.int32(self.padding), np.int32(s.out_height), np.int32(s.out_width),
-                    np.int32(mcfg["slice_channels"]), np.int32(mcfg["slices"]), np.int32(mcfg["runs"]),
-                    bias, np.int32(1 if relu else 0), np.uint64(y.data_ptr()),
-                    np.uint64(part.data_ptr() if part is not None else 0))
-            with cp.cuda.Device(self.device), stream:
-                self._function(map_kernel_name(self.dtype, mcfg["pixels_per_lane"]))(
-                    mcfg["grid"], mcfg["block"], args, shared_mem=mcfg["shared_mem"])
-                if part is not None:
-                    total = y.numel()
-                    self._function(epilogue_kernel_name(self.dtype))(
-                        (min(4096, -(-total // 256)),), (256,),
-                        (np.uint64(part.data_ptr()), np.int64(total), np.int32(s.out_height * s.out_width),
-                         np.int32(self.out_channels), bias, np.int32(1 if relu else 0), np.uint64(y.data_ptr())))
-            return y[0] if x.dim() == 3 else y
-        cfg = launch_config(s, n)
-        tap_w, tap_pos, starts = self._taps_for(cfg["chunk_channels"])
-        args = (np.uint64(xb.data_ptr()), np.int32(c), np.int32(h), np.int32(w), np.int64(c * h * w),
-                tap_w, tap_pos, starts, np.int32(self.out_channels), np.int32(self.kh), np.int32(self.kw),
-                np.int32(self.stride), np.int32(self.padding), np.int32(s.out_height), np.int32(s.out_width),
-                np.int32(cfg["chunk_channels"]), np.int32(cfg["chunks"]),
-                bias, np.int32(1 if relu else 0),
+        if mcfg is None:
+            cfg = launch_config(s, n)
+            tap_w, tap_pos, starts = self._taps_for(cfg["chunk_channels"])
+            args = head + (tap_w, tap_pos, starts) + sizes + (
+                np.int32(cfg["chunk_channels"]), np.int32(cfg["chunks"]), bias, act,
                 np.uint64(y.data_ptr()), np.int64(self.out_channels * s.out_height * s.out_width))
+            return prepared(self._kernel(cfg["rows_per_lane"]), cfg["grid"], cfg["block"], args, cfg["shared_mem"],
+                            packed=packed)
+        tap_w, tap_pos, starts = self._taps_for(mcfg["slice_channels"])
+        part = torch.zeros(y.numel(), dtype=torch.float32, device=xb.device) if mcfg["slices"] > 1 else None
+        args = head + (tap_w, tap_pos, starts) + sizes + (
+            np.int32(mcfg["slice_channels"]), np.int32(mcfg["slices"]), np.int32(mcfg["runs"]), bias, act,
+            np.uint64(y.data_ptr()), np.uint64(part.data_ptr() if part is not None else 0))
+        conv = prepared(self._function(map_kernel_name(self.dtype, mcfg["pixels_per_lane"])), mcfg["grid"],
+                        mcfg["block"], args, mcfg["shared_mem"], packed=packed)
+        if part is None:
+            return conv
+        total = y.numel()
+        epilogue = prepared(self._function(epilogue_kernel_name(self.dtype)), (min(4096, -(-total // 256)),), (256,),
+                            (np.uint64(part.data_ptr()), np.int64(total), np.int32(s.out_height * s.out_width),
+                             np.int32(self.out_channels), bias, act, np.uint64(y.data_ptr())), packed=packed)
+
+        def run() -> None:
+            part.zero_()  # the slices' partial sums meet here by atomicAdd
+            conv()
+            epilogue()
+        run.part = part  # keeps the buffer alive with the callable
+        return run
+
+    def __call__(self, x, *, relu: bool = False):
+        """y = act(conv2d(x) + bias): x a torch CUDA tensor [C, H, W] or [N, C, H, W] (N <= MAX_BATCH) of the
+        weight's dtype on the operator's device; returns a new tensor [C_out, OH, OW] / [N, C_out, OH, OW]
+        (computed on torch's current stream)."""
+        import torch
+
+        from . import _gpu
+
+        cp = _gpu.cupy()
+        xb = self._checked_input(x).contiguous()
+        n, _, h, w = (int(d) for d in xb.shape)
+        s = self.out_shape(h, w)
+        y = torch.empty((n, self.out_channels, s.out_height, s.out_width), dtype=xb.dtype, device=xb.device)
+        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device)
         with cp.cuda.Device(self.device), stream:
-            self._kernel(cfg["rows_per_lane"])(cfg["grid"], cfg["block"], args, shared_mem=cfg["shared_mem"])
+            self.prepared_launch(xb, y, relu=relu, packed=False)()
         return y[0] if x.dim() == 3 else y
 
     def __repr__(self) -> str:

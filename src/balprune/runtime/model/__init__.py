@@ -1,5 +1,5 @@
 """End-to-end packed-model runtimes at batch 1: the LSTM language model, the Bi-LSTM acoustic
-model and VGG, built from a packed file with every stage on the path measured fastest on this GPU
+model, VGG and ResNet, built from a packed file with every stage on the path measured fastest on this GPU
 (balprune's kernel, the same masked matrix through cuBLAS / cuDNN, or for an LSTM's steps one
 persistent kernel for all of them).
 
@@ -19,13 +19,13 @@ from ...errors import InvalidInputError
 from .._linear import TORCH_OF
 from .base import PackedModel
 from .lstm import PackedBiLstm, PackedLstmLm
+from .resnet import PackedResNet
 from .stages import Choice, Projection, dispatch
 from .vgg import PackedVgg
 
-#: The recognised architectures (models.arch.KINDS) this runtime builds. A resnet is recognised and has
-#: a CPU reference (models.reference_module), but no GPU runtime yet: its convs need the sparse conv
-#: kernels, and nothing is offered that has not run on a GPU.
-RUNTIME_KINDS = ("lstm-lm", "ctc-bilstm", "vgg")
+#: The recognised architectures (models.arch.KINDS) this runtime builds, and the class of each.
+RUNTIMES = {"lstm-lm": PackedLstmLm, "ctc-bilstm": PackedBiLstm, "vgg": PackedVgg, "resnet": PackedResNet}
+RUNTIME_KINDS = tuple(RUNTIMES)
 
 
 def preflight(path: str | Path, dtypes: tuple[str, ...]):
@@ -88,12 +88,10 @@ def load_model(path: str | Path, *, dtype: str = "float16", device: int = 0, pat
     pf, arch = checked if checked is not None else preflight(path, (dtype,))
     _gpu.require_device(device)
     common = {"dtype": dtype, "device": device, "paths": paths, "measure": measure, "progress": progress}
-    if arch.kind == "lstm-lm":
-        return PackedLstmLm(pf, arch, **common)
     if arch.kind == "ctc-bilstm":
         return PackedBiLstm(pf, arch, frames=frames, **common)
-    return PackedVgg(pf, arch, **common)
+    return RUNTIMES[arch.kind](pf, arch, **common)
 
 
-__all__ = ["Choice", "PackedBiLstm", "PackedLstmLm", "PackedModel", "PackedVgg", "Projection",
+__all__ = ["Choice", "PackedBiLstm", "PackedLstmLm", "PackedModel", "PackedResNet", "PackedVgg", "Projection",
            "dispatch", "load_model", "preflight"]

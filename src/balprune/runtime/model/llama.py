@@ -334,9 +334,9 @@ class FusedOps:
 
     @classmethod
     def attention_shared(cls, cfg, chunk: int) -> int:
-        """Bytes of dynamic shared memory attention_split takes (its header: staged rows, q, scores)."""
+        """Bytes of dynamic shared memory attention_split takes (its header: staged keys and values, q, scores)."""
         d, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
-        return 4 * (chunk * (d + 1) + rep * d + rep * chunk)
+        return 4 * (2 * chunk * (d + 1) + rep * d + rep * chunk)
 
     @classmethod
     def attention_chunk(cls, cfg) -> int | None:

@@ -34,7 +34,7 @@ __all__ = ["Choice", "CupyViews", "ModelKernels", "Projection", "dispatch", "lau
 # float64 product of the same rounded operands by runtime.measure (relative_error <=
 # STAGE_TOLERANCE[dtype]: the measurement module owns the bound and says why) before it is timed.
 
-_MODEL_KERNELS = ("lstm_cell", "embedding_row", "bias_relu_pool2", "im2col")
+_MODEL_KERNELS = ("lstm_cell", "embedding_row", "bias_relu_pool2", "im2col", "add_relu")
 _THREADS = 256
 
 

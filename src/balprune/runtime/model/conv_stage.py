@@ -1,0 +1,217 @@
+"""One conv layer of a vision runtime (vgg.py, resnet.py) as a dispatchable stage on static buffers.
+
+``out = act(conv2d(x, W, stride, padding) + bias [+ residual])``, then VGG's 2x2 max-pool where the
+layer has one; ``act`` is ReLU when the layer's ConvRef says so, and always after a residual add (a
+ResNet block's last conv: models.arch.ResBlockRef). ``x``, ``residual`` and ``out`` are buffers the
+model owns for its lifetime (the previous stage's ``out``), so every path is bound once as a fixed
+sequence of launches: no allocation by balprune, nothing but launch calls on the host. Three paths,
+each gated and timed by stages.dispatch:
+
+- "dense": torch's conv2d (cuDNN, tensor cores) on the masked weight, its result moved into ``out`` by
+  the launch that applies the ReLU (clamp_min), the residual add or the pool anyway;
+- the im2col path (the layer's balanced SpMM, path "balanced"): the SpMM of the [C_out, C_in*kh*kw]
+  view over OH*OW columns, straight on ``x`` for a 1x1 stride-1 conv, else on an im2col
+  (kernels/model_ops.cu, any stride) of it; bias (and ReLU, without a residual) in its epilogue, or
+  bias + ReLU + 2x2 pool in one pass after it (bias_relu_pool2);
+- "balanced_conv" (patterns.registry.MODEL_CONV_PATH): the direct balanced convolution (runtime.conv,
+  its prepared launch: no im2col; the small-map kernel on small maps), ReLU in its epilogue.
+
+A residual is added, and ReLU applied after it, by one element-wise launch (model_ops.cu add_relu) on
+the sparse paths, by torch.add + relu_ on the dense one. At batch 1 the early layers' OH*OW is large
+(50176 columns at 224x224), where tensor cores win by far; the late 7x7 and 14x14 layers are where
+the sparse paths can; the dispatcher measures them on this GPU and says which ran.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...errors import UsageError
+from ...patterns.registry import MODEL_CONV_PATH as DIRECT
+from .base import PackedModel, load_dense
+from .lstm import _matrix
+from .stages import ptr, sparse_operator
+
+
+class ConvStage:
+    """One conv (see module doc) with the surface stages.dispatch expects.
+
+    ``x`` [C_in, H, W] is the stage's input buffer (holding sample data when the stage is built: the
+    dispatcher gates and times with it), ``residual`` [C_out, OH, OW] or None the buffer added before
+    the final ReLU, ``out`` the output buffer (allocated here when None; VGG's last conv gets a view of
+    fc6's input). After ``dispatch``, ``__call__()`` runs the bound path and returns ``out``.
+    """
+
+    def __init__(self, model: PackedModel, ref, packed, pf, x: torch.Tensor, *, residual: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> None:
+        self.name, self.dtype, self.kernels = ref.weight, model.dtype, model.kernels
+        dev, tdt = model.dev, model.tdt
+        cin, cout, k, pad, stride = ref.in_channels, ref.out_channels, ref.kernel, ref.padding, ref.stride
+        if x.dim() != 3 or int(x.shape[0]) != cin or not x.is_contiguous():
+            raise UsageError(f"{self.name}: input is {list(x.shape)}, the layer takes a contiguous [{cin}, H, W]")
+        _, H, W = (int(d) for d in x.shape)
+        OH, OW = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+        if OH < 1 or OW < 1:
+            raise UsageError(f"{self.name}: a {H}x{W} input is smaller than the {k}x{k} kernel")
+        if residual is not None and tuple(residual.shape) != (cout, OH, OW):
+            raise UsageError(f"{self.name}: residual is {list(residual.shape)}, the conv gives {[cout, OH, OW]}")
+        if ref.pool_after and (residual is not None or not ref.relu):
+            raise UsageError(f"{self.name}: a pool follows conv + bias + ReLU only (VGG's layers)")
+        self.x, self.residual = x, residual
+        self.H, self.W, self.OH, self.OW = H, W, OH, OW
+        self.k, self.pad, self.stride, self.pool = k, pad, stride, ref.pool_after
+        self.relu = ref.relu or residual is not None  # a residual add is always followed by ReLU
+        self.rows, self.cols, self.batch = cout, cin * k * k, OH * OW
+        shape = (cout, OH // 2, OW // 2) if self.pool else (cout, OH, OW)
+        if out is None:
+            out = torch.empty(shape, dtype=tdt, device=dev)
+        elif tuple(out.shape) != shape or not out.is_contiguous():
+            raise UsageError(f"{self.name}: output buffer is {list(out.shape)}, the layer gives {list(shape)}")
+        self.out = out
+        self.pattern = getattr(packed, "pattern", "dense")
+        self.dense = _matrix(packed).to(dev, tdt).contiguous()
+        self.w4 = self.dense.view(cout, cin, k, k)
+        b = load_dense(pf, ref.bias) if ref.bias is not None else None
+        self.bias_t = None if b is None else b.to(dev, tdt)
+        self.bias32 = None if b is None else b.to(dev, torch.float32)
+        path, op = sparse_operator(packed, model.dtype, model.device, self.name)
+        self.sparse, self.sparse_reason = ((path, op), "") if path is not None else (None, op)
+        #: the direct convolution (runtime.conv, kernels/balanced_conv.cu) of a balanced conv weight
+        self.direct = None
+        self.unavailable: dict[str, str] = {}
+        if path == "balanced" and model.paths != "dense":
+            from ..conv import BalancedConv2d
+
+            try:
+                self.direct = BalancedConv2d(packed.values.to(tdt), packed.indices, in_channels=cin, kh=k, kw=k,
+                                             block_length=packed.geometry.block_length, stride=stride, padding=pad,
+                                             bias=self.bias32, device=model.device, validate=False, name=self.name)
+            except UsageError as exc:  # a shape the direct kernel does not take
+                self.unavailable[DIRECT] = str(exc)
+        self.choice = None
+        self._fn = None
+        self._views = model.views
+        # the full-size conv result where a pool follows it (the pooled result is ``out``)
+        self.y_buf = torch.empty(cout, OH, OW, dtype=tdt, device=dev) if self.pool else None
+        # the explicit im2col operand, except where x already is it (1x1, stride 1, no padding)
+        self.direct_operand = k == 1 and stride == 1 and pad == 0
+        self.cols_buf = (torch.empty(self.cols, OH * OW, dtype=tdt, device=dev)
+                         if self.sparse is not None and not self.direct_operand else None)
+
+    def out_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.out.shape)
+
+    # -- the paths ------------------------------------------------------------------------------------
+
+    def _residual_launch(self, y: torch.Tensor):
+        """The launch of y = act(y + residual) in place (model_ops.cu add_relu), or None without a residual."""
+        if self.residual is None:
+            return None
+        n = y.numel()
+        return self.kernels.bound("add_relu", n, (ptr(y), ptr(self.residual), np.int64(n),
+                                                   np.int32(1 if self.relu else 0)))
+
+    def _pool_launch(self):
+        """VGG: out = ReLU(max-pool 2x2 of y_buf) (y_buf already biased; bias_relu_pool2 without a bias)."""
+        cout, OH, OW = self.rows, self.OH, self.OW
+        return self.kernels.bound("bias_relu_pool2", cout * (OH // 2) * (OW // 2), (
+            ptr(self.y_buf), ptr(None), np.int32(cout), np.int32(OH), np.int32(OW), ptr(self.out)))
+
+    def _dense_fn(self):
+        w, b, pad, stride, x, out = self.w4, self.bias_t, self.pad, self.stride, self.x, self.out
+        res, relu, pool = self.residual, self.relu, self.pool
+
+        def run() -> torch.Tensor:
+            y = F.conv2d(x[None], w, b, stride=stride, padding=pad)[0]
+            if pool:
+                y = F.max_pool2d(y, 2)  # ReLU commutes with the max: applied by the move into out
+            if res is not None:
+                torch.add(y, res, out=out)
+                if relu:
+                    out.relu_()
+            elif relu:
+                torch.clamp_min(y, 0, out=out)
+            else:
+                out.copy_(y)
+            return out
+        return run
+
+    def _im2col_fn(self):
+        K, out = self.kernels, self.out
+        cin, k, OH, OW = self.cols // (self.k * self.k), self.k, self.OH, self.OW
+        if self.direct_operand:
+            im2col, operand = None, self.x.view(cin, OH * OW)
+        else:
+            operand = self.cols_buf
+            im2col = K.bound("im2col", self.cols * OH * OW, (
+                ptr(self.x), np.int32(cin), np.int32(self.H), np.int32(self.W), np.int32(k), np.int32(k),
+                np.int32(self.pad), np.int32(self.stride), np.int32(OH), np.int32(OW), ptr(self.cols_buf)))
+        xv = self._views(operand)
+        if self.pool:  # VGG: the product, then bias + ReLU + the 2x2 pool in one pass into out
+            spmm = self.sparse[1].prepared_launch(xv, self._views(self.y_buf.view(self.rows, OH * OW)), self.batch)
+            post = K.bound("bias_relu_pool2", self.rows * (OH // 2) * (OW // 2), (
+                ptr(self.y_buf), ptr(self.bias32), np.int32(self.rows), np.int32(OH), np.int32(OW), ptr(out)))
+        else:  # bias (and ReLU without a residual) in the product's epilogue, straight into out
+            bias = None if self.bias32 is None else self._views(self.bias32)
+            spmm = self.sparse[1].prepared_launch(xv, self._views(out.view(self.rows, OH * OW)), self.batch,
+                                                  bias=bias, relu=self.relu and self.residual is None)
+            post = self._residual_launch(out)
+        launches = [f for f in (im2col, spmm, post) if f is not None]
+
+        def run() -> torch.Tensor:
+            for f in launches:
+                f()
+            return out
+        return run
+
+    def _direct_fn(self):
+        out = self.out
+        if self.pool:
+            conv = self.direct.prepared_launch(self.x, self.y_buf, relu=True)
+            post = self._pool_launch()
+        else:
+            conv = self.direct.prepared_launch(self.x, out, relu=self.relu and self.residual is None)
+            post = self._residual_launch(out)
+        launches = [f for f in (conv, post) if f is not None]
+
+        def run() -> torch.Tensor:
+            for f in launches:
+                f()
+            return out
+        return run
+
+    def _make(self, key: str):
+        return {"dense": self._dense_fn, DIRECT: self._direct_fn}.get(key, self._im2col_fn)()
+
+    # -- the dispatch surface -----------------------------------------------------------------------
+
+    def sparse_paths(self) -> list[tuple[str, object]]:
+        """The layer's sparse paths: im2col + the balanced SpMM, and the direct convolution."""
+        return (([self.sparse] if self.sparse is not None else [])
+                + ([(DIRECT, self.direct)] if self.direct is not None else []))
+
+    def candidates(self) -> dict:
+        return {p: self._make(p) for p in ["dense"] + [p for p, _ in self.sparse_paths()]}
+
+    def reference(self) -> torch.Tensor:
+        b = None if self.bias32 is None else self.bias32.double()
+        y = F.conv2d(self.x.double()[None], self.w4.double(), b, stride=self.stride, padding=self.pad)[0]
+        if self.residual is not None:
+            y = y + self.residual.double()
+        if self.relu:
+            y = torch.relu(y)
+        return F.max_pool2d(y, 2) if self.pool else y
+
+    def bytes_of(self, path: str) -> int:
+        path = path.split(" (")[0]
+        if path == "dense":
+            return int(self.dense.numel() * self.dense.element_size())
+        return int(dict(self.sparse_paths())[path].weight_bytes)
+
+    def bind(self, path: str) -> None:
+        self._fn = self._make(path)
+
+    def __call__(self) -> torch.Tensor:
+        return self._fn()

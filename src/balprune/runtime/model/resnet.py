@@ -1,0 +1,101 @@
+"""ResNet runtime: one image per ``run()``, every conv and the fc layer on the path measured fastest.
+
+The file is a torchvision ResNet with its batch norms folded into the convs (what ``prune`` writes,
+models.bnfold; models.arch recognises it). The forward is torchvision's: stem conv 7x7/2 + ReLU,
+3x3/2 max-pool (padding 1), the blocks (BasicBlock or Bottleneck: each conv + ReLU but the last, whose
+output gets the residual -- the block input, or the downsample 1x1 conv of it -- added before its
+ReLU), global average pool, fc. Every conv is a conv_stage.ConvStage (cuDNN, im2col + balprune's
+SpMM, or the direct balanced convolution; the residual add and its ReLU are part of the block's last
+conv); the fc is a Projection. The max-pool and the average pool run in torch.
+
+The runtime is built for ``arch.image_size`` square images (224 unless the architecture says otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import UsageError
+from ..measure import cupy_on_torch_stream
+from .base import PackedModel, load_dense, load_packed
+from .conv_stage import ConvStage
+from .lstm import _matrix
+from .vgg import check_image
+
+
+class _Block:
+    """One residual block's stages: ``convs`` in order (the last adds the residual), ``downsample`` or None."""
+
+    def __init__(self, convs: list[ConvStage], downsample: ConvStage | None) -> None:
+        self.convs, self.downsample = convs, downsample
+        self.out = convs[-1].out
+
+    def __call__(self) -> None:
+        if self.downsample is not None:
+            self.downsample()
+        for st in self.convs:
+            st()
+
+
+class PackedResNet(PackedModel):
+    """torchvision ResNet (18/34/50/101/152 layouts) with folded batch norms on one image per ``run()``."""
+
+    unit = "image"
+
+    def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
+                 measure: bool = True, progress=None) -> None:
+        super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
+        dev, tdt = self.dev, self.tdt
+        S = arch.image_size
+        self.image = self._random_(torch.empty(3, S, S, dtype=tdt, device=dev))
+        with cupy_on_torch_stream():
+            self.stem = self._conv(pf, arch.convs[0], self.image)
+            self.pooled = F.max_pool2d(self.stem(), 3, stride=2, padding=1).contiguous()
+            x = self.pooled  # each stage's input buffer is the one before it's output (static)
+            self.blocks: list[_Block] = []
+            for ref in arch.blocks:
+                ds = None if ref.downsample is None else self._conv(pf, ref.downsample, x)
+                identity = x if ds is None else ds()
+                convs, y = [], x
+                for i, c in enumerate(ref.convs):
+                    st = self._conv(pf, c, y, residual=identity if i == len(ref.convs) - 1 else None)
+                    convs.append(st)
+                    y = st()
+                self.blocks.append(_Block(convs, ds))
+                x = y
+        fc = arch.fcs[0]
+        if int(x.shape[0]) != fc.in_features:
+            raise UsageError(f"the blocks end with {int(x.shape[0])} channels, fc takes {fc.in_features}")
+        self.features = x
+        self.fc_in = torch.empty(fc.in_features, dtype=tdt, device=dev)
+        torch.mean(x, dim=(1, 2), out=self.fc_in)
+        self.fc_out = [torch.empty(fc.out_features, dtype=tdt, device=dev)]
+        packed = load_packed(pf, fc.weight)
+        self.fc = self._projection(fc.weight, _matrix(packed), self.fc_in, self.fc_out[0], packed,
+                                   bias=None if fc.bias is None else load_dense(pf, fc.bias))
+        self._dispatch(self.fc)
+
+    def _conv(self, pf, ref, x: torch.Tensor, residual: torch.Tensor | None = None) -> ConvStage:
+        """The dispatched stage of conv ``ref`` on input buffer ``x`` (holding sample data) and ``residual``."""
+        stage = ConvStage(self, ref, load_packed(pf, ref.weight), pf, x, residual=residual)
+        self._dispatch(stage)
+        return stage
+
+    def load_inputs(self, inputs: dict) -> None:
+        img = check_image(inputs["image"], self.arch.image_size)
+        self.image.copy_(img.to(self.dev, self.tdt))
+
+    def run(self) -> None:
+        with cupy_on_torch_stream():
+            self.pooled.copy_(F.max_pool2d(self.stem(), 3, stride=2, padding=1))
+            for b in self.blocks:
+                b()
+            torch.mean(self.features, dim=(1, 2), out=self.fc_in)
+            self.fc.launch()
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """[classes] float32 on the CPU."""
+        self.load_inputs(inputs)
+        self.run()
+        return self.fc_out[-1].float().cpu()
