@@ -103,11 +103,10 @@ def test_runtime_matches_the_dense_masked_model(small_files, kind, dtype, paths)
         if paths == "auto":
             assert c.path == min(c.times_us, key=c.times_us.get)
     if kind in ("vgg", "resnet") and paths == "auto":
-        # the direct balanced conv is timed (and gated) on every conv layer, or said why not
+        # the direct balanced conv passes its gate and is timed on every conv layer (7x7/2 stem included)
         convs = [c for c in rt.choices if not c.layer.startswith(("classifier.", "fc."))]
-        assert convs and all("balanced_conv" in c.times_us or "balanced_conv" in c.unavailable for c in convs), \
+        assert convs and all("balanced_conv" in c.times_us for c in convs), \
             [(c.layer, c.times_us, c.unavailable) for c in convs]
-        assert sum("balanced_conv" in c.times_us for c in convs) >= len(convs) - 1
 
 
 @pytest.mark.parametrize("kind", list(SMALL))
