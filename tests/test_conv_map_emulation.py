@@ -26,6 +26,7 @@ from balprune.formats.layouts import CONV_POS_SHIFT, conv_taps
 from balprune.runtime.conv import (
     MAP_MAX_RUNS,
     MAP_MAX_WARPS,
+    MAP_NAMED_RUNS,
     MAP_TARGET_CTAS,
     PIXELS_PER_LANE,
     TILE_BYTES,
@@ -177,10 +178,11 @@ CASES = {
     "7x7-s2-p3-stem": (4, 3, 7, 7, 2, 3, 17, 15, 0.9, 7, 2, False, False, (4, 2, 2)),
     "blocks-straddle-channels": (3, 5, 3, 3, 1, 0, 6, 6, 0.6, 7, 1, True, True, (1, 2, 2)),
     "3x5-nonsquare": (5, 4, 3, 5, 1, 1, 6, 9, 0.5, 6, 1, False, True, (2, 2, 3)),
+    "1x1-many-runs": (8, 6, 1, 1, 1, 0, 24, 24, 0.5, 3, 1, True, True, (1, 4, 3)),  # 576 px in 18 runs of 32
 }
 
 
-def _run(args, explicit: bool, seed=0):
+def _run(args, explicit: bool, seed=0, max_runs: int = MAP_MAX_RUNS):
     cout, cin, k, kw, stride, pad, h, w, sparsity, blocks, batch, with_bias, relu, params = args
     bt, g = balanced_conv_weight(cout, cin, k, kw, sparsity, blocks, seed)
     s = ConvShape(cin, h, w, cout, k, kw, stride, pad)
@@ -188,7 +190,7 @@ def _run(args, explicit: bool, seed=0):
     if explicit:
         cfg = derive_map_launch(s, batch, *params)
     else:
-        cfg = map_launch_config(s, batch)
+        cfg = map_launch_config(s, batch, max_runs)
         assert cfg is not None
         assert derive_map_launch(s, batch, cfg["pixels_per_lane"], cfg["channels"], cfg["slice_channels"]) == cfg
     assert cfg["pixels_per_lane"] in PIXELS_PER_LANE and cfg["block"][1] <= MAP_MAX_WARPS
@@ -253,6 +255,20 @@ def test_launch_config_on_resnet_and_vgg_small_maps(shape):
 def test_large_maps_are_left_to_the_tiled_kernel():
     assert map_launch_config(ConvShape(64, 224, 224, 64, 3, 3, 1, 1), 1) is None
     assert map_launch_config(ConvShape(256, 56, 56, 256, 3, 3, 1, 1), 1) is None
+
+
+def test_asked_for_by_name_the_map_kernel_takes_larger_maps_up_to_its_bound():
+    """A model runtime times kernel="map" beside the tiled kernel up to MAP_NAMED_RUNS pixel runs (ResNet's
+    56x56 layers: 13 runs of 256), never past it (VGG's 224x224 layers: 196 runs)."""
+    assert map_launch_config(ConvShape(256, 56, 56, 64, 1, 1), 1, MAP_NAMED_RUNS)["runs"] == 13
+    assert map_launch_config(ConvShape(64, 56, 56, 64, 3, 3, 1, 1), 1, MAP_NAMED_RUNS) is not None
+    assert map_launch_config(ConvShape(64, 224, 224, 64, 3, 3, 1, 1), 1, MAP_NAMED_RUNS) is None
+
+
+def test_emulated_map_kernel_on_a_map_of_many_runs_with_the_named_bound():
+    cfg, stats = _run((8, 6, 3, 3, 1, 1, 40, 40, 0.6, 3, 1, True, True, None), explicit=False,
+                      max_runs=MAP_NAMED_RUNS)  # 1600 px: 7 runs of 256
+    assert cfg["runs"] == 7 > MAP_MAX_RUNS and stats["tap_steps"] > 0
 
 
 def test_every_map_instantiation_is_compiled():

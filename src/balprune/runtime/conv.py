@@ -40,8 +40,12 @@ _T = {"float32": "float", "float16": "bp::f16", "bfloat16": "bp::bf16"}
 
 #: Accumulators per lane of the small-map kernel (NP: a CTA's run of output pixels is 32 * NP).
 PIXELS_PER_LANE = (1, 2, 4, 8)
-#: Pixel runs per map at most for the small-map kernel ("auto" takes the tiled kernel past it).
+#: Pixel runs per map at most for the small-map kernel when "auto" picks without measuring (the tiled kernel
+#: past it).
 MAP_MAX_RUNS = 4
+#: Pixel runs at most when the small-map kernel is asked for by name (kernel="map"): a model runtime offers it
+#: up to here beside the tiled kernel and keeps whichever its dispatcher measures faster (conv_stage).
+MAP_NAMED_RUNS = 64
 #: Warps (output channels) per CTA of the small-map kernel at most (its __launch_bounds__(512)).
 MAP_MAX_WARPS = 16
 #: CTAs the small-map kernel wants (one per SM of a 132-SM GPU) before it lowers the warps per CTA: each CTA
@@ -138,9 +142,9 @@ def tap_values(values) -> np.ndarray:
     return torch.as_tensor(values).detach().to("cpu", torch.float32).contiguous().numpy()
 
 
-def map_launch_config(s: ConvShape, batch: int = 1) -> dict | None:
+def map_launch_config(s: ConvShape, batch: int = 1, max_runs: int = MAP_MAX_RUNS) -> dict | None:
     """The small-map kernel's launch (kernels/balanced_conv.cu, balanced_conv2d_map), or None when it
-    does not take this shape: more than MAP_MAX_RUNS runs of 256 pixels, or one input channel's rows
+    does not take this shape: more than ``max_runs`` runs of 256 pixels, or one input channel's rows
     of a run over TILE_BYTES. A pure function (the CPU tests check its bounds and emulate it)."""
     oh, ow = s.out_height, s.out_width
     if oh < 1 or ow < 1:
@@ -149,7 +153,7 @@ def map_launch_config(s: ConvShape, batch: int = 1) -> dict | None:
     np_ = next((n for n in PIXELS_PER_LANE if 32 * n >= pixels), PIXELS_PER_LANE[-1])
     run = 32 * np_
     runs = math.ceil(pixels / run)
-    if runs > MAP_MAX_RUNS:
+    if runs > max_runs:
         return None
     pw = (ow - 1) * s.stride + s.kw
     # the padded input rows of each run's output rows (the kernel's TR); shared memory takes the largest
@@ -266,11 +270,26 @@ class BalancedConv2d:
         return ConvShape(self.in_channels, height, width, self.out_channels, self.kh, self.kw, self.stride,
                          self.padding)
 
-    def prepared_launch(self, x, y, *, relu: bool = False, packed: bool = True):
+    def kernels_for(self, height: int, width: int, batch: int = 1) -> list[str]:
+        """The kernels that take an input [C_in, height, width] by name: "tiled" always (when its tile fits),
+        "map" while the map has at most MAP_NAMED_RUNS pixel runs."""
+        s = self.out_shape(height, width)
+        out = []
+        try:
+            launch_config(s, batch)
+            out.append("tiled")
+        except UsageError:
+            pass
+        if map_launch_config(s, batch, MAP_NAMED_RUNS) is not None:
+            out.append("map")
+        return out
+
+    def prepared_launch(self, x, y, *, relu: bool = False, packed: bool = True, kernel: str | None = None):
         """A zero-argument callable computing y = act(conv2d(x) + bias) into ``y`` on CuPy's current stream,
         its arguments built once (runtime._launch.prepared): the form a model runtime binds. ``x``: a
         contiguous CUDA tensor [C, H, W] / [N, C, H, W] of the weight's dtype; ``y``: a contiguous tensor of
-        the output's shape and dtype. Both must outlive the callable (raw pointers). One launch, or three
+        the output's shape and dtype. Both must outlive the callable (raw pointers). ``kernel``: "tiled",
+        "map" (up to MAP_NAMED_RUNS pixel runs) or "auto"; default: the operator's. One launch, or three
         where the small-map kernel splits the input channels: the fp32 partial sums zeroed (torch, on its
         current stream: run it inside measure.cupy_on_torch_stream), the map kernel, conv_epilogue."""
         import torch
@@ -291,8 +310,12 @@ class BalancedConv2d:
         head = (np.uint64(xb.data_ptr()), np.int32(c), np.int32(h), np.int32(w), np.int64(c * h * w))
         sizes = (np.int32(self.out_channels), np.int32(self.kh), np.int32(self.kw), np.int32(self.stride),
                  np.int32(self.padding), np.int32(s.out_height), np.int32(s.out_width))
-        mcfg = map_launch_config(s, n) if self.kernel in ("auto", "map") else None
-        if self.kernel == "map" and mcfg is None:
+        kernel = self.kernel if kernel is None else kernel
+        if kernel not in KERNELS:
+            raise UsageError(f"{self.name}: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        mcfg = (map_launch_config(s, n, MAP_NAMED_RUNS if kernel == "map" else MAP_MAX_RUNS)
+                if kernel in ("auto", "map") else None)
+        if kernel == "map" and mcfg is None:
             raise UsageError(f"{self.name}: the small-map kernel does not take a {s.out_height}x{s.out_width} output "
                              f"of a {self.kh}x{self.kw} conv at stride {self.stride}")
         if mcfg is None:
@@ -347,5 +370,5 @@ class BalancedConv2d:
                 f"stride {self.stride}, padding {self.padding}, {self.dtype}, device={self.device})")
 
 
-__all__ = ["KERNELS", "BalancedConv2d", "ConvShape", "DTYPES", "kernel_name", "kernel_variants", "launch_config",
-           "map_kernel_name", "map_launch_config", "tap_values"]
+__all__ = ["KERNELS", "MAP_MAX_RUNS", "MAP_NAMED_RUNS", "BalancedConv2d", "ConvShape", "DTYPES", "kernel_name",
+           "kernel_variants", "launch_config", "map_kernel_name", "map_launch_config", "tap_values"]

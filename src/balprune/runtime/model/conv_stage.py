@@ -14,7 +14,8 @@ each gated and timed by stages.dispatch:
   (kernels/model_ops.cu, any stride) of it; bias (and ReLU, without a residual) in its epilogue, or
   bias + ReLU + 2x2 pool in one pass after it (bias_relu_pool2);
 - "balanced_conv" (patterns.registry.MODEL_CONV_PATH): the direct balanced convolution (runtime.conv,
-  its prepared launch: no im2col; the small-map kernel on small maps), ReLU in its epilogue.
+  its prepared launch: no im2col), ReLU in its epilogue; its tiled and small-map kernels are launch
+  variants, each timed where it takes the map, the faster kept (the table's "launch" note says which).
 
 A residual is added, and ReLU applied after it, by one element-wise launch (model_ops.cu add_relu) on
 the sparse paths, by torch.add + relu_ on the dense one. At batch 1 the early layers' OH*OW is large
@@ -166,13 +167,13 @@ class ConvStage:
             return out
         return run
 
-    def _direct_fn(self):
+    def _direct_fn(self, kernel: str):
         out = self.out
         if self.pool:
-            conv = self.direct.prepared_launch(self.x, self.y_buf, relu=True)
+            conv = self.direct.prepared_launch(self.x, self.y_buf, relu=True, kernel=kernel)
             post = self._pool_launch()
         else:
-            conv = self.direct.prepared_launch(self.x, out, relu=self.relu and self.residual is None)
+            conv = self.direct.prepared_launch(self.x, out, relu=self.relu and self.residual is None, kernel=kernel)
             post = self._residual_launch(out)
         launches = [f for f in (conv, post) if f is not None]
 
@@ -183,7 +184,12 @@ class ConvStage:
         return run
 
     def _make(self, key: str):
-        return {"dense": self._dense_fn, DIRECT: self._direct_fn}.get(key, self._im2col_fn)()
+        """The run function of candidate ``key``: a path, or "balanced_conv (map)" / "(tiled)": the direct
+        convolution's kernel (runtime.conv.BalancedConv2d.kernels_for), a launch variant timed on its own."""
+        path = key.split(" (")[0]
+        if path == DIRECT:
+            return self._direct_fn(key[len(path) + 2:-1] if key != path else "auto")
+        return {"dense": self._dense_fn}.get(path, self._im2col_fn)()
 
     # -- the dispatch surface -----------------------------------------------------------------------
 
@@ -193,7 +199,10 @@ class ConvStage:
                 + ([(DIRECT, self.direct)] if self.direct is not None else []))
 
     def candidates(self) -> dict:
-        return {p: self._make(p) for p in ["dense"] + [p for p, _ in self.sparse_paths()]}
+        keys = ["dense"] + ([self.sparse[0]] if self.sparse is not None else [])
+        if self.direct is not None:
+            keys += [f"{DIRECT} ({k})" for k in self.direct.kernels_for(self.H, self.W)]
+        return {k: self._make(k) for k in keys}
 
     def reference(self) -> torch.Tensor:
         b = None if self.bias32 is None else self.bias32.double()
