@@ -52,10 +52,11 @@ def _weight(case: str, dtype: torch.dtype) -> BalancedTensor:
 
 
 def _check(case: str, dtype: torch.dtype, batch: int, bias: bool, relu: bool, kernel: str = "tiled") -> None:
-    from balprune.runtime.conv import BalancedConv2d, ConvShape, map_launch_config
+    from balprune.runtime.conv import MAP_NAMED_RUNS, BalancedConv2d, ConvShape, map_launch_config
 
     cout, cin, k, stride, pad, h, w, _, _ = CASES[case]
-    if kernel == "map" and map_launch_config(ConvShape(cin, h, w, cout, k, k, stride, pad), batch) is None:
+    shape = ConvShape(cin, h, w, cout, k, k, stride, pad)
+    if kernel == "map" and map_launch_config(shape, batch, MAP_NAMED_RUNS) is None:
         pytest.skip(f"{case}: the small-map kernel does not take this map (the tiled kernel's)")
     bt = _weight(case, dtype)
     dense = bt.to_dense().double().reshape(cout, cin, k, k)
