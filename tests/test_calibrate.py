@@ -303,6 +303,14 @@ def test_bfloat16_folder_keeps_its_dtype(cli, llm, tmp_path):
     pf = read_packed(out)
     weight = pf.dense(linear_name(2, "mlp.down_proj"))
     assert weight.dtype == torch.bfloat16 and bool(torch.isfinite(weight.float()).all())
+    # wanda keeps stored values: every kept bf16 weight is the folder's own, bit for bit
+    out_w = tmp_path / "w.safetensors"
+    _prune(cli, folder, out_w, "--criterion", "wanda", "--calibration", ids, *CAL)
+    _, ckpt = open_llm(folder)
+    for module, _ in LINEARS:
+        name = linear_name(1, module)
+        got, src = read_packed(out_w).dense(name), ckpt.load(name)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, torch.where(got != 0, src, got)), name
 
 
 def test_nan_weight_in_a_decoder_layer_is_exit_4_naming_it(cli, llm, tmp_path):

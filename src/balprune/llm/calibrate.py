@@ -124,19 +124,22 @@ def device_bytes(cfg: LlmConfig, samples: int, seq_len: int, criterion: Criterio
     return layer + hidden + batch + stats + prune
 
 
-def _load_layer(cfg: LlmConfig, ckpt, index: int, device: torch.device) -> DecoderLayer:
-    """Decoder layer ``index`` with its weights read from the checkpoint, float32 on ``device``."""
+def _load_layer(cfg: LlmConfig, ckpt, index: int, device: torch.device) -> tuple[DecoderLayer, dict[str, torch.dtype]]:
+    """Decoder layer ``index`` with its weights read from the checkpoint (each tensor once), float32 on
+    ``device``, and the stored dtype of each of its tensors (a pruned weight goes back in that dtype)."""
     prefix = f"model.layers.{index}."
     with torch.device("meta"):
         layer = DecoderLayer(cfg)
+    dtypes = {}
     for name in expected_tensors(cfg):
         if name.startswith(prefix):
             t = ckpt.load(name)
             check_finite(t, name)
+            dtypes[name] = t.dtype
             module, _, attr = name[len(prefix):].rpartition(".")
             setattr(layer.get_submodule(module), attr,
                     nn.Parameter(t.to(device=device, dtype=torch.float32), requires_grad=False))
-    return layer.eval()
+    return layer.eval(), dtypes
 
 
 def _embedded(cfg: LlmConfig, ckpt, plans: Mapping[str, TensorPlan], windows: torch.Tensor,
@@ -191,7 +194,7 @@ def _prune_layers(cfg, ckpt, plans, windows, criterion, device, progress):
     batches = _batches(samples, batch_size(cfg, samples, seq_len))
     layers = cfg.num_hidden_layers
     for index in range(layers):
-        layer = _load_layer(cfg, ckpt, index, device)
+        layer, dtypes = _load_layer(cfg, ckpt, index, device)
         targets = [(module, group) for module, group in LINEARS
                    if (plan := plans.get(linear_name(index, module))) is not None and plan.pruned]
         if targets:
@@ -199,9 +202,12 @@ def _prune_layers(cfg, ckpt, plans, windows, criterion, device, progress):
             for module, group in targets:
                 name = linear_name(index, module)
                 plan = plans[name]
-                source = ckpt.load(name)
-                pruned = prune_matrix(criterion, source.to(device), plan.pattern, stats[group], keep=plan.keep).weight
-                pruned = pruned.cpu()
+                # the layer's float32 copy holds the stored values exactly, and both criteria compute in
+                # float32 (wanda keeps values, sparsegpt updates in float32): rounding the result to the
+                # stored dtype gives what pruning the stored tensor gives, without reading it again
+                weight = layer.get_submodule(module).weight
+                pruned = prune_matrix(criterion, weight, plan.pattern, stats[group], keep=plan.keep).weight
+                pruned = pruned.to(device="cpu", dtype=dtypes[name])
                 yield name, pruned
                 layer.get_submodule(module).weight = nn.Parameter(pruned.to(device=device, dtype=torch.float32),
                                                                   requires_grad=False)
