@@ -213,6 +213,17 @@ def test_ctc_note_gives_frames():
     assert "one utterance = 50 frames; per frame: divide by 50" in text
 
 
+def test_vision_notes_say_the_batch_norm_fold_and_the_torch_layout():
+    rep = _model_report()
+    rep.meta["model"].update(architecture="resnet50", kind="resnet", paper=None)
+    rep.meta["model"]["dtypes"]["float16"]["torch_layout"] = {
+        "layout": "channels-last", "eager_hot_us": {"NCHW": 1210.5, "channels-last": 990.25}}
+    text = _render(rep)
+    assert "batch norm: folded into the convs by prune" in text
+    assert "float16 torch dense: cuDNN benchmark mode, channels-last (eager, hot: NCHW 1210.5 us" in text
+    assert "float32 torch dense" not in text  # a dtype without the record gets no note
+
+
 # --------------------------------------------------------------------------- compare and JSON
 
 def _slower(kernel, dtype="F16", factor=2.0):

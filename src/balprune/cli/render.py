@@ -335,6 +335,14 @@ def model_tables(report) -> list[Table]:
                      f"{paper['balanced_us']:.1f} us = {paper['dense_us'] / paper['balanced_us']:.2f}x")
     if meta.get("frames"):
         notes.append(f"one utterance = {meta['frames']} frames; per frame: divide by {meta['frames']}")
+    if meta.get("kind") == "resnet":
+        notes.append("batch norm: folded into the convs by prune (the file holds the folded weights and biases); "
+                     "the torch dense model is the same folded network")
+    for dtype, dm in meta.get("dtypes", {}).items():
+        layout = dm.get("torch_layout")
+        if layout:  # a vision model's torch peer: cuDNN benchmark mode, the faster memory layout
+            eager = ", ".join(f"{k} {v:.1f} us" for k, v in layout.get("eager_hot_us", {}).items())
+            notes.append(f"{dtype} torch dense: cuDNN benchmark mode, {layout['layout']} (eager, hot: {eager})")
     if meta.get("kind") == "llama":
         notes.append("model: one decode token at context " + str(meta["contexts"][0]) + "; model@ctxN: at context N; "
                      "prefill@N: a prompt of N tokens; torch dense: the same decoder with every product through cuBLAS"
