@@ -205,7 +205,8 @@ def _prune_layers(cfg, ckpt, plans, windows, criterion, device, progress):
                 # the layer's float32 copy holds the stored values exactly, and both criteria compute in
                 # float32 (wanda keeps values, sparsegpt updates in float32): rounding the result to the
                 # stored dtype gives what pruning the stored tensor gives, without reading it again
-                weight = layer.get_submodule(module).weight
+                # (float64 is the exception: its values do not fit float32, and wanda keeps them: read it again)
+                weight = ckpt.load(name).to(device) if dtypes[name] == torch.float64 else layer.get_submodule(module).weight
                 pruned = prune_matrix(criterion, weight, plan.pattern, stats[group], keep=plan.keep).weight
                 pruned = pruned.to(device="cpu", dtype=dtypes[name])
                 yield name, pruned

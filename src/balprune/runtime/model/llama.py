@@ -314,7 +314,9 @@ class FusedOps:
 
     THREADS_NORM = 1024
     THREADS_ATTENTION = 128  # kernels/llama_ops.cu kAttThreads
-    SHARED_LIMIT = 48 * 1024  # the default dynamic shared-memory limit (no attribute needed)
+    # the default shared-memory limit per CTA (no attribute needed), less attention_split's static shared memory
+    # (mx, sum, last: 272 bytes per ptxas; 1 KiB kept), which counts against the same 48 KiB
+    SHARED_LIMIT = 48 * 1024 - 1024
     CHUNKS = (64, 32, 16, 8)  # cache positions per attention CTA, the largest that fits SHARED_LIMIT
 
     @classmethod
