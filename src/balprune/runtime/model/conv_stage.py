@@ -8,7 +8,8 @@ sequence of launches: no allocation by balprune, nothing but launch calls on the
 each gated and timed by stages.dispatch:
 
 - "dense": torch's conv2d (cuDNN, tensor cores) on the masked weight, its result moved into ``out`` by
-  the launch that applies the ReLU (clamp_min), the residual add or the pool anyway;
+  the launch that applies the ReLU (clamp_min), the residual add or the pool anyway; NCHW and
+  channels-last are launch variants, each timed, the faster kept;
 - the im2col path (the layer's balanced SpMM, path "balanced"): the SpMM of the [C_out, C_in*kh*kw]
   view over OH*OW columns, straight on ``x`` for a 1x1 stride-1 conv, else on an im2col
   (kernels/model_ops.cu, any stride) of it; bias (and ReLU, without a residual) in its epilogue, or
@@ -120,12 +121,17 @@ class ConvStage:
         return self.kernels.bound("bias_relu_pool2", cout * (OH // 2) * (OW // 2), (
             ptr(self.y_buf), ptr(None), np.int32(cout), np.int32(OH), np.int32(OW), ptr(self.out)))
 
-    def _dense_fn(self):
-        w, b, pad, stride, x, out = self.w4, self.bias_t, self.pad, self.stride, self.x, self.out
+    def _dense_fn(self, layout: str = "NCHW"):
+        b, pad, stride, x, out = self.bias_t, self.pad, self.stride, self.x, self.out
         res, relu, pool = self.residual, self.relu, self.pool
+        cl = layout == "channels-last"
+        # channels-last: cuDNN's NHWC kernels, often faster at batch 1; the input is converted by one copy and
+        # the result comes back to NCHW in the launch that moves it into out anyway
+        w = self.w4.contiguous(memory_format=torch.channels_last) if cl else self.w4
 
         def run() -> torch.Tensor:
-            y = F.conv2d(x[None], w, b, stride=stride, padding=pad)[0]
+            xin = x[None].contiguous(memory_format=torch.channels_last) if cl else x[None]
+            y = F.conv2d(xin, w, b, stride=stride, padding=pad)[0]
             if pool:
                 y = F.max_pool2d(y, 2)  # ReLU commutes with the max: applied by the move into out
             if res is not None:
@@ -184,12 +190,16 @@ class ConvStage:
         return run
 
     def _make(self, key: str):
-        """The run function of candidate ``key``: a path, or "balanced_conv (map)" / "(tiled)": the direct
-        convolution's kernel (runtime.conv.BalancedConv2d.kernels_for), a launch variant timed on its own."""
+        """The run function of candidate ``key``: a path, or a launch variant timed on its own: "dense
+        (channels-last)", or "balanced_conv (map)" / "(tiled)", the direct convolution's kernel
+        (runtime.conv.BalancedConv2d.kernels_for)."""
         path = key.split(" (")[0]
+        variant = key[len(path) + 2:-1] if key != path else None
         if path == DIRECT:
-            return self._direct_fn(key[len(path) + 2:-1] if key != path else "auto")
-        return {"dense": self._dense_fn}.get(path, self._im2col_fn)()
+            return self._direct_fn(variant or "auto")
+        if path == "dense":
+            return self._dense_fn(variant or "NCHW")
+        return self._im2col_fn()
 
     # -- the dispatch surface -----------------------------------------------------------------------
 
@@ -199,7 +209,7 @@ class ConvStage:
                 + ([(DIRECT, self.direct)] if self.direct is not None else []))
 
     def candidates(self) -> dict:
-        keys = ["dense"] + ([self.sparse[0]] if self.sparse is not None else [])
+        keys = ["dense", "dense (channels-last)"] + ([self.sparse[0]] if self.sparse is not None else [])
         if self.direct is not None:
             keys += [f"{DIRECT} ({k})" for k in self.direct.kernels_for(self.H, self.W)]
         return {k: self._make(k) for k in keys}

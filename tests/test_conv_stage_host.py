@@ -1,0 +1,75 @@
+"""runtime.model.conv_stage.ConvStage's dense paths on the CPU: both memory layouts, against the stage's own
+float64 reference, for every combination a VGG or ResNet layer has (ReLU, residual add then ReLU, 2x2 pool,
+stride 2, 1x1 and 3x3 and 7x7). The sparse paths need the GPU (tests/gpu/test_model_gpu.py); here the stage
+is built with no sparse operator, as on a layer whose pattern has no kernel."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from balprune.models.arch import ConvRef
+from balprune.runtime.model import conv_stage
+from balprune.runtime.model.conv_stage import ConvStage
+
+
+@pytest.fixture
+def no_sparse(monkeypatch):
+    monkeypatch.setattr(conv_stage, "sparse_operator", lambda *a, **k: (None, "no kernel for this pattern"))
+
+
+def _model():
+    return SimpleNamespace(dtype="float32", tdt=torch.float32, dev=torch.device("cpu"), device=0, paths="dense",
+                           kernels=None, views=None)
+
+
+CASES = {  # name: (C_in, C_out, kernel, stride, padding, H, relu, pool, residual)
+    "3x3-relu": (4, 6, 3, 1, 1, 9, True, False, False),
+    "3x3-relu-pool": (4, 6, 3, 1, 1, 10, True, True, False),
+    "1x1-residual": (8, 5, 1, 1, 0, 7, False, False, True),
+    "3x3-s2-residual": (3, 4, 3, 2, 1, 9, False, False, True),
+    "1x1-s2-downsample": (6, 8, 1, 2, 0, 8, False, False, False),
+    "7x7-s2-stem": (3, 4, 7, 2, 3, 15, True, False, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["dense", "dense (channels-last)"])
+def test_dense_paths_equal_the_stage_reference(no_sparse, case, layout):
+    cin, cout, k, stride, pad, h, relu, pool, residual = CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    w = torch.randn(cout, cin, k, k, generator=gen)
+    bias = torch.randn(cout, generator=gen)
+    pf = SimpleNamespace(dense=lambda name: bias, manifest={"aliases": {}})
+    ref = ConvRef("w", "b", cin, cout, k, pad, pool, stride=stride, relu=relu)
+    x = torch.randn(cin, h, h, generator=gen)
+    oh = (h + 2 * pad - k) // stride + 1
+    res = torch.randn(cout, oh, oh, generator=gen) if residual else None
+    stage = ConvStage(_model(), ref, w, pf, x, residual=res)
+    assert stage.sparse is None and stage.direct is None
+    assert set(stage.candidates()) == {"dense", "dense (channels-last)"}
+    got = stage.candidates()[layout]()
+    assert got is stage.out and got.is_contiguous() and tuple(got.shape) == stage.out_shape()
+    want = stage.reference()
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5), float((got.double() - want).abs().max())
+    if residual:  # the ReLU follows the residual add, whatever the ConvRef says (a ResNet block's last conv)
+        assert bool((got >= 0).all()) and stage.relu
+        plain = torch.nn.functional.conv2d(x[None].double(), w.double(), bias.double(), stride=stride, padding=pad)[0]
+        assert torch.allclose(want, torch.relu(plain + res.double()))
+    before = x.clone()
+    stage.bind(layout)
+    assert stage() is stage.out and torch.equal(x, before)  # the input buffer is never written
+
+
+def test_a_pool_after_a_residual_or_without_relu_is_refused(no_sparse):
+    from balprune.errors import UsageError
+
+    x = torch.zeros(2, 4, 4)
+    pf = SimpleNamespace(dense=lambda name: None, manifest={"aliases": {}})
+    with pytest.raises(UsageError, match="a pool follows conv"):
+        ConvStage(_model(), ConvRef("w", None, 2, 2, 1, 0, True, relu=False), torch.zeros(2, 2, 1, 1), pf, x)
+    with pytest.raises(UsageError, match="residual is"):
+        ConvStage(_model(), ConvRef("w", None, 2, 2, 1, 0, False), torch.zeros(2, 2, 1, 1), pf, x,
+                  residual=torch.zeros(2, 3, 3))
