@@ -73,3 +73,20 @@ def test_a_pool_after_a_residual_or_without_relu_is_refused(no_sparse):
     with pytest.raises(UsageError, match="residual is"):
         ConvStage(_model(), ConvRef("w", None, 2, 2, 1, 0, False), torch.zeros(2, 2, 1, 1), pf, x,
                   residual=torch.zeros(2, 3, 3))
+
+
+def test_a_settled_stage_keeps_only_what_its_bound_path_reads(no_sparse):
+    """release_unbound after dispatch: the dense path keeps its weight and still runs; nothing else is held."""
+    cin, cout, k, stride, pad, h, relu, pool, residual = CASES["1x1-residual"]
+    gen = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(cout, cin, k, k, generator=gen), torch.randn(cout, generator=gen)
+    pf = SimpleNamespace(dense=lambda name: bias, manifest={"aliases": {}})
+    x, res = torch.randn(cin, h, h, generator=gen), torch.randn(cout, h, h, generator=gen)
+    stage = ConvStage(_model(), ConvRef("w", "b", cin, cout, k, pad, pool, stride=stride, relu=relu), w, pf, x,
+                      residual=res)
+    want = stage.reference()
+    stage.choice = SimpleNamespace(path="dense")
+    stage.bind("dense (channels-last)")
+    stage.release_unbound()
+    assert stage.direct is None and stage.sparse is None and stage.cols_buf is None
+    assert torch.allclose(stage().double(), want, rtol=1e-5, atol=1e-5)

@@ -102,6 +102,12 @@ def test_runtime_matches_the_dense_masked_model(small_files, kind, dtype, paths)
         assert c.reason
         if paths == "auto":
             assert c.path == min(c.times_us, key=c.times_us.get)
+    if kind in ("vgg", "resnet"):  # settled stages hold only what their bound path reads
+        stages = [*getattr(rt, "convs", []), *(st for b in getattr(rt, "blocks", []) for st in
+                                                 [*b.convs, *([b.downsample] if b.downsample else [])])]
+        for st in stages:
+            assert (st.dense is None) == (st.choice.path != "dense"), st.name
+            assert st.direct is None or st.choice.path == "balanced_conv", st.name
     if kind in ("vgg", "resnet") and paths == "auto":
         # the direct balanced conv passes its gate and is timed on every conv layer (7x7/2 stem included)
         convs = [c for c in rt.choices if not c.layer.startswith(("classifier.", "fc."))]

@@ -83,11 +83,17 @@ class PackedModel:
                           alternatives=alternatives, unavailable=unavailable,
                           pattern=pattern or getattr(packed, "pattern", "dense"), bias=bias, relu=relu)
 
-    def _dispatch(self, stage) -> Choice:
+    def _dispatch(self, stage, *, settle: bool = False) -> Choice:
+        """Gate, time and bind ``stage`` (stages.dispatch) and record the choice. ``settle``: the stage is
+        only ever launched from now on, so what its bound path does not read is released
+        (``stage.release_unbound()``: a VGG / ResNet layer; not an LSTM's projections, whose recurrence
+        asks them for their candidates later)."""
         if self._progress:
             self._progress(f"dispatching {stage.name}")
         choice = dispatch(stage, self.paths, self.measure)
         self.choices.append(choice)
+        if settle:
+            stage.release_unbound()
         return choice
 
     # -- running ----------------------------------------------------------------------------------

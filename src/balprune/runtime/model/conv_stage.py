@@ -232,5 +232,18 @@ class ConvStage:
     def bind(self, path: str) -> None:
         self._fn = self._make(path)
 
+    def release_unbound(self) -> None:
+        """After dispatch (``choice`` set, a path bound): let go of what the bound launches do not read -- the
+        dense matrix when a sparse path runs, the direct convolution's taps and the SpMM operator with its
+        im2col buffer when another path runs. ``candidates()``, ``reference()`` and ``bytes_of()`` are not
+        available afterwards (a model calls this once its stage is settled)."""
+        path = self.choice.path
+        if path != "dense":
+            self.dense = self.w4 = None
+        if path != DIRECT:
+            self.direct = None
+        if self.sparse is not None and path != self.sparse[0]:
+            self.sparse, self.cols_buf = None, None
+
     def __call__(self) -> torch.Tensor:
         return self._fn()

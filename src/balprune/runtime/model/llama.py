@@ -469,8 +469,9 @@ class PackedLlama(PackedModel):
             proj = self._projection(name, dense, x, y, packed, bias=bias)
             self._random_(x)  # the dispatcher's sample input
             self._dispatch(proj)
-            # the decoder launches only the bound path: let the other encodings' device copies go
-            proj.alternatives = [(p, o) for p, o in proj.alternatives if p == proj.choice.path]
+            # the decoder launches only the bound path: let the other encodings' device copies go (the
+            # masked dense matrix stays: the prefill multiplies by it)
+            proj.release_unbound(keep_dense=True)
             return proj
 
         with torch.no_grad():

@@ -74,12 +74,12 @@ class PackedResNet(PackedModel):
         packed = load_packed(pf, fc.weight)
         self.fc = self._projection(fc.weight, _matrix(packed), self.fc_in, self.fc_out[0], packed,
                                    bias=None if fc.bias is None else load_dense(pf, fc.bias))
-        self._dispatch(self.fc)
+        self._dispatch(self.fc, settle=True)
 
     def _conv(self, pf, ref, x: torch.Tensor, residual: torch.Tensor | None = None) -> ConvStage:
         """The dispatched stage of conv ``ref`` on input buffer ``x`` (holding sample data) and ``residual``."""
         stage = ConvStage(self, ref, load_packed(pf, ref.weight), pf, x, residual=residual)
-        self._dispatch(stage)
+        self._dispatch(stage, settle=True)
         return stage
 
     def load_inputs(self, inputs: dict) -> None:

@@ -299,6 +299,19 @@ class Projection:
     def launch(self) -> None:
         self._bound()
 
+    def release_unbound(self, keep_dense: bool = False) -> None:
+        """After dispatch: let go of the device copies the bound launch does not read -- the other sparse
+        paths' operators and, when a sparse path runs and ``keep_dense`` is False, the dense matrix (an LLM's
+        prefill multiplies by it: keep_dense). ``candidates()`` and ``reference()`` are not available
+        afterwards; a stage built on this one that asks for candidates later (an LSTM recurrence) must not
+        call this."""
+        path = self.choice.path
+        self.alternatives = [(p, o) for p, o in self.alternatives if p == path]
+        if self.sparse is not None and self.sparse[0] != path:
+            self.sparse = None
+        if path != "dense" and not keep_dense:
+            self.dense = None
+
 
 def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Choice:
     """Gate, time and bind ``proj``'s paths with the data now in its x buffer (see module doc).

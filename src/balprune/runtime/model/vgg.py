@@ -48,7 +48,7 @@ class PackedVgg(PackedModel):
                                      f"(the runtime is built for {S}x{S} images)")
                 out = self.fc_in.view(*shape)
             stage = ConvStage(self, ref, load_packed(pf, ref.weight), pf, x, out=out)
-            self._dispatch(stage)
+            self._dispatch(stage, settle=True)
             self.convs.append(stage)
             with cupy_on_torch_stream():
                 x = stage()  # the next layer's input buffer, holding its sample data
@@ -59,7 +59,7 @@ class PackedVgg(PackedModel):
             packed = load_packed(pf, f.weight)
             p = self._projection(f.weight, _matrix(packed), xin, y, packed,
                                  bias=None if f.bias is None else load_dense(pf, f.bias), relu=relu)
-            self._dispatch(p)
+            self._dispatch(p, settle=True)
             self.fcs.append(p)
             xin = y
 
