@@ -98,9 +98,9 @@ class ConvStage:
         # the full-size conv result where a pool follows it (the pooled result is ``out``)
         self.y_buf = torch.empty(cout, OH, OW, dtype=tdt, device=dev) if self.pool else None
         # the explicit im2col operand, except where x already is it (1x1, stride 1, no padding)
-        self.direct_operand = k == 1 and stride == 1 and pad == 0
+        self.x_is_operand = k == 1 and stride == 1 and pad == 0
         self.cols_buf = (torch.empty(self.cols, OH * OW, dtype=tdt, device=dev)
-                         if self.sparse is not None and not self.direct_operand else None)
+                         if self.sparse is not None and not self.x_is_operand else None)
 
     def out_shape(self) -> tuple[int, int, int]:
         return tuple(int(d) for d in self.out.shape)
@@ -148,7 +148,7 @@ class ConvStage:
     def _im2col_fn(self):
         K, out = self.kernels, self.out
         cin, k, OH, OW = self.cols // (self.k * self.k), self.k, self.OH, self.OW
-        if self.direct_operand:
+        if self.x_is_operand:
             im2col, operand = None, self.x.view(cin, OH * OW)
         else:
             operand = self.cols_buf
