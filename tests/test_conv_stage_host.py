@@ -75,6 +75,64 @@ def test_a_pool_after_a_residual_or_without_relu_is_refused(no_sparse):
                   residual=torch.zeros(2, 3, 3))
 
 
+def test_the_channels_last_variant_runs_cudnn_in_channels_last(no_sparse, monkeypatch):
+    """The variant is what it says: conv2d sees a channels-last input and weight (NCHW: contiguous ones)."""
+    seen = []
+    real = torch.nn.functional.conv2d
+
+    def spy(x, w, *a, **k):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                     w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()))
+        return real(x, w, *a, **k)
+    monkeypatch.setattr(conv_stage.F, "conv2d", spy)
+    stage, _ = _stage("3x3-relu")
+    for key, want in (("dense", (False, False)), ("dense (channels-last)", (True, True))):
+        seen.clear()
+        stage.candidates()[key]()
+        assert seen == [want], key
+    with pytest.raises(ValueError, match="no dense layout"):
+        stage._make("dense (NHWC)")
+
+
+def _stage(case, **kw):
+    cin, cout, k, stride, pad, h, relu, pool, residual = CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(cout, cin, k, k, generator=gen), torch.randn(cout, generator=gen)
+    pf = SimpleNamespace(dense=lambda name: bias, manifest={"aliases": {}})
+    oh = (h + 2 * pad - k) // stride + 1
+    x = torch.randn(cin, h, h, generator=gen)
+    res = torch.randn(cout, oh, oh, generator=gen) if residual else None
+    return ConvStage(_model(), ConvRef("w", "b", cin, cout, k, pad, pool, stride=stride, relu=relu), w, pf, x,
+                     residual=res), x
+
+
+class _Views:
+    def __init__(self):
+        self.forgotten = []
+
+    def forget(self, t):
+        self.forgotten.append(t)
+
+
+@pytest.mark.parametrize("path,variant,keeps", [
+    ("dense", "dense", {"dense"}),
+    ("dense", "dense (channels-last)", set()),  # its launch holds its own channels-last weight
+    ("balanced", "balanced", {"sparse", "cols_buf"}),
+    ("balanced_conv", "balanced_conv (map)", {"direct"}),
+])
+def test_release_keeps_exactly_what_the_bound_path_reads(no_sparse, path, variant, keeps):
+    stage, _ = _stage("3x3-s2-residual")
+    cols = torch.empty(1)
+    stage.sparse, stage.direct, stage.cols_buf = ("balanced", object()), object(), cols
+    stage._views = _Views()
+    stage.choice = SimpleNamespace(path=path, variants={path: variant})
+    stage.release_unbound()
+    held = {a for a in ("dense", "sparse", "direct", "cols_buf") if getattr(stage, a) is not None}
+    assert held == keeps
+    assert (stage.w4 is None) == ("dense" not in keeps)
+    assert stage._views.forgotten == ([] if "cols_buf" in keeps else [cols])  # the SpMM's view let go too
+
+
 def test_a_settled_stage_keeps_only_what_its_bound_path_reads(no_sparse):
     """release_unbound after dispatch: the dense path keeps its weight and still runs; nothing else is held."""
     cin, cout, k, stride, pad, h, relu, pool, residual = CASES["1x1-residual"]
@@ -85,8 +143,8 @@ def test_a_settled_stage_keeps_only_what_its_bound_path_reads(no_sparse):
     stage = ConvStage(_model(), ConvRef("w", "b", cin, cout, k, pad, pool, stride=stride, relu=relu), w, pf, x,
                       residual=res)
     want = stage.reference()
-    stage.choice = SimpleNamespace(path="dense")
+    stage.choice = SimpleNamespace(path="dense", variants={"dense": "dense (channels-last)"})
     stage.bind("dense (channels-last)")
     stage.release_unbound()
-    assert stage.direct is None and stage.sparse is None and stage.cols_buf is None
-    assert torch.allclose(stage().double(), want, rtol=1e-5, atol=1e-5)
+    assert stage.dense is None and stage.direct is None and stage.sparse is None and stage.cols_buf is None
+    assert torch.allclose(stage().double(), want, rtol=1e-5, atol=1e-5)  # the bound launch kept its weight

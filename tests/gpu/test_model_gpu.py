@@ -103,11 +103,15 @@ def test_runtime_matches_the_dense_masked_model(small_files, kind, dtype, paths)
         if paths == "auto":
             assert c.path == min(c.times_us, key=c.times_us.get)
     if kind in ("vgg", "resnet"):  # settled stages hold only what their bound path reads
-        stages = [*getattr(rt, "convs", []), *(st for b in getattr(rt, "blocks", []) for st in
-                                                 [*b.convs, *([b.downsample] if b.downsample else [])])]
+        stages = [*getattr(rt, "convs", []), *([rt.stem] if hasattr(rt, "stem") else []),
+                  *(st for b in getattr(rt, "blocks", []) for st in [*b.convs, *([b.downsample] if b.downsample else [])])]
+        assert len(stages) == sum(1 for c in rt.choices if not c.layer.startswith(("classifier.", "fc.")))
         for st in stages:
-            assert (st.dense is None) == (st.choice.path != "dense"), st.name
-            assert st.direct is None or st.choice.path == "balanced_conv", st.name
+            nchw = st.choice.path == "dense" and st.choice.variants["dense"] == "dense"
+            assert (st.dense is not None) == nchw, (st.name, st.choice.path, st.choice.variants)
+            assert (st.direct is not None) == (st.choice.path == "balanced_conv"), st.name
+            assert (st.sparse is not None) == (st.choice.path == "balanced"), st.name
+            assert st.cols_buf is None or st.choice.path == "balanced", st.name
     if kind in ("vgg", "resnet") and paths == "auto":
         # the direct balanced conv passes its gate and is timed on every conv layer (7x7/2 stem included)
         convs = [c for c in rt.choices if not c.layer.startswith(("classifier.", "fc."))]

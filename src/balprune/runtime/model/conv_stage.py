@@ -36,6 +36,9 @@ from .base import PackedModel, load_dense
 from .lstm import _matrix
 from .stages import ptr, sparse_operator
 
+#: The memory layouts the dense path is timed in: "dense" is NCHW, "dense (channels-last)" the other.
+DENSE_LAYOUTS = ("NCHW", "channels-last")
+
 
 class ConvStage:
     """One conv (see module doc) with the surface stages.dispatch expects.
@@ -122,6 +125,8 @@ class ConvStage:
             ptr(self.y_buf), ptr(None), np.int32(cout), np.int32(OH), np.int32(OW), ptr(self.out)))
 
     def _dense_fn(self, layout: str = "NCHW"):
+        if layout not in DENSE_LAYOUTS:
+            raise ValueError(f"{self.name}: no dense layout {layout!r} (one of {', '.join(DENSE_LAYOUTS)})")
         b, pad, stride, x, out = self.bias_t, self.pad, self.stride, self.x, self.out
         res, relu, pool = self.residual, self.relu, self.pool
         cl = layout == "channels-last"
@@ -209,7 +214,7 @@ class ConvStage:
                 + ([(DIRECT, self.direct)] if self.direct is not None else []))
 
     def candidates(self) -> dict:
-        keys = ["dense", "dense (channels-last)"] + ([self.sparse[0]] if self.sparse is not None else [])
+        keys = ["dense"] + [f"dense ({k})" for k in DENSE_LAYOUTS[1:]] + ([self.sparse[0]] if self.sparse is not None else [])
         if self.direct is not None:
             keys += [f"{DIRECT} ({k})" for k in self.direct.kernels_for(self.H, self.W)]
         return {k: self._make(k) for k in keys}
@@ -238,11 +243,14 @@ class ConvStage:
         im2col buffer when another path runs. ``candidates()``, ``reference()`` and ``bytes_of()`` are not
         available afterwards (a model calls this once its stage is settled)."""
         path = self.choice.path
-        if path != "dense":
+        # the NCHW weight is read by the NCHW dense launch only (channels-last binds its own copy)
+        if path != "dense" or self.choice.variants.get("dense", "dense") != "dense":
             self.dense = self.w4 = None
         if path != DIRECT:
             self.direct = None
         if self.sparse is not None and path != self.sparse[0]:
+            if self.cols_buf is not None:
+                self._views.forget(self.cols_buf)  # the SpMM's view holds the buffer
             self.sparse, self.cols_buf = None, None
 
     def __call__(self) -> torch.Tensor:

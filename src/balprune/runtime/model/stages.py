@@ -77,6 +77,13 @@ class CupyViews:
         self._views: dict[tuple, object] = {}
         self._limit = limit
 
+    def forget(self, t: torch.Tensor) -> None:
+        """Drop the views of ``t``'s memory: a view holds its tensor, so a buffer a stage lets go of is
+        freed only once its views are gone."""
+        ptr0 = t.data_ptr()
+        for key in [k for k in self._views if k[0] == ptr0]:
+            del self._views[key]
+
     def __call__(self, t: torch.Tensor):
         from .._gpu import as_cupy
 
@@ -340,7 +347,10 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
             with cupy_on_torch_stream():
                 out = fn()
         except Exception as exc:  # an alternative kernel that cannot run here is reported, never fatal
-            if key.split(" (")[0] in primary:
+            path = key.split(" (")[0]
+            # fatal: the dense path itself or a launch variant of the layer's own sparse kernel; a layout
+            # variant of the dense path ("dense (channels-last)") is an alternative like any other
+            if path in primary and (path != "dense" or key == "dense"):
                 raise
             choice.unavailable[key] = f"could not run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"[:300]
             del cands[key]
