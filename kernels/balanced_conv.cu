@@ -29,6 +29,20 @@ namespace bp {
 constexpr int kConvTileCols = 32;  // output columns per tile: one per lane
 constexpr int kConvPosShift = 8;   // tap_pos: c << 8 | dy << 4 | dx
 
+// One lane's share of a warp's batch of 32 taps: tap tt (when tt < t_end; else a zero weight at offset 0,
+// never walked) as its value and its shared-memory offset in a staged input of `rows` x `cols` words per
+// channel, channels from c0: ((c - c0) * rows + dy) * cols + dx. Both kernels walk the batch by __shfl_sync.
+__device__ __forceinline__ void load_tap(const float* __restrict__ tap_w, const int* __restrict__ tap_pos, int tt,
+                                         int t_end, int c0, int rows, int cols, float& w, int& off) {
+  w = 0.0f;
+  off = 0;
+  if (tt < t_end) {
+    w = __ldg(tap_w + tt);
+    const int pos = __ldg(tap_pos + tt);
+    off = (((pos >> kConvPosShift) - c0) * rows + ((pos >> 4) & 15)) * cols + (pos & 15);
+  }
+}
+
 template <typename T, int PY>
 __global__ void __launch_bounds__(512) balanced_conv2d(
     const T* __restrict__ x, int C, int H, int W, long long x_batch_stride,
@@ -81,14 +95,9 @@ __global__ void __launch_bounds__(512) balanced_conv2d(
       for (int tb = my_chunks[j]; tb < t_end; tb += 32) {
         // 32 taps at once, one per lane (coalesced), each turned into its shared-memory offset; the
         // warp then walks them from registers: one load latency per 32 taps, not one per tap
-        const int tt = tb + lane;
-        float wl = 0.0f;
-        int offl = 0;
-        if (tt < t_end) {
-          wl = __ldg(tap_w + tt);
-          const int pos = __ldg(tap_pos + tt);
-          offl = (((pos >> kConvPosShift) - c0) * TIH + ((pos >> 4) & 15)) * TIW + (pos & 15);
-        }
+        float wl;
+        int offl;
+        load_tap(tap_w, tap_pos, tb + lane, t_end, c0, TIH, TIW, wl, offl);
         const int nb = min(32, t_end - tb);
         for (int u = 0; u < nb; ++u) {
           const float w = __shfl_sync(0xffffffffu, wl, u);
@@ -180,14 +189,9 @@ __global__ void __launch_bounds__(512) balanced_conv2d_map(
   const int t_end = my[slice + 1];
   for (int tb = my[slice]; tb < t_end; tb += 32) {
     // 32 taps at once, one per lane, as shared-memory offsets; walked from registers (see the tiled kernel)
-    const int tt = tb + lane;
-    float wl = 0.0f;
-    int offl = 0;
-    if (tt < t_end) {
-      wl = __ldg(tap_w + tt);
-      const int pos = __ldg(tap_pos + tt);
-      offl = (((pos >> kConvPosShift) - c0) * TR + ((pos >> 4) & 15)) * PW + (pos & 15);
-    }
+    float wl;
+    int offl;
+    load_tap(tap_w, tap_pos, tb + lane, t_end, c0, TR, PW, wl, offl);
     const int nb = min(32, t_end - tb);
     for (int u = 0; u < nb; ++u) {
       const float w = __shfl_sync(0xffffffffu, wl, u);

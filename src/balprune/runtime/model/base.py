@@ -120,6 +120,36 @@ class PackedModel:
         return [c.to_dict() for c in self.choices]
 
 
+class PackedImageModel(PackedModel):
+    """Base of the vision runtimes (vgg.py, resnet.py): one arch.image_size square image per ``run()`` in
+    the static buffer ``image`` (sample data until ``load_inputs``); the subclass ends each run in
+    ``fc_out[-1]`` (the class scores)."""
+
+    unit = "image"
+
+    def __init__(self, arch, **kw) -> None:
+        super().__init__(arch, **kw)
+        S = arch.image_size
+        self.image = self._random_(torch.empty(3, S, S, dtype=self.tdt, device=self.dev))
+        self.fc_out: list[torch.Tensor] = []
+
+    def load_inputs(self, inputs: dict) -> None:
+        img = check_image(inputs["image"], self.arch.image_size)
+        self.image.copy_(img.to(self.dev, self.tdt))
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """[classes] float32 on the CPU."""
+        self.load_inputs(inputs)
+        self.run()
+        return self.fc_out[-1].float().cpu()
+
+
+def check_image(image, size: int) -> torch.Tensor:
+    """An image as a float tensor [3, size, size]; UsageError (one line) for another shape, a
+    non-float dtype or non-finite values."""
+    return check_float_request(image, (3, size, size), "image", f"{size}x{size}")
+
+
 def check_float_request(value, shape: tuple[int, ...], what: str, built_for: str) -> torch.Tensor:
     """``value`` as a float tensor of ``shape``; UsageError (one line) for another shape (the
     runtime is built for ``built_for``), a non-float dtype or non-finite values."""

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 
 from ...errors import UsageError
 from ..measure import cupy_on_torch_stream
-from .base import PackedModel, load_dense, load_packed
+from .base import PackedImageModel, load_dense, load_packed
 from .conv_stage import ConvStage
 from .lstm import _matrix
-from .vgg import check_image
 
 
 class _Block:
@@ -38,17 +37,13 @@ class _Block:
             st()
 
 
-class PackedResNet(PackedModel):
+class PackedResNet(PackedImageModel):
     """torchvision ResNet (18/34/50/101/152 layouts) with folded batch norms on one image per ``run()``."""
-
-    unit = "image"
 
     def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
                  measure: bool = True, progress=None) -> None:
         super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         dev, tdt = self.dev, self.tdt
-        S = arch.image_size
-        self.image = self._random_(torch.empty(3, S, S, dtype=tdt, device=dev))
         with cupy_on_torch_stream():
             self.stem = self._conv(pf, arch.convs[0], self.image)
             self.pooled = F.max_pool2d(self.stem(), 3, stride=2, padding=1).contiguous()
@@ -82,10 +77,6 @@ class PackedResNet(PackedModel):
         self._dispatch(stage, settle=True)
         return stage
 
-    def load_inputs(self, inputs: dict) -> None:
-        img = check_image(inputs["image"], self.arch.image_size)
-        self.image.copy_(img.to(self.dev, self.tdt))
-
     def run(self) -> None:
         with cupy_on_torch_stream():
             self.pooled.copy_(F.max_pool2d(self.stem(), 3, stride=2, padding=1))
@@ -93,9 +84,3 @@ class PackedResNet(PackedModel):
                 b()
             torch.mean(self.features, dim=(1, 2), out=self.fc_in)
             self.fc.launch()
-
-    def forward(self, inputs: dict) -> torch.Tensor:
-        """[classes] float32 on the CPU."""
-        self.load_inputs(inputs)
-        self.run()
-        return self.fc_out[-1].float().cpu()

@@ -12,28 +12,21 @@ import torch
 
 from ...errors import UsageError
 from ..measure import cupy_on_torch_stream
-from .base import PackedModel, check_float_request, load_dense, load_packed
+from .base import PackedImageModel, check_image, load_dense, load_packed
 from .conv_stage import ConvStage
 from .lstm import _matrix
 
-
-def check_image(image, size: int) -> torch.Tensor:
-    """An image as a float tensor [3, size, size]; UsageError (one line) for another shape, a
-    non-float dtype or non-finite values."""
-    return check_float_request(image, (3, size, size), "image", f"{size}x{size}")
+__all__ = ["PackedVgg", "check_image"]
 
 
-class PackedVgg(PackedModel):
+class PackedVgg(PackedImageModel):
     """VGG (11/13/16/19, no batch norm) on one image_size x image_size image per ``run()``."""
-
-    unit = "image"
 
     def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
                  measure: bool = True, progress=None) -> None:
         super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         dev, tdt = self.dev, self.tdt
         S = arch.image_size
-        self.image = self._random_(torch.empty(3, S, S, dtype=tdt, device=dev))
         fc6, fc7, fc8 = arch.fcs
         self.fc_in = torch.empty(fc6.in_features, dtype=tdt, device=dev)
         self.convs: list[ConvStage] = []
@@ -63,19 +56,9 @@ class PackedVgg(PackedModel):
             self.fcs.append(p)
             xin = y
 
-    def load_inputs(self, inputs: dict) -> None:
-        img = check_image(inputs["image"], self.arch.image_size)
-        self.image.copy_(img.to(self.dev, self.tdt))
-
     def run(self) -> None:
         with cupy_on_torch_stream():
             for st in self.convs:
                 st()
             for p in self.fcs:
                 p.launch()
-
-    def forward(self, inputs: dict) -> torch.Tensor:
-        """[classes] float32 on the CPU."""
-        self.load_inputs(inputs)
-        self.run()
-        return self.fc_out[-1].float().cpu()
