@@ -404,3 +404,29 @@ def test_llama_report_shows_the_transformers_peer_and_its_ratio():
     assert "5000.0 eager" in text and "10.00" in text
     assert "n/a transformers (graph)" in text
     assert own_failures(report) == []
+
+
+def test_the_vision_torch_peer_is_the_faster_layout_and_computes_the_same():
+    """bench.model._faster_layout: both layouts timed, the faster kept and named; the channels-last copy
+    computes what the NCHW module does (the bench then checks the kept runner's own output)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from balprune.bench.model import _faster_layout
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    inputs = {"image": torch.randn(3, 12, 12)}
+    for fast in ("NCHW", "channels-last"):
+        calls = []
+
+        def time_calls(f, iters, warmup, fast=fast, calls=calls):
+            out = f()
+            calls.append(out)
+            layout = "channels-last" if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous() \
+                else "NCHW"
+            return SimpleNamespace(median_us=1.0 if layout == fast else 2.0)
+        runner, meta = _faster_layout(module, inputs, torch.device("cpu"), SimpleNamespace(time_calls=time_calls))
+        assert meta["layout"] == fast and set(meta["eager_hot_us"]) == {"NCHW", "channels-last"}
+        assert torch.allclose(runner(), calls[0], atol=1e-5) and torch.allclose(calls[0], calls[1], atol=1e-5)
