@@ -427,6 +427,7 @@ def test_the_vision_torch_peer_is_the_faster_layout_and_computes_the_same():
             layout = "channels-last" if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous() \
                 else "NCHW"
             return SimpleNamespace(median_us=1.0 if layout == fast else 2.0)
-        runner, meta = _faster_layout(module, inputs, torch.device("cpu"), SimpleNamespace(time_calls=time_calls))
+        runner, meta = _faster_layout(module, SimpleNamespace(kind="resnet"), inputs, torch.device("cpu"),
+                                      SimpleNamespace(time_calls=time_calls))
         assert meta["layout"] == fast and set(meta["eager_hot_us"]) == {"NCHW", "channels-last"}
         assert torch.allclose(runner(), calls[0], atol=1e-5) and torch.allclose(calls[0], calls[1], atol=1e-5)

@@ -327,7 +327,7 @@ class BalancedConv2d:
             return prepared(self._kernel(cfg["rows_per_lane"]), cfg["grid"], cfg["block"], args, cfg["shared_mem"],
                             packed=packed)
         tap_w, tap_pos, starts = self._taps_for(mcfg["slice_channels"])
-        part = torch.zeros(y.numel(), dtype=torch.float32, device=xb.device) if mcfg["slices"] > 1 else None
+        part = torch.empty(y.numel(), dtype=torch.float32, device=xb.device) if mcfg["slices"] > 1 else None
         args = head + (tap_w, tap_pos, starts) + sizes + (
             np.int32(mcfg["slice_channels"]), np.int32(mcfg["slices"]), np.int32(mcfg["runs"]), bias, act,
             np.uint64(y.data_ptr()), np.uint64(part.data_ptr() if part is not None else 0))

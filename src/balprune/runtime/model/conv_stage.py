@@ -105,9 +105,6 @@ class ConvStage:
         self.cols_buf = (torch.empty(self.cols, OH * OW, dtype=tdt, device=dev)
                          if self.sparse is not None and not self.x_is_operand else None)
 
-    def out_shape(self) -> tuple[int, int, int]:
-        return tuple(int(d) for d in self.out.shape)
-
     # -- the paths ------------------------------------------------------------------------------------
 
     def _residual_launch(self, y: torch.Tensor):
@@ -118,11 +115,21 @@ class ConvStage:
         return self.kernels.bound("add_relu", n, (ptr(y), ptr(self.residual), np.int64(n),
                                                    np.int32(1 if self.relu else 0)))
 
-    def _pool_launch(self):
-        """VGG: out = ReLU(max-pool 2x2 of y_buf) (y_buf already biased; bias_relu_pool2 without a bias)."""
+    def _pool_launch(self, bias: torch.Tensor | None):
+        """VGG: out = ReLU(max-pool 2x2 of y_buf + bias) in one pass (bias_relu_pool2; None: y_buf is biased)."""
         cout, OH, OW = self.rows, self.OH, self.OW
         return self.kernels.bound("bias_relu_pool2", cout * (OH // 2) * (OW // 2), (
-            ptr(self.y_buf), ptr(None), np.int32(cout), np.int32(OH), np.int32(OW), ptr(self.out)))
+            ptr(self.y_buf), ptr(bias), np.int32(cout), np.int32(OH), np.int32(OW), ptr(self.out)))
+
+    def _sequence(self, *launches):
+        """run(): the given launches (None ones skipped) in order, returning ``out``."""
+        todo, out = [f for f in launches if f is not None], self.out
+
+        def run() -> torch.Tensor:
+            for f in todo:
+                f()
+            return out
+        return run
 
     def _dense_fn(self, layout: str = "NCHW"):
         if layout not in DENSE_LAYOUTS:
@@ -163,36 +170,21 @@ class ConvStage:
         xv = self._views(operand)
         if self.pool:  # VGG: the product, then bias + ReLU + the 2x2 pool in one pass into out
             spmm = self.sparse[1].prepared_launch(xv, self._views(self.y_buf.view(self.rows, OH * OW)), self.batch)
-            post = K.bound("bias_relu_pool2", self.rows * (OH // 2) * (OW // 2), (
-                ptr(self.y_buf), ptr(self.bias32), np.int32(self.rows), np.int32(OH), np.int32(OW), ptr(out)))
+            post = self._pool_launch(self.bias32)
         else:  # bias (and ReLU without a residual) in the product's epilogue, straight into out
             bias = None if self.bias32 is None else self._views(self.bias32)
             spmm = self.sparse[1].prepared_launch(xv, self._views(out.view(self.rows, OH * OW)), self.batch,
                                                   bias=bias, relu=self.relu and self.residual is None)
             post = self._residual_launch(out)
-        launches = [f for f in (im2col, spmm, post) if f is not None]
+        return self._sequence(im2col, spmm, post)
 
-        def run() -> torch.Tensor:
-            for f in launches:
-                f()
-            return out
-        return run
-
-    def _direct_fn(self, kernel: str):
-        out = self.out
+    def _direct_fn(self, kernel: str | None):
+        """The direct convolution on ``kernel`` ("tiled", "map"; None: the operator's choice)."""
         if self.pool:
             conv = self.direct.prepared_launch(self.x, self.y_buf, relu=True, kernel=kernel)
-            post = self._pool_launch()
-        else:
-            conv = self.direct.prepared_launch(self.x, out, relu=self.relu and self.residual is None, kernel=kernel)
-            post = self._residual_launch(out)
-        launches = [f for f in (conv, post) if f is not None]
-
-        def run() -> torch.Tensor:
-            for f in launches:
-                f()
-            return out
-        return run
+            return self._sequence(conv, self._pool_launch(None))
+        conv = self.direct.prepared_launch(self.x, self.out, relu=self.relu and self.residual is None, kernel=kernel)
+        return self._sequence(conv, self._residual_launch(self.out))
 
     def _make(self, key: str):
         """The run function of candidate ``key``: a path, or a launch variant timed on its own: "dense
@@ -201,7 +193,7 @@ class ConvStage:
         path = key.split(" (")[0]
         variant = key[len(path) + 2:-1] if key != path else None
         if path == DIRECT:
-            return self._direct_fn(variant or "auto")
+            return self._direct_fn(variant)
         if path == "dense":
             return self._dense_fn(variant or "NCHW")
         return self._im2col_fn()

@@ -28,7 +28,6 @@ class _Block:
 
     def __init__(self, convs: list[ConvStage], downsample: ConvStage | None) -> None:
         self.convs, self.downsample = convs, downsample
-        self.out = convs[-1].out
 
     def __call__(self) -> None:
         if self.downsample is not None:
@@ -46,8 +45,10 @@ class PackedResNet(PackedImageModel):
         dev, tdt = self.dev, self.tdt
         with cupy_on_torch_stream():
             self.stem = self._conv(pf, arch.convs[0], self.image)
-            self.pooled = F.max_pool2d(self.stem(), 3, stride=2, padding=1).contiguous()
-            x = self.pooled  # each stage's input buffer is the one before it's output (static)
+            c, h, w = self.stem.out.shape
+            self.pooled = torch.empty(c, (h - 1) // 2 + 1, (w - 1) // 2 + 1, dtype=tdt, device=dev)
+            self._stem_and_pool()
+            x = self.pooled  # each stage's input buffer is the stage before it's output (static)
             self.blocks: list[_Block] = []
             for ref in arch.blocks:
                 ds = None if ref.downsample is None else self._conv(pf, ref.downsample, x)
@@ -77,9 +78,13 @@ class PackedResNet(PackedImageModel):
         self._dispatch(stage, settle=True)
         return stage
 
+    def _stem_and_pool(self) -> None:
+        """The stem conv (+ ReLU), then torchvision's 3x3/2 max-pool (padding 1) into ``pooled``."""
+        self.pooled.copy_(F.max_pool2d(self.stem(), 3, stride=2, padding=1))
+
     def run(self) -> None:
         with cupy_on_torch_stream():
-            self.pooled.copy_(F.max_pool2d(self.stem(), 3, stride=2, padding=1))
+            self._stem_and_pool()
             for b in self.blocks:
                 b()
             torch.mean(self.features, dim=(1, 2), out=self.fc_in)
