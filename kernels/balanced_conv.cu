@@ -43,6 +43,37 @@ __device__ __forceinline__ void load_tap(const float* __restrict__ tap_w, const 
   }
 }
 
+// Stage `words` input values as fp32 into xs: xs[i] for i = (cl * rows + r) * cols + q is input channel
+// c0 + cl at row iy0 + r, column ix0 + q (0 outside the image: the padding). SU loads per thread are in
+// flight before their stores: a load-then-store loop waits one global-memory latency per element a
+// thread stages (24-100 of them on ResNet's layers), which kept both kernels at 20-35 us whatever
+// their taps (kernels/NOTES.md v24).
+template <typename T>
+__device__ __forceinline__ void stage_input(float* __restrict__ xs, int words, int tid, int nthreads,
+                                            const T* __restrict__ xb, int c0, int H, int W, int rows, int cols,
+                                            int iy0, int ix0) {
+  constexpr int SU = 8;
+  const int plane = rows * cols;
+  for (int i0 = tid; i0 < words; i0 += nthreads * SU) {
+    float v[SU];
+#pragma unroll
+    for (int j = 0; j < SU; ++j) {
+      const int i = i0 + j * nthreads;
+      v[j] = 0.0f;
+      if (i < words) {
+        const int cl = i / plane;
+        const int rem = i - cl * plane;
+        const int r = rem / cols;
+        const int iy = iy0 + r, ix = ix0 + rem - r * cols;
+        if (iy >= 0 && iy < H && ix >= 0 && ix < W) v[j] = Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < SU; ++j)
+      if (i0 + j * nthreads < words) xs[i0 + j * nthreads] = v[j];
+  }
+}
+
 template <typename T, int PY>
 __global__ void __launch_bounds__(512) balanced_conv2d(
     const T* __restrict__ x, int C, int H, int W, long long x_batch_stride,
@@ -80,15 +111,7 @@ __global__ void __launch_bounds__(512) balanced_conv2d(
     // in (common at high sparsity with few channels per CTA) is not staged at all.
     const bool mine = o < Cout && my_chunks[j + 1] > my_chunks[j];
     if (!__syncthreads_or(mine)) continue;
-    const int tile_words = cc * TIH * TIW;
-    for (int i = tid; i < tile_words; i += nthreads) {
-      const int cl = i / (TIH * TIW);
-      const int r = (i / TIW) % TIH;
-      const int q = i % TIW;
-      const int iy = iy0 + r, ix = ix0 + q;
-      xs[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W)
-                  ? Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix) : 0.0f;
-    }
+    stage_input(xs, cc * TIH * TIW, tid, nthreads, xb, c0, H, W, TIH, TIW, iy0, ix0);
     __syncthreads();
     if (o < Cout) {  // warp-uniform: a warp is one output channel
       const int t_end = my_chunks[j + 1];
@@ -164,15 +187,7 @@ __global__ void __launch_bounds__(512) balanced_conv2d_map(
   const int nthreads = blockDim.x * blockDim.y;
   const int tid = threadIdx.y * blockDim.x + lane;
 
-  const int words = cs * TR * PW;
-  for (int i = tid; i < words; i += nthreads) {
-    const int cl = i / (TR * PW);
-    const int r = (i / PW) % TR;
-    const int q = i % PW;
-    const int iy = row0 + r - pad, ix = q - pad;
-    xs[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix)
-                                                     : 0.0f;
-  }
+  stage_input(xs, cs * TR * PW, tid, nthreads, xb, c0, H, W, TR, PW, row0 - pad, -pad);
   __syncthreads();
   if (o >= Cout) return;
 

@@ -169,3 +169,20 @@ def balanced_conv_weight(cout: int, cin: int, kh: int, kw: int, sparsity: float,
     pattern = BalancedPattern(sparsity, blocks=blocks)
     g = geometry_for(*m.shape, pattern)
     return BalancedTensor.from_offsets(m, pattern, balanced_offsets(m, g, dtype=g.index_dtype)), g
+
+
+#: kernels/balanced_conv.cu stage_input: loads in flight per thread, and the lines the two conv kernels'
+#: thread emulations (tests/test_conv_*_emulation.py) mirror of it.
+STAGE_SU = 8
+STAGE_INPUT_LINES = (
+    "constexpr int SU = 8;",
+    "const int plane = rows * cols;",
+    "for (int i0 = tid; i0 < words; i0 += nthreads * SU) {",
+    "const int i = i0 + j * nthreads;",
+    "const int cl = i / plane;",
+    "const int rem = i - cl * plane;",
+    "const int r = rem / cols;",
+    "const int iy = iy0 + r, ix = ix0 + rem - r * cols;",
+    "if (iy >= 0 && iy < H && ix >= 0 && ix < W) v[j] = Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix);",
+    "if (i0 + j * nthreads < words) xs[i0 + j * nthreads] = v[j];",
+)

@@ -29,7 +29,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import balanced_conv_weight
+from helpers import STAGE_INPUT_LINES, STAGE_SU, balanced_conv_weight
 from torch.nn import functional as F
 
 from balprune.formats.layouts import CONV_POS_SHIFT, CONV_TILE_COLS, conv_taps
@@ -147,29 +147,30 @@ def emulate_balanced_conv2d(grid, block, shared_mem, PY,
                     tile_words = _int32(cc * TIH * TIW, "tile_words")
                     assert cc >= 1
                     staged[:] = False
-                    i = tid.copy()
-                    while True:  # for (int i = tid; i < tile_words; i += nthreads)
-                        act = i < tile_words
-                        if not act.any():
-                            break
-                        ii = i[act]
-                        cl = _cdiv(ii, TIH * TIW)
-                        r = _cmod(_cdiv(ii, TIW), TIH)
-                        q = _cmod(ii, TIW)
-                        iy, ix = iy0 + r, ix0 + q
-                        inb = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                        g = xb + ((c0 + cl[inb]) * H + iy[inb]) * W + ix[inb]
-                        assert (c0 + cl[inb] < C).all(), "staging reads a channel >= C"
-                        _in(g - xb, x_batch_stride, "x read outside the CTA's batch image")
-                        _in(g, x.size, "x read")
-                        val = np.zeros(ii.size)
-                        val[inb] = x[g]
-                        _in(ii, XS, "xs store (staging)")
-                        assert not staged[ii].any(), "a shared word staged twice in one chunk"
-                        xs[ii] = val
-                        staged[ii] = True
-                        stats["max_xs_write"] = max(stats["max_xs_write"], int(ii.max()))
-                        i = np.where(act, i + nthreads, i)
+                    # stage_input(xs, cc * TIH * TIW, tid, nthreads, xb, c0, H, W, TIH, TIW, iy0, ix0)
+                    plane = TIH * TIW
+                    for i0 in range(0, tile_words, nthreads * STAGE_SU):  # i0 = tid + this, per thread
+                        for su in range(STAGE_SU):  # const int i = i0 + j * nthreads; (j: su here)
+                            ii = tid + i0 + su * nthreads
+                            ii = ii[ii < tile_words]
+                            if ii.size == 0:
+                                continue
+                            cl = _cdiv(ii, plane)
+                            rem = ii - cl * plane
+                            r = _cdiv(rem, TIW)
+                            iy, ix = iy0 + r, ix0 + rem - r * TIW
+                            inb = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                            g = xb + ((c0 + cl[inb]) * H + iy[inb]) * W + ix[inb]
+                            assert (c0 + cl[inb] < C).all(), "staging reads a channel >= C"
+                            _in(g - xb, x_batch_stride, "x read outside the CTA's batch image")
+                            _in(g, x.size, "x read")
+                            val = np.zeros(ii.size)
+                            val[inb] = x[g]
+                            _in(ii, XS, "xs store (staging)")
+                            assert not staged[ii].any(), "a shared word staged twice in one chunk"
+                            xs[ii] = val
+                            staged[ii] = True
+                            stats["max_xs_write"] = max(stats["max_xs_write"], int(ii.max()))
                     assert alive.all(), "__syncthreads reached by part of the CTA"
                     if own.any():  # if (o < Cout)
                         t_beg = np.zeros(nthreads, np.int64)
@@ -392,12 +393,8 @@ def test_the_emulation_mirrors_the_kernel_source():
         "const int cc = min(CC, C - c0);",
         "const bool mine = o < Cout && my_chunks[j + 1] > my_chunks[j];",
         "if (!__syncthreads_or(mine)) continue;",
-        "const int tile_words = cc * TIH * TIW;",
-        "for (int i = tid; i < tile_words; i += nthreads) {",
-        "const int cl = i / (TIH * TIW);",
-        "const int r = (i / TIW) % TIH;",
-        "const int q = i % TIW;",
-        "xs[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix) : 0.0f;",
+        "stage_input(xs, cc * TIH * TIW, tid, nthreads, xb, c0, H, W, TIH, TIW, iy0, ix0);",
+        *STAGE_INPUT_LINES,
         "off = (((pos >> kConvPosShift) - c0) * rows + ((pos >> 4) & 15)) * cols + (pos & 15);",
         "load_tap(tap_w, tap_pos, tb + lane, t_end, c0, TIH, TIW, wl, offl);",
         "const float* s = xs + __shfl_sync(0xffffffffu, offl, u) + lane_base;",

@@ -221,3 +221,21 @@ def test_importing_bench_and_measure_touches_no_gpu():
     env = {"PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+
+
+def test_exact_float32_turns_tf32_off_inside_and_restores_after():
+    """The float32 reference and runtime run cuDNN / cuBLAS in IEEE float32 (torch's default lets cuDNN
+    use TF32 for float32 convs, 1e-4-1e-3 per layer): set inside, the caller's settings back after,
+    also when the body raises."""
+    from balprune.runtime.measure import exact_float32
+
+    knobs = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+    before = [k.fp32_precision for k in knobs]
+    assert before[0] == "tf32"  # torch's default: what the context exists to turn off
+    with exact_float32():
+        assert [k.fp32_precision for k in knobs] == ["ieee"] * 3
+    assert [k.fp32_precision for k in knobs] == before
+    with pytest.raises(KeyError):
+        with exact_float32():
+            raise KeyError("x")
+    assert [k.fp32_precision for k in knobs] == before

@@ -3,7 +3,7 @@
 For each dtype, in one process on one GPU: balprune's model runtime (runtime.model, every layer
 on the path its dispatcher measured fastest) and the dense masked model in torch (cuBLAS/cuDNN,
 the same weights with zeros; a vision model's with cuDNN's benchmark mode on and in the faster of
-NCHW and channels-last, ``meta["model"]["dtypes"][d]["torch_layout"]``), both first checked against the float32 reference outputs
+NCHW and channels-last; float32 in IEEE float32 for every runner, torch's default TF32 off, ``meta["model"]["dtypes"][d]["torch_layout"]``), both first checked against the float32 reference outputs
 (runtime.measure.relative_error within MODEL_TOLERANCE, README "Tolerance contract": a runner
 outside it is reported and not timed; only balprune's runner failing makes ``bench`` fail), then timed per unit
 of work (lstm-lm: one token step; ctc-bilstm: one utterance; vgg: one image) eagerly and
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GpuRuntimeError
-from ..runtime.measure import MODEL_TOLERANCE, Timing, capture_graph, relative_error
+from ..runtime.measure import MODEL_TOLERANCE, Timing, capture_graph, exact_float32, relative_error
 from .peers import quiet_libraries
 from .report import BenchReport, Measurement, is_model_unit
 from .run import Session
@@ -120,7 +120,8 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
     inputs = sample_inputs(arch, frames=frames)
     say = progress or (lambda _m: None)
     vision = arch.kind in ("vgg", "resnet")
-    with Session(device) as s, _cudnn_benchmark(vision):
+    # float32 runners (reference, runtime, torch peer) in IEEE float32, not TF32: runtime.measure.exact_float32
+    with Session(device) as s, _cudnn_benchmark(vision), exact_float32():
         report = s.new_report(str(path))
         dev = torch.device("cuda", device)
         try:

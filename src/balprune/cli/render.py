@@ -343,6 +343,8 @@ def model_tables(report) -> list[Table]:
         if layout:  # a vision model's torch peer: cuDNN benchmark mode, the faster memory layout
             eager = ", ".join(f"{k} {v:.1f} us" for k, v in layout.get("eager_hot_us", {}).items())
             notes.append(f"{dtype} torch dense: cuDNN benchmark mode, {layout['layout']} (eager, hot: {eager})")
+    if "float32" in meta.get("dtypes", {}) and meta.get("kind") in ("vgg", "resnet"):
+        notes.append("float32: every runner in IEEE float32 (torch's default TF32 for convolutions off)")
     if meta.get("kind") == "llama":
         notes.append("model: one decode token at context " + str(meta["contexts"][0]) + "; model@ctxN: at context N; "
                      "prefill@N: a prompt of N tokens; torch dense: the same decoder with every product through cuBLAS"

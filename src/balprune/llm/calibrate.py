@@ -119,8 +119,9 @@ def device_bytes(cfg: LlmConfig, samples: int, seq_len: int, criterion: Criterio
     batch = batch_size(cfg, samples, seq_len) * _batch_bytes_per_window(cfg, seq_len)
     widths = (h, q, h, inter)  # the four statistics groups' inputs
     stats = sum(8 * k * (k + 1) if criterion.needs_gram else 8 * k for k in widths)
-    largest = max(h * inter, h * q)  # the widest linear being pruned: its working copies
-    prune = 4 * 4 * largest + (4 * 8 * inter * inter if criterion.needs_gram else 0)
+    largest = max(h * inter, h * q)  # the widest linear being pruned: its working copies (sparsegpt's on the
+    # device; wanda's on the CPU: only the pruned weight's new float32 copy meets the old one there)
+    prune = (4 * 4 * largest + 4 * 8 * inter * inter) if criterion.needs_gram else 4 * largest
     return layer + hidden + batch + stats + prune
 
 
@@ -206,16 +207,26 @@ def _prune_layers(cfg, ckpt, plans, windows, criterion, device, progress):
                 # float32 (wanda keeps values, sparsegpt updates in float32): rounding the result to the
                 # stored dtype gives what pruning the stored tensor gives, without reading it again
                 # (float64 is the exception: its values do not fit float32, and wanda keeps them: read it again)
-                weight = ckpt.load(name).to(device) if dtypes[name] == torch.float64 else layer.get_submodule(module).weight
+                # wanda selects its mask on the CPU anyway (prune.masks), so its scores are made there too:
+                # the matrix's working copies then take no device memory (issue 17's budget: two layers
+                # plus the hidden states); sparsegpt's updates need the device
+                where = device if criterion.needs_gram else torch.device("cpu")
+                weight = (ckpt.load(name) if dtypes[name] == torch.float64
+                          else layer.get_submodule(module).weight).to(where)
                 pruned = prune_matrix(criterion, weight, plan.pattern, stats[group], keep=plan.keep).weight
+                del weight
                 pruned = pruned.to(device="cpu", dtype=dtypes[name])
                 yield name, pruned
                 layer.get_submodule(module).weight = nn.Parameter(pruned.to(device=device, dtype=torch.float32),
                                                                   requires_grad=False)
             del stats
+        finite = torch.ones((), dtype=torch.bool, device=device)
         for b in batches:  # the next layer's inputs: this layer's outputs with its pruned weights
-            h[b] = layer(h[b], cos, sin, mask)
-        if not bool(torch.isfinite(h).all()):
+            out = layer(h[b], cos, sin, mask)
+            finite &= torch.isfinite(out).all()  # per batch, no sync: a check of all of h would copy it as bools
+            h[b] = out
+            del out
+        if not bool(finite):
             raise InvalidInputError(f"calibration: the outputs of decoder layer {index} hold NaN or Inf",
                                     hint="check the model's weights (a pruned layer that diverges) and the data")
         del layer
