@@ -43,34 +43,57 @@ __device__ __forceinline__ void load_tap(const float* __restrict__ tap_w, const 
   }
 }
 
-// Stage `words` input values as fp32 into xs: xs[i] for i = (cl * rows + r) * cols + q is input channel
-// c0 + cl at row iy0 + r, column ix0 + q (0 outside the image: the padding). SU loads per thread are in
-// flight before their stores: a load-then-store loop waits one global-memory latency per element a
-// thread stages (24-100 of them on ResNet's layers), which kept both kernels at 20-35 us whatever
-// their taps (kernels/NOTES.md v24).
+// Stage input channels c0 .. c0 + chans - 1 as fp32 into xs: `rows` x `cols` words per channel, word
+// (cl * rows + r) * cols + q = input row iy0 + r, column ix0 + q of channel c0 + cl (0 outside the image:
+// the padding). The work is cut into rows, not words: a row's columns are contiguous in x and in xs, so a
+// row costs its (channel, row) bookkeeping once (carried from the thread's previous row by adds, no
+// division) and each word a bounds test, a load and a store. Lanes take a row in groups of
+// span = min(cols, 32), 32 / span rows per warp at a time; SU rows per thread are loaded before their
+// stores (SU loads in flight). The first version divided every word's index twice (~70 instructions a
+// word): instruction-bound, 20-35 us on ResNet's layers whatever their taps (kernels/NOTES.md v24).
 template <typename T>
-__device__ __forceinline__ void stage_input(float* __restrict__ xs, int words, int tid, int nthreads,
-                                            const T* __restrict__ xb, int c0, int H, int W, int rows, int cols,
-                                            int iy0, int ix0) {
-  constexpr int SU = 8;
-  const int plane = rows * cols;
-  for (int i0 = tid; i0 < words; i0 += nthreads * SU) {
-    float v[SU];
+__device__ __forceinline__ void stage_input(float* __restrict__ xs, int chans, int rows, int cols, int tid,
+                                            int nthreads, const T* __restrict__ xb, int c0, int H, int W, int iy0,
+                                            int ix0) {
+  constexpr int SU = 4;
+  const int lane = tid & 31;
+  const int span = cols < 32 ? cols : 32;
+  const int per = 32 / span;  // rows a warp stages at once
+  const int sub = lane / span;
+  if (sub >= per) return;  // the lanes past the last whole group of span
+  const int q0 = lane - sub * span;
+  const int G = (nthreads >> 5) * per;  // rows staged at once by the CTA
+  const int total = chans * rows;
+  const int step_c = G / rows, step_r = G - step_c * rows;
+  int rr = (tid >> 5) * per + sub;
+  int cl = rr / rows, r = rr - cl * rows;
+  while (rr < total) {
+    int src[SU];  // within one image: C * H * W < 2^31 (runtime.conv checks the shapes)
+    int dst[SU];  // -1: past the last row
+    unsigned in_rows = 0u;  // bit j: row j lies inside the image
 #pragma unroll
     for (int j = 0; j < SU; ++j) {
-      const int i = i0 + j * nthreads;
-      v[j] = 0.0f;
-      if (i < words) {
-        const int cl = i / plane;
-        const int rem = i - cl * plane;
-        const int r = rem / cols;
-        const int iy = iy0 + r, ix = ix0 + rem - r * cols;
-        if (iy >= 0 && iy < H && ix >= 0 && ix < W) v[j] = Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix);
+      const int iy = iy0 + r;
+      if (rr < total && iy >= 0 && iy < H) in_rows |= 1u << j;
+      src[j] = ((c0 + cl) * H + iy) * W + ix0;
+      dst[j] = rr < total ? rr * cols : -1;
+      rr += G;
+      r += step_r;
+      cl += step_c;
+      if (r >= rows) {
+        r -= rows;
+        ++cl;
       }
     }
+    for (int q = q0; q < cols; q += span) {
+      const bool in_cols = ix0 + q >= 0 && ix0 + q < W;
+      float v[SU];
 #pragma unroll
-    for (int j = 0; j < SU; ++j)
-      if (i0 + j * nthreads < words) xs[i0 + j * nthreads] = v[j];
+      for (int j = 0; j < SU; ++j) v[j] = ((in_rows >> j & 1u) && in_cols) ? Val<T>::ldg(xb + src[j] + q) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < SU; ++j)
+        if (dst[j] >= 0) xs[dst[j] + q] = v[j];
+    }
   }
 }
 
@@ -111,7 +134,7 @@ __global__ void __launch_bounds__(512) balanced_conv2d(
     // in (common at high sparsity with few channels per CTA) is not staged at all.
     const bool mine = o < Cout && my_chunks[j + 1] > my_chunks[j];
     if (!__syncthreads_or(mine)) continue;
-    stage_input(xs, cc * TIH * TIW, tid, nthreads, xb, c0, H, W, TIH, TIW, iy0, ix0);
+    stage_input(xs, cc, TIH, TIW, tid, nthreads, xb, c0, H, W, iy0, ix0);
     __syncthreads();
     if (o < Cout) {  // warp-uniform: a warp is one output channel
       const int t_end = my_chunks[j + 1];
@@ -187,7 +210,7 @@ __global__ void __launch_bounds__(512) balanced_conv2d_map(
   const int nthreads = blockDim.x * blockDim.y;
   const int tid = threadIdx.y * blockDim.x + lane;
 
-  stage_input(xs, cs * TR * PW, tid, nthreads, xb, c0, H, W, TR, PW, row0 - pad, -pad);
+  stage_input(xs, cs, TR, PW, tid, nthreads, xb, c0, H, W, row0 - pad, -pad);
   __syncthreads();
   if (o >= Cout) return;
 

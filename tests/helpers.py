@@ -171,18 +171,77 @@ def balanced_conv_weight(cout: int, cin: int, kh: int, kw: int, sparsity: float,
     return BalancedTensor.from_offsets(m, pattern, balanced_offsets(m, g, dtype=g.index_dtype)), g
 
 
-#: kernels/balanced_conv.cu stage_input: loads in flight per thread, and the lines the two conv kernels'
-#: thread emulations (tests/test_conv_*_emulation.py) mirror of it.
-STAGE_SU = 8
+#: kernels/balanced_conv.cu stage_input: rows loaded per thread before their stores, and the lines of it
+#: that emulate_stage_input (used by both conv kernels' thread emulations) mirrors.
+STAGE_SU = 4
 STAGE_INPUT_LINES = (
-    "constexpr int SU = 8;",
-    "const int plane = rows * cols;",
-    "for (int i0 = tid; i0 < words; i0 += nthreads * SU) {",
-    "const int i = i0 + j * nthreads;",
-    "const int cl = i / plane;",
-    "const int rem = i - cl * plane;",
-    "const int r = rem / cols;",
-    "const int iy = iy0 + r, ix = ix0 + rem - r * cols;",
-    "if (iy >= 0 && iy < H && ix >= 0 && ix < W) v[j] = Val<T>::ldg(xb + ((long long)(c0 + cl) * H + iy) * W + ix);",
-    "if (i0 + j * nthreads < words) xs[i0 + j * nthreads] = v[j];",
+    "constexpr int SU = 4;",
+    "const int span = cols < 32 ? cols : 32;",
+    "const int per = 32 / span;",
+    "const int sub = lane / span;",
+    "if (sub >= per) return;",
+    "const int q0 = lane - sub * span;",
+    "const int G = (nthreads >> 5) * per;",
+    "const int total = chans * rows;",
+    "const int step_c = G / rows, step_r = G - step_c * rows;",
+    "int rr = (tid >> 5) * per + sub;",
+    "int cl = rr / rows, r = rr - cl * rows;",
+    "while (rr < total) {",
+    "if (rr < total && iy >= 0 && iy < H) in_rows |= 1u << j;",
+    "src[j] = ((c0 + cl) * H + iy) * W + ix0;",
+    "dst[j] = rr < total ? rr * cols : -1;",
+    "rr += G; r += step_r; cl += step_c; if (r >= rows) { r -= rows; ++cl; }",
+    "for (int q = q0; q < cols; q += span) {",
+    "const bool in_cols = ix0 + q >= 0 && ix0 + q < W;",
+    "for (int j = 0; j < SU; ++j) v[j] = ((in_rows >> j & 1u) && in_cols) ? Val<T>::ldg(xb + src[j] + q) : 0.0f;",
+    "if (dst[j] >= 0) xs[dst[j] + q] = v[j];",
 )
+
+
+def emulate_stage_input(tid, nthreads: int, chans: int, rows: int, cols: int, c0: int, H: int, W: int, iy0: int,
+                        ix0: int, load, store) -> None:
+    """kernels/balanced_conv.cu stage_input, all threads ``tid`` (int64 array) of a CTA in lockstep:
+    ``load(offsets)`` returns the input values at offsets from the image's start (xb), ``store(words,
+    values)`` writes shared words. Python ints stand for the kernel's int arithmetic (the sizes are small)."""
+    import numpy as np
+
+    lane = tid & 31
+    span = cols if cols < 32 else 32
+    per = 32 // span
+    sub = lane // span
+    act = sub < per  # if (sub >= per) return;
+    q0 = (lane - sub * span)[act]
+    G = (nthreads >> 5) * per
+    total = chans * rows
+    step_c = G // rows
+    step_r = G - step_c * rows
+    rr = ((tid >> 5) * per + sub)[act]
+    cl = rr // rows
+    r = rr - cl * rows
+    while (rr < total).any():  # each thread: while (rr < total); finished ones change nothing below
+        batch = []
+        for _ in range(STAGE_SU):
+            iy = iy0 + r
+            in_rows = (rr < total) & (iy >= 0) & (iy < H)
+            batch.append((((c0 + cl) * H + iy) * W + ix0, np.where(rr < total, rr * cols, -1), in_rows))
+            rr = rr + G
+            r = r + step_r
+            cl = cl + step_c
+            wrap = r >= rows
+            r = np.where(wrap, r - rows, r)
+            cl = np.where(wrap, cl + 1, cl)
+        for qi in range(-(-cols // span)):
+            q = q0 + qi * span
+            inq = q < cols  # for (int q = q0; q < cols; q += span)
+            in_cols = (ix0 + q >= 0) & (ix0 + q < W)
+            vals = []
+            for src, _dst, in_rows in batch:
+                ok = in_rows & in_cols & inq
+                v = np.zeros(q.size)
+                if ok.any():
+                    v[ok] = load(src[ok] + q[ok])
+                vals.append(v)
+            for (_src, dst, _in_rows), v in zip(batch, vals):
+                st = (dst >= 0) & inq
+                if st.any():
+                    store(dst[st] + q[st], v[st])

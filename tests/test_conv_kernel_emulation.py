@@ -29,7 +29,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import STAGE_INPUT_LINES, STAGE_SU, balanced_conv_weight
+from helpers import STAGE_INPUT_LINES, balanced_conv_weight, emulate_stage_input
 from torch.nn import functional as F
 
 from balprune.formats.layouts import CONV_POS_SHIFT, CONV_TILE_COLS, conv_taps
@@ -147,30 +147,24 @@ def emulate_balanced_conv2d(grid, block, shared_mem, PY,
                     tile_words = _int32(cc * TIH * TIW, "tile_words")
                     assert cc >= 1
                     staged[:] = False
-                    # stage_input(xs, cc * TIH * TIW, tid, nthreads, xb, c0, H, W, TIH, TIW, iy0, ix0)
-                    plane = TIH * TIW
-                    for i0 in range(0, tile_words, nthreads * STAGE_SU):  # i0 = tid + this, per thread
-                        for su in range(STAGE_SU):  # const int i = i0 + j * nthreads; (j: su here)
-                            ii = tid + i0 + su * nthreads
-                            ii = ii[ii < tile_words]
-                            if ii.size == 0:
-                                continue
-                            cl = _cdiv(ii, plane)
-                            rem = ii - cl * plane
-                            r = _cdiv(rem, TIW)
-                            iy, ix = iy0 + r, ix0 + rem - r * TIW
-                            inb = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                            g = xb + ((c0 + cl[inb]) * H + iy[inb]) * W + ix[inb]
-                            assert (c0 + cl[inb] < C).all(), "staging reads a channel >= C"
-                            _in(g - xb, x_batch_stride, "x read outside the CTA's batch image")
-                            _in(g, x.size, "x read")
-                            val = np.zeros(ii.size)
-                            val[inb] = x[g]
-                            _in(ii, XS, "xs store (staging)")
-                            assert not staged[ii].any(), "a shared word staged twice in one chunk"
-                            xs[ii] = val
-                            staged[ii] = True
-                            stats["max_xs_write"] = max(stats["max_xs_write"], int(ii.max()))
+
+                    def load(off, c0=c0, xb=xb):
+                        assert (off >= 0).all() and (off // (H * W) < C).all(), "staging reads a channel >= C"
+                        _in(off, x_batch_stride, "x read outside the CTA's batch image")
+                        _in(xb + off, x.size, "x read")
+                        return x[xb + off]
+
+                    def store(words, vals, tile_words=tile_words, xs=xs, staged=staged, XS=XS):
+                        _in(words, XS, "xs store (staging)")
+                        assert (words < tile_words).all(), "a word past the chunk's tile staged"
+                        assert not staged[words].any(), "a shared word staged twice in one chunk"
+                        assert len(set(words.tolist())) == words.size, "two threads store one word"
+                        xs[words] = vals
+                        staged[words] = True
+                        stats["max_xs_write"] = max(stats["max_xs_write"], int(words.max()))
+
+                    # stage_input(xs, cc, TIH, TIW, tid, nthreads, xb, c0, H, W, iy0, ix0)
+                    emulate_stage_input(tid, nthreads, cc, TIH, TIW, c0, H, W, iy0, ix0, load, store)
                     assert alive.all(), "__syncthreads reached by part of the CTA"
                     if own.any():  # if (o < Cout)
                         t_beg = np.zeros(nthreads, np.int64)
@@ -393,7 +387,7 @@ def test_the_emulation_mirrors_the_kernel_source():
         "const int cc = min(CC, C - c0);",
         "const bool mine = o < Cout && my_chunks[j + 1] > my_chunks[j];",
         "if (!__syncthreads_or(mine)) continue;",
-        "stage_input(xs, cc * TIH * TIW, tid, nthreads, xb, c0, H, W, TIH, TIW, iy0, ix0);",
+        "stage_input(xs, cc, TIH, TIW, tid, nthreads, xb, c0, H, W, iy0, ix0);",
         *STAGE_INPUT_LINES,
         "off = (((pos >> kConvPosShift) - c0) * rows + ((pos >> 4) & 15)) * cols + (pos & 15);",
         "load_tap(tap_w, tap_pos, tb + lane, t_end, c0, TIH, TIW, wl, offl);",

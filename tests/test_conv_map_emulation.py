@@ -19,7 +19,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import STAGE_INPUT_LINES, STAGE_SU, balanced_conv_weight
+from helpers import STAGE_INPUT_LINES, balanced_conv_weight, emulate_stage_input
 from test_conv_kernel_emulation import _cdiv, _cmod, _in, _int32, conv_reference
 
 from balprune.formats.layouts import CONV_POS_SHIFT, conv_taps
@@ -76,28 +76,22 @@ def emulate_map(grid, block, shared_mem, NP, x, C, H, W, x_batch_stride, tap_w, 
                 xb = bz * x_batch_stride
                 _int32([PW, row0, TR], "run geometry")
                 words = _int32(cs * TR * PW, "words")
-                # stage_input(xs, cs * TR * PW, tid, nthreads, xb, c0, H, W, TR, PW, row0 - pad, -pad)
-                iy0, ix0, plane = row0 - pad, -pad, TR * PW
-                for i0 in range(0, words, nthreads * STAGE_SU):  # i0 = tid + this, per thread
-                    for su in range(STAGE_SU):  # const int i = i0 + j * nthreads; (j: su here)
-                        ii = lin + i0 + su * nthreads
-                        ii = ii[ii < words]
-                        if ii.size == 0:
-                            continue
-                        cl = _cdiv(ii, plane)
-                        rem = ii - cl * plane
-                        r = _cdiv(rem, PW)
-                        iy, ix = iy0 + r, ix0 + rem - r * PW
-                        inb = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                        g = xb + ((c0 + cl[inb]) * H + iy[inb]) * W + ix[inb]
-                        assert (c0 + cl[inb] < C).all()
-                        _in(g - xb, x_batch_stride, "x read outside the CTA's image")
-                        val = np.zeros(ii.size)
-                        val[inb] = x[g]
-                        _in(ii, xs.size, "xs store")
-                        assert not staged[ii].any(), "a shared word staged twice"
-                        xs[ii] = val
-                        staged[ii] = True
+                # stage_input(xs, cs, TR, PW, tid, nthreads, xb, c0, H, W, row0 - pad, -pad)
+
+                def load(off, c0=c0, xb=xb):
+                    assert (off >= 0).all() and (off // (H * W) < C).all(), "staging reads a channel >= C"
+                    _in(off, x_batch_stride, "x read outside the CTA's image")
+                    return x[xb + off]
+
+                def store(words, vals, words_max=words, xs=xs, staged=staged):
+                    _in(words, xs.size, "xs store")
+                    assert (words < words_max).all(), "a word past the slice staged"
+                    assert not staged[words].any(), "a shared word staged twice"
+                    assert len(set(words.tolist())) == words.size, "two threads store one word"
+                    xs[words] = vals
+                    staged[words] = True
+
+                emulate_stage_input(lin, nthreads, cs, TR, PW, c0, H, W, row0 - pad, -pad, load, store)
                 live = o < Cout  # if (o >= Cout) return;
                 if not live.any():
                     continue
@@ -293,7 +287,7 @@ def test_the_emulation_mirrors_the_map_kernel_source():
         "const int PW = (OW - 1) * stride + kw;",
         "const int row0 = (p0 / OW) * stride;",
         "const int TR = ((p1 - 1) / OW - p0 / OW) * stride + kh;",
-        "stage_input(xs, cs * TR * PW, tid, nthreads, xb, c0, H, W, TR, PW, row0 - pad, -pad);",
+        "stage_input(xs, cs, TR, PW, tid, nthreads, xb, c0, H, W, row0 - pad, -pad);",
         *STAGE_INPUT_LINES,
         "const int p = min(p0 + lane + 32 * j, p1 - 1);",
         "base[j] = (oy * stride - row0) * PW + ox * stride;",

@@ -98,13 +98,23 @@ class ConvShape:
         return (self.width + 2 * self.padding - self.kw) // self.stride + 1
 
 
+def _check_sizes(s: ConvShape) -> None:
+    """UsageError unless the output is non-empty and one image's input indexes in 32 bits (the kernels'
+    stage_input offsets are int)."""
+    oh, ow = s.out_height, s.out_width
+    if oh < 1 or ow < 1:
+        raise UsageError(f"conv output would be {oh}x{ow}: the input is smaller than the kernel")
+    if s.in_channels * s.height * s.width > 2**31 - 1:
+        raise UsageError(f"conv input of {s.in_channels}x{s.height}x{s.width} values per image: over 2^31 - 1, "
+                         "which the conv kernels index in 32 bits")
+
+
 def launch_config(s: ConvShape, batch: int = 1) -> dict:
     """Rows per lane, row warps, channels per CTA, channels per staged chunk, grid, block and shared
     memory of one launch (a pure function: the CPU tests check its bounds). UsageError when no tile of
     this kernel side and stride fits TILE_BYTES."""
+    _check_sizes(s)
     oh, ow = s.out_height, s.out_width
-    if oh < 1 or ow < 1:
-        raise UsageError(f"conv output would be {oh}x{ow}: the input is smaller than the kernel")
     py = ROWS_PER_LANE[1] if oh >= ROWS_PER_LANE[1] else ROWS_PER_LANE[0]
     wr = max(1, min(4, -(-min(oh, 16) // py)))
     tiw = (CONV_TILE_COLS - 1) * s.stride + s.kw
@@ -147,8 +157,7 @@ def map_launch_config(s: ConvShape, batch: int = 1, max_runs: int = MAP_MAX_RUNS
     does not take this shape: more than ``max_runs`` runs of 256 pixels, or one input channel's rows
     of a run over TILE_BYTES. A pure function (the CPU tests check its bounds and emulate it)."""
     oh, ow = s.out_height, s.out_width
-    if oh < 1 or ow < 1:
-        raise UsageError(f"conv output would be {oh}x{ow}: the input is smaller than the kernel")
+    _check_sizes(s)
     pixels = oh * ow
     np_ = next((n for n in PIXELS_PER_LANE if 32 * n >= pixels), PIXELS_PER_LANE[-1])
     run = 32 * np_
