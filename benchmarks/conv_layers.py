@@ -9,7 +9,8 @@ Run on the GPU machine from the repository root:
 For every conv shape of VGG-16 (at 92% balanced) and ResNet-50 (at 90%; 224x224 input), random
 weights, 32 blocks per row where the row allows it: per-call device time (us) of
 ``BalancedConv2d`` with its bias + ReLU epilogue (each of its kernels that takes the shape: the tiled
-one, and the small-map one on maps of <= 4 x 256 pixels; the faster is the layer's sparse time), and of ``relu(conv2d(x, W, b))`` in torch with
+one, the small-map one up to MAP_NAMED_RUNS runs of pixels, the gather one on any map; the fastest is the
+layer's sparse time), and of ``relu(conv2d(x, W, b))`` in torch with
 cudnn.benchmark on, NCHW and channels-last, each replayed from a CUDA graph (hot: what the layer
 costs inside a captured model; balprune.runtime.measure.measure_us). Also the sparse output's
 norm-wise error against float64 conv2d of the same weights and input, and the ratio of the faster
@@ -27,7 +28,14 @@ from torch.nn import functional as F
 from balprune.formats.balanced import BalancedTensor
 from balprune.patterns.balanced import balanced_offsets, geometry_for
 from balprune.patterns.kinds import BalancedPattern
-from balprune.runtime.conv import MAP_NAMED_RUNS, BalancedConv2d, ConvShape, launch_config, map_launch_config
+from balprune.runtime.conv import (
+    MAP_NAMED_RUNS,
+    BalancedConv2d,
+    ConvShape,
+    gather_launch_config,
+    launch_config,
+    map_launch_config,
+)
 from balprune.runtime.measure import cupy_on_torch_stream, measure_us
 
 # name -> (C_in, C_out, k, stride, padding, H=W of the input); one entry per distinct shape, with
@@ -68,8 +76,8 @@ def layer_row(name, spec, sparsity, dtype, batch) -> dict:
     bt = BalancedTensor.from_offsets(w, pattern, balanced_offsets(w, g, dtype=g.index_dtype))
     bias = (torch.randn(cout, generator=gen) * 0.1).to(dtype).float()  # the dense peer's bias, exactly
     shape = ConvShape(cin, hw, hw, cout, k, k, stride, pad)
-    # both kernels wherever the model runtime times both (the map kernel by name: MAP_NAMED_RUNS)
-    kernels = ["tiled"] + (["map"] if map_launch_config(shape, batch, MAP_NAMED_RUNS) is not None else [])
+    # every kernel wherever the model runtime times it (the map kernel by name: MAP_NAMED_RUNS; gather: any map)
+    kernels = ["tiled"] + (["map"] if map_launch_config(shape, batch, MAP_NAMED_RUNS) is not None else []) + ["gather"]
     ops = {kn: BalancedConv2d(bt.values, bt.indices, in_channels=cin, kh=k, kw=k, block_length=g.block_length,
                               stride=stride, padding=pad, bias=bias, validate=False, name=name, kernel=kn)
            for kn in kernels}
@@ -92,7 +100,8 @@ def layer_row(name, spec, sparsity, dtype, batch) -> dict:
     t_nchw = measure_us(lambda: F.relu(F.conv2d(x, wd, bd, stride, pad)))
     xcl, wcl = x.to(memory_format=torch.channels_last), wd.to(memory_format=torch.channels_last)
     t_cl = measure_us(lambda: F.relu(F.conv2d(xcl, wcl, bd, stride, pad)))
-    cfg = launch_config(shape, batch) if fastest == "tiled" else map_launch_config(shape, batch, MAP_NAMED_RUNS)
+    cfg = {"tiled": lambda: launch_config(shape, batch), "map": lambda: map_launch_config(shape, batch, MAP_NAMED_RUNS),
+           "gather": lambda: gather_launch_config(shape, ops["gather"].taps_per_channel, batch)}[fastest]()
     best = min(t_nchw, t_cl)
     return {"layer": name, "shape": [cout, cin, k, k], "stride": stride, "hw": hw, "count": count,
             "sparsity": sparsity, "block_length": g.block_length, "dtype": str(dtype).split(".")[-1],

@@ -254,6 +254,86 @@ __global__ void __launch_bounds__(512) balanced_conv2d_map(
   }
 }
 
+// ---- no staging: balanced_conv2d_gather ---------------------------------------------------------
+// Why a third kernel: at 90% sparsity a CTA of the map kernel reuses each staged input word ~1.6 times
+// (16 output channels x 10% of the taps), so staging was most of its work (kernels/NOTES.md v24). Here
+// nothing is staged: a CTA owns ONE output channel o and a run of 32 * NP output pixels; its WG warps
+// split o's kept taps (warp g takes the batches of 32 taps g, g + WG, ...: one coalesced load per lane
+// per batch, walked by __shfl_sync as in the other kernels); per tap a lane reads the input values of
+// its NP pixels straight from global memory (a layer's input at batch 1 is 0.1-1.6 MB: L1 and L2 serve
+// it), skipping taps that fall in the padding. The WG partial sums meet in shared memory and warp 0 adds
+// bias, applies ReLU and stores y once: one launch, no atomics, no partial-sum buffer.
+//
+// Launch: grid (runs, Cout, batch), block (32, WG <= kGatherMaxWarps); chunk_start is the layout with
+// one chunk (all of a channel's taps: chunk_start[o * 2], chunk_start[o * 2 + 1]).
+constexpr int kGatherMaxWarps = 8;
+
+template <typename T, int NP>
+__global__ void __launch_bounds__(32 * kGatherMaxWarps, 4) balanced_conv2d_gather(
+    const T* __restrict__ x, int C, int H, int W, long long x_batch_stride,
+    const float* __restrict__ tap_w, const int* __restrict__ tap_pos, const int* __restrict__ chunk_start,
+    int Cout, int kh, int kw, int stride, int pad, int OH, int OW, const float* __restrict__ bias, int relu,
+    T* __restrict__ y) {
+  __shared__ float red[kGatherMaxWarps * NP * 32];
+  const int lane = threadIdx.x, g = threadIdx.y, WG = blockDim.y;
+  const int o = blockIdx.y;
+  const int P = OH * OW;
+  const int p0 = blockIdx.x * 32 * NP;
+  const T* xb = x + (long long)blockIdx.z * x_batch_stride;
+  // per pixel: the input row and column of its (dy, dx) = (0, 0) tap; a lane past the map gets a row no
+  // tap can bring inside the image, so it reads nothing
+  int iyb[NP], ixb[NP], pb[NP];  // pb: the offset of that input value in its channel plane
+  float acc[NP];
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int p = p0 + lane + 32 * j;
+    const int oy = p / OW;
+    iyb[j] = p < P ? oy * stride - pad : -(1 << 20);
+    ixb[j] = (p - oy * OW) * stride - pad;
+    pb[j] = p < P ? iyb[j] * W + ixb[j] : 0;
+    acc[j] = 0.0f;
+  }
+  const int t_end = chunk_start[2 * o + 1];
+  for (int tb = chunk_start[2 * o] + 32 * g; tb < t_end; tb += 32 * WG) {
+    float wl = 0.0f;
+    int offl = 0, dyxl = 0;  // the tap's offset c * H * W + dy * W + dx, and dy << 8 | dx
+    if (tb + lane < t_end) {
+      wl = __ldg(tap_w + tb + lane);
+      const int pos = __ldg(tap_pos + tb + lane);
+      const int dy = (pos >> 4) & 15, dx = pos & 15;
+      offl = ((pos >> kConvPosShift) * H + dy) * W + dx;
+      dyxl = dy << 8 | dx;
+    }
+    const int nb = min(32, t_end - tb);
+#pragma unroll 4
+    for (int u = 0; u < nb; ++u) {
+      const float w = __shfl_sync(0xffffffffu, wl, u);
+      const int off = __shfl_sync(0xffffffffu, offl, u);
+      const int dyx = __shfl_sync(0xffffffffu, dyxl, u);
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int iy = iyb[j] + (dyx >> 8), ix = ixb[j] + (dyx & 255);
+        if ((unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W)
+          acc[j] = fmaf(w, Val<T>::ldg(xb + off + pb[j]), acc[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NP; ++j) red[(g * NP + j) * 32 + lane] = acc[j];
+  __syncthreads();
+  if (g != 0) return;
+  const float b = bias != nullptr ? bias[o] : 0.0f;
+  T* yo = y + ((long long)blockIdx.z * Cout + o) * P;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    float v = b;
+    for (int k = 0; k < WG; ++k) v += red[(k * NP + j) * 32 + lane];
+    if (relu) v = fmaxf(v, 0.0f);
+    const int p = p0 + lane + 32 * j;
+    if (p < P) Val<T>::store(yo + p, v);
+  }
+}
+
 // y = act(part + bias) rounded to T once: the sliced map kernel's partial sums, [batch * Cout * P].
 template <typename T>
 __global__ void conv_epilogue(const float* __restrict__ part, long long n, int P, int Cout,

@@ -74,7 +74,7 @@ def _check(case: str, dtype: torch.dtype, batch: int, bias: bool, relu: bool, ke
     assert err <= BOUND[dtype], f"{case} {dtype} batch {batch}: relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("kernel", ["tiled", "map"])
+@pytest.mark.parametrize("kernel", ["tiled", "map", "gather"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("batch", [1, 3])
@@ -83,7 +83,8 @@ def test_balanced_conv_against_float64(case, dtype, batch, kernel):
 
 
 @pytest.mark.parametrize("kernel,case", [("tiled", "3x3-ragged"), ("map", "deep-small-map"),
-                                         ("map", "1x1-bottleneck")])  # sliced (atomics) and one slice
+                                         ("map", "1x1-bottleneck"),  # sliced (atomics) and one slice
+                                         ("gather", "3x3-ragged"), ("gather", "deep-small-map")])
 @pytest.mark.parametrize("bias,relu", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_balanced_conv_epilogue(dtype, bias, relu, kernel, case):

@@ -51,8 +51,15 @@ MAP_MAX_WARPS = 16
 #: CTAs the small-map kernel wants (one per SM of a 132-SM GPU) before it lowers the warps per CTA: each CTA
 #: stages its input slice once for all of its warps, so fewer, wider CTAs read the input fewer times.
 MAP_TARGET_CTAS = 132
-#: The kernels a BalancedConv2d can run: "tiled" (balanced_conv2d), "map" (balanced_conv2d_map).
-KERNELS = ("auto", "tiled", "map")
+#: Warps per CTA of the gather kernel at most (kGatherMaxWarps in the .cu file), and the kept taps a warp
+#: should walk at least before another warp shares the channel's taps.
+GATHER_MAX_WARPS = 8
+GATHER_TAPS_PER_WARP = 48
+#: Pixels per lane of the gather kernel (NP = 8 spills at the 64-register budget of 4 CTAs of 256 per SM).
+GATHER_PIXELS_PER_LANE = (1, 2, 4)
+#: The kernels a BalancedConv2d can run: "tiled" (balanced_conv2d), "map" (balanced_conv2d_map), "gather"
+#: (balanced_conv2d_gather: nothing staged; offered by name only, a model runtime measures it).
+KERNELS = ("auto", "tiled", "map", "gather")
 
 
 def kernel_name(dtype: str, rows_per_lane: int) -> str:
@@ -65,6 +72,11 @@ def map_kernel_name(dtype: str, pixels_per_lane: int) -> str:
     return f"bp::balanced_conv2d_map<{_T[dtype]}, {pixels_per_lane}>"
 
 
+def gather_kernel_name(dtype: str, pixels_per_lane: int) -> str:
+    """The CuPy name expression of bp::balanced_conv2d_gather<T, NP>."""
+    return f"bp::balanced_conv2d_gather<{_T[dtype]}, {pixels_per_lane}>"
+
+
 def epilogue_kernel_name(dtype: str) -> str:
     return f"bp::conv_epilogue<{_T[dtype]}>"
 
@@ -73,6 +85,7 @@ def kernel_variants() -> list[str]:
     """Every instantiation the runtime can launch (the compile test builds them all)."""
     return ([kernel_name(d, py) for d in DTYPES for py in ROWS_PER_LANE]
             + [map_kernel_name(d, n) for d in DTYPES for n in PIXELS_PER_LANE]
+            + [gather_kernel_name(d, n) for d in DTYPES for n in GATHER_PIXELS_PER_LANE]
             + [epilogue_kernel_name(d) for d in DTYPES])
 
 
@@ -181,6 +194,22 @@ def map_launch_config(s: ConvShape, batch: int = 1, max_runs: int = MAP_MAX_RUNS
             "rows": tr, "grid": (runs * groups, slices, batch), "block": (32, co), "shared_mem": 4 * cs * tr * pw}
 
 
+def gather_launch_config(s: ConvShape, taps: int, batch: int = 1) -> dict:
+    """The gather kernel's launch (balanced_conv2d_gather) for ``taps`` kept taps per output channel: NP
+    pixels per lane (the fewest whose 32 * NP covers the map, at most 4), runs of 32 * NP pixels, warps
+    sharing a channel's taps (about GATHER_TAPS_PER_WARP each, 1..GATHER_MAX_WARPS). Any shape whose
+    input indexes in 32 bits takes it (nothing is staged); a pure function (the CPU tests emulate it)."""
+    _check_sizes(s)
+    if not 1 <= s.out_channels <= 65535:
+        raise UsageError(f"the gather conv kernel takes 1..65535 output channels, not {s.out_channels}")
+    pixels = s.out_height * s.out_width
+    np_ = next((n for n in GATHER_PIXELS_PER_LANE if 32 * n >= pixels), GATHER_PIXELS_PER_LANE[-1])
+    runs = math.ceil(pixels / (32 * np_))
+    warps = max(1, min(GATHER_MAX_WARPS, math.ceil(taps / GATHER_TAPS_PER_WARP)))
+    return {"pixels_per_lane": np_, "runs": runs, "warps": warps, "grid": (runs, s.out_channels, batch),
+            "block": (32, warps), "shared_mem": 0}
+
+
 class BalancedConv2d:
     """conv2d with one balanced weight on a GPU (module doc). Built from the offsets-form arrays of the
     [C_out, C_in*kh*kw] view (validated on the host first unless ``validate=False``), or with
@@ -281,7 +310,7 @@ class BalancedConv2d:
 
     def kernels_for(self, height: int, width: int, batch: int = 1) -> list[str]:
         """The kernels that take an input [C_in, height, width] by name: "tiled" always (when its tile fits),
-        "map" while the map has at most MAP_NAMED_RUNS pixel runs."""
+        "map" while the map has at most MAP_NAMED_RUNS pixel runs, "gather" always."""
         s = self.out_shape(height, width)
         out = []
         try:
@@ -291,14 +320,20 @@ class BalancedConv2d:
             pass
         if map_launch_config(s, batch, MAP_NAMED_RUNS) is not None:
             out.append("map")
+        out.append("gather")
         return out
+
+    @property
+    def taps_per_channel(self) -> int:
+        """Kept taps of each output channel (balanced: the same for every channel)."""
+        return int(self._values.size) // self.out_channels
 
     def prepared_launch(self, x, y, *, relu: bool = False, packed: bool = True, kernel: str | None = None):
         """A zero-argument callable computing y = act(conv2d(x) + bias) into ``y`` on CuPy's current stream,
         its arguments built once (runtime._launch.prepared): the form a model runtime binds. ``x``: a
         contiguous CUDA tensor [C, H, W] / [N, C, H, W] of the weight's dtype; ``y``: a contiguous tensor of
         the output's shape and dtype. Both must outlive the callable (raw pointers). ``kernel``: "tiled",
-        "map" (up to MAP_NAMED_RUNS pixel runs) or "auto"; default: the operator's. One launch, or three
+        "map" (up to MAP_NAMED_RUNS pixel runs), "gather" or "auto"; default: the operator's. One launch, or three
         where the small-map kernel splits the input channels: the fp32 partial sums zeroed (torch, on its
         current stream: run it inside measure.cupy_on_torch_stream), the map kernel, conv_epilogue."""
         import torch
@@ -322,6 +357,12 @@ class BalancedConv2d:
         kernel = self.kernel if kernel is None else kernel
         if kernel not in KERNELS:
             raise UsageError(f"{self.name}: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if kernel == "gather":
+            gcfg = gather_launch_config(s, self.taps_per_channel, n)
+            tap_w, tap_pos, starts = self._taps_for(self.in_channels)  # one chunk: all of a channel's taps
+            args = head + (tap_w, tap_pos, starts) + sizes + (bias, act, np.uint64(y.data_ptr()))
+            return prepared(self._function(gather_kernel_name(self.dtype, gcfg["pixels_per_lane"])), gcfg["grid"],
+                            gcfg["block"], args, 0, packed=packed)
         mcfg = (map_launch_config(s, n, MAP_NAMED_RUNS if kernel == "map" else MAP_MAX_RUNS)
                 if kernel in ("auto", "map") else None)
         if kernel == "map" and mcfg is None:
@@ -379,5 +420,6 @@ class BalancedConv2d:
                 f"stride {self.stride}, padding {self.padding}, {self.dtype}, device={self.device})")
 
 
-__all__ = ["KERNELS", "MAP_MAX_RUNS", "MAP_NAMED_RUNS", "BalancedConv2d", "ConvShape", "DTYPES", "kernel_name",
-           "kernel_variants", "launch_config", "map_kernel_name", "map_launch_config", "tap_values"]
+__all__ = ["GATHER_PIXELS_PER_LANE", "KERNELS", "MAP_MAX_RUNS", "MAP_NAMED_RUNS", "BalancedConv2d", "ConvShape", "DTYPES", "gather_kernel_name",
+           "gather_launch_config", "kernel_name", "kernel_variants", "launch_config", "map_kernel_name",
+           "map_launch_config", "tap_values"]

@@ -15,8 +15,9 @@ each gated and timed by stages.dispatch:
   (kernels/model_ops.cu, any stride) of it; bias (and ReLU, without a residual) in its epilogue, or
   bias + ReLU + 2x2 pool in one pass after it (bias_relu_pool2);
 - "balanced_conv" (patterns.registry.MODEL_CONV_PATH): the direct balanced convolution (runtime.conv,
-  its prepared launch: no im2col), ReLU in its epilogue; its tiled and small-map kernels are launch
-  variants, each timed where it takes the map, the faster kept (the table's "launch" note says which).
+  its prepared launch: no im2col), ReLU in its epilogue; its tiled, small-map and gather kernels are
+  launch variants, each timed where it takes the map, the fastest kept (the table's "launch" note says
+  which).
 
 A residual is added, and ReLU applied after it, by one element-wise launch (model_ops.cu add_relu) on
 the sparse paths, by torch.add + relu_ on the dense one. At batch 1 the early layers' OH*OW is large
@@ -185,7 +186,7 @@ class ConvStage:
         return self._sequence(im2col, spmm, post)
 
     def _direct_fn(self, kernel: str | None):
-        """The direct convolution on ``kernel`` ("tiled", "map"; None: the operator's choice)."""
+        """The direct convolution on ``kernel`` ("tiled", "map", "gather"; None: the operator's choice)."""
         if self.pool:
             conv = self.direct.prepared_launch(self.x, self.y_buf, relu=True, kernel=kernel)
             return self._sequence(conv, self._pool_launch(None))
@@ -194,7 +195,7 @@ class ConvStage:
 
     def _make(self, key: str):
         """The run function of candidate ``key``: a path, or a launch variant timed on its own: "dense
-        (channels-last)", or "balanced_conv (map)" / "(tiled)", the direct convolution's kernel
+        (channels-last)", or "balanced_conv (map)" / "(tiled)" / "(gather)", the direct convolution's kernel
         (runtime.conv.BalancedConv2d.kernels_for)."""
         path = key.split(" (")[0]
         variant = key[len(path) + 2:-1] if key != path else None
