@@ -366,10 +366,23 @@ def test_gpu_memory_shortage_is_exit_7_before_any_layer_is_read(llm, monkeypatch
     cfg, ckpt = open_llm(folder)
     plans = {t.name: plan_tensor(t, PruneOptions(BalancedPattern(0.5, blocks=4))) for t in ckpt.tensors}
     windows = calibration_windows(cfg, folder, ids, tokenizer=None, samples=6, seq_len=24, seed=0)
-    need = device_bytes(cfg, 6, 24, Criterion.WANDA)
+    need = device_bytes(cfg, 6, 24, Criterion.WANDA, "cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need - 1, 10 * need))
     loads = []
     monkeypatch.setattr(type(ckpt), "load", lambda self, name: loads.append(name))
     with pytest.raises(GpuRuntimeError, match="calibrating on 6 windows of 24 tokens on cuda"):
         next(iter(prune_layers(cfg, ckpt, plans, windows, Criterion.WANDA, device="cuda")))
     assert loads == [] and GpuRuntimeError.exit_code == 7
+
+
+def test_the_memory_estimate_counts_wandas_working_copies_where_they_are_made(llm):
+    """wanda scores and masks on the CPU: on --device cpu its copies of the widest matrix count, on a GPU
+    only the pruned weight's new copy does (issue 17's device budget)."""
+    from balprune.llm.calibrate import device_bytes
+    from balprune.prune.criteria import Criterion
+
+    folder, _ = llm
+    cfg, _ = open_llm(folder)
+    widest = max(cfg.hidden_size * cfg.intermediate_size, cfg.hidden_size * cfg.q_dim)
+    assert device_bytes(cfg, 6, 24, Criterion.WANDA, "cpu") - device_bytes(cfg, 6, 24, Criterion.WANDA, "cuda") \
+        == 3 * 4 * widest

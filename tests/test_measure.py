@@ -227,14 +227,16 @@ def test_exact_float32_turns_tf32_off_inside_and_restores_after():
     """The float32 reference and runtime run cuDNN / cuBLAS in IEEE float32 (torch's default lets cuDNN
     use TF32 for float32 convs, 1e-4-1e-3 per layer): set inside, the caller's settings back after,
     also when the body raises."""
-    from balprune.runtime.measure import exact_float32
+    from balprune.runtime.measure import exact_float32, float32_is_exact
 
     knobs = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
     before = [k.fp32_precision for k in knobs]
     assert before[0] == "tf32"  # torch's default: what the context exists to turn off
+    assert not float32_is_exact()
     with exact_float32():
         assert [k.fp32_precision for k in knobs] == ["ieee"] * 3
-    assert [k.fp32_precision for k in knobs] == before
+        assert float32_is_exact()  # the one-read check hot paths use to skip entering it again
+    assert [k.fp32_precision for k in knobs] == before and not float32_is_exact()
     with pytest.raises(KeyError):
         with exact_float32():
             raise KeyError("x")

@@ -111,17 +111,22 @@ def _batch_bytes_per_window(cfg: LlmConfig, seq_len: int) -> int:
     return 4 * seq_len * (width + stats) + 4 * 3 * cfg.num_attention_heads * seq_len * seq_len
 
 
-def device_bytes(cfg: LlmConfig, samples: int, seq_len: int, criterion: Criterion) -> int:
-    """Peak device bytes of ``prune_layers`` (an upper estimate, from the shapes alone)."""
+def device_bytes(cfg: LlmConfig, samples: int, seq_len: int, criterion: Criterion,
+                 device: torch.device | str = "cpu") -> int:
+    """Peak bytes of ``prune_layers`` on ``device`` (an upper estimate, from the shapes alone)."""
     h, q, kv, inter = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
     layer = 4 * (2 * h * q + 2 * h * kv + 3 * h * inter + 2 * h + 2 * q + 2 * kv)
     hidden = 4 * samples * seq_len * h
     batch = batch_size(cfg, samples, seq_len) * _batch_bytes_per_window(cfg, seq_len)
     widths = (h, q, h, inter)  # the four statistics groups' inputs
     stats = sum(8 * k * (k + 1) if criterion.needs_gram else 8 * k for k in widths)
-    largest = max(h * inter, h * q)  # the widest linear being pruned: its working copies (sparsegpt's on the
-    # device; wanda's on the CPU: only the pruned weight's new float32 copy meets the old one there)
-    prune = (4 * 4 * largest + 4 * 8 * inter * inter) if criterion.needs_gram else 4 * largest
+    largest = max(h * inter, h * q)  # the widest linear being pruned: its working copies
+    if criterion.needs_gram:  # sparsegpt works on the device
+        prune = 4 * 4 * largest + 4 * 8 * inter * inter
+    elif torch.device(device).type == "cpu":  # wanda's scores, mask and result, made on the CPU
+        prune = 4 * 4 * largest
+    else:  # on a GPU only the pruned weight's new float32 copy meets the old one there
+        prune = 4 * largest
     return layer + hidden + batch + stats + prune
 
 
@@ -176,7 +181,7 @@ def prune_layers(cfg: LlmConfig, ckpt, plans: Mapping[str, TensorPlan], windows:
         raise ValueError(f"windows must be a non-empty [S, T] int64 tensor, got {windows.dtype} {list(windows.shape)}")
     device = torch.device(device)
     samples, seq_len = windows.shape
-    safeio.check_fits_device(device_bytes(cfg, samples, seq_len, criterion), device,
+    safeio.check_fits_device(device_bytes(cfg, samples, seq_len, criterion, device), device,
                              f"calibrating on {samples} windows of {seq_len} tokens",
                              hint="fewer --samples or a shorter --seq-len" + (", or --device cuda" if device.type == "cpu" else ""))
     try:

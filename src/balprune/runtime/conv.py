@@ -309,8 +309,8 @@ class BalancedConv2d:
                          self.padding)
 
     def kernels_for(self, height: int, width: int, batch: int = 1) -> list[str]:
-        """The kernels that take an input [C_in, height, width] by name: "tiled" always (when its tile fits),
-        "map" while the map has at most MAP_NAMED_RUNS pixel runs, "gather" always."""
+        """The kernels that take an input [C_in, height, width] by name: "tiled" when its tile fits, "map" while
+        the map has at most MAP_NAMED_RUNS pixel runs, "gather" within its grid limits (any map)."""
         s = self.out_shape(height, width)
         out = []
         try:
@@ -318,9 +318,13 @@ class BalancedConv2d:
             out.append("tiled")
         except UsageError:
             pass
-        if map_launch_config(s, batch, MAP_NAMED_RUNS) is not None:
-            out.append("map")
-        out.append("gather")
+        for kernel, config in (("map", lambda: map_launch_config(s, batch, MAP_NAMED_RUNS)),
+                               ("gather", lambda: gather_launch_config(s, self.taps_per_channel, batch))):
+            try:
+                if config() is not None:
+                    out.append(kernel)
+            except UsageError:  # a shape past the kernel's limits: not offered
+                pass
         return out
 
     @property

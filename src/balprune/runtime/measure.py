@@ -107,6 +107,10 @@ def exact_float32() -> Iterator[None]:
     through a 50-layer ResNet past MODEL_TOLERANCE["float32"] (measured: 1.7e-4 between the exact
     sparse stages and a TF32 reference). The float32 reference model and the runtime's float32
     dense conv path run inside this, so float32 means float32 on both sides of the gate.
+
+    The switches are process-wide while it is active (other threads see them too), and on torch >= 2.9
+    (the precision API) torch's legacy switches (``torch.backends.cudnn.allow_tf32``,
+    ``torch.backends.cudnn.flags``) raise when read inside it: torch refuses a mix of the two APIs.
     """
     cudnn = torch.backends.cudnn
     if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9: the precision API
@@ -126,6 +130,15 @@ def exact_float32() -> Iterator[None]:
             yield
         finally:
             cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def float32_is_exact() -> bool:
+    """Whether torch's float32 convolutions on CUDA compute in IEEE float32 now (inside exact_float32, or
+    set so by the caller): one flag read, for code on a hot path that would otherwise enter the context."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision == "ieee"
+    return not torch.backends.cudnn.allow_tf32
 
 
 def precision(dtype) -> str:
@@ -470,6 +483,7 @@ def measure_us(fn: Callable[[], None], reps: int = 20, trials: int = 3) -> float
 
 
 __all__ = ["ACCUMULATION_FACTOR", "MODEL_TOLERANCE", "STAGE_TOLERANCE", "Timer", "Timing", "UNIT_ROUNDOFF",
-           "capture_graph", "copies_for", "cupy_on_torch_stream", "elementwise_tolerance", "free_device_memory",
+           "capture_graph", "copies_for", "cupy_on_torch_stream", "elementwise_tolerance", "exact_float32",
+           "float32_is_exact", "free_device_memory",
            "gpu_failures", "measure_us", "on_torch_stream_ctx", "precision", "product_tolerance",
            "relative_error", "unit_roundoff"]

@@ -27,15 +27,13 @@ the sparse paths can; the dispatcher measures them on this GPU and says which ra
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...errors import UsageError
 from ...patterns.registry import MODEL_CONV_PATH as DIRECT
-from ..measure import exact_float32
+from ..measure import exact_float32, float32_is_exact
 from .base import PackedModel, load_dense
 from .lstm import _matrix
 from .stages import ptr, sparse_operator
@@ -144,12 +142,17 @@ class ConvStage:
         # channels-last: cuDNN's NHWC kernels, often faster at batch 1; the input is converted by one copy and
         # the result comes back to NCHW in the launch that moves it into out anyway
         w = self.w4.contiguous(memory_format=torch.channels_last) if cl else self.w4
-        # float32 stages run cuDNN in float32, not torch's default TF32 (measure.exact_float32 says why)
-        precision = exact_float32 if w.dtype == torch.float32 else contextlib.nullcontext
+        # float32 stages run cuDNN in float32, not torch's default TF32 (measure.exact_float32 says why);
+        # entering the context costs ~7 us of host time, so only where the caller has not already
+        # (PackedImageModel.forward and bench do, once per run)
+        fp32 = w.dtype == torch.float32
 
         def run() -> torch.Tensor:
             xin = x[None].contiguous(memory_format=torch.channels_last) if cl else x[None]
-            with precision():
+            if fp32 and not float32_is_exact():
+                with exact_float32():
+                    y = F.conv2d(xin, w, b, stride=stride, padding=pad)[0]
+            else:
                 y = F.conv2d(xin, w, b, stride=stride, padding=pad)[0]
             if pool:
                 y = F.max_pool2d(y, 2)  # ReLU commutes with the max: applied by the move into out
