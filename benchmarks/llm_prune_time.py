@@ -61,6 +61,7 @@ def child(report: Path, argv: list[str]) -> None:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
                 peak["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+                peak["gpu"] = torch.cuda.get_device_name()  # the figure's machine (the target names the H200)
         except Exception as exc:  # the figures are extras: never hide the command's own outcome
             peak["cuda_error"] = str(exc)[:200]
         report.write_text(json.dumps(peak))
