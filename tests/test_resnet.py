@@ -232,3 +232,44 @@ def test_a_layer_index_of_thousands_of_digits_is_a_near_miss_not_a_crash(tmp_pat
     with pytest.raises(InvalidInputError) as e:
         detect(read_packed(bad))
     assert e.value.exit_code == 4 and "does not use" in e.value.one_line() and len(e.value.one_line()) < 400
+
+
+def test_a_batch_norm_without_running_statistics_is_refused_not_left_unfolded(capsys, tmp_path):
+    """BatchNorm2d(track_running_stats=False) stores only weight and bias: nothing to fold. Left in place it
+    made a file that is neither folded nor a ResNet the runtime takes; now it is named and refused."""
+    s = state_of(small_resnet())
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        del s["layer1.0.bn2." + k]
+    _refused(capsys, tmp_path, _saved(tmp_path, s), "batch norm 'layer1.0.bn2' cannot be folded")
+
+
+def test_a_variance_of_minus_eps_is_refused_in_the_stored_dtype(capsys, tmp_path):
+    """running_var = -eps: var + eps is 0 in float32 (torch's batch norm divides by zero) but a tiny positive
+    number in float64; the fold must not turn it into a finite, huge weight."""
+    s = state_of(small_resnet())
+    s["layer1.0.bn2.running_var"].fill_(-BN_EPS)
+    assert bool((s["layer1.0.bn2.running_var"] + BN_EPS == 0).all())
+    _refused(capsys, tmp_path, _saved(tmp_path, s), "batch norm 'layer1.0.bn2'", "running_var + eps is not positive")
+
+
+def test_a_meta_device_tensor_is_refused_naming_it(capsys, tmp_path):
+    s = state_of(small_resnet())
+    s["layer1.0.bn2.running_var"] = torch.empty(64, device="meta")
+    _refused(capsys, tmp_path, _saved(tmp_path, s, ".pt"), "'layer1.0.bn2.running_var'", "meta-device tensor")
+
+
+def test_the_runtime_preflight_refuses_a_nan_bias_and_a_zero_size_layer_without_a_gpu(capsys, tmp_path):
+    """prune passes 1-D tensors through as they are; bench --model's preflight must still refuse non-finite
+    values (else every stage's gate fails on the GPU and it reads as a runtime failure, exit 7) and layers of
+    zero size (torch's reference cannot run them), both with exit 4 before any GPU is looked for."""
+    s = state_of(small_resnet())
+    s["fc.bias"][0] = float("nan")
+    nan = prune(tmp_path, "nan", s, "--sparsity", "0.5")
+    z = {"conv1.weight": torch.zeros(0, 3, 7, 7), "layer1.0.conv1.weight": torch.zeros(0, 0, 3, 3),
+         "layer1.0.conv2.weight": torch.zeros(0, 0, 3, 3), "fc.weight": torch.zeros(10, 0)}
+    zero = prune(tmp_path, "zero", z, "--sparsity", "0.5", "--block-size", "4")
+    for packed, words in ((nan, ("'fc.bias'", "NaN or Inf")), (zero, ("zero-size dimension",))):
+        capsys.readouterr()
+        code = main(["bench", str(packed), "--model", "--dtype", "float32"])
+        err = capsys.readouterr().err.strip()
+        assert code == 4 and len(err.splitlines()) == 1 and all(w in err for w in words), err

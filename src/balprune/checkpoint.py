@@ -494,6 +494,9 @@ class TorchCheckpoint(Checkpoint):
                 name = str(name)
                 if name in self._tensors or name in self.aliases:
                     raise InvalidInputError(f"tensor {name!r} appears twice")
+                if t.is_meta:  # a state dict of a model built on the meta device: shapes, no values
+                    raise InvalidInputError(f"{display}: tensor {name!r} has no data (a meta-device tensor)",
+                                            hint="save the state dict of a model whose weights are loaded")
                 if t.is_quantized or t.layout != torch.strided:
                     raise InvalidInputError(
                         f"tensor {name!r}: {'quantized' if t.is_quantized else str(t.layout)} tensors cannot be stored in safetensors",

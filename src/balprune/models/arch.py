@@ -192,6 +192,8 @@ class _Shapes:
             raise _Mismatch(f"{name} is {list(shape)}, expected [{want}]")
         if dtype not in FLOAT_DTYPES:
             raise _Mismatch(f"{name} is {dtype}, expected a floating tensor ({', '.join(sorted(FLOAT_DTYPES))})")
+        if 0 in shape:  # a layer of no units or no inputs: nothing a runtime (or torch's reference) can run
+            raise _Mismatch(f"{short_repr(name)} is {list(shape)}: a zero-size dimension")
         return shape
 
     def bias(self, name: str, kind: str, size: int, required: bool = False) -> str | None:

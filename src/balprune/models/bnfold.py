@@ -96,11 +96,19 @@ def batch_norm_pairs(tensors: tuple[SourceTensor, ...] | list[SourceTensor]) -> 
     return pairs
 
 
+_BN_TENSOR_RE = re.compile(rf"(.*?(?:bn[123]|downsample\.1)\.){_BN_KEYS}")
+
+
 def _unpaired_batch_norms(tensors, pairs: list[FoldPair]) -> list[str]:
-    """Batch-norm modules of a ResNet layout (names ending in running_var) that no pair folds."""
+    """Batch-norm modules of a ResNet layout (any of their tensors present) that no pair folds: one
+    without running statistics (``track_running_stats=False``) included, which has nothing to fold."""
     folded = {p.bn for p in pairs}
-    return [t.name[: -len("running_var")].rstrip(".") for t in tensors
-            if t.name.endswith("running_var") and t.name[: -len("running_var")] not in folded]
+    out: list[str] = []
+    for t in tensors:
+        m = _BN_TENSOR_RE.fullmatch(t.name)
+        if m is not None and m.group(1) not in folded and m.group(1).rstrip(".") not in out:
+            out.append(m.group(1).rstrip("."))
+    return out
 
 
 def fold(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
@@ -112,7 +120,9 @@ def fold(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, b
     for what, t in (("weight", gamma), ("bias", beta), ("running_mean", mean), ("running_var", var)):
         if not bool(torch.isfinite(t).all()):
             raise InvalidInputError(f"its {what} holds NaN or Inf")
-    if bool((var.double() + eps <= 0).any()):
+    # in the stored dtype too: a float32 running_var of -eps gives var + eps = 0 there (torch's own batch norm
+    # would divide by zero), while float64 sees a tiny positive number and folds it into a huge weight
+    if bool((var.double() + eps <= 0).any()) or bool((var + eps <= 0).any()):
         raise InvalidInputError("its running_var + eps is not positive: the fold would divide by it")
     s = gamma.double() / torch.sqrt(var.double() + eps)
     b = torch.zeros_like(s) if bias is None else bias.double()

@@ -32,7 +32,7 @@ def preflight(path: str | Path, dtypes: tuple[str, ...]):
     """(PackedFile, Architecture) of a packed model, checked for every runtime dtype in ``dtypes``, in one
     pass over the file and before any GPU is looked for: the whole file verified
     (formats.packed_file.verify_packed: FormatError / InvalidInputError, exit 4, for any malformed
-    field or out-of-range index), every stored weight within each dtype's finite range (the runtime
+    field or out-of-range index), every stored float finite and within each dtype's finite range (the runtime
     casts to it: an fp32 weight of 7e4 would be inf in float16; InvalidInputError naming the tensor,
     the figure and the dtype), the architecture recognised (InvalidInputError when it is not a
     built-in one, or one without a runtime here: RUNTIME_KINDS). ``bench --model`` runs it once for all
@@ -45,14 +45,20 @@ def preflight(path: str | Path, dtypes: tuple[str, ...]):
 
     def in_range(name: str, obj) -> None:
         values = obj if isinstance(obj, torch.Tensor) else getattr(obj, "values", None)
-        if not limits or not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point():
             return
-        if torch.finfo(values.dtype).max <= limits[0][0]:
-            return  # every value of this dtype fits the narrowest requested one
+        # every stored float finite (a NaN bias passed through by prune would otherwise fail every stage's
+        # gate on the GPU and read as a runtime failure, exit 7), and within each requested dtype's range
+        wide = bool(limits) and torch.finfo(values.dtype).max > limits[0][0]
         flat = values.reshape(-1)
         peak = 0.0
         for a in range(0, flat.numel(), 1 << 24):
-            peak = max(peak, float(flat[a:a + (1 << 24)].abs().max()))
+            part = flat[a:a + (1 << 24)]
+            if not bool(torch.isfinite(part).all()):
+                raise InvalidInputError(f"{path}: tensor {name!r} holds NaN or Inf values",
+                                        hint="the model runtime needs finite weights: fix the checkpoint, then prune it again")
+            if wide:
+                peak = max(peak, float(part.abs().max()))
         for limit, dtype in limits:
             if peak > limit:
                 raise InvalidInputError(f"tensor {name!r}: weights up to |w| = {peak:.4g} exceed {dtype}'s largest "
