@@ -61,7 +61,7 @@ def preflight(path: str | Path, dtypes: tuple[str, ...]):
                 peak = max(peak, float(part.abs().max()))
         for limit, dtype in limits:
             if peak > limit:
-                raise InvalidInputError(f"tensor {name!r}: weights up to |w| = {peak:.4g} exceed {dtype}'s largest "
+                raise InvalidInputError(f"{path}: tensor {name!r}: weights up to |w| = {peak:.4g} exceed {dtype}'s largest "
                                         f"finite value {limit:.6g}", hint="run it at float32 or bfloat16 (--dtype)")
 
     pf = verify_packed(path, each=in_range)
