@@ -1,14 +1,19 @@
 """Balanced conv2d at batch 1..8 on a GPU: kernels/balanced_conv.cu (direct convolution, no im2col).
 
 ``BalancedConv2d`` holds one conv weight balanced over its [C_out, C_in*kh*kw] view and computes
-``y = act(conv2d(x, W, stride, padding) + bias)`` for NCHW torch CUDA tensors, fp32 accumulation.
-Each CTA stages an input tile in shared memory once and its warps walk the kept taps of their
-output channels against it (the .cu file's header has the layout and the launch).
+``y = act(conv2d(x, W, stride, padding) + bias)`` for NCHW torch CUDA tensors, fp32 accumulation, on
+one of three kernels (the .cu file has the layout and the launches): "tiled" and "map" stage input
+tiles in shared memory once per CTA and let its warps walk the kept taps of their output channels
+against them (the tiled kernel for large maps, the small-map kernel for maps of up to MAP_NAMED_RUNS
+runs of pixels); "gather" stages nothing (a CTA per output channel and pixel run, the input read
+through L1/L2 per tap), which wins where a staged word would be reused little (1x1 and stride-2 convs
+at 90%: kernels/NOTES.md v25).
 
-Status: correct on the GPU (tests/gpu/test_conv_gpu.py, every dtype) and held to its CPU models
-(formats.layouts.conv_taps_reference, tests/test_conv_layout.py; the thread emulations
-tests/test_conv_kernel_emulation.py, tests/test_conv_map_emulation.py). The model runtimes time it on
-every balanced conv layer (runtime.model.conv_stage, path "balanced_conv") through ``prepared_launch``.
+Status: correct on the GPU (tests/gpu/test_conv_gpu.py, every kernel and dtype) and held to its CPU
+models (formats.layouts.conv_taps_reference, tests/test_conv_layout.py; the thread emulations
+tests/test_conv_kernel_emulation.py, test_conv_map_emulation.py, test_conv_gather_emulation.py). The
+model runtimes time every kernel that takes a layer (runtime.model.conv_stage, path "balanced_conv")
+through ``prepared_launch`` and keep the fastest.
 """
 
 from __future__ import annotations
