@@ -455,3 +455,42 @@ def test_example_command_writes_an_hf_folder_that_prune_reads(cli, tmp_path):
     out = tmp_path / "tiny.balanced.safetensors"
     assert cli("prune", folder, "-s", "0.5", "--blocks", "4", "-o", out).code == 0
     assert cli("verify", out).code == 0
+
+
+def test_an_hf_text_file_linking_out_of_its_folder_is_refused(tmp_path):
+    """A tokenizer_config.json linked to a file elsewhere would be copied into the packed file (and out
+    again by unpack --hf-folder): refused as a shard linking out is, naming both."""
+    from balprune.cli import main
+    from balprune.llm.examples import write_example
+
+    folder = write_example("llama-tiny", tmp_path / "m")
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "s3cr3t"}')
+    (folder / "tokenizer_config.json").unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").symlink_to(secret)
+    out = tmp_path / "p.safetensors"
+    assert main(["prune", str(folder), "--sparsity", "0.5", "-o", str(out)]) == 4
+    assert not out.exists()
+
+
+def test_a_folder_with_model_safetensors_and_a_shard_index_is_ambiguous(tmp_path):
+    """transformers loads model.safetensors where both exist; reading the index would prune other weights."""
+    import shutil
+
+    from balprune.checkpoint import open_checkpoint
+    from balprune.llm.examples import write_example
+
+    folder = write_example("llama-tiny", tmp_path / "m")
+    shards = sorted(folder.glob("*.safetensors"))
+    if not (folder / "model.safetensors.index.json").exists():  # make it sharded: one shard and its index
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        from safetensors import safe_open
+        with safe_open(folder / "model-00001-of-00001.safetensors", "pt") as f:
+            names = list(f.keys())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+        shards = [folder / "model-00001-of-00001.safetensors"]
+    assert open_checkpoint(folder).tensors
+    shutil.copy(shards[0], folder / "model.safetensors")
+    with pytest.raises(InvalidInputError, match="holds both model.safetensors and model.safetensors.index.json"):
+        open_checkpoint(folder)

@@ -145,3 +145,13 @@ def test_a_tokenizer_that_fails_to_decode_is_exit_4(cli, files, tmp_path):
     r = cli("generate", str(packed), "--prompt", "x xx xxx", "--tokenizer", str(path), "--device", "cpu",
             "--dtype", "float32", "--max-new-tokens", "2")
     assert r.code == 4 and "fails to decode" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+
+
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
+    """Bytes that are not UTF-8 on the command line arrive as lone surrogates: exit 2 naming --prompt,
+    before any device or file is looked at."""
+    from balprune.cli import main
+
+    assert main(["generate", str(tmp_path / "none"), "--prompt", "caf\udce9", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--prompt is not valid UTF-8" in err

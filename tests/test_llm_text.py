@@ -341,3 +341,20 @@ def test_a_tokenizer_that_loads_but_cannot_encode_is_exit_4(tmp_path):
     recorded = text.RecordedTokenizer(path.read_text(), "p.safetensors: recorded tokenizer.json")
     with pytest.raises(InvalidInputError, match="recorded tokenizer.json fails to encode"):
         read_token_ids(data, tokenizer=recorded)
+
+
+def test_a_tokenizers_padding_and_truncation_never_rewrite_the_text(tmp_path, tokenizer_file):
+    """tokenizer.json may carry padding / truncation settings (a fixed padding of 10^15 aborted the process
+    in the allocator, one of 10^6 made eval score padding): the text is encoded as it is."""
+    import json
+
+    t = json.loads(tokenizer_file.read_text())
+    t["padding"] = {"strategy": {"Fixed": 10**15}, "direction": "Right", "pad_to_multiple_of": None,
+                    "pad_id": 0, "pad_type_id": 0, "pad_token": "x"}
+    t["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+    hostile = tmp_path / "tokenizer.json"
+    hostile.write_text(json.dumps(t))
+    words = "def f(x): return x + 1\n" * 5
+    plain = text.load_tokenizer(tokenizer_file).encode(words).ids
+    got = text.load_tokenizer(hostile).encode(words).ids
+    assert got == plain and len(got) > 2

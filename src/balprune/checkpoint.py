@@ -573,6 +573,12 @@ def open_checkpoint(path: str | Path, key: str | None = None) -> Checkpoint:
         raise InvalidInputError(f"{p}: no such file or folder")
     if p.is_dir():
         indexes = sorted(p.glob("*.safetensors.index.json")) + sorted(p.glob("*.bin.index.json"))
+        if len(indexes) == 1 and indexes[0].name.endswith(".safetensors.index.json") \
+                and os.path.lexists(p / "model.safetensors"):
+            # transformers loads model.safetensors, an index reader the shards: two models in one folder
+            raise InvalidInputError(f"{p}: holds both model.safetensors and {indexes[0].name} (transformers loads "
+                                    "the first, a shard index names others): ambiguous",
+                                    hint="remove the one that is stale, or pass the file you mean")
         if len(indexes) == 1:
             p = indexes[0]
         elif len(indexes) > 1:

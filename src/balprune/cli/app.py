@@ -458,6 +458,10 @@ def generate_command(
     from ..finetune.run import resolve_device
     from ..llm.generate import generate
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        raise UsageError("--prompt is not valid UTF-8 text") from None
     dev = resolve_device(device)  # exit 6 for cuda without a GPU, before any file is read
     result = generate(model, prompt, like=like, tokenizer=tokenizer, max_new_tokens=int(max_new_tokens),
                       max_context=int(max_context), temperature=float(temperature), top_p=float(top_p),

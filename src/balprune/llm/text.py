@@ -214,9 +214,15 @@ def load_tokenizer(tokenizer: str | os.PathLike[str] | RecordedTokenizer):
     if not isinstance(safeio.loads_json(text, f"tokenizer {path}"), dict):
         raise InvalidInputError(f"tokenizer {path}: must hold a JSON object (a tokenizers tokenizer.json)")
     try:
-        return Tokenizer.from_str(text)
+        tok = Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises plain Exception with serde's message
         raise InvalidInputError(f"tokenizer {path}: not a valid tokenizer.json ({str(exc)[:200]})") from None
+    # a file's padding / truncation settings would rewrite what we score, calibrate on or continue (a fixed
+    # padding of 10^15 aborts the process in the allocator; one of 10^6 makes eval score padding): the text
+    # is always encoded as it is
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def _tokenize(data: bytes, p: Path, tokenizer: Path | RecordedTokenizer) -> np.ndarray:
