@@ -245,3 +245,15 @@ def emulate_stage_input(tid, nthreads: int, chans: int, rows: int, cols: int, c0
                 st = (dst >= 0) & inq
                 if st.any():
                     store(dst[st] + q[st], v[st])
+
+
+def assert_source_has(filename: str, lines) -> None:
+    """Each of ``lines`` (whitespace-normalised) still in kernels/``filename``: the lines a thread emulation
+    mirrors, so that an edit to the kernel must revisit the emulation."""
+    import re
+
+    from balprune.runtime.kernels import kernel_source
+
+    src = re.sub(r"\s+", " ", kernel_source(filename))
+    for line in lines:
+        assert line in src, f"{filename} no longer has: {line}"

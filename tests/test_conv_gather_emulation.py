@@ -11,12 +11,10 @@ once before it is read, every output written exactly once; and the result equals
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
-from helpers import balanced_conv_weight
+from helpers import assert_source_has, balanced_conv_weight
 from test_conv_kernel_emulation import _cdiv, _in, _int32, conv_reference
 
 from balprune.formats.layouts import conv_taps
@@ -28,7 +26,6 @@ from balprune.runtime.conv import (
     gather_launch_config,
     kernel_variants,
 )
-from balprune.runtime.kernels import kernel_source
 
 
 def emulate_gather(grid, block, NP, x, C, H, W, x_batch_stride, tap_w, tap_pos, chunk_start, Cout, kh, kw,
@@ -181,8 +178,7 @@ def test_every_gather_instantiation_is_compiled():
 
 
 def test_the_emulation_mirrors_the_gather_kernel_source():
-    src = re.sub(r"\s+", " ", kernel_source("balanced_conv.cu"))
-    for line in [
+    assert_source_has("balanced_conv.cu", [
         "constexpr int kGatherMaxWarps = 8;",
         "__shared__ float red[kGatherMaxWarps * NP * 32];",
         "const int p0 = blockIdx.x * 32 * NP;",
@@ -199,5 +195,4 @@ def test_the_emulation_mirrors_the_gather_kernel_source():
         "red[(g * NP + j) * 32 + lane] = acc[j];",
         "for (int k = 0; k < WG; ++k) v += red[(k * NP + j) * 32 + lane];",
         "if (p < P) Val<T>::store(yo + p, v);",
-    ]:
-        assert line in src, f"balanced_conv.cu no longer has: {line}"
+    ])

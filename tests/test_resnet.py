@@ -268,7 +268,7 @@ def test_the_runtime_preflight_refuses_a_nan_bias_and_a_zero_size_layer_without_
     z = {"conv1.weight": torch.zeros(0, 3, 7, 7), "layer1.0.conv1.weight": torch.zeros(0, 0, 3, 3),
          "layer1.0.conv2.weight": torch.zeros(0, 0, 3, 3), "fc.weight": torch.zeros(10, 0)}
     zero = prune(tmp_path, "zero", z, "--sparsity", "0.5", "--block-size", "4")
-    for packed, words in ((nan, ("'fc.bias'", "NaN or Inf")), (zero, ("zero-size dimension",))):
+    for packed, words in ((nan, ("'fc.bias'", "NaN/Inf")), (zero, ("zero-size dimension",))):
         capsys.readouterr()
         code = main(["bench", str(packed), "--model", "--dtype", "float32"])
         err = capsys.readouterr().err.strip()

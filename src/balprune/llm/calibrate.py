@@ -208,13 +208,11 @@ def _prune_layers(cfg, ckpt, plans, windows, criterion, device, progress):
             for module, group in targets:
                 name = linear_name(index, module)
                 plan = plans[name]
-                # the layer's float32 copy holds the stored values exactly, and both criteria compute in
-                # float32 (wanda keeps values, sparsegpt updates in float32): rounding the result to the
-                # stored dtype gives what pruning the stored tensor gives, without reading it again
-                # (float64 is the exception: its values do not fit float32, and wanda keeps them: read it again)
-                # wanda selects its mask on the CPU anyway (prune.masks), so its scores are made there too:
-                # the matrix's working copies then take no device memory (issue 17's budget: two layers
-                # plus the hidden states); sparsegpt's updates need the device
+                # The layer's float32 copy holds the stored values exactly and both criteria compute in
+                # float32, so rounding the result to the stored dtype gives what pruning the stored tensor
+                # gives, without reading it again (float64 does not fit float32 and wanda keeps values: read
+                # again). wanda chooses its mask on the CPU (prune.masks), so it scores there too and its
+                # working copies take no device memory; sparsegpt's updates need the device.
                 where = device if criterion.needs_gram else torch.device("cpu")
                 weight = (ckpt.load(name) if dtypes[name] == torch.float64
                           else layer.get_submodule(module).weight).to(where)

@@ -20,8 +20,9 @@ _INF_BITS = {torch.float16: (torch.int16, 0x7C00, 0x7FFF), torch.bfloat16: (torc
              torch.float32: (torch.int32, 0x7F800000, 0x7FFFFFFF)}
 
 
-def check_finite(t: torch.Tensor, name: str) -> None:
-    """InvalidInputError naming the count and first position of NaN/Inf values in ``t``."""
+def check_finite(t: torch.Tensor, name: str, *, hint: str = "fix or exclude the tensor (--exclude)") -> None:
+    """InvalidInputError naming the count and first position of NaN/Inf values in ``t`` (``hint``: what
+    the user can do about it where the check runs)."""
     from ..errors import InvalidInputError
 
     # Fast path: an IEEE float is finite iff its magnitude bits are below the +inf pattern, so one
@@ -39,7 +40,7 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         first = tuple(int(i) for i in torch.nonzero(bad)[0]) if t.dim() else ()
         raise InvalidInputError(
             f"tensor {name!r}: {count} NaN/Inf value(s), first at index {list(first)}",
-            hint="fix or exclude the tensor (--exclude)",
+            hint=hint,
         )
 
 

@@ -318,12 +318,8 @@ class BalancedConv2d:
         the map has at most MAP_NAMED_RUNS pixel runs, "gather" within its grid limits (any map)."""
         s = self.out_shape(height, width)
         out = []
-        try:
-            launch_config(s, batch)
-            out.append("tiled")
-        except UsageError:
-            pass
-        for kernel, config in (("map", lambda: map_launch_config(s, batch, MAP_NAMED_RUNS)),
+        for kernel, config in (("tiled", lambda: launch_config(s, batch)),
+                               ("map", lambda: map_launch_config(s, batch, MAP_NAMED_RUNS)),
                                ("gather", lambda: gather_launch_config(s, self.taps_per_channel, batch))):
             try:
                 if config() is not None:
@@ -341,8 +337,8 @@ class BalancedConv2d:
         """A zero-argument callable computing y = act(conv2d(x) + bias) into ``y`` on CuPy's current stream,
         its arguments built once (runtime._launch.prepared): the form a model runtime binds. ``x``: a
         contiguous CUDA tensor [C, H, W] / [N, C, H, W] of the weight's dtype; ``y``: a contiguous tensor of
-        the output's shape and dtype. Both must outlive the callable (raw pointers). ``kernel``: "tiled",
-        "map" (up to MAP_NAMED_RUNS pixel runs), "gather" or "auto"; default: the operator's. One launch, or three
+        the output's shape and dtype. Both must outlive the callable (raw pointers). ``kernel``: "tiled", "map"
+        (up to MAP_NAMED_RUNS pixel runs), "gather" or "auto"; default: the operator's. One launch, or three
         where the small-map kernel splits the input channels: the fp32 partial sums zeroed (torch, on its
         current stream: run it inside measure.cupy_on_torch_stream), the map kernel, conv_epilogue."""
         import torch
@@ -429,6 +425,6 @@ class BalancedConv2d:
                 f"stride {self.stride}, padding {self.padding}, {self.dtype}, device={self.device})")
 
 
-__all__ = ["GATHER_PIXELS_PER_LANE", "KERNELS", "MAP_MAX_RUNS", "MAP_NAMED_RUNS", "BalancedConv2d", "ConvShape", "DTYPES", "gather_kernel_name",
-           "gather_launch_config", "kernel_name", "kernel_variants", "launch_config", "map_kernel_name",
-           "map_launch_config", "tap_values"]
+__all__ = ["GATHER_PIXELS_PER_LANE", "KERNELS", "MAP_MAX_RUNS", "MAP_NAMED_RUNS", "BalancedConv2d", "ConvShape",
+           "DTYPES", "gather_kernel_name", "gather_launch_config", "kernel_name", "kernel_variants", "launch_config",
+           "map_kernel_name", "map_launch_config", "tap_values"]

@@ -85,8 +85,8 @@ ACCUMULATION_FACTOR = 1.0
 #: roundoff, compounding over the steps), not by one product's K: float16 4e-3 ~ 8 u, bfloat16
 #: 3e-2 ~ 8 u. The float32 bound, ~2 u of TF32 (10-bit mantissa), admits TF32, which torch uses
 #: by default for float32 convolutions (torch.backends.cudnn.allow_tf32); the runtime's float32
-#: dense conv path turns it off (exact_float32), since the whole model is held to 1e-4. A wrong index or gate gives errors of order 1e-1 and above: every
-#: bound still catches it. (The values are the dispatcher's since it was written: the paths it
+#: dense conv path turns it off (exact_float32), since the whole model is held to 1e-4. A wrong
+#: index or gate gives errors of order 1e-1 and above: every bound still catches it. (The values are the dispatcher's since it was written: the paths it
 #: takes, and so the figures, do not change with the move to this module.)
 STAGE_TOLERANCE: dict[str, float] = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 3e-2}
 

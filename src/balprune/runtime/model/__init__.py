@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ...errors import InvalidInputError
+from ...patterns.ranking import check_finite
 from .._linear import TORCH_OF
 from .base import PackedModel
 from .lstm import PackedBiLstm, PackedLstmLm
@@ -49,20 +50,17 @@ def preflight(path: str | Path, dtypes: tuple[str, ...]):
             return
         # every stored float finite (a NaN bias passed through by prune would otherwise fail every stage's
         # gate on the GPU and read as a runtime failure, exit 7), and within each requested dtype's range
-        wide = bool(limits) and torch.finfo(values.dtype).max > limits[0][0]
+        check_finite(values, name, hint="the model runtime needs finite weights: fix the checkpoint, then prune it")
+        if not limits or torch.finfo(values.dtype).max <= limits[0][0]:
+            return  # every value of this dtype fits the narrowest requested one
         flat = values.reshape(-1)
         peak = 0.0
         for a in range(0, flat.numel(), 1 << 24):
-            part = flat[a:a + (1 << 24)]
-            if not bool(torch.isfinite(part).all()):
-                raise InvalidInputError(f"{path}: tensor {name!r} holds NaN or Inf values",
-                                        hint="the model runtime needs finite weights: fix the checkpoint, then prune it again")
-            if wide:
-                peak = max(peak, float(part.abs().max()))
+            peak = max(peak, float(flat[a:a + (1 << 24)].abs().max()))
         for limit, dtype in limits:
             if peak > limit:
-                raise InvalidInputError(f"{path}: tensor {name!r}: weights up to |w| = {peak:.4g} exceed {dtype}'s largest "
-                                        f"finite value {limit:.6g}", hint="run it at float32 or bfloat16 (--dtype)")
+                raise InvalidInputError(f"{path}: tensor {name!r}: weights up to |w| = {peak:.4g} exceed {dtype}'s "
+                                        f"largest finite value {limit:.6g}", hint="run it at float32 or bfloat16 (--dtype)")
 
     pf = verify_packed(path, each=in_range)
     arch = detect(pf)

@@ -3,14 +3,13 @@ on static buffers (``run``), and its CUDA graph."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 
 from ...errors import UsageError
 from .._linear import TORCH_OF
-from ..measure import capture_graph, cupy_on_torch_stream, exact_float32
+from ..measure import capture_graph, cupy_on_torch_stream
 from .stages import Choice, CupyViews, ModelKernels, Projection, dispatch, ptr
 
 Progress = Callable[[str], None]
@@ -139,10 +138,9 @@ class PackedImageModel(PackedModel):
         self.image.copy_(img.to(self.dev, self.tdt))
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        """[classes] float32 on the CPU (a float32 runtime's torch convs in IEEE float32: exact_float32)."""
+        """[classes] float32 on the CPU."""
         self.load_inputs(inputs)
-        with exact_float32() if self.tdt == torch.float32 else contextlib.nullcontext():
-            self.run()
+        self.run()
         return self.fc_out[-1].float().cpu()
 
 

@@ -143,8 +143,8 @@ class ConvStage:
         # the result comes back to NCHW in the launch that moves it into out anyway
         w = self.w4.contiguous(memory_format=torch.channels_last) if cl else self.w4
         # float32 stages run cuDNN in float32, not torch's default TF32 (measure.exact_float32 says why);
-        # entering the context costs ~7 us of host time, so only where the caller has not already
-        # (PackedImageModel.forward and bench do, once per run)
+        # entering the context costs ~7 us of host time, so only where the caller has not already (bench
+        # runs everything inside it)
         fp32 = w.dtype == torch.float32
 
         def run() -> torch.Tensor:
