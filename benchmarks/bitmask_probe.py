@@ -1,6 +1,6 @@
 """Probe: the bitmask kernel against the offsets kernel, dense cuBLAS and a plain read, on LLM linears.
 
-python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2]
+python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6]
 Per shape x sparsity (balanced, 32 blocks) and N:M: graph-replayed per-launch us (hot, 20 launches
 per graph) and cold per-launch medians (rotating copies > 4.5x L2) of: the bitmask kernel, the
 offsets kernel (BalancedLinear defaults), torch dense (cuBLAS), and a plain read of the bitmask
@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--batch", default="1")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--defines", default="")
+    ap.add_argument("--walk", type=int, default=None, help="the bitmask kernel's walk (runtime.bitmask.WALKS)")
     ap.add_argument("--json", default="")
     ap.add_argument("--cold", action="store_true")
     a = ap.parse_args()
@@ -53,7 +54,8 @@ def main() -> int:
             pat = CONFIGS[cname]
             g = geometry_for(R, K, pat)
             bt = BalancedTensor.from_offsets(w, pat, balanced_offsets(w, g, dtype=g.index_dtype))
-            bm = BitmaskLinear.from_tensor(bt, validate=False, defines=defines)
+            walk = {} if a.walk is None else {"walk": a.walk}
+            bm = BitmaskLinear.from_tensor(bt, validate=False, defines=defines, **walk)
             off = BalancedLinear.from_tensor(bt, validate=False)
             # 2:4 also runs on the sparse tensor cores (kernels/nm24_sparse_mma.cu)
             nm = Nm24Linear.from_tensor(bt, validate=False) if cname == "2:4" else None
@@ -91,7 +93,7 @@ def main() -> int:
                     res["nm24_read"] = timer.graph_time([timer.read_launch(nm.weight_bytes)]).median_us
                 if a.cold:
                     n = copies_for(bm.weight_bytes, l2)
-                    bms = [BitmaskLinear.from_tensor(bt, validate=False, defines=defines) for _ in range(n)]
+                    bms = [BitmaskLinear.from_tensor(bt, validate=False, defines=defines, **walk) for _ in range(n)]
                     res["bitmask_cold"] = timer.time([o.prepared_launch(xc, yb, batch) for o in bms]).median_us
                     res["read_cold"] = timer.time([timer.read_launch(bm.weight_bytes) for _ in range(n)]).median_us
                     del bms

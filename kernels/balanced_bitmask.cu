@@ -38,6 +38,13 @@
 #ifndef BP_BM_ROLLING
 #define BP_BM_ROLLING 1
 #endif
+// 6: the uniform walk (every lane runs the same instructions per value: the next mask word is held in a
+// register and a refill is a predicated move, so no lane's word boundary diverges the warp), two
+// segments walked at once per lane (the host's layout must pair rounds: SegmentGeometry(paired=True));
+// 5: version 5's walk, one segment at a time. The host passes it (runtime.bitmask.WALK).
+#ifndef BP_BM_WALK
+#define BP_BM_WALK 5
+#endif
 // CTAs of 256 threads per SM the register budget is sized for (4: 64 registers, 32 warps per SM).
 #ifndef BP_BM_MIN_CTAS
 #define BP_BM_MIN_CTAS 4
@@ -97,6 +104,96 @@ struct MaskWalk {
     return xaddr + b * xcol;
   }
 };
+
+// Version 6's walk: the current word's kept columns not consumed yet (m) and the NEXT word (n), both
+// in registers. A take that finds m empty moves n into m and loads the following word into n: four
+// predicated instructions, no branch, and n's load has a whole word's values to arrive. Only an
+// empty word (32 pruned columns in a row: rare below ~85% sparsity) takes the loop, one lane at a time.
+// The lane's words sit in shared memory 128 bytes apart with one spare slot past the last word (the
+// load of "the word after the last" reads it and is never used).
+struct UniformWalk {
+  unsigned m, n;   // current word (unconsumed bits), next word
+  unsigned naddr;  // shared address of n
+  unsigned xaddr;  // shared address of x at m's first column
+  unsigned xw;     // x bytes from one word's first column to the next word's
+  unsigned xcol;   // x bytes between consecutive columns
+  __device__ __forceinline__ void start(unsigned maddr, unsigned x0, unsigned xw_, unsigned xcol_) {
+    m = lds_u32(maddr);
+    naddr = maddr + 128u;
+    n = lds_u32(naddr);
+    xaddr = x0;
+    xw = xw_;
+    xcol = xcol_;
+  }
+  __device__ __forceinline__ unsigned take() {
+    const bool p = m == 0u;
+    m = p ? n : m;
+    xaddr = p ? xaddr + xw : xaddr;
+    naddr = p ? naddr + 128u : naddr;
+    if (p) n = lds_u32(naddr);
+    while (m == 0u) {  // m was an empty word
+      m = n;
+      xaddr += xw;
+      naddr += 128u;
+      n = lds_u32(naddr);
+    }
+    const unsigned b = __clz(m);
+    m ^= 0x80000000u >> b;
+    return xaddr + b * xcol;
+  }
+};
+
+// One 16-byte unit of V values on the uniform walk.
+template <typename T, typename XT, int NB>
+__device__ __forceinline__ void unit_fma_u(const Words<4>& v, UniformWalk& walk, float (&acc)[NB]) {
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+#pragma unroll
+  for (int t = 0; t < V; ++t) {
+    float xv[NB];
+    lds_x<XT, NB>(walk.take(), xv);
+    const float w = Val<T>::template at<4>(v, t);
+#pragma unroll
+    for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+  }
+}
+
+// Two units of two segments, interleaved value by value (two independent walks and sums: the
+// latency of one hides behind the other's instructions).
+template <typename T, typename XT, int NB>
+__device__ __forceinline__ void unit_fma_u2(const Words<4>& va, const Words<4>& vb, UniformWalk& wa, UniformWalk& wb,
+                                            float (&acca)[NB], float (&accb)[NB]) {
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+#pragma unroll
+  for (int t = 0; t < V; ++t) {
+    const unsigned aa = wa.take(), ab = wb.take();
+    float xa[NB], xb[NB];
+    lds_x<XT, NB>(aa, xa);
+    lds_x<XT, NB>(ab, xb);
+    const float w0 = Val<T>::template at<4>(va, t), w1 = Val<T>::template at<4>(vb, t);
+#pragma unroll
+    for (int n = 0; n < NB; ++n) {
+      acca[n] = fmaf(w0, xa[n], acca[n]);
+      accb[n] = fmaf(w1, xb[n], accb[n]);
+    }
+  }
+}
+
+// The first `cnt` (< V) values of a unit on the uniform walk (a segment's last, partial unit;
+// `cnt` is the same for every lane, so the branch is uniform).
+template <typename T, typename XT, int NB>
+__device__ __forceinline__ void tail_fma_u(const Words<4>& v, int cnt, UniformWalk& walk, float (&acc)[NB]) {
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+#pragma unroll
+  for (int t = 0; t < V; ++t) {
+    if (t < cnt) {
+      float xv[NB];
+      lds_x<XT, NB>(walk.take(), xv);
+      const float w = Val<T>::template at<4>(v, t);
+#pragma unroll
+      for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+    }
+  }
+}
 
 // Multiply-accumulate values t0 .. t0 + H - 1 of a 16-byte unit. When the current word holds
 // all H of them (the common case) their columns come without a check in between, so the H x
@@ -223,7 +320,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   unsigned* mw = reinterpret_cast<unsigned*>(smem_raw + ((xs_elems * (int)sizeof(XT) + 15) & ~15)) +
-                 warp * W * 32 + lane;  // this lane's words: mw[w * 32]
+                 warp * 2 * (W + 1) * 32 + lane;  // this lane's words: mw[w * 32], a second segment's at mw[(W + 1 + w) * 32]
   __syncthreads();
 
   const int l = lane & (P - 1);  // lane within its row's group
@@ -241,6 +338,84 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
     float acc[NB];
 #pragma unroll
     for (int n = 0; n < NB; ++n) acc[n] = 0.0f;
+#if BP_BM_WALK == 6
+    float acc2[NB];  // the second walk's sums (added at the end: two independent FMA chains)
+#pragma unroll
+    for (int n = 0; n < NB; ++n) acc2[n] = 0.0f;
+    const unsigned xcol = (unsigned)(cstride * sizeof(XT));
+    // units in flight per walk (two walks at NB <= 4: as many bytes in flight as version 5's four)
+    constexpr int A2 = NB >= 8 ? 1 : 2;
+    for (int q = 0; q < Q;) {
+      // rounds q and q + 1 together (uniform): two segments of the same row per lane; phantom
+      // segments (s >= S) are walkable (their first seg_keep bits set, values and x zero)
+      const bool two = NB <= 4 && q + 1 < Q;
+      const bool active = row < rows;
+      const long long r0 = active ? row : 0;
+      const Words<4>* va = vals + r0 * unit_row + (long long)q * C * P + l;
+      const Words<4>* vb = va + (long long)C * P;
+      const unsigned* ma = masks + r0 * word_row + (long long)q * W * P + l;
+      const unsigned* mb = ma + (long long)W * P;
+      Words<4> ua[A2], ub[A2];
+      const int first = full < A2 ? full : A2;
+      if (active) {
+#pragma unroll
+        for (int a = 0; a < A2; ++a)
+          if (a < first) {
+            ua[a] = ld_words<4>(va + (long long)a * P);
+            if (two) ub[a] = ld_words<4>(vb + (long long)a * P);
+          }
+      }
+      __syncwarp();  // the previous walk is done with mw
+      if (active) {
+        for (int w = 0; w < W; ++w) {
+          mw[w * 32] = __ldg(ma + (long long)w * P);
+          if (two) mw[(W + 1 + w) * 32] = __ldg(mb + (long long)w * P);
+        }
+      }
+      __syncwarp();
+      const int s0 = q * P + l;
+      q += two ? 2 : 1;
+      if (!active) continue;
+      UniformWalk wa, wb;
+      wa.start(smem_addr(mw), smem_addr(xs + s0 * NB), 32u * xcol, xcol);
+      int c = 0;
+      if (two) {
+        wb.start(smem_addr(mw + (W + 1) * 32), smem_addr(xs + (s0 + P) * NB), 32u * xcol, xcol);
+        for (; c + A2 <= full; c += A2) {
+#pragma unroll
+          for (int a = 0; a < A2; ++a) {
+            unit_fma_u2<T, XT, NB>(ua[a], ub[a], wa, wb, acc, acc2);
+            if (c + A2 + a < full) {
+              ua[a] = ld_words<4>(va + (long long)(c + A2 + a) * P);
+              ub[a] = ld_words<4>(vb + (long long)(c + A2 + a) * P);
+            }
+          }
+        }
+#pragma unroll
+        for (int a = 0; a < A2; ++a)
+          if (c + a < full) unit_fma_u2<T, XT, NB>(ua[a], ub[a], wa, wb, acc, acc2);
+        if (tail) {
+          const Words<4> ta = ld_words<4>(va + (long long)full * P), tb = ld_words<4>(vb + (long long)full * P);
+          tail_fma_u<T, XT, NB>(ta, tail, wa, acc);
+          tail_fma_u<T, XT, NB>(tb, tail, wb, acc2);
+        }
+      } else {
+        for (; c + A2 <= full; c += A2) {
+#pragma unroll
+          for (int a = 0; a < A2; ++a) {
+            unit_fma_u<T, XT, NB>(ua[a], wa, acc);
+            if (c + A2 + a < full) ua[a] = ld_words<4>(va + (long long)(c + A2 + a) * P);
+          }
+        }
+#pragma unroll
+        for (int a = 0; a < A2; ++a)
+          if (c + a < full) unit_fma_u<T, XT, NB>(ua[a], wa, acc);
+        if (tail) tail_fma_u<T, XT, NB>(ld_words<4>(va + (long long)full * P), tail, wa, acc);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NB; ++n) acc[n] += acc2[n];
+#else
     for (int q = 0; q < Q; ++q) {
       // uniform over the warp (every lane stages and syncs); lanes without a segment skip the walk
       const int s = q * P + l;
@@ -298,6 +473,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
       for (; c < full; ++c) unit_fma<T, XT, NB>(ld_words<4>(vp + (long long)c * P), walk, acc);
       if (tail) tail_fma<T, XT, NB>(ld_words<4>(vp + (long long)full * P), tail, walk, acc);
     }
+#endif
     // the P lanes of a row add their sums (groups are aligned runs of P lanes)
 #pragma unroll
     for (int n = 0; n < NB; ++n)

@@ -44,9 +44,10 @@ def test_every_runtime_variant_compiles(tmp_path):
     assert ptx.count(".entry ") == len(names)
 
 
-def _assert_fit_64_registers_no_spills(tmp_path, names: list[str], filename: str) -> None:
-    """Build ``names`` of ``filename`` with ptxas -v: every one at <= 64 registers, no spill stores or loads."""
-    r = _nvcc(tmp_path, _instantiating_source(names, filename), "-c", "-Xptxas", "-v")
+def _assert_fit_64_registers_no_spills(tmp_path, names: list[str], filename: str, *flags: str) -> None:
+    """Build ``names`` of ``filename`` with ptxas -v (and ``flags``, e.g. -D options): every one at <= 64
+    registers, no spill stores or loads."""
+    r = _nvcc(tmp_path, _instantiating_source(names, filename), "-c", "-Xptxas", "-v", *flags)
     assert r.returncode == 0, r.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
@@ -65,9 +66,11 @@ def test_batch1_shared_x_variants_do_not_spill(tmp_path):
 def test_every_bitmask_variant_compiles_without_spills(tmp_path):
     """kernels/balanced_bitmask.cu: every (dtype, batch tile, x staging) the runtime launches, at
     <= 64 registers (its __launch_bounds__(256, 4)) and no local memory."""
+    from balprune.runtime.bitmask import WALKS
     from balprune.runtime.bitmask import kernel_variants as bitmask_variants
 
-    _assert_fit_64_registers_no_spills(tmp_path, bitmask_variants(), "balanced_bitmask.cu")
+    for walk in WALKS:  # both walks (kernels/NOTES.md v26)
+        _assert_fit_64_registers_no_spills(tmp_path, bitmask_variants(), "balanced_bitmask.cu", f"-DBP_BM_WALK={walk}")
 
 
 def test_every_nm24_variant_compiles_without_spills(tmp_path):

@@ -73,16 +73,33 @@ def test_bitmask_round_trip_is_exact_with_k_bits_per_block(rows, cols, pattern):
 
 @pytest.mark.parametrize("rows,cols,pattern", GEOMETRIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_bitmask_device_layout_computes_the_product(rows, cols, pattern, dtype):
+@pytest.mark.parametrize("paired", [False, True])
+def test_bitmask_device_layout_computes_the_product(rows, cols, pattern, dtype, paired):
     bt = _tensor(rows, cols, pattern, dtype)
     from balprune.runtime.balanced import _host_numpy
 
-    units, words, sg = bitmask_segments(_host_numpy(bt.values), bt.indices.numpy(), bt.geometry.block_length)
+    units, words, sg = bitmask_segments(_host_numpy(bt.values), bt.indices.numpy(), bt.geometry.block_length,
+                                        paired=paired)
     assert units.shape == (rows, sg.rounds, sg.units, sg.lanes, sg.per_unit)
     assert words.shape == (rows, sg.rounds, sg.words, sg.lanes) and words.dtype == np.uint32
     x = np.random.default_rng(1).standard_normal((cols, 3))
     dense = bt.to_dense().to(torch.float64).numpy()
     np.testing.assert_allclose(bitmask_reference(units, words, sg, x), dense @ x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows,cols,pattern", GEOMETRIES)
+def test_every_segment_the_kernel_walks_holds_exactly_seg_keep_bits(rows, cols, pattern):
+    # kernels/balanced_bitmask.cu's walk 6 (paired layout) walks every round of every lane, phantom segments (s >= S)
+    # included: a walk takes exactly seg_keep values, so each walked segment must hold that many bits
+    bt = _tensor(rows, cols, pattern, torch.float16)
+    from balprune.runtime.balanced import _host_numpy
+
+    units, words, sg = bitmask_segments(_host_numpy(bt.values), bt.indices.numpy(), bt.geometry.block_length,
+                                        paired=True)
+    pop = np.unpackbits(words.astype(">u4").view(np.uint8), axis=-1).reshape(*words.shape, 32).sum(axis=(2, 4))
+    assert (pop == sg.seg_keep).all()
+    if sg.segments > 1:  # two rounds per lane: the kernel walks them at once
+        assert sg.rounds >= 2 and sg.lanes * 2 >= sg.segments
 
 
 def test_segment_rule_fills_words_and_units():

@@ -81,28 +81,31 @@ def _launch(op, bt: BalancedTensor, batch: int, *, bias: bool = False, relu: boo
     assert_within_rounding(got.reshape(ref.shape), ref, absdot, g.keep * g.blocks + 1, bt.dtype)
 
 
+@pytest.mark.parametrize("walk", [5, 6])
 @pytest.mark.parametrize("batch", [1, 3, 4, 16])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_bitmask_against_float64(dtype, case, batch):
+def test_bitmask_against_float64(dtype, case, batch, walk):
     from balprune.runtime.bitmask import BitmaskLinear
 
     bt = _packed(case, dtype)
-    op = BitmaskLinear.from_tensor(bt, validate=False)
+    op = BitmaskLinear.from_tensor(bt, validate=False, walk=walk)
     _launch(op, bt, batch)
 
 
+@pytest.mark.parametrize("walk", [5, 6])
 @pytest.mark.parametrize("relu,bias", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_bitmask_epilogue(dtype, batch, relu, bias):
+def test_bitmask_epilogue(dtype, batch, relu, bias, walk):
     from balprune.runtime.bitmask import BitmaskLinear
 
     bt = _packed("L128_s0.5", dtype)
-    _launch(BitmaskLinear.from_tensor(bt), bt, batch, bias=bias, relu=relu)
+    _launch(BitmaskLinear.from_tensor(bt, walk=walk), bt, batch, bias=bias, relu=relu)
 
 
-def test_bitmask_tall_matrix_many_row_groups():
+@pytest.mark.parametrize("walk", [5, 6])
+def test_bitmask_tall_matrix_many_row_groups(walk):
     """Thousands of rows: every CTA of the persistent grid walks many row groups."""
     from balprune.runtime.bitmask import BitmaskLinear
 
@@ -111,7 +114,7 @@ def test_bitmask_tall_matrix_many_row_groups():
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3)).half()
     g = geometry_for(rows, cols, pattern)
     bt = BalancedTensor.from_offsets(w, pattern, balanced_offsets(w, g, dtype=g.index_dtype))
-    op = BitmaskLinear.from_tensor(bt)
+    op = BitmaskLinear.from_tensor(bt, walk=walk)
     assert op.launch_config(1)["grid"][0] * 8 * (32 // op.segments.lanes) < rows
     _launch(op, bt, 1)
     _launch(op, bt, 16)

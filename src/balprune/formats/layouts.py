@@ -301,7 +301,8 @@ class SegmentGeometry:
     """How kernels/balanced_bitmask.cu cuts a row (its module comment): S segments of g whole
     blocks (g*k values, g*L columns in W = ceil(g*L/32) mask words, the bits past g*L zero), P lanes
     per row, Q rounds, C 16-byte units of V values per segment, padded_cols = S*g*L, and
-    staged_cols = g*L*Q*P columns of x in shared memory (interleaved by segment).
+    staged_cols = g*L*Q*P columns of x in shared memory (interleaved by segment). ``paired``: P
+    covers half the segments, so each lane has two rounds (the kernel's walk 6 walks them at once).
 
     g is the smallest number of blocks per segment (1 to 32) whose device bytes per row,
     S*(4W + 16C), are within 10% of the fewest: whole mask words (2:4 takes g = 8: one word per 8
@@ -310,7 +311,7 @@ class SegmentGeometry:
     more lanes per row and more loads in flight.
     """
 
-    def __init__(self, blocks: int, block_length: int, keep: int, itemsize: int) -> None:
+    def __init__(self, blocks: int, block_length: int, keep: int, itemsize: int, paired: bool = False) -> None:
         L = block_length
         self.per_unit = UNIT_BYTES // itemsize
 
@@ -325,7 +326,10 @@ class SegmentGeometry:
         self.words = -(-self.seg_cols // WORD_BITS)
         self.seg_keep = self.g * keep
         self.units = -(-self.seg_keep // self.per_unit)
-        self.lanes = min(32, _next_pow2(self.segments))
+        # paired (the kernel's walk 6): two segments per lane where a row has more than one, walked at
+        # once (two independent walks per lane hide each other's latency); else one per lane and round
+        self.paired = bool(paired)
+        self.lanes = min(32, _next_pow2(-(-self.segments // 2) if paired else self.segments))
         self.rounds = -(-self.segments // self.lanes)
         self.padded_cols = self.segments * self.seg_cols
         self.staged_cols = self.seg_cols * self.rounds * self.lanes  # x as the kernel stages it
@@ -335,8 +339,8 @@ class SegmentGeometry:
                 self.lanes, self.rounds, self.padded_cols)
 
 
-def bitmask_segments(values: np.ndarray, indices: np.ndarray, block_length: int) -> tuple[np.ndarray, np.ndarray,
-                                                                                           SegmentGeometry]:
+def bitmask_segments(values: np.ndarray, indices: np.ndarray, block_length: int,
+                     paired: bool = False) -> tuple[np.ndarray, np.ndarray, SegmentGeometry]:
     """The device layout of kernels/balanced_bitmask.cu from offsets [R, k, B] numpy arrays.
 
     Returns (units [R, Q, C, P, V] of the values' dtype, words [R, Q, W, P] uint32, geometry):
@@ -349,7 +353,7 @@ def bitmask_segments(values: np.ndarray, indices: np.ndarray, block_length: int)
     """
     R, k, B = values.shape
     L = block_length
-    sg = SegmentGeometry(B, L, k, values.dtype.itemsize)
+    sg = SegmentGeometry(B, L, k, values.dtype.itemsize, paired)
     g, S, P, Q, C, V, W = sg.g, sg.segments, sg.lanes, sg.rounds, sg.units, sg.per_unit, sg.words
     Bp = S * g  # blocks with the phantom ones
     # the re-layout's peak: the units twice, the values once more, two bool masks, the words twice
@@ -371,6 +375,10 @@ def bitmask_segments(values: np.ndarray, indices: np.ndarray, block_length: int)
     packed = np.packbits(seg_bits, axis=2, bitorder="big")  # [R, S, W*4] bytes = whole words
     words = np.zeros((R, Q * P, W), dtype=np.uint32)
     words[:, :S, :] = np.ascontiguousarray(packed).view(">u4").reshape(R, S, W)
+    if Q * P > S:  # phantom segments are walked like real ones: their first g*k columns kept (values 0)
+        phantom = np.zeros(W * WORD_BITS, dtype=bool)
+        phantom[: sg.seg_keep] = True
+        words[:, S:, :] = np.packbits(phantom, bitorder="big").view(">u4").astype(np.uint32)
     words = np.ascontiguousarray(words.reshape(R, Q, P, W).transpose(0, 1, 3, 2))
     return units, words, sg
 

@@ -364,7 +364,7 @@ class BalancedLinear(BalancedOperator):
 
 
 #: Options BitmaskLinear takes (the others are BalancedLinear's offsets-kernel choices).
-BITMASK_OPTIONS = ("device", "validate", "name", "defines")
+BITMASK_OPTIONS = ("device", "validate", "name", "defines", "walk")
 
 
 def operator_for(bt, **options):

@@ -27,6 +27,11 @@ def batch_tiles(dtype: str) -> tuple[int, ...]:
     """The tiles built for ``dtype``: float32 stops at 8 (16 fp32 sums and x values per weight
     do not fit the 64 registers of __launch_bounds__(256, 4) without spilling)."""
     return BATCH_TILES[:-1] if dtype == "float32" else BATCH_TILES
+#: The kernel's walk (kernels/balanced_bitmask.cu BP_BM_WALK, kernels/NOTES.md v26): 5 walks one
+#: segment per lane at a time; 6 (the uniform walk, two segments per lane at once, over a paired layout)
+#: is built and tested but waits for its first device run before it becomes the default.
+WALK = 5
+WALKS = (5, 6)
 #: Threads per CTA: the kernel's __launch_bounds__(256, 4).
 THREADS = 256
 _X_STAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -60,11 +65,12 @@ class BitmaskLinear(BalancedOperator):
     torch; validated on the host first unless ``validate=False``: the arrays come from
     PackedFile.load, which checked them) or with ``from_tensor(BalancedTensor)``. The call contract
     is SparseLinear's (x [cols] or [cols, N] in the layer's dtype, C-contiguous). ``defines``: extra
-    -D options for the kernel build (experiments, e.g. "BP_BM_AHEAD=4").
+    -D options for the kernel build (experiments, e.g. "BP_BM_AHEAD=4"). ``walk``: the kernel's walk
+    version (WALKS; it also decides the layout: 6 pairs each lane's rounds).
     """
 
     def __init__(self, values, indices, *, cols: int, block_length: int, device: int = 0, validate: bool = True,
-                 name: str = "tensor", defines: tuple[str, ...] = ()) -> None:
+                 name: str = "tensor", defines: tuple[str, ...] = (), walk: int = WALK) -> None:
         from . import _gpu
 
         v, i, rows, keep, blocks = checked_arrays(values, indices, cols, block_length, name=name, validate=validate)
@@ -74,11 +80,14 @@ class BitmaskLinear(BalancedOperator):
         self.name = name
         self.rows, self.cols, self.blocks, self.block_length, self.keep = rows, int(cols), blocks, int(block_length), keep
         self.dtype = _VALUE_DTYPES[v.dtype]
-        self.defines = tuple(defines)
+        if walk not in WALKS:
+            raise UsageError(f"{name}: the bitmask kernel has walks {WALKS}, not {walk}")
+        self.walk = int(walk)
+        self.defines = (f"BP_BM_WALK={self.walk}",) + tuple(defines)
         # the staged x is indexed with 32-bit ints: refuse before building the layout
         if SegmentGeometry(blocks, self.block_length, keep, v.element_size()).staged_cols * BATCH_TILES[-1] > INT_LIMIT:
             raise FormatError(f"{name}: {cols} columns exceed the bitmask kernel's 32-bit indexing")
-        units, words, sg = bitmask_segments(_host_numpy(v), i.numpy(), self.block_length)
+        units, words, sg = bitmask_segments(_host_numpy(v), i.numpy(), self.block_length, paired=self.walk == 6)
         self.segments = sg
         with cp.cuda.Device(self.device):
             self.units_dev = cp.asarray(units)
@@ -93,10 +102,11 @@ class BitmaskLinear(BalancedOperator):
 
     def shared_bytes(self, batch_tile: int, x_own: bool) -> int:
         """Dynamic shared memory of a launch: x staged [seg_cols, Q*P, NB] as fp32 or in its own
-        type (rounded up to 16 bytes), then each warp's W mask words per lane."""
+        type (rounded up to 16 bytes), then per warp and lane the mask words of two segments, each
+        with one spare slot (2 * (W + 1) words: the kernel walks two at once)."""
         sg = self.segments
         item = _X_STAGE_BYTES[self.dtype] if x_own else 4
-        return -(-sg.staged_cols * batch_tile * item // 16) * 16 + (THREADS // 32) * sg.words * 32 * 4
+        return -(-sg.staged_cols * batch_tile * item // 16) * 16 + (THREADS // 32) * 2 * (sg.words + 1) * 32 * 4
 
     def plan(self, batch: int) -> tuple[int, bool]:
         """(batch tile NB, x in its own type) for ``batch`` columns: the widest tile up to the batch
@@ -144,4 +154,4 @@ class BitmaskLinear(BalancedOperator):
                 f"k={self.keep}, {self.dtype}, device={self.device})")
 
 
-__all__ = ["BATCH_TILES", "BitmaskLinear", "kernel_name", "kernel_variants"]
+__all__ = ["BATCH_TILES", "WALK", "WALKS", "BitmaskLinear", "kernel_name", "kernel_variants"]
