@@ -5,8 +5,9 @@
 // blocks (g chosen by SegmentGeometry), so a segment covers g*L columns in W = ceil(g*L/32)
 // 32-bit mask words (bits past g*L zero) and holds exactly g*k kept values (the last segment is filled up with phantom blocks: zero values,
 // their first k bits set, columns past the row whose x is staged as 0). A row's segments go to P
-// lanes (P = min(32, next power of two >= S); 32 / P rows per warp), segment s = q*P + l to lane
-// l in round q. Arrays:
+// lanes (P = min(32, next power of two >= S), or >= ceil(S / 2) in the paired layout walk 6 takes;
+// 32 / P rows per warp), segment s = q*P + l to lane l in round q; phantom segments (s >= S) hold
+// zero values and their first g*k bits set. Arrays:
 //   vals  [rows, Q, C, P] 16-byte units: unit c of lane l in round q holds values c*V .. c*V+V-1
 //         of segment q*P + l in column order (V = 16 / sizeof(T); zeros past g*k);
 //   masks [rows, Q, W, P] 32-bit words: word w of that segment, bit 31 - b = segment column
