@@ -232,3 +232,52 @@ def test_bitmask_decoding_is_checked_against_memory_first(cli, tmp_path, monkeyp
     monkeypatch.setattr(safeio, "memory_available", lambda: parts + 1)
     r = cli("verify", out)
     assert r.code == 4 and "decoding its bitmask" in r.err, r.err
+
+
+def _uniform_walk_columns(seg_words: np.ndarray, seg_keep: int) -> list[int]:
+    """The columns walk 6 of kernels/balanced_bitmask.cu (UniformWalk) takes from one segment's mask words,
+    step for step: current word m and next word n in registers; a take that finds m empty moves n in and
+    loads the word after (the slot past the last word is a spare holding garbage: never used); an empty
+    word loops. Returns the columns of the seg_keep takes."""
+    slots = list(int(w) for w in seg_words) + [0xFFFFFFFF]  # the spare slot: garbage the walk must not use
+    m, nidx = slots[0], 1
+    n, base, cols = slots[nidx], 0, []
+    for _ in range(seg_keep):
+        if m == 0:
+            m, base, nidx = n, base + 32, nidx + 1
+            n = slots[nidx] if nidx < len(slots) else None  # a load past the spare slot would be out of bounds
+        while m == 0:
+            m, base, nidx = n, base + 32, nidx + 1
+            n = slots[nidx] if nidx < len(slots) else None
+        b = 32 - m.bit_length()  # count of leading zeros
+        m ^= 0x80000000 >> b
+        cols.append(base + b)
+    return cols
+
+
+@pytest.mark.parametrize("sparsity,L", [(0.5, 128), (0.8, 128), (0.9, 1024), (0.97, 448), (0.5, 4)])
+def test_walk_6_takes_exactly_the_kept_columns(sparsity, L):
+    # high sparsities leave empty 32-column words (the walk's loop); L = 4 is 2:4-like (8 blocks a word)
+    rows, cols = 6, L * 8
+    pattern = BalancedPattern(sparsity, blocks=None, block_size=L)
+    bt = _tensor(rows, cols, pattern, torch.float16)
+    from balprune.runtime.balanced import _host_numpy
+
+    _, words, sg = bitmask_segments(_host_numpy(bt.values), bt.indices.numpy(), L, paired=True)
+    kept = np.zeros((rows, cols), dtype=bool)
+    idx = bt.indices.numpy().astype(np.int64)  # [R, k, B] in-block offsets
+    for r in range(rows):
+        for b in range(idx.shape[2]):
+            kept[r, b * L + idx[r, :, b]] = True
+    empty_words = 0
+    for r in range(rows):
+        for s in range(sg.segments):
+            q, lane = divmod(s, sg.lanes)
+            w = words[r, q, :, lane]
+            empty_words += int((w == 0).sum())
+            got = [s * sg.seg_cols + c for c in _uniform_walk_columns(w, sg.seg_keep)]
+            want = [s * sg.seg_cols + c for c in np.nonzero(kept[r, s * sg.seg_cols:(s + 1) * sg.seg_cols])[0]]
+            # phantom blocks of the last segment keep their first k columns (past the row)
+            assert got[: len(want)] == want and len(got) == sg.seg_keep
+    if sparsity >= 0.9:
+        assert empty_words > 0  # the case exercised the empty-word loop
