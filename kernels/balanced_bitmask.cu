@@ -144,17 +144,20 @@ struct UniformWalk {
   }
 };
 
-// One 16-byte unit of V values on the uniform walk.
+// The first `cnt` values of a 16-byte unit on the uniform walk: a whole unit (cnt = V, the check
+// folds away) or a segment's last, partial one (`cnt` is the same in every lane: a uniform branch).
 template <typename T, typename XT, int NB>
-__device__ __forceinline__ void unit_fma_u(const Words<4>& v, UniformWalk& walk, float (&acc)[NB]) {
+__device__ __forceinline__ void values_fma_u(const Words<4>& v, int cnt, UniformWalk& walk, float (&acc)[NB]) {
   constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
 #pragma unroll
   for (int t = 0; t < V; ++t) {
-    float xv[NB];
-    lds_x<XT, NB>(walk.take(), xv);
-    const float w = Val<T>::template at<4>(v, t);
+    if (t < cnt) {
+      float xv[NB];
+      lds_x<XT, NB>(walk.take(), xv);
+      const float w = Val<T>::template at<4>(v, t);
 #pragma unroll
-    for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+      for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+    }
   }
 }
 
@@ -175,23 +178,6 @@ __device__ __forceinline__ void unit_fma_u2(const Words<4>& va, const Words<4>& 
     for (int n = 0; n < NB; ++n) {
       acca[n] = fmaf(w0, xa[n], acca[n]);
       accb[n] = fmaf(w1, xb[n], accb[n]);
-    }
-  }
-}
-
-// The first `cnt` (< V) values of a unit on the uniform walk (a segment's last, partial unit;
-// `cnt` is the same for every lane, so the branch is uniform).
-template <typename T, typename XT, int NB>
-__device__ __forceinline__ void tail_fma_u(const Words<4>& v, int cnt, UniformWalk& walk, float (&acc)[NB]) {
-  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
-#pragma unroll
-  for (int t = 0; t < V; ++t) {
-    if (t < cnt) {
-      float xv[NB];
-      lds_x<XT, NB>(walk.take(), xv);
-      const float w = Val<T>::template at<4>(v, t);
-#pragma unroll
-      for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
     }
   }
 }
@@ -255,7 +241,8 @@ __device__ __forceinline__ void tail_fma(const Words<4>& v, int cnt, MaskWalk& w
 // y[rows, batch] = act(W x + bias), columns n0 = blockIdx.y * NB .. of the batch per CTA row of
 // the grid. x [cols, batch] and y [rows, batch] row-major in T. Dynamic shared memory: x as
 // XT [seg_cols][SP][NB] (SP = Q * P; zero past cols and past the batch), rounded up to 16 bytes,
-// then W * 32 words per warp. Grid-stride over row groups of 32 / P rows per warp.
+// then per warp the lanes' mask words: W * 32 (walk 5) or 2 * (W + 1) * 32 (walk 6: two segments, a
+// spare slot after each). Grid-stride over row groups of 32 / P rows per warp.
 template <typename T, typename XT, int NB>
 __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
     balanced_bitmask_spmm(const Words<4>* __restrict__ vals, const unsigned* __restrict__ masks, int rows, int Q,
@@ -320,8 +307,9 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   }
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int mask_words_per_lane = BP_BM_WALK == 6 ? 2 * (W + 1) : W;
   unsigned* mw = reinterpret_cast<unsigned*>(smem_raw + ((xs_elems * (int)sizeof(XT) + 15) & ~15)) +
-                 warp * 2 * (W + 1) * 32 + lane;  // this lane's words: mw[w * 32], a second segment's at mw[(W + 1 + w) * 32]
+                 warp * mask_words_per_lane * 32 + lane;  // this lane's words: mw[w * 32] (walk 6: a second segment's at mw[(W + 1 + w) * 32])
   __syncthreads();
 
   const int l = lane & (P - 1);  // lane within its row's group
@@ -397,21 +385,21 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
           if (c + a < full) unit_fma_u2<T, XT, NB>(ua[a], ub[a], wa, wb, acc, acc2);
         if (tail) {
           const Words<4> ta = ld_words<4>(va + (long long)full * P), tb = ld_words<4>(vb + (long long)full * P);
-          tail_fma_u<T, XT, NB>(ta, tail, wa, acc);
-          tail_fma_u<T, XT, NB>(tb, tail, wb, acc2);
+          values_fma_u<T, XT, NB>(ta, tail, wa, acc);
+          values_fma_u<T, XT, NB>(tb, tail, wb, acc2);
         }
       } else {
         for (; c + A2 <= full; c += A2) {
 #pragma unroll
           for (int a = 0; a < A2; ++a) {
-            unit_fma_u<T, XT, NB>(ua[a], wa, acc);
+            values_fma_u<T, XT, NB>(ua[a], V, wa, acc);
             if (c + A2 + a < full) ua[a] = ld_words<4>(va + (long long)(c + A2 + a) * P);
           }
         }
 #pragma unroll
         for (int a = 0; a < A2; ++a)
-          if (c + a < full) unit_fma_u<T, XT, NB>(ua[a], wa, acc);
-        if (tail) tail_fma_u<T, XT, NB>(ld_words<4>(va + (long long)full * P), tail, wa, acc);
+          if (c + a < full) values_fma_u<T, XT, NB>(ua[a], V, wa, acc);
+        if (tail) values_fma_u<T, XT, NB>(ld_words<4>(va + (long long)full * P), tail, wa, acc);
       }
     }
 #pragma unroll

@@ -328,7 +328,6 @@ class SegmentGeometry:
         self.units = -(-self.seg_keep // self.per_unit)
         # paired (the kernel's walk 6): two segments per lane where a row has more than one, walked at
         # once (two independent walks per lane hide each other's latency); else one per lane and round
-        self.paired = bool(paired)
         self.lanes = min(32, _next_pow2(-(-self.segments // 2) if paired else self.segments))
         self.rounds = -(-self.segments // self.lanes)
         self.padded_cols = self.segments * self.seg_cols

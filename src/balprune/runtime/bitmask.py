@@ -102,11 +102,12 @@ class BitmaskLinear(BalancedOperator):
 
     def shared_bytes(self, batch_tile: int, x_own: bool) -> int:
         """Dynamic shared memory of a launch: x staged [seg_cols, Q*P, NB] as fp32 or in its own
-        type (rounded up to 16 bytes), then per warp and lane the mask words of two segments, each
-        with one spare slot (2 * (W + 1) words: the kernel walks two at once)."""
+        type (rounded up to 16 bytes), then per warp and lane the mask words of its segment (walk 5:
+        W words) or of its two segments, each with one spare slot (walk 6: 2 * (W + 1) words)."""
         sg = self.segments
         item = _X_STAGE_BYTES[self.dtype] if x_own else 4
-        return -(-sg.staged_cols * batch_tile * item // 16) * 16 + (THREADS // 32) * 2 * (sg.words + 1) * 32 * 4
+        words_per_lane = 2 * (sg.words + 1) if self.walk == 6 else sg.words
+        return -(-sg.staged_cols * batch_tile * item // 16) * 16 + (THREADS // 32) * words_per_lane * 32 * 4
 
     def plan(self, batch: int) -> tuple[int, bool]:
         """(batch tile NB, x in its own type) for ``batch`` columns: the widest tile up to the batch
