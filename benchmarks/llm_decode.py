@@ -4,7 +4,7 @@
 Run on the GPU machine from the repository root:
 
     PYTHONPATH=src python3 benchmarks/llm_decode.py [--model 1b|8b|tiny] [--configs dense,50%,70%,2:4]
-        [--dtype float16] [--contexts 128,1024] [--steps 64] [--split] [--json OUT.json]
+        [--dtype float16] [--contexts 128,1024] [--steps 64] [--split] [--overlap off|on|both] [--json OUT.json]
 
 Random weights (std 0.02, norms 1), the Llama-3.2-1B or Llama-3-8B shapes (tied head for 1B), pruned
 in memory balanced (32 blocks per row) at each sparsity or N:M with the index encoding `prune --index
@@ -18,7 +18,9 @@ timed with CUDA events (ms/token = elapsed / steps). Also: the weight bytes each
 token, the bandwidth floor of those bytes at the same run's plain-read bandwidth, and the relative
 error of the packed runtime's logits against the dense runtime's over 8 teacher-forced steps. With
 ``--transformers`` also transformers' own model of the unpruned weights (StaticCache, the step in a
-CUDA graph where it can be captured), the issue's transformers peer.
+CUDA graph where it can be captured), the issue's transformers peer. ``--overlap``: the step's own
+launches as programmatic dependent launches (PackedLlama ``overlap``); "both" times each runtime
+both ways in the same run (row key "overlap": the figures with it on).
 """
 from __future__ import annotations
 
@@ -210,6 +212,8 @@ def main() -> int:
     ap.add_argument("--transformers", action="store_true",
                     help="also time transformers' own model of the dense weights (bench.hf_peer: StaticCache + CUDA graph)")
     ap.add_argument("--split", action="store_true", help="also time the step's products and ops apart (split_step)")
+    ap.add_argument("--overlap", default="off", choices=("off", "on", "both"),
+                    help="programmatic dependent launches of the step (both: each runtime timed both ways)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
@@ -226,16 +230,23 @@ def main() -> int:
         for paths in (("dense",) if pattern is None else ("auto", "dense")):
             t0 = time.perf_counter()
             rt = PackedLlama(cfg, weights(cfg, pattern, dt), max_len=max_len, dtype=a.dtype, paths=paths,
-                             measure=paths != "dense", fused=not a.torch_ops)
+                             measure=paths != "dense", fused=not a.torch_ops, overlap=a.overlap == "on")
             build_s = time.perf_counter() - t0
             rt.capture()
             row = {"config": cname, "paths": paths, "build_s": round(build_s, 1), "weight_MB": round(rt.weight_bytes / 1e6, 1),
                    "floor_ms": round(rt.weight_bytes / bw / 1e6, 4),
                    "sparse_layers": sum(c.path != "dense" for c in rt.choices), "layers": len(rt.choices),
-                   "decode_ops": rt.decode_ops["path"]}
+                   "decode_ops": rt.decode_ops["path"], "overlap": a.overlap == "on"}
             for ctx in contexts:
                 rt.reset()
                 row[f"ctx{ctx}"] = time_decode(rt, ctx, a.steps)
+            if a.overlap == "both":  # the same runtime, its launches rebound as programmatic dependent launches
+                rt.set_overlap(True)
+                rt.capture()
+                row["overlap_on"] = {}
+                for ctx in contexts:
+                    rt.reset()
+                    row["overlap_on"][f"ctx{ctx}"] = time_decode(rt, ctx, a.steps)
             if a.split:
                 row["split"] = split_step(rt)
             built[paths] = rt

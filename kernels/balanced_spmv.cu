@@ -347,6 +347,7 @@ __global__ void __launch_bounds__(1024)
 balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long row_stride, int rows, int blocks,
               int block_length, int keep, int lanes_per_row, const T* __restrict__ x, int cols,
               int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
+  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
   extern __shared__ float4 bp_smem[];
   constexpr int V = Val<T>::kPerVec;
   const int B = blocks, L = block_length, P = lanes_per_row;
@@ -449,6 +450,7 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
                   int block_length, int keep, int lanes_per_row, const T* __restrict__ x, int cols,
                   T* __restrict__ y, int group_rows, int stages, int x_bulk,
                   const float* __restrict__ bias, int act) {
+  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
   extern __shared__ float4 bp_smem[];
   constexpr int V = Val<T>::kPerVec;
   constexpr int IW = (V * (int)sizeof(I)) / 4;

@@ -285,4 +285,20 @@ __device__ __forceinline__ void named_sync(int threads) {
   asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
 }
 
+// ---- programmatic dependent launch (sm_90+) -----------------------------------------------
+// A decode step is ~150 short launches in a row; between two of them the GPU idles while the
+// second grid is launched and its CTAs are placed (runtime._launch, ``overlap``). Launched with
+// the programmatic-serialization attribute, a grid may start while the previous one still runs:
+// its CTAs are placed early and wait here until the previous grid has completed and its writes are
+// visible. So a kernel that can be launched that way calls overlap_prologue() FIRST, before it
+// reads or writes any global memory; then it lets the next grid be placed (at most two grids are
+// in flight: the running one and the next, waiting). Without the attribute both instructions
+// return at once, so the same kernel serves ordinary launches unchanged.
+__device__ __forceinline__ void overlap_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 }  // namespace bp

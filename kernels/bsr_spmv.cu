@@ -166,6 +166,7 @@ bsr_spmm(const T* __restrict__ vals, const int* __restrict__ crow, const int* __
          int cols, int tile_rows, int bh, int bw, int band_rows, int bands, int team_lanes,
          const T* __restrict__ x, int batch, T* __restrict__ y, const float* __restrict__ bias,
          int act) {
+  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
   using C = BsrChunk<T, LB>;
   constexpr int SEG = C::kSeg;
   // Chunks in flight per lane: UNR * LB = 64 bytes of W for batch 1..2 (fewer for wider batch

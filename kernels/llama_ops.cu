@@ -53,6 +53,7 @@ __device__ __forceinline__ float block_max(float v, float* red) {
 template <typename T>
 __global__ void add_rms_norm(T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
                              T* __restrict__ out, int dim, float eps) {
+  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
   __shared__ float red[32];
   float ss = 0.0f;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
@@ -101,6 +102,7 @@ __global__ void rope_append(T* __restrict__ qkv, const T* __restrict__ cos, cons
                             const long long* __restrict__ pos, T* __restrict__ keys, T* __restrict__ values,
                             const T* __restrict__ q_norm, const T* __restrict__ k_norm, float eps, int heads, int kvh,
                             int d, int max_len) {
+  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
   __shared__ float red[32];
   __shared__ float xs[1024];
   const int b = blockIdx.x, i = threadIdx.x;
@@ -189,6 +191,7 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
     const T* __restrict__ q_all, const T* __restrict__ keys, const T* __restrict__ values,
     const long long* __restrict__ pos, T* __restrict__ out, float* __restrict__ part, int* __restrict__ count,
     int heads, int kvh, int d, int max_len, int window, float scaling, int chunk) {
+  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
   extern __shared__ float sm[];
   const int g = blockIdx.x, c = blockIdx.y, rep = heads / kvh;
   const int nchunks = gridDim.y;
@@ -289,6 +292,7 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
 // out[j] = T(T(silu(gate[j])) * up[j]) for gate_up = [gate | up], j < inter.
 template <typename T>
 __global__ void silu_mul(const T* __restrict__ gate_up, T* __restrict__ out, int inter) {
+  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= inter) return;
   const float gv = Val<T>::sload(gate_up + j);

@@ -49,7 +49,8 @@ class SparseLinear:
             cfg = self._configs[batch] = self._launch_config(batch)
         return cfg
 
-    def prepared_launch(self, x, y, batch: int, packed: bool = True, *, bias=None, relu: bool = False):
+    def prepared_launch(self, x, y, batch: int, packed: bool = True, *, bias=None, relu: bool = False,
+                        overlap: bool = False):
         """A zero-argument callable launching y = act(W x + bias) on CuPy arrays already checked by
         the caller.
 
@@ -59,13 +60,15 @@ class SparseLinear:
         every column of a row; ``relu``: clamp at 0 after it. Both happen in the kernel's fp32
         epilogue, before the one rounding to the storage dtype (no extra launch).
         ``packed`` (default): the arguments are packed once and each call is one driver launch
-        (runtime._launch); False: CuPy's own call, for a single launch.
+        (runtime._launch); False: CuPy's own call, for a single launch. ``overlap``: a programmatic
+        dependent launch (runtime._launch; every sparse kernel opens with bp::overlap_prologue).
         """
         from ._launch import prepared
 
         cfg = self.launch_config(batch)
         args = self._launch_args(x, y, batch, cfg) + self._epilogue_args(bias, relu)
-        return prepared(cfg["kernel"], cfg["grid"], cfg["block"], args, cfg["shared_mem"], packed=packed)
+        return prepared(cfg["kernel"], cfg["grid"], cfg["block"], args, cfg["shared_mem"], packed=packed,
+                        overlap=overlap)
 
     def _epilogue_args(self, bias, relu: bool) -> tuple:
         """The two trailing kernel arguments every sparse kernel takes (bp::epilogue): bias pointer

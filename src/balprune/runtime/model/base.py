@@ -64,10 +64,11 @@ class PackedModel:
         return ptr(t, offset_elems)
 
     def _projection(self, name: str, dense: torch.Tensor, x: torch.Tensor, y: torch.Tensor, packed, *,
-                    bias=None, relu: bool = False, pattern: str | None = None, sparse=None) -> Projection:
+                    bias=None, relu: bool = False, pattern: str | None = None, sparse=None,
+                    overlap: bool = False) -> Projection:
         """A Projection of ``dense`` on buffers x -> y whose sparse paths are balprune's kernels for
         ``packed`` (sparse_operator and sparse_alternatives), or ``sparse``, a prebuilt (path, operator),
-        when given."""
+        when given. ``overlap``: its sparse launches are programmatic dependent launches (Projection)."""
         from .stages import sparse_alternatives, sparse_operator
 
         alternatives, unavailable = [], {}
@@ -81,7 +82,8 @@ class PackedModel:
         return Projection(name, dense.to(self.dev, self.tdt).contiguous(), x, y, dtype=self.dtype,
                           kernels=self.kernels, views=self.views, sparse=sparse, sparse_reason=reason,
                           alternatives=alternatives, unavailable=unavailable,
-                          pattern=pattern or getattr(packed, "pattern", "dense"), bias=bias, relu=relu)
+                          pattern=pattern or getattr(packed, "pattern", "dense"), bias=bias, relu=relu,
+                          overlap=overlap)
 
     def _dispatch(self, stage, *, settle: bool = False) -> Choice:
         """Gate, time and bind ``stage`` (stages.dispatch) and record the choice. ``settle``: the stage is

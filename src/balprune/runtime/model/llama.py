@@ -309,8 +309,9 @@ def _dense_apply(projections: list, x: torch.Tensor) -> torch.Tensor:
 class FusedOps:
     """kernels/llama_ops.cu bound to one LlamaDecoder's buffers (GPU only): per layer the two residual
     add + RMSNorm launches, RoPE with the KV-cache append, and attention; the SiLU-multiply; the final
-    norm. Each is a zero-argument launch on the current CuPy stream. ``supported`` says why a decoder
-    cannot take them (None when it can)."""
+    norm. Each is a zero-argument launch on the current CuPy stream (``overlap``: a programmatic
+    dependent launch, runtime._launch). ``supported`` says why a decoder cannot take them (None when
+    it can)."""
 
     THREADS_NORM = 1024
     THREADS_ATTENTION = 128  # kernels/llama_ops.cu kAttThreads
@@ -345,14 +346,17 @@ class FusedOps:
         """Cache positions per attention CTA: the largest of CHUNKS whose shared memory fits, or None."""
         return next((c for c in cls.CHUNKS if cls.attention_shared(cfg, c) <= cls.SHARED_LIMIT), None)
 
-    def __init__(self, dec: LlamaDecoder, device: int) -> None:
-        from .._launch import prepared
+    def __init__(self, dec: LlamaDecoder, device: int, *, overlap: bool = False) -> None:
+        from functools import partial
+
+        from .._launch import prepared as prepared_any
         from ..kernels import load_module
         from .stages import ptr
 
         why = self.supported(dec)
         if why is not None:
             raise UsageError(why)
+        prepared = partial(prepared_any, overlap=overlap)
         cfg = dec.cfg
         t = _KERNEL_TYPE[dec.dtype]
         names = {k: f"bp::{k}<{t}>" for k in LLAMA_KERNELS}
@@ -393,6 +397,9 @@ class FusedOps:
                                  (ptr(dec.gate_up), ptr(dec.act), i32(inter)))
         self.final_norm = norm(dec.down, dec.final_norm)
 
+
+#: PackedLlama's default for ``overlap`` (programmatic dependent launches of the step).
+OVERLAP = False
 
 #: kernels/llama_ops.cu's kernels and the type each model dtype instantiates them with.
 LLAMA_KERNELS = ("add_rms_norm", "rope_append", "attention_split", "silu_mul")
@@ -448,6 +455,9 @@ class PackedLlama(PackedModel):
     for the rules) with sample data in its input, and ``choices`` says which path each took and why.
     ``dtype`` float32, float16 or bfloat16 (accumulation float32). ``fused``: run the work between
     the products on kernels/llama_ops.cu where they pass their gate (``decode_ops`` says which ran).
+    ``overlap``: balprune's launches of the step (the fused kernels and the sparse products) are
+    programmatic dependent launches (runtime._launch): each grid is placed while the one before it
+    runs, which takes the launch gap out of most of the step's ~9 launches per layer.
 
     ``prefill(ids)`` then ``step()`` per token, or ``generate(ids, n)`` (greedy, on the device: one
     host synchronisation for the whole run); ``capture()`` gives the CUDA graph of one step, which
@@ -458,15 +468,16 @@ class PackedLlama(PackedModel):
     unit = "token"
 
     def __init__(self, cfg: LlmConfig, weight: Callable[[str], Weight], *, max_len: int, dtype: str = "float16", device: int = 0,
-                 paths: str = "auto", measure: bool = True, fused: bool = True,
+                 paths: str = "auto", measure: bool = True, fused: bool = True, overlap: bool = OVERLAP,
                  progress: Callable[[str], None] | None = None) -> None:
         # PackedModel owns the dtype/device/paths checks, the kernels, the views and the dispatch record
         super().__init__(None, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         self.cfg = cfg
+        self.overlap = bool(overlap)
         self.graph: torch.cuda.CUDAGraph | None = None
 
         def make(name, packed, dense, x, y, bias):
-            proj = self._projection(name, dense, x, y, packed, bias=bias)
+            proj = self._projection(name, dense, x, y, packed, bias=bias, overlap=self.overlap)
             self._random_(x)  # the dispatcher's sample input
             self._dispatch(proj)
             # the decoder launches only the bound path: let the other encodings' device copies go (the
@@ -493,7 +504,7 @@ class PackedLlama(PackedModel):
             why = f"a cache of {dec.max_len} positions leaves no room for the gate's run"
         if why is not None:
             return {"path": "torch ops", "reason": why}
-        ops = FusedOps(dec, self.device)
+        ops = FusedOps(dec, self.device, overlap=self.overlap)
         prompt = torch.arange(min(8, dec.max_len - 2)) * 7 % self.cfg.vocab_size
         runs = []
         for candidate in (None, ops):
@@ -529,6 +540,18 @@ class PackedLlama(PackedModel):
     def run(self) -> None:
         """One decode step (PackedModel's unit of work; the position advances)."""
         self.decoder.step_()
+
+    def set_overlap(self, on: bool) -> None:
+        """Rebind the step's launches with programmatic dependent launch on or off (``overlap``, class
+        doc): every product keeps its dispatched path, the fused ops their gate; a captured graph is
+        dropped (``capture()`` again). For same-run comparisons of the two launch modes."""
+        dec = self.decoder
+        self.overlap = bool(on)
+        for proj in [p for layer in dec.layers for ps in layer.projections.values() for p in ps] + [dec.head]:
+            proj.set_overlap(self.overlap)
+        if dec.fused is not None:
+            dec.fused = FusedOps(dec, self.device, overlap=self.overlap)
+        self.graph = None
 
     def reset(self) -> None:
         """An empty cache position 0 (the cache's stale entries are masked, never read)."""

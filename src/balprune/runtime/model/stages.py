@@ -218,14 +218,17 @@ class Projection:
     sparse_operator, or None. ``bias``: [rows] float32 or None, added per row (every column);
     ``relu``: clamp at 0 after it. ``alternatives``: further (path, operator) pairs of the same
     matrix (sparse_alternatives), candidates beside ``sparse``. After ``dispatch``, ``launch()`` runs
-    the bound path on the current stream.
+    the bound path on the current stream. ``overlap``: the sparse paths are programmatic dependent
+    launches (runtime._launch: placed while the previous grid in the stream runs, waiting in the
+    kernel's prologue); the dense path is torch's launch either way.
     """
 
     def __init__(self, name: str, dense: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, dtype: str,
                  kernels: ModelKernels, views: CupyViews, pattern: str, sparse=None, sparse_reason: str = "",
                  bias: torch.Tensor | None = None, relu: bool = False, alternatives=(),
-                 unavailable: dict[str, str] | None = None) -> None:
+                 unavailable: dict[str, str] | None = None, overlap: bool = False) -> None:
         self.name, self.dense, self.x, self.y = name, dense, x, y
+        self.overlap = overlap
         self.dtype, self.kernels, self.views, self.pattern = dtype, kernels, views, pattern
         self.rows, self.cols = int(dense.shape[0]), int(dense.shape[1])
         self.batch = 1 if x.dim() == 1 else int(x.shape[1])
@@ -240,6 +243,7 @@ class Projection:
         self.relu = relu
         self.choice: Choice | None = None
         self._bound: Callable[[], None] | None = None
+        self.bound_key: str | None = None
 
     # -- the candidate launches -------------------------------------------------------------------
 
@@ -260,7 +264,8 @@ class Projection:
         # One launch: the bias and ReLU run in the sparse kernel's epilogue (bp::epilogue).
         o = self.sparse[1] if o is None else o
         bias = None if self.bias32 is None else self.views(self.bias32)
-        spmv = o.prepared_launch(self.views(x), self.views(y), self.batch, bias=bias, relu=self.relu)
+        spmv = o.prepared_launch(self.views(x), self.views(y), self.batch, bias=bias, relu=self.relu,
+                                 overlap=self.overlap)
 
         def run() -> torch.Tensor:
             spmv()
@@ -302,6 +307,12 @@ class Projection:
         """Bind the launch of candidate ``key`` (a path, or "path (variant)"). Every path stays available:
         a stage built on this one (an LSTM recurrence) asks for the candidates of each correct path later."""
         self._bound = self.candidates()[key]
+        self.bound_key = key
+
+    def set_overlap(self, on: bool) -> None:
+        """Rebind the bound candidate with its sparse launch overlapped or not (class doc); the path stays."""
+        self.overlap = bool(on)
+        self.bind(self.bound_key)
 
     def launch(self) -> None:
         self._bound()

@@ -1,0 +1,106 @@
+"""Programmatic dependent launch (runtime._launch ``overlap``): what can be checked without a GPU.
+
+An overlapped grid may start before the previous grid in the stream has finished, so every kernel
+such a launch may run must wait (bp::overlap_prologue) before it touches global memory: the sources
+are held to that here, and the ctypes mirror of cuLaunchKernelEx's structures to cuda.h's layout.
+The launches themselves run in tests/gpu/test_llama_gpu.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from balprune.runtime import _launch
+from balprune.runtime.kernels import kernels_dir
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "balprune" / "runtime"
+
+
+def _strip_comments(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+def _kernel_bodies(text: str) -> list[tuple[str, str]]:
+    """(kernel name, body text after its opening brace) for every __global__ function of ``text``."""
+    out = []
+    for m in re.finditer(r"__global__", text):
+        head_end = text.index("{", m.end())
+        head = text[m.end():head_end]
+        name = re.findall(r"(\w+)\s*\(", head)
+        name = [n for n in name if n != "__launch_bounds__"][0]
+        out.append((name, text[head_end + 1:]))
+    return out
+
+
+@pytest.mark.parametrize("filename", _launch.OVERLAP_KERNEL_FILES)
+def test_every_overlappable_kernel_waits_first(filename):
+    text = _strip_comments((kernels_dir() / filename).read_text())
+    bodies = _kernel_bodies(text)
+    assert bodies, f"no kernels in {filename}"
+    for name, body in bodies:
+        first = body.split(";", 1)[0].strip()
+        assert first == "overlap_prologue()", f"{filename}: {name} starts with {first[:80]!r}"
+
+
+def test_the_prologue_waits_before_it_lets_the_next_grid_in():
+    text = _strip_comments((kernels_dir() / "bp_common.cuh").read_text())
+    body = text[text.index("void overlap_prologue()"):]
+    body = body[:body.index("\n}")]
+    assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents")
+
+
+def test_the_product_operators_compile_only_overlappable_sources():
+    """Every sparse product operator (a Projection's sparse path may be overlapped) and the decode ops
+    build their kernels from OVERLAP_KERNEL_FILES."""
+    used = set()
+    for py in SRC.glob("*.py"):
+        used |= set(re.findall(r'_compiled\(.*?"([\w.]+\.cu)"', py.read_text()))
+    used |= set(re.findall(r'load_module\("([\w.]+\.cu)"', (SRC / "model" / "llama.py").read_text()))
+    assert {"balanced_spmv.cu", "balanced_bitmask.cu", "nm24_sparse_mma.cu", "bsr_spmv.cu", "llama_ops.cu"} <= used
+    assert used <= set(_launch.OVERLAP_KERNEL_FILES), used - set(_launch.OVERLAP_KERNEL_FILES)
+
+
+def test_the_launch_config_holds_one_serialization_attribute():
+    cfg, attr = _launch.overlap_config((3, 2, 1), (128, 1, 1), 4096)
+    assert (cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ, cfg.blockDimX, cfg.sharedMemBytes) == (3, 2, 1, 128, 4096)
+    assert cfg.numAttrs == 1 and cfg.attrs.contents.id == 6 == _launch.PROGRAMMATIC_STREAM_SERIALIZATION
+    assert ctypes.cast(ctypes.addressof(cfg.attrs.contents.value), ctypes.POINTER(ctypes.c_int32))[0] == 1
+    assert ctypes.addressof(cfg.attrs.contents) == ctypes.addressof(attr)
+
+
+def test_a_launch_is_not_both_cooperative_and_overlapped():
+    with pytest.raises(ValueError, match="not both"):
+        _launch.PreparedLaunch(None, (1,), (1,), (), cooperative=True, overlap=True)
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cuda.h's layout cannot be read here")
+def test_ctypes_structures_match_cuda_h(tmp_path):
+    src = tmp_path / "layout.cu"
+    src.write_text("""#include <cuda.h>
+#include <cstdio>
+#include <cstddef>
+int main() {
+  printf("%zu %zu %zu %zu %zu %zu %zu %d\\n", sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, sharedMemBytes),
+         offsetof(CUlaunchConfig, hStream), offsetof(CUlaunchConfig, attrs), offsetof(CUlaunchConfig, numAttrs),
+         sizeof(CUlaunchAttribute), offsetof(CUlaunchAttribute, value),
+         (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);
+  return 0;
+}
+""")
+    exe = tmp_path / "layout"
+    r = subprocess.run([NVCC, str(src), "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
+    C, A = _launch.LaunchConfig, _launch.LaunchAttribute
+    assert got == [ctypes.sizeof(C), C.sharedMemBytes.offset, C.hStream.offset, C.attrs.offset, C.numAttrs.offset,
+                   ctypes.sizeof(A), A.value.offset, _launch.PROGRAMMATIC_STREAM_SERIALIZATION]
