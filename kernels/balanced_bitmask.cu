@@ -248,7 +248,10 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
     balanced_bitmask_spmm(const Words<4>* __restrict__ vals, const unsigned* __restrict__ masks, int rows, int Q,
                           int C, int W, int P, int seg_keep, int seg_cols, int S, const T* __restrict__ x, int cols,
                           int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
-  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
+  if (blockIdx.y == 0)  // weights only, before the prologue: this CTA's first rows into L2
+    prefetch_cta_rows_l2(vals, (long long)Q * C * P * 16, masks, (long long)Q * W * P * 4,
+                         (long long)blockIdx.x * (blockDim.x >> 5) * (32 / P), (blockDim.x >> 5) * (32 / P), rows);
+  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   XT* xs = reinterpret_cast<XT*>(smem_raw);
   constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);

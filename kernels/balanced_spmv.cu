@@ -347,7 +347,21 @@ __global__ void __launch_bounds__(1024)
 balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long row_stride, int rows, int blocks,
               int block_length, int keep, int lanes_per_row, const T* __restrict__ x, int cols,
               int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
-  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
+  if (XS) {
+    // Weights only, before the prologue: ask L2 for this warp's first rows, so that DRAM latency
+    // overlaps the x staging (and, under programmatic dependent launch, the previous grid).
+    const int rpw = 32 / lanes_per_row;
+    const long long first = ((long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * rpw;
+    if (first < rows) {
+      const long long nr = (rows - first) < rpw ? (rows - first) : rpw;
+      const char* pv = reinterpret_cast<const char*>(vals + first * row_stride);
+      const char* pi = reinterpret_cast<const char*>(idx + first * row_stride);
+      const size_t bv = (size_t)(nr * row_stride) * sizeof(T), bi = (size_t)(nr * row_stride) * sizeof(I);
+      for (size_t off = (size_t)(threadIdx.x & 31) * 128; off < bv && off < 64 * 128; off += 32 * 128) prefetch_l2(pv + off);
+      for (size_t off = (size_t)(threadIdx.x & 31) * 128; off < bi && off < 32 * 128; off += 32 * 128) prefetch_l2(pi + off);
+    }
+  }
+  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
   extern __shared__ float4 bp_smem[];
   constexpr int V = Val<T>::kPerVec;
   const int B = blocks, L = block_length, P = lanes_per_row;
@@ -364,16 +378,6 @@ balanced_spmm(const T* __restrict__ vals, const I* __restrict__ idx, long long r
   static_assert(XS != 2 || (sizeof(T) == 2 && NB >= 2 && IL), "XS = 2: 16-bit T, NB >= 2, interleaved layout");
   static_assert(XS != 3 || NB == 1, "XS = 3: batch 1");
   if (XS) {
-    // Ask L2 for this warp's first rows before staging x, so that DRAM latency overlaps the
-    // staging instead of following it.
-    if (first < rows) {
-      const long long nr = (rows - first) < rpw ? (rows - first) : rpw;
-      const char* pv = reinterpret_cast<const char*>(vals + first * row_stride);
-      const char* pi = reinterpret_cast<const char*>(idx + first * row_stride);
-      const size_t bv = (size_t)(nr * row_stride) * sizeof(T), bi = (size_t)(nr * row_stride) * sizeof(I);
-      for (size_t off = (size_t)lane * 128; off < bv && off < 64 * 128; off += 32 * 128) prefetch_l2(pv + off);
-      for (size_t off = (size_t)lane * 128; off < bi && off < 32 * 128; off += 32 * 128) prefetch_l2(pi + off);
-    }
     if (BP_DIAG != 3) {
       if constexpr (XS == 3) stage_x_raw<T>(reinterpret_cast<char*>(xs), x, cols, B * L);
       else if constexpr (XS == 2) stage_x_own<T, NB>(reinterpret_cast<char*>(xs), x, B, L, cols, batch, n0);
@@ -450,7 +454,10 @@ balanced_spmv_tma(const T* __restrict__ vals, const I* __restrict__ idx, long lo
                   int block_length, int keep, int lanes_per_row, const T* __restrict__ x, int cols,
                   T* __restrict__ y, int group_rows, int stages, int x_bulk,
                   const float* __restrict__ bias, int act) {
-  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
+  // weights only, before the prologue: this CTA's first row groups into L2
+  prefetch_cta_rows_l2(vals, row_stride * (long long)sizeof(T), idx, row_stride * (long long)sizeof(I),
+                       (long long)blockIdx.x * group_rows, group_rows, rows);
+  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
   extern __shared__ float4 bp_smem[];
   constexpr int V = Val<T>::kPerVec;
   constexpr int IW = (V * (int)sizeof(I)) / 4;

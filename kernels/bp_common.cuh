@@ -110,6 +110,44 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// Before overlap_prologue, a product kernel asks L2 for the first weights its CTA will read: no
+// grid writes weights, so this is the one thing it may do before the previous grid has finished,
+// and under programmatic dependent launch the previous grid (a norm, RoPE, attention: a few us that
+// leave DRAM idle) overlaps the start of this one's weight stream. A CTA's rows in a grid-stride
+// loop are runs of `run` bytes every `stride` bytes from `p`, up to `end` bytes from `p`; this asks
+// for the first `cap` bytes of them in visiting order, one 128-byte line per thread and step.
+// BP_L2_PREFETCH_BYTES is the budget of a whole grid (each CTA takes its share of it): a bounded
+// part of a ~50 MB L2, so that prefetched lines are still there when the CTA reaches them.
+#ifndef BP_L2_PREFETCH_BYTES
+#define BP_L2_PREFETCH_BYTES (16ll << 20)
+#endif
+__device__ __forceinline__ long long prefetch_share() {
+  return BP_L2_PREFETCH_BYTES / ((long long)gridDim.x * gridDim.y * gridDim.z);
+}
+__device__ __forceinline__ void prefetch_rows_l2(const void* p, long long run, long long stride, long long end,
+                                                 long long cap) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (long long start = 0; start < end && cap > 0; start += stride) {
+    long long len = run < end - start ? run : end - start;
+    len = len < cap ? len : cap;
+    for (long long off = (long long)threadIdx.x * 128; off < len; off += (long long)blockDim.x * 128)
+      prefetch_l2(c + start + off);
+    cap -= len;
+  }
+}
+// The usual case: two weight arrays of `a_row` and `b_row` bytes per row (values and their indices
+// or masks); this CTA's rows start at `rows0` (of `rows`), `run` rows per grid-stride step of
+// gridDim.x * run rows; the CTA's share of the budget split between the arrays by their bytes.
+__device__ __forceinline__ void prefetch_cta_rows_l2(const void* a, long long a_row, const void* b, long long b_row,
+                                                  long long rows0, long long run, long long rows) {
+  if (rows0 >= rows) return;
+  const long long share = prefetch_share() / (a_row + b_row), step = (long long)gridDim.x * run;
+  prefetch_rows_l2(reinterpret_cast<const char*>(a) + rows0 * a_row, run * a_row, step * a_row, (rows - rows0) * a_row,
+                   share * a_row);
+  prefetch_rows_l2(reinterpret_cast<const char*>(b) + rows0 * b_row, run * b_row, step * b_row, (rows - rows0) * b_row,
+                   share * b_row);
+}
+
 // ---- conversions --------------------------------------------------------------------------
 __device__ __forceinline__ float half_bits_to_float(unsigned h) {
   float f;

@@ -88,7 +88,11 @@ template <typename T, int NT>
 __global__ void __launch_bounds__(512)
     nm24_spmm(const unsigned char* __restrict__ records, int rows, int pairs_per_row, const T* __restrict__ xt,
               int cols, int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
-  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
+  if (blockIdx.y == 0) {  // weights only, before the prologue: this CTA's records into L2
+    const long long bytes = (long long)pairs_per_row * BP_NM_RECORD_BYTES;
+    prefetch_rows_l2(records + (long long)blockIdx.x * bytes, bytes, bytes, bytes, prefetch_share());
+  }
+  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
   extern __shared__ __align__(16) float red[];  // [WK][16][8 * NT]
   const unsigned short* x = reinterpret_cast<const unsigned short*>(xt);
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, WK = blockDim.x >> 5;
