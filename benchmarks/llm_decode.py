@@ -240,15 +240,15 @@ def main() -> int:
             for ctx in contexts:
                 rt.reset()
                 row[f"ctx{ctx}"] = time_decode(rt, ctx, a.steps)
+            if a.split:
+                row["split"] = split_step(rt)
             if a.overlap == "both":  # the same runtime, its launches rebound as programmatic dependent launches
-                rt.set_overlap(True)
+                rt.set_overlap(True)  # (from here on: the error summary below runs overlapped too)
                 rt.capture()
                 row["overlap_on"] = {}
                 for ctx in contexts:
                     rt.reset()
                     row["overlap_on"][f"ctx{ctx}"] = time_decode(rt, ctx, a.steps)
-            if a.split:
-                row["split"] = split_step(rt)
             built[paths] = rt
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -266,6 +266,7 @@ def main() -> int:
             a_ms = rows[-2][f"ctx{contexts[0]}"]["ms_per_token"]
             d_ms = rows[-1][f"ctx{contexts[0]}"]["ms_per_token"]
             summary = {"config": cname, "dense/packed": round(d_ms / a_ms, 3), "max_rel_err_vs_dense": max(errs),
+                       "errors_with_overlap": built["auto"].overlap,
                        "paths": {c.layer: c.path for c in built["auto"].choices[:5]}}
             print(json.dumps(summary), flush=True)
             rows.append(summary)

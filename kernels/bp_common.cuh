@@ -121,11 +121,13 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #ifndef BP_L2_PREFETCH_BYTES
 #define BP_L2_PREFETCH_BYTES (16ll << 20)
 #endif
+// (Only the CTAs of blockIdx.y == 0 prefetch: the other batch tiles read the same weights.)
 __device__ __forceinline__ long long prefetch_share() {
-  return BP_L2_PREFETCH_BYTES / ((long long)gridDim.x * gridDim.y * gridDim.z);
+  return (long long)(BP_L2_PREFETCH_BYTES) / gridDim.x;
 }
 __device__ __forceinline__ void prefetch_rows_l2(const void* p, long long run, long long stride, long long end,
                                                  long long cap) {
+  if (run <= 0 || stride <= 0) return;  // (never from today's callers: it would loop forever)
   const char* c = reinterpret_cast<const char*>(p);
   for (long long start = 0; start < end && cap > 0; start += stride) {
     long long len = run < end - start ? run : end - start;

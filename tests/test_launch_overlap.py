@@ -34,7 +34,11 @@ def _kernels(text: str) -> list[tuple[str, str, str]]:
         head_end = text.index("{", m.end())
         head = re.sub(r"__launch_bounds__\s*\([^)]*\)", " ", text[m.end():head_end])
         name = re.search(r"(\w+)\s*\(", head)
-        out.append((name.group(1), head[name.end():], text[head_end + 1:]))
+        depth, end = 1, head_end + 1
+        while depth:  # the body ends at the brace that closes the opening one
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        out.append((name.group(1), head[name.end():], text[head_end + 1:end - 1]))
     return out
 
 
@@ -52,6 +56,9 @@ def test_every_overlappable_kernel_waits_before_it_touches_anything_but_weights(
     for name, params, body in kernels:
         assert "overlap_prologue();" in body, f"{filename}: {name} has no overlap_prologue"
         pre = body[:body.index("overlap_prologue();")]
+        # at the top level of the body, so every thread runs it (a prefetch block before it is closed)
+        assert pre.count("{") == pre.count("}"), f"{filename}: {name} calls its prologue inside a block"
+        assert not re.search(r"\b(if|for|while)\s*\([^;{}]*\)\s*$", pre), f"{filename}: {name}: conditional prologue"
         pointers = set(re.findall(r"\*\s*(?:__restrict__\s*)?(\w+)", params))
         touched = (pointers - WEIGHTS) & set(re.findall(r"\w+", re.sub(r"\.\w+", "", pre)))  # not blockIdx.y
         assert not touched, f"{filename}: {name} uses {sorted(touched)} before its prologue"

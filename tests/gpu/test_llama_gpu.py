@@ -112,7 +112,9 @@ def test_overlapped_launches_decode_exactly_as_ordinary_ones(packed, paths):
     from balprune.runtime.model.llama import PackedLlama
 
     rt = PackedLlama.open(packed["balanced"], max_len=64, dtype="float16", paths=paths)
-    assert rt.decode_ops["path"] == "fused" and any(c.path != "dense" for c in rt.choices)
+    assert rt.decode_ops["path"] == "fused"
+    if paths == "sparse":  # "auto" may time cuBLAS faster on this tiny model
+        assert any(c.path != "dense" for c in rt.choices)
     plain = rt.generate(PROMPT, 20)
     plain_logits = rt.decoder.logits.clone()
     rt.set_overlap(True)

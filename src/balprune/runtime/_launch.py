@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import GpuRuntimeError
+
 #: kernels/ sources whose every __global__ function calls bp::overlap_prologue() first: the only
 #: kernels an ``overlap`` launch may run (tests/test_launch_overlap.py reads the sources).
 OVERLAP_KERNEL_FILES = ("balanced_spmv.cu", "balanced_bitmask.cu", "nm24_sparse_mma.cu", "bsr_spmv.cu", "llama_ops.cu")
@@ -57,8 +59,6 @@ def overlap_config(grid: tuple, block: tuple, shared_mem: int) -> tuple[LaunchCo
 @functools.cache
 def _launch_kernel_ex():
     """The driver's cuLaunchKernelEx (ctypes; CuPy has no binding for it)."""
-    from ..errors import GpuRuntimeError
-
     try:
         fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
     except (OSError, AttributeError) as e:
@@ -67,6 +67,21 @@ def _launch_kernel_ex():
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return fn
+
+
+class LaunchError(GpuRuntimeError, RuntimeError):
+    """A driver launch refused (exit 7 as every GPU fault); a RuntimeError as CuPy's own launch errors
+    are, so callers that fall back on one (measure.measure_us when a graph cannot be captured) do on both."""
+
+
+def _error_name(rc: int) -> str:
+    """cuda.h's name of CUresult ``rc`` (cuGetErrorName), or "unknown"."""
+    name = ctypes.c_char_p()
+    try:
+        ctypes.CDLL("libcuda.so.1").cuGetErrorName(ctypes.c_int(rc), ctypes.byref(name))
+    except (OSError, AttributeError):
+        return "unknown"
+    return name.value.decode("ascii", "replace") if name.value else "unknown"
 
 
 _CTYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64,
@@ -133,9 +148,7 @@ class PreparedLaunch:
             cfg.hStream = self._stream().ptr or None
             rc = self._launch_ex(ctypes.byref(cfg), self._fptr, self._params_ptr, None)
             if rc != 0:
-                from ..errors import GpuRuntimeError
-
-                raise GpuRuntimeError(f"cuLaunchKernelEx failed (CUresult {rc})")
+                raise LaunchError(f"cuLaunchKernelEx failed: {_error_name(rc)} (CUresult {rc})")
         elif self._cooperative:
             self._launch(self._fptr, *self._dims, self._stream().ptr, self._params_ptr)
         else:

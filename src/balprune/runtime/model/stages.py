@@ -310,7 +310,10 @@ class Projection:
         self.bound_key = key
 
     def set_overlap(self, on: bool) -> None:
-        """Rebind the bound candidate with its sparse launch overlapped or not (class doc); the path stays."""
+        """Rebind the bound candidate with its sparse launch overlapped or not (class doc); the path stays.
+        After dispatch only (the bound operator is kept by release_unbound)."""
+        if self.bound_key is None:
+            raise UsageError(f"{self.name}: no path bound yet (dispatch first)")
         self.overlap = bool(on)
         self.bind(self.bound_key)
 
