@@ -147,6 +147,29 @@ def test_a_tokenizer_that_fails_to_decode_is_exit_4(cli, files, tmp_path):
     assert r.code == 4 and "fails to decode" in r.err and len(r.err.strip().splitlines()) == 1, r.err
 
 
+def test_a_tokenizer_panic_reaches_the_terminal_as_one_line(files, tmp_path):
+    """The Rust library prints a panic and its backtrace straight to the process's stderr (fd 2, which the
+    in-process cli fixture does not see): run as a user does, the terminal gets balprune's line alone."""
+    import os
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    _, packed = files
+    vocab = {"x" * (i + 1): i for i in range(PRESETS["llama-tiny"][1].vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="x"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.Strip(content="x", left=1000, right=1000)
+    path = tmp_path / "strip.json"
+    path.write_text(tok.to_str())
+    r = subprocess.run([sys.executable, "-m", "balprune", "generate", str(packed), "--prompt", "x xx xxx", "--tokenizer",
+                        str(path), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert r.returncode == 4, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "fails to decode" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_prompt_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
     """Bytes that are not UTF-8 on the command line arrive as lone surrogates: exit 2 naming --prompt,
     before any device or file is looked at."""

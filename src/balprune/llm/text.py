@@ -29,9 +29,12 @@ text that is not UTF-8.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,12 +187,33 @@ def tokenizer_name(tokenizer: str | os.PathLike[str] | RecordedTokenizer) -> str
     return tokenizer.where if isinstance(tokenizer, RecordedTokenizer) else str(_tokenizer_file(Path(tokenizer)))
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """The process's file descriptor 2 pointed at a scratch file for the block, then restored, what was
+    written there dropped. Why: a panic inside the ``tokenizers`` Rust library prints its message and a
+    backtrace (60+ lines) straight to fd 2 before pyo3 raises it; balprune reports the failure in one
+    line of its own (bad-inputs contract), and nothing a file provoked reaches the terminal raw."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def tokenizer_call(call, tokenizer: str | os.PathLike[str] | RecordedTokenizer, what: str):
     """``call()`` (an encode or decode of the ``tokenizers`` library), any failure of it -- a Rust error,
     or a panic, which pyo3 raises as a BaseException -- turned into one line naming the tokenizer and
-    ``what`` it failed to do (InvalidInputError, exit 4)."""
+    ``what`` it failed to do (InvalidInputError, exit 4). The library's own stderr output (a panic's
+    backtrace) is silenced (native_stderr_silenced)."""
     try:
-        return call()
+        with native_stderr_silenced():
+            return call()
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: B036 - pyo3's PanicException derives from BaseException
@@ -214,8 +238,11 @@ def load_tokenizer(tokenizer: str | os.PathLike[str] | RecordedTokenizer):
     if not isinstance(safeio.loads_json(text, f"tokenizer {path}"), dict):
         raise InvalidInputError(f"tokenizer {path}: must hold a JSON object (a tokenizers tokenizer.json)")
     try:
-        tok = Tokenizer.from_str(text)
-    except Exception as exc:  # tokenizers raises plain Exception with serde's message
+        with native_stderr_silenced():
+            tok = Tokenizer.from_str(text)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: B036 - serde's errors are Exceptions, a panic (pyo3) a BaseException
         raise InvalidInputError(f"tokenizer {path}: not a valid tokenizer.json ({str(exc)[:200]})") from None
     # a file's padding / truncation settings would rewrite what we score, calibrate on or continue (a fixed
     # padding of 10^15 aborts the process in the allocator; one of 10^6 makes eval score padding): the text
