@@ -4,7 +4,7 @@
 Run on the GPU machine from the repository root:
 
     PYTHONPATH=src python3 benchmarks/llm_decode.py [--model 1b|8b|tiny] [--configs dense,50%,70%,2:4]
-        [--dtype float16] [--contexts 128,1024] [--steps 64] [--split] [--overlap off|on|both] [--json OUT.json]
+        [--dtype float16] [--contexts 128,1024] [--steps 64] [--split] [--overlap on|off|both] [--json OUT.json]
 
 Random weights (std 0.02, norms 1), the Llama-3.2-1B or Llama-3-8B shapes (tied head for 1B), pruned
 in memory balanced (32 blocks per row) at each sparsity or N:M with the index encoding `prune --index
@@ -19,8 +19,8 @@ token, the bandwidth floor of those bytes at the same run's plain-read bandwidth
 error of the packed runtime's logits against the dense runtime's over 8 teacher-forced steps. With
 ``--transformers`` also transformers' own model of the unpruned weights (StaticCache, the step in a
 CUDA graph where it can be captured), the issue's transformers peer. ``--overlap``: the step's own
-launches as programmatic dependent launches (PackedLlama ``overlap``); "both" times each runtime
-both ways in the same run (row key "overlap": the figures with it on).
+launches as programmatic dependent launches (PackedLlama ``overlap``, on by default) or not; "both"
+times each runtime both ways in the same run (row key "overlap_on": the figures with it on).
 """
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def main() -> int:
     ap.add_argument("--transformers", action="store_true",
                     help="also time transformers' own model of the dense weights (bench.hf_peer: StaticCache + CUDA graph)")
     ap.add_argument("--split", action="store_true", help="also time the step's products and ops apart (split_step)")
-    ap.add_argument("--overlap", default="off", choices=("off", "on", "both"),
+    ap.add_argument("--overlap", default="on", choices=("off", "on", "both"),
                     help="programmatic dependent launches of the step (both: each runtime timed both ways)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()

@@ -27,9 +27,12 @@ def batch_tiles(dtype: str) -> tuple[int, ...]:
     """The tiles built for ``dtype``: float32 stops at 8 (16 fp32 sums and x values per weight
     do not fit the 64 registers of __launch_bounds__(256, 4) without spilling)."""
     return BATCH_TILES[:-1] if dtype == "float32" else BATCH_TILES
+
+
 #: The kernel's walk (kernels/balanced_bitmask.cu BP_BM_WALK, kernels/NOTES.md v26): 5 walks one
 #: segment per lane at a time; 6 (the uniform walk, two segments per lane at once, over a paired layout)
-#: is built and tested but waits for its first device run before it becomes the default.
+#: is faster on long rows and slower on small launches (measured, BENCHMARKS.md), so the model runtime
+#: times every walk (stages.sparse_alternatives) and a bare operator takes the default, 5.
 WALK = 5
 WALKS = (5, 6)
 #: Threads per CTA: the kernel's __launch_bounds__(256, 4).

@@ -398,8 +398,9 @@ class FusedOps:
         self.final_norm = norm(dec.down, dec.final_norm)
 
 
-#: PackedLlama's default for ``overlap`` (programmatic dependent launches of the step).
-OVERLAP = False
+#: PackedLlama's default for ``overlap`` (programmatic dependent launches of the step): on, measured 3.5-4%
+#: faster per token with bit-identical logits (BENCHMARKS.md, kernels/NOTES.md v27).
+OVERLAP = True
 
 #: kernels/llama_ops.cu's kernels and the type each model dtype instantiates them with.
 LLAMA_KERNELS = ("add_rms_norm", "rope_append", "attention_split", "silu_mul")
@@ -457,7 +458,8 @@ class PackedLlama(PackedModel):
     the products on kernels/llama_ops.cu where they pass their gate (``decode_ops`` says which ran).
     ``overlap``: balprune's launches of the step (the fused kernels and the sparse products) are
     programmatic dependent launches (runtime._launch): each grid is placed while the one before it
-    runs, which takes the launch gap out of most of the step's ~9 launches per layer.
+    runs, which takes the launch gap out of most of the step's ~9 launches per layer (sm_90 and newer;
+    ignored on older GPUs).
 
     ``prefill(ids)`` then ``step()`` per token, or ``generate(ids, n)`` (greedy, on the device: one
     host synchronisation for the whole run); ``capture()`` gives the CUDA graph of one step, which
@@ -473,7 +475,8 @@ class PackedLlama(PackedModel):
         # PackedModel owns the dtype/device/paths checks, the kernels, the views and the dispatch record
         super().__init__(None, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         self.cfg = cfg
-        self.overlap = bool(overlap)
+        # programmatic dependent launch exists from Hopper (sm_90) on; elsewhere the launches stay ordinary
+        self.overlap = bool(overlap) and torch.cuda.get_device_capability(self.dev) >= (9, 0)
         self.graph: torch.cuda.CUDAGraph | None = None
 
         def make(name, packed, dense, x, y, bias):
@@ -546,7 +549,7 @@ class PackedLlama(PackedModel):
         doc): every product keeps its dispatched path, the fused ops their gate; a captured graph is
         dropped (``capture()`` again). For same-run comparisons of the two launch modes."""
         dec = self.decoder
-        self.overlap = bool(on)
+        self.overlap = bool(on) and torch.cuda.get_device_capability(self.dev) >= (9, 0)
         for proj in [p for layer in dec.layers for ps in layer.projections.values() for p in ps] + [dec.head]:
             proj.set_overlap(self.overlap)
         if dec.fused is not None:

@@ -156,7 +156,7 @@ def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[lis
 
     if not isinstance(packed, BalancedTensor):
         return [], {}
-    from ..bitmask import BitmaskLinear
+    from ..bitmask import WALK, WALKS, BitmaskLinear
     from ..nm24 import Nm24Linear, supports
 
     g = packed.geometry
@@ -166,10 +166,14 @@ def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[lis
     values = packed.values.to(TORCH_OF[dtype])
     out, unavailable = [], {}
     if bitmask:
+        # every walk of the bitmask kernel, each on its own device layout: neither is the faster on every
+        # shape (kernels/NOTES.md v26 measured), so the dispatcher times them (launch_variants labels the
+        # ones that are not the default) and release_unbound keeps the bound one's layout only
         try:
-            out.append((MODEL_BITMASK_PATH, BitmaskLinear(values, packed.indices, cols=g.cols,
-                                                          block_length=g.block_length, device=device, name=name,
-                                                          validate=False)))
+            for walk in (WALK, *(w for w in WALKS if w != WALK)):
+                out.append((MODEL_BITMASK_PATH, BitmaskLinear(values, packed.indices, cols=g.cols,
+                                                              block_length=g.block_length, device=device, name=name,
+                                                              validate=False, walk=walk)))
         except FormatError as exc:  # the kernel's own limits (32-bit staging index)
             unavailable[MODEL_BITMASK_PATH] = str(exc)
     if nm24:
@@ -189,7 +193,10 @@ def launch_variants(op, batch: int) -> dict[str, object]:
     import copy
 
     from ..balanced import BalancedLinear
+    from ..bitmask import WALK, BitmaskLinear
 
+    if isinstance(op, BitmaskLinear) and op.walk != WALK:
+        return {f"walk {op.walk}": op}  # another walk's own operator (sparse_alternatives)
     out = {"": op}
     if not isinstance(op, BalancedLinear):
         return out
@@ -244,6 +251,7 @@ class Projection:
         self.choice: Choice | None = None
         self._bound: Callable[[], None] | None = None
         self.bound_key: str | None = None
+        self._operator_of: dict[str, object] = {}  # candidate key -> the (path, operator)'s operator it launches
 
     # -- the candidate launches -------------------------------------------------------------------
 
@@ -279,7 +287,9 @@ class Projection:
         out = {"dense": self._dense_launch(x, y)}
         for path, op in self.sparse_paths():
             for label, o in launch_variants(op, self.batch).items():
-                out[path + (f" ({label})" if label else "")] = self._sparse_launch(x, y, o)
+                key = path + (f" ({label})" if label else "")
+                out[key] = self._sparse_launch(x, y, o)
+                self._operator_of[key] = op
         return out
 
     def sparse_paths(self) -> list[tuple[str, object]]:
@@ -291,7 +301,8 @@ class Projection:
         path = key.split(" (")[0]
         if path == "dense":
             return int(self.dense.numel() * self.dense.element_size())
-        return int(dict(self.sparse_paths())[path].weight_bytes)
+        op = self._operator_of.get(key) or dict(self.sparse_paths())[path]
+        return int(op.weight_bytes)
 
     def reference(self) -> torch.Tensor:
         """float64 W x + b (+ReLU) of the rounded operands now in the buffers."""
@@ -327,7 +338,9 @@ class Projection:
         afterwards; a stage built on this one that asks for candidates later (an LSTM recurrence) must not
         call this."""
         path = self.choice.path
-        self.alternatives = [(p, o) for p, o in self.alternatives if p == path]
+        bound = self._operator_of.get(self.bound_key)  # the operator (of the path's several) bound
+        self.alternatives = [(p, o) for p, o in self.alternatives if p == path and (bound is None or o is bound)]
+        self._operator_of = {k: o for k, o in self._operator_of.items() if o is bound}
         if self.sparse is not None and self.sparse[0] != path:
             self.sparse = None
         if path != "dense" and not keep_dense:

@@ -1,0 +1,69 @@
+"""The model runtime times every walk of the bitmask kernel and keeps the bound one's layout only
+(runtime.model.stages: sparse_alternatives builds one BitmaskLinear per walk, launch_variants labels the
+ones that are not the default, Projection.release_unbound drops the others). Host logic, no GPU: the
+operators are stand-ins with the real class's type and walk."""
+
+from __future__ import annotations
+
+import torch
+
+from balprune.patterns.registry import MODEL_BITMASK_PATH
+from balprune.runtime.bitmask import WALK, WALKS, BitmaskLinear
+from balprune.runtime.model.stages import Choice, Projection, launch_variants
+
+
+class _Walk(BitmaskLinear):
+    """A BitmaskLinear that launches nothing: its walk and byte count only."""
+
+    def __init__(self, walk: int, nbytes: int) -> None:  # no device arrays
+        self.walk, self._bytes, self.launched = walk, nbytes, 0
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._bytes
+
+    def prepared_launch(self, x, y, batch, packed=True, *, bias=None, relu=False, overlap=False):
+        def run():
+            self.launched += 1
+        return run
+
+
+OTHER = next(w for w in WALKS if w != WALK)
+
+
+def test_the_default_walk_is_the_plain_path_and_another_walk_a_labelled_variant():
+    default, other = _Walk(WALK, 10), _Walk(OTHER, 12)
+    assert launch_variants(default, 1) == {"": default}
+    assert launch_variants(other, 1) == {f"walk {OTHER}": other}
+
+
+def _projection(ops):
+    dense = torch.zeros(4, 8)
+    return Projection("layer", dense, torch.zeros(8), torch.zeros(4), dtype="float32", kernels=None,
+                      views=lambda t: t, pattern="balanced", alternatives=[(MODEL_BITMASK_PATH, o) for o in ops])
+
+
+def test_binding_one_walk_keeps_that_walks_operator_only():
+    default, other = _Walk(WALK, 10), _Walk(OTHER, 12)
+    proj = _projection([default, other])
+    key = f"{MODEL_BITMASK_PATH} (walk {OTHER})"
+    assert set(proj.candidates()) == {"dense", MODEL_BITMASK_PATH, key}
+    assert proj.bytes_of(MODEL_BITMASK_PATH) == 10 and proj.bytes_of(key) == 12
+    proj.bind(key)
+    proj.choice = Choice("layer", (4, 8), 1, "balanced", MODEL_BITMASK_PATH, "fastest")
+    proj.release_unbound(keep_dense=True)
+    assert proj.alternatives == [(MODEL_BITMASK_PATH, other)]
+    proj.launch()
+    assert (other.launched, default.launched) == (1, 0)
+    proj.set_overlap(True)  # rebinding finds the same candidate on the kept operator
+    proj.launch()
+    assert (other.launched, default.launched) == (2, 0) and proj.bytes_of(key) == 12
+
+
+def test_binding_the_default_walk_drops_the_other_layout():
+    default, other = _Walk(WALK, 10), _Walk(OTHER, 12)
+    proj = _projection([default, other])
+    proj.bind(MODEL_BITMASK_PATH)
+    proj.choice = Choice("layer", (4, 8), 1, "balanced", MODEL_BITMASK_PATH, "fastest")
+    proj.release_unbound(keep_dense=True)
+    assert proj.alternatives == [(MODEL_BITMASK_PATH, default)]
