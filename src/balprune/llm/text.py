@@ -34,7 +34,6 @@ import io
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,21 +188,18 @@ def tokenizer_name(tokenizer: str | os.PathLike[str] | RecordedTokenizer) -> str
 
 @contextlib.contextmanager
 def native_stderr_silenced():
-    """The process's file descriptor 2 pointed at a scratch file for the block, then restored, what was
-    written there dropped. Why: a panic inside the ``tokenizers`` Rust library prints its message and a
+    """The process's file descriptor 2 pointed at the null device for the block, then restored. Why: a panic inside the ``tokenizers`` Rust library prints its message and a
     backtrace (60+ lines) straight to fd 2 before pyo3 raises it; balprune reports the failure in one
     line of its own (bad-inputs contract), and nothing a file provoked reaches the terminal raw."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
-        with tempfile.TemporaryFile() as scratch:
-            os.dup2(scratch.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
+        os.dup2(null, 2)
+        yield
     finally:
+        os.dup2(saved, 2)
         os.close(saved)
+        os.close(null)
 
 
 def tokenizer_call(call, tokenizer: str | os.PathLike[str] | RecordedTokenizer, what: str):

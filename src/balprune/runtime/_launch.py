@@ -57,10 +57,16 @@ def overlap_config(grid: tuple, block: tuple, shared_mem: int) -> tuple[LaunchCo
 
 
 @functools.cache
+def _driver() -> ctypes.CDLL:
+    """The CUDA driver library (OSError where there is none)."""
+    return ctypes.CDLL("libcuda.so.1")
+
+
+@functools.cache
 def _launch_kernel_ex():
     """The driver's cuLaunchKernelEx (ctypes; CuPy has no binding for it)."""
     try:
-        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        fn = _driver().cuLaunchKernelEx
     except (OSError, AttributeError) as e:
         raise GpuRuntimeError(f"the CUDA driver has no cuLaunchKernelEx ({e})",
                               hint="overlapped launches need a CUDA 12 or newer driver") from e
@@ -78,7 +84,7 @@ def _error_name(rc: int) -> str:
     """cuda.h's name of CUresult ``rc`` (cuGetErrorName), or "unknown"."""
     name = ctypes.c_char_p()
     try:
-        ctypes.CDLL("libcuda.so.1").cuGetErrorName(ctypes.c_int(rc), ctypes.byref(name))
+        _driver().cuGetErrorName(ctypes.c_int(rc), ctypes.byref(name))
     except (OSError, AttributeError):
         return "unknown"
     return name.value.decode("ascii", "replace") if name.value else "unknown"

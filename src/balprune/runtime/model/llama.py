@@ -476,7 +476,8 @@ class PackedLlama(PackedModel):
         super().__init__(None, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         self.cfg = cfg
         # programmatic dependent launch exists from Hopper (sm_90) on; elsewhere the launches stay ordinary
-        self.overlap = bool(overlap) and torch.cuda.get_device_capability(self.dev) >= (9, 0)
+        self._can_overlap = torch.cuda.get_device_capability(self.dev) >= (9, 0)
+        self.overlap = bool(overlap) and self._can_overlap
         self.graph: torch.cuda.CUDAGraph | None = None
 
         def make(name, packed, dense, x, y, bias):
@@ -549,7 +550,7 @@ class PackedLlama(PackedModel):
         doc): every product keeps its dispatched path, the fused ops their gate; a captured graph is
         dropped (``capture()`` again). For same-run comparisons of the two launch modes."""
         dec = self.decoder
-        self.overlap = bool(on) and torch.cuda.get_device_capability(self.dev) >= (9, 0)
+        self.overlap = bool(on) and self._can_overlap
         for proj in [p for layer in dec.layers for ps in layer.projections.values() for p in ps] + [dec.head]:
             proj.set_overlap(self.overlap)
         if dec.fused is not None:
