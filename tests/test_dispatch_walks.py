@@ -67,3 +67,20 @@ def test_binding_the_default_walk_drops_the_other_layout():
     proj.choice = Choice("layer", (4, 8), 1, "balanced", MODEL_BITMASK_PATH, "fastest")
     proj.release_unbound(keep_dense=True)
     assert proj.alternatives == [(MODEL_BITMASK_PATH, default)]
+
+
+def test_bench_times_the_other_walk_of_a_bitmask_stored_layer_only():
+    """bench's per-layer table (patterns.registry: balanced's bench_alternatives) times walk 6 beside the
+    subject (the default walk) for a bitmask-stored layer, so its path column can name the runtime's choice;
+    an offsets-stored layer has no such path."""
+    from helpers import balanced_conv_weight
+
+    from balprune.bench.report import ALTERNATIVES
+    from balprune.patterns.registry import ENCODINGS
+
+    assert OTHER == 6 and "balanced_walk6" in ALTERNATIVES["balanced"]
+    alt = next(a for a in ENCODINGS["balanced"].bench_alternatives if a.kernel == "balanced_walk6")
+    bt, _ = balanced_conv_weight(8, 16, 1, 1, 0.5, blocks=4)
+    bm = bt.with_encoding("bitmask")
+    assert alt.convert(bm) is bm
+    assert alt.convert(bt.with_encoding("offsets")) is None

@@ -32,7 +32,8 @@ def batch_tiles(dtype: str) -> tuple[int, ...]:
 #: The kernel's walk (kernels/balanced_bitmask.cu BP_BM_WALK, kernels/NOTES.md v26): 5 walks one
 #: segment per lane at a time; 6 (the uniform walk, two segments per lane at once, over a paired layout)
 #: is faster on long rows and slower on small launches (measured, BENCHMARKS.md), so the model runtime
-#: times every walk (stages.sparse_alternatives) and a bare operator takes the default, 5.
+#: times every walk (stages.sparse_alternatives), so does bench (walk6_alternative), and a bare operator
+#: takes the default, 5.
 WALK = 5
 WALKS = (5, 6)
 #: Threads per CTA: the kernel's __launch_bounds__(256, 4).
@@ -158,4 +159,17 @@ class BitmaskLinear(BalancedOperator):
                 f"k={self.keep}, {self.dtype}, device={self.device})")
 
 
-__all__ = ["BATCH_TILES", "WALK", "WALKS", "BitmaskLinear", "kernel_name", "kernel_variants"]
+def walk6_alternative(packed):
+    """bench's walk-6 path of a balanced layer (patterns.registry.BenchAlternative): the tensor itself when
+    it is stored with bitmask indices, else None. bench times both walks, as the model runtime does
+    (model.stages.sparse_alternatives): neither is the faster on every shape."""
+    return packed if getattr(packed, "encoding", None) == "bitmask" else None
+
+
+def walk6_from_tensor(packed, **kw) -> BitmaskLinear:
+    """``BitmaskLinear.from_tensor`` on walk 6 (the subject kernel of a bitmask-stored layer is the default walk)."""
+    return BitmaskLinear.from_tensor(packed, walk=6, **kw)
+
+
+__all__ = ["BATCH_TILES", "WALK", "WALKS", "BitmaskLinear", "kernel_name", "kernel_variants", "walk6_alternative",
+           "walk6_from_tensor"]
