@@ -188,9 +188,11 @@ def tokenizer_name(tokenizer: str | os.PathLike[str] | RecordedTokenizer) -> str
 
 @contextlib.contextmanager
 def native_stderr_silenced():
-    """The process's file descriptor 2 pointed at the null device for the block, then restored. Why: a panic inside the ``tokenizers`` Rust library prints its message and a
-    backtrace (60+ lines) straight to fd 2 before pyo3 raises it; balprune reports the failure in one
-    line of its own (bad-inputs contract), and nothing a file provoked reaches the terminal raw."""
+    """The process's file descriptor 2 pointed at the null device for the block, then restored.
+
+    Why: a panic inside the ``tokenizers`` Rust library prints its message and a backtrace (60+ lines)
+    straight to fd 2 before pyo3 raises it; balprune reports the failure in one line of its own
+    (bad-inputs contract), and nothing a file provoked reaches the terminal raw."""
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:

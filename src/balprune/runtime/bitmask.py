@@ -33,9 +33,9 @@ def batch_tiles(dtype: str) -> tuple[int, ...]:
 #: segment per lane at a time; 6 (the uniform walk, two segments per lane at once, over a paired layout)
 #: is faster on long rows and slower on small launches (measured, BENCHMARKS.md), so the model runtime
 #: times every walk (stages.sparse_alternatives), so does bench (walk6_alternative), and a bare operator
-#: takes the default, 5.
-WALK = 5
+#: takes the default, 5. WALKS lists the default first.
 WALKS = (5, 6)
+WALK = WALKS[0]
 #: Threads per CTA: the kernel's __launch_bounds__(256, 4).
 THREADS = 256
 _X_STAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -156,7 +156,7 @@ def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[lis
 
     if not isinstance(packed, BalancedTensor):
         return [], {}
-    from ..bitmask import WALK, WALKS, BitmaskLinear
+    from ..bitmask import WALKS, BitmaskLinear
     from ..nm24 import Nm24Linear, supports
 
     g = packed.geometry
@@ -170,7 +170,7 @@ def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[lis
         # shape (kernels/NOTES.md v26 measured), so the dispatcher times them (launch_variants labels the
         # ones that are not the default) and release_unbound keeps the bound one's layout only
         try:
-            for walk in (WALK, *(w for w in WALKS if w != WALK)):
+            for walk in WALKS:  # the default first
                 out.append((MODEL_BITMASK_PATH, BitmaskLinear(values, packed.indices, cols=g.cols,
                                                               block_length=g.block_length, device=device, name=name,
                                                               validate=False, walk=walk)))
