@@ -278,6 +278,17 @@ def test_shard_symlinked_outside_the_folder_refused(cli, tmp_path, fmt):
     refused(tmp_path, ["prune", folder, "-s", "0.5"], 4, "outside", shard, cli=cli)
 
 
+def test_shard_symlink_loop_refused(cli, tmp_path):
+    """Two links naming each other: Path.resolve raises RuntimeError on Python 3.11 (exit 70 before); one
+    line naming the shard, exit 4."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / SHARD).symlink_to("loopy")
+    (folder / "loopy").symlink_to(SHARD)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": SHARD}}))
+    refused(tmp_path, ["prune", folder, "-s", "0.5"], 4, "loop", SHARD, cli=cli)
+
+
 def test_shard_symlinked_inside_the_folder_is_fine(cli, tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

@@ -137,6 +137,12 @@ def test_recipe_init_not_a_regular_file_refused(tmp_path, kind):
     assert "FIFO" in line or "character device" in line
 
 
+def test_recipe_init_symlink_loop_refused(tmp_path):
+    (tmp_path / "init.pt").symlink_to("init.pt")
+    r = recipe(tmp_path, set_key(DIGITS_RECIPE, "train", 'init = "init.pt"'))
+    refused(tmp_path, ["finetune", r, "--out", tmp_path / "run", "--device", "cpu"], 4, "init", "loop")
+
+
 def test_recipe_init_linking_out_of_its_folder_refused(tmp_path):
     (tmp_path / "init").mkdir()
     torch.save({"w": torch.zeros(2)}, tmp_path / "elsewhere.bin")

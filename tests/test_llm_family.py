@@ -141,6 +141,8 @@ HOSTILE = {
                                               "high_freq_factor": 4.0}}, ["rope_scaling.factor", "missing"]),
     "rope-factor-string": ({"rope_scaling": {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1.0,
                                              "high_freq_factor": 4.0}}, ["rope_scaling.factor", "number"]),
+    "rope-factor-tiny": ({"rope_scaling": {"rope_type": "llama3", "factor": 1e-300, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0}}, ["rope_scaling.factor", "at least 1"]),
     "rope-high-not-above-low": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
                                                   "high_freq_factor": 4.0}}, ["rope_scaling.high_freq_factor"]),
     "rope-params-theta-huge": ({"rope_theta": ..., "rope_parameters": {"rope_type": "default", "rope_theta": 1e300}},
@@ -315,6 +317,15 @@ def test_layout_old_inv_freq_buffers_ignored(tmp_path):
     _layout_refused(bad, "inv_freq")
 
 
+@pytest.mark.parametrize("number", ["\u00b2", "\u0663", "0" * 5000, "00", "1" * 12])
+def test_layout_inv_freq_layer_numbers_that_are_not_ascii_decimal(tmp_path, number):
+    """Only a layer number as transformers writes it marks an ignorable buffer: a superscript two (which
+    str.isdigit takes and int() refuses), an Arabic-Indic three (which int() reads as 3), 5000 zeros
+    (over int()'s digit limit), a leading zero or an absurd index are extra tensors (exit 4), never a crash."""
+    folder = _folder(tmp_path, add={f"model.layers.{number}.self_attn.rotary_emb.inv_freq": torch.zeros(2)})
+    _layout_refused(folder, "inv_freq", "not part of")
+
+
 def test_layout_torch_tied_alias_accepted(tmp_path):
     """A .bin whose lm_head shares the embedding's storage (torch's tied save) is a tied model."""
     cfg = replace(TINY, tie_word_embeddings=True)
@@ -471,6 +482,28 @@ def test_an_hf_text_file_linking_out_of_its_folder_is_refused(tmp_path):
     out = tmp_path / "p.safetensors"
     assert main(["prune", str(folder), "--sparsity", "0.5", "-o", str(out)]) == 4
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json"])
+def test_an_hf_text_file_in_a_symlink_loop_is_refused(tmp_path, capsys, name):
+    """config.json or tokenizer.json linking to itself: exit 4 naming it (Path.resolve's RuntimeError was
+    exit 70), for prune (which records the folder's files) and unpack --like."""
+    from balprune.cli import main
+    from balprune.llm.examples import write_example
+
+    folder = write_example("llama-tiny", tmp_path / "m")
+    packed = tmp_path / "p.safetensors"
+    assert main(["prune", str(folder), "--sparsity", "0.5", "-o", str(packed)]) == 0
+    (folder / name).unlink()
+    (folder / name).symlink_to(name)
+    capsys.readouterr()
+    out = tmp_path / "q.safetensors"
+    assert main(["prune", str(folder), "--sparsity", "0.5", "-o", str(out)]) == 4
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "loop" in err and name in err and "internal error" not in err
+    assert main(["unpack", str(packed), "--hf-folder", str(tmp_path / "u"), "--like", str(folder)]) == 4
+    assert not (tmp_path / "u").exists()
 
 
 def test_a_folder_with_model_safetensors_and_a_shard_index_is_ambiguous(tmp_path):

@@ -178,3 +178,29 @@ def test_a_prompt_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "none"), "--prompt", "caf\udce9", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--prompt is not valid UTF-8" in err
+
+
+def test_a_dangling_tokenizer_json_in_the_folder_is_exit_4_not_absent(cli, files, tmp_path):
+    """A tokenizer.json link to nothing is the folder's tokenizer, broken (exit 4 naming it), not a missing
+    one (exit 2 asking for --tokenizer)."""
+    import shutil
+
+    folder, _ = files
+    copy = tmp_path / "m"
+    shutil.copytree(folder, copy)
+    (copy / "tokenizer.json").unlink()
+    (copy / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    r = cli("generate", str(copy), "--prompt", PROMPT, "--device", "cpu", "--dtype", "float32")
+    assert r.code == 4 and "tokenizer.json" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+
+
+def test_a_tokenizer_that_gives_no_tokens_for_a_prompt_is_at_fault(cli, files, tmp_path):
+    """A BPE tokenizer with an empty vocabulary drops every character: the tokenizer file is bad (exit 4),
+    the user's non-empty prompt is not (it said exit 2, "give a non-empty --prompt")."""
+    from tokenizers import Tokenizer, models
+
+    _, packed = files
+    path = tmp_path / "empty.json"
+    path.write_text(Tokenizer(models.BPE(vocab={}, merges=[])).to_str())
+    r = cli("generate", str(packed), "--prompt", "hello", "--tokenizer", str(path), "--device", "cpu")
+    assert r.code == 4 and "gives no tokens for the prompt" in r.err and str(path) in r.err, r.err

@@ -151,9 +151,9 @@ def _check_shards(index: Path, files: list[str]) -> None:
     missing = sorted(f for f in files if not os.path.lexists(folder / f))
     if missing:
         raise InvalidInputError(f"{index}: shard(s) listed in the index are missing: {', '.join(missing)}")
-    root = folder.resolve()
+    root = safeio.resolve_links(folder, "folder")
     for f in sorted(files):
-        target = (folder / f).resolve()
+        target = safeio.resolve_links(folder / f, "shard")
         if not target.is_relative_to(root):
             raise InvalidInputError(f"{index}: shard {f!r} links to {target}, outside the index's folder {root}")
         safeio.check_regular(folder / f, "shard")

@@ -64,6 +64,19 @@ def check_regular(path: str | os.PathLike[str], what: str = "input") -> Path:
     return p
 
 
+def resolve_links(path: str | os.PathLike[str], what: str = "input", *, error: type[Exception] = InvalidInputError) -> Path:
+    """``path`` made absolute with every link followed (Path.resolve), or ``error`` naming it when its links
+    cannot be followed: a loop (Python 3.11 raises RuntimeError for one, 3.13 OSError) or a part that
+    cannot be read. A dangling link resolves to where it points (the caller's existence check says so)."""
+    p = Path(path)
+    try:
+        return p.resolve()
+    except RuntimeError:
+        raise error(f"{what} {p}: its symbolic links form a loop") from None
+    except OSError as exc:
+        raise error(f"{what} {p}: cannot follow its links: {exc.strerror or exc}") from None
+
+
 @contextmanager
 def open_regular(path: str | os.PathLike[str], what: str = "input") -> Iterator[BinaryIO]:
     """Open a regular file for binary reading, refusing anything else before a byte is read.

@@ -19,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .. import safeio
 from ..config import (
     PruneOptions,
     _check_keys,
@@ -128,7 +129,7 @@ def load_recipe(path: str | Path) -> Recipe:
     _check_model_fits(spec, task_options, train.optimizer, where)
     init_sha = ""
     if train.init:
-        init = (path.parent / train.init).resolve()
+        init = safeio.resolve_links(path.parent / train.init, f"{where} [train] init", error=ConfigError)
         if not init.exists():
             raise ConfigError(f"{where} [train] init: {init} does not exist")
         train = replace(train, init=str(init))
@@ -149,7 +150,6 @@ def _check_model_fits(spec: TaskSpec, options: dict, optimizer: str, where: str)
     """
     if spec.model_params is None:
         return
-    from .. import safeio
 
     params = spec.model_params(options)
     safeio.check_fits_memory((16 if optimizer == "adam" else 12) * params,
@@ -163,7 +163,6 @@ def _init_sha256(path: Path, what: str) -> str:
     A FIFO, a device or a link to one is refused (ConfigError, exit 4) before any read, so hashing
     never hangs or reads without end; links inside a folder are not followed out of it.
     """
-    from .. import safeio
     from ..errors import InvalidInputError
 
     h = hashlib.sha256()
@@ -171,7 +170,8 @@ def _init_sha256(path: Path, what: str) -> str:
         if path.is_dir():
             files = []
             for f in sorted(path.rglob("*")):
-                if f.is_symlink() and not f.resolve().is_relative_to(path.resolve()):  # both sides resolved
+                if f.is_symlink() and not safeio.resolve_links(f, what, error=ConfigError).is_relative_to(
+                        safeio.resolve_links(path, what, error=ConfigError)):  # both sides resolved
                     raise ConfigError(f"{what}: {f} links outside {path}")
                 if not f.is_dir():
                     files.append(safeio.check_regular(f, what))

@@ -120,8 +120,8 @@ def read_folder(folder: str | os.PathLike[str], what: str = "source folder") -> 
         path = folder / name
         if not os.path.lexists(path):
             continue
-        target = path.resolve()
-        if not target.is_relative_to(folder.resolve()):  # as shards: a link out would copy outside data in
+        target = safeio.resolve_links(path, f"{what} file")
+        if not target.is_relative_to(safeio.resolve_links(folder, "folder")):  # as shards: a link out would copy outside data in
             raise InvalidInputError(f"{path} links to {target}, outside its folder {folder}",
                                     hint="copy the file into the folder instead of linking it")
         size = os.stat(safeio.check_regular(path, f"{what} file")).st_size

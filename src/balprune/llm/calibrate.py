@@ -23,6 +23,7 @@ plan (magnitude or dense, as without calibration).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -92,7 +93,7 @@ def calibration_windows(cfg: LlmConfig, folder: Path, data: Path, *, tokenizer: 
     if seq_len > cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} is over the model's max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
-    if tokenizer is None and (Path(folder) / "tokenizer.json").is_file():
+    if tokenizer is None and os.path.lexists(Path(folder) / "tokenizer.json"):  # a bad link: read, refused (exit 4)
         tokenizer = Path(folder)
     ids = read_token_ids(data, tokenizer=tokenizer, vocab_size=cfg.vocab_size)
     return token_windows(ids, samples=samples, seq_len=seq_len, seed=seed, what=f"calibration data {data}")

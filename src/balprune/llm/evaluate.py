@@ -156,7 +156,10 @@ def open_model(model: str | os.PathLike[str], like: str | os.PathLike[str] | Non
 
 
 def _folder_tokenizer(folder: Path) -> Path | None:
-    return folder / "tokenizer.json" if (folder / "tokenizer.json").exists() else None
+    """The folder's tokenizer.json when it holds an entry of that name: a dangling or looping link is still
+    its tokenizer (reading it says what is wrong, exit 4), not an absent one (exit 2, "give --tokenizer")."""
+    path = folder / "tokenizer.json"
+    return path if os.path.lexists(path) else None
 
 
 def forward_bytes(cfg: LlmConfig, seq_len: int, dtype: torch.dtype) -> int:

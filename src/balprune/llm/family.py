@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +151,15 @@ def _float(where: str, field: str, v: object, *, lo_exclusive: float = 0.0, hi: 
     return f
 
 
+def _rope_factor(where: str, field: str, v: object) -> float:
+    """Llama 3 RoPE scaling's factor: it divides the long wavelengths' frequencies, so it is at least 1
+    (transformers' own rule); a tiny one makes every frequency overflow to inf, then NaN logits."""
+    f = _float(where, field, v, hi=MAX_ROPE_FACTOR)
+    if f < 1.0:
+        raise _err(where, field, f"must be at least 1, found {short_repr(v)}")
+    return f
+
+
 def _bool(where: str, field: str, v: object) -> bool:
     if not isinstance(v, bool):
         raise _err(where, field, f"must be true or false, found {short_repr(v)}")
@@ -196,7 +206,7 @@ def _validate(c: LlmConfig, where: str) -> None:
     if r is not None:
         if not isinstance(r, Llama3RopeScaling):
             raise _err(where, "rope_scaling", f"must be None or Llama3RopeScaling, found {short_repr(r)}")
-        _float(where, "rope_scaling.factor", r.factor, hi=MAX_ROPE_FACTOR)
+        _rope_factor(where, "rope_scaling.factor", r.factor)
         _float(where, "rope_scaling.low_freq_factor", r.low_freq_factor, hi=MAX_ROPE_FACTOR)
         _float(where, "rope_scaling.high_freq_factor", r.high_freq_factor, hi=MAX_ROPE_FACTOR)
         _int(where, "rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings, 1,
@@ -329,7 +339,7 @@ def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3Rope
         if rope.get(k) is None:
             raise _err(where, f"{key}.{k}", "is missing (llama3 RoPE scaling needs it)")
     scaling = Llama3RopeScaling(
-        factor=_float(where, f"{key}.factor", rope["factor"], hi=MAX_ROPE_FACTOR),
+        factor=_rope_factor(where, f"{key}.factor", rope["factor"]),
         low_freq_factor=_float(where, f"{key}.low_freq_factor", rope["low_freq_factor"], hi=MAX_ROPE_FACTOR),
         high_freq_factor=_float(where, f"{key}.high_freq_factor", rope["high_freq_factor"], hi=MAX_ROPE_FACTOR),
         original_max_position_embeddings=_int(where, f"{key}.original_max_position_embeddings",
@@ -382,10 +392,15 @@ def expected_tensors(cfg: LlmConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+_LAYER_NUMBER = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
 def _ignorable(name: str, cfg: LlmConfig, shape: tuple[int, ...]) -> bool:
     """Buffers some older conversions stored and transformers ignores: rotary_emb.inv_freq."""
     parts = name.split(".")
-    return (len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+    # the layer number as transformers writes it: ASCII digits, no leading zero (str.isdigit also takes
+    # '²' and Arabic-Indic digits, which int() then refuses or reads as another layer)
+    return (len(parts) == 6 and parts[:2] == ["model", "layers"] and _LAYER_NUMBER.fullmatch(parts[2]) is not None
             and int(parts[2]) < cfg.num_hidden_layers and parts[3:] == ["self_attn", "rotary_emb", "inv_freq"]
             and shape == (cfg.head_dim // 2,))
 

@@ -31,7 +31,7 @@ from ..errors import GpuRuntimeError, InvalidInputError, UsageError
 from ..values import MAX_NEW_TOKENS
 from .evaluate import DTYPES, check_model_memory, folder_bytes, forward_bytes, kv_cache_bytes, open_model
 from .reference import ReferenceLM
-from .text import load_tokenizer, tokenizer_call, tokenizer_name
+from .text import TextCodec, tokenizer_name
 
 SCHEMA = "balprune.generate/1"
 #: The engines (see the module doc), as the result names them.
@@ -123,8 +123,11 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
     tok_source = Path(tokenizer) if tokenizer is not None else model_tokenizer
     if tok_source is None:
         raise UsageError(f"{model}: no tokenizer.json comes with the model", hint="pass --tokenizer FOLDER or FILE")
-    tok = load_tokenizer(tok_source)
-    ids = tokenizer_call(lambda: tok.encode(prompt, add_special_tokens=True).ids, tok_source, "encode the prompt")
+    codec = TextCodec(tok_source)
+    ids = codec.encode(prompt, "the prompt")
+    if not ids and prompt:  # the text was there: the tokenizer is at fault, not the user
+        raise InvalidInputError(f"tokenizer {tokenizer_name(tok_source)} gives no tokens for the prompt "
+                                f"({len(prompt)} characters)", hint="use the model's own tokenizer.json")
     if not ids:
         raise UsageError("the prompt gives no tokens", hint="give a non-empty --prompt")
     bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
@@ -166,7 +169,7 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
         torch.cuda.empty_cache()
         raise GpuRuntimeError(f"out of GPU memory generating with {model} on {dev}: {str(exc).splitlines()[0][:200]}",
                               hint="use --dtype bfloat16, a smaller --max-context, or --device cpu") from None
-    text = tokenizer_call(lambda: tok.decode(new, skip_special_tokens=True), tok_source, "decode the generated ids")
+    text = codec.decode(new, "the generated ids")
     return GenerateResult(str(model), len(ids), new, text, marks[1] - marks[0], marks[2] - marks[1], str(dev), dtype,
                           PACKED_RUNTIME if packed_runtime else RUNTIME)
 
