@@ -317,11 +317,11 @@ def test_layout_old_inv_freq_buffers_ignored(tmp_path):
     _layout_refused(bad, "inv_freq")
 
 
-@pytest.mark.parametrize("number", ["\u00b2", "\u0663", "0" * 5000, "00", "1" * 12])
+@pytest.mark.parametrize("number", ["\u00b2", "\u0663", "0" * 5000, "00"])
 def test_layout_inv_freq_layer_numbers_that_are_not_ascii_decimal(tmp_path, number):
     """Only a layer number as transformers writes it marks an ignorable buffer: a superscript two (which
     str.isdigit takes and int() refuses), an Arabic-Indic three (which int() reads as 3), 5000 zeros
-    (over int()'s digit limit), a leading zero or an absurd index are extra tensors (exit 4), never a crash."""
+    (over int()'s digit limit) or a leading zero are extra tensors (exit 4), never a crash."""
     folder = _folder(tmp_path, add={f"model.layers.{number}.self_attn.rotary_emb.inv_freq": torch.zeros(2)})
     _layout_refused(folder, "inv_freq", "not part of")
 

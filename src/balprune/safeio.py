@@ -18,6 +18,7 @@ Errors are InvalidInputError (exit 4) naming the file; nothing here prints.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -66,15 +67,22 @@ def check_regular(path: str | os.PathLike[str], what: str = "input") -> Path:
 
 def resolve_links(path: str | os.PathLike[str], what: str = "input", *, error: type[Exception] = InvalidInputError) -> Path:
     """``path`` made absolute with every link followed (Path.resolve), or ``error`` naming it when its links
-    cannot be followed: a loop (Python 3.11 raises RuntimeError for one, 3.13 OSError) or a part that
-    cannot be read. A dangling link resolves to where it points (the caller's existence check says so)."""
+    cannot be followed: a loop (whichever way this Python's resolve() reports one) or a part that cannot
+    be read. A dangling link resolves to where it points (the caller's existence check says so)."""
     p = Path(path)
+    loop = error(f"{what} {p}: its symbolic links form a loop")
     try:
-        return p.resolve()
-    except RuntimeError:
-        raise error(f"{what} {p}: its symbolic links form a loop") from None
+        resolved = p.resolve()
+        os.stat(p)  # Python 3.13's resolve() returns a looping path as it is: the kernel says ELOOP
+    except RuntimeError:  # Python 3.10-3.12's resolve() on a loop
+        raise loop from None
+    except FileNotFoundError:
+        return resolved
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise loop from None
         raise error(f"{what} {p}: cannot follow its links: {exc.strerror or exc}") from None
+    return resolved
 
 
 @contextmanager

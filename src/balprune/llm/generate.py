@@ -124,7 +124,7 @@ def generate(model: str | os.PathLike[str], prompt: str, *, like: str | os.PathL
     if tok_source is None:
         raise UsageError(f"{model}: no tokenizer.json comes with the model", hint="pass --tokenizer FOLDER or FILE")
     codec = TextCodec(tok_source)
-    ids = codec.encode(prompt, "the prompt")
+    ids = codec.encode(prompt, "the prompt").tolist()
     if not ids and prompt:  # the text was there: the tokenizer is at fault, not the user
         raise InvalidInputError(f"tokenizer {tokenizer_name(tok_source)} gives no tokens for the prompt "
                                 f"({len(prompt)} characters)", hint="use the model's own tokenizer.json")

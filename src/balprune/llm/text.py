@@ -16,14 +16,16 @@ What a data file is, decided by its content (the suffix is not trusted):
   negative id makes the file ids (and refused), not text.
 - **text**: anything else. It must be UTF-8; it is tokenized whole, as one string, with the
   ``tokenizer.json`` given (a folder holding one, or the file itself) through the ``tokenizers``
-  package (``Tokenizer.from_str`` on the file's text, never a hub download), with the tokenizer's
+  package (``Tokenizer.from_str`` on the file's text, never a hub download; in a memory-capped child
+  process, TextCodec), with the tokenizer's
   special tokens (its post-processor, e.g. a leading BOS), as the WikiText perplexity protocol
   tokenizes its test set. A text file with no tokenizer given is a usage error (exit 2) naming
   ``--tokenizer``; the tokenizer is only read when the data is text.
 
 Refused with InvalidInputError (exit 4), one line naming the file: non-regular files (safeio), files
 over the size caps, no ids at all, ids < 0 or >= the vocabulary (``vocab_size``, else family.MAX_VOCAB),
-a .npy of another dtype, rank or version, a tokenizer.json that is not strict JSON or not a tokenizer,
+a .npy of another dtype, rank or version, a tokenizer.json that is not strict JSON or not a tokenizer
+or that needs more memory to encode the text than is available,
 text that is not UTF-8.
 """
 
@@ -42,7 +44,12 @@ import torch
 
 from .. import safeio
 from ..errors import InvalidInputError, UsageError
+from . import tokenizer_child as _child
 from .family import MAX_VOCAB
+from .tokenizer_child import deterministic
+
+#: The script every tokenizers call on a user's file runs in (TextCodec).
+_CHILD = Path(_child.__file__)
 
 #: Largest token-id file read (.npy or ids text): 1 GiB, e.g. 134M int64 ids or ~250M ids as text.
 MAX_IDS_FILE_BYTES = 1 << 30
@@ -50,9 +57,6 @@ MAX_IDS_FILE_BYTES = 1 << 30
 MAX_TOKENIZE_BYTES = 64 << 20
 #: Largest tokenizer.json read (Llama 3's is 9 MB, Qwen's 7 MB).
 MAX_TOKENIZER_BYTES = 64 << 20
-#: Bytes tokenizers holds per token while encoding (ids, offsets, token strings, masks): for the memory
-#: check before tokenizing (TextCodec.encode); a model makes at most one token per byte of normalized text.
-_TOKENIZE_BYTES_PER_TOKEN = 100
 #: Most digits of one id in an ids text file (10^18 - 1 < 2^63: an id never overflows int64).
 MAX_ID_DIGITS = 18
 
@@ -204,45 +208,15 @@ def native_stderr_silenced():
         os.close(null)
 
 
-def tokenizer_call(call, tokenizer: str | os.PathLike[str] | RecordedTokenizer, what: str):
-    """``call()`` (an encode or decode of the ``tokenizers`` library), any failure of it -- a Rust error,
-    or a panic, which pyo3 raises as a BaseException -- turned into one line naming the tokenizer and
-    ``what`` it failed to do (InvalidInputError, exit 4). The library's own stderr output (a panic's
-    backtrace) is silenced (native_stderr_silenced)."""
-    try:
-        with native_stderr_silenced():
-            return call()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: B036 - pyo3's PanicException derives from BaseException
-        raise InvalidInputError(f"tokenizer {tokenizer_name(tokenizer)} fails to {what}: {str(exc)[:200]!r}") from None
-
-
 def load_tokenizer(tokenizer: str | os.PathLike[str] | RecordedTokenizer):
-    """A ``tokenizers.Tokenizer`` from a folder holding tokenizer.json, or from the file itself (or from
-    the text a packed file recorded); TextCodec adds the memory checks its encodes and decodes need.
-
-    Read through safeio (regular file, at most MAX_TOKENIZER_BYTES, strict JSON with bounded nesting and
-    no duplicate keys), then ``Tokenizer.from_str``: nothing is downloaded. InvalidInputError (exit 4)
-    naming the file when it is not a tokenizer, or when its pipeline can lengthen text more than
-    MAX_TEXT_EXPANSION-fold (tokenizer_bounds). Settings that would make the same text give other ids
-    are neutralised: padding, truncation and BPE dropout.
-    """
-    return _load(tokenizer)[0]
-
-
-def _load(tokenizer: str | os.PathLike[str] | RecordedTokenizer) -> tuple[object, TokenizerBounds]:
+    """A ``tokenizers.Tokenizer`` in THIS process, for tokenizers balprune made or a caller trusts (tests,
+    the example folders); a tokenizer.json from a user goes through TextCodec, which runs the library in a
+    memory-capped child. From a folder holding tokenizer.json, the file itself, or the text a packed file
+    recorded; read and checked as TextCodec does (_read_tokenizer), made deterministic as its child does.
+    InvalidInputError (exit 4) naming the file when it is not a tokenizer."""
     from tokenizers import Tokenizer
 
-    if isinstance(tokenizer, RecordedTokenizer):
-        path, text = tokenizer.where, tokenizer.text
-    else:
-        path = _tokenizer_file(Path(tokenizer))
-        text = safeio.read_text(path, "tokenizer", max_bytes=MAX_TOKENIZER_BYTES)
-    spec = safeio.loads_json(text, f"tokenizer {path}")
-    if not isinstance(spec, dict):
-        raise InvalidInputError(f"tokenizer {path}: must hold a JSON object (a tokenizers tokenizer.json)")
-    bounds = tokenizer_bounds(spec, f"tokenizer {path}")
+    path, text = _read_tokenizer(tokenizer)
     try:
         with native_stderr_silenced():
             tok = Tokenizer.from_str(text)
@@ -250,199 +224,80 @@ def _load(tokenizer: str | os.PathLike[str] | RecordedTokenizer) -> tuple[object
         raise
     except BaseException as exc:  # noqa: B036 - serde's errors are Exceptions, a panic (pyo3) a BaseException
         raise InvalidInputError(f"tokenizer {path}: not a valid tokenizer.json ({str(exc)[:200]})") from None
-    # a file's padding / truncation settings would rewrite what we score, calibrate on or continue (a fixed
-    # padding of 10^15 aborts the process in the allocator; one of 10^6 makes eval score padding), and BPE
-    # dropout (a training-time regulariser) would make the same text give other ids on every run: the
-    # text is always encoded as it is, deterministically
-    tok.no_padding()
-    tok.no_truncation()
-    if getattr(tok.model, "dropout", None) is not None:
-        tok.model.dropout = None
-    return tok, bounds
+    deterministic(tok)
+    return tok
+
+
+def _read_tokenizer(tokenizer: str | os.PathLike[str] | RecordedTokenizer) -> tuple[str, str]:
+    """(how errors name it, its text): read through safeio (regular file, at most MAX_TOKENIZER_BYTES, strict
+    JSON with bounded nesting and no duplicate keys, a JSON object); nothing is downloaded."""
+    if isinstance(tokenizer, RecordedTokenizer):
+        path, text = tokenizer.where, tokenizer.text
+    else:
+        path = str(_tokenizer_file(Path(tokenizer)))
+        text = safeio.read_text(path, "tokenizer", max_bytes=MAX_TOKENIZER_BYTES)
+    if not isinstance(safeio.loads_json(text, f"tokenizer {path}"), dict):
+        raise InvalidInputError(f"tokenizer {path}: must hold a JSON object (a tokenizers tokenizer.json)")
+    return path, text
+
+
+#: Address space the tokenizer child needs beyond the memory its work may take: the interpreter and the
+#: tokenizers library mapped (25 MiB measured with one thread), with room.
+_CHILD_BASE_BYTES = 256 << 20
 
 
 class TextCodec:
-    """A tokenizer (load_tokenizer) with the memory checks its encodes and decodes need, checked before the
-    ``tokenizers`` library allocates (it aborts the process when an allocation fails): the one way
-    balprune turns text into ids and ids into text. Failures of the library are exit 4 (tokenizer_call)."""
+    """A tokenizer.json somebody else made, used the one safe way: every call of the ``tokenizers`` library
+    on it (load, encode, decode) runs in a child process (llm/tokenizer_child.py) whose address space is
+    capped at the memory available (safeio.memory_available) plus the interpreter's own. Why: the
+    library's allocations are unbounded by what a file can ask (a chain of Replace normalizers doubling a
+    character, a template repeating the text, a Prepend on each added token at load), and when one fails
+    the Rust allocator aborts the whole process without a word. Here such a file is exit 4 in one line,
+    and so is any error or panic of the library (its stderr, a panic's backtrace, never reaches the
+    terminal). Costs a process start (~0.15 s) per call.
+
+    The file is read and checked as JSON here (_read_tokenizer); the library first parses it in the
+    first call, so a file that is not a tokenizer is refused there (exit 4, "not a valid tokenizer.json")."""
 
     def __init__(self, source: str | os.PathLike[str] | RecordedTokenizer) -> None:
         self.source = source
-        self.tokenizer, self.bounds = _load(source)
+        self.name, self._text = _read_tokenizer(source)
 
-    def encode(self, text: str, what: str) -> list[int]:
-        """The ids of ``text`` with the tokenizer's special tokens; ``what`` names the text in errors."""
-        n = len(text.encode("utf-8", "surrogatepass"))
-        safeio.check_fits_memory(self.bounds.encode_tokens(n) * _TOKENIZE_BYTES_PER_TOKEN,
-                                 f"{what}: tokenizing {n} bytes with {tokenizer_name(self.source)}")
-        return tokenizer_call(lambda: self.tokenizer.encode(text, add_special_tokens=True).ids, self.source,
-                              f"encode {what}")
+    def encode(self, text: str, what: str) -> np.ndarray:
+        """The ids [n] int64 of ``text`` with the tokenizer's special tokens; ``what`` names the text in errors."""
+        out = self._call("encode", text.encode("utf-8", "surrogatepass"), what)
+        return np.frombuffer(out, dtype="<i8").astype(np.int64)
 
     def decode(self, ids: list[int], what: str) -> str:
         """The text of ``ids``, special tokens skipped; ``what`` names the ids in errors."""
-        safeio.check_fits_memory(self.bounds.decode_chars(len(ids)) * 4,
-                                 f"{what}: decoding {len(ids)} ids with {tokenizer_name(self.source)}")
-        return tokenizer_call(lambda: self.tokenizer.decode(ids, skip_special_tokens=True), self.source,
-                              f"decode {what}")
+        return self._call("decode", np.asarray(ids, dtype="<i8").tobytes(), what).decode("utf-8", "surrogatepass")
 
+    def _call(self, op: str, payload: bytes, what: str) -> bytes:
+        import json
+        import struct
+        import subprocess
 
-# --------------------------------------------------------------------------- how long text can grow
-
-#: Most a tokenizer may lengthen text, encoding (normalizer, then post-processor) or decoding (decoder).
-#: The tokenizers of the supported families lengthen it at most 4-fold (Qwen's NFC); a chain of
-#: Replace normalizers that each double a character lengthens it 2^n-fold, and encoding one character
-#: then needs unbounded memory (the library aborts the process).
-MAX_TEXT_EXPANSION = 64
-#: Characters a Unicode normalization form can make of one (NFKC/NFKD up to 18: U+FDFA; NFC/NFD up to 4),
-#: each at most as many UTF-8 bytes as the character it came from: a bound on the growth in bytes too.
-_UNICODE_EXPANSION = {"NFKC": 18, "NFKD": 18, "NFC": 4, "NFD": 4}
-
-
-@dataclass(frozen=True)
-class Growth:
-    """``out <= factor * in + extra``: UTF-8 bytes for a normalizer, characters for a decoder, ids for a
-    post-processor."""
-
-    factor: float = 1.0
-    extra: int = 0
-
-    def then(self, nxt: Growth) -> Growth:
-        """This step followed by ``nxt``."""
-        return Growth(self.factor * nxt.factor, int(nxt.factor * self.extra) + nxt.extra)
-
-
-@dataclass(frozen=True)
-class TokenizerBounds:
-    """How much a tokenizer.json's pipeline can lengthen its input (tokenizer_bounds)."""
-
-    normalizer: Growth
-    post_processor: Growth
-    decoder: Growth
-    longest_token: int  # characters of the longest vocabulary or added token
-
-    def encode_tokens(self, nbytes: int) -> int:
-        """Most ids (and tokens held while encoding) ``nbytes`` of UTF-8 text can give: one per byte of the
-        normalized text (byte fallback's worst case), then the post-processor's copies and special tokens."""
-        normalized = self.normalizer.factor * nbytes + self.normalizer.extra
-        return int(self.post_processor.factor * normalized + self.post_processor.extra) + 1
-
-    def decode_chars(self, ids: int) -> int:
-        """Most characters decoding ``ids`` ids can give."""
-        return int(self.decoder.factor * ids * (self.longest_token + 2) + self.decoder.extra) + 1
-
-
-def tokenizer_bounds(spec: dict, where: str) -> TokenizerBounds:
-    """The growth of a tokenizer.json's normalizer, post-processor and decoder (each an upper bound, from
-    the JSON alone); InvalidInputError (exit 4) when encoding or decoding can lengthen text more than
-    MAX_TEXT_EXPANSION-fold. Components that cannot lengthen text count as 1; one the library does not
-    know fails its own load (after this)."""
-    norm = _growth(spec.get("normalizer"), "normalizers", _normalizer_step)
-    post = _growth(spec.get("post_processor"), "processors", _post_processor_step)
-    dec = _growth(spec.get("decoder"), "decoders", _decoder_step)
-    for part, g, doing in (("normalizer and post-processor", Growth(norm.factor * post.factor), "encoding"),
-                           ("decoder", dec, "decoding")):
-        if g.factor > MAX_TEXT_EXPANSION:
-            raise InvalidInputError(f"{where}: its {part} can lengthen text up to {g.factor:.3g}-fold, over "
-                                    f"{MAX_TEXT_EXPANSION} ({doing} even a short text could exhaust memory)",
+        available = safeio.memory_available()
+        limit = None if available is None else available + _CHILD_BASE_BYTES
+        tok = self._text.encode("utf-8")
+        header = json.dumps({"op": op, "tokenizer_bytes": len(tok), "memory_limit": limit}).encode()
+        # one thread and two malloc arenas: each extra thread reserves address space the cap would count
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+        proc = subprocess.run([sys.executable, str(_CHILD)], input=struct.pack("<Q", len(header)) + header + tok + payload,
+                              capture_output=True, env=env, check=False)
+        if proc.returncode == 0:
+            return proc.stdout
+        if proc.returncode == _child.REFUSED:
+            stage, _, message = proc.stdout.decode("utf-8", "replace").partition("\n")
+            if stage == "load":
+                raise InvalidInputError(f"tokenizer {self.name}: not a valid tokenizer.json ({message[:200]})")
+            raise InvalidInputError(f"tokenizer {self.name} fails to {op} {what}: {message[:200]!r}")
+        if proc.returncode == _child.OUT_OF_MEMORY or proc.returncode < 0:  # a MemoryError, or killed (abort, OOM)
+            cap = "all the memory available" if available is None else f"the {safeio.human(available)} available"
+            raise InvalidInputError(f"tokenizer {self.name}: {op} of {what} needs more than {cap} (its pipeline "
+                                    "lengthens the text, or its load allocates, beyond what fits)",
                                     hint="use the model's own tokenizer.json")
-    tokens = []
-    model = spec.get("model")
-    vocab = model.get("vocab") if isinstance(model, dict) else None
-    if isinstance(vocab, dict):
-        tokens = list(vocab)
-    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-        tokens = [v[0] for v in vocab if isinstance(v, list) and v and isinstance(v[0], str)]
-    added = spec.get("added_tokens")
-    if isinstance(added, list):
-        tokens += [a.get("content") for a in added if isinstance(a, dict) and isinstance(a.get("content"), str)]
-    return TokenizerBounds(norm, post, dec, max((len(t) for t in tokens if isinstance(t, str)), default=1))
-
-
-def _growth(node: object, seq_key: str, step) -> Growth:
-    """A component's growth: a Sequence composes its parts in order; anything else is ``step(node)``."""
-    if not isinstance(node, dict):
-        return Growth()
-    if node.get("type") == "Sequence" and isinstance(node.get(seq_key), list):
-        g = Growth()
-        for part in node[seq_key]:
-            g = g.then(_growth(part, seq_key, step))
-        return g
-    return step(node)
-
-
-def _replace_growth(node: dict) -> Growth:
-    """Replace (normalizer or decoder): each match of the pattern becomes ``content``. A string pattern
-    of length m grows text len(content) / m-fold at most; a regex may match the empty string, putting
-    ``content`` between every two characters. Lengths in UTF-8 bytes (an upper bound on characters too)."""
-    content = node.get("content")
-    c = len(content.encode("utf-8", "surrogatepass")) if isinstance(content, str) else 0
-    pattern = node.get("pattern")
-    literal = pattern.get("String") if isinstance(pattern, dict) else None
-    if isinstance(literal, str) and literal:
-        return Growth(max(1.0, c / len(literal.encode("utf-8", "surrogatepass"))))
-    return Growth(1.0 + c, c)
-
-
-def _normalizer_step(node: dict) -> Growth:
-    kind = node.get("type")
-    if kind == "Replace":
-        return _replace_growth(node)
-    if kind in _UNICODE_EXPANSION:
-        return Growth(_UNICODE_EXPANSION[kind])
-    if kind == "Prepend":
-        prepend = node.get("prepend")
-        return Growth(1.0, len(prepend.encode("utf-8", "surrogatepass")) if isinstance(prepend, str) else 0)
-    if kind == "Lowercase":
-        return Growth(3.0)  # full case mappings make at most 3 characters of one
-    if kind == "ByteLevel":
-        return Growth(2.0)  # each UTF-8 byte becomes a character of at most 2 bytes
-    if kind == "BertNormalizer":
-        return Growth(3.0 * 3.0)  # spaces around each CJK character, then its lowercase
-    if kind == "Precompiled":
-        return Growth(float(max(1, _precompiled_longest(node.get("precompiled_charsmap")))))
-    return Growth()  # Strip, StripAccents, NFKC's relatives above, Nmt: never longer
-
-
-def _precompiled_longest(charsmap: object) -> int:
-    """The longest replacement (UTF-8 bytes, >= its characters) in a SentencePiece precompiled charsmap:
-    base64 of [u32 trie size][trie][NUL-separated replacements]; the whole blob when it is not that."""
-    import base64
-    import binascii
-
-    if not isinstance(charsmap, str):
-        return 1
-    try:
-        blob = base64.b64decode(charsmap, validate=True)
-    except (binascii.Error, ValueError):
-        return 1  # the library refuses it on load
-    trie = int.from_bytes(blob[:4], "little") if len(blob) >= 4 else len(blob)
-    strings = blob[4 + trie:] if 4 + trie <= len(blob) else blob
-    return max((len(piece) for piece in strings.split(b"\0")), default=1)
-
-
-def _post_processor_step(node: dict) -> Growth:
-    kind = node.get("type")
-    if kind == "TemplateProcessing":
-        single = node.get("single")
-        pieces = single if isinstance(single, list) else []
-        copies = sum(1 for p in pieces if isinstance(p, dict) and "Sequence" in p)
-        specials = node.get("special_tokens")
-        per_special = max((len(v.get("ids", [])) for v in specials.values()
-                           if isinstance(v, dict) and isinstance(v.get("ids"), list)), default=1) \
-            if isinstance(specials, dict) else 1
-        added = sum(1 for p in pieces if isinstance(p, dict) and "SpecialToken" in p) * per_special
-        return Growth(float(max(1, copies)), added)
-    if kind in ("BertProcessing", "RobertaProcessing"):
-        return Growth(1.0, 4)
-    return Growth()
-
-
-def _decoder_step(node: dict) -> Growth:
-    kind = node.get("type")
-    if kind == "Replace":
-        return _replace_growth(node)
-    return Growth()  # ByteLevel, ByteFallback, Fuse, Strip, Metaspace, WordPiece, BPEDecoder, CTC: never longer
-    # than the tokens plus a separator each (decode_chars counts two per token)
+        raise RuntimeError(f"the tokenizer child process ended with exit status {proc.returncode}")
 
 
 def _tokenize(data: bytes, p: Path, tokenizer: Path | RecordedTokenizer) -> np.ndarray:
@@ -454,7 +309,7 @@ def _tokenize(data: bytes, p: Path, tokenizer: Path | RecordedTokenizer) -> np.n
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"data {p} is neither token ids nor UTF-8 text (byte {exc.start})") from None
-    return np.asarray(TextCodec(tokenizer).encode(text, f"data {p}"), dtype=np.int64)
+    return TextCodec(tokenizer).encode(text, f"data {p}")
 
 
 # --------------------------------------------------------------------------- windows
