@@ -246,6 +246,22 @@ def _read_tokenizer(tokenizer: str | os.PathLike[str] | RecordedTokenizer) -> tu
 _CHILD_BASE_BYTES = 256 << 20
 
 
+def _child_memory_limit() -> int | None:
+    """The tokenizer child's address-space cap: the memory available plus the interpreter's own, within this
+    process's own hard limit (which the child inherits); None when neither is known."""
+    available = safeio.memory_available()
+    limit = None if available is None else available + _CHILD_BASE_BYTES
+    try:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    except ImportError:
+        return limit
+    if hard != resource.RLIM_INFINITY:
+        limit = hard if limit is None else min(limit, hard)
+    return limit
+
+
 class TextCodec:
     """A tokenizer.json somebody else made, used the one safe way: every call of the ``tokenizers`` library
     on it (load, encode, decode) runs in a child process (llm/tokenizer_child.py) whose address space is
@@ -277,8 +293,7 @@ class TextCodec:
         import struct
         import subprocess
 
-        available = safeio.memory_available()
-        limit = None if available is None else available + _CHILD_BASE_BYTES
+        limit = _child_memory_limit()
         tok = self._text.encode("utf-8")
         header = json.dumps({"op": op, "tokenizer_bytes": len(tok), "memory_limit": limit}).encode()
         # one thread and two malloc arenas: each extra thread reserves address space the cap would count
@@ -293,9 +308,9 @@ class TextCodec:
                 raise InvalidInputError(f"tokenizer {self.name}: not a valid tokenizer.json ({message[:200]})")
             raise InvalidInputError(f"tokenizer {self.name} fails to {op} {what}: {message[:200]!r}")
         if proc.returncode == _child.OUT_OF_MEMORY or proc.returncode < 0:  # a MemoryError, or killed (abort, OOM)
-            cap = "all the memory available" if available is None else f"the {safeio.human(available)} available"
-            raise InvalidInputError(f"tokenizer {self.name}: {op} of {what} needs more than {cap} (its pipeline "
-                                    "lengthens the text, or its load allocates, beyond what fits)",
+            cap = "the memory available" if limit is None else f"the {safeio.human(limit)} it may take"
+            raise InvalidInputError(f"tokenizer {self.name}: {op} of {what} needs more memory than {cap} (its "
+                                    "pipeline lengthens the text, or its load allocates, beyond what fits)",
                                     hint="use the model's own tokenizer.json")
         raise RuntimeError(f"the tokenizer child process ended with exit status {proc.returncode}")
 
