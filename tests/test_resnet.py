@@ -159,8 +159,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_near_misses_are_one_line_naming_what_was_expected(case, folded, tmp_path):
+def test_near_misses_are_one_line_naming_what_was_expected(case, folded, tmp_path, monkeypatch):
     mutate, detail = BAD[case]
+    if case == "unfolded":  # prune itself refuses to leave a batch norm unfolded: a file made without the fold
+        monkeypatch.setattr("balprune.prune.engine.fold_batch_norms", lambda ckpt: (ckpt, None))
     out = prune(tmp_path, case, mutate(dict(folded)), "--sparsity", "0.5")
     with pytest.raises(InvalidInputError) as e:
         detect(read_packed(out))
@@ -273,3 +275,69 @@ def test_the_runtime_preflight_refuses_a_nan_bias_and_a_zero_size_layer_without_
         code = main(["bench", str(packed), "--model", "--dtype", "float32"])
         err = capsys.readouterr().err.strip()
         assert code == 4 and len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_a_stem_batch_norm_without_running_statistics_is_refused_too(capsys, tmp_path):
+    """The stem's batch norm lacking running_var made the checkpoint unrecognised, so nothing was folded and
+    prune said nothing (while the same gap in a block is exit 4): now it is named and refused alike."""
+    s = state_of(small_resnet())
+    del s["bn1.running_var"]
+    _refused(capsys, tmp_path, _saved(tmp_path, s), "batch norm 'bn1' cannot be folded")
+
+
+def test_a_conv_with_a_bias_is_folded_with_it(tmp_path):
+    """A ResNet variant built with conv biases: b' = beta + s * (b - mean) takes the bias in (it left the
+    whole checkpoint unfolded before). The folded model equals the unfolded one in eval mode."""
+    model = small_resnet()
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 7, 2, 3, bias=True)
+    torch.nn.init.uniform_(model.conv1.bias, -0.5, 0.5)
+    s = state_of(model)
+    assert "conv1.bias" in s and is_torchvision_resnet(list(s))
+    out = prune(tmp_path, "bias", s, "--sparsity", "0")
+    unpack(out, tmp_path / "d.safetensors")
+    folded = load_file(tmp_path / "d.safetensors")
+    assert not any(k.startswith("bn1.") for k in folded) and "conv1.bias" in folded
+    x = torch.randn(1, 3, 32, 32)
+    model.eval()
+    stem = torch.nn.functional.conv2d(x, folded["conv1.weight"], folded["conv1.bias"], stride=2, padding=3)
+    torch.testing.assert_close(stem, model.bn1(model.conv1(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_conv_whose_batch_norm_is_missing_is_refused(capsys, tmp_path):
+    """torchvision's ResNet has a batch norm after every conv: one deleted whole is a near miss (it folded
+    the others and left that conv unnormalised, which the runtime then ran as a different model)."""
+    s = {k: v for k, v in state_of(small_resnet()).items() if not k.startswith("layer2.1.bn2.")}
+    _refused(capsys, tmp_path, _saved(tmp_path, s), "conv 'layer2.1.conv2.weight' has no batch norm after it")
+
+
+def test_a_nan_in_a_conv_weight_is_named_where_it_is(capsys, tmp_path):
+    s = state_of(small_resnet())
+    s["layer1.0.conv1.weight"][3, 2, 1, 0] = float("nan")
+    _refused(capsys, tmp_path, _saved(tmp_path, s), "tensor 'layer1.0.conv1.weight'", "first at index [3, 2, 1, 0]")
+
+
+def test_many_batch_norm_names_are_checked_in_linear_time():
+    """_unpaired_batch_norms kept its result in a list and tested membership in it: 300k batch-norm names
+    (a 24 MB file of zero-size tensors) took minutes. 200k now take well under a second."""
+    import time
+
+    from balprune.checkpoint import SourceTensor
+    from balprune.models.bnfold import _unpaired_batch_norms
+
+    tensors = [SourceTensor(f"layer1.{j}.bn1.weight", "F32", (0,), 0) for j in range(200_000)]
+    t0 = time.perf_counter()
+    unpaired = _unpaired_batch_norms(tensors, [])
+    assert len(unpaired) == 200_000 and unpaired[0] == "layer1.0.bn1"
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_the_runtime_preflight_refuses_a_float8_tensor_by_name(capsys, tmp_path):
+    """prune passes float8 tensors through; torch cannot check them for NaN on the CPU, which made bench
+    --model's preflight an internal error (exit 70). Exit 4 naming the tensor and its dtype."""
+    s = state_of(small_resnet())
+    s["fc.bias"] = s["fc.bias"].to(torch.float8_e4m3fn)
+    packed = prune(tmp_path, "f8", s, "--sparsity", "0.5")
+    capsys.readouterr()
+    code = main(["bench", str(packed), "--model", "--dtype", "float32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and len(err.splitlines()) == 1 and "'fc.bias'" in err and "float8_e4m3fn" in err, err

@@ -5,7 +5,7 @@ At inference a BatchNorm2d after a conv is an affine map per output channel,
     bn(conv(x)) = s * (W * x + b - mean) + beta,   s = gamma / sqrt(running_var + eps)
 
 so the pair is one conv with ``W' = s[:, None, None, None] * W`` and ``b' = beta + s * (b - mean)``
-(b = 0 for torchvision's bias-free convs). Folding before pruning is what a batch-1 deployment
+(b = 0 for torchvision's bias-free convs; a conv's own bias is taken in). Folding before pruning is what a batch-1 deployment
 wants: the runtime runs one conv (and its epilogue) instead of a conv and a normalisation, and the
 balanced pattern is chosen on the weights that are actually multiplied. Each output channel is one
 row of the [C_out, C_in*kh*kw] view and is scaled by one factor, so a row's ranking by magnitude
@@ -13,7 +13,8 @@ row of the [C_out, C_in*kh*kw] view and is scaled by one factor, so a row's rank
 
 Recognition, from names and shapes only. Only a checkpoint laid out as a whole like torchvision's
 ResNet is folded (``is_torchvision_resnet``: every tensor one of ``conv1``, ``bn1``,
-``layer<i>.<j>.{conv1,conv2,conv3,bn1,bn2,bn3,downsample.0,downsample.1}``, ``fc``): names alone
+``layer<i>.<j>.{conv1,conv2,conv3,bn1,bn2,bn3,downsample.0,downsample.1}``, ``fc``, with some tensor of
+``bn1``); in it every batch norm must fold and every conv must have one (else exit 4, naming it): names alone
 cannot tell a BN that follows its conv from one that precedes it (a pre-activation block), so no
 other model is touched. In it, ``batch_norm_pairs``: a conv weight ``P<conv>.weight`` [C, ...] (4-D)
 with a batch norm ``P<bn>`` holding ``weight``, ``bias``, ``running_mean`` and ``running_var``, all
@@ -34,6 +35,7 @@ import torch
 from ..checkpoint import Checkpoint, SourceTensor
 from ..container import DTYPE_BITS, PRUNABLE_CODES
 from ..errors import InvalidInputError
+from ..patterns.ranking import check_finite
 
 #: BatchNorm2d's eps in torchvision's ResNets (not part of a state dict).
 BN_EPS = 1e-5
@@ -43,17 +45,20 @@ _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("downsample.0",
 _BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 _CONV_RE = re.compile(r"(.*?)(conv[123]|downsample\.0)\.weight")
 _BN_KEYS = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+# a conv may carry a bias (a checkpoint of a ResNet variant built with bias=True): the fold takes it in
 _RESNET_RE = re.compile(
-    rf"conv1\.weight|bn1\.{_BN_KEYS}|fc\.(weight|bias)"
-    rf"|layer[0-9]+\.[0-9]+\.(conv[123]\.weight|bn[123]\.{_BN_KEYS}|downsample\.0\.weight|downsample\.1\.{_BN_KEYS})")
+    rf"conv1\.(weight|bias)|bn1\.{_BN_KEYS}|fc\.(weight|bias)"
+    rf"|layer[0-9]+\.[0-9]+\.(conv[123]\.(weight|bias)|bn[123]\.{_BN_KEYS}|downsample\.0\.(weight|bias)"
+    rf"|downsample\.1\.{_BN_KEYS})")
 
 
 def is_torchvision_resnet(names: list[str]) -> bool:
     """Whether every tensor name is one of torchvision ResNet's (module doc), with its stem, first block
-    and classifier present."""
+    and classifier present and some tensor of the stem's batch norm (a ResNet already folded has none,
+    and is not folded again); whether that batch norm can be folded is batch_norm_pairs' to say."""
     present = set(names)
-    return {"conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "fc.weight"} <= present and \
-        all(_RESNET_RE.fullmatch(n) for n in names)
+    return {"conv1.weight", "layer1.0.conv1.weight", "fc.weight"} <= present and \
+        any(n.startswith("bn1.") for n in present) and all(_RESNET_RE.fullmatch(n) for n in names)
 
 
 @dataclass(frozen=True)
@@ -103,12 +108,19 @@ def _unpaired_batch_norms(tensors, pairs: list[FoldPair]) -> list[str]:
     """Batch-norm modules of a ResNet layout (any of their tensors present) that no pair folds: one
     without running statistics (``track_running_stats=False``) included, which has nothing to fold."""
     folded = {p.bn for p in pairs}
-    out: list[str] = []
+    out: dict[str, None] = {}  # insertion-ordered set: a list's membership test made 300k names quadratic
     for t in tensors:
         m = _BN_TENSOR_RE.fullmatch(t.name)
-        if m is not None and m.group(1) not in folded and m.group(1).rstrip(".") not in out:
-            out.append(m.group(1).rstrip("."))
-    return out
+        if m is not None and m.group(1) not in folded:
+            out[m.group(1).rstrip(".")] = None
+    return list(out)
+
+
+def _convs_without_batch_norm(tensors, pairs: list[FoldPair]) -> list[str]:
+    """Conv weights of a ResNet layout with no batch norm after them: torchvision's ResNet has one after
+    every conv, so a missing one is a near miss (a block edited by hand), not a layout to run."""
+    paired = {p.conv_weight for p in pairs}
+    return [t.name for t in tensors if _CONV_RE.fullmatch(t.name) and t.name not in paired]
 
 
 def fold(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
@@ -167,6 +179,10 @@ class BatchNormFolded(Checkpoint):
             return self._last[1]
         w = self._inner.load(p.conv_weight)
         b = self._inner.load(p.conv_bias) if p.conv_bias in self._source_names else None
+        # the conv's own NaN/Inf named where it is (the fold would report it as the batch norm's)
+        check_finite(w, p.conv_weight, hint="fix the checkpoint")
+        if b is not None:
+            check_finite(b, p.conv_bias, hint="fix the checkpoint")
         gamma, beta, mean, var = (self._inner.load(n) for n in p.bn_tensors())
         try:
             folded = fold(w, b, gamma, beta, mean, var)
@@ -207,6 +223,11 @@ def fold_batch_norms(ckpt: Checkpoint) -> tuple[Checkpoint, str | None]:
         raise InvalidInputError(f"{ckpt.display}: batch norm {unpaired[0]!r} cannot be folded into the conv before it "
                                 "(its weight, bias, running_mean and running_var must be float [C_out] of that conv)"
                                 + (f"; {len(unpaired) - 1} more" if len(unpaired) > 1 else ""))
+    bare = _convs_without_batch_norm(ckpt.tensors, pairs)
+    if bare:
+        raise InvalidInputError(f"{ckpt.display}: conv {bare[0]!r} has no batch norm after it; a torchvision ResNet "
+                                "has one after every conv" + (f" ({len(bare) - 1} more)" if len(bare) > 1 else ""),
+                                hint="give the checkpoint with every batch norm, or one with them all folded")
     if not pairs:
         return ckpt, None
     return BatchNormFolded(ckpt, pairs), (
