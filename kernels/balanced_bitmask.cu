@@ -82,14 +82,31 @@ __device__ __forceinline__ unsigned lds_u32(unsigned addr) {
   return v;
 }
 
+// The next kept column of a non-empty bit-reversed word m, consumed: its bit p = 31 - (column in the
+// word) is one FLO, cleared by a shift and an xor, and x's address is xhi - p * xcol with xhi the
+// address at the word's last column (one multiply-add). Written as 31 - __clz, the compiler emits
+// FLO then the subtraction it undoes; as clz directly, a subtraction and a shifted constant more.
+__device__ __forceinline__ unsigned take_column(unsigned& m, unsigned xhi, unsigned xcol) {
+  const unsigned p = 31u - __clz(m);
+  m ^= 1u << p;
+  return xhi - p * xcol;
+}
+
+// Compile-time flag for a generic lambda's argument (the walk with or without empty-word handling).
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+
 // One lane's walk over the kept columns of its segment. Mask words are stored bit-reversed
 // (bit 31 = the word's first column), so the next kept column is one count of leading zeros
 // away. Exactly g*k bits are set per segment and exactly g*k values are consumed, so fill()
 // never runs past the segment's last word.
+template <bool HI>
 struct MaskWalk {
   unsigned m;      // the current word's kept columns not consumed yet
   unsigned maddr;  // shared address of the current word (a lane's words are 128 bytes apart)
-  unsigned xaddr;  // shared address of x at the current word's first column
+  unsigned xaddr;  // shared address of x at the current word's first column (HI: its last, bit 0)
   unsigned xw;     // x bytes from one word's first column to the next word's
   unsigned xcol;   // x bytes between consecutive columns
   __device__ __forceinline__ void fill() {  // make m non-empty (empty words are skipped)
@@ -100,60 +117,72 @@ struct MaskWalk {
     }
   }
   __device__ __forceinline__ unsigned take() {  // m != 0: x's address at the next kept column
-    const unsigned b = __clz(m);
-    m ^= 0x80000000u >> b;
-    return xaddr + b * xcol;
+    if constexpr (HI) {
+      return take_column(m, xaddr, xcol);
+    } else {  // (the form that fits fp32 values at batch tiles >= 4 in 64 registers)
+      const unsigned b = __clz(m);
+      m ^= 0x80000000u >> b;
+      return xaddr + b * xcol;
+    }
+  }
+  __device__ __forceinline__ unsigned next() {  // any m: x's address at the next kept column
+    fill();
+    return take();
   }
 };
 
 // Version 6's walk: the current word's kept columns not consumed yet (m) and the NEXT word (n), both
 // in registers. A take that finds m empty moves n into m and loads the following word into n: four
 // predicated instructions, no branch, and n's load has a whole word's values to arrive. Only an
-// empty word (32 pruned columns in a row: rare below ~85% sparsity) takes the loop, one lane at a time.
+// empty word past the first (32 pruned columns in a row: rare below ~85% sparsity) needs the loop
+// (GAPS): the kernel takes the loop-free walk for every round in which no lane of the warp has one
+// (v28: the loop's reconvergence and checks were ~7 of ~21 instructions per value).
 // The lane's words sit in shared memory 128 bytes apart with one spare slot past the last word (the
 // load of "the word after the last" reads it and is never used).
+template <bool GAPS>
 struct UniformWalk {
   unsigned m, n;   // current word (unconsumed bits), next word
   unsigned naddr;  // shared address of n
-  unsigned xaddr;  // shared address of x at m's first column
+  unsigned xhi;    // shared address of x at m's last column (bit 0)
   unsigned xw;     // x bytes from one word's first column to the next word's
   unsigned xcol;   // x bytes between consecutive columns
   __device__ __forceinline__ void start(unsigned maddr, unsigned x0, unsigned xw_, unsigned xcol_) {
     m = lds_u32(maddr);
     naddr = maddr + 128u;
     n = lds_u32(naddr);
-    xaddr = x0;
+    xhi = x0 + 31u * xcol_;
     xw = xw_;
     xcol = xcol_;
   }
-  __device__ __forceinline__ unsigned take() {
+  __device__ __forceinline__ unsigned next() {  // x's address at the next kept column
     const bool p = m == 0u;
     m = p ? n : m;
-    xaddr = p ? xaddr + xw : xaddr;
+    xhi = p ? xhi + xw : xhi;
     naddr = p ? naddr + 128u : naddr;
     if (p) n = lds_u32(naddr);
-    while (m == 0u) {  // m was an empty word
-      m = n;
-      xaddr += xw;
-      naddr += 128u;
-      n = lds_u32(naddr);
+    if constexpr (GAPS) {
+      while (m == 0u) {  // m was an empty word
+        m = n;
+        xhi += xw;
+        naddr += 128u;
+        n = lds_u32(naddr);
+      }
     }
-    const unsigned b = __clz(m);
-    m ^= 0x80000000u >> b;
-    return xaddr + b * xcol;
+    return take_column(m, xhi, xcol);
   }
 };
 
-// The first `cnt` values of a 16-byte unit on the uniform walk: a whole unit (cnt = V, the check
-// folds away) or a segment's last, partial one (`cnt` is the same in every lane: a uniform branch).
-template <typename T, typename XT, int NB>
-__device__ __forceinline__ void values_fma_u(const Words<4>& v, int cnt, UniformWalk& walk, float (&acc)[NB]) {
+// Values t0 .. t0 + cnt - 1 of a 16-byte unit, each column from walk.next(): a whole unit (0, V: the
+// checks fold away), a segment's last, partial one (0, cnt: the same in every lane, a uniform branch) or
+// a part of 4 (constants once unrolled). Walk: UniformWalk<GAPS> (version 6) or MaskWalk<HI> (version 5).
+template <typename T, typename XT, int NB, typename Walk>
+__device__ __forceinline__ void values_fma(const Words<4>& v, int t0, int cnt, Walk& walk, float (&acc)[NB]) {
   constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
 #pragma unroll
   for (int t = 0; t < V; ++t) {
-    if (t < cnt) {
+    if (t >= t0 && t < t0 + cnt) {
       float xv[NB];
-      lds_x<XT, NB>(walk.take(), xv);
+      lds_x<XT, NB>(walk.next(), xv);
       const float w = Val<T>::template at<4>(v, t);
 #pragma unroll
       for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
@@ -163,13 +192,13 @@ __device__ __forceinline__ void values_fma_u(const Words<4>& v, int cnt, Uniform
 
 // Two units of two segments, interleaved value by value (two independent walks and sums: the
 // latency of one hides behind the other's instructions).
-template <typename T, typename XT, int NB>
-__device__ __forceinline__ void unit_fma_u2(const Words<4>& va, const Words<4>& vb, UniformWalk& wa, UniformWalk& wb,
+template <typename T, typename XT, int NB, typename Walk>
+__device__ __forceinline__ void unit_fma_u2(const Words<4>& va, const Words<4>& vb, Walk& wa, Walk& wb,
                                             float (&acca)[NB], float (&accb)[NB]) {
   constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
 #pragma unroll
   for (int t = 0; t < V; ++t) {
-    const unsigned aa = wa.take(), ab = wb.take();
+    const unsigned aa = wa.next(), ab = wb.next();
     float xa[NB], xb[NB];
     lds_x<XT, NB>(aa, xa);
     lds_x<XT, NB>(ab, xb);
@@ -185,8 +214,8 @@ __device__ __forceinline__ void unit_fma_u2(const Words<4>& va, const Words<4>& 
 // Multiply-accumulate values t0 .. t0 + H - 1 of a 16-byte unit. When the current word holds
 // all H of them (the common case) their columns come without a check in between, so the H x
 // loads are in flight together; otherwise each value refills the word first.
-template <typename T, typename XT, int NB, int H>
-__device__ __forceinline__ void part_fma(const Words<4>& v, int t0, MaskWalk& walk, float (&acc)[NB]) {
+template <typename T, typename XT, int NB, int H, typename Walk>
+__device__ __forceinline__ void part_fma(const Words<4>& v, int t0, Walk& walk, float (&acc)[NB]) {
   walk.fill();
   if (__popc(walk.m) >= H) {
     unsigned a[H];
@@ -201,42 +230,18 @@ __device__ __forceinline__ void part_fma(const Words<4>& v, int t0, MaskWalk& wa
       for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
     }
   } else {
-#pragma unroll
-    for (int h = 0; h < H; ++h) {
-      walk.fill();
-      float xv[NB];
-      lds_x<XT, NB>(walk.take(), xv);
-      const float w = Val<T>::template at<4>(v, t0 + h);
-#pragma unroll
-      for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
-    }
+    values_fma<T, XT, NB>(v, t0, H, walk, acc);
   }
 }
 
 // A whole unit (V values) in parts of 4.
-template <typename T, typename XT, int NB>
-__device__ __forceinline__ void unit_fma(const Words<4>& v, MaskWalk& walk, float (&acc)[NB]) {
+template <typename T, typename XT, int NB, typename Walk>
+__device__ __forceinline__ void unit_fma(const Words<4>& v, Walk& walk, float (&acc)[NB]) {
   constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
 #pragma unroll
   for (int t0 = 0; t0 < V; t0 += 4) part_fma<T, XT, NB, 4>(v, t0, walk, acc);
 }
 
-// The first `cnt` (< V) values of a unit, one at a time (the segment's last, partial unit).
-template <typename T, typename XT, int NB>
-__device__ __forceinline__ void tail_fma(const Words<4>& v, int cnt, MaskWalk& walk, float (&acc)[NB]) {
-  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
-#pragma unroll
-  for (int t = 0; t < V; ++t) {
-    if (t < cnt) {
-      walk.fill();
-      float xv[NB];
-      lds_x<XT, NB>(walk.take(), xv);
-      const float w = Val<T>::template at<4>(v, t);
-#pragma unroll
-      for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
-    }
-  }
-}
 
 // y[rows, batch] = act(W x + bias), columns n0 = blockIdx.y * NB .. of the batch per CTA row of
 // the grid. x [cols, batch] and y [rows, batch] row-major in T. Dynamic shared memory: x as
@@ -274,10 +279,15 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
         if (i < pieces && s < S && c0 + VX <= cols) {
           v[j] = *reinterpret_cast<const Words<4>*>(x + c0);
         } else if (i < pieces && s < S && c0 < cols) {  // the row's last, partial piece
-          for (int t = 0; t < cols - c0; ++t) {
-            const unsigned h = sizeof(T) == 4 ? __float_as_uint(Val<T>::ldg(x + c0 + t))
-                                              : reinterpret_cast<const unsigned short*>(x)[c0 + t];
-            v[j].w[t * sizeof(T) / 4] |= sizeof(T) == 4 ? h : h << (16 * (t & 1));
+          // unrolled with a guard, not a loop to cols - c0: a word index that is not a constant would put
+          // v[] in local memory and make every piece's load wait at its local store (serialising the four)
+#pragma unroll
+          for (int t = 0; t < VX; ++t) {
+            if (t < cols - c0) {
+              const unsigned h = sizeof(T) == 4 ? __float_as_uint(Val<T>::ldg(x + c0 + t))
+                                                : reinterpret_cast<const unsigned short*>(x)[c0 + t];
+              v[j].w[t * sizeof(T) / 4] |= sizeof(T) == 4 ? h : h << (16 * (t & 1));
+            }
           }
         }
       }
@@ -359,52 +369,72 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
           }
       }
       __syncwarp();  // the previous walk is done with mw
+      // gaps: an empty word past a walk's first with kept columns after it (only then can a take find
+      // the word it moves in empty; the first word's emptiness is handled by the take's own move)
+      bool gaps = false;
       if (active) {
+        bool ea = false, eb = false;
         for (int w = 0; w < W; ++w) {
-          mw[w * 32] = __ldg(ma + (long long)w * P);
-          if (two) mw[(W + 1 + w) * 32] = __ldg(mb + (long long)w * P);
+          const unsigned a = __ldg(ma + (long long)w * P);
+          mw[w * 32] = a;
+          gaps |= ea && a != 0u;
+          ea |= w > 0 && a == 0u;
+          if (two) {
+            const unsigned b = __ldg(mb + (long long)w * P);
+            mw[(W + 1 + w) * 32] = b;
+            gaps |= eb && b != 0u;
+            eb |= w > 0 && b == 0u;
+          }
         }
       }
-      __syncwarp();
+      gaps = __any_sync(0xffffffffu, gaps);  // (also the __syncwarp before the walk reads mw)
       const int s0 = q * P + l;
       q += two ? 2 : 1;
       if (!active) continue;
-      UniformWalk wa, wb;
-      wa.start(smem_addr(mw), smem_addr(xs + s0 * NB), 32u * xcol, xcol);
-      int c = 0;
-      if (two) {
-        wb.start(smem_addr(mw + (W + 1) * 32), smem_addr(xs + (s0 + P) * NB), 32u * xcol, xcol);
-        for (; c + A2 <= full; c += A2) {
+      // one round of the walk, with (GAPS) or without the empty-word loop: uniform over the warp
+      auto round = [&](auto gaps_flag) {
+        constexpr bool G = decltype(gaps_flag)::value;
+        UniformWalk<G> wa, wb;
+        wa.start(smem_addr(mw), smem_addr(xs + s0 * NB), 32u * xcol, xcol);
+        int c = 0;
+        if (two) {
+          wb.start(smem_addr(mw + (W + 1) * 32), smem_addr(xs + (s0 + P) * NB), 32u * xcol, xcol);
+          for (; c + A2 <= full; c += A2) {
 #pragma unroll
-          for (int a = 0; a < A2; ++a) {
-            unit_fma_u2<T, XT, NB>(ua[a], ub[a], wa, wb, acc, acc2);
-            if (c + A2 + a < full) {
-              ua[a] = ld_words<4>(va + (long long)(c + A2 + a) * P);
-              ub[a] = ld_words<4>(vb + (long long)(c + A2 + a) * P);
+            for (int a = 0; a < A2; ++a) {
+              unit_fma_u2<T, XT, NB>(ua[a], ub[a], wa, wb, acc, acc2);
+              if (c + A2 + a < full) {
+                ua[a] = ld_words<4>(va + (long long)(c + A2 + a) * P);
+                ub[a] = ld_words<4>(vb + (long long)(c + A2 + a) * P);
+              }
             }
           }
-        }
 #pragma unroll
-        for (int a = 0; a < A2; ++a)
-          if (c + a < full) unit_fma_u2<T, XT, NB>(ua[a], ub[a], wa, wb, acc, acc2);
-        if (tail) {
-          const Words<4> ta = ld_words<4>(va + (long long)full * P), tb = ld_words<4>(vb + (long long)full * P);
-          values_fma_u<T, XT, NB>(ta, tail, wa, acc);
-          values_fma_u<T, XT, NB>(tb, tail, wb, acc2);
-        }
-      } else {
-        for (; c + A2 <= full; c += A2) {
-#pragma unroll
-          for (int a = 0; a < A2; ++a) {
-            values_fma_u<T, XT, NB>(ua[a], V, wa, acc);
-            if (c + A2 + a < full) ua[a] = ld_words<4>(va + (long long)(c + A2 + a) * P);
+          for (int a = 0; a < A2; ++a)
+            if (c + a < full) unit_fma_u2<T, XT, NB>(ua[a], ub[a], wa, wb, acc, acc2);
+          if (tail) {
+            const Words<4> ta = ld_words<4>(va + (long long)full * P), tb = ld_words<4>(vb + (long long)full * P);
+            values_fma<T, XT, NB>(ta, 0, tail, wa, acc);
+            values_fma<T, XT, NB>(tb, 0, tail, wb, acc2);
           }
-        }
+        } else {
+          for (; c + A2 <= full; c += A2) {
 #pragma unroll
-        for (int a = 0; a < A2; ++a)
-          if (c + a < full) values_fma_u<T, XT, NB>(ua[a], V, wa, acc);
-        if (tail) values_fma_u<T, XT, NB>(ld_words<4>(va + (long long)full * P), tail, wa, acc);
-      }
+            for (int a = 0; a < A2; ++a) {
+              values_fma<T, XT, NB>(ua[a], 0, V, wa, acc);
+              if (c + A2 + a < full) ua[a] = ld_words<4>(va + (long long)(c + A2 + a) * P);
+            }
+          }
+#pragma unroll
+          for (int a = 0; a < A2; ++a)
+            if (c + a < full) values_fma<T, XT, NB>(ua[a], 0, V, wa, acc);
+          if (tail) values_fma<T, XT, NB>(ld_words<4>(va + (long long)full * P), 0, tail, wa, acc);
+        }
+      };
+      if (gaps)
+        round(Flag<true>{});
+      else
+        round(Flag<false>{});
     }
 #pragma unroll
     for (int n = 0; n < NB; ++n) acc[n] += acc2[n];
@@ -428,7 +458,9 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
       __syncwarp();
       if (!active) continue;
       const unsigned xcol = (unsigned)(cstride * sizeof(XT));
-      MaskWalk walk{mw[0], smem_addr(mw), smem_addr(xs + s * NB), 32u * xcol, xcol};
+      // the one-FLO take (xaddr at the word's last column) except where its extra live value spills
+      constexpr bool kHi = !(sizeof(T) == 4 && NB >= 4);
+      MaskWalk<kHi> walk{mw[0], smem_addr(mw), smem_addr(xs + s * NB) + (kHi ? 31u * xcol : 0u), 32u * xcol, xcol};
       int c = 0;
       // (fp32 values with 4+ batch columns: the rolling loop spills at the 64-register budget)
       constexpr bool kRolling = BP_BM_ROLLING && (sizeof(T) < 4 || NB < 4);
@@ -464,7 +496,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
         c = first;
       }
       for (; c < full; ++c) unit_fma<T, XT, NB>(ld_words<4>(vp + (long long)c * P), walk, acc);
-      if (tail) tail_fma<T, XT, NB>(ld_words<4>(vp + (long long)full * P), tail, walk, acc);
+      if (tail) values_fma<T, XT, NB>(ld_words<4>(vp + (long long)full * P), 0, tail, walk, acc);
     }
 #endif
     // the P lanes of a row add their sums (groups are aligned runs of P lanes)

@@ -46,9 +46,13 @@ def test_every_runtime_variant_compiles(tmp_path):
 
 def _assert_fit_64_registers_no_spills(tmp_path, names: list[str], filename: str, *flags: str) -> None:
     """Build ``names`` of ``filename`` with ptxas -v (and ``flags``, e.g. -D options): every one at <= 64
-    registers, no spill stores or loads."""
+    registers, no spill stores or loads, and no stack frame (a local array indexed by a value that is not a
+    constant lives in local memory without counting as a spill: the bitmask kernel's x staging did, and each
+    of its loads then waited at its local store)."""
     r = _nvcc(tmp_path, _instantiating_source(names, filename), "-c", "-Xptxas", "-v", *flags)
     assert r.returncode == 0, r.stderr[-4000:]
+    frames = [int(n) for n in re.findall(r"(\d+) bytes stack frame", r.stderr)]
+    assert len(frames) == len(names) and not any(frames), r.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
     assert len(spills) == len(regs) == len(names), r.stderr[-4000:]

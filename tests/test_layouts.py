@@ -234,11 +234,12 @@ def test_bitmask_decoding_is_checked_against_memory_first(cli, tmp_path, monkeyp
     assert r.code == 4 and "decoding its bitmask" in r.err, r.err
 
 
-def _uniform_walk_columns(seg_words: np.ndarray, seg_keep: int) -> list[int]:
-    """The columns walk 6 of kernels/balanced_bitmask.cu (UniformWalk) takes from one segment's mask words,
-    step for step: current word m and next word n in registers; a take that finds m empty moves n in and
-    loads the word after (the slot past the last word is a spare holding garbage: never used); an empty
-    word loops. Returns the columns of the seg_keep takes."""
+def _uniform_walk_columns(seg_words: np.ndarray, seg_keep: int, gaps: bool = True) -> list[int] | None:
+    """The columns walk 6 of kernels/balanced_bitmask.cu (UniformWalk<GAPS>) takes from one segment's mask
+    words, step for step: current word m and next word n in registers; a take that finds m empty moves n in
+    and loads the word after (the slot past the last word is a spare holding garbage: never used); with
+    ``gaps`` an empty word loops. Returns the columns of the seg_keep takes; None where the loop-free walk
+    (``gaps`` False) would take a column of an empty word (the kernel's FLO of 0: garbage)."""
     slots = list(int(w) for w in seg_words) + [0xFFFFFFFF]  # the spare slot: garbage the walk must not use
     m, nidx = slots[0], 1
     n, base, cols = slots[nidx], 0, []
@@ -246,13 +247,25 @@ def _uniform_walk_columns(seg_words: np.ndarray, seg_keep: int) -> list[int]:
         if m == 0:
             m, base, nidx = n, base + 32, nidx + 1
             n = slots[nidx] if nidx < len(slots) else None  # a load past the spare slot would be out of bounds
-        while m == 0:
+        while gaps and m == 0:
             m, base, nidx = n, base + 32, nidx + 1
             n = slots[nidx] if nidx < len(slots) else None
-        b = 32 - m.bit_length()  # count of leading zeros
-        m ^= 0x80000000 >> b
-        cols.append(base + b)
+        if m == 0:
+            return None
+        p = m.bit_length() - 1  # the kernel's 31 - __clz(m): one FLO
+        m ^= 1 << p
+        cols.append(base + 31 - p)  # x at xhi - p * xcol, xhi the word's last column
     return cols
+
+
+def _walk_has_gaps(seg_words: np.ndarray) -> bool:
+    """The kernel's rule while it stages a walk's words: an empty word past the first with a non-empty one
+    after it (only then can a take move in an empty word); the round takes the loop if any lane has one."""
+    empty_before, gaps = False, False
+    for w, word in enumerate(int(v) for v in seg_words):
+        gaps |= empty_before and word != 0
+        empty_before |= w > 0 and word == 0
+    return gaps
 
 
 @pytest.mark.parametrize("sparsity,L", [(0.5, 128), (0.8, 128), (0.9, 1024), (0.97, 448), (0.5, 4)])
@@ -269,7 +282,7 @@ def test_walk_6_takes_exactly_the_kept_columns(sparsity, L):
     for r in range(rows):
         for b in range(idx.shape[2]):
             kept[r, b * L + idx[r, :, b]] = True
-    empty_words = 0
+    empty_words = gapped = 0
     for r in range(rows):
         for s in range(sg.segments):
             q, lane = divmod(s, sg.lanes)
@@ -279,5 +292,26 @@ def test_walk_6_takes_exactly_the_kept_columns(sparsity, L):
             want = [s * sg.seg_cols + c for c in np.nonzero(kept[r, s * sg.seg_cols:(s + 1) * sg.seg_cols])[0]]
             # phantom blocks of the last segment keep their first k columns (past the row)
             assert got[: len(want)] == want and len(got) == sg.seg_keep
+            # the loop-free walk (v28), which the kernel takes where no lane's words have a gap, is exact there
+            free = _uniform_walk_columns(w, sg.seg_keep, gaps=False)
+            gapped += _walk_has_gaps(w)
+            if not _walk_has_gaps(w):
+                assert free is not None and [s * sg.seg_cols + c for c in free] == got
     if sparsity >= 0.9:
-        assert empty_words > 0  # the case exercised the empty-word loop
+        assert empty_words > 0 and gapped > 0  # the case exercised the empty-word loop
+
+
+def test_the_gap_rule_flags_exactly_the_words_the_loop_free_walk_cannot_pass():
+    """kernels/balanced_bitmask.cu v28: a walk whose words have no gap (an empty word past the first with a
+    kept column after it) gives the same columns without the empty-word loop; one with a gap would take a
+    column of an empty word. Every 5-word walk of words empty or not, each with 1 .. 3 kept columns to take."""
+    for pattern in range(1, 32):
+        words = np.array([0x80000000 if pattern >> w & 1 else 0 for w in range(5)], dtype=np.uint32)
+        keep = int(sum(pattern >> w & 1 for w in range(5)))
+        looped = _uniform_walk_columns(words, keep)
+        free = _uniform_walk_columns(words, keep, gaps=False)
+        assert looped == [32 * w for w in range(5) if pattern >> w & 1]
+        if _walk_has_gaps(words):
+            assert free is None, words
+        else:
+            assert free == looped, words

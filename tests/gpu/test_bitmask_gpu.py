@@ -33,6 +33,10 @@ RAGGED = {"K1500_b32": (50, 1500, BalancedPattern(0.5, blocks=32)),   # L=47: g*
           "K970_L64": (30, 970, BalancedPattern(0.5, blocks=None, block_size=64)),  # padding kept
           "K33_b32": (9, 33, BalancedPattern(0.5, blocks=32)),         # L=2
           "K1000_b7": (11, 1000, BalancedPattern(0.7, blocks=7))}      # L=143, fewer lanes than 32
+# an empty mask word between kept columns at 50% (so walk 6 takes its loop for that warp's round and the
+# loop-free walk elsewhere, kernels/NOTES.md v28): GAPS[case] = [(row, first column, columns)] made tiny
+GAPS = {"L128_gaps": ((70, 4096, BalancedPattern(0.5, blocks=None, block_size=128)),
+                      [(5, 3 * 128 + 32, 32), (40, 32, 64), (69, 31 * 128 + 32, 32)])}
 
 
 def _cases():
@@ -40,6 +44,7 @@ def _cases():
         for s in sparsities:
             yield f"L{L}_s{s}", (rows, cols, BalancedPattern(s, blocks=None, block_size=L))
     yield from RAGGED.items()
+    yield from ((case, shape) for case, (shape, _) in GAPS.items())
 
 
 CASES = dict(_cases())
@@ -49,7 +54,10 @@ CASES = dict(_cases())
 def _packed(case: str, dtype: torch.dtype) -> BalancedTensor:
     rows, cols, pattern = CASES[case]
     gen = torch.Generator().manual_seed(hash(case) % 1000)
-    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    w = torch.randn(rows, cols, generator=gen)
+    for row, c0, n in GAPS[case][1] if case in GAPS else ():
+        w[row, c0:c0 + n] *= 1e-3  # pruned: a whole mask word (or two) with no kept column
+    w = w.to(dtype)
     g = geometry_for(rows, cols, pattern)
     return BalancedTensor.from_offsets(w, pattern, balanced_offsets(w, g, dtype=g.index_dtype)).with_encoding("bitmask")
 
