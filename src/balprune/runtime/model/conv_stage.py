@@ -9,7 +9,10 @@ each gated and timed by stages.dispatch:
 
 - "dense": torch's conv2d (cuDNN, tensor cores) on the masked weight, its result moved into ``out`` by
   the launch that applies the ReLU (clamp_min), the residual add or the pool anyway; NCHW and
-  channels-last are launch variants, each timed, the faster kept;
+  channels-last are launch variants, each timed, the faster kept; so is "fused" where a ReLU ends the
+  stage and no pool follows: cuDNN's conv + bias + ReLU (+ the residual add) as one op writing ``out``
+  (aten.cudnn_convolution_relu / cudnn_convolution_add_relu), reported as unavailable where this torch
+  or cuDNN cannot run it;
 - the im2col path (the layer's balanced SpMM, path "balanced"): the SpMM of the [C_out, C_in*kh*kw]
   view over OH*OW columns, straight on ``x`` for a 1x1 stride-1 conv, else on an im2col
   (kernels/model_ops.cu, any stride) of it; bias (and ReLU, without a residual) in its epilogue, or
@@ -38,8 +41,20 @@ from .base import PackedModel, load_dense
 from .lstm import _matrix
 from .stages import ptr, sparse_operator
 
-#: The memory layouts the dense path is timed in: "dense" is NCHW, "dense (channels-last)" the other.
-DENSE_LAYOUTS = ("NCHW", "channels-last")
+#: The dense path's launch variants: "dense" is NCHW, "dense (channels-last)" the other memory layout,
+#: "dense (fused)" cuDNN's one-op conv + bias + ReLU (+ residual) in NCHW (ReLU stages without a pool).
+DENSE_LAYOUTS = ("NCHW", "channels-last", "fused")
+
+
+def fused_conv_relu(x, w, bias, stride: int, pad: int, out, residual=None) -> None:
+    """out = ReLU(conv2d(x, w, stride, pad) + bias [+ residual]) by one cuDNN op (x, out, residual [1, C, H, W]).
+    Why: the separate ReLU / add launch that moves conv2d's result into ``out`` costs as much as a small conv
+    at batch 1 (BENCHMARKS.md: the runtime's dense stages 11-20 us against cuDNN's 7-16)."""
+    st, pd, dil = [stride, stride], [pad, pad], [1, 1]
+    if residual is None:
+        torch.ops.aten.cudnn_convolution_relu.out(x, w, bias, st, pd, dil, 1, out=out)
+    else:
+        torch.ops.aten.cudnn_convolution_add_relu.out(x, w, residual, 1.0, bias, st, pd, dil, 1, out=out)
 
 
 class ConvStage:
@@ -138,6 +153,8 @@ class ConvStage:
             raise ValueError(f"{self.name}: no dense layout {layout!r} (one of {', '.join(DENSE_LAYOUTS)})")
         b, pad, stride, x, out = self.bias_t, self.pad, self.stride, self.x, self.out
         res, relu, pool = self.residual, self.relu, self.pool
+        if layout == "fused":
+            return self._fused_fn()
         cl = layout == "channels-last"
         # channels-last: cuDNN's NHWC kernels, often faster at batch 1; the input is converted by one copy and
         # the result comes back to NCHW in the launch that moves it into out anyway
@@ -164,6 +181,24 @@ class ConvStage:
                 torch.clamp_min(y, 0, out=out)
             else:
                 out.copy_(y)
+            return out
+        return run
+
+    def _fused_fn(self):
+        """The "dense (fused)" variant: conv + bias + ReLU (+ residual) straight into ``out``, one op."""
+        if not self.relu or self.pool:
+            raise ValueError(f"{self.name}: the fused dense variant takes a ReLU stage without a pool")
+        x4, w, b, out4 = self.x[None], self.w4, self.bias_t, self.out[None]
+        r4 = None if self.residual is None else self.residual[None]
+        stride, pad, out = self.stride, self.pad, self.out
+        fp32 = w.dtype == torch.float32
+
+        def run() -> torch.Tensor:
+            if fp32 and not float32_is_exact():  # as the NCHW variant: no TF32 in a float32 stage
+                with exact_float32():
+                    fused_conv_relu(x4, w, b, stride, pad, out4, r4)
+            else:
+                fused_conv_relu(x4, w, b, stride, pad, out4, r4)
             return out
         return run
 
@@ -216,7 +251,8 @@ class ConvStage:
                 + ([(DIRECT, self.direct)] if self.direct is not None else []))
 
     def candidates(self) -> dict:
-        keys = ["dense"] + [f"dense ({k})" for k in DENSE_LAYOUTS[1:]] + ([self.sparse[0]] if self.sparse is not None else [])
+        layouts = [k for k in DENSE_LAYOUTS[1:] if k != "fused" or (self.relu and not self.pool)]
+        keys = ["dense"] + [f"dense ({k})" for k in layouts] + ([self.sparse[0]] if self.sparse is not None else [])
         if self.direct is not None:
             keys += [f"{DIRECT} ({k})" for k in self.direct.kernels_for(self.H, self.W)]
         return {k: self._make(k) for k in keys}
@@ -245,8 +281,8 @@ class ConvStage:
         im2col buffer when another path runs. ``candidates()``, ``reference()`` and ``bytes_of()`` are not
         available afterwards (a model calls this once its stage is settled)."""
         path = self.choice.path
-        # the NCHW weight is read by the NCHW dense launch only (channels-last binds its own copy)
-        if path != "dense" or self.choice.variants.get("dense", "dense") != "dense":
+        # the NCHW weight is read by the NCHW and fused dense launches only (channels-last binds its own copy)
+        if path != "dense" or self.choice.variants.get("dense", "dense") not in ("dense", "dense (fused)"):
             self.dense = self.w4 = None
         if path != DIRECT:
             self.direct = None
