@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
           }
         }
       }
-      gaps = __any_sync(0xffffffffu, gaps);  // (also the __syncwarp before the walk reads mw)
+      gaps = __any_sync(0xffffffffu, gaps);  // a lane reads back only its own words: no sync needed for mw
       const int s0 = q * P + l;
       q += two ? 2 : 1;
       if (!active) continue;

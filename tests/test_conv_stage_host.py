@@ -2,8 +2,9 @@
 against the stage's own float64 reference, for every combination a VGG or ResNet layer has (ReLU, residual add
 then ReLU, 2x2 pool, stride 2, 1x1 and 3x3 and 7x7). The sparse paths need the GPU (tests/gpu/test_model_gpu.py);
 here the stage is built with no sparse operator, as on a layer whose pattern has no kernel. cuDNN's fused op
-has no CPU kernel: here conv_stage.fused_conv_relu is replaced by the same arithmetic in torch ops, which checks
-what the variant hands it and where its result goes; the op itself runs under the dispatcher's gate on a GPU."""
+has no CPU kernel: here conv_stage.fused_conv_add_relu is replaced by the same arithmetic in torch ops, which
+checks what the variant hands it and where its result goes; the op itself runs under the dispatcher's gate on a
+GPU."""
 
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ from balprune.runtime.model.conv_stage import ConvStage
 def no_sparse(monkeypatch):
     monkeypatch.setattr(conv_stage, "sparse_operator", lambda *a, **k: (None, "no kernel for this pattern"))
 
-    def fused_on_cpu(x, w, bias, stride, pad, out, residual=None):  # cuDNN's contract, in torch ops
-        assert x.dim() == 4 and x.shape[0] == 1 and out.dim() == 4 and out.shape[0] == 1
-        y = torch.nn.functional.conv2d(x, w, bias, stride=stride, padding=pad)
-        out.copy_(torch.relu(y if residual is None else y + residual))
-    monkeypatch.setattr(conv_stage, "fused_conv_relu", fused_on_cpu)
+    def fused_on_cpu(x, w, bias, stride, pad, residual, out):  # cuDNN's contract, in torch ops
+        assert x.dim() == residual.dim() == out.dim() == 4 and x.shape[0] == residual.shape[0] == out.shape[0] == 1
+        out.copy_(torch.relu(torch.nn.functional.conv2d(x, w, bias, stride=stride, padding=pad) + residual))
+    monkeypatch.setattr(conv_stage, "fused_conv_add_relu", fused_on_cpu)
 
 
 def _model():
@@ -57,10 +57,10 @@ def test_dense_paths_equal_the_stage_reference(no_sparse, case, layout):
     res = torch.randn(cout, oh, oh, generator=gen) if residual else None
     stage = ConvStage(_model(), ref, w, pf, x, residual=res)
     assert stage.sparse is None and stage.direct is None
-    fused = (relu or residual) and not pool  # the fused op ends in a ReLU and writes out: no pool after it
-    assert set(stage.candidates()) == {"dense", "dense (channels-last)"} | ({"dense (fused)"} if fused else set())
+    # the fused op saves a launch on a residual stage only (conv + add + ReLU: conv_stage.fused_conv_add_relu)
+    assert set(stage.candidates()) == {"dense", "dense (channels-last)"} | ({"dense (fused)"} if residual else set())
     if layout not in stage.candidates():
-        with pytest.raises(ValueError, match="fused dense variant takes a ReLU stage without a pool"):
+        with pytest.raises(ValueError, match="fused dense variant takes a residual stage"):
             stage._make(layout)
         return
     got = stage.candidates()[layout]()

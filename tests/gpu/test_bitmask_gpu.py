@@ -33,10 +33,11 @@ RAGGED = {"K1500_b32": (50, 1500, BalancedPattern(0.5, blocks=32)),   # L=47: g*
           "K970_L64": (30, 970, BalancedPattern(0.5, blocks=None, block_size=64)),  # padding kept
           "K33_b32": (9, 33, BalancedPattern(0.5, blocks=32)),         # L=2
           "K1000_b7": (11, 1000, BalancedPattern(0.7, blocks=7))}      # L=143, fewer lanes than 32
-# an empty mask word between kept columns at 50% (so walk 6 takes its loop for that warp's round and the
-# loop-free walk elsewhere, kernels/NOTES.md v28): GAPS[case] = [(row, first column, columns)] made tiny
+# empty mask words at 50%, kernels/NOTES.md v28: between kept columns (walk 6 takes its loop for that warp's
+# round, the loop-free walk elsewhere) and a segment's first word (row 12: the loop-free walk's first take
+# moves the next word in). GAPS[case] = [(row, first column, columns)] made tiny, so pruned
 GAPS = {"L128_gaps": ((70, 4096, BalancedPattern(0.5, blocks=None, block_size=128)),
-                      [(5, 3 * 128 + 32, 32), (40, 32, 64), (69, 31 * 128 + 32, 32)])}
+                      [(5, 3 * 128 + 32, 32), (40, 32, 64), (69, 31 * 128 + 32, 32), (12, 7 * 128, 32)])}
 
 
 def _cases():
