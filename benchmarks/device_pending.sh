@@ -3,7 +3,7 @@
 # written without a GPU): correctness first, the risky cases before the sweep, then the same-run timings
 # against main's kernel. Run from the repository root on the device (PYTHONPATH=src set here):
 #   git show main:kernels/balanced_bitmask.cu > main_bitmask.cu   # here, before the call (untracked: it travels)
-#   bash benchmarks/device_pending.sh "$OUT" main_bitmask.cu   # there (copy the file into the tree first); <= 10 min:
+#   bash benchmarks/device_pending.sh "$OUT" main_bitmask.cu   # there; <= 10 min:
 # step 4 may be cut by the call's limit: rerun what it did not reach in a second call
 # Writes at most 8 files into OUT (the device tool brings back 8): the logs named below.
 set -uo pipefail
