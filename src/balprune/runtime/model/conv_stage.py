@@ -31,6 +31,8 @@ the sparse paths can; the dispatcher measures them on this GPU and says which ra
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,13 @@ from .stages import ptr, sparse_operator
 #: The dense path's launch variants: "dense" is NCHW, "dense (channels-last)" the other memory layout,
 #: "dense (fused)" cuDNN's one-op conv + bias + residual add + ReLU in NCHW (residual stages only).
 DENSE_LAYOUTS = ("NCHW", "channels-last", "fused")
+
+
+def cudnn_precision(fp32: bool):
+    """The context a dense conv launch runs in: float32 stages run cuDNN in float32, not torch's default
+    TF32 (measure.exact_float32 says why); entering that context costs ~7 us of host time, so only where
+    the caller has not already (bench runs everything inside it)."""
+    return exact_float32() if fp32 and not float32_is_exact() else contextlib.nullcontext()
 
 
 def fused_conv_add_relu(x, w, bias, stride: int, pad: int, residual, out) -> None:
@@ -160,17 +169,11 @@ class ConvStage:
         # channels-last: cuDNN's NHWC kernels, often faster at batch 1; the input is converted by one copy and
         # the result comes back to NCHW in the launch that moves it into out anyway
         w = self.w4.contiguous(memory_format=torch.channels_last) if cl else self.w4
-        # float32 stages run cuDNN in float32, not torch's default TF32 (measure.exact_float32 says why);
-        # entering the context costs ~7 us of host time, so only where the caller has not already (bench
-        # runs everything inside it)
         fp32 = w.dtype == torch.float32
 
         def run() -> torch.Tensor:
             xin = x[None].contiguous(memory_format=torch.channels_last) if cl else x[None]
-            if fp32 and not float32_is_exact():
-                with exact_float32():
-                    y = F.conv2d(xin, w, b, stride=stride, padding=pad)[0]
-            else:
+            with cudnn_precision(fp32):
                 y = F.conv2d(xin, w, b, stride=stride, padding=pad)[0]
             if pool:
                 y = F.max_pool2d(y, 2)  # ReLU commutes with the max: applied by the move into out
@@ -194,10 +197,7 @@ class ConvStage:
         fp32 = w.dtype == torch.float32
 
         def run() -> torch.Tensor:
-            if fp32 and not float32_is_exact():  # as the NCHW variant: no TF32 in a float32 stage
-                with exact_float32():
-                    fused_conv_add_relu(x4, w, b, stride, pad, r4, out4)
-            else:
+            with cudnn_precision(fp32):
                 fused_conv_add_relu(x4, w, b, stride, pad, r4, out4)
             return out
         return run
