@@ -184,7 +184,7 @@ __device__ __forceinline__ void stage_kv(const T* __restrict__ K, const T* __res
 // grid (kvh, ceil(max_len / chunk)), block kAttThreads; chunks past pos exit at once.
 // Dynamic shared memory: 2 * chunk * (d + 1) + rep * d + rep * chunk floats.
 // part: float [heads, ceil(max_len / chunk), d + 2]; count: int [kvh], zero before the first step.
-constexpr int kAttThreads = 128;
+constexpr int kAttThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kAttThreads) attention_split(
@@ -220,11 +220,21 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
     const int r = t / chunk, jj = t - r * chunk, j = j0 + jj;
     float s = -__int_as_float(0x7f800000);
     if (j >= lo && j <= hi) {
-      float acc = 0.0f;
+      // four independent sums: the dot product is a chain of shared-memory loads, and one accumulator
+      // made it d load latencies long (the kernel's largest cost at short contexts, NOTES v29)
       const float* k = ks + jj * stride;
       const float* q = qs + r * d;
-      for (int e = 0; e < d; ++e) acc = fmaf(q[e], k[e], acc);
-      s = rnd<T>(rnd<T>(acc) * scaling);
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+      int e = 0;
+#pragma unroll 2
+      for (; e + 4 <= d; e += 4) {
+        a0 = fmaf(q[e], k[e], a0);
+        a1 = fmaf(q[e + 1], k[e + 1], a1);
+        a2 = fmaf(q[e + 2], k[e + 2], a2);
+        a3 = fmaf(q[e + 3], k[e + 3], a3);
+      }
+      for (; e < d; ++e) a0 = fmaf(q[e], k[e], a0);
+      s = rnd<T>(rnd<T>((a0 + a1) + (a2 + a3)) * scaling);
     }
     sc[t] = s;
   }
@@ -253,9 +263,18 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
   const int slots = d + 2;
   for (int t = tid; t < rep * d; t += blockDim.x) {
     const int r = t / d, e = t - r * d;
-    float acc = 0.0f;
-    for (int jj = 0; jj < chunk; ++jj) acc = fmaf(sc[r * chunk + jj], vs[jj * stride + e], acc);
-    part[((long long)(g * rep + r) * nchunks + c) * slots + e] = acc;
+    const float* p = sc + r * chunk;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // independent sums, as for the scores
+    int jj = 0;
+#pragma unroll 2
+    for (; jj + 4 <= chunk; jj += 4) {
+      a0 = fmaf(p[jj], vs[jj * stride + e], a0);
+      a1 = fmaf(p[jj + 1], vs[(jj + 1) * stride + e], a1);
+      a2 = fmaf(p[jj + 2], vs[(jj + 2) * stride + e], a2);
+      a3 = fmaf(p[jj + 3], vs[(jj + 3) * stride + e], a3);
+    }
+    for (; jj < chunk; ++jj) a0 = fmaf(p[jj], vs[jj * stride + e], a0);
+    part[((long long)(g * rep + r) * nchunks + c) * slots + e] = (a0 + a1) + (a2 + a3);
   }
   if (tid < rep) {
     float* ml = part + ((long long)(g * rep + tid) * nchunks + c) * slots + d;

@@ -314,7 +314,7 @@ class FusedOps:
     it can)."""
 
     THREADS_NORM = 1024
-    THREADS_ATTENTION = 128  # kernels/llama_ops.cu kAttThreads
+    THREADS_ATTENTION = 256  # kernels/llama_ops.cu kAttThreads
     # the default shared-memory limit per CTA (no attribute needed), less attention_split's static shared memory
     # (mx, sum, last: 272 bytes per ptxas; 1 KiB kept), which counts against the same 48 KiB
     SHARED_LIMIT = 48 * 1024 - 1024
