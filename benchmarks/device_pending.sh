@@ -18,6 +18,10 @@ git rev-parse HEAD >>"$OUT/gpu.txt" 2>/dev/null
 timeout 100 python3 -m pytest -q -x -p no:cacheprovider -W ignore::DeprecationWarning tests/gpu/test_bitmask_gpu.py \
   -k "gaps or L1024 or L448 or K1500 or K1000 or K33 or K970 or tall" >"$OUT/t_bitmask_risky.txt" 2>&1
 
+# 1b. the attention kernel's independent sums (the fused decode step against the float32 reference)
+timeout 90 python3 -m pytest -q -x -p no:cacheprovider -W ignore::DeprecationWarning tests/gpu/test_llama_gpu.py \
+  -k "(fused-ops and balanced) or graph_replay or overlapped" >"$OUT/t_llama_attention.txt" 2>&1
+
 # 2. same-run timings: main's kernel (a copy of the tree with it) against v28, walk 6 and walk 5
 rm -rf /tmp/main_tree && mkdir /tmp/main_tree && cp -r src benchmarks kernels /tmp/main_tree/ \
   && cp "$MAIN_KERNEL" /tmp/main_tree/kernels/balanced_bitmask.cu
@@ -29,6 +33,8 @@ for sh in 8b 1b; do
       --batch 1 --walk $walk
   done
 done >"$OUT/probe.txt" 2>&1
+echo "== decode 1b, this tree" >>"$OUT/probe.txt"
+timeout 60 python3 benchmarks/llm_decode.py --model 1b --configs 70% --contexts 128 --steps 32 --split >>"$OUT/probe.txt" 2>&1
 
 # 3. cuDNN's fused ops against the runtime's dense conv stage
 timeout 30 python3 benchmarks/cudnn_fused_probe.py >"$OUT/cudnn_fused.txt" 2>&1
