@@ -9,7 +9,7 @@ Run on the GPU machine from the repository root:
 Random weights (std 0.02, norms 1), the Llama-3.2-1B or Llama-3-8B shapes (tied head for 1B), pruned
 in memory balanced (32 blocks per row) at each sparsity or N:M with the index encoding `prune --index
 auto` would store (bitmask at 50-80%: the runtime times the bitmask and the offsets kernel on it), no
-file written. For each config the
+file written (``--prune-head``: the head's matrix too, the tied embedding for 1B). For each config the
 runtime (runtime.model.llama.PackedLlama) is built with every product dispatched ("auto"), and the
 same weights with every product forced dense ("dense": the masked model in torch with a static
 cache, the peer every config is compared with, identical for every mask); both run one decode step
@@ -55,10 +55,18 @@ CONFIGS = {"dense": None, "30%": BalancedPattern(0.3, blocks=32), "50%": Balance
            "2:4": BalancedPattern(0.5, blocks=None, block_size=4), "4:8": BalancedPattern(0.5, blocks=None, block_size=8)}
 
 
-def weights(cfg: LlmConfig, pattern, dtype: torch.dtype):
+def head_name(cfg: LlmConfig) -> str:
+    """The tensor the head's product reads: the embedding when the model ties them, else lm_head."""
+    return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+
+
+def weights(cfg: LlmConfig, pattern, dtype: torch.dtype, *, prune_head: bool = False):
     """weight(name) for PackedLlama: random tensors per name (seeded by the name), the decoder's linears
-    pruned with ``pattern`` (None: dense) by magnitude on the GPU."""
+    pruned with ``pattern`` (None: dense) by magnitude on the GPU; with ``prune_head`` the head's matrix
+    too (a tied one is then the pruned embedding as well: the runtime looks tokens up in its masked
+    dense form)."""
     shapes = expected_tensors(cfg)
+    pruned_beyond_layers = {head_name(cfg)} if prune_head else set()
 
     def weight(name: str):
         shape = shapes[name]
@@ -67,7 +75,7 @@ def weights(cfg: LlmConfig, pattern, dtype: torch.dtype):
             return t, t
         g = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
         w = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(dtype)
-        if pattern is None or ".layers." not in name:
+        if pattern is None or (".layers." not in name and name not in pruned_beyond_layers):
             return w, w
         geo = geometry_for(shape[0], shape[1], pattern)
         bt = BalancedTensor.from_offsets(w.cpu(), pattern, _gpu_offsets(w, geo))
@@ -214,6 +222,9 @@ def main() -> int:
     ap.add_argument("--split", action="store_true", help="also time the step's products and ops apart (split_step)")
     ap.add_argument("--overlap", default="on", choices=("off", "on", "both"),
                     help="programmatic dependent launches of the step (both: each runtime timed both ways)")
+    ap.add_argument("--prune-head", action="store_true",
+                    help="prune the head's matrix too (the tied embedding for 1B): the whole-model byte ratios "
+                         "issue 18 states (56%% at 50%%); Wanda's and SparseGPT's scope keeps it dense")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
@@ -229,14 +240,15 @@ def main() -> int:
         built = {}
         for paths in (("dense",) if pattern is None else ("auto", "dense")):
             t0 = time.perf_counter()
-            rt = PackedLlama(cfg, weights(cfg, pattern, dt), max_len=max_len, dtype=a.dtype, paths=paths,
+            rt = PackedLlama(cfg, weights(cfg, pattern, dt, prune_head=a.prune_head), max_len=max_len, dtype=a.dtype, paths=paths,
                              measure=paths != "dense", fused=not a.torch_ops, overlap=a.overlap == "on")
             build_s = time.perf_counter() - t0
             rt.capture()
             row = {"config": cname, "paths": paths, "build_s": round(build_s, 1), "weight_MB": round(rt.weight_bytes / 1e6, 1),
                    "floor_ms": round(rt.weight_bytes / bw / 1e6, 4),
                    "sparse_layers": sum(c.path != "dense" for c in rt.choices), "layers": len(rt.choices),
-                   "decode_ops": rt.decode_ops["path"], "overlap": a.overlap == "on"}
+                   "decode_ops": rt.decode_ops["path"], "overlap": a.overlap == "on",
+                   "head": "pruned" if a.prune_head and pattern is not None else "dense"}
             for ctx in contexts:
                 rt.reset()
                 row[f"ctx{ctx}"] = time_decode(rt, ctx, a.steps)
