@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The second device call after device_pending.sh: the GPU suites not yet run on this tree, then the issue
+# A follow-up device call after device_pending.sh: the GPU suites it does not run, then the issue
 # tables (8B layer at every config, 1B decode split). Run from the repository root on the device:
 #   bash benchmarks/device_next.sh "$OUT"      # <= 10 min; each step has its own limit
 # Writes at most 8 files into OUT.

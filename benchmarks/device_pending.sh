@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call for the branch device-pending (kernels/NOTES.md v28 and the fused dense conv variant, both
-# written without a GPU): correctness first, the risky cases before the sweep, then the same-run timings
-# against main's kernel. Run from the repository root on the device (PYTHONPATH=src set here):
-#   git show main:kernels/balanced_bitmask.cu > main_bitmask.cu   # here, before the call (untracked: it travels)
+# One device call that verifies and times a bitmask-kernel change written without a GPU (used for kernels/NOTES.md
+# v28 and v29 and the fused dense conv variant): correctness first, the risky cases before the sweep, then the
+# same-run timings against the previous kernel. Run from the repository root on the device (PYTHONPATH=src set here):
+#   git show REV:kernels/balanced_bitmask.cu > main_bitmask.cu   # here, the kernel to compare with (untracked: it travels)
 #   bash benchmarks/device_pending.sh "$OUT" main_bitmask.cu   # there; <= 10 min:
 # step 4 may be cut by the call's limit: rerun what it did not reach in a second call
 # Writes at most 8 files into OUT (the device tool brings back 8): the logs named below.
