@@ -6,7 +6,8 @@
 - ``examples``: HF folders with random weights (presets llama-tiny / llama-1b / llama-8b), streamed
   shard by shard, with a small byte-level BPE tokenizer.json.
 - ``text``: data files to token ids (.npy, ids text, or text through a tokenizer.json) and the windows
-  cut from them (calibration samples, perplexity windows); the one user of the ``tokenizers`` package.
+  cut from them (calibration samples, perplexity windows); the one user of the ``tokenizers`` package
+  (TextCodec runs it on a user's tokenizer.json in a memory-capped child: ``tokenizer_child``).
 - ``evaluate``: perplexity of a folder, an unpacked or a packed file (``balprune eval``).
 """
 
