@@ -64,6 +64,8 @@ CASES = {
     "time negative": (_set(M0 + ("p10_us",), -1.0), ["'p10_us'", ">= 0"]),
     "time zero": (_set(M0 + ("median_us",), 0), ["'median_us'", "> 0"]),
     "time overflowing to inf": (lambda d: d | {"__raw__": ("10.0", "1e400")}, ["'median_us'", "finite"]),
+    # an integer literal float() cannot hold (OverflowError: exit 70 before)
+    "time a huge integer": (lambda d: d | {"__raw__": ("10.0", "1" + "0" * 400)}, ["'median_us'", "finite"]),
     "time a boolean": (_set(M0 + ("p90_us",), True), ["'p90_us'", "a boolean"]),
     "batch a boolean": (_set(M0 + ("batch",), True), ["'batch'", "an integer >= 1", "a boolean True"]),
     "batch a float": (_set(M0 + ("batch",), 1.0), ["'batch'", "an integer >= 1", "a number 1.0"]),
@@ -228,3 +230,18 @@ def test_an_older_report_with_nan_literals_reads_where_a_failed_measurement_may_
     bad.write_text(json.dumps(d))
     r = cli("compare", good, bad)
     assert r.code == 4 and "median_us" in r.err and r.err.count("\n") == 1, r
+
+
+def test_compare_json_is_strict_json_when_a_ratio_overflows(cli, tmp_path):
+    """Timings of 5e-324 and 1e308 are each accepted, and their ratio overflows to inf: --json said
+    `Infinity`, which strict parsers refuse. It says null."""
+    base, new = _good(), _good()
+    base["measurements"][0]["median_us"] = 5e-324
+    new["measurements"][0]["median_us"] = 1e308
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    _write(a, base)
+    _write(b, new)
+    r = cli("compare", a, b, "--json")
+    assert r.code == 1 and "Infinity" not in r.out, r
+    out = json.loads(r.out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert [c["ratio"] for c in out["changes"] if c["layer"] == "fc6" and c["kernel"] == "balanced"] == [None]

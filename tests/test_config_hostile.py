@@ -238,6 +238,11 @@ def test_prune_config_steps_bounded_as_a_file_error(cli, tmp_path, ckpt):
     ("train", "lr = inf", ("lr", "finite")),
     ("train", "momentum = nan", ("momentum", "finite")),
     ("task", "hidden = 1000000000", ("hidden", "16384")),
+    # finite, but beyond float32 inside the optimizer (exit 70 before), or beyond a float (exit 70 before)
+    ("train", "lr = 1e39", ("lr", "at most 10000.0")),
+    ("train", "weight_decay = 1e308", ("weight_decay", "at most")),
+    ("train", "momentum = 2.0", ("momentum", "at most 1.0")),
+    ("train", "lr = " + "9" * 400, ("lr", "integer of 400 digits")),
 ])
 def test_recipe_values_bounded_before_any_training(cli, tmp_path, table, line, mentions):
     r = recipe(tmp_path, set_key(DIGITS_RECIPE, table, line))
@@ -377,3 +382,20 @@ def test_sensitivity_samples_are_checked_against_memory_before_work(cli, tmp_pat
     r = cli("sensitivity", src, "--blocks", "4", "--samples", "4096", "-o", tmp_path / "plan.toml")
     assert r.code == 4 and "--samples 4096 needs" in one_error_line(r.err), r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tall.pt"]
+
+
+@pytest.mark.parametrize("text,mentions", [
+    ("[prune]\nsparsity = " + "9" * 400 + "\n", ("sparsity",)),
+    ("x = " + "9" * 5000 + "\n", ("not valid TOML", "4300 digits")),
+    (".".join(["a"] * 50000) + " = 1\n", ("dotted key", "more than 64 parts", "line 1")),
+    ("[" + ".".join(["a"] * 50000) + "]\n", ("dotted key", "more than 64 parts")),
+])
+def test_prune_config_integers_and_dotted_keys_that_break_the_parser(cli, tmp_path, ckpt, text, mentions):
+    """A 400-digit integer overflowed float() (exit 70), a 5000-digit one hit Python's int() limit inside
+    tomllib (exit 70), a dotted key of 50,000 parts (100 KB) took tomllib minutes and gigabytes: exit 4 now,
+    at once."""
+    (tmp_path / "c.toml").write_text(text)
+    start = time.monotonic()
+    refused(tmp_path, ["prune", ckpt, "--config", tmp_path / "c.toml", "-o", tmp_path / "o.safetensors"], 4,
+            *mentions, cli=cli)
+    assert time.monotonic() - start < 20

@@ -209,3 +209,29 @@ def test_sensitivity_bad_inputs(cli, small_pt, tmp_path):
     torch.save({"bias": torch.zeros(3)}, tmp_path / "onlybias.pt")
     r = cli("sensitivity", tmp_path / "onlybias.pt", "-o", tmp_path / "p.toml")
     assert r.code == 4 and "no tensor is a pruning target" in r.err and not (tmp_path / "p.toml").exists()
+
+
+@pytest.mark.parametrize("damage", ["no stages", "stages a string", "test missing", "accuracy a string",
+                                    "seconds a string", "achieved null", "pattern missing"])
+def test_a_damaged_finished_run_is_run_again_not_a_crash(tmp_path, damage):
+    """sweep --resume read a finished run's metrics.json field by field: a damaged one was exit 70
+    (IndexError, KeyError, TypeError). Such a run counts as not finished, so its point runs again."""
+    import json as _json
+
+    from balprune.finetune.sweep import METRICS, _finished
+
+    good = {"done": True, "key": "k", "pattern": "balanced",
+            "stages": [{"seconds": 1.0, "achieved": 0.0, "after_prune": None, "metrics": {"test": {"accuracy": 0.9}}},
+                       {"seconds": 2.0, "achieved": 0.5, "after_prune": {"accuracy": 0.5},
+                        "metrics": {"test": {"accuracy": 0.8}}}]}
+    (tmp_path / METRICS).write_text(_json.dumps(good))
+    assert _finished(tmp_path, "k", "test", "accuracy") == good
+    bad = _json.loads(_json.dumps(good))
+    last = bad["stages"][-1]
+    {"no stages": lambda: bad.update(stages=[]), "stages a string": lambda: bad.update(stages="x"),
+     "test missing": lambda: last["metrics"].pop("test"),
+     "accuracy a string": lambda: last["metrics"]["test"].update(accuracy="x"),
+     "seconds a string": lambda: bad["stages"][0].update(seconds="x"),
+     "achieved null": lambda: last.update(achieved=None), "pattern missing": lambda: bad.pop("pattern")}[damage]()
+    (tmp_path / METRICS).write_text(_json.dumps(bad))
+    assert _finished(tmp_path, "k", "test", "accuracy") is None

@@ -313,6 +313,15 @@ def toml_depth(text: str) -> int:
     return deepest
 
 
+#: More than MAX_NESTING parts of a dotted key or table name (bare or quoted parts); a string holding such text
+#: is refused too (no honest balprune file has one).
+#: (The lookbehind starts a match only where a part can start: inside a long run of letters every other start
+#: would re-scan the run, quadratic time on a file of one long word.)
+_LONG_DOTTED_KEY = re.compile(
+    r"""(?<![A-Za-z0-9_-])(?:(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')[ \t]*\.[ \t]*)"""
+    + "{" + str(MAX_NESTING) + "}")
+
+
 def loads_toml(text: str, what: str, *, max_depth: int = MAX_NESTING) -> dict:
     """Parse TOML text with bounded nesting; InvalidInputError (exit 4) naming ``what`` otherwise."""
     try:
@@ -322,7 +331,14 @@ def loads_toml(text: str, what: str, *, max_depth: int = MAX_NESTING) -> dict:
     depth = toml_depth(text)
     if depth > max_depth:
         raise InvalidInputError(f"{what}: TOML nested {depth} levels deep, over the limit of {max_depth}")
+    # tomllib's time grows with the square of a dotted key's parts (50,000 parts in 100 KB: minutes, GBs)
+    long_key = _LONG_DOTTED_KEY.search(text)
+    if long_key is not None:
+        raise InvalidInputError(f"{what}: a dotted key or table name of more than {max_depth} parts "
+                                f"(line {text.count(chr(10), 0, long_key.start()) + 1})")
     try:
         return tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise InvalidInputError(f"{what}: not valid TOML ({exc})") from None
+    except ValueError as exc:  # an integer of more than 4300 digits: Python's int() limit, inside tomllib
+        raise InvalidInputError(f"{what}: not valid TOML ({str(exc)[:120]})") from None

@@ -27,6 +27,8 @@ def parse_sparsity(text: object, *, what: str = "--sparsity", error=UsageError) 
     if isinstance(text, bool):
         raise error(f"{what}: expected a number in [0, 1), got {text!r}")
     if isinstance(text, (int, float)):
+        if isinstance(text, int) and abs(text) >= 2**53:  # out of range anyway; float() may overflow
+            raise error(f"{what}: must be in [0, 1), got an integer of {len(str(abs(text)))} digits")
         value = float(text)
         if not math.isfinite(value):
             raise error(f"{what}: expected a number in [0, 1), got {text!r}")

@@ -87,7 +87,7 @@ class BenchReport:
     def to_dict(self) -> dict:
         """The report as JSON-ready data: every non-finite number (an untimed measurement's times, an
         infinite error, anywhere in meta or selection too) is null, because JSON has no NaN/Infinity."""
-        return _finite_json({"schema": SCHEMA, "file": self.file, "device": self.device,
+        return finite_json({"schema": SCHEMA, "file": self.file, "device": self.device,
                              "read_bandwidth_gbps": self.read_bandwidth_gbps,
                              "measurements": [_measurement_json(m) for m in self.measurements],
                              "unavailable": list(self.unavailable), "selection": selection(self),
@@ -101,14 +101,14 @@ class BenchReport:
         write_bytes_atomic(Path(path), (text + "\n").encode())
 
 
-def _finite_json(obj: object) -> object:
+def finite_json(obj: object) -> object:
     """``obj`` with every non-finite float replaced by None, recursively (dicts, lists, tuples)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
@@ -253,6 +253,8 @@ class _Fields:
         v = self.obj[key]
         if v is None and null:
             return None
+        if isinstance(v, int) and not isinstance(v, bool) and not -(2**1023) < v < 2**1023:
+            v = math.inf  # an integer float() cannot hold: refused below as not finite (OverflowError before)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
                 or (positive and v == 0):
             want = "a finite number " + ("> 0" if positive else ">= 0") + (" or null" if null else "")

@@ -506,7 +506,7 @@ def compare(
     """Compare two benchmark reports; exit 1 if anything got slower beyond the bound, went missing or failed
     its gate. Prints one summary line when nothing regressed, else the table of every compared measurement."""
     from ..bench.compare import compare_reports, compared, device_change, regressions, resolve_kernels
-    from ..bench.report import load_report
+    from ..bench.report import finite_json, load_report
 
     b, n = load_report(base), load_report(new)
     kernels = resolve_kernels(b, n, tuple(kernel))
@@ -521,12 +521,14 @@ def compare(
         raise InvalidInputError(f"nothing was compared: the base report has no timed measurement of "
                                 f"{', '.join(kernels)} (every one failed its gate)", hint="bench a new baseline")
     if as_json:
-        typer.echo(json.dumps({"schema": "balprune.compare/1", "max_slowdown": max_slowdown,
+        # a ratio of two extreme (accepted) timings can overflow to inf: strict JSON says null there
+        typer.echo(json.dumps(finite_json({"schema": "balprune.compare/1", "max_slowdown": max_slowdown,
                                "kernels": list(kernels), "device_change": change,
                                "regressions": len(bad),
                                "changes": [{"layer": c.layer, "dtype": c.dtype, "batch": c.batch, "mode": c.mode,
                                             "graph": c.graph, "kernel": c.kernel, "base_us": c.base_us, "new_us": c.new_us,
-                                            "ratio": c.ratio, "status": c.status} for c in changes]}, indent=2))
+                                            "ratio": c.ratio, "status": c.status} for c in changes]}),
+                              indent=2, allow_nan=False))
     elif bad:
         render.console().print(render.compare_table(changes, max_slowdown, notes))
     else:

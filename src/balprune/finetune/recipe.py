@@ -35,18 +35,22 @@ from ..values import MAX_SEED
 #: Most optimizer steps one phase (dense training, one fine-tuning stage) may ask for.
 MAX_TRAIN_STEPS = 10_000_000
 
+#: Largest learning rate or weight decay a recipe may set.
+MAX_RATE = 1e4
+
 TRAIN_OPTIONS: dict[str, Option] = {
     "seed": Option(0, 0, "seed of the initial weights, batches and augmentation", maximum=MAX_SEED),
     "batch_size": Option(64, 1, "training batch size", maximum=1 << 16),
     "optimizer": Option("sgd", None, "sgd (with momentum) or adam"),
-    "lr": Option(0.1, 0.0, "learning rate of the dense training"),
-    "finetune_lr": Option(-1.0, None, "learning rate of the fine-tuning stages (default: lr)"),
-    "momentum": Option(0.9, 0.0, "SGD momentum"),
-    "weight_decay": Option(0.0, 0.0, "L2 weight decay"),
+    # bounds far above any useful value, below what overflows float32 inside the optimizer (exit 70 before)
+    "lr": Option(0.1, 0.0, "learning rate of the dense training", maximum=MAX_RATE),
+    "finetune_lr": Option(-1.0, None, "learning rate of the fine-tuning stages (default: lr)", maximum=MAX_RATE),
+    "momentum": Option(0.9, 0.0, "SGD momentum", maximum=1.0),
+    "weight_decay": Option(0.0, 0.0, "L2 weight decay", maximum=MAX_RATE),
     "dense_steps": Option(500, 0, "optimizer steps of the dense model before pruning", maximum=MAX_TRAIN_STEPS),
     "steps_per_stage": Option(100, 0, "fine-tuning steps after each schedule step (N of Algorithm 1)",
                               maximum=MAX_TRAIN_STEPS),
-    "grad_clip": Option(0.0, 0.0, "clip the gradient norm to this (0: off)"),
+    "grad_clip": Option(0.0, 0.0, "clip the gradient norm to this (0: off)", maximum=1e30),
     "init": Option("", None, "a state dict to start from (path relative to the recipe; '' = random init)"),
 }
 

@@ -162,7 +162,7 @@ def run_sweep(recipe: Recipe, out: Path, variants: list[Variant], sparsities: li
                           "lr": t.lr, "finetune_lr": t.stage_lr, "batch_size": t.batch_size, "seed": t.seed},
                          str(dev), [v.label for v in variants], list(sparsities))
     dense_run = _dense_budget_recipe(recipe)
-    done = _finished(runs / "dense-same-budget", dense_run.key())
+    done = _finished(runs / "dense-same-budget", dense_run.key(), split, task.metric)
     if done is None:
         res = run_finetune(dense_run, runs / "dense-same-budget", resume=True, device=device, export=False,
                            dense_checkpoint=out / "dense.pt", task=task,
@@ -173,7 +173,7 @@ def run_sweep(recipe: Recipe, out: Path, variants: list[Variant], sparsities: li
     for v in variants:
         for s in sparsities:
             run_dir = runs / f"{v.slug}-s{s:g}"
-            done = _finished(run_dir, recipes[(v, s)].key())
+            done = _finished(run_dir, recipes[(v, s)].key(), split, task.metric)
             if done is None:
                 label = f"{v.label} s={s:g}"
                 res = run_finetune(recipes[(v, s)], run_dir, resume=True, device=device, export=False,
@@ -221,8 +221,26 @@ def _point_recipe(recipe: Recipe, v: Variant, s: float) -> Recipe:
                                block_shape=v.block_shape, vector_length=v.vector_length)
 
 
-def _finished(run_dir: Path, key: str) -> dict | None:
-    """The metrics of a finished run of this point's recipe; None when it has not finished."""
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _usable(d: dict, split: str, metric: str) -> bool:
+    """Whether a finished run's metrics hold every field the sweep reads, of the right type."""
+    stages = d.get("stages")
+    if not isinstance(d.get("pattern"), str) or not isinstance(stages, list) or not stages \
+            or not all(isinstance(st, dict) and _number(st.get("seconds")) for st in stages):
+        return False
+    last = stages[-1]
+    metrics, after = last.get("metrics"), last.get("after_prune")
+    return (_number(last.get("achieved")) and isinstance(metrics, dict) and isinstance(metrics.get(split), dict)
+            and _number(metrics[split].get(metric))
+            and (not after or (isinstance(after, dict) and _number(after.get(metric)))))
+
+
+def _finished(run_dir: Path, key: str, split: str, metric: str) -> dict | None:
+    """The metrics of a finished run of this point's recipe; None when it has not finished, or when its
+    metrics file lacks a field the sweep reads (damaged: the point runs again)."""
     from ..safeio import loads_json, read_text
 
     path = run_dir / METRICS
@@ -237,4 +255,4 @@ def _finished(run_dir: Path, key: str) -> dict | None:
     if d.get("key") != key:
         raise InvalidInputError(f"{run_dir} holds a run of a different recipe",
                                 hint="use the recipe the sweep was started with, or --force to start over")
-    return d
+    return d if _usable(d, split, metric) else None

@@ -41,6 +41,8 @@ class Option:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and isinstance(value, int) and not -(2**1023) < value < 2**1023:  # float() would overflow
+                raise ConfigError(f"{where}: expected a finite number, got an integer of {len(str(abs(value)))} digits")
             value = float(value) if ok else value
         else:
             ok = isinstance(value, kind)
