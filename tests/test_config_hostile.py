@@ -399,3 +399,36 @@ def test_prune_config_integers_and_dotted_keys_that_break_the_parser(cli, tmp_pa
     refused(tmp_path, ["prune", ckpt, "--config", tmp_path / "c.toml", "-o", tmp_path / "o.safetensors"], 4,
             *mentions, cli=cli)
     assert time.monotonic() - start < 20
+
+
+def test_a_training_batch_that_cannot_fit_is_refused_with_its_figure(cli, tmp_path):
+    """Only the parameters were checked: batch_size 65536 x bptt 100000 made the first batch ask for 52 GB of
+    token ids (exit 70 from the allocator, or the OOM killer). Its inputs and logits are counted first."""
+    text = ('[task]\nname = "lstm-lm"\nhidden = 8\nvocab_size = 100\nbptt = 100000\nmax_train_tokens = 200000\n'
+            'max_eval_tokens = 200000\n[train]\nbatch_size = 65536\ndense_steps = 1\nsteps_per_stage = 1\n'
+            '[prune]\nsparsity = 0.5\nblock_size = 4\n')
+    r = recipe(tmp_path, text)
+    start = time.monotonic()
+    refused(tmp_path, ["finetune", r, "--out", tmp_path / "run", "--device", "cpu"], 4, "batches of 65536",
+            "batch_size", cli=cli)
+    assert time.monotonic() - start < 30
+
+
+def test_schedule_values_are_numbers_as_the_file_types_them(cli, tmp_path, ckpt):
+    (tmp_path / "c.toml").write_text('[prune]\nsparsity = 0.5\n[schedule]\nkind = "list"\nvalues = ["0.1", 0.5]\n')
+    refused(tmp_path, ["prune", ckpt, "--config", tmp_path / "c.toml", "-o", tmp_path / "o.safetensors"], 4,
+            "[schedule] values", "'0.1'", cli=cli)
+
+
+def test_the_toml_depth_scan_reads_a_multiline_string_ending_in_extra_quotes():
+    """A multi-line string may end in up to two more quotes (`\"\"\"a\"\"\"\"` is `a\"`); the scan closed it early
+    and read the rest as strings, so 400 levels of arrays behind it passed the 64-level limit."""
+    from balprune import safeio
+    from balprune.errors import InvalidInputError
+
+    text = 'include = ["""a"""", ' + "[" * 400 + "]" * 400 + "]"
+    assert safeio.toml_depth(text) == 401
+    assert safeio.toml_depth('x = """a"""""\ny = [[1]]\n') == 2
+    assert safeio.toml_depth("x = '''a'''''\ny = [[1]]\n") == 2
+    with pytest.raises(InvalidInputError, match="nested 401 levels"):
+        safeio.loads_toml(text, "c.toml")

@@ -374,6 +374,9 @@ def prune_options_from_config(
         raise error("sparsity is required (--sparsity, --nm N:M, or sparsity in the config's [prune] table)")
     p = build_pattern(kind.value, error=error, **merged)
     sched_cfg = data.get("schedule", {})
+    values = sched_cfg.get("values")  # the file's own types: numbers, as [prune] sparsity (a string is refused)
+    if isinstance(values, list) and any(isinstance(v, str) for v in values):
+        raise error(f"[schedule] values: expected numbers, got {next(v for v in values if isinstance(v, str))!r}")
     sched = build_schedule(schedule_kind if schedule_kind is not None else sched_cfg.get("kind"),
                            steps if steps is not None else sched_cfg.get("steps"),
                            sched_cfg.get("values"), error=error)

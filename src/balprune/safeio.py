@@ -299,6 +299,11 @@ def toml_depth(text: str) -> int:
                     continue
                 if text.startswith(quote, i):
                     i += len(quote)
+                    if triple:  # a multi-line string may end in up to two more of its quotes (part of it)
+                        extra = 0
+                        while extra < 2 and i < n and text[i] == ch:
+                            i += 1
+                            extra += 1
                     break
                 if not triple and text[i] == "\n":  # unterminated: let the parser report it
                     break

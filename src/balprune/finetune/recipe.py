@@ -130,7 +130,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"{where} [train] optimizer: expected sgd or adam, got {train.optimizer!r}")
     if "finetune_lr" in train_table and train.finetune_lr < 0:
         raise ConfigError(f"{where} [train] finetune_lr: must be >= 0, got {train.finetune_lr!r}")
-    _check_model_fits(spec, task_options, train.optimizer, where)
+    _check_model_fits(spec, task_options, train.optimizer, train.batch_size, where)
     init_sha = ""
     if train.init:
         init = safeio.resolve_links(path.parent / train.init, f"{where} [train] init", error=ConfigError)
@@ -145,20 +145,26 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(path, spec, task_options, train, prune_config, options, init_sha)
 
 
-def _check_model_fits(spec: TaskSpec, options: dict, optimizer: str, where: str) -> None:
+def _check_model_fits(spec: TaskSpec, options: dict, optimizer: str, batch_size: int, where: str) -> None:
     """ConfigError (exit 4) when the model these options build cannot be trained in this machine's memory.
 
     Counted before any data is read or tensor allocated: fp32 weights, gradients and the
-    optimizer's state (SGD's momentum: 12 bytes a parameter; Adam's two moments: 16); activations
-    come on top, so this refuses only what cannot possibly run.
+    optimizer's state (SGD's momentum: 12 bytes a parameter; Adam's two moments: 16), then one training
+    batch's inputs and logits (TaskSpec.batch_bytes); the other activations come on top, so this refuses
+    only what cannot possibly run.
     """
     if spec.model_params is None:
         return
 
     params = spec.model_params(options)
-    safeio.check_fits_memory((16 if optimizer == "adam" else 12) * params,
-                             f"{where} [task]: the {spec.name} model has {params:,} parameters; training it",
+    need = (16 if optimizer == "adam" else 12) * params
+    safeio.check_fits_memory(need, f"{where} [task]: the {spec.name} model has {params:,} parameters; training it",
                              hint="choose smaller sizes in [task]", error=ConfigError)
+    if spec.batch_bytes is not None:
+        batch = spec.batch_bytes(options, batch_size)
+        safeio.check_fits_memory(need + batch, f"{where}: training the {spec.name} model ({params:,} parameters) on "
+                                 f"batches of {batch_size} ({safeio.human(batch)} of inputs and logits each)",
+                                 hint="choose a smaller [train] batch_size or smaller sizes in [task]", error=ConfigError)
 
 
 def _init_sha256(path: Path, what: str) -> str:

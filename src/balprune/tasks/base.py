@@ -110,6 +110,9 @@ class TaskSpec:
     #: Parameters of the model these options build (an upper bound where the data decides, e.g.
     #: the vocabulary): checked against memory before any data is read or model built.
     model_params: Callable[[dict], int] | None = None
+    #: Bytes one training batch of ``batch_size`` samples certainly takes with these options (a lower bound:
+    #: its inputs and the output logits in float32), checked with the parameters before anything runs.
+    batch_bytes: Callable[[dict, int], int] | None = None
 
     def parse_options(self, table: dict, where: str) -> dict:
         unknown = sorted(set(table) - set(self.options))

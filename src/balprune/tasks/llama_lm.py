@@ -426,4 +426,6 @@ SPEC = TaskSpec(
               "(without it: Python stdlib sources)",
     factory=_factory,
     model_params=_model_params,
+    # the ids of seq_len + 1 tokens per sample (int64), and the logits over the vocabulary cap (float32)
+    batch_bytes=lambda o, b: b * (o["seq_len"] + 1) * 8 + b * o["seq_len"] * o["vocab_size"] * 4,
 )

@@ -239,4 +239,6 @@ SPEC = TaskSpec(
     data_help="a folder with ptb.train.txt, ptb.valid.txt and ptb.test.txt (without it: Python stdlib sources)",
     factory=_factory,
     model_params=_model_params,
+    # the ids of bptt + 1 tokens per sample (int64), and the logits over the vocabulary cap (float32)
+    batch_bytes=lambda o, b: b * (o["bptt"] + 1) * 8 + b * o["bptt"] * o["vocab_size"] * 4,
 )

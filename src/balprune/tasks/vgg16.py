@@ -183,4 +183,6 @@ SPEC = TaskSpec(
     data_help="an ImageFolder with train/ and val/ sub-folders (ImageNet layout)",
     factory=_factory,
     model_params=_model_params,
+    # the images (float32) and the first conv's output, which backward keeps
+    batch_bytes=lambda o, b: b * 3 * o["image_size"] ** 2 * 4 + b * max(1, round(64 * o["width"])) * o["image_size"] ** 2 * 4,
 )
