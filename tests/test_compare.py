@@ -171,6 +171,23 @@ def test_regression_table_lists_every_compared_row_and_one_stderr_line(cli, tmp_
     assert r.err == "1 regression(s) beyond 10% (slower, missing or incorrect)\n"
 
 
+def test_regression_table_shows_the_regressions_first_and_at_most_its_row_cap(cli, tmp_path, monkeypatch):
+    """A regressed 10^5-row report pair took rich minutes to print: the table holds at most
+    COMPARE_TABLE_ROWS rows, regressions first, and says how many more there are (--json has them all)."""
+    from balprune.cli import render
+
+    monkeypatch.setattr(render.compare_table, "__kwdefaults__", {"max_rows": 3})
+    layers = [f"l{i}" for i in range(6)]
+    base = _write(tmp_path / "a.json", [_m(layer=x) for x in layers])
+    new = _write(tmp_path / "b.json", [_m(layer=x, median=30.0 if x == "l5" else 10.0) for x in layers])
+    r = cli("compare", base, new)
+    assert r.code == 1
+    shown = sorted((r.out.index(f" {x} "), x) for x in layers if f" {x} " in r.out)
+    assert [x for _, x in shown] == ["l5", "l0", "l1"], r.out
+    assert "3 more measurement(s) not shown" in r.out
+    assert len(json.loads(cli("compare", base, new, "--json").out)["changes"]) == 6
+
+
 def test_untimed_baseline_is_not_a_baseline(cli, tmp_path):
     """A baseline measurement that failed its gate was not timed (null times): the new one is 'new'."""
     untimed = Measurement("fc6", (4096, 25088), "F16", 1, "cold", False, "balanced", float("nan"), float("nan"),

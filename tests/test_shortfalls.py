@@ -309,3 +309,19 @@ def test_tiles_larger_than_the_matrix_pass_it_through_with_a_warning(cli, tmp_pa
     assert out.stat().st_size < 2 * src.stat().st_size
     r = cli("prune", src, "-s", "0.5", *args, "--strict", "-o", tmp_path / "s.safetensors", "--force")
     assert r.code == 4 and not (tmp_path / "s.safetensors").exists(), r
+
+
+def test_many_unmatched_globs_print_a_bounded_number_of_lines():
+    """A config of 10^6 [[layers]] rules matching nothing printed 10^6 warning lines: the first
+    MAX_GLOB_WARNINGS, then one line counting the rest."""
+    from balprune.config import PruneOptions
+    from balprune.patterns.kinds import BalancedPattern
+    from balprune.prune.plan import MAX_GLOB_WARNINGS, unmatched_globs
+
+    pattern = BalancedPattern(0.5, blocks=4)
+    options = PruneOptions(pattern, include=tuple(f"nothing{i}.*" for i in range(100)))
+    out = unmatched_globs(["fc1.weight"], options)
+    assert len(out) == MAX_GLOB_WARNINGS + 1
+    assert out[0] == "include glob 'nothing0.*' matches no tensor"
+    assert out[-1] == f"... and {100 - MAX_GLOB_WARNINGS} more globs that match no tensor"
+    assert unmatched_globs(["fc1.weight"], PruneOptions(pattern, include=("fc*",))) == []

@@ -159,16 +159,28 @@ def console(stderr: bool = False) -> Console:
     return c
 
 
-def compare_table(changes, max_slowdown: float, notes: tuple[str, ...] = ()) -> Table:
-    """One row per Change (bench.compare); ``notes`` (e.g. that the reports come from different devices)
-    go in the caption. Layer, dtype, mode and kernel names are report text (``literal``)."""
+#: Most rows ``compare``'s table prints: a CI log gains nothing from 10^5 rows (rich took minutes on them).
+COMPARE_TABLE_ROWS = 500
+
+
+def compare_table(changes, max_slowdown: float, notes: tuple[str, ...] = (), *,
+                  max_rows: int = COMPARE_TABLE_ROWS) -> Table:
+    """One row per Change (bench.compare), the regressions (slower, missing, incorrect) first, at most
+    ``max_rows`` of them (the caption says how many more; ``compare --json`` has every one); ``notes``
+    (e.g. that the reports come from different devices) go in the caption. Layer, dtype, mode and kernel
+    names are report text (``literal``)."""
+    bad = ("slower", "missing", "incorrect")
+    ordered = [c for c in changes if c.status in bad] + [c for c in changes if c.status not in bad]
+    if len(ordered) > max_rows:
+        notes = (*notes, f"{len(ordered) - max_rows} more measurement(s) not shown (compare --json lists all)")
+        ordered = ordered[:max_rows]
     t = Table(title=f"balprune compare (max slowdown {100 * max_slowdown:.0f}%)", title_justify="left")
     for col, just in (("layer", "left"), ("dtype", "left"), ("batch", "right"), ("mode", "left"), ("graph", "left"),
                       ("kernel", "left"), ("base us", "right"), ("new us", "right"), ("new/base", "right"),
                       ("status", "left")):
         t.add_column(col, justify=just)
     style = {"slower": "red", "missing": "red", "incorrect": "red", "faster": "green"}
-    for c in changes:
+    for c in ordered:
         st = style.get(c.status)
         t.add_row(literal(c.layer), literal(c.dtype), str(c.batch), literal(c.mode), "yes" if c.graph else "no",
                   literal(c.kernel), "-" if c.base_us is None else f"{c.base_us:.2f}",

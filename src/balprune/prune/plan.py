@@ -184,7 +184,8 @@ def plan_tiles(src: SourceTensor, rows: int, cols: int, pattern: BlockPattern | 
 
 
 def unmatched_globs(names: list[str], options: PruneOptions) -> list[str]:
-    """One warning per include / exclude glob and [[layers]] rule that matches no tensor name.
+    """One warning per include / exclude glob and [[layers]] rule that matches no tensor name, the first
+    MAX_GLOB_WARNINGS of them and then one line counting the rest (a config of 10^6 rules printed 10^6 lines).
 
     Such a glob does nothing, which is almost always a typo (``fc*.weight`` for ``fc1.w``); the
     run goes on (exit 0) and says so.
@@ -196,4 +197,10 @@ def unmatched_globs(names: list[str], options: PruneOptions) -> list[str]:
             match = glob_matcher(g)
             if not any(match(n) for n in names):
                 out.append(f"{what} glob {g!r} matches no tensor")
+    if len(out) > MAX_GLOB_WARNINGS:
+        out[MAX_GLOB_WARNINGS:] = [f"... and {len(out) - MAX_GLOB_WARNINGS} more globs that match no tensor"]
     return out
+
+
+#: Most "glob matches no tensor" warnings one run prints before it counts the rest.
+MAX_GLOB_WARNINGS = 20
