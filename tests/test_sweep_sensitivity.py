@@ -212,7 +212,8 @@ def test_sensitivity_bad_inputs(cli, small_pt, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["no stages", "stages a string", "test missing", "accuracy a string",
-                                    "seconds a string", "achieved null", "pattern missing"])
+                                    "seconds a string", "achieved null", "pattern missing",
+                                    "pattern a string"])
 def test_a_damaged_finished_run_is_run_again_not_a_crash(tmp_path, damage):
     """sweep --resume read a finished run's metrics.json field by field: a damaged one was exit 70
     (IndexError, KeyError, TypeError). Such a run counts as not finished, so its point runs again."""
@@ -220,7 +221,7 @@ def test_a_damaged_finished_run_is_run_again_not_a_crash(tmp_path, damage):
 
     from balprune.finetune.sweep import METRICS, _finished
 
-    good = {"done": True, "key": "k", "pattern": "balanced",
+    good = {"done": True, "key": "k", "pattern": {"kind": "balanced", "sparsity": 0.5},
             "stages": [{"seconds": 1.0, "achieved": 0.0, "after_prune": None, "metrics": {"test": {"accuracy": 0.9}}},
                        {"seconds": 2.0, "achieved": 0.5, "after_prune": {"accuracy": 0.5},
                         "metrics": {"test": {"accuracy": 0.8}}}]}
@@ -232,6 +233,6 @@ def test_a_damaged_finished_run_is_run_again_not_a_crash(tmp_path, damage):
      "test missing": lambda: last["metrics"].pop("test"),
      "accuracy a string": lambda: last["metrics"]["test"].update(accuracy="x"),
      "seconds a string": lambda: bad["stages"][0].update(seconds="x"),
-     "achieved null": lambda: last.update(achieved=None), "pattern missing": lambda: bad.pop("pattern")}[damage]()
+     "achieved null": lambda: last.update(achieved=None), "pattern missing": lambda: bad.pop("pattern"), "pattern a string": lambda: bad.update(pattern="x")}[damage]()
     (tmp_path / METRICS).write_text(_json.dumps(bad))
     assert _finished(tmp_path, "k", "test", "accuracy") is None

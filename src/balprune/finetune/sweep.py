@@ -228,7 +228,7 @@ def _number(v: object) -> bool:
 def _usable(d: dict, split: str, metric: str) -> bool:
     """Whether a finished run's metrics hold every field the sweep reads, of the right type."""
     stages = d.get("stages")
-    if not isinstance(d.get("pattern"), str) or not isinstance(stages, list) or not stages \
+    if not isinstance(d.get("pattern"), dict) or not isinstance(stages, list) or not stages \
             or not all(isinstance(st, dict) and _number(st.get("seconds")) for st in stages):
         return False
     last = stages[-1]
