@@ -238,3 +238,16 @@ def test_pruner_from_a_recipe_matches_the_prune_cli_options(tmp_path):
     assert "embedding.weight" not in pruner.names and "lstm.weight_hh_l1" in pruner.names
     recipe = Pruner(nn.Sequential(), REPO / "configs" / "digits-balanced.toml")  # a fine-tuning recipe works too
     assert recipe.options.pattern == BalancedPattern(0.875, blocks=None, block_size=16)
+
+
+def test_a_diverged_weight_at_a_schedule_step_says_training_diverged_not_exclude():
+    """A NaN weight when the next schedule step masks is what a diverged run leaves: exit 4 naming the tensor
+    with a training hint (it said "fix or exclude the tensor (--exclude)", an option finetune does not have)."""
+    model = _model()
+    pruner = Pruner(model, PruneOptions(UnstructuredPattern(0.5), schedule=Schedule(ScheduleKind.LINEAR, 2)), at=[1, 2])
+    with torch.no_grad():
+        model[2].weight[3, 4] = float("nan")
+    with pytest.raises(InvalidInputError) as e:
+        pruner.advance()
+    line = e.value.one_line()
+    assert "'2.weight'" in line and "NaN/Inf" in line and "training diverged" in line and "--exclude" not in line, line

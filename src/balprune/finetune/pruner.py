@@ -215,7 +215,10 @@ class Pruner:
         i = self.applied
         for t in self._targets.values():
             w = t.tensor.detach()
-            check_finite(w, t.name)
+            # during training a NaN is a diverged run, not a tensor to exclude (the default hint names --exclude,
+            # which neither finetune nor a training loop has)
+            check_finite(w, t.name, hint="if training diverged: lower lr / finetune_lr or set grad_clip "
+                                         "(a recipe's [train]); else the weights were not finite to begin with")
             matrix = t.matrix_of(w).cpu()
             mask = next_mask(matrix, t.pattern, t.sparsities[i], t.mask)
             self._set_mask(t, _broadcast(mask, w.device))
