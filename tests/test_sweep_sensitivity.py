@@ -222,9 +222,10 @@ def test_a_damaged_finished_run_is_run_again_not_a_crash(tmp_path, damage):
     from balprune.finetune.sweep import METRICS, _finished
 
     good = {"done": True, "key": "k", "pattern": {"kind": "balanced", "sparsity": 0.5},
-            "stages": [{"seconds": 1.0, "achieved": 0.0, "after_prune": None, "metrics": {"test": {"accuracy": 0.9}}},
-                       {"seconds": 2.0, "achieved": 0.5, "after_prune": {"accuracy": 0.5},
-                        "metrics": {"test": {"accuracy": 0.8}}}]}
+            "stages": [{"stage": 0, "steps": 10, "global_step": 10, "sparsity": 0.0, "seconds": 1.0, "achieved": 0.0,
+                        "after_prune": None, "metrics": {"test": {"accuracy": 0.9}}},
+                       {"stage": 1, "steps": 10, "global_step": 20, "sparsity": 0.5, "seconds": 2.0, "achieved": 0.5,
+                        "after_prune": {"accuracy": 0.5}, "metrics": {"test": {"accuracy": 0.8}}}]}
     (tmp_path / METRICS).write_text(_json.dumps(good))
     assert _finished(tmp_path, "k", "test", "accuracy") == good
     bad = _json.loads(_json.dumps(good))

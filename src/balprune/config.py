@@ -147,6 +147,8 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     **OPTION_TOML_TYPES,
 }
 _TOML_TYPE = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "an array"}
+#: The TOML type of each item of an array key (the sparsity parser reads "0.1" too, as for sparsity above).
+_ITEM_TYPES: dict[str, tuple[type, ...]] = {"values": (int, float)}
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -160,6 +162,10 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             want = "a number" if kinds == (int, float) else " or ".join(_TOML_TYPE[k] for k in kinds)
             raise ConfigError(f"{where}: {key} must be {want}, got {type(value).__name__} {value!r}"[:300])
+        items = _ITEM_TYPES.get(key)
+        bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, items)), None) if items else None
+        if bad is not None:
+            raise ConfigError(f"{where} {key}: expected numbers, got {type(bad).__name__} {bad!r}"[:300])
 
 
 # Pattern-specific option keys (patterns.registry's PATTERN_KEY_OWNER, CLI_SPELLING): a key given
@@ -374,9 +380,6 @@ def prune_options_from_config(
         raise error("sparsity is required (--sparsity, --nm N:M, or sparsity in the config's [prune] table)")
     p = build_pattern(kind.value, error=error, **merged)
     sched_cfg = data.get("schedule", {})
-    values = sched_cfg.get("values")  # the file's own types: numbers, as [prune] sparsity (a string is refused)
-    if isinstance(values, list) and any(isinstance(v, str) for v in values):
-        raise error(f"[schedule] values: expected numbers, got {next(v for v in values if isinstance(v, str))!r}")
     sched = build_schedule(schedule_kind if schedule_kind is not None else sched_cfg.get("kind"),
                            steps if steps is not None else sched_cfg.get("steps"),
                            sched_cfg.get("values"), error=error)

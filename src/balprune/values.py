@@ -18,6 +18,23 @@ _DECIMAL = re.compile(r"^(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")  # 
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")  # ASCII digits only (\d would take Arabic-Indic digits)
 
 
+def as_float(v: int | float) -> float:
+    """``float(v)``, except that an integer too large for a float (JSON and TOML hold any size) is +-inf
+    rather than an OverflowError: every caller refuses a non-finite number already."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def number_repr(v: object) -> str:
+    """``repr(v)`` for an error line, an integer of more than 20 digits as its digit count (a file's 400-digit
+    number is not worth a line of its own)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**20:
+        return f"an integer of {len(str(abs(v)))} digits"
+    return repr(v)
+
+
 def parse_sparsity(text: object, *, what: str = "--sparsity", error=UsageError) -> float:
     """A sparsity in [0, 1) from a plain decimal ('0.9', '.5', '9e-1'); nothing else.
 
@@ -27,11 +44,9 @@ def parse_sparsity(text: object, *, what: str = "--sparsity", error=UsageError) 
     if isinstance(text, bool):
         raise error(f"{what}: expected a number in [0, 1), got {text!r}")
     if isinstance(text, (int, float)):
-        if isinstance(text, int) and abs(text) >= 2**53:  # out of range anyway; float() may overflow
-            raise error(f"{what}: must be in [0, 1), got an integer of {len(str(abs(text)))} digits")
-        value = float(text)
+        value = as_float(text)
         if not math.isfinite(value):
-            raise error(f"{what}: expected a number in [0, 1), got {text!r}")
+            raise error(f"{what}: expected a number in [0, 1), got {number_repr(text)}")
     else:
         s = str(text).strip()
         if not _DECIMAL.match(s):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..patterns.registry import ENCODINGS, MODEL_BITMASK_PATH, MODEL_CONV_PATH
+from ..values import as_float
 
 #: Kernels balprune itself can run a layer with (the runtime's choice is the faster of them): a failure
 #: of one of these is exit 7; a peer library's is reported and not fatal. Kept here, not in peers.py, so
@@ -253,8 +254,8 @@ class _Fields:
         v = self.obj[key]
         if v is None and null:
             return None
-        if isinstance(v, int) and not isinstance(v, bool) and not -(2**1023) < v < 2**1023:
-            v = math.inf  # an integer float() cannot hold: refused below as not finite (OverflowError before)
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = as_float(v)  # a JSON integer float() cannot hold is inf: refused below as not finite
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
                 or (positive and v == 0):
             want = "a finite number " + ("> 0" if positive else ">= 0") + (" or null" if null else "")

@@ -277,11 +277,16 @@ def _history(state: dict) -> list[StageResult]:
     from ..safeio import loads_json
 
     items = loads_json(state["history"], "checkpoint history")
-    if not isinstance(items, list) or not all(isinstance(s, dict) and set(s) == _STAGE_FIELDS and _stage_typed(s)
-                                              for s in items):
+    if not isinstance(items, list) or not all(is_stage_record(s) for s in items):
         raise InvalidInputError(f"checkpoint history: expected a list of stage records with the fields "
                                 f"{', '.join(sorted(_STAGE_FIELDS))} (ints, finite numbers, metric objects)")
     return [StageResult(**s) for s in items]
+
+
+def is_stage_record(s: object) -> bool:
+    """Whether ``s`` is one StageResult as JSON (a checkpoint's history, a run's metrics.json ``stages``): exactly
+    its fields, each of its type (ints, finite numbers, metric objects)."""
+    return isinstance(s, dict) and set(s) == _STAGE_FIELDS and _stage_typed(s)
 
 
 def _number(v: object) -> bool:

@@ -27,7 +27,16 @@ from ..errors import InvalidInputError, OutputError, UsageError
 from ..iopaths import check_io
 from ..tasks import make_task
 from .recipe import Recipe, recipe_with_pattern
-from .run import METRICS, ProgressEvent, make_out_folder, resolve_device, run_finetune, train_dense, write_json
+from .run import (
+    METRICS,
+    ProgressEvent,
+    is_stage_record,
+    make_out_folder,
+    resolve_device,
+    run_finetune,
+    train_dense,
+    write_json,
+)
 
 SCHEMA = "balprune.sweep/1"
 PATTERNS = ("balanced", "unstructured", "block", "vector")
@@ -221,21 +230,17 @@ def _point_recipe(recipe: Recipe, v: Variant, s: float) -> Recipe:
                                block_shape=v.block_shape, vector_length=v.vector_length)
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _usable(d: dict, split: str, metric: str) -> bool:
-    """Whether a finished run's metrics hold every field the sweep reads, of the right type."""
+    """Whether a finished run's metrics hold what the sweep reads: its pattern, and stage records
+    (run.is_stage_record) whose last one has the headline metric (and, where the stage re-masked, the
+    metric right after it)."""
     stages = d.get("stages")
     if not isinstance(d.get("pattern"), dict) or not isinstance(stages, list) or not stages \
-            or not all(isinstance(st, dict) and _number(st.get("seconds")) for st in stages):
+            or not all(is_stage_record(st) for st in stages):
         return False
     last = stages[-1]
-    metrics, after = last.get("metrics"), last.get("after_prune")
-    return (_number(last.get("achieved")) and isinstance(metrics, dict) and isinstance(metrics.get(split), dict)
-            and _number(metrics[split].get(metric))
-            and (not after or (isinstance(after, dict) and _number(after.get(metric)))))
+    return (last["metrics"].get(split, {}).get(metric) is not None
+            and (not last["after_prune"] or last["after_prune"].get(metric) is not None))
 
 
 def _finished(run_dir: Path, key: str, split: str, metric: str) -> dict | None:

@@ -116,12 +116,13 @@ def read_folder(folder: str | os.PathLike[str], what: str = "source folder") -> 
     texts: dict[str, str] = {}
     paths: list[Path] = []
     notes: list[str] = []
+    root = safeio.resolve_links(folder, "folder")
     for name, cap in HF_FILES.items():
         path = folder / name
         if not os.path.lexists(path):
             continue
         target = safeio.resolve_links(path, f"{what} file")
-        if not target.is_relative_to(safeio.resolve_links(folder, "folder")):  # as shards: a link out would copy outside data in
+        if not target.is_relative_to(root):  # as shards: a link out would copy outside data in
             raise InvalidInputError(f"{path} links to {target}, outside its folder {folder}",
                                     hint="copy the file into the folder instead of linking it")
         size = os.stat(safeio.check_regular(path, f"{what} file")).st_size

@@ -33,8 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
+import struct
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,10 +292,6 @@ class TextCodec:
         return self._call("decode", np.asarray(ids, dtype="<i8").tobytes(), what).decode("utf-8", "surrogatepass")
 
     def _call(self, op: str, payload: bytes, what: str) -> bytes:
-        import json
-        import struct
-        import subprocess
-
         limit = _child_memory_limit()
         tok = self._text.encode("utf-8")
         header = json.dumps({"op": op, "tokenizer_bytes": len(tok), "memory_limit": limit}).encode()

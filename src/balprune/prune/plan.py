@@ -183,6 +183,10 @@ def plan_tiles(src: SourceTensor, rows: int, cols: int, pattern: BlockPattern | 
     return bsr_entry(src.shape, src.dtype, pattern.block_shape, keep, pattern.sparsity), keep
 
 
+#: Most "glob matches no tensor" warnings one run prints before it counts the rest.
+MAX_GLOB_WARNINGS = 20
+
+
 def unmatched_globs(names: list[str], options: PruneOptions) -> list[str]:
     """One warning per include / exclude glob and [[layers]] rule that matches no tensor name, the first
     MAX_GLOB_WARNINGS of them and then one line counting the rest (a config of 10^6 rules printed 10^6 lines).
@@ -200,7 +204,3 @@ def unmatched_globs(names: list[str], options: PruneOptions) -> list[str]:
     if len(out) > MAX_GLOB_WARNINGS:
         out[MAX_GLOB_WARNINGS:] = [f"... and {len(out) - MAX_GLOB_WARNINGS} more globs that match no tensor"]
     return out
-
-
-#: Most "glob matches no tensor" warnings one run prints before it counts the rest.
-MAX_GLOB_WARNINGS = 20

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..values import as_float, number_repr
 
 
 @dataclass(frozen=True)
@@ -34,22 +35,20 @@ class Option:
     maximum: float | None = None
 
     def parse(self, value: object, where: str) -> object:
-        kind = type(self.default)
+        kind, raw = type(self.default), value
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok and isinstance(value, int) and not -(2**1023) < value < 2**1023:  # float() would overflow
-                raise ConfigError(f"{where}: expected a finite number, got an integer of {len(str(abs(value)))} digits")
-            value = float(value) if ok else value
+            value = as_float(value) if ok else value
         else:
             ok = isinstance(value, kind)
         if not ok:
             raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {number_repr(raw)}")
         if self.minimum is not None and value < self.minimum:  # type: ignore[operator]
             raise ConfigError(f"{where}: must be >= {self.minimum:g}, got {value!r}")
         if self.maximum is not None and value > self.maximum:  # type: ignore[operator]

@@ -27,8 +27,9 @@ from .vgg import PackedVgg
 #: The recognised architectures (models.arch.KINDS) this runtime builds, and the class of each.
 RUNTIMES = {"lstm-lm": PackedLstmLm, "ctc-bilstm": PackedBiLstm, "vgg": PackedVgg, "resnet": PackedResNet}
 RUNTIME_KINDS = tuple(RUNTIMES)
-#: Float dtypes a packed model's tensors may hold for the runtime (preflight refuses float8 by name).
-READABLE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Float dtypes a packed model's tensors may hold for the runtime: those it runs in, and float64 (converted);
+#: preflight refuses the others (float8) by name.
+READABLE_FLOATS = (*TORCH_OF.values(), torch.float64)
 
 
 def preflight(path: str | Path, dtypes: tuple[str, ...]):
@@ -51,8 +52,9 @@ def preflight(path: str | Path, dtypes: tuple[str, ...]):
         if not isinstance(values, torch.Tensor) or not values.is_floating_point():
             return
         if values.dtype not in READABLE_FLOATS:  # float8: torch has no isfinite / abs for it on the CPU
+            readable = ", ".join(str(d).split(".")[-1] for d in READABLE_FLOATS)
             raise InvalidInputError(f"{path}: tensor {name!r} is {str(values.dtype).split('.')[-1]}; the model runtime "
-                                    "reads float16, bfloat16, float32 or float64 weights",
+                                    f"reads {readable} weights",
                                     hint="prune the checkpoint with its float8 tensors converted or excluded")
         # every stored float finite (a NaN bias passed through by prune would otherwise fail every stage's
         # gate on the GPU and read as a runtime failure, exit 7), and within each requested dtype's range
