@@ -107,8 +107,9 @@ def test_runtime_matches_the_dense_masked_model(small_files, kind, dtype, paths)
                   *(st for b in getattr(rt, "blocks", []) for st in [*b.convs, *([b.downsample] if b.downsample else [])])]
         assert len(stages) == sum(1 for c in rt.choices if not c.layer.startswith(("classifier.", "fc.")))
         for st in stages:
-            # the NCHW weight stays for the NCHW and fused dense launches (channels-last binds its own copy)
-            nchw = st.choice.path == "dense" and st.choice.variants["dense"] in ("dense", "dense (fused)")
+            # the NCHW weight stays for the dense launches with NCHW operands (channels-last binds its own copy)
+            key = st.choice.variants.get("dense", "dense")
+            nchw = st.choice.path == "dense" and st._operand_layout(key[7:-1] if key != "dense" else None) == "NCHW"
             assert (st.dense is not None) == nchw, (st.name, st.choice.path, st.choice.variants)
             assert (st.direct is not None) == (st.choice.path == "balanced_conv"), st.name
             assert (st.sparse is not None) == (st.choice.path == "balanced"), st.name
@@ -118,6 +119,32 @@ def test_runtime_matches_the_dense_masked_model(small_files, kind, dtype, paths)
         convs = [c for c in rt.choices if not c.layer.startswith(("classifier.", "fc."))]
         assert convs and all("balanced_conv" in c.times_us for c in convs), \
             [(c.layer, c.times_us, c.unavailable) for c in convs]
+
+
+@pytest.mark.parametrize("kind", ["vgg", "resnet"])
+@pytest.mark.parametrize("activations", ["NCHW", "channels-last"])
+@pytest.mark.parametrize("paths", ["sparse", "auto"])
+def test_vision_runtime_in_each_activation_layout(small_files, kind, activations, paths):
+    """Both activation layouts give the reference's outputs on every path set (a sparse stage on channels-last
+    buffers converts in and out), graph replay equals eager, and every buffer between stages is in the layout
+    asked for (VGG's fc6 input stays NCHW)."""
+    from balprune.runtime.model import load_model
+    from balprune.runtime.model.base import layout_of
+
+    arch, inputs, ref = _reference(small_files[kind])
+    rt = load_model(small_files[kind], dtype="float16", paths=paths, measure=paths == "auto", activations=activations)
+    assert rt.activations == activations
+    err = relative_error(rt.forward(inputs), ref)
+    assert err <= TOLERANCE["float16"], (kind, activations, paths, err)
+    stages = [*getattr(rt, "convs", [])[:-1], *([rt.stem] if hasattr(rt, "stem") else []),
+              *(st for b in getattr(rt, "blocks", []) for st in [*b.convs, *([b.downsample] if b.downsample else [])])]
+    assert stages and all(layout_of(st.out) == activations or st.out.shape[1:] == (1, 1) for st in stages)
+    eager = rt.forward(inputs)
+    g = rt.capture()
+    rt.load_inputs(inputs)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(rt.fc_out[-1].float().cpu(), eager)
 
 
 @pytest.mark.parametrize("kind", list(SMALL))

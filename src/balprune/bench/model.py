@@ -155,6 +155,7 @@ def bench_model(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "floa
                         "paths": {c.layer: c.path for c in rt.choices}}
                 if layout is not None:
                     meta["torch_layout"] = layout
+                    meta["activations"] = rt.activations  # the runtime's layout between its conv stages
                 model_meta["dtypes"][dtype] = meta
                 record_dispatch(report, rt.choices, dtype, s.bandwidth)
                 for runner, fn in runners.items():

@@ -18,7 +18,7 @@ import torch
 from ...errors import InvalidInputError
 from ...patterns.ranking import check_finite
 from .._linear import TORCH_OF
-from .base import PackedModel
+from .base import PackedImageModel, PackedModel
 from .lstm import PackedBiLstm, PackedLstmLm
 from .resnet import PackedResNet
 from .stages import Choice, Projection, dispatch
@@ -80,14 +80,17 @@ def preflight(path: str | Path, dtypes: tuple[str, ...]):
 
 
 def load_model(path: str | Path, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
-               measure: bool = True, frames: int = 50, progress=None, checked=None) -> PackedModel:
+               measure: bool = True, frames: int = 50, progress=None, checked=None,
+               activations: str = "auto") -> PackedModel:
     """Build the runtime of the packed model at ``path`` (see module doc).
 
     ``dtype``: float32, float16 or bfloat16: weights are cast from the file's dtype (the mask and
     indices as stored), activations are that dtype, accumulation fp32. ``paths``: "auto"
     (fastest correct per layer), "sparse" (balprune's kernel wherever the layer has one) or
     "dense". ``measure=False`` skips timing (auto then takes the sparse path where there is one).
-    ``frames``: the utterance length a ctc-bilstm runtime is built for.
+    ``frames``: the utterance length a ctc-bilstm runtime is built for. ``activations``: the layout of a
+    vision runtime's activations between its conv stages ("auto", "NCHW" or "channels-last":
+    base.activation_layout); other runtimes ignore it.
 
     Order: ``preflight(path, (dtype,))`` (the whole file verified, the weights within ``dtype``'s
     range, the architecture recognised; exit 4 for any of them, with no GPU needed) unless
@@ -102,6 +105,8 @@ def load_model(path: str | Path, *, dtype: str = "float16", device: int = 0, pat
     common = {"dtype": dtype, "device": device, "paths": paths, "measure": measure, "progress": progress}
     if arch.kind == "ctc-bilstm":
         return PackedBiLstm(pf, arch, frames=frames, **common)
+    if issubclass(RUNTIMES[arch.kind], PackedImageModel):
+        return RUNTIMES[arch.kind](pf, arch, activations=activations, **common)
     return RUNTIMES[arch.kind](pf, arch, **common)
 
 

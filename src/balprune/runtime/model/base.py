@@ -122,14 +122,53 @@ class PackedModel:
         return [c.to_dict() for c in self.choices]
 
 
+#: How a vision runtime holds its activations between conv stages: "NCHW" (a [C, H, W] tensor, contiguous)
+#: or "channels-last" (the same [C, H, W] tensor over H x W x C storage: cuDNN's NHWC, which its tensor-core
+#: convolutions run natively; in NCHW they transpose around the conv, or the runtime did, per stage).
+ACTIVATION_LAYOUTS = ("NCHW", "channels-last")
+
+
+def activation_layout(dtype: str, activations: str) -> str:
+    """The activation layout a vision runtime of ``dtype`` uses for ``activations`` ("auto" or one of
+    ACTIVATION_LAYOUTS; UsageError for another). auto: channels-last for float16 / bfloat16 (cuDNN's fused
+    conv + bias + ReLU (+ add) all channels-last was 1.5-2.6x faster than the runtime's best NCHW stage on
+    every ResNet-50 shape in fp16: BENCHMARKS.md, cudnn_fused_probe.py), NCHW for float32 (IEEE float32
+    convs, no tensor cores: the layout the runtime was measured in)."""
+    if activations == "auto":
+        return "NCHW" if dtype == "float32" else "channels-last"
+    if activations not in ACTIVATION_LAYOUTS:
+        raise UsageError(f"activations must be 'auto' or one of {', '.join(ACTIVATION_LAYOUTS)}, got {activations!r}")
+    return activations
+
+
+def activation_buffer(shape, layout: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised [C, H, W] activation buffer stored in ``layout`` (one of ACTIVATION_LAYOUTS)."""
+    c, h, w = (int(d) for d in shape)
+    if layout == "channels-last":
+        return torch.empty(h, w, c, dtype=dtype, device=device).permute(2, 0, 1)
+    return torch.empty(c, h, w, dtype=dtype, device=device)
+
+
+def layout_of(t: torch.Tensor) -> str | None:
+    """Which of ACTIVATION_LAYOUTS the [C, H, W] tensor ``t`` is stored in ("NCHW" where both hold, as for
+    a 1x1 map), or None for any other striding."""
+    if t.dim() != 3:
+        return None
+    if t.is_contiguous():
+        return "NCHW"
+    return "channels-last" if t.permute(1, 2, 0).is_contiguous() else None
+
+
 class PackedImageModel(PackedModel):
     """Base of the vision runtimes (vgg.py, resnet.py): one arch.image_size square image per ``run()`` in
-    the static buffer ``image`` (sample data until ``load_inputs``); the subclass ends each run in
-    ``fc_out[-1]`` (the class scores)."""
+    the static buffer ``image`` (NCHW; sample data until ``load_inputs``); the subclass ends each run in
+    ``fc_out[-1]`` (the class scores). ``activations`` ("auto" or one of ACTIVATION_LAYOUTS) is the layout
+    of the buffers between its conv stages (``self.activations``, resolved by activation_layout)."""
 
     unit = "image"
 
-    def __init__(self, arch, **kw) -> None:
+    def __init__(self, arch, *, activations: str = "auto", **kw) -> None:
+        self.activations = activation_layout(kw.get("dtype", "float16"), activations)
         super().__init__(arch, **kw)
         S = arch.image_size
         self.image = self._random_(torch.empty(3, S, S, dtype=self.tdt, device=self.dev))

@@ -8,7 +8,9 @@ ReLU), global average pool, fc. Every conv is a conv_stage.ConvStage (cuDNN, im2
 SpMM, or the direct balanced convolution; the residual add and its ReLU are part of the block's last
 conv); the fc is a Projection. The max-pool and the average pool run in torch.
 
-The runtime is built for ``arch.image_size`` square images (224 unless the architecture says otherwise).
+The runtime is built for ``arch.image_size`` square images (224 unless the architecture says otherwise). Its
+activations between stages are in one layout (base.activation_layout: channels-last for float16 / bfloat16),
+the image NCHW as the user gives it (the stem's dense launches convert it; its sparse ones read it as it is).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from ...errors import UsageError
 from ..measure import cupy_on_torch_stream
-from .base import PackedImageModel, load_dense, load_packed
+from .base import PackedImageModel, activation_buffer, load_dense, load_packed
 from .conv_stage import ConvStage
 from .lstm import _matrix
 
@@ -40,13 +42,14 @@ class PackedResNet(PackedImageModel):
     """torchvision ResNet (18/34/50/101/152 layouts) with folded batch norms on one image per ``run()``."""
 
     def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
-                 measure: bool = True, progress=None) -> None:
-        super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
+                 measure: bool = True, progress=None, activations: str = "auto") -> None:
+        super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress,
+                         activations=activations)
         dev, tdt = self.dev, self.tdt
         with cupy_on_torch_stream():
             self.stem = self._conv(pf, arch.convs[0], self.image)
             c, h, w = self.stem.out.shape
-            self.pooled = torch.empty(c, (h - 1) // 2 + 1, (w - 1) // 2 + 1, dtype=tdt, device=dev)
+            self.pooled = activation_buffer((c, (h - 1) // 2 + 1, (w - 1) // 2 + 1), self.activations, tdt, dev)
             self._stem_and_pool()
             x = self.pooled  # each stage's input buffer is the stage before it's output (static)
             self.blocks: list[_Block] = []
@@ -74,13 +77,13 @@ class PackedResNet(PackedImageModel):
 
     def _conv(self, pf, ref, x: torch.Tensor, residual: torch.Tensor | None = None) -> ConvStage:
         """The dispatched stage of conv ``ref`` on input buffer ``x`` (holding sample data) and ``residual``."""
-        stage = ConvStage(self, ref, load_packed(pf, ref.weight), pf, x, residual=residual)
+        stage = ConvStage(self, ref, load_packed(pf, ref.weight), pf, x, residual=residual, layout=self.activations)
         self._dispatch(stage, settle=True)
         return stage
 
     def _stem_and_pool(self) -> None:
         """The stem conv (+ ReLU), then torchvision's 3x3/2 max-pool (padding 1) into ``pooled``."""
-        self.pooled.copy_(F.max_pool2d(self.stem(), 3, stride=2, padding=1))
+        self.pooled[None].copy_(F.max_pool2d(self.stem()[None], 3, stride=2, padding=1))
 
     def run(self) -> None:
         with cupy_on_torch_stream():

@@ -23,8 +23,9 @@ class PackedVgg(PackedImageModel):
     """VGG (11/13/16/19, no batch norm) on one image_size x image_size image per ``run()``."""
 
     def __init__(self, pf, arch, *, dtype: str = "float16", device: int = 0, paths: str = "auto",
-                 measure: bool = True, progress=None) -> None:
-        super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
+                 measure: bool = True, progress=None, activations: str = "auto") -> None:
+        super().__init__(arch, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress,
+                         activations=activations)
         dev, tdt = self.dev, self.tdt
         S = arch.image_size
         fc6, fc7, fc8 = arch.fcs
@@ -33,14 +34,15 @@ class PackedVgg(PackedImageModel):
         x = self.image
         for i, ref in enumerate(arch.convs):
             out = None
-            if i == len(arch.convs) - 1:  # the last conv writes fc6's input buffer directly
+            if i == len(arch.convs) - 1:  # the last conv writes fc6's input buffer directly, NCHW: fc6 reads
+                # the features in torch's flatten order, whatever layout the activations before it have
                 H, W = int(x.shape[1]), int(x.shape[2])
                 shape = (ref.out_channels, H // 2, W // 2) if ref.pool_after else (ref.out_channels, H, W)
                 if shape[0] * shape[1] * shape[2] != fc6.in_features:
                     raise UsageError(f"{ref.weight}: features end at {list(shape)}, fc6 takes {fc6.in_features} "
                                      f"(the runtime is built for {S}x{S} images)")
                 out = self.fc_in.view(*shape)
-            stage = ConvStage(self, ref, load_packed(pf, ref.weight), pf, x, out=out)
+            stage = ConvStage(self, ref, load_packed(pf, ref.weight), pf, x, out=out, layout=self.activations)
             self._dispatch(stage, settle=True)
             self.convs.append(stage)
             with cupy_on_torch_stream():
