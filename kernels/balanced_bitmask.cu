@@ -46,6 +46,10 @@
 #ifndef BP_BM_WALK
 #define BP_BM_WALK 5
 #endif
+// Value units per lane asked into L1 before the prologue (the warp's first row group; 0: none). NOTES v30.
+#ifndef BP_BM_L1_UNITS
+#define BP_BM_L1_UNITS 8
+#endif
 // CTAs of 256 threads per SM the register budget is sized for (4: 64 registers, 32 warps per SM).
 #ifndef BP_BM_MIN_CTAS
 #define BP_BM_MIN_CTAS 4
@@ -248,11 +252,37 @@ __device__ __forceinline__ void unit_fma(const Words<4>& v, Walk& walk, float (&
 // XT [seg_cols][SP][NB] (SP = Q * P; zero past cols and past the batch), rounded up to 16 bytes,
 // then per warp the lanes' mask words: W * 32 (walk 5) or 2 * (W + 1) * 32 (walk 6: two segments, a
 // spare slot after each). Grid-stride over row groups of 32 / P rows per warp.
+// Before the prologue: the first row group of this warp (the rows its first pass of the group loop walks) into
+// this SM's L1 -- up to BP_BM_L1_UNITS value units per lane in the order the walk takes them (walk 6: rounds 0
+// and 1 side by side) and the mask words of those rounds. At batch 1 on a 1B-shaped layer that group is all a
+// warp reads, and the walk keeps only 2-4 units in flight per lane: its loads were a chain of L2/DRAM round
+// trips behind the x staging. Asked for here, the whole group streams in while the previous grid runs (under
+// programmatic dependent launch) or while x is staged, and the walk's loads hit L1. Prefetches write no
+// register and nothing waits on them; no grid writes weights, so they may precede the prologue.
+__device__ __forceinline__ void prefetch_first_group_l1(const Words<4>* vals, const unsigned* masks, int rows, int Q,
+                                                        int C, int W, int P) {
+  if (BP_BM_L1_UNITS <= 0) return;
+  const int lane = threadIdx.x & 31;
+  const int row = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * (32 / P) + lane / P;
+  if (row >= rows) return;
+  const int l = lane & (P - 1);
+  const int rounds = BP_BM_WALK == 6 ? (Q < 2 ? Q : 2) : 1;  // the rounds walked first, side by side
+  const Words<4>* v = vals + (long long)row * Q * C * P + l;
+  const unsigned* m = masks + (long long)row * Q * W * P + l;
+  for (int q = 0; q < rounds; ++q)
+    for (int w = 0; w < W; ++w) prefetch_l1(m + (long long)(q * W + w) * P);
+  int n = 0;
+  for (int c = 0; c < C && n < BP_BM_L1_UNITS; ++c)
+    for (int q = 0; q < rounds && n < BP_BM_L1_UNITS; ++q, ++n) prefetch_l1(v + (long long)(q * C + c) * P);
+}
+
 template <typename T, typename XT, int NB>
 __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
     balanced_bitmask_spmm(const Words<4>* __restrict__ vals, const unsigned* __restrict__ masks, int rows, int Q,
                           int C, int W, int P, int seg_keep, int seg_cols, int S, const T* __restrict__ x, int cols,
                           int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
+  // weights only, before the prologue; at batch 1 (batch tiles of 2+ are at the 64-register budget already)
+  if (NB == 1) prefetch_first_group_l1(vals, masks, rows, Q, C, W, P);
   if (blockIdx.y == 0)  // weights only, before the prologue: this CTA's first rows into L2
     prefetch_cta_rows_l2(vals, (long long)Q * C * P * 16, masks, (long long)Q * W * P * 4,
                          (long long)blockIdx.x * (blockDim.x >> 5) * (32 / P), (blockDim.x >> 5) * (32 / P), rows);

@@ -110,6 +110,11 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// Bring one 128-byte line into this SM's L1 (and L2 on the way): no register is written, nothing waits on it.
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+
 // Before overlap_prologue, a product kernel asks L2 for the first weights its CTA will read: no
 // grid writes weights, so this is the one thing it may do before the previous grid has finished,
 // and under programmatic dependent launch the previous grid (a norm, RoPE, attention: a few us that
