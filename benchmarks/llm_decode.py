@@ -149,7 +149,6 @@ def split_step(rt: PackedLlama) -> dict:
         torch.index_select(dec.embed, 0, dec.token, out=dec.h.view(1, -1))
         for n in range(len(dec.layers)):
             f.input_norm[n]()
-            f.rope[n]()
             f.attention[n]()
             f.post_norm[n]()
             f.silu_mul()
@@ -157,7 +156,7 @@ def split_step(rt: PackedLlama) -> dict:
         torch.argmax(dec.logits, dim=0, keepdim=True, out=dec.next_token)
 
     n_products = sum(len(layer.projections[k]) for layer in dec.layers for k in keys) + 1
-    n_ops = 5 * len(dec.layers) + 3
+    n_ops = 4 * len(dec.layers) + 3
     nop = cp.RawKernel('extern "C" __global__ void nop() {}', "nop")
 
     def empty():
@@ -175,7 +174,7 @@ def split_step(rt: PackedLlama) -> dict:
     if dec.fused is not None:
         out["ops_ms"] = round(_graph_ms(ops), 4)
         f = dec.fused
-        for kind in ("input_norm", "rope", "attention", "post_norm"):  # each op over every layer, alone
+        for kind in ("input_norm", "attention", "post_norm"):  # each op over every layer, alone
             launches = getattr(f, kind)
             out[f"{kind}_ms"] = round(_graph_ms(lambda launches=launches: [g() for g in launches]), 4)
         out["silu_mul_ms"] = round(_graph_ms(lambda: [f.silu_mul() for _ in dec.layers]), 4)

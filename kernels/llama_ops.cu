@@ -1,7 +1,7 @@
 // llama_ops.cu: the non-matrix work of a Llama-family decode step at batch 1
-// (balprune.runtime.model.llama), fused so that a decoder layer is nine launches: norm, q/k/v,
-// rope_append, attention_split, o, add_rms_norm, gate/up, silu_mul, down (the next layer's add_rms_norm
-// takes down's residual add). In torch ops the same layer is about forty launches; at batch 1 a
+// (balprune.runtime.model.llama), fused so that a decoder layer is eight launches: norm, q/k/v,
+// attention_split (RoPE and the KV-cache append included), o, add_rms_norm, gate/up, silu_mul, down (the next
+// layer's add_rms_norm takes down's residual add). In torch ops the same layer is about forty launches; at batch 1 a
 // launch costs about as much as moving a few MB, so launches set the floor of a 1B model's step.
 //
 // Numbers: each kernel rounds to T exactly where llm.reference.ReferenceLM (torch ops in T) does,
@@ -71,61 +71,29 @@ __global__ void add_rms_norm(T* __restrict__ h, const T* __restrict__ delta, con
   }
 }
 
-// RoPE (and, for qwen3, the per-head RMSNorm before it) of one head, in registers: thread i < d
-// holds element i. Returns the rotated value (rounded as torch: x*cos and rot(x)*sin each to T,
-// then their sum). xs: d floats of shared memory holding the (normed) head.
+// The qwen3 per-head RMSNorm of one head in shared memory, in place: x[i] = T(w[i] * T(x[i] / rms(x))), every
+// thread of the CTA taking part (block_sum's barriers); each thread rewrites only the elements it summed.
 template <typename T>
-__device__ __forceinline__ float rope_one(float x, const T* __restrict__ norm_w, float eps, const T* __restrict__ cos_row,
-                                          const T* __restrict__ sin_row, int d, float* xs, float* red) {
-  const int i = threadIdx.x;
-  if (norm_w != nullptr) {
-    const float ss = block_sum(i < d ? x * x : 0.0f, red);
-    if (i < d) x = Val<T>::sload(norm_w + i) * rnd<T>(x * rsqrtf(ss / (float)d + eps));
-    x = rnd<T>(x);
-  }
-  __syncthreads();
-  if (i < d) xs[i] = x;
-  __syncthreads();
-  if (i >= d) return 0.0f;
-  const int half = d >> 1;
-  const float rot = i < half ? -xs[i + half] : xs[i - half];
-  return rnd<T>(rnd<T>(x * Val<T>::sload(cos_row + i)) + rnd<T>(rot * Val<T>::sload(sin_row + i)));
+__device__ __forceinline__ void head_rms_norm(float* x, const T* __restrict__ w, int d, float eps, float* red) {
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += x[i] * x[i];
+  const float r = rsqrtf(block_sum(ss, red) / (float)d + eps);
+  for (int i = threadIdx.x; i < d; i += blockDim.x) x[i] = rnd<T>(Val<T>::sload(w + i) * rnd<T>(x[i] * r));
 }
 
-// RoPE of q in place and of k into the KV cache, and v into the cache, at position pos[0].
-// qkv: [heads*d | kvh*d | kvh*d] (the fused projection's output). Grid: heads + kvh CTAs (CTA b <
-// heads: query head b; else key/value head b - heads), blockDim.x = d rounded up to 32 (d <= 1024,
-// even). cos, sin: [max_len, d] tables. keys, values: this layer's [kvh, max_len, d].
-// q_norm / k_norm: the qwen3 per-head RMSNorm weights [d], or null.
+// RoPE of `heads` heads of d elements in shared memory (x[r * d + i]), in place, rounded as torch's apply_rope
+// in T: y = T(T(x * cos) + T(rotate_half(x) * sin)). A thread owns the pair (i, i + d/2) of a head, the two
+// elements rotate_half mixes, so it reads both before it writes either. The caller syncs before and after.
 template <typename T>
-__global__ void rope_append(T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
-                            const long long* __restrict__ pos, T* __restrict__ keys, T* __restrict__ values,
-                            const T* __restrict__ q_norm, const T* __restrict__ k_norm, float eps, int heads, int kvh,
-                            int d, int max_len) {
-  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
-  __shared__ float red[32];
-  __shared__ float xs[1024];
-  const int b = blockIdx.x, i = threadIdx.x;
-  const long long p = pos[0];
-  if (p < 0 || p >= max_len) return;  // never written out of bounds (the host refuses such a step first)
-  const T* c = cos + p * d;
-  const T* s = sin + p * d;
-  if (b < heads) {
-    T* q = qkv + (long long)b * d;
-    const float x = i < d ? Val<T>::sload(q + i) : 0.0f;
-    const float y = rope_one<T>(x, q_norm, eps, c, s, d, xs, red);
-    if (i < d) Val<T>::store(q + i, y);
-    return;
-  }
-  const int g = b - heads;
-  const T* k = qkv + (long long)heads * d + (long long)g * d;
-  const T* v = qkv + (long long)(heads + kvh) * d + (long long)g * d;
-  const float x = i < d ? Val<T>::sload(k + i) : 0.0f;
-  const float y = rope_one<T>(x, k_norm, eps, c, s, d, xs, red);
-  if (i < d) {
-    const long long at = ((long long)g * max_len + p) * d + i;
-    Val<T>::store(keys + at, y);
-    values[at] = v[i];
+__device__ __forceinline__ void rope_pairs(float* x, int heads, int d, const T* __restrict__ cs,
+                                           const T* __restrict__ sn) {
+  const int half = d >> 1;
+  for (int t = threadIdx.x; t < heads * half; t += blockDim.x) {
+    const int r = t / half, i = t - r * half;
+    float* h = x + r * d;
+    const float a = h[i], b = h[i + half];
+    h[i] = rnd<T>(rnd<T>(a * Val<T>::sload(cs + i)) + rnd<T>(-b * Val<T>::sload(sn + i)));
+    h[i + half] = rnd<T>(rnd<T>(b * Val<T>::sload(cs + i + half)) + rnd<T>(a * Val<T>::sload(sn + i + half)));
   }
 }
 
@@ -167,7 +135,10 @@ __device__ __forceinline__ void stage_kv(const T* __restrict__ K, const T* __res
 }
 
 // Grouped-query attention of one query at position pos[0] over the cache, split over the cache
-// (flash-decoding). Why: one CTA per query head walking the whole cache (the first version) keeps
+// (flash-decoding), with this step's RoPE and KV-cache append: each CTA ropes the rep query heads of its K/V
+// head g (qwen3: their per-head RMSNorm first) from the fused projection's output qkv = [heads*d | kvh*d |
+// kvh*d], and the CTA whose chunk holds pos ropes key head g, writes it and value head g into the cache at pos
+// and into its staged rows (a separate launch for this cost ~1.8 us per layer at 1B: kernels/NOTES.md v31). Why: one CTA per query head walking the whole cache (the first version) keeps
 // one load in flight per warp per key, so its time grows with the context at memory latency, and
 // reads each K/V head once per query head. Here a CTA owns one K/V head g and one chunk of `chunk`
 // positions: it stages the chunk's keys and values once, together (fp32, rows padded by one word:
@@ -188,7 +159,8 @@ constexpr int kAttThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kAttThreads) attention_split(
-    const T* __restrict__ q_all, const T* __restrict__ keys, const T* __restrict__ values,
+    const T* __restrict__ qkv, T* __restrict__ keys, T* __restrict__ values, const T* __restrict__ cos,
+    const T* __restrict__ sin, const T* __restrict__ q_norm, const T* __restrict__ k_norm, float eps,
     const long long* __restrict__ pos, T* __restrict__ out, float* __restrict__ part, int* __restrict__ count,
     int heads, int kvh, int d, int max_len, int window, float scaling, int chunk) {
   overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
@@ -206,15 +178,41 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
   float* qs = vs + chunk * stride;      // [rep][d]
   float* sc = qs + rep * d;             // [rep][chunk]: scores, then exp(s - m)
   __shared__ float mx[32], sum[32];     // per head (rep <= 32)
+  __shared__ float red[32];             // block_sum's
   __shared__ int last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
   const T* K = keys + (long long)g * max_len * d;
   const T* V = values + (long long)g * max_len * d;
   const int rows = min(chunk, max_len - j0);  // rows of the cache in this chunk
 
-  for (int i = tid; i < rep * d; i += blockDim.x) qs[i] = Val<T>::sload(q_all + (long long)g * rep * d + i);
+  for (int i = tid; i < rep * d; i += blockDim.x) qs[i] = Val<T>::sload(qkv + (long long)g * rep * d + i);
   stage_kv<T>(K + (long long)j0 * d, V + (long long)j0 * d, rows, chunk, d, ks, vs, stride);
+  // this step's key and value (the staged row at pos holds the cache's stale one): raw, over that row
+  const bool owns_pos = p >= j0 && p < j0 + chunk;  // uniform over the CTA
+  float* kn = ks + (int)(p - j0) * stride;
+  float* vn = vs + (int)(p - j0) * stride;
+  __syncthreads();  // (stage_kv's stores of that row come first)
+  if (owns_pos)
+    for (int i = tid; i < d; i += blockDim.x) {
+      kn[i] = Val<T>::sload(qkv + (long long)(heads + g) * d + i);
+      vn[i] = Val<T>::sload(qkv + (long long)(heads + kvh + g) * d + i);
+    }
   __syncthreads();
+  const T* cs = cos + p * d;
+  const T* sn = sin + p * d;
+  if (q_norm != nullptr)
+    for (int r = 0; r < rep; ++r) head_rms_norm<T>(qs + r * d, q_norm, d, eps, red);
+  if (owns_pos && k_norm != nullptr) head_rms_norm<T>(kn, k_norm, d, eps, red);
+  __syncthreads();
+  rope_pairs<T>(qs, rep, d, cs, sn);
+  if (owns_pos) rope_pairs<T>(kn, 1, d, cs, sn);
+  __syncthreads();
+  if (owns_pos)  // into the cache (the next steps read it; no CTA of this launch reads pos from global)
+    for (int i = tid; i < d; i += blockDim.x) {
+      const long long at = ((long long)g * max_len + p) * d + i;
+      Val<T>::store(keys + at, kn[i]);
+      Val<T>::store(values + at, vn[i]);
+    }
   // scores: thread per (head, position) pair, the dot product over d from shared memory
   for (int t = tid; t < rep * chunk; t += blockDim.x) {
     const int r = t / chunk, jj = t - r * chunk, j = j0 + jj;

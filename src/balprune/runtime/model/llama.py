@@ -188,7 +188,7 @@ class LlamaDecoder:
     def step_(self) -> None:
         """One decode step on the buffers (class doc): no host synchronisation, capturable. With
         ``fused`` set (a FusedOps, GPU only) the work between the products is kernels/llama_ops.cu
-        (nine launches per layer), else torch ops (about forty)."""
+        (eight launches per layer), else torch ops (about forty)."""
         if self.fused is not None:
             self._step_fused()
             return
@@ -240,8 +240,7 @@ class LlamaDecoder:
         for n, layer in enumerate(self.layers):
             f.input_norm[n]()  # layer 0: the embedding row; later: + the previous layer's down output
             self._launch(layer.projections["qkv"])
-            f.rope[n]()
-            f.attention[n]()
+            f.attention[n]()  # RoPE and the KV-cache append included
             self._launch(layer.projections["o"])
             f.post_norm[n]()  # h += o, then the norm
             self._launch(layer.projections["gate_up"])
@@ -308,7 +307,7 @@ def _dense_apply(projections: list, x: torch.Tensor) -> torch.Tensor:
 
 class FusedOps:
     """kernels/llama_ops.cu bound to one LlamaDecoder's buffers (GPU only): per layer the two residual
-    add + RMSNorm launches, RoPE with the KV-cache append, and attention; the SiLU-multiply; the final
+    add + RMSNorm launches and attention (RoPE and the KV-cache append included); the SiLU-multiply; the final
     norm. Each is a zero-argument launch on the current CuPy stream (``overlap``: a programmatic
     dependent launch, runtime._launch). ``supported`` says why a decoder cannot take them (None when
     it can)."""
@@ -316,7 +315,7 @@ class FusedOps:
     THREADS_NORM = 1024
     THREADS_ATTENTION = 256  # kernels/llama_ops.cu kAttThreads
     # the default shared-memory limit per CTA (no attribute needed), less attention_split's static shared memory
-    # (mx, sum, last: 272 bytes per ptxas; 1 KiB kept), which counts against the same 48 KiB
+    # (mx, sum, red, last: 400 bytes per ptxas; 1 KiB kept), which counts against the same 48 KiB
     SHARED_LIMIT = 48 * 1024 - 1024
     CHUNKS = (64, 32, 16, 8)  # cache positions per attention CTA, the largest that fits SHARED_LIMIT
 
@@ -372,7 +371,6 @@ class FusedOps:
                             (ptr(dec.h), ptr(delta), ptr(w), ptr(dec.xn), i32(h), eps))
 
         layer_elems = dec.keys[0].numel()
-        rope_block = -(-d // 32) * 32
         chunk = self.attention_chunk(cfg)
         nchunks = -(-dec.max_len // chunk)
         # attention_split's partial outputs and per-K/V-head counters, shared by the layers (they run in
@@ -381,17 +379,15 @@ class FusedOps:
         self.count = torch.zeros(kvh, dtype=torch.int32, device=dec.h.device)
         att_shared = self.attention_shared(cfg, chunk)
         window = cfg.sliding_window or 0
-        self.input_norm, self.post_norm, self.rope, self.attention = [], [], [], []
+        self.input_norm, self.post_norm, self.attention = [], [], []
         for n, layer in enumerate(dec.layers):
             self.input_norm.append(norm(None if n == 0 else dec.down, layer.input_norm))
             self.post_norm.append(norm(dec.o, layer.post_norm))
             keys, values = ptr(dec.keys.view(-1), n * layer_elems), ptr(dec.values.view(-1), n * layer_elems)
-            self.rope.append(prepared(fn["rope_append"], (heads + kvh,), (rope_block,), (
-                ptr(dec.qkv), ptr(dec.cos), ptr(dec.sin), ptr(dec.pos), keys, values, ptr(layer.q_norm),
-                ptr(layer.k_norm), eps, i32(heads), i32(kvh), i32(d), i32(dec.max_len))))
             self.attention.append(prepared(fn["attention_split"], (kvh, nchunks), (self.THREADS_ATTENTION,), (
-                ptr(dec.qkv), keys, values, ptr(dec.pos), ptr(dec.attn), ptr(self.part), ptr(self.count), i32(heads),
-                i32(kvh), i32(d), i32(dec.max_len), i32(window), f32(d ** -0.5), i32(chunk)), shared_mem=att_shared))
+                ptr(dec.qkv), keys, values, ptr(dec.cos), ptr(dec.sin), ptr(layer.q_norm), ptr(layer.k_norm), eps,
+                ptr(dec.pos), ptr(dec.attn), ptr(self.part), ptr(self.count), i32(heads), i32(kvh), i32(d),
+                i32(dec.max_len), i32(window), f32(d ** -0.5), i32(chunk)), shared_mem=att_shared))
         inter = cfg.intermediate_size
         self.silu_mul = prepared(fn["silu_mul"], (-(-inter // 256),), (256,),
                                  (ptr(dec.gate_up), ptr(dec.act), i32(inter)))
@@ -403,7 +399,7 @@ class FusedOps:
 OVERLAP = True
 
 #: kernels/llama_ops.cu's kernels and the type each model dtype instantiates them with.
-LLAMA_KERNELS = ("add_rms_norm", "rope_append", "attention_split", "silu_mul")
+LLAMA_KERNELS = ("add_rms_norm", "attention_split", "silu_mul")
 _KERNEL_TYPE = {torch.float32: "float", torch.float16: "bp::f16", torch.bfloat16: "bp::bf16"}
 
 
@@ -458,7 +454,7 @@ class PackedLlama(PackedModel):
     the products on kernels/llama_ops.cu where they pass their gate (``decode_ops`` says which ran).
     ``overlap``: balprune's launches of the step (the fused kernels and the sparse products) are
     programmatic dependent launches (runtime._launch): each grid is placed while the one before it
-    runs, which takes the launch gap out of most of the step's ~9 launches per layer (sm_90 and newer;
+    runs, which takes the launch gap out of most of the step's ~8 launches per layer (sm_90 and newer;
     ignored on older GPUs).
 
     ``prefill(ids)`` then ``step()`` per token, or ``generate(ids, n)`` (greedy, on the device: one
@@ -529,7 +525,7 @@ class PackedLlama(PackedModel):
             return {"path": "torch ops", "reason": f"the fused kernels failed their gate (relative error {err:.2e} > "
                                                    f"{bound:.0e} against the torch-ops step)"}
         dec.fused = ops
-        return {"path": "fused", "reason": f"kernels/llama_ops.cu, 9 launches per layer (relative error {err:.1e} "
+        return {"path": "fused", "reason": f"kernels/llama_ops.cu, 8 launches per layer (relative error {err:.1e} "
                                            "against the torch-ops step)"}
 
     @classmethod
