@@ -335,10 +335,12 @@ __device__ __forceinline__ void named_sync(int threads) {
 // second grid is launched and its CTAs are placed (runtime._launch, ``overlap``). Launched with
 // the programmatic-serialization attribute, a grid may start while the previous one still runs:
 // its CTAs are placed early and wait here until the previous grid has completed and its writes are
-// visible. So a kernel that can be launched that way calls overlap_prologue() FIRST, before it
-// reads or writes any global memory; then it lets the next grid be placed (at most two grids are
-// in flight: the running one and the next, waiting). Without the attribute both instructions
-// return at once, so the same kernel serves ordinary launches unchanged.
+// visible. So a kernel that can be launched that way calls overlap_prologue() before it reads anything a
+// grid of the step writes, and before it writes any global memory; then it lets the next grid be placed
+// (at most two grids are in flight: the running one and the next, waiting). What it may read first:
+// the step's constants -- weights, the KV cache below the position, the position itself (torch writes it
+// between steps, and the step's first overlapped launch starts after every torch launch before it).
+// Without the attribute both instructions return at once, so the same kernel serves ordinary launches.
 __device__ __forceinline__ void overlap_prologue() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -50,10 +50,20 @@ __device__ __forceinline__ float block_max(float v, float* red) {
 
 // The residual add and the next RMSNorm, one CTA: h += delta (rounded to T; delta may be null),
 // then out = w * T(h / sqrt(mean(h^2) + eps)). dim <= 32 * blockDim.x elements per thread loop.
+// The norm's weights are read before the prologue (kNormPre per thread, in registers: a constant of the step,
+// so their fetch overlaps the previous grid instead of adding a round trip after the barrier).
+constexpr int kNormPre = 4;
+
 template <typename T>
 __global__ void add_rms_norm(T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
                              T* __restrict__ out, int dim, float eps) {
-  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
+  float wp[kNormPre];
+#pragma unroll
+  for (int u = 0; u < kNormPre; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    wp[u] = i < dim ? Val<T>::sload(w + i) : 0.0f;
+  }
+  overlap_prologue();  // then wait for the previous grid (h and delta are this step's: bp_common.cuh)
   __shared__ float red[32];
   float ss = 0.0f;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
@@ -65,10 +75,13 @@ __global__ void add_rms_norm(T* __restrict__ h, const T* __restrict__ delta, con
     ss += v * v;
   }
   const float r = rsqrtf(block_sum(ss, red) / (float)dim + eps);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = Val<T>::sload(h + i);  // this thread's own store above: visible to it
-    Val<T>::store(out + i, Val<T>::sload(w + i) * rnd<T>(v * r));
+#pragma unroll
+  for (int u = 0; u < kNormPre; ++u) {  // (unrolled: wp stays in registers)
+    const int i = threadIdx.x + u * blockDim.x;
+    if (i < dim) Val<T>::store(out + i, wp[u] * rnd<T>(Val<T>::sload(h + i) * r));  // h: this thread's own store
   }
+  for (int i = threadIdx.x + kNormPre * blockDim.x; i < dim; i += blockDim.x)
+    Val<T>::store(out + i, Val<T>::sload(w + i) * rnd<T>(Val<T>::sload(h + i) * r));
 }
 
 // The qwen3 per-head RMSNorm of one head in shared memory, in place: x[i] = T(w[i] * T(x[i] / rms(x))), every
@@ -163,7 +176,6 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
     const T* __restrict__ sin, const T* __restrict__ q_norm, const T* __restrict__ k_norm, float eps,
     const long long* __restrict__ pos, T* __restrict__ out, float* __restrict__ part, int* __restrict__ count,
     int heads, int kvh, int d, int max_len, int window, float scaling, int chunk) {
-  overlap_prologue();  // first: this grid may be launched before the previous one ends (bp_common.cuh)
   extern __shared__ float sm[];
   const int g = blockIdx.x, c = blockIdx.y, rep = heads / kvh;
   const int nchunks = gridDim.y;
@@ -185,8 +197,12 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
   const T* V = values + (long long)g * max_len * d;
   const int rows = min(chunk, max_len - j0);  // rows of the cache in this chunk
 
-  for (int i = tid; i < rep * d; i += blockDim.x) qs[i] = Val<T>::sload(qkv + (long long)g * rep * d + i);
+  // Before the prologue: the chunk's cache rows. Earlier steps wrote them (and pos, a torch op's, before this
+  // step's first overlapped launch could start), no grid of this step does: the chunk's one memory round trip
+  // overlaps the q/k/v product instead of following it. (Row pos is this step's: replaced below.)
   stage_kv<T>(K + (long long)j0 * d, V + (long long)j0 * d, rows, chunk, d, ks, vs, stride);
+  overlap_prologue();  // then wait for the previous grid: qkv is its output (bp_common.cuh)
+  for (int i = tid; i < rep * d; i += blockDim.x) qs[i] = Val<T>::sload(qkv + (long long)g * rep * d + i);
   // this step's key and value (the staged row at pos holds the cache's stale one): raw, over that row
   const bool owns_pos = p >= j0 && p < j0 + chunk;  // uniform over the CTA
   float* kn = ks + (int)(p - j0) * stride;
