@@ -127,12 +127,20 @@ def test_the_channels_last_variant_runs_cudnn_in_channels_last(no_sparse, monkey
         assert seen == [want], key
     with pytest.raises(ValueError, match="no dense variant"):
         stage._make("dense (NHWC)")
-    # channels-last buffers: plain "dense" hands cuDNN channels-last operands, the weight included (conv2d
-    # would otherwise convert one of them on every call)
-    stage, _ = _stage("3x3-relu", layout="channels-last")
-    seen.clear()
-    stage.candidates()["dense"]()
-    assert seen == [(True, True)]
+    # channels-last buffers: plain "dense" hands the conv a channels-last batch torch takes as such (its output
+    # comes back channels-last: no transposes around it), 1x1 convs included, whose weight cannot say so
+    outs = []
+
+    def spy_out(x, w, *a, **k):
+        y = real(x, w, *a, **k)
+        outs.append(y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous())
+        return y
+    monkeypatch.setattr(conv_stage.F, "conv2d", spy_out)
+    for case in ("3x3-relu", "1x1-residual", "1x1-s2-downsample", "3x3-relu-pool"):
+        stage, _ = _stage(case, layout="channels-last")
+        outs.clear()
+        stage.candidates()["dense"]()
+        assert outs == [True], case
 
 
 def _stage(case, layout="NCHW"):
@@ -255,10 +263,13 @@ def test_a_sparse_path_on_channels_last_buffers_converts_in_and_out(monkeypatch,
     assert op.seen == [(stage.x_nchw.data_ptr(), stage.out_nchw.data_ptr())] and torch.equal(x, before)
     # settled on the dense path, the stage lets the scratch buffers go
     stage._views = _Views()
+    scratch = [t for t, buf in ((stage.x_nchw, stage.x), (stage.out_nchw, stage.out)) if t is not buf]
     stage.choice = SimpleNamespace(path="dense", variants={"dense": "dense"})
     stage.bind("dense")
     stage.release_unbound()
     assert stage.x_nchw is stage.x and stage.out_nchw is stage.out
+    # the candidates' CuPy views of the scratch buffers are let go too (a view holds its tensor)
+    assert all(any(f is t for f in stage._views.forgotten) for t in scratch) and len(scratch) == (xl != "NCHW") + (ol != "NCHW")
 
 
 def test_activation_layout_and_buffers():

@@ -149,6 +149,14 @@ def activation_buffer(shape, layout: str, dtype: torch.dtype, device) -> torch.T
     return torch.empty(c, h, w, dtype=dtype, device=device)
 
 
+def batch_view(t: torch.Tensor) -> torch.Tensor:
+    """The [C, H, W] activation ``t`` as a batch of one, [1, C, H, W], with the batch stride of a real batch
+    (C*H*W). ``t[None]`` gives a channels-last tensor a batch stride of C, which torch's memory-format
+    suggestion does not take for channels-last: cuDNN (conv, its fused ops) and max_pool2d would then run NCHW
+    around transposes, and a 1x1 conv's weight cannot say otherwise (its NCHW and channels-last strides agree)."""
+    return t.as_strided((1, *t.shape), (t.numel(), *t.stride()))
+
+
 def layout_of(t: torch.Tensor) -> str | None:
     """Which of ACTIVATION_LAYOUTS the [C, H, W] tensor ``t`` is stored in ("NCHW" where both hold, as for
     a 1x1 map), or None for any other striding."""

@@ -10,7 +10,8 @@ conv); the fc is a Projection. The max-pool and the average pool run in torch.
 
 The runtime is built for ``arch.image_size`` square images (224 unless the architecture says otherwise). Its
 activations between stages are in one layout (base.activation_layout: channels-last for float16 / bfloat16),
-the image NCHW as the user gives it (the stem's dense launches convert it; its sparse ones read it as it is).
+the image NCHW as the user gives it (the stem's channels-last and fused dense variants convert it, plain "dense"
+runs the stem in NCHW, the sparse paths read it as it is).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from ...errors import UsageError
 from ..measure import cupy_on_torch_stream
-from .base import PackedImageModel, activation_buffer, load_dense, load_packed
+from .base import PackedImageModel, activation_buffer, batch_view, load_dense, load_packed
 from .conv_stage import ConvStage
 from .lstm import _matrix
 
@@ -83,7 +84,7 @@ class PackedResNet(PackedImageModel):
 
     def _stem_and_pool(self) -> None:
         """The stem conv (+ ReLU), then torchvision's 3x3/2 max-pool (padding 1) into ``pooled``."""
-        self.pooled[None].copy_(F.max_pool2d(self.stem()[None], 3, stride=2, padding=1))
+        batch_view(self.pooled).copy_(F.max_pool2d(batch_view(self.stem()), 3, stride=2, padding=1))
 
     def run(self) -> None:
         with cupy_on_torch_stream():
