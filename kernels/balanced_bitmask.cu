@@ -260,12 +260,13 @@ __device__ __forceinline__ void unit_fma(const Words<4>& v, Walk& walk, float (&
 // programmatic dependent launch) or while x is staged, and the walk's loads hit L1. Prefetches write no
 // register and nothing waits on them; no grid writes weights, so they may precede the prologue.
 __device__ __forceinline__ void prefetch_first_group_l1(const Words<4>* vals, const unsigned* masks, int rows, int Q,
-                                                        int C, int W, int P) {
+                                                        int C, int W, int P, int S) {
   if (BP_BM_L1_UNITS <= 0) return;
   const int lane = threadIdx.x & 31;
   const int row = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * (32 / P) + lane / P;
-  if (row >= rows) return;
   const int l = lane & (P - 1);
+  // (walk 5 never reads a phantom segment, s >= S; walk 6 walks them)
+  if (row >= rows || (BP_BM_WALK != 6 && l >= S)) return;
   const int rounds = BP_BM_WALK == 6 ? (Q < 2 ? Q : 2) : 1;  // the rounds walked first, side by side
   const Words<4>* v = vals + (long long)row * Q * C * P + l;
   const unsigned* m = masks + (long long)row * Q * W * P + l;
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
                           int C, int W, int P, int seg_keep, int seg_cols, int S, const T* __restrict__ x, int cols,
                           int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
   // weights only, before the prologue; at batch 1 (batch tiles of 2+ are at the 64-register budget already)
-  if (NB == 1) prefetch_first_group_l1(vals, masks, rows, Q, C, W, P);
+  if (NB == 1) prefetch_first_group_l1(vals, masks, rows, Q, C, W, P, S);
   if (blockIdx.y == 0)  // weights only, before the prologue: this CTA's first rows into L2
     prefetch_cta_rows_l2(vals, (long long)Q * C * P * 16, masks, (long long)Q * W * P * 4,
                          (long long)blockIdx.x * (blockDim.x >> 5) * (32 / P), (blockDim.x >> 5) * (32 / P), rows);

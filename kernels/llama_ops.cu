@@ -126,8 +126,10 @@ __device__ __forceinline__ void stage_kv(const T* __restrict__ K, const T* __res
       const int r = i / d, e = i - r * d;  // a vector never crosses a row: d % kVec == 0
       uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
       if (r < rows) {
-        kr = __ldg(reinterpret_cast<const uint4*>(K + i));
-        vr = __ldg(reinterpret_cast<const uint4*>(V + i));
+        // __ldcg, not __ldg: attention_split writes row pos of this cache (a read-only load must not see
+        // memory the kernel writes, even where, as here, the one CTA that writes it reads it first)
+        kr = __ldcg(reinterpret_cast<const uint4*>(K + i));
+        vr = __ldcg(reinterpret_cast<const uint4*>(V + i));
       }
       const T* kt = reinterpret_cast<const T*>(&kr);
       const T* vt = reinterpret_cast<const T*>(&vr);
@@ -151,7 +153,8 @@ __device__ __forceinline__ void stage_kv(const T* __restrict__ K, const T* __res
 // (flash-decoding), with this step's RoPE and KV-cache append: each CTA ropes the rep query heads of its K/V
 // head g (qwen3: their per-head RMSNorm first) from the fused projection's output qkv = [heads*d | kvh*d |
 // kvh*d], and the CTA whose chunk holds pos ropes key head g, writes it and value head g into the cache at pos
-// and into its staged rows (a separate launch for this cost ~1.8 us per layer at 1B: kernels/NOTES.md v31). Why: one CTA per query head walking the whole cache (the first version) keeps
+// and into its staged rows (a separate launch for this cost ~1.8 us per layer at 1B: kernels/NOTES.md v31).
+// Why split: one CTA per query head walking the whole cache (the first version) keeps
 // one load in flight per warp per key, so its time grows with the context at memory latency, and
 // reads each K/V head once per query head. Here a CTA owns one K/V head g and one chunk of `chunk`
 // positions: it stages the chunk's keys and values once, together (fp32, rows padded by one word:
@@ -180,10 +183,12 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
   const int g = blockIdx.x, c = blockIdx.y, rep = heads / kvh;
   const int nchunks = gridDim.y;
   const long long p = pos[0];
-  if (p < 0 || p >= max_len) return;
+  // never out of bounds (the host refuses such a step first); such a grid still waits below before it ends,
+  // so that the grids after it can rely on every grid before them having finished (bp_common.cuh)
+  const bool in_range = p >= 0 && p < max_len;
   const int lo = window > 0 ? (int)max(0LL, p - window + 1) : 0, hi = (int)p;  // visible: lo .. hi
   const int j0 = c * chunk;
-  if (j0 > hi || j0 + chunk <= lo) return;  // nothing visible in this chunk (counted by nobody)
+  if (in_range && (j0 > hi || j0 + chunk <= lo)) return;  // nothing visible in this chunk (counted by nobody)
   const int stride = d + 1;
   float* ks = sm;                       // [chunk][d + 1]: keys
   float* vs = ks + chunk * stride;      // [chunk][d + 1]: values
@@ -200,13 +205,14 @@ __global__ void __launch_bounds__(kAttThreads) attention_split(
   // Before the prologue: the chunk's cache rows. Earlier steps wrote them (and pos, a torch op's, before this
   // step's first overlapped launch could start), no grid of this step does: the chunk's one memory round trip
   // overlaps the q/k/v product instead of following it. (Row pos is this step's: replaced below.)
-  stage_kv<T>(K + (long long)j0 * d, V + (long long)j0 * d, rows, chunk, d, ks, vs, stride);
+  if (in_range) stage_kv<T>(K + (long long)j0 * d, V + (long long)j0 * d, rows, chunk, d, ks, vs, stride);
   overlap_prologue();  // then wait for the previous grid: qkv is its output (bp_common.cuh)
+  if (!in_range) return;
   for (int i = tid; i < rep * d; i += blockDim.x) qs[i] = Val<T>::sload(qkv + (long long)g * rep * d + i);
   // this step's key and value (the staged row at pos holds the cache's stale one): raw, over that row
   const bool owns_pos = p >= j0 && p < j0 + chunk;  // uniform over the CTA
-  float* kn = ks + (int)(p - j0) * stride;
-  float* vn = vs + (int)(p - j0) * stride;
+  float* kn = owns_pos ? ks + (int)(p - j0) * stride : ks;  // (only the owner uses them)
+  float* vn = owns_pos ? vs + (int)(p - j0) * stride : vs;
   __syncthreads();  // (stage_kv's stores of that row come first)
   if (owns_pos)
     for (int i = tid; i < d; i += blockDim.x) {

@@ -163,6 +163,39 @@ def test_family_variants(tmp_path, variant):
     assert max(relative_error(g, w) for g, w in zip(got, want)) <= MODEL_TOLERANCE["float32"]
 
 
+#: wide heads for attention_split's RoPE, per-head norms and cache append (the VARIANTS have head_dim 8 / 16):
+#: several elements per thread in its loops (d 256), rep 1 and 8, a chunk that does not divide max_len
+WIDE = {"d64-rep8": dict(head_dim=64, num_attention_heads=8, num_key_value_heads=1),
+        "d128-rep1": dict(head_dim=128, num_attention_heads=2, num_key_value_heads=2),
+        "d256-rep2-qk-norm": dict(model_type="qwen3", head_dim=256, num_attention_heads=4, num_key_value_heads=2,
+                                  rms_norm_eps=1e-6, rope_theta=1e6)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", list(WIDE))
+def test_wide_heads_decode_against_the_float32_reference(tmp_path, shape, dtype):
+    """The fused step (RoPE and the cache append inside attention_split) on wide heads, every dtype, over 64
+    steps (positions 32 .. 95: several cache chunks) of a 100-position cache, against the float32 reference."""
+    from dataclasses import replace
+
+    from test_llama_decoder import BASE, _values
+
+    from balprune.cli import main
+    from balprune.llm.examples import write_hf_folder
+    from balprune.runtime.model.llama import FusedOps, PackedLlama
+
+    cfg = replace(BASE, **WIDE[shape])
+    folder = write_hf_folder(cfg, tmp_path / "src", tensor_fn=_values)
+    path = tmp_path / "p.safetensors"
+    assert main(["prune", str(folder), "--sparsity", "0.5", "--blocks", "4", "-o", str(path)]) == 0
+    want, tokens = _reference_run(path)
+    rt = PackedLlama.open(path, max_len=100, dtype=dtype)
+    assert rt.decode_ops["path"] == "fused", rt.decode_ops
+    assert 100 % FusedOps.attention_chunk(rt.cfg) != 0
+    got = [rt.prefill(PROMPT).cpu()] + [rt.step(t).cpu() for t in tokens[:-1]]
+    assert max(relative_error(g, w) for g, w in zip(got, want)) <= MODEL_TOLERANCE[dtype]
+
+
 def test_generate_command_runs_the_packed_runtime(packed, cli):
     """`balprune generate` on a GPU: the packed runtime, greedy tokens equal to the float32 reference's."""
     import json
