@@ -12,9 +12,9 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
 T="python3 -m pytest -q -x -p no:cacheprovider -W ignore::DeprecationWarning"
-timeout 75 $T tests/gpu/test_bitmask_gpu.py -k "gaps or L1024 or L448 or K1500 or K33 or tall" >"$OUT/t_bitmask.txt" 2>&1
-timeout 75 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1
-timeout 75 $T tests/gpu/test_model_gpu.py -k "activation_layout" >"$OUT/t_vision.txt" 2>&1
+timeout 70 $T tests/gpu/test_bitmask_gpu.py -k "gaps or L1024 or L448 or K1500 or K33 or tall" >"$OUT/t_bitmask.txt" 2>&1
+timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1
+timeout 70 $T tests/gpu/test_model_gpu.py -k "activation_layout" >"$OUT/t_vision.txt" 2>&1
 grep -hE "passed|failed|error" "$OUT"/t_*.txt | tail -6
 rm -rf /tmp/main_tree && cp -r "$BASE" /tmp/main_tree
 {
