@@ -218,10 +218,12 @@ def test_vision_notes_say_the_batch_norm_fold_and_the_torch_layout():
     rep.meta["model"].update(architecture="resnet50", kind="resnet", paper=None)
     rep.meta["model"]["dtypes"]["float16"]["torch_layout"] = {
         "layout": "channels-last", "eager_hot_us": {"NCHW": 1210.5, "channels-last": 990.25}}
+    rep.meta["model"]["dtypes"]["float16"]["activations"] = "channels-last"
     text = _render(rep)
     assert "batch norm: folded into the convs by prune" in text
     assert "float16 torch dense: cuDNN benchmark mode, channels-last (eager, hot: NCHW 1210.5 us" in text
-    assert "float32 torch dense" not in text  # a dtype without the record gets no note
+    assert "float16 balprune: activations channels-last between the conv layers" in text
+    assert "float32 torch dense" not in text and "float32 balprune" not in text  # no record, no note
 
 
 # --------------------------------------------------------------------------- compare and JSON

@@ -355,6 +355,8 @@ def model_tables(report) -> list[Table]:
         if layout:  # a vision model's torch peer: cuDNN benchmark mode, the faster memory layout
             eager = ", ".join(f"{k} {v:.1f} us" for k, v in layout.get("eager_hot_us", {}).items())
             notes.append(f"{dtype} torch dense: cuDNN benchmark mode, {layout['layout']} (eager, hot: {eager})")
+        if dm.get("activations"):  # the runtime's layout between its conv stages (runtime.model.base)
+            notes.append(f"{dtype} balprune: activations {dm['activations']} between the conv layers")
     if "float32" in meta.get("dtypes", {}) and meta.get("kind") in ("vgg", "resnet"):
         notes.append("float32: every runner in IEEE float32 (torch's default TF32 for convolutions off)")
     if meta.get("kind") == "llama":
