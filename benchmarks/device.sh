@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Device calls for BENCHMARKS.md and kernels/NOTES.md, as steps a call composes (a call is <= 10 min and brings
+# back <= 8 files, so each mode is sized for one call). Run from the repository root on the device:
+#   bash benchmarks/device.sh MODE "$OUT" [BASE]
+# MODE (steps in the order they run; each step has its own time limit, so a cut call keeps what it finished):
+#   min     checks, decode-ab                               (~4 min: a session's last device minutes)
+#   combo   checks, decode-ab, resnet50, probe-ab           (~9 min: one call for a session's changes)
+#   vision  vision-tests, resnet50, vgg16                   (~8 min)
+#   next    suites, decode, layers-8b                       (~10 min)
+# BASE: a previous tree for the same-run A/B steps, made here (untracked: it travels with the working tree):
+#   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
+set -uo pipefail
+MODE=${1:?usage: device.sh MODE OUT [BASE]}
+OUT=${2:?output folder}
+BASE=${3:-}
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
+T="python3 -m pytest -q -x -p no:cacheprovider -W ignore::DeprecationWarning"
+W=/tmp/bp-vision
+
+base_tree() {  # the A/B steps' previous tree, at /tmp/main_tree
+  [ -n "$BASE" ] || { echo "this mode needs BASE" >&2; exit 2; }
+  [ -d /tmp/main_tree ] || cp -r "$BASE" /tmp/main_tree
+}
+checks() {  # the risky cases of the bitmask kernel, the fused decode step, the vision activation layouts
+  timeout 70 $T tests/gpu/test_bitmask_gpu.py -k "gaps or L1024 or L448 or K1500 or K33 or tall" >"$OUT/t_bitmask.txt" 2>&1
+  timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1
+  timeout 70 $T tests/gpu/test_model_gpu.py -k "activation_layout" >"$OUT/t_vision.txt" 2>&1
+}
+vision_tests() {
+  timeout 170 $T tests/gpu/test_model_gpu.py \
+    -k "activation_layout or (runtime_matches and (vgg or resnet)) or (graph_replay and (vgg or resnet))" \
+    >"$OUT/t_vision.txt" 2>&1
+}
+suites() {
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests/gpu/test_llama_gpu.py \
+    tests/gpu/test_lm_step_gpu.py tests/gpu/test_nm24_gpu.py tests/gpu/test_recurrence_gpu.py -k "not paper_sized" \
+    >"$OUT/t_suites.txt" 2>&1
+}
+decode_ab() {  # the 1B step at 70% (head pruned) in the previous tree and in this one
+  base_tree
+  for t in main new; do
+    d=. && [ $t = main ] && d=/tmp/main_tree
+    echo "== decode 1b $t" && (cd $d && timeout 55 python3 benchmarks/llm_decode.py --model 1b --configs 70% \
+      --contexts 128 --steps 32 --prune-head --split)
+  done >"$OUT/decode_ab.txt" 2>&1
+}
+probe_ab() {  # the bitmask kernel on the 1B shapes, walk 6, previous tree and this one
+  base_tree
+  for t in main new; do
+    d=. && [ $t = main ] && d=/tmp/main_tree
+    echo "== probe 1b walk 6 $t" && (cd $d && timeout 25 python3 benchmarks/bitmask_probe.py --shapes 1b \
+      --configs 50%,70% --batch 1 --walk 6)
+  done >"$OUT/probe_ab.txt" 2>&1
+}
+decode() {
+  timeout 100 python3 benchmarks/llm_decode.py --model 1b --configs 50%,70% --contexts 128,1024 --steps 32 --split \
+    --prune-head >"$OUT/decode_1b.txt" 2>&1
+}
+layers_8b() {
+  timeout 180 python3 benchmarks/llm_layers.py --models 8b --dtypes float16 --configs 50,70,80,2:4 --batch 1,4 \
+    --index auto --out /tmp/llm-layers >"$OUT/layers_8b.txt" 2>&1
+  cp /tmp/llm-layers/table.txt "$OUT/layers_8b_table.txt" 2>/dev/null
+}
+vision_model() {  # NAME EXAMPLE PRUNE-ARGS... : end to end in each activation layout (vision_layouts.py)
+  local name=$1 example=$2
+  shift 2
+  mkdir -p $W
+  [ -f $W/$name.bal.safetensors ] || ( python3 -m balprune example "$example" -o $W/$name.safetensors --force && \
+    python3 -m balprune prune $W/$name.safetensors "$@" -o $W/$name.bal.safetensors --force ) >>"$OUT/prep.txt" 2>&1
+  timeout 150 python3 benchmarks/vision_layouts.py $W/$name.bal.safetensors --dtype float16 --iters 30 \
+    --runners channels-last/auto,channels-last/dense,NCHW/auto >"$OUT/$name.txt" 2>&1
+}
+case $MODE in
+  min) checks; decode_ab ;;
+  combo) checks; decode_ab; vision_model r50 resnet50 --block-size 10 --sparsity 0.9; probe_ab ;;
+  vision) vision_tests; vision_model r50 resnet50 --block-size 10 --sparsity 0.9
+          vision_model vgg16 vgg16 --blocks 32 --sparsity 0.92 ;;
+  next) suites; decode; layers_8b ;;
+  *) echo "unknown mode $MODE (min, combo, vision, next)" >&2; exit 2 ;;
+esac
+grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
+grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-250
+cut -c1-300 "$OUT"/r50.txt "$OUT"/vgg16.txt 2>/dev/null | tail -10
