@@ -25,15 +25,15 @@ each gated and timed by stages.dispatch:
 
 A residual is added, and ReLU applied after it, by one element-wise launch on the sparse paths (model_ops.cu
 add_relu where out and the residual are NCHW, else torch.add + relu_ from the NCHW result into out), by
-torch.add + relu_ on the dense one.
+torch.add + relu_ on the dense one. At batch 1 the early layers' OH*OW is large (50176 columns at 224x224),
+where tensor cores win by far; the late 7x7 and 14x14 layers are where the sparse paths can; the dispatcher
+measures them on this GPU and says which ran.
 
 Buffers: ``x``, ``residual`` and ``out`` are [C, H, W] tensors in either activation layout
 (base.ACTIVATION_LAYOUTS; the model picks one for all its stages, VGG's fc6 input stays NCHW). The sparse
 kernels read and write NCHW: where a buffer is channels-last, a sparse path converts its input into an NCHW
-scratch buffer first and moves its result (with the residual add and ReLU) into ``out`` last, launches its
-timing includes, so the dispatcher weighs them against the dense path that needs none. At batch 1 the early layers' OH*OW is large
-(50176 columns at 224x224), where tensor cores win by far; the late 7x7 and 14x14 layers are where
-the sparse paths can; the dispatcher measures them on this GPU and says which ran.
+scratch buffer first and moves its result (with the residual add and ReLU) into ``out`` last; its timing
+includes those launches, so the dispatcher weighs them against the dense path, which needs none.
 """
 
 from __future__ import annotations
@@ -221,7 +221,6 @@ class ConvStage:
         # layout in the launch that moves it into out anyway
         w = self._weight("channels-last" if cl else "NCHW")
         fp32 = w.dtype == torch.float32
-
         convert = cl and layout_of(x) != "channels-last"
 
         def run() -> torch.Tensor:
