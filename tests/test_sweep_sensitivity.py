@@ -79,6 +79,7 @@ def test_sweep_resume_keeps_finished_runs_and_refuses_without_it(cli, tmp_path):
     (("--sparsities", "0.5,1.0"), "--sparsities"),
     (("--sparsities", "0,0.5"), "0 prunes nothing"),
     (("--sparsities", "0.5,0.5"), "twice"),
+    (("--sparsities", ",".join(f"{0.1 + i * 1e-3:.4f}" for i in range(65))), "65 values; at most 64"),
     (("--blocks", "0"), "--blocks"),
     (("--block-shapes", "8by8"), "--block-shapes"),
     (("--resume", "--force"), "exclude each other"),
@@ -206,6 +207,17 @@ def test_sensitivity_bad_inputs(cli, small_pt, tmp_path):
     assert r.code == 4 and not (tmp_path / "p.toml").exists()
     r = cli("sensitivity", small_pt, "--include-everything")
     assert r.code == 2
+    r = cli("sensitivity", small_pt, "--sparsities", ",".join(f"{0.1 + i * 1e-3:.4f}" for i in range(65)))
+    assert r.code == 2 and "at most 64" in r.err
+
+
+def test_sensitivity_takes_any_seed_of_its_range(cli, small_pt, tmp_path):
+    """The per-layer generator's seed is derived from --seed without overflowing its 64 bits (a seed near 2^63
+    was an internal error, exit 70); seeds below 2^63 / 1000003 keep the values they always had."""
+    for seed in ("20000000000000", str((1 << 63) - 1)):
+        r = cli("sensitivity", small_pt, "--seed", seed, "-o", tmp_path / f"p{seed}.toml")
+        assert r.code == 0, r.err
+        assert (tmp_path / f"p{seed}.toml").exists()
     torch.save({"bias": torch.zeros(3)}, tmp_path / "onlybias.pt")
     r = cli("sensitivity", tmp_path / "onlybias.pt", "-o", tmp_path / "p.toml")
     assert r.code == 4 and "no tensor is a pruning target" in r.err and not (tmp_path / "p.toml").exists()

@@ -40,9 +40,16 @@ def csv_items(text: str, what: str) -> list[str]:
     return items
 
 
+#: The most values a sparsity list takes: each is a full pruning (and for sweeps a training) run.
+MAX_SPARSITIES = 64
+
+
 def parse_sparsity_list(text: str, what: str = "--sparsities") -> list[float]:
-    """'0.5,0.8,0.9' -> [0.5, 0.8, 0.9] (sorted); each in (0, 1)."""
-    values = [parse_sparsity(s, what=what) for s in csv_items(text, what)]
+    """'0.5,0.8,0.9' -> [0.5, 0.8, 0.9] (sorted); each in (0, 1), at most MAX_SPARSITIES of them."""
+    items = csv_items(text, what)
+    if len(items) > MAX_SPARSITIES:
+        raise UsageError(f"{what}: {len(items)} values; at most {MAX_SPARSITIES} (each is a pruning run of its own)")
+    values = [parse_sparsity(s, what=what) for s in items]
     if any(v == 0 for v in values):
         raise UsageError(f"{what}: 0 prunes nothing (the dense model is measured anyway)")
     if len(set(values)) != len(values):

@@ -128,7 +128,8 @@ def sensitivity_from_checkpoint(path: Path, options: PruneOptions, sparsities: l
         check_finite(w, name)
         # the matrix prune balances: [out, in] (a GPT-2 Conv1D weight [in, out] as its transpose)
         matrix = w.t() if plan.transposed else w.reshape(w.shape[0], -1)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        # (reduced below 2^63: a seed near the top of its range would overflow the generator's 64-bit seed)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + i) % (1 << 63))
         x = torch.randn(matrix.shape[1], samples, generator=g, dtype=torch.float64)
         layer = LayerSensitivity(name, list(w.shape), {})
         for s in sparsities:
