@@ -13,6 +13,7 @@ from balprune.cli import main
 from balprune.formats.packed_file import read_packed
 from balprune.models import detect, reference_module, reference_outputs, relative_error, sample_inputs
 from balprune.models.reference import TOLERANCE
+from balprune.runtime.model.stages import split_candidate
 from balprune.save import save_state_dict
 
 _why = gpu_skip_reason()
@@ -108,8 +109,8 @@ def test_runtime_matches_the_dense_masked_model(small_files, kind, dtype, paths)
         assert len(stages) == sum(1 for c in rt.choices if not c.layer.startswith(("classifier.", "fc.")))
         for st in stages:
             # the NCHW weight stays for the dense launches with NCHW operands (channels-last binds its own copy)
-            key = st.choice.variants.get("dense", "dense")
-            nchw = st.choice.path == "dense" and st._operand_layout(key[7:-1] if key != "dense" else None) == "NCHW"
+            variant = split_candidate(st.choice.variants.get("dense", "dense"))[1]
+            nchw = st.choice.path == "dense" and st._operand_layout(variant) == "NCHW"
             assert (st.dense is not None) == nchw, (st.name, st.choice.path, st.choice.variants)
             assert (st.direct is not None) == (st.choice.path == "balanced_conv"), st.name
             assert (st.sparse is not None) == (st.choice.path == "balanced"), st.name

@@ -176,7 +176,7 @@ class PackedImageModel(PackedModel):
     unit = "image"
 
     def __init__(self, arch, *, activations: str = "auto", **kw) -> None:
-        self.activations = activation_layout(kw.get("dtype", "float16"), activations)
+        self.activations = activation_layout(kw["dtype"], activations)
         super().__init__(arch, **kw)
         S = arch.image_size
         self.image = self._random_(torch.empty(3, S, S, dtype=self.tdt, device=self.dev))

@@ -49,7 +49,7 @@ from ...patterns.registry import MODEL_CONV_PATH as DIRECT
 from ..measure import exact_float32, float32_is_exact
 from .base import PackedModel, activation_buffer, batch_view, layout_of, load_dense
 from .lstm import _matrix
-from .stages import ptr, sparse_operator
+from .stages import ptr, sparse_operator, split_candidate
 
 #: The dense path's launch variants (the key "dense (V)" names variant V; plain "dense" is conv2d in the input
 #: buffer's layout): "channels-last" converts an NCHW input for cuDNN's NHWC kernels; "fused" is cuDNN's
@@ -309,8 +309,7 @@ class ConvStage:
         """The run function of candidate ``key``: a path, or a launch variant timed on its own: "dense
         (channels-last)", or "balanced_conv (map)" / "(tiled)" / "(gather)", the direct convolution's kernel
         (runtime.conv.BalancedConv2d.kernels_for)."""
-        path = key.split(" (")[0]
-        variant = key[len(path) + 2:-1] if key != path else None
+        path, variant = split_candidate(key)
         if path == DIRECT:
             return self._direct_fn(variant)
         if path == "dense":
@@ -343,7 +342,7 @@ class ConvStage:
         return F.max_pool2d(y, 2) if self.pool else y
 
     def bytes_of(self, path: str) -> int:
-        path = path.split(" (")[0]
+        path = split_candidate(path)[0]
         if path == "dense":
             return int(self.dense.numel() * self.dense.element_size())
         return int(dict(self.sparse_paths())[path].weight_bytes)
@@ -359,8 +358,7 @@ class ConvStage:
         path = self.choice.path
         # the NCHW weight is read by the dense launches that hand cuDNN NCHW operands only (a channels-last
         # launch binds its own copy)
-        key = self.choice.variants.get("dense", "dense")
-        variant = key[len("dense ("):-1] if key != "dense" else None
+        variant = split_candidate(self.choice.variants.get("dense", "dense"))[1]
         if path != "dense" or self._operand_layout(variant) != "NCHW":
             self.dense = self.w4 = None
         if path == "dense":  # the sparse paths' NCHW scratch buffers (and the candidates' CuPy views of them)

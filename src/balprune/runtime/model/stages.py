@@ -24,7 +24,7 @@ from .._linear import STORAGE, TORCH_OF
 from ..measure import STAGE_TOLERANCE, cupy_on_torch_stream, measure_us, relative_error
 
 __all__ = ["Choice", "CupyViews", "ModelKernels", "Projection", "dispatch", "launch_variants",
-           "model_kernel_variants", "ptr", "sparse_alternatives", "sparse_operator"]
+           "model_kernel_variants", "ptr", "sparse_alternatives", "sparse_operator", "split_candidate"]
 
 # Paths a Projection can take: "balanced" / "bsr", balprune's kernel for the layer's pattern
 # (in launch variants: "balanced (threads=512, x raw)"), and "dense", the same masked matrix
@@ -41,6 +41,13 @@ _THREADS = 256
 def model_kernel_variants() -> list[str]:
     """Every instantiation of kernels/model_ops.cu the model runtimes launch (the compile test builds them)."""
     return [f"bp::{k}<{STORAGE[d][1]}>" for k in _MODEL_KERNELS for d in STORAGE]
+
+
+def split_candidate(key: str) -> tuple[str, str | None]:
+    """A candidate key "path" or "path (variant)" as (path, variant or None): the dispatcher's naming of a
+    launch variant timed on its own."""
+    path = key.split(" (")[0]
+    return path, (key[len(path) + 2:-1] if key != path else None)
 
 
 def ptr(t: torch.Tensor | None, offset_elems: int = 0) -> np.uint64:
