@@ -631,7 +631,7 @@ def bench_sweep(
                              help="Matrix columns."),
     sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95,0.97", "--sparsities",
                                    callback=usage(lambda v: tuple(parse_sparsity_list(v))),
-                                   help="Sparsities, comma-separated."),
+                                   help="Sparsities, comma-separated (at most 64)."),
     batch: str = typer.Option("1,8", "--batch", callback=usage(lambda v: tuple(parse_int_list(v, "--batch"))), help="Batch sizes, comma-separated."),
     dtype: str = typer.Option("float16", "--dtype", help="float32, float16 or bfloat16."),
     blocks: str = typer.Option("32", "--blocks", callback=usage(lambda v: parse_positive_int(v, what="--blocks")),

@@ -111,7 +111,7 @@ def sweep(
                                  callback=usage(lambda v: csv_items(v, "--patterns")),
                                  help="Patterns, comma-separated: balanced, unstructured, block, vector."),
     sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities", callback=usage(parse_sparsity_list),
-                                   help="Target sparsities, comma-separated."),
+                                   help="Target sparsities, comma-separated (at most 64)."),
     blocks: str | None = typer.Option(None, "--blocks", callback=usage(lambda v: parse_int_list(v, "--blocks")),
                                       help="Balanced: blocks per row, one line each (e.g. 8,16,32,64)."),
     block_sizes: str | None = typer.Option(None, "--block-sizes",
@@ -188,7 +188,7 @@ def sensitivity(
                                              help="Vector pattern: weights per vector (default 8)."),
     config: Path | None = typer.Option(None, "--config", help="Checkpoint mode: a prune config for pattern, include, exclude."),
     sparsities: str = typer.Option("0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities", callback=usage(parse_sparsity_list),
-                                   help="Sparsities to try per layer, comma-separated."),
+                                   help="Sparsities to try per layer, comma-separated (at most 64)."),
     tolerance: str | None = typer.Option(None, "--tolerance", callback=usage(parse_tolerance),
                                          help="Largest degradation a layer's plan allows (metric: 0.02 relative; "
                                               "proxy: 0.3 relative output error)."),
