@@ -220,6 +220,25 @@ def test_error_lines_escape_what_they_quote(packed, tmp_path):
     assert code == 4 and "r[/]\\x1b]0;t\\x07.json" in err and err.count("\n") == 1, err
 
 
+def test_error_lines_are_bounded_keeping_head_and_tail(packed, tmp_path):
+    """A quoted name can be any length (a --key, a recipe's task name, a path): the line keeps what is wrong
+    and the hint, says how much it left out, and stays one line; a line within the bound is printed whole."""
+    from balprune.cli import MAX_ERROR_CHARS, bounded
+
+    report = tmp_path.joinpath(*["d" * 200 + "\x1b"] * 30, "r.json")  # escaped to 4 characters, then bounded
+    code, out, err = _run("compare", report, tmp_path / "b.json")
+    assert code == 4 and err.count("\n") == 1 and err.startswith("balprune: error: "), err[:300]
+    assert len(err) < MAX_ERROR_CHARS + 100 and "characters left out" in err, len(err)
+    assert err.startswith(f"balprune: error: report {tmp_path}/{'d' * 200}\\x1b/"), err[:300]
+    assert err.endswith("\\x1b/r.json: cannot read: File name too long\n"), err[-200:]
+    short = "x" * MAX_ERROR_CHARS
+    assert bounded(short) == short
+    long = "head " + "m" * 5000 + " tail"
+    cut = bounded(long)
+    assert cut.startswith("head m") and cut.endswith("m tail") and len(cut) <= MAX_ERROR_CHARS
+    assert f"[... {len(long) - 1900} characters left out ...]" in cut
+
+
 def test_config_globs_in_warnings_are_shown_literally(tmp_path):
     src = _checkpoint(tmp_path)
     code, out, err = _run("prune", src, "-s", "0.5", "--blocks", "4", "--exclude", "[bold]\x1b[2J*",

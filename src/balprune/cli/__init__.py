@@ -20,13 +20,28 @@ def _raise_interrupted(signum, frame):  # pragma: no cover - exercised through s
     raise Interrupted(signum, COMMITTED)
 
 
+#: Longest error message printed whole. Messages quote file and command-line text (a recipe's task name,
+#: a path, a tensor name), which can be any length; a line past this keeps its head (what is wrong, where)
+#: and its tail (the hint) and says how much of the middle it left out.
+MAX_ERROR_CHARS = 2000
+_HEAD, _TAIL = 1400, 500
+
+
+def bounded(message: str) -> str:
+    """``message`` if it is at most MAX_ERROR_CHARS long, else its head and tail around a count of what was cut."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:_HEAD]} [... {len(message) - _HEAD - _TAIL} characters left out ...] {message[-_TAIL:]}"
+
+
 def _fail(message: str, code: int) -> int:
     """Print the one error line. Messages quote file and command-line text (tensor names, paths, report
     fields), so the whole line goes through render.visible: control characters, lone surrogates and
-    characters stderr's encoding cannot hold are escaped, never sent to the terminal raw."""
+    characters stderr's encoding cannot hold are escaped, never sent to the terminal raw; then it is
+    bounded (an escaped hostile name can be megabytes)."""
     from .render import visible
 
-    print(f"balprune: error: {visible(message)}", file=sys.stderr)
+    print(f"balprune: error: {bounded(visible(message))}", file=sys.stderr)
     return code
 
 
