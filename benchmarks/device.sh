@@ -7,6 +7,7 @@
 #   combo   checks, decode-ab, resnet50, probe-ab           (~9 min: one call for a session's changes)
 #   vision  vision-tests, resnet50, vgg16                   (~8 min)
 #   next    suites, decode, layers-8b                       (~10 min)
+#   step    step-tests, checks, decode-ab                   (~8 min: the persistent decode step, kernels/llama_step.cu)
 # BASE: a previous tree for the same-run A/B steps, made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
@@ -27,6 +28,10 @@ checks() {  # the risky cases of the bitmask kernel, the fused decode step, the 
   timeout 70 $T tests/gpu/test_bitmask_gpu.py -k "gaps or L1024 or L448 or K1500 or K33 or tall" >"$OUT/t_bitmask.txt" 2>&1
   timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1
   timeout 70 $T tests/gpu/test_model_gpu.py -k "activation_layout" >"$OUT/t_vision.txt" 2>&1
+}
+step_tests() {
+  timeout 240 ${T/ -x/} --tb=short tests/gpu/test_llama_step_gpu.py -k "small or graph or auto or variants" >"$OUT/t_step.txt" 2>&1
+  timeout 100 ${T/ -x/} --tb=short tests/gpu/test_llama_step_gpu.py -k "wide and not graph" >>"$OUT/t_step.txt" 2>&1
 }
 vision_tests() {
   timeout 170 $T tests/gpu/test_model_gpu.py \
@@ -78,8 +83,9 @@ case $MODE in
   vision) vision_tests; vision_model r50 resnet50 --block-size 10 --sparsity 0.9
           vision_model vgg16 vgg16 --blocks 32 --sparsity 0.92 ;;
   next) suites; decode; layers_8b ;;
-  *) echo "unknown mode $MODE (min, combo, vision, next)" >&2; exit 2 ;;
+  step) step_tests; checks; decode_ab ;;
+  *) echo "unknown mode $MODE (min, combo, vision, next, step)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
-grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-250
+grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-400
 cut -c1-300 "$OUT"/r50.txt "$OUT"/vgg16.txt 2>/dev/null | tail -10

@@ -224,6 +224,8 @@ def main() -> int:
     ap.add_argument("--prune-head", action="store_true",
                     help="prune the head's matrix too (the tied embedding for 1B): the whole-model byte ratios "
                          "issue 18 states (56%% at 50%%); Wanda's and SparseGPT's scope keeps it dense")
+    ap.add_argument("--persistent", default="auto", choices=("auto", "on", "off"),
+                    help="the packed runtime's step kernel (every layer in one launch): chosen by timing, forced, or not")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
@@ -240,13 +242,14 @@ def main() -> int:
         for paths in (("dense",) if pattern is None else ("auto", "dense")):
             t0 = time.perf_counter()
             rt = PackedLlama(cfg, weights(cfg, pattern, dt, prune_head=a.prune_head), max_len=max_len, dtype=a.dtype, paths=paths,
-                             measure=paths != "dense", fused=not a.torch_ops, overlap=a.overlap == "on")
+                             measure=paths != "dense", fused=not a.torch_ops, overlap=a.overlap == "on",
+                             persistent=a.persistent)
             build_s = time.perf_counter() - t0
             rt.capture()
             row = {"config": cname, "paths": paths, "build_s": round(build_s, 1), "weight_MB": round(rt.weight_bytes / 1e6, 1),
                    "floor_ms": round(rt.weight_bytes / bw / 1e6, 4),
                    "sparse_layers": sum(c.path != "dense" for c in rt.choices), "layers": len(rt.choices),
-                   "decode_ops": rt.decode_ops["path"], "overlap": a.overlap == "on",
+                   "decode_ops": rt.decode_ops["path"], "decode_why": rt.decode_ops, "overlap": a.overlap == "on",
                    "head": "pruned" if a.prune_head and pattern is not None else "dense"}
             for ctx in contexts:
                 rt.reset()

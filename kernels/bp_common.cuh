@@ -301,6 +301,10 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsign
       "l"(src), "r"(bytes), "r"(smem_addr(bar))
       : "memory");
 }
+// Order this thread's shared-memory accesses (generic proxy) before later bulk copies (async proxy) into it.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
 // One fp32 from shared memory at a 32-bit shared-window address (lets address = IMAD + LDS).
 __device__ __forceinline__ float lds_f32(unsigned addr) {
   float v;

@@ -178,10 +178,6 @@ __device__ __forceinline__ void gather_items(int n, Load load, Store store, Afte
   }
 }
 
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
 template <typename T, typename I>
 __global__ void __launch_bounds__(1024, 1) lstm_lm_step(const unsigned long long* __restrict__ recs_g, int phases,
                                                      int regions, unsigned region_bytes, int xcap, int xrows,

@@ -131,6 +131,21 @@ def test_every_llama_op_compiles_without_spills(tmp_path):
     _assert_fit_64_registers_no_spills(tmp_path, names, "llama_ops.cu")
 
 
+def test_the_persistent_decode_step_compiles_without_spills(tmp_path):
+    """kernels/llama_step.cu: every decoder layer in one launch, every value type, within the register budget of
+    its 512 threads per CTA (128), no spills, no stack frame."""
+    from balprune.runtime.model.llama_step import THREADS, step_kernel_variants
+
+    names = step_kernel_variants()
+    r = _nvcc(tmp_path, _instantiating_source(names, "llama_step.cu"), "-c", "-Xptxas", "-v")
+    assert r.returncode == 0, r.stderr[-4000:]
+    frames = [int(n) for n in re.findall(r"(\d+) bytes stack frame", r.stderr)]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
+    assert len(frames) == len(spills) == len(regs) == 3 and not any(frames), r.stderr[-4000:]
+    assert all(s == ("0", "0") for s in spills) and max(regs) <= 65536 // THREADS, r.stderr[-4000:]
+
+
 def test_lstm_recurrence_compiles_without_spills(tmp_path):
     """kernels/lstm_recurrence.cu: the persistent Bi-LSTM recurrence, every value type."""
     from balprune.runtime.model.recurrence import recurrence_kernel_variants

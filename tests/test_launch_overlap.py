@@ -50,10 +50,52 @@ PRE_PROLOGUE_CALLS = {"prefetch_l2", "prefetch_rows_l2", "prefetch_cta_rows_l2",
                       "prefetch_l1", "prefetch_first_group_l1"}
 #: kernels that read other constants of the step before their prologue (bp_common.cuh states the rule), with
 #: the pointers they may read there: no grid of the step writes them. add_rms_norm: its norm weights;
-#: attention_split: the KV cache below the position (earlier steps wrote it) and the position (torch writes
-#: it between steps, before the step's first overlapped launch can start) -- staged into shared memory.
-EARLY_READS = {"add_rms_norm": {"w"}, "attention_split": {"keys", "values", "pos"}}
+#: attention_item (attention_split's body): the KV cache below the position (earlier steps wrote it), staged into
+#: shared memory; attention_split reads the position for it (torch writes it between steps, before the step's
+#: first overlapped launch can start).
+EARLY_READS = {"add_rms_norm": {"w"}, "attention_item": {"keys", "values"}}
 EARLY_CALLS = {"sload", "stage_kv", "max", "min"}
+
+
+#: device functions that hold an overlappable kernel's body (the kernel passes kOverlap = true and calls nothing
+#: else): the file that defines each. llama_step.cu runs attention_item with kOverlap = false (one launch, no
+#: grid before it in the step).
+DELEGATES = {"attention_item": "llama_common.cuh"}
+
+
+#: pointer parameters into shared memory (a delegate's dynamic shared memory), not global memory
+SHARED_PARAMS = {"sm"}
+
+
+def _device_function(name: str) -> tuple[str, str]:
+    """(parameter list, body) of the __device__ function ``name`` (DELEGATES says where it is)."""
+    text = _strip_comments((kernels_dir() / DELEGATES[name]).read_text())
+    m = re.search(r"__device__[^;{]*?\b" + name + r"\s*\(", text)
+    assert m, f"{name} not found in {DELEGATES[name]}"
+    head_end = text.index("{", m.end())
+    depth, end = 1, head_end + 1
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        end += 1
+    return text[m.end():head_end], text[head_end + 1:end - 1]
+
+
+def _check_prologue(filename: str, name: str, params: str, body: str, prologue: str) -> None:
+    assert prologue in body, f"{filename}: {name} has no overlap_prologue"
+    pre = body[:body.index(prologue)]
+    # at the top level of the body, so every thread runs it (a prefetch block before it is closed)
+    assert pre.count("{") == pre.count("}"), f"{filename}: {name} calls its prologue inside a block"
+    assert not re.search(r"\b(if|for|while)\s*\([^;{}]*\)\s*$", pre), f"{filename}: {name}: conditional prologue"
+    pointers = set(re.findall(r"\*\s*(?:__restrict__\s*)?(\w+)", params)) - SHARED_PARAMS
+    early = EARLY_READS.get(name, set())
+    touched = (pointers - WEIGHTS - early) & set(re.findall(r"\w+", re.sub(r"\.\w+", "", pre)))  # not blockIdx.y
+    assert not touched, f"{filename}: {name} uses {sorted(touched)} before its prologue"
+    calls = set(re.findall(r"(\w+)\s*\(", pre)) - {"if", "for", "while", "sizeof"}
+    allowed = PRE_PROLOGUE_CALLS | (EARLY_CALLS if early else set())
+    assert calls <= allowed, f"{filename}: {name} calls {sorted(calls - allowed)} first"
+    assert "store" not in pre and "atomic" not in pre, f"{filename}: {name} writes global memory before its prologue"
+    if not early:  # (the early readers stage into registers and shared memory: reviewed, EARLY_READS)
+        assert "[" not in pre and "__shared__" not in pre and "extern" not in pre, f"{filename}: {name}: {pre[:200]!r}"
 
 
 @pytest.mark.parametrize("filename", _launch.OVERLAP_KERNEL_FILES)
@@ -62,21 +104,18 @@ def test_every_overlappable_kernel_waits_before_it_touches_anything_but_weights(
     kernels = _kernels(text)
     assert kernels, f"no kernels in {filename}"
     for name, params, body in kernels:
-        assert "overlap_prologue();" in body, f"{filename}: {name} has no overlap_prologue"
-        pre = body[:body.index("overlap_prologue();")]
-        # at the top level of the body, so every thread runs it (a prefetch block before it is closed)
-        assert pre.count("{") == pre.count("}"), f"{filename}: {name} calls its prologue inside a block"
-        assert not re.search(r"\b(if|for|while)\s*\([^;{}]*\)\s*$", pre), f"{filename}: {name}: conditional prologue"
-        pointers = set(re.findall(r"\*\s*(?:__restrict__\s*)?(\w+)", params))
-        early = EARLY_READS.get(name, set())
-        touched = (pointers - WEIGHTS - early) & set(re.findall(r"\w+", re.sub(r"\.\w+", "", pre)))  # not blockIdx.y
-        assert not touched, f"{filename}: {name} uses {sorted(touched)} before its prologue"
-        calls = set(re.findall(r"(\w+)\s*\(", pre)) - {"if", "for", "while", "sizeof"}
-        allowed = PRE_PROLOGUE_CALLS | (EARLY_CALLS if early else set())
-        assert calls <= allowed, f"{filename}: {name} calls {sorted(calls - allowed)} first"
-        assert "store" not in pre and "atomic" not in pre, f"{filename}: {name} writes global memory before its prologue"
-        if not early:  # (the early readers stage into registers and shared memory: reviewed, EARLY_READS)
-            assert "[" not in pre and "__shared__" not in pre and "extern" not in pre, f"{filename}: {name}: {pre[:200]!r}"
+        delegate = re.search(r"\b(" + "|".join(DELEGATES) + r")\s*<[^>]*\btrue\s*>\s*\(", body)
+        if delegate is None:
+            _check_prologue(filename, name, params, body, "overlap_prologue();")
+            continue
+        # a kernel that only hands its launch to a checked device function: nothing before the call but the
+        # shared-memory declaration, and the function itself checked (kOverlap's prologue)
+        before = body[:delegate.start()].strip()
+        assert before in ("", "extern __shared__ float sm[];"), f"{filename}: {name}: {before[:200]!r}"
+        assert body[delegate.end():].count(";") == 1, f"{filename}: {name} does more than call {delegate.group(1)}"
+        d_params, d_body = _device_function(delegate.group(1))
+        _check_prologue(DELEGATES[delegate.group(1)], delegate.group(1), d_params, d_body,
+                        "if (kOverlap) overlap_prologue();")
 
 
 def test_the_prologue_waits_before_it_lets_the_next_grid_in():

@@ -400,6 +400,92 @@ def bitmask_reference(units: np.ndarray, words: np.ndarray, sg: SegmentGeometry,
     return y
 
 
+# -- the persistent decode step's lane records (kernels/llama_step.cu) ------------------------------
+
+#: Lanes of a warp: lane j of the step kernel owns blocks j, j + 32, ... of every row (B % 32 == 0).
+LANES = 32
+#: Bytes of one value unit of a lane record (one 4-byte shared-memory word: two 16-bit values or one fp32).
+LANE_UNIT_BYTES = 4
+
+
+class LaneGeometry:
+    """How kernels/llama_step.cu reads one balanced row of B blocks of L keeping k (B a multiple of 32).
+
+    Lane j owns the row's columns [j * C, (j + 1) * C), C = ``lane_cols`` = (B / 32) * L: its ``per_lane_blocks``
+    whole blocks, so exactly ``kept`` = (B / 32) * k values. Its local column p (column j * C + p) is bit p % 32
+    of its mask word p // 32 (``words`` = ceil(C / 32) of them); its values in column order, ``per_unit`` per
+    4-byte unit, fill ``units`` units. A row's record is ``record_bytes`` = 128 * (words + units): the lanes'
+    mask words [words][32], then their units [units][32] (u32 each), so a warp reading word w or unit u of a
+    row reads 32 consecutive words of shared memory (one per bank).
+    """
+
+    def __init__(self, blocks: int, block_length: int, keep: int, itemsize: int) -> None:
+        if blocks % LANES:
+            raise ValueError(f"lane records need a multiple of {LANES} blocks per row, got {blocks}")
+        self.blocks, self.block_length, self.keep = blocks, block_length, keep
+        self.per_lane_blocks = blocks // LANES
+        self.lane_cols = self.per_lane_blocks * block_length
+        self.words = -(-self.lane_cols // WORD_BITS)
+        self.kept = self.per_lane_blocks * keep
+        self.per_unit = LANE_UNIT_BYTES // itemsize
+        self.units = -(-self.kept // self.per_unit)
+        self.record_words = LANES * (self.words + self.units)
+        self.record_bytes = 4 * self.record_words
+
+
+def lane_records(values: np.ndarray, indices: np.ndarray, block_length: int) -> tuple[np.ndarray, LaneGeometry]:
+    """The step kernel's records from offsets [R, k, B] numpy arrays (values float32, or 16-bit floats as
+    float16 / uint16 bits): ([R, record_words] uint32, geometry). Word w of lane j is at w * 32 + j (bit b:
+    local column 32 * w + b, least significant bit first); unit u of lane j at 32 * (words + u) + j holds the
+    lane's values u * V .. u * V + V - 1 (V = per_unit, the first in the low bits), zeros past ``kept``. The
+    values' bits are copied, never converted. Offsets within a block are ascending (the format's rule), so a
+    lane's values block by block, slot by slot, are in column order."""
+    R, k, B = values.shape
+    L = block_length
+    lg = LaneGeometry(B, L, k, values.dtype.itemsize)
+    nb, W, U, V = lg.per_lane_blocks, lg.words, lg.units, lg.per_unit
+    check_fits_memory(R * (LANES * (W * WORD_BITS + 8 * U * 4) + 2 * lg.record_bytes),
+                      f"the step kernel's records of a [{R}, {B * L}] tensor")
+    out = np.zeros((R, lg.record_words), dtype=np.uint32)
+    # block b = j * nb + i: [R, k, 32, nb] -> [R, 32, nb, k] (lane, its block i, slot)
+    vals = values.reshape(R, k, LANES, nb).transpose(0, 2, 3, 1).reshape(R, LANES, nb * k)
+    raw = np.zeros((R, LANES, U * V), dtype=values.dtype)
+    raw[:, :, : nb * k] = vals
+    unit_words = np.ascontiguousarray(raw).view(np.uint32).reshape(R, LANES, U)  # little endian: first value low
+    out[:, LANES * W:] = unit_words.transpose(0, 2, 1).reshape(R, U * LANES)
+    local = (indices.reshape(R, k, LANES, nb).transpose(0, 2, 3, 1).astype(np.int64)
+             + (np.arange(nb, dtype=np.int64) * L)[None, None, :, None]).reshape(R, LANES, nb * k)
+    bits = np.zeros((R, LANES, W * WORD_BITS), dtype=bool)
+    np.put_along_axis(bits, local, True, axis=2)
+    words = np.packbits(bits, axis=2, bitorder="little").view("<u4").astype(np.uint32)  # [R, 32, W]
+    out[:, : LANES * W] = words.transpose(0, 2, 1).reshape(R, W * LANES)
+    return out, lg
+
+
+def lane_records_reference(records: np.ndarray, lg: LaneGeometry, value_dtype: str, x: np.ndarray) -> np.ndarray:
+    """y = W x (float64; x [cols]) computed from lane records the way kernels/llama_step.cu walks them: lane j
+    takes its set bits in order, the t-th one pairing value t with x at column j * C + p (C = lane_cols).
+    ``value_dtype``: "float32", "float16" or "bfloat16" (the records' value bits)."""
+    R = records.shape[0]
+    W, U, V, C = lg.words, lg.units, lg.per_unit, lg.lane_cols
+    xx = np.zeros(lg.blocks * lg.block_length, dtype=np.float64)
+    xx[: x.shape[0]] = x
+    words = records[:, : LANES * W].reshape(R, W, LANES).transpose(0, 2, 1)  # [R, 32, W]
+    bits = np.unpackbits(np.ascontiguousarray(words).astype("<u4").view(np.uint8), axis=2, bitorder="little")
+    units = np.ascontiguousarray(records[:, LANES * W:].reshape(R, U, LANES).transpose(0, 2, 1))
+    if value_dtype == "bfloat16":  # the high half of a float32
+        vals = (units.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        vals = units.view(np.dtype(value_dtype))
+    vals = vals.reshape(R, LANES, U * V).astype(np.float64)
+    y = np.zeros(R, dtype=np.float64)
+    for r in range(R):
+        for j in range(LANES):
+            p = np.nonzero(bits[r, j])[0]
+            y[r] += vals[r, j, : len(p)] @ xx[j * C + p]
+    return y
+
+
 # -- the 2:4 sparse tensor-core layout (kernels/nm24_sparse_mma.cu) --------------------------------
 
 #: Bytes of one record of the 2:4 tensor-core layout: a row tile's two k-tiles (2 x 512 bytes of

@@ -102,7 +102,7 @@ class LlamaDecoder:
 
     def __init__(self, cfg: LlmConfig, weight: Callable[[str], Weight], *, dtype: torch.dtype,
                  device: torch.device, max_len: int, make_projection: MakeProjection,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, keep_stacked: bool = False) -> None:
         if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.max_position_embeddings:
             raise UsageError(f"the KV cache must hold 1 .. {cfg.max_position_embeddings} positions (the model's "
                              f"max_position_embeddings), got {max_len!r}")
@@ -130,6 +130,10 @@ class LlamaDecoder:
         self.positions = torch.arange(max_len, device=device)
         self.length = 0
         self.fused: FusedOps | None = None
+        self.persistent = None  # a llama_step.StepKernel: every layer in one launch (PackedLlama chooses)
+        #: with ``keep_stacked``, per layer: FUSED key -> (the group's packed matrix as one tensor when its
+        #: matrices stack (stack_rows; else None), its float32 bias or None), for the step kernel's records
+        self.stacked: list[dict[str, tuple]] | None = [] if keep_stacked else None
         outputs = {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
         inputs = {"qkv": self.xn, "o": self.attn, "gate_up": self.xn, "down": self.act}
         self.layers: list[LayerWeights] = []
@@ -137,8 +141,12 @@ class LlamaDecoder:
             p = f"model.layers.{n}."
             if progress:
                 progress(f"layer {n}")
-            projections = {key: self._projections(p, key, names, weight, inputs[key], outputs[key], make_projection)
+            kept: dict[str, tuple] = {}
+            projections = {key: self._projections(p, key, names, weight, inputs[key], outputs[key], make_projection,
+                                                  kept)
                            for key, names in FUSED.items()}
+            if self.stacked is not None:
+                self.stacked.append(kept)
 
             def small(name: str) -> torch.Tensor:
                 return weight(name)[1].to(**f)
@@ -151,14 +159,15 @@ class LlamaDecoder:
         head = weight("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
         self.head = make_projection("lm_head", head[0], head[1].to(**f), self.xn, self.logits, None)
 
-    def _projections(self, prefix: str, key: str, names: tuple[str, ...], weight, x, y, make) -> list:
+    def _projections(self, prefix: str, key: str, names: tuple[str, ...], weight, x, y, make, kept: dict) -> list:
         """The Projections of one FUSED group: one over the stacked rows when the packed matrices allow
-        it (stack_rows), else one per matrix on consecutive slices of ``y``."""
+        it (stack_rows), else one per matrix on consecutive slices of ``y``. ``kept[key]``: (stacked, bias)."""
         loaded = [weight(prefix + n + ".weight") for n in names]
         biases = [self._bias(prefix + n, weight) for n in names]
         stacked = stack_rows([w[0] for w in loaded]) if len(names) > 1 else loaded[0][0]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else torch.zeros(w[1].shape[0]) for b, w in zip(biases, loaded)])
+        kept[key] = (stacked, bias)
         if stacked is not None:
             dense = torch.cat([w[1] for w in loaded]).to(self.dtype).to(self.device)
             return [make(prefix + key, stacked, dense, x, y, bias)]
@@ -189,6 +198,9 @@ class LlamaDecoder:
         """One decode step on the buffers (class doc): no host synchronisation, capturable. With
         ``fused`` set (a FusedOps, GPU only) the work between the products is kernels/llama_ops.cu
         (eight launches per layer), else torch ops (about forty)."""
+        if self.persistent is not None:
+            self._step_persistent()
+            return
         if self.fused is not None:
             self._step_fused()
             return
@@ -247,6 +259,11 @@ class LlamaDecoder:
             f.silu_mul()
             self._launch(layer.projections["down"])
         f.final_norm()  # h += the last down output, then the final norm
+        self._head_and_advance()
+
+    def _step_persistent(self) -> None:
+        torch.index_select(self.embed, 0, self.token, out=self.h.view(1, -1))
+        self.persistent.launch()  # every layer and the final norm (kernels/llama_step.cu)
         self._head_and_advance()
 
     # -- the prompt ---------------------------------------------------------------------------------
@@ -398,6 +415,10 @@ class FusedOps:
 #: faster per token with bit-identical logits (BENCHMARKS.md, kernels/NOTES.md v27).
 OVERLAP = True
 
+#: PackedLlama's ``persistent``: "auto" the step kernel when it passes its gate and times faster, "on" whenever it
+#: passes its gate, "off" never.
+PERSISTENT_CHOICES = ("auto", "on", "off")
+
 #: kernels/llama_ops.cu's kernels and the type each model dtype instantiates them with.
 LLAMA_KERNELS = ("add_rms_norm", "attention_split", "silu_mul")
 _KERNEL_TYPE = {torch.float32: "float", torch.float16: "bp::f16", torch.bfloat16: "bp::bf16"}
@@ -467,7 +488,9 @@ class PackedLlama(PackedModel):
 
     def __init__(self, cfg: LlmConfig, weight: Callable[[str], Weight], *, max_len: int, dtype: str = "float16", device: int = 0,
                  paths: str = "auto", measure: bool = True, fused: bool = True, overlap: bool = OVERLAP,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 persistent: str = "auto", progress: Callable[[str], None] | None = None) -> None:
+        if persistent not in PERSISTENT_CHOICES:
+            raise UsageError(f"persistent must be one of {', '.join(PERSISTENT_CHOICES)}, got {persistent!r}")
         # PackedModel owns the dtype/device/paths checks, the kernels, the views and the dispatch record
         super().__init__(None, dtype=dtype, device=device, paths=paths, measure=measure, progress=progress)
         self.cfg = cfg
@@ -487,16 +510,20 @@ class PackedLlama(PackedModel):
 
         with torch.no_grad():
             self.decoder = LlamaDecoder(cfg, weight, dtype=self.tdt, device=self.dev, max_len=max_len,
-                                        make_projection=make, progress=progress)
-            #: how the work between the products runs: {"path": "fused" | "torch ops", "reason": ...}
+                                        make_projection=make, progress=progress,
+                                        keep_stacked=persistent != "off" and paths != "dense")
+            #: how the step runs: {"path": "persistent" | "fused" | "torch ops", "reason": ...}
             self.decode_ops = self._choose_ops(fused)
+            if persistent != "off" and self.paths != "dense":  # (a forced-dense runtime streams no sparse rows)
+                self.decode_ops = self._choose_persistent(persistent == "on")
+            self.decoder.stacked = None  # (the host copies the step kernel's records were built from)
         self.reset()
 
     def _choose_ops(self, fused: bool) -> dict:
         """kernels/llama_ops.cu when they can take this decoder and pass the gate: two steps after a short
         prompt, their logits against the torch-ops step's within MODEL_TOLERANCE (only summation order
         and the exponential's rounding differ); else torch ops, saying why."""
-        from ..measure import MODEL_TOLERANCE, cupy_on_torch_stream, relative_error
+        from ..measure import MODEL_TOLERANCE, relative_error
 
         dec = self.decoder
         why = "not asked for" if not fused else FusedOps.supported(dec)
@@ -505,21 +532,10 @@ class PackedLlama(PackedModel):
         if why is not None:
             return {"path": "torch ops", "reason": why}
         ops = FusedOps(dec, self.device, overlap=self.overlap)
-        prompt = torch.arange(min(8, dec.max_len - 2)) * 7 % self.cfg.vocab_size
-        runs = []
-        for candidate in (None, ops):
-            dec.fused = candidate
-            self.reset()
-            dec.prefill(prompt)
-            logits = []
-            with cupy_on_torch_stream():
-                for _ in range(2):
-                    dec.step_()
-                    logits.append(dec.logits.float().clone())
-            runs.append(logits)
+        reference = self._gate_logits()
+        dec.fused = ops
+        err = max(relative_error(f, t) for f, t in zip(self._gate_logits(), reference))
         dec.fused = None
-        self.reset()
-        err = max(relative_error(f, t) for f, t in zip(runs[1], runs[0]))
         bound = MODEL_TOLERANCE[self.dtype]
         if not err <= bound:
             return {"path": "torch ops", "reason": f"the fused kernels failed their gate (relative error {err:.2e} > "
@@ -527,6 +543,89 @@ class PackedLlama(PackedModel):
         dec.fused = ops
         return {"path": "fused", "reason": f"kernels/llama_ops.cu, 8 launches per layer (relative error {err:.1e} "
                                            "against the torch-ops step)"}
+
+    def _gate_logits(self) -> list[torch.Tensor]:
+        """The logits (float32) of two steps after a short prompt, as the decoder's step runs now (its
+        ``fused`` / ``persistent`` as set): what the gates compare. Leaves the decoder reset."""
+        from ..measure import cupy_on_torch_stream
+
+        dec = self.decoder
+        fused, persistent = dec.fused, dec.persistent
+        self.reset()
+        dec.prefill(torch.arange(min(8, dec.max_len - 2)) * 7 % self.cfg.vocab_size)
+        logits = []
+        with cupy_on_torch_stream():
+            for _ in range(2):
+                dec.step_()
+                logits.append(dec.logits.float().clone())
+        dec.fused, dec.persistent = fused, persistent
+        self.reset()
+        return logits
+
+    def _step_us(self, steps: int) -> float:
+        """Device time (us) of one step as it runs now, replayed from a CUDA graph (how the step runs in
+        ``generate`` and the benchmarks): the best of three runs of ``steps`` replays after a 1-token prompt."""
+        from ..measure import capture_graph
+
+        dec = self.decoder
+        self.reset()
+        with torch.no_grad():
+            graph = capture_graph(dec.step_, warmup=1)
+        best = float("inf")
+        for _ in range(3):
+            self.reset()
+            dec.prefill(torch.tensor([1]))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) * 1000.0 / steps)
+        self.reset()
+        return best
+
+    def _choose_persistent(self, forced: bool) -> dict:
+        """kernels/llama_step.cu (every layer in one launch) when it can take this decoder, passes the gate of
+        _choose_ops against the torch-ops step and (unless ``forced``) steps faster than the step chosen there,
+        both replayed from CUDA graphs; else ``decode_ops`` as it was, with the reason added."""
+        from ..measure import MODEL_TOLERANCE, relative_error
+        from .llama_step import StepKernel
+
+        dec, before = self.decoder, self.decode_ops
+
+        def keep(why: str) -> dict:
+            return {**before, "persistent": why}
+
+        try:
+            kernel = StepKernel(dec, dec.stacked, self.device)
+        except ValueError as exc:
+            return keep(str(exc))
+        fused = dec.fused
+        dec.fused = None
+        reference = self._gate_logits()
+        dec.persistent = kernel
+        err = max(relative_error(f, t) for f, t in zip(self._gate_logits(), reference))
+        dec.persistent, dec.fused = None, fused
+        bound = MODEL_TOLERANCE[self.dtype]
+        if not err <= bound:
+            return keep(f"failed its gate (relative error {err:.2e} > {bound:.0e} against the torch-ops step)")
+        chosen = {"path": "persistent", "reason": f"{kernel.describe()} (relative error {err:.1e} against the "
+                                                  "torch-ops step)"}
+        if forced:
+            dec.persistent = kernel
+            return chosen
+        steps = min(32, dec.max_len - 2)
+        if steps < 4:
+            return keep(f"a cache of {dec.max_len} positions leaves no room to time it")
+        layers_us = self._step_us(steps)
+        dec.persistent = kernel
+        persistent_us = self._step_us(steps)
+        timing = f"{persistent_us:.1f} us per step against {layers_us:.1f} us ({before['path']})"
+        if persistent_us < layers_us:
+            return {**chosen, "reason": f"{chosen['reason']}; {timing}"}
+        dec.persistent = None
+        return keep(f"slower: {timing}")
 
     @classmethod
     def open(cls, path, *, like=None, **kw) -> PackedLlama:
@@ -624,5 +723,5 @@ class PackedLlama(PackedModel):
         return self.decoder.history[start:start + n].tolist()
 
 
-__all__ = ["FUSED", "LLAMA_KERNELS", "FusedOps", "LayerWeights", "LlamaDecoder", "PackedLlama", "checkpoint_weights",
+__all__ = ["FUSED", "LLAMA_KERNELS", "PERSISTENT_CHOICES", "FusedOps", "LayerWeights", "LlamaDecoder", "PackedLlama", "checkpoint_weights",
            "dense_projection", "llama_kernel_variants", "stack_rows"]

@@ -1,0 +1,344 @@
+// llama_step.cu: every decoder layer of a Llama-family decode step at batch 1 in ONE persistent launch
+// (balprune.runtime.model.llama_step), the lane records of every product streamed into shared memory.
+//
+// Why: as separate launches (llama_ops.cu + one product launch each) a 1B layer is eight launches whose products
+// take 5-11 us each against 1.5-4 us of reading (kernels/NOTES.md v27-v29): each launch ramps from nothing in
+// flight, and programmatic dependent launch took only 4% off. Here the weights of the whole step are one stream
+// per CTA that does not depend on the activations: the CTA asks the copy engine for its next chunks (cp.async.bulk
+// into a ring of shared-memory slots) as soon as a slot is free, across phase, layer and grid-barrier boundaries,
+// so while the chip waits at a barrier for the activations, the next phase's weights are already on the way.
+// Activations move between phases through global memory (read with ld.global.cg: other CTAs wrote them) behind
+// a grid barrier: five per layer (after q/k/v, attention, o, gate/up, down). Balanced sparsity is what makes this
+// simple: every row of a matrix has the same record size, so a chunk is a run of rows at a computed address.
+//
+// Per layer (h: the residual stream in T; the numbers round to T where llama_ops.cu's step does):
+//   qkv:  every CTA computes xn = T(w * T(h * rsqrt(mean(h^2) + eps))) itself (h is a few KB), its q/k/v rows
+//         -> qkv = T(acc + bias)
+//   attention: work items (chunk, K/V head) over the CTAs: attention_item (llama_common.cuh; RoPE, the cache
+//         append, the last CTA of a head combines) -> attn
+//   o:    x = attn; its rows -> h[row] = T(h[row] + T(acc + bias))
+//   gate/up: x = the post norm of h; row pairs (gate i, up i) -> act[i] = T(T(silu(T(g))) * T(u))
+//   down: x = act; its rows -> h[row] = T(h[row] + T(acc))
+// After the last layer, CTA 0 writes the final norm of h to xn (the head is the next launch).
+//
+// Lane records (formats/layouts.py lane_records, the one owner of the layout): a row of B = 32 * nb blocks of L
+// keeping k; lane j owns columns [j * C, (j + 1) * C), C = nb * L, and exactly n = nb * k values; record = mask
+// words [W][32] u32 (bit b of word w: local column 32 w + b), then value units [U][32] u32 (V = 4 / sizeof(T)
+// values per unit, the first in the low bits). x is staged in shared memory as fp32 at xs[p * 32 + j] (local
+// column p of lane j), so a lane reads bank j whatever its columns: conflict-free.
+// A row's work is split into G tasks (the phase's kGroups), task g walking values [t_g, t_{g+1}) of every
+// lane, t_g = (g * n / G) & ~1: every lane takes the same number of values (uniform trip count; balanced), a
+// warp per task; the partial sums are added in task order (deterministic: graph replay equals eager).
+//
+// phases: [4 * layers][kPhaseFields] u64 (fields below), layers: [layers][kLayerFields] u64.
+// Dynamic shared memory (bytes): 128 (mbarriers) + 4 * xfloats (xs; attention's scratch aliases it) +
+// 4 * (xcap_pad) (xtmp: x in column order, padded per lane range) + 4 * 2 * kMaxTasks (task sums) +
+// slots * slot_bytes (the ring), each part 128-aligned (llama_step.py computes it).
+// Grid: one CTA per SM, all resident (cooperative launch); block kStepThreads.
+// bar: u32 [2], zero before the first launch; every launch leaves them zero.
+#include "llama_common.cuh"
+
+namespace bp {
+
+constexpr int kStepThreads = 512;
+constexpr int kMaxTasks = 1024;  // tasks of one chunk (rows x groups)
+
+// Fields of a product phase (u64 each).
+enum PhaseField {
+  kRecs = 0,    // address of the phase's records (row r at kRecs + r * kRecBytes; gate/up: gate i, up i at 2i, 2i+1)
+  kRows,        // rows (gate/up: pairs)
+  kRecBytes,    // bytes of one record (a multiple of 128)
+  kWords,       // W: mask words per lane
+  kKept,        // n: values per lane
+  kChunkRows,   // rows (pairs) per chunk: the same for every CTA, chunk bytes <= slot_bytes
+  kGroups,      // G: tasks per record
+  kBias,        // float [rows] or 0
+  kXCols,       // columns of x the phase multiplies (the rest of B * L staged as 0)
+  kLaneCols,    // C: columns per lane
+  kPhaseFields
+};
+// Fields of a layer (u64 each): the norms' weights (T), qwen3's per-head norms (or 0), the layer's cache.
+enum LayerField { kInNorm = 0, kPostNorm, kQNorm, kKNorm, kKeys, kValues, kLayerFields };
+
+// A CTA's rows of a phase with `rows` rows: [rows * c / G, rows * (c + 1) / G).
+__device__ __forceinline__ int part_begin(long long rows, int c, int G) { return (int)(rows * c / G); }
+
+// All CTAs of the grid meet here; `target` counts the arrivals this CTA waits for (it grows by the grid size per
+// barrier). Writes before the barrier are visible to every CTA after it (a release fence before the arrival, an
+// acquire load while waiting, then the CTA's barrier).
+__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
+  target += gridDim.x;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(bar, 1u);
+    unsigned v;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+    } while (v < target);
+  }
+  __syncthreads();
+}
+
+// Values t and t + 1 (t even) of lane `lane` from its units (u32 words, unit u at units[u * 32]).
+template <typename T>
+struct LaneVals;
+template <>
+struct LaneVals<float> {
+  __device__ static __forceinline__ void pair(const unsigned* units, int t, float& v0, float& v1) {
+    v0 = __uint_as_float(units[t * 32]);
+    v1 = __uint_as_float(units[(t + 1) * 32]);
+  }
+};
+template <>
+struct LaneVals<f16> {
+  __device__ static __forceinline__ void pair(const unsigned* units, int t, float& v0, float& v1) {
+    const unsigned u = units[(t >> 1) * 32];
+    v0 = half_bits_to_float(u & 0xffffu);
+    v1 = half_bits_to_float(u >> 16);
+  }
+};
+template <>
+struct LaneVals<bf16> {
+  __device__ static __forceinline__ void pair(const unsigned* units, int t, float& v0, float& v1) {
+    const unsigned u = units[(t >> 1) * 32];
+    v0 = __uint_as_float(u << 16);
+    v1 = __uint_as_float(u & 0xffff0000u);
+  }
+};
+
+// One task of one record in shared memory: lane `lane`'s values [t0, t1) times x, summed over the warp (every
+// lane gets the sum). t0 even. The lane finds the word holding its value t0 by counting bits, then takes one set
+// bit per value: (t1 - t0) steps for every lane of the warp.
+template <typename T>
+__device__ __forceinline__ float task_dot(const unsigned* rec, int W, int t0, int t1, const float* xs, int lane) {
+  const unsigned* words = rec + lane;
+  const unsigned* units = rec + 32 * W + lane;
+  int w = 0, before = 0;
+  unsigned m = words[0];
+  int cnt = __popc(m);
+  while (before + cnt <= t0 && w + 1 < W) {  // the word holding value t0
+    before += cnt;
+    m = words[32 * ++w];
+    cnt = __popc(m);
+  }
+  for (int s = before; s < t0; ++s) m &= m - 1;  // drop the values before t0 in that word
+  float a0 = 0.0f, a1 = 0.0f;
+  for (int t = t0; t < t1; t += 2) {
+    float v0, v1;
+    LaneVals<T>::pair(units, t, v0, v1);
+    while (m == 0) m = words[32 * ++w];
+    int b = __ffs(m) - 1;
+    m &= m - 1;
+    a0 = fmaf(v0, xs[((w << 5) + b) * 32 + lane], a0);
+    if (t + 1 < t1) {  // uniform over the warp: every lane has the same t1
+      while (m == 0) m = words[32 * ++w];
+      b = __ffs(m) - 1;
+      m &= m - 1;
+      a1 = fmaf(v1, xs[((w << 5) + b) * 32 + lane], a1);
+    }
+  }
+  float s = a0 + a1;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kStepThreads, 1) llama_step(
+    const unsigned long long* __restrict__ phases_g, const unsigned long long* __restrict__ layers_g, int nlayers,
+    T* h, T* xn, T* qkv, T* attn, T* act, const T* __restrict__ final_norm, const T* __restrict__ cos,
+    const T* __restrict__ sin, const long long* __restrict__ pos, float* part, int* count, unsigned* bar, int hidden,
+    int heads, int kvh, int d, int max_len, int window, float scaling, int chunk, int nchunks, float eps,
+    int xfloats, int xtmp_floats, int slots, unsigned slot_bytes) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);  // [slots <= kMaxSlots]
+  float* xs = reinterpret_cast<float*>(smem + 128);                         // [xfloats]; attention's scratch too
+  float* xtmp = xs + xfloats;                                              // [xtmp_floats]
+  float* tsum = xtmp + xtmp_floats;                                        // [2][kMaxTasks]
+  unsigned char* ring = reinterpret_cast<unsigned char*>(tsum + 2 * kMaxTasks);
+  __shared__ float red[32];
+  const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warps = blockDim.x >> 5, nt = blockDim.x;
+  const int nphases = 4 * nlayers;
+  auto ph = [&](int p, int f) -> unsigned long long { return __ldg(phases_g + (size_t)p * kPhaseFields + f); };
+
+  // thread 0's cursor over the CTA's chunks; chunk q goes to slot q % slots
+  int ip = 0, ir = -1;      // next chunk to issue: phase, first row (pair) of it in the phase (-1: the part's first)
+  long long issued = 0;     // chunks issued so far
+  auto advance_to_rows = [&]() {  // skip phases where this CTA has no rows
+    while (ip < nphases) {
+      const long long rows = (long long)ph(ip, kRows);
+      const int r1 = part_begin(rows, c + 1, G);
+      if (ir < 0) ir = part_begin(rows, c, G);
+      if (ir < r1) return;
+      ++ip;
+      ir = -1;
+    }
+  };
+  auto issue_next = [&]() {  // thread 0: the next chunk of the stream, if any, into its slot
+    advance_to_rows();
+    if (ip >= nphases) return;
+    const long long rows = (long long)ph(ip, kRows);
+    const int r1 = part_begin(rows, c + 1, G);
+    const int per = (int)ph(ip, kChunkRows);
+    const int n = min(per, r1 - ir);
+    const unsigned long long unit = ph(ip, kRecBytes) * (ip % 4 == 2 ? 2 : 1);
+    const unsigned bytes = (unsigned)(unit * (unsigned long long)n);
+    unsigned long long* b = full + issued % slots;
+    fence_proxy_async_shared();  // the slot's last reads (generic proxy) before the copy engine writes it
+    mbar_arrive_expect_tx(b, bytes);
+    bulk_copy_g2s(ring + (size_t)(issued % slots) * slot_bytes,
+                  reinterpret_cast<const unsigned char*>(ph(ip, kRecs) + unit * (unsigned long long)ir), bytes, b);
+    ++issued;
+    ir += n;
+  };
+  if (tid == 0) {
+    for (int s = 0; s < slots; ++s) mbar_init(full + s, 1);
+    mbar_init_fence();
+    for (int s = 0; s < slots; ++s) issue_next();
+  }
+  __syncthreads();
+
+  const long long p = pos[0];
+  unsigned target = 0;   // grid barrier arrivals waited for so far
+  long long q = 0;       // chunks consumed (every thread keeps the same count)
+
+  // x into xs: value(col) for col < xcols (the rest 0), lane j's local column p at xs[p * 32 + j]. First in
+  // column order into xtmp (lane ranges padded to an odd stride, so the gather below is conflict-free), then
+  // gathered by lane. Ends with a barrier.
+  auto stage = [&](int lane_cols, int xcols, auto value) {
+    const int stride = lane_cols | 1;
+    const int total = 32 * lane_cols;
+    __syncthreads();  // (xs / xtmp may still be read by the previous phase's last tasks)
+    for (int col = tid; col < total; col += nt) {
+      const int j = col / lane_cols, pp = col - j * lane_cols;
+      xtmp[j * stride + pp] = col < xcols ? value(col) : 0.0f;
+    }
+    __syncthreads();
+    for (int i = tid; i < total; i += nt) {
+      const int j = i & 31, pp = i >> 5;
+      xs[i] = xtmp[j * stride + pp];
+    }
+    __syncthreads();
+  };
+  // The RMSNorm of h with weights w, staged as x (every CTA computes it: h is hidden elements).
+  auto stage_norm = [&](const T* w, int lane_cols, int xcols) {
+    float ss = 0.0f;
+    for (int i = tid; i < hidden; i += nt) {
+      const float v = ldcg_val<T>(h + i);
+      ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss, red) / (float)hidden + eps);
+    stage(lane_cols, xcols, [&](int col) { return Val<T>::ldg(w + col) * rnd<T>(ldcg_val<T>(h + col) * r); });
+  };
+
+  // One product phase: the CTA's chunks in stream order; mode 0: out = qkv, 1: h += y, 2: gate/up -> act.
+  auto product = [&](int pi, int mode) {
+    const long long rows = (long long)ph(pi, kRows);
+    const int r0 = part_begin(rows, c, G), r1 = part_begin(rows, c + 1, G);
+    if (r0 >= r1) return;
+    const int per = (int)ph(pi, kChunkRows), W = (int)ph(pi, kWords), n = (int)ph(pi, kKept);
+    const int groups = (int)ph(pi, kGroups);
+    const unsigned rec_words = (unsigned)(ph(pi, kRecBytes) / 4);
+    const float* bias = reinterpret_cast<const float*>(ph(pi, kBias));
+    const int recs_per_row = mode == 2 ? 2 : 1;
+    for (int a = r0; a < r1; a += per) {
+      const int nrows = min(per, r1 - a);
+      const int slot = (int)(q % slots);
+      mbar_wait(full + slot, (unsigned)((q / slots) & 1));
+      const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
+      float* sums = tsum + (q & 1) * kMaxTasks;
+      const int tasks = nrows * recs_per_row * groups;
+      for (int task = warp; task < tasks; task += warps) {
+        const int rec = task / groups, g = task - rec * groups;
+        const int t0 = (int)(((long long)g * n / groups) & ~1LL);
+        const int t1 = g + 1 == groups ? n : (int)(((long long)(g + 1) * n / groups) & ~1LL);
+        const float s = task_dot<T>(base + (size_t)rec * rec_words, W, t0, t1, xs, lane);
+        if (lane == 0) sums[task] = s;
+      }
+      __syncthreads();  // the slot is read and the sums are written
+      if (tid == 0) issue_next();
+      for (int i = tid; i < nrows; i += nt) {
+        const int row = a + i;
+        if (mode == 2) {
+          float sg = 0.0f, su = 0.0f;
+          for (int g = 0; g < groups; ++g) {
+            sg += sums[(2 * i) * groups + g];
+            su += sums[(2 * i + 1) * groups + g];
+          }
+          const float gv = rnd<T>(sg), uv = rnd<T>(su);
+          const float si = rnd<T>(gv / (1.0f + __expf(-gv)));
+          Val<T>::store(act + row, si * uv);
+        } else {
+          float s = 0.0f;
+          for (int g = 0; g < groups; ++g) s += sums[i * groups + g];
+          if (bias != nullptr) s += __ldg(bias + row);
+          if (mode == 0) {
+            Val<T>::store(qkv + row, s);
+          } else {
+            Val<T>::store(h + row, ldcg_val<T>(h + row) + rnd<T>(s));
+          }
+        }
+      }
+      ++q;  // (the next chunk's sums go to the other half of tsum; a barrier separates its reuse)
+    }
+  };
+
+  for (int l = 0; l < nlayers; ++l) {
+    const unsigned long long* lay = layers_g + (size_t)l * kLayerFields;
+    const T* in_norm = reinterpret_cast<const T*>(__ldg(lay + kInNorm));
+    const T* post_norm = reinterpret_cast<const T*>(__ldg(lay + kPostNorm));
+    const T* q_norm = reinterpret_cast<const T*>(__ldg(lay + kQNorm));
+    const T* k_norm = reinterpret_cast<const T*>(__ldg(lay + kKNorm));
+    T* keys = reinterpret_cast<T*>(__ldg(lay + kKeys));
+    T* values = reinterpret_cast<T*>(__ldg(lay + kValues));
+    const int p_qkv = 4 * l, p_o = p_qkv + 1, p_gu = p_qkv + 2, p_down = p_qkv + 3;
+
+    stage_norm(in_norm, (int)ph(p_qkv, kLaneCols), (int)ph(p_qkv, kXCols));
+    product(p_qkv, 0);
+    grid_sync(bar, target);
+
+    __syncthreads();  // (the attention scratch aliases xs)
+    for (int item = c; item < kvh * nchunks; item += G) {
+      const int ch = item / kvh, g = item - ch * kvh;  // chunk-major: the visible chunks spread over the CTAs
+      attention_item<T, false>(qkv, keys, values, cos, sin, q_norm, k_norm, eps, p, attn, part, count, heads, kvh, d,
+                               max_len, window, scaling, chunk, g, ch, nchunks, xs);
+      __syncthreads();
+    }
+    grid_sync(bar, target);
+
+    stage((int)ph(p_o, kLaneCols), (int)ph(p_o, kXCols), [&](int col) { return ldcg_val<T>(attn + col); });
+    product(p_o, 1);
+    grid_sync(bar, target);
+
+    stage_norm(post_norm, (int)ph(p_gu, kLaneCols), (int)ph(p_gu, kXCols));
+    product(p_gu, 2);
+    grid_sync(bar, target);
+
+    stage((int)ph(p_down, kLaneCols), (int)ph(p_down, kXCols), [&](int col) { return ldcg_val<T>(act + col); });
+    product(p_down, 1);
+    grid_sync(bar, target);
+  }
+  if (c == 0) {  // the final norm, for the head's launch
+    float ss = 0.0f;
+    for (int i = tid; i < hidden; i += nt) {
+      const float v = ldcg_val<T>(h + i);
+      ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss, red) / (float)hidden + eps);
+    for (int i = tid; i < hidden; i += nt) Val<T>::store(xn + i, Val<T>::ldg(final_norm + i) * rnd<T>(ldcg_val<T>(h + i) * r));
+  }
+  // the last CTA to finish leaves the barrier counters at zero for the next launch (every CTA is past every
+  // barrier once all have arrived here)
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    if (atomicAdd(bar + 1, 1u) == (unsigned)G - 1) {
+      bar[0] = 0;
+      bar[1] = 0;
+    }
+  }
+}
+
+}  // namespace bp
