@@ -80,19 +80,20 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
   __syncthreads();
 }
 
-// Values t and t + 1 (t even) of lane `lane` from its units (u32 words, unit u at units[u * 32]).
+// Values t and t + 1 (t even; the second only when `two`: past a lane's last value there may be no unit) of
+// lane `lane` from its units (u32 words, unit u at units[u * 32]).
 template <typename T>
 struct LaneVals;
 template <>
 struct LaneVals<float> {
-  __device__ static __forceinline__ void pair(const unsigned* units, int t, float& v0, float& v1) {
+  __device__ static __forceinline__ void pair(const unsigned* units, int t, bool two, float& v0, float& v1) {
     v0 = __uint_as_float(units[t * 32]);
-    v1 = __uint_as_float(units[(t + 1) * 32]);
+    v1 = two ? __uint_as_float(units[(t + 1) * 32]) : 0.0f;
   }
 };
 template <>
 struct LaneVals<f16> {
-  __device__ static __forceinline__ void pair(const unsigned* units, int t, float& v0, float& v1) {
+  __device__ static __forceinline__ void pair(const unsigned* units, int t, bool, float& v0, float& v1) {
     const unsigned u = units[(t >> 1) * 32];
     v0 = half_bits_to_float(u & 0xffffu);
     v1 = half_bits_to_float(u >> 16);
@@ -100,7 +101,7 @@ struct LaneVals<f16> {
 };
 template <>
 struct LaneVals<bf16> {
-  __device__ static __forceinline__ void pair(const unsigned* units, int t, float& v0, float& v1) {
+  __device__ static __forceinline__ void pair(const unsigned* units, int t, bool, float& v0, float& v1) {
     const unsigned u = units[(t >> 1) * 32];
     v0 = __uint_as_float(u << 16);
     v1 = __uint_as_float(u & 0xffff0000u);
@@ -126,7 +127,7 @@ __device__ __forceinline__ float task_dot(const unsigned* rec, int W, int t0, in
   float a0 = 0.0f, a1 = 0.0f;
   for (int t = t0; t < t1; t += 2) {
     float v0, v1;
-    LaneVals<T>::pair(units, t, v0, v1);
+    LaneVals<T>::pair(units, t, t + 1 < t1, v0, v1);
     while (m == 0) m = words[32 * ++w];
     int b = __ffs(m) - 1;
     m &= m - 1;
@@ -230,7 +231,8 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
       ss += v * v;
     }
     const float r = rsqrtf(block_sum(ss, red) / (float)hidden + eps);
-    stage(lane_cols, xcols, [&](int col) { return Val<T>::ldg(w + col) * rnd<T>(ldcg_val<T>(h + col) * r); });
+    // rounded to T as add_rms_norm stores it (the product reads xn in T)
+    stage(lane_cols, xcols, [&](int col) { return rnd<T>(Val<T>::ldg(w + col) * rnd<T>(ldcg_val<T>(h + col) * r)); });
   };
 
   // One product phase: the CTA's chunks in stream order; mode 0: out = qkv, 1: h += y, 2: gate/up -> act.

@@ -402,7 +402,8 @@ def bitmask_reference(units: np.ndarray, words: np.ndarray, sg: SegmentGeometry,
 
 # -- the persistent decode step's lane records (kernels/llama_step.cu) ------------------------------
 
-#: Lanes of a warp: lane j of the step kernel owns blocks j, j + 32, ... of every row (B % 32 == 0).
+#: Lanes of a warp: lane j of the step kernel owns blocks j * B / 32 .. (j + 1) * B / 32 - 1 of every row
+#: (B % 32 == 0), a contiguous 32nd of its columns.
 LANES = 32
 #: Bytes of one value unit of a lane record (one 4-byte shared-memory word: two 16-bit values or one fp32).
 LANE_UNIT_BYTES = 4

@@ -601,11 +601,18 @@ class PackedLlama(PackedModel):
             kernel = StepKernel(dec, dec.stacked, self.device)
         except ValueError as exc:
             return keep(str(exc))
+        except Exception as exc:  # a compile or driver refusal (e.g. a cooperative grid this GPU will not place)
+            return keep(f"could not be built: {type(exc).__name__}: {str(exc)[:200]}")
         fused = dec.fused
         dec.fused = None
         reference = self._gate_logits()
         dec.persistent = kernel
-        err = max(relative_error(f, t) for f, t in zip(self._gate_logits(), reference))
+        try:
+            err = max(relative_error(f, t) for f, t in zip(self._gate_logits(), reference))
+        except Exception as exc:  # the launch itself refused (cooperative launch limits): the layers stay
+            dec.persistent, dec.fused = None, fused
+            self.reset()
+            return keep(f"could not be launched: {type(exc).__name__}: {str(exc)[:200]}")
         dec.persistent, dec.fused = None, fused
         bound = MODEL_TOLERANCE[self.dtype]
         if not err <= bound:

@@ -28,7 +28,10 @@ SLOT_BYTES = 32 * 1024
 MAX_SLOTS = 8
 MIN_SLOTS = 2
 #: Values per lane a task walks at least (fewer: the task's fixed cost, finding its first word, dominates).
-MIN_TASK_VALUES = 16
+MIN_TASK_VALUES = 8
+#: Cache positions per attention work item at most (llama_ops.cu's launch takes up to 64: one item per CTA of
+#: a grid of its own; here the items share the step's CTAs, and at context 128 chunks of 64 keep 16 of them busy).
+ATTENTION_CHUNK = 32
 #: The FUSED groups in the kernel's phase order.
 PHASE_KEYS = ("qkv", "o", "gate_up", "down")
 
@@ -60,8 +63,14 @@ def plan_phase(rows: int, record_bytes: int, kept: int, pairs: bool, grid: int, 
     chunks = max(1, -(-most * unit // slot_bytes))
     per = max(1, -(-most // chunks))
     per = min(per, slot_bytes // unit, MAX_TASKS // recs)
-    groups = max(1, min(16, kept // MIN_TASK_VALUES, -(-warps // (per * recs))))
-    groups = max(1, min(groups, MAX_TASKS // (per * recs)))
+
+    def busy(g: int) -> float:  # the warps' share of a chunk's rounds that do work (a barrier ends each chunk)
+        tasks = per * recs * g
+        return tasks / (-(-tasks // warps) * warps)
+
+    # the split into tasks that keeps the most warps busy, the fewest tasks among equals (each has a fixed cost)
+    most_groups = max(1, min(16, kept // MIN_TASK_VALUES, MAX_TASKS // (per * recs)))
+    groups = max(range(1, most_groups + 1), key=lambda g: (round(busy(g), 3), -g))
     return PhasePlan(rows, record_bytes, unit, per, groups)
 
 
@@ -100,6 +109,8 @@ def unsupported(dec, stacked: list[dict[str, tuple]] | None) -> str | None:
             if packed.geometry.blocks % layouts.LANES:
                 return (f"layer {n} {key}: {packed.geometry.blocks} blocks per row; the step kernel takes a "
                         f"multiple of {layouts.LANES}")
+            if key == "gate_up" and groups[key][1] is not None:
+                return f"layer {n} gate/up: a bias (the step kernel's SiLU-multiply epilogue takes none)"
     return None
 
 
@@ -129,7 +140,9 @@ class StepKernel:
         self.fn = load_module("llama_step.cu", (name,), device=device).get_function(name)
         dev = dec.h.device
         heads, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        chunk = FusedOps.attention_chunk(cfg)
+        # cache positions per attention item: at most ATTENTION_CHUNK, so that short contexts spread over more CTAs
+        # (the shared-memory bound of FusedOps' launch is looser here: xs is reused)
+        chunk = min(FusedOps.attention_chunk(cfg), ATTENTION_CHUNK)
         nchunks = -(-dec.max_len // chunk)
         att_floats = FusedOps.attention_shared(cfg, chunk) // 4
         self.buffers: list[torch.Tensor] = []  # held: the kernel has their addresses
