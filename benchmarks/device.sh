@@ -8,6 +8,7 @@
 #   vision  vision-tests, resnet50, vgg16                   (~8 min)
 #   next    suites, decode, layers-8b                       (~10 min)
 #   step    step-tests, checks, decode-ab                   (~8 min: the persistent decode step, kernels/llama_step.cu)
+#   probe   step-tests, step-probe                          (~6 min: where the persistent step's time goes)
 # BASE: a previous tree for the same-run A/B steps, made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
@@ -30,8 +31,13 @@ checks() {  # the risky cases of the bitmask kernel, the fused decode step, the 
   timeout 70 $T tests/gpu/test_model_gpu.py -k "activation_layout" >"$OUT/t_vision.txt" 2>&1
 }
 step_tests() {
-  timeout 240 ${T/ -x/} --tb=short tests/gpu/test_llama_step_gpu.py -k "small or graph or auto or variants" >"$OUT/t_step.txt" 2>&1
-  timeout 100 ${T/ -x/} --tb=short tests/gpu/test_llama_step_gpu.py -k "wide and not graph" >>"$OUT/t_step.txt" 2>&1
+  timeout 240 ${T/ -x/} --tb=short --show-capture=no tests/gpu/test_llama_step_gpu.py -k "small or graph or auto or variants" >"$OUT/t_step.txt" 2>&1
+  timeout 100 ${T/ -x/} --tb=short --show-capture=no tests/gpu/test_llama_step_gpu.py -k "wide and not graph" >>"$OUT/t_step.txt" 2>&1
+}
+step_probe() {  # the persistent step's parts left out in turn (benchmarks/step_probe.py), then two other slot sizes
+  { timeout 150 python3 benchmarks/step_probe.py --model 1b --config 70%
+    timeout 90 python3 benchmarks/step_probe.py --model 1b --config 70% --probes 0,15 --slots 16384,65536
+  } >"$OUT/step_probe.txt" 2>&1
 }
 vision_tests() {
   timeout 170 $T tests/gpu/test_model_gpu.py \
@@ -84,8 +90,10 @@ case $MODE in
           vision_model vgg16 vgg16 --blocks 32 --sparsity 0.92 ;;
   next) suites; decode; layers_8b ;;
   step) step_tests; checks; decode_ab ;;
-  *) echo "unknown mode $MODE (min, combo, vision, next, step)" >&2; exit 2 ;;
+  probe) step_tests; step_probe ;;
+  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
 grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-400
+cut -c1-300 "$OUT"/step_probe.txt 2>/dev/null
 cut -c1-300 "$OUT"/r50.txt "$OUT"/vgg16.txt 2>/dev/null | tail -10

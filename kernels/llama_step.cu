@@ -38,7 +38,17 @@
 // bar: u32 [2], zero before the first launch; every launch leaves them zero.
 #include "llama_common.cuh"
 
+// BP_STEP_PROBE (a -D define; 0, i.e. absent, in every runtime build): benchmarks/step_probe.py times builds that
+// leave parts of the step out, to place its time without hardware counters (what such a build computes is wrong):
+//   1: no attention items  2: no staging of x  4: no task dots (every chunk still waited for and released)
+//   8: no grid barriers    16: no weight stream (no copies, no waits, no tasks, no epilogues)
+#ifndef BP_STEP_PROBE
+#define BP_STEP_PROBE 0
+#endif
+
 namespace bp {
+
+constexpr int kProbe = BP_STEP_PROBE;
 
 constexpr int kStepThreads = 512;
 constexpr int kMaxTasks = 1024;  // tasks of one chunk (rows x groups)
@@ -67,6 +77,7 @@ __device__ __forceinline__ int part_begin(long long rows, int c, int G) { return
 // barrier). Writes before the barrier are visible to every CTA after it (a release fence before the arrival, an
 // acquire load while waiting, then the CTA's barrier).
 __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
+  if (kProbe & 8) return;
   target += gridDim.x;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -197,7 +208,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
   if (tid == 0) {
     for (int s = 0; s < slots; ++s) mbar_init(full + s, 1);
     mbar_init_fence();
-    for (int s = 0; s < slots; ++s) issue_next();
+    for (int s = 0; s < slots && !(kProbe & 16); ++s) issue_next();
   }
   __syncthreads();
 
@@ -209,6 +220,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
   // column order into xtmp (lane ranges padded to an odd stride, so the gather below is conflict-free), then
   // gathered by lane. Ends with a barrier.
   auto stage = [&](int lane_cols, int xcols, auto value) {
+    if (kProbe & 2) return;
     const int stride = lane_cols | 1;
     const int total = 32 * lane_cols;
     __syncthreads();  // (xs / xtmp may still be read by the previous phase's last tasks)
@@ -239,7 +251,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
   auto product = [&](int pi, int mode) {
     const long long rows = (long long)ph(pi, kRows);
     const int r0 = part_begin(rows, c, G), r1 = part_begin(rows, c + 1, G);
-    if (r0 >= r1) return;
+    if (r0 >= r1 || (kProbe & 16)) return;
     const int per = (int)ph(pi, kChunkRows), W = (int)ph(pi, kWords), n = (int)ph(pi, kKept);
     const int groups = (int)ph(pi, kGroups);
     const unsigned rec_words = (unsigned)(ph(pi, kRecBytes) / 4);
@@ -252,7 +264,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
       const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
       float* sums = tsum + (q & 1) * kMaxTasks;
       const int tasks = nrows * recs_per_row * groups;
-      for (int task = warp; task < tasks; task += warps) {
+      for (int task = warp; task < tasks && !(kProbe & 4); task += warps) {
         const int rec = task / groups, g = task - rec * groups;
         const int t0 = (int)(((long long)g * n / groups) & ~1LL);
         const int t1 = g + 1 == groups ? n : (int)(((long long)(g + 1) * n / groups) & ~1LL);
@@ -302,7 +314,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     grid_sync(bar, target);
 
     __syncthreads();  // (the attention scratch aliases xs)
-    for (int item = c; item < kvh * nchunks; item += G) {
+    for (int item = c; item < kvh * nchunks && !(kProbe & 1); item += G) {
       const int ch = item / kvh, g = item - ch * kvh;  // chunk-major: the visible chunks spread over the CTAs
       attention_item<T, false>(qkv, keys, values, cos, sin, q_norm, k_norm, eps, p, attn, part, count, heads, kvh, d,
                                max_len, window, scaling, chunk, g, ch, nchunks, xs);

@@ -184,22 +184,25 @@ def _decoder(tmp_path, blocks: int, *extra: str):
                         make_projection=dense_projection("float32"), keep_stacked=True)
 
 
-@pytest.mark.parametrize("index", ["bitmask", "offsets"])
-def test_stacked_records_are_the_decoders_matrices(tmp_path, index):
+@pytest.mark.parametrize("index,dtype", [("bitmask", "float32"), ("offsets", "float32"), ("bitmask", "float16"),
+                                         ("bitmask", "bfloat16")])
+def test_stacked_records_are_the_decoders_matrices(tmp_path, index, dtype):
     """Every layer's four groups in the kernel's phase order, each one matrix (q/k/v and gate/up stacked);
-    their records hold the decoder's masked matrices exactly, gate row i beside up row i."""
+    their records hold the decoder's masked matrices exactly, gate row i beside up row i, the values cast to
+    the dtype the model runs in (a float32 file decoded in 16 bits: the first GPU run refused it instead)."""
     dec = _decoder(tmp_path, 32, "--index", index)
+    tdt = getattr(torch, dtype)
     assert llama_step.unsupported(dec, dec.stacked) is None
     rng = np.random.default_rng(0)
     for layer, kept in zip(dec.layers, dec.stacked):
         assert list(kept) == list(llama_step.PHASE_KEYS)
         for key in llama_step.PHASE_KEYS:
-            recs, lg = llama_step.stacked_records(kept[key][0], key == "gate_up")
-            dense = layer.projections[key][0].dense.double().numpy()
+            recs, lg = llama_step.stacked_records(kept[key][0], key == "gate_up", tdt)
+            dense = layer.projections[key][0].dense.to(tdt).double().numpy()
             if key == "gate_up":
                 dense = dense.reshape(2, -1, dense.shape[1]).transpose(1, 0, 2).reshape(dense.shape)
             x = rng.standard_normal(dense.shape[1])
-            np.testing.assert_allclose(layouts.lane_records_reference(recs, lg, "float32", x), dense @ x, rtol=1e-12,
+            np.testing.assert_allclose(layouts.lane_records_reference(recs, lg, dtype, x), dense @ x, rtol=1e-12,
                                        atol=1e-12)
 
 

@@ -39,7 +39,7 @@ def _file(tmp_path, shape: str, *prune_args: str, blocks: int = 32, **changes) -
     from balprune.cli import main
     from balprune.llm.examples import write_hf_folder
 
-    cfg = replace(BASE, **SHAPES[shape], **changes)
+    cfg = replace(BASE, **{**SHAPES[shape], **changes})  # (a variant may set a shape's field: its value wins)
     folder = write_hf_folder(cfg, tmp_path / "src", tensor_fn=_values)
     out = tmp_path / "p.safetensors"
     args = list(prune_args) or ["--sparsity", "0.5"]

@@ -74,9 +74,10 @@ def plan_phase(rows: int, record_bytes: int, kept: int, pairs: bool, grid: int, 
     return PhasePlan(rows, record_bytes, unit, per, groups)
 
 
-def stacked_records(packed, pairs: bool) -> tuple[np.ndarray, layouts.LaneGeometry]:
-    """The lane records of a stacked BalancedTensor (FUSED group), gate/up rows paired (gate i, up i)."""
-    values = packed.values.contiguous()
+def stacked_records(packed, pairs: bool, dtype: torch.dtype) -> tuple[np.ndarray, layouts.LaneGeometry]:
+    """The lane records of a stacked BalancedTensor (FUSED group) with its values in ``dtype`` (the model's,
+    as every other path casts them), gate/up rows paired (gate i, up i)."""
+    values = packed.values.to(dtype).contiguous()
     if values.dtype == torch.bfloat16:
         values = values.view(torch.uint16)
     recs, lg = layouts.lane_records(values.cpu().numpy(), packed.indices.cpu().numpy().astype(np.int64),
@@ -89,7 +90,7 @@ def stacked_records(packed, pairs: bool) -> tuple[np.ndarray, layouts.LaneGeomet
 
 def unsupported(dec, stacked: list[dict[str, tuple]] | None) -> str | None:
     """Why the step kernel cannot take ``dec`` with these stacked products (None when it can): every layer's
-    four groups one balanced matrix each (stack_rows), in the model dtype, with a multiple of 32 blocks, and
+    four groups one balanced matrix each (stack_rows) with a multiple of 32 blocks, and
     the attention's limits (FusedOps)."""
     from ...formats.balanced import BalancedTensor
     from .llama import FusedOps
@@ -104,8 +105,6 @@ def unsupported(dec, stacked: list[dict[str, tuple]] | None) -> str | None:
             packed = groups.get(key, (None, None))[0]
             if not isinstance(packed, BalancedTensor):
                 return f"layer {n} {key}: not one balanced matrix (the step kernel streams balanced rows)"
-            if packed.dtype != dec.dtype:
-                return f"layer {n} {key}: values in {packed.dtype}, the model runs in {dec.dtype}"
             if packed.geometry.blocks % layouts.LANES:
                 return (f"layer {n} {key}: {packed.geometry.blocks} blocks per row; the step kernel takes a "
                         f"multiple of {layouts.LANES}")
@@ -118,9 +117,11 @@ class StepKernel:
     """kernels/llama_step.cu bound to one LlamaDecoder's buffers (GPU only). ``stacked``: per layer, FUSED
     key -> (stacked BalancedTensor, fp32 bias or None), as LlamaDecoder kept them. ``launch()`` runs every
     decoder layer and the final norm (into dec.xn) on the current CuPy stream. ValueError (with the reason)
-    when it cannot take the decoder or does not fit this GPU's shared memory."""
+    when it cannot take the decoder or does not fit this GPU's shared memory. ``defines``: -D options of the
+    build (benchmarks/step_probe.py's BP_STEP_PROBE; none in the runtime)."""
 
-    def __init__(self, dec, stacked: list[dict[str, tuple]], device: int, *, slot_bytes: int = SLOT_BYTES) -> None:
+    def __init__(self, dec, stacked: list[dict[str, tuple]], device: int, *, slot_bytes: int = SLOT_BYTES,
+                 defines: tuple[str, ...] = ()) -> None:
         from ...formats.layouts import LANES
         from .. import _gpu
         from .._launch import function_ptr, prepared
@@ -137,7 +138,7 @@ class StepKernel:
             raise ValueError("the step kernel's bulk copies need sm_90 or newer")
         grid = info.multiprocessors
         name = f"bp::llama_step<{_KERNEL_TYPE[dec.dtype]}>"
-        self.fn = load_module("llama_step.cu", (name,), device=device).get_function(name)
+        self.fn = load_module("llama_step.cu", (name,), device=device, defines=defines).get_function(name)
         dev = dec.h.device
         heads, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # cache positions per attention item: at most ATTENTION_CHUNK, so that short contexts spread over more CTAs
@@ -152,7 +153,7 @@ class StepKernel:
         geoms = []
         for groups in stacked:
             for key in PHASE_KEYS:
-                recs, lg = stacked_records(groups[key][0], key == "gate_up")
+                recs, lg = stacked_records(groups[key][0], key == "gate_up", dec.dtype)
                 geoms.append((recs, lg, groups[key]))
                 lanes_cols.append(lg.lane_cols)
                 units.append(lg.record_bytes * (2 if key == "gate_up" else 1))
@@ -209,8 +210,7 @@ class StepKernel:
                 np.uint32(slot))
         self.launch = prepared(self.fn, (grid,), (THREADS,), args, self.shared_bytes, cooperative=True)
         self.grid = grid
-        self.record_bytes = sum(b.numel() * 4 for b in self.buffers[:0]) + sum(
-            int(r.shape[0]) * lg.record_bytes for r, lg, _ in geoms)
+        self.record_bytes = sum(int(r.shape[0]) * lg.record_bytes for r, lg, _ in geoms)
 
     def describe(self) -> str:
         return (f"kernels/llama_step.cu: every layer in one launch ({self.grid} CTAs x {THREADS} threads, "

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Issue 18: where the persistent decode step's time goes (kernels/llama_step.cu), without hardware counters.
+
+Run on the GPU machine from the repository root:
+
+    PYTHONPATH=src python3 benchmarks/step_probe.py [--model 1b] [--config 70%] [--dtype float16]
+        [--context 128] [--probes 0,1,2,4,8,23,31,7,15] [--slots 32768] [--replays 20]
+
+The decoder layers of llm_decode.py's random model (same shapes, pruned in memory the same way, 32 blocks per
+row), the step kernel launched alone at a fixed cache position: ``replays`` launches captured in one CUDA
+graph, best of three replays, us per launch. Each probe is a build of the kernel with BP_STEP_PROBE set
+(the kernel's header): a bit set leaves that part out (1 attention, 2 staging of x, 4 task dots, 8 grid
+barriers, 16 the weight stream), so what it computes is wrong and only its time counts. The differences
+place the time: 0 - 4 is the dots' share the stream does not hide, 23 - 31 the grid barriers (5 per layer),
+15 the stream alone against the floor (its bytes at the same run's plain-read bandwidth). ``--slots``: ring
+slot sizes to compare (bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llm_decode import CONFIGS, MODELS, weights  # noqa: E402
+
+from balprune.runtime.measure import Timer, capture_graph, cupy_on_torch_stream  # noqa: E402
+from balprune.runtime.model.llama import LlamaDecoder, dense_projection  # noqa: E402
+from balprune.runtime.model.llama_step import StepKernel  # noqa: E402
+
+PARTS = {1: "attention", 2: "staging", 4: "task dots", 8: "grid barriers", 16: "weight stream"}
+
+
+def left_out(probe: int) -> str:
+    return ", ".join(name for bit, name in PARTS.items() if probe & bit) or "nothing"
+
+
+def launch_us(kernel: StepKernel, replays: int) -> float:
+    """us per launch: ``replays`` launches in one CUDA graph, the best of three replays."""
+    def many():
+        for _ in range(replays):
+            kernel.launch()
+
+    graph = capture_graph(many, warmup=1)
+    best = float("inf")
+    for _ in range(3):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        best = min(best, e0.elapsed_time(e1) * 1000.0 / replays)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1b", choices=list(MODELS))
+    ap.add_argument("--config", default="70%", choices=[c for c in CONFIGS if c != "dense"])
+    ap.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--probes", default="0,1,2,4,8,23,31,7,15")
+    ap.add_argument("--slots", default="32768", help="ring slot sizes in bytes, comma-separated")
+    ap.add_argument("--replays", type=int, default=20)
+    a = ap.parse_args()
+    cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
+    bw = Timer(0).read_bandwidth_gbps()
+    dec = LlamaDecoder(cfg, weights(cfg, CONFIGS[a.config], dt), dtype=dt, device=torch.device("cuda"),
+                       max_len=a.context + 8, make_projection=dense_projection(a.dtype), keep_stacked=True)
+    with torch.no_grad(), cupy_on_torch_stream():
+        dec.prefill(torch.arange(a.context) % cfg.vocab_size)
+    torch.cuda.synchronize()
+    head = {"model": a.model, "config": a.config, "dtype": a.dtype, "context": a.context, "read_GBps": round(bw, 1),
+            "layers": cfg.num_hidden_layers, "grid_barriers": 5 * cfg.num_hidden_layers,
+            "device": torch.cuda.get_device_name()}
+    print(json.dumps(head), flush=True)
+    for slot in (int(s) for s in a.slots.split(",")):
+        for probe in (int(p) for p in a.probes.split(",")):
+            kernel = StepKernel(dec, dec.stacked, 0, slot_bytes=slot,
+                                defines=(f"BP_STEP_PROBE={probe}",) if probe else ())
+            with torch.no_grad():
+                us = launch_us(kernel, a.replays)
+            row = {"probe": probe, "left_out": left_out(probe), "slot_bytes": kernel.slot_bytes, "slots": kernel.slots,
+                   "shared_bytes": kernel.shared_bytes, "record_MB": round(kernel.record_bytes / 1e6, 2),
+                   "floor_us": round(kernel.record_bytes / bw / 1e3, 1), "us": round(us, 1),
+                   "stream_GBps": round(kernel.record_bytes / us / 1e3, 1)}
+            print(json.dumps(row), flush=True)
+            del kernel
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
