@@ -35,7 +35,7 @@ step_tests() {
   timeout 100 ${T/ -x/} --tb=short --show-capture=no tests/gpu/test_llama_step_gpu.py -k "wide and not graph" >>"$OUT/t_step.txt" 2>&1
 }
 step_probe() {  # the persistent step's parts left out in turn (benchmarks/step_probe.py), then two other slot sizes
-  { timeout 150 python3 benchmarks/step_probe.py --model 1b --config 70%
+  { timeout 200 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline
     timeout 90 python3 benchmarks/step_probe.py --model 1b --config 70% --probes 0,15 --slots 16384,65536
   } >"$OUT/step_probe.txt" 2>&1
 }

@@ -12,8 +12,11 @@ graph, best of three replays, us per launch. Each probe is a build of the kernel
 (the kernel's header): a bit set leaves that part out (1 attention, 2 staging of x, 4 task dots, 8 grid
 barriers, 16 the weight stream), so what it computes is wrong and only its time counts. The differences
 place the time: 0 - 4 is the dots' share the stream does not hide, 23 - 31 the grid barriers (5 per layer),
-15 the stream alone against the floor (its bytes at the same run's plain-read bandwidth). ``--slots``: ring
-slot sizes to compare (bytes).
+15 the stream alone against the floor (its bytes at the same run's plain-read bandwidth), 32 asks for no
+weights across a barrier. ``--slots``: ring slot sizes to compare (bytes). ``--timeline``: first, builds 64 and 96
+(probe 64: thread 0 of every CTA stamps its clock at 15 points of every layer, see the kernel's header), one
+eager launch after three: per point, the time since the previous point (us, each CTA's mean over the layers),
+median and max over the CTAs.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,7 +35,12 @@ from balprune.runtime.measure import Timer, capture_graph, cupy_on_torch_stream 
 from balprune.runtime.model.llama import LlamaDecoder, dense_projection  # noqa: E402
 from balprune.runtime.model.llama_step import StepKernel  # noqa: E402
 
-PARTS = {1: "attention", 2: "staging", 4: "task dots", 8: "grid barriers", 16: "weight stream"}
+PARTS = {1: "attention", 2: "staging", 4: "task dots", 8: "grid barriers", 16: "weight stream",
+         32: "stream across barriers"}
+#: the kernel's timeline points of a layer (kStampsPerLayer slots, 15 used)
+POINTS = ["start", "qkv staged", "qkv rows", "barrier", "attention", "barrier", "o staged", "o rows", "barrier",
+          "gate/up staged", "gate/up rows", "barrier", "down staged", "down rows", "barrier"]
+STAMPS_PER_LAYER, STAMP_LAYERS, STAMP_CTAS = 16, 64, 160
 
 
 def left_out(probe: int) -> str:
@@ -56,6 +65,36 @@ def launch_us(kernel: StepKernel, replays: int) -> float:
     return best
 
 
+def timeline(kernel: StepKernel, layers: int) -> dict:
+    """One eager launch (after three) of a probe-64 build: per point, us since the previous point (each CTA's
+    mean over the layers; the first point: since the previous layer's last), median and max over the CTAs."""
+    import cupy as cp
+
+    from balprune.runtime.measure import cupy_on_torch_stream
+
+    slots = STAMPS_PER_LAYER * STAMP_LAYERS + 4
+    stamps = cp.ndarray((STAMP_CTAS, slots), dtype=cp.uint64, memptr=kernel.module.get_global("bp_step_stamps"))
+    with cupy_on_torch_stream():
+        for _ in range(4):
+            stamps.fill(0)
+            kernel.launch()
+        cp.cuda.get_current_stream().synchronize()
+    t = stamps[: kernel.grid].get().astype(np.float64)
+    edge = STAMPS_PER_LAYER * STAMP_LAYERS
+    g0, g1, c0, c1 = t[:, edge], t[:, edge + 1], t[:, edge + 2], t[:, edge + 3]
+    ns_per_clock = (g1 - g0) / (c1 - c0)
+    pts = t[:, : layers * STAMPS_PER_LAYER].reshape(-1, layers, STAMPS_PER_LAYER)[:, :, : len(POINTS)]
+    at = (pts - c0[:, None, None]) * ns_per_clock[:, None, None] / 1e3  # us since the CTA's start
+    flat = at.reshape(at.shape[0], -1)
+    gaps = np.diff(np.concatenate([np.zeros((flat.shape[0], 1)), flat], axis=1), axis=1)
+    gaps = gaps.reshape(at.shape).mean(axis=1)  # [cta, point]
+    span = (g1 - g0) / 1e3
+    return {"span_us_median": round(float(np.median(span)), 1), "span_us_max": round(float(span.max()), 1),
+            "first_start_to_last_end_us": round(float((g1.max() - g0.min()) / 1e3), 1),
+            "per_layer_us": {f"{i:2d} {name}": [round(float(np.median(gaps[:, i])), 2), round(float(gaps[:, i].max()), 2)]
+                             for i, name in enumerate(POINTS)}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1b", choices=list(MODELS))
@@ -65,6 +104,7 @@ def main() -> int:
     ap.add_argument("--probes", default="0,1,2,4,8,23,31,7,15")
     ap.add_argument("--slots", default="32768", help="ring slot sizes in bytes, comma-separated")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--timeline", action="store_true", help="the probe 64 and 96 timelines first")
     a = ap.parse_args()
     cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
     bw = Timer(0).read_bandwidth_gbps()
@@ -77,6 +117,13 @@ def main() -> int:
             "layers": cfg.num_hidden_layers, "grid_barriers": 5 * cfg.num_hidden_layers,
             "device": torch.cuda.get_device_name()}
     print(json.dumps(head), flush=True)
+    if a.timeline:
+        for probe in (64, 96):
+            kernel = StepKernel(dec, dec.stacked, 0, defines=(f"BP_STEP_PROBE={probe}",))
+            with torch.no_grad():
+                row = {"probe": probe, "left_out": left_out(probe), "us_graph": round(launch_us(kernel, a.replays), 1),
+                       **timeline(kernel, cfg.num_hidden_layers)}
+            print(json.dumps(row), flush=True)
     for slot in (int(s) for s in a.slots.split(",")):
         for probe in (int(p) for p in a.probes.split(",")):
             kernel = StepKernel(dec, dec.stacked, 0, slot_bytes=slot,

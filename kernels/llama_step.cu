@@ -42,8 +42,40 @@
 // leave parts of the step out, to place its time without hardware counters (what such a build computes is wrong):
 //   1: no attention items  2: no staging of x  4: no task dots (every chunk still waited for and released)
 //   8: no grid barriers    16: no weight stream (no copies, no waits, no tasks, no epilogues)
+//   32: no stream across barriers (a phase's first chunks asked for when it starts; results stay right)
+//   64: timeline (results stay right): thread 0 of every CTA writes clock64 at fixed points of every layer into
+//       bp_step_stamps[cta][layer * kStampsPerLayer + point] and %globaltimer at its start and end (the last
+//       slots), to put each CTA's clock on one time axis. Points of a layer: 0 start, 1 q/k/v x staged, 2 q/k/v rows
+//       done, 3 barrier, 4 attention done, 5 barrier, 6 o x staged, 7 o rows done, 8 barrier, 9 gate/up x staged,
+//       10 gate/up rows done, 11 barrier, 12 down x staged, 13 down rows done, 14 barrier
 #ifndef BP_STEP_PROBE
 #define BP_STEP_PROBE 0
+#endif
+#if BP_STEP_PROBE & 64
+constexpr int kStampsPerLayer = 16, kStampLayers = 64, kStampCtas = 160;
+constexpr int kStampSlots = kStampsPerLayer * kStampLayers + 4;  // + globaltimer and clock64 at start and end
+__device__ unsigned long long bp_step_stamps[kStampCtas * kStampSlots];
+#define BP_STEP_STAMP(l, e)                                                                                      \
+  do {                                                                                                           \
+    if (threadIdx.x == 0 && (l) < kStampLayers && blockIdx.x < kStampCtas)                                       \
+      bp_step_stamps[blockIdx.x * kStampSlots + (l) * kStampsPerLayer + (e)] = clock64();                        \
+  } while (0)
+#define BP_STEP_EDGE(e) /* e: 0 start, 1 end */                                                                  \
+  do {                                                                                                           \
+    if (threadIdx.x == 0 && blockIdx.x < kStampCtas) {                                                           \
+      unsigned long long t_;                                                                                     \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                                     \
+      bp_step_stamps[blockIdx.x * kStampSlots + kStampsPerLayer * kStampLayers + (e)] = t_;                      \
+      bp_step_stamps[blockIdx.x * kStampSlots + kStampsPerLayer * kStampLayers + 2 + (e)] = clock64();           \
+    }                                                                                                            \
+  } while (0)
+#else
+#define BP_STEP_STAMP(l, e) \
+  do {                      \
+  } while (0)
+#define BP_STEP_EDGE(e) \
+  do {                  \
+  } while (0)
 #endif
 
 namespace bp {
@@ -188,9 +220,10 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
       ir = -1;
     }
   };
-  auto issue_next = [&]() {  // thread 0: the next chunk of the stream, if any, into its slot
+  int open_phase = 0;  // (probe 32: the one phase whose chunks may be asked for)
+  auto issue_next = [&]() -> bool {  // thread 0: the next chunk of the stream, if any, into its slot
     advance_to_rows();
-    if (ip >= nphases) return;
+    if (ip >= nphases || ((kProbe & 32) && ip != open_phase)) return false;
     const long long rows = (long long)ph(ip, kRows);
     const int r1 = part_begin(rows, c + 1, G);
     const int per = (int)ph(ip, kChunkRows);
@@ -204,7 +237,9 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
                   reinterpret_cast<const unsigned char*>(ph(ip, kRecs) + unit * (unsigned long long)ir), bytes, b);
     ++issued;
     ir += n;
+    return true;
   };
+  BP_STEP_EDGE(0);
   if (tid == 0) {
     for (int s = 0; s < slots; ++s) mbar_init(full + s, 1);
     mbar_init_fence();
@@ -252,6 +287,11 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     const long long rows = (long long)ph(pi, kRows);
     const int r0 = part_begin(rows, c, G), r1 = part_begin(rows, c + 1, G);
     if (r0 >= r1 || (kProbe & 16)) return;
+    if ((kProbe & 32) && tid == 0) {  // this phase's first chunks, now
+      open_phase = pi;
+      while (issued - q < slots && issue_next()) {
+      }
+    }
     const int per = (int)ph(pi, kChunkRows), W = (int)ph(pi, kWords), n = (int)ph(pi, kKept);
     const int groups = (int)ph(pi, kGroups);
     const unsigned rec_words = (unsigned)(ph(pi, kRecBytes) / 4);
@@ -309,9 +349,13 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     T* values = reinterpret_cast<T*>(__ldg(lay + kValues));
     const int p_qkv = 4 * l, p_o = p_qkv + 1, p_gu = p_qkv + 2, p_down = p_qkv + 3;
 
+    BP_STEP_STAMP(l, 0);
     stage_norm(in_norm, (int)ph(p_qkv, kLaneCols), (int)ph(p_qkv, kXCols));
+    BP_STEP_STAMP(l, 1);
     product(p_qkv, 0);
+    BP_STEP_STAMP(l, 2);
     grid_sync(bar, target);
+    BP_STEP_STAMP(l, 3);
 
     __syncthreads();  // (the attention scratch aliases xs)
     for (int item = c; item < kvh * nchunks && !(kProbe & 1); item += G) {
@@ -320,19 +364,30 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
                                max_len, window, scaling, chunk, g, ch, nchunks, xs);
       __syncthreads();
     }
+    BP_STEP_STAMP(l, 4);
     grid_sync(bar, target);
+    BP_STEP_STAMP(l, 5);
 
     stage((int)ph(p_o, kLaneCols), (int)ph(p_o, kXCols), [&](int col) { return ldcg_val<T>(attn + col); });
+    BP_STEP_STAMP(l, 6);
     product(p_o, 1);
+    BP_STEP_STAMP(l, 7);
     grid_sync(bar, target);
+    BP_STEP_STAMP(l, 8);
 
     stage_norm(post_norm, (int)ph(p_gu, kLaneCols), (int)ph(p_gu, kXCols));
+    BP_STEP_STAMP(l, 9);
     product(p_gu, 2);
+    BP_STEP_STAMP(l, 10);
     grid_sync(bar, target);
+    BP_STEP_STAMP(l, 11);
 
     stage((int)ph(p_down, kLaneCols), (int)ph(p_down, kXCols), [&](int col) { return ldcg_val<T>(act + col); });
+    BP_STEP_STAMP(l, 12);
     product(p_down, 1);
+    BP_STEP_STAMP(l, 13);
     grid_sync(bar, target);
+    BP_STEP_STAMP(l, 14);
   }
   if (c == 0) {  // the final norm, for the head's launch
     float ss = 0.0f;
@@ -343,6 +398,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     const float r = rsqrtf(block_sum(ss, red) / (float)hidden + eps);
     for (int i = tid; i < hidden; i += nt) Val<T>::store(xn + i, Val<T>::ldg(final_norm + i) * rnd<T>(ldcg_val<T>(h + i) * r));
   }
+  BP_STEP_EDGE(1);
   // the last CTA to finish leaves the barrier counters at zero for the next launch (every CTA is past every
   // barrier once all have arrived here)
   __syncthreads();

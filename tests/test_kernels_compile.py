@@ -146,7 +146,7 @@ def test_the_persistent_decode_step_compiles_without_spills(tmp_path):
     assert all(s == ("0", "0") for s in spills) and max(regs) <= 65536 // THREADS, r.stderr[-4000:]
 
 
-@pytest.mark.parametrize("probe", [1, 2, 4, 8, 16, 31])
+@pytest.mark.parametrize("probe", [1, 2, 4, 8, 16, 31, 32, 64, 96])
 def test_the_step_kernels_probe_builds_compile(tmp_path, probe):
     """benchmarks/step_probe.py's builds of kernels/llama_step.cu (BP_STEP_PROBE: parts left out) compile."""
     r = _nvcc(tmp_path, _instantiating_source(["bp::llama_step<bp::f16>"], "llama_step.cu"), "--ptx",

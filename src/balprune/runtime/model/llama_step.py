@@ -138,7 +138,8 @@ class StepKernel:
             raise ValueError("the step kernel's bulk copies need sm_90 or newer")
         grid = info.multiprocessors
         name = f"bp::llama_step<{_KERNEL_TYPE[dec.dtype]}>"
-        self.fn = load_module("llama_step.cu", (name,), device=device, defines=defines).get_function(name)
+        self.module = load_module("llama_step.cu", (name,), device=device, defines=defines)
+        self.fn = self.module.get_function(name)
         dev = dec.h.device
         heads, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # cache positions per attention item: at most ATTENTION_CHUNK, so that short contexts spread over more CTAs
