@@ -8,7 +8,7 @@
 #   vision  vision-tests, resnet50, vgg16                   (~8 min)
 #   next    suites, decode, layers-8b                       (~10 min)
 #   step    step-tests, checks, decode-ab                   (~8 min: the persistent decode step, kernels/llama_step.cu)
-#   probe   step-tests, step-probe                          (~6 min: where the persistent step's time goes)
+#   probe   step-tests, step-probe, llama-tests, decode-new (~8 min: where the persistent step's time goes)
 # BASE: a previous tree for the same-run A/B steps, made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
@@ -34,10 +34,18 @@ step_tests() {
   timeout 240 ${T/ -x/} --tb=short --show-capture=no tests/gpu/test_llama_step_gpu.py -k "small or graph or auto or variants" >"$OUT/t_step.txt" 2>&1
   timeout 100 ${T/ -x/} --tb=short --show-capture=no tests/gpu/test_llama_step_gpu.py -k "wide and not graph" >>"$OUT/t_step.txt" 2>&1
 }
-step_probe() {  # the persistent step's parts left out in turn (benchmarks/step_probe.py), then two other slot sizes
-  { timeout 200 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline
-    timeout 90 python3 benchmarks/step_probe.py --model 1b --config 70% --probes 0,15 --slots 16384,65536
+step_probe() {  # where the persistent step's time goes (benchmarks/step_probe.py): the base tree's timeline, then
+  # this tree's timeline and parts left out in turn
+  base_tree
+  { echo "== step probe base"
+    (cd /tmp/main_tree && timeout 120 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline --probes 0)
+    echo "== step probe new"
+    timeout 200 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline
   } >"$OUT/step_probe.txt" 2>&1
+}
+decode_new() {  # the 1B step at 70% (head pruned), this tree only: the persistent step against the fused layers
+  timeout 80 python3 benchmarks/llm_decode.py --model 1b --configs 70% --contexts 128,1024 --steps 32 --prune-head \
+    >"$OUT/decode_new.txt" 2>&1
 }
 vision_tests() {
   timeout 170 $T tests/gpu/test_model_gpu.py \
@@ -90,7 +98,9 @@ case $MODE in
           vision_model vgg16 vgg16 --blocks 32 --sparsity 0.92 ;;
   next) suites; decode; layers_8b ;;
   step) step_tests; checks; decode_ab ;;
-  probe) step_tests; step_probe ;;
+  probe) step_tests; step_probe
+         timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1
+         decode_new ;;
   *) echo "unknown mode $MODE (min, combo, vision, next, step, probe)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6

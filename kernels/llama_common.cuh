@@ -145,15 +145,22 @@ __device__ __forceinline__ void stage_kv(const T* __restrict__ K, const T* __res
 // does not round them either); the runtime's gate holds the step to the torch-ops step's logits.
 // One work item: K/V head g, chunk c of nchunks, the position p (read by the caller); every thread of the CTA
 // calls it (any blockDim.x, a multiple of 32); an item with nothing visible returns at once. kOverlap: the
-// launch is a programmatic dependent one (overlap_prologue after the cache rows are staged).
+// launch is a programmatic dependent one (overlap_prologue after the cache rows are staged). wait_qkv: called
+// there too, by every thread, before anything of this step is read (llama_step.cu: its grid barrier after the
+// q/k/v rows, so that the staging overlaps the slowest CTA's rows; a no-op for attention_split).
 // Dynamic shared memory: 2 * chunk * (d + 1) + rep * d + rep * chunk floats.
 // part: float [heads, ceil(max_len / chunk), d + 2]; count: int [kvh], zero before the first step.
-template <typename T, bool kOverlap>
+struct NoWait {
+  __device__ void operator()() const {}
+};
+
+template <typename T, bool kOverlap, typename Wait = NoWait>
 __device__ __forceinline__ void attention_item(
     const T* __restrict__ qkv, T* __restrict__ keys, T* __restrict__ values, const T* __restrict__ cos,
     const T* __restrict__ sin, const T* __restrict__ q_norm, const T* __restrict__ k_norm, float eps, long long p,
     T* __restrict__ out, float* __restrict__ part, int* __restrict__ count, int heads, int kvh, int d, int max_len,
-    int window, float scaling, int chunk, int g, int c, int nchunks, float* __restrict__ sm) {
+    int window, float scaling, int chunk, int g, int c, int nchunks, float* __restrict__ sm,
+    Wait wait_qkv = Wait()) {
   const int rep = heads / kvh;
   // never out of bounds (the host refuses such a step first); such a grid still waits below before it ends,
   // so that the grids after it can rely on every grid before them having finished (bp_common.cuh)
@@ -179,18 +186,22 @@ __device__ __forceinline__ void attention_item(
   // overlaps the q/k/v product instead of following it. (Row pos is this step's: replaced below.)
   if (in_range) stage_kv<T>(K + (long long)j0 * d, V + (long long)j0 * d, rows, chunk, d, ks, vs, stride);
   if (kOverlap) overlap_prologue();  // then wait for the previous grid: qkv is its output (bp_common.cuh)
+  wait_qkv();
   if (!in_range) return;
-  for (int i = tid; i < rep * d; i += blockDim.x) qs[i] = ldcg_val<T>(qkv + (long long)g * rep * d + i);
   // this step's key and value (the staged row at pos holds the cache's stale one): raw, over that row
   const bool owns_pos = p >= j0 && p < j0 + chunk;  // uniform over the CTA
   float* kn = owns_pos ? ks + (int)(p - j0) * stride : ks;  // (only the owner uses them)
   float* vn = owns_pos ? vs + (int)(p - j0) * stride : vs;
   __syncthreads();  // (stage_kv's stores of that row come first)
-  if (owns_pos)
-    for (int i = tid; i < d; i += blockDim.x) {
-      kn[i] = ldcg_val<T>(qkv + (long long)(heads + g) * d + i);
-      vn[i] = ldcg_val<T>(qkv + (long long)(heads + kvh + g) * d + i);
-    }
+  // the rep query heads of g, then (the owner) key and value head g: one loop, one memory round trip
+  const int nq = rep * d, nload = nq + (owns_pos ? 2 * d : 0);
+  for (int i = tid; i < nload; i += blockDim.x) {
+    const bool isq = i < nq, isk = !isq && i < nq + d;
+    const long long at = isq ? (long long)g * nq + i
+                             : (long long)(heads + (isk ? 0 : kvh) + g) * d + (i - nq - (isk ? 0 : d));
+    float* dst = isq ? qs + i : (isk ? kn + (i - nq) : vn + (i - nq - d));
+    *dst = ldcg_val<T>(qkv + at);
+  }
   __syncthreads();
   const T* cs = cos + p * d;
   const T* sn = sin + p * d;
@@ -287,13 +298,18 @@ __device__ __forceinline__ void attention_item(
   for (int t = tid; t < rep * d; t += blockDim.x) {
     const int r = t / d, e = t - r * d;
     const float* base = part + (long long)(g * rep + r) * nchunks * slots;
-    float M = -__int_as_float(0x7f800000);
-    for (int cc = c_lo; cc <= c_hi; ++cc) M = fmaxf(M, __ldcg(base + cc * slots + d));
-    float L = 0.0f, acc = 0.0f;
+    // one pass, rescaling as the max grows (two passes, the max first, waited for memory twice); the
+    // chunks' loads are independent, so an unrolled run of them is in flight at once
+    float M = -__int_as_float(0x7f800000), L = 0.0f, acc = 0.0f;
+#pragma unroll 8
     for (int cc = c_lo; cc <= c_hi; ++cc) {
-      const float f = __expf(__ldcg(base + cc * slots + d) - M);
-      L = fmaf(__ldcg(base + cc * slots + d + 1), f, L);
-      acc = fmaf(__ldcg(base + cc * slots + e), f, acc);
+      const float m = __ldcg(base + cc * slots + d), l = __ldcg(base + cc * slots + d + 1);
+      const float o = __ldcg(base + cc * slots + e);
+      const float nm = fmaxf(M, m);  // (m is finite: a chunk counted here has a visible position)
+      const float fo = __expf(M - nm), fc = __expf(m - nm);  // (exp(-inf) = 0 for the first chunk)
+      L = fmaf(L, fo, l * fc);
+      acc = fmaf(acc, fo, o * fc);
+      M = nm;
     }
     Val<T>::store(out + (long long)(g * rep + r) * d + e, acc / L);
   }

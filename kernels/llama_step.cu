@@ -31,9 +31,10 @@
 // warp per task; the partial sums are added in task order (deterministic: graph replay equals eager).
 //
 // phases: [4 * layers][kPhaseFields] u64 (fields below), layers: [layers][kLayerFields] u64.
-// Dynamic shared memory (bytes): 128 (mbarriers) + 4 * xfloats (xs; attention's scratch aliases it) +
-// 4 * (xcap_pad) (xtmp: x in column order, padded per lane range) + 4 * 2 * kMaxTasks (task sums) +
-// slots * slot_bytes (the ring), each part 128-aligned (llama_step.py computes it).
+// Dynamic shared memory (bytes): 128 (mbarriers) + 4 * xfloats (xs, >= 2 * hidden: stage_norm loads h and the
+// norm's weights into it; attention's scratch aliases it) + 4 * (xcap_pad) (xtmp: x in column order, padded per
+// lane range) + 4 * 2 * kMaxTasks (task sums) + 4 * residual_floats(hidden, grid) (hres) + slots * slot_bytes
+// (the ring), each part 128-aligned (llama_step.py computes it). The o and down phases have hidden rows.
 // Grid: one CTA per SM, all resident (cooperative launch); block kStepThreads.
 // bar: u32 [2], zero before the first launch; every launch leaves them zero.
 #include "llama_common.cuh"
@@ -104,6 +105,10 @@ enum LayerField { kInNorm = 0, kPostNorm, kQNorm, kKNorm, kKeys, kValues, kLayer
 
 // A CTA's rows of a phase with `rows` rows: [rows * c / G, rows * (c + 1) / G).
 __device__ __forceinline__ int part_begin(long long rows, int c, int G) { return (int)(rows * c / G); }
+// Floats of hres (the CTA's residual rows): the most rows of `hidden` a CTA of G gets, rounded up to 32.
+__host__ __device__ __forceinline__ int residual_floats(int hidden, int G) { return ((hidden + G - 1) / G + 31) & ~31; }
+// Columns a thread of stage / stage_norm loads before it stores (registers: 2 x this many floats).
+constexpr int kStageBatch = 8;
 
 // All CTAs of the grid meet here; `target` counts the arrivals this CTA waits for (it grows by the grid size per
 // barrier). Writes before the barrier are visible to every CTA after it (a release fence before the arrival, an
@@ -200,11 +205,14 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
   float* xs = reinterpret_cast<float*>(smem + 128);                         // [xfloats]; attention's scratch too
   float* xtmp = xs + xfloats;                                              // [xtmp_floats]
   float* tsum = xtmp + xtmp_floats;                                        // [2][kMaxTasks]
-  unsigned char* ring = reinterpret_cast<unsigned char*>(tsum + 2 * kMaxTasks);
+  float* hres = tsum + 2 * kMaxTasks;                                      // [residual_floats(hidden, G)]
+  unsigned char* ring = reinterpret_cast<unsigned char*>(hres + residual_floats(hidden, gridDim.x));
   __shared__ float red[32];
   const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warps = blockDim.x >> 5, nt = blockDim.x;
   const int nphases = 4 * nlayers;
+  // the CTA's rows of the o and down phases (both have hidden rows): the residual it adds to, kept in hres
+  const int hr0 = part_begin(hidden, c, G), hr1 = part_begin(hidden, c + 1, G);
   auto ph = [&](int p, int f) -> unsigned long long { return __ldg(phases_g + (size_t)p * kPhaseFields + f); };
 
   // thread 0's cursor over the CTA's chunks; chunk q goes to slot q % slots
@@ -253,15 +261,29 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
 
   // x into xs: value(col) for col < xcols (the rest 0), lane j's local column p at xs[p * 32 + j]. First in
   // column order into xtmp (lane ranges padded to an odd stride, so the gather below is conflict-free), then
-  // gathered by lane. Ends with a barrier.
+  // gathered by lane. A thread loads kStageBatch of its columns before it stores any (a shared store after each
+  // load kept one load in flight: a memory round trip per column, ~2 us each while the weights stream). Ends
+  // with a barrier.
   auto stage = [&](int lane_cols, int xcols, auto value) {
     if (kProbe & 2) return;
     const int stride = lane_cols | 1;
     const int total = 32 * lane_cols;
     __syncthreads();  // (xs / xtmp may still be read by the previous phase's last tasks)
-    for (int col = tid; col < total; col += nt) {
-      const int j = col / lane_cols, pp = col - j * lane_cols;
-      xtmp[j * stride + pp] = col < xcols ? value(col) : 0.0f;
+    for (int base = tid; base < total; base += kStageBatch * nt) {
+      float v[kStageBatch];
+#pragma unroll
+      for (int u = 0; u < kStageBatch; ++u) {
+        const int col = base + u * nt;
+        v[u] = col < xcols ? value(col) : 0.0f;  // (xcols <= total)
+      }
+#pragma unroll
+      for (int u = 0; u < kStageBatch; ++u) {
+        const int col = base + u * nt;
+        if (col < total) {
+          const int j = col / lane_cols, pp = col - j * lane_cols;
+          xtmp[j * stride + pp] = v[u];
+        }
+      }
     }
     __syncthreads();
     for (int i = tid; i < total; i += nt) {
@@ -270,16 +292,34 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     }
     __syncthreads();
   };
-  // The RMSNorm of h with weights w, staged as x (every CTA computes it: h is hidden elements).
+  // The RMSNorm of h with weights w, staged as x (every CTA computes it: h is hidden elements). h and w are
+  // loaded together into xs (h at [0, hidden), w at [hidden, 2 hidden): one round trip), and the CTA's own
+  // rows of the o / down phases (the residual they add to) into hres.
   auto stage_norm = [&](const T* w, int lane_cols, int xcols) {
+    __syncthreads();  // (xs may still be read by the previous phase's last tasks)
     float ss = 0.0f;
-    for (int i = tid; i < hidden; i += nt) {
-      const float v = ldcg_val<T>(h + i);
-      ss += v * v;
+    for (int base = tid; base < hidden; base += kStageBatch * nt) {
+      float hv[kStageBatch], wv[kStageBatch];
+#pragma unroll
+      for (int u = 0; u < kStageBatch; ++u) {
+        const int i = base + u * nt;
+        hv[u] = i < hidden ? ldcg_val<T>(h + i) : 0.0f;
+        wv[u] = i < hidden ? Val<T>::ldg(w + i) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kStageBatch; ++u) {
+        const int i = base + u * nt;
+        if (i < hidden) {
+          xs[i] = hv[u];
+          xs[hidden + i] = wv[u];
+        }
+        ss += hv[u] * hv[u];
+      }
     }
-    const float r = rsqrtf(block_sum(ss, red) / (float)hidden + eps);
+    const float r = rsqrtf(block_sum(ss, red) / (float)hidden + eps);  // (its barriers publish xs)
+    for (int i = tid; i < hr1 - hr0; i += nt) hres[i] = xs[hr0 + i];
     // rounded to T as add_rms_norm stores it (the product reads xn in T)
-    stage(lane_cols, xcols, [&](int col) { return rnd<T>(Val<T>::ldg(w + col) * rnd<T>(ldcg_val<T>(h + col) * r)); });
+    stage(lane_cols, xcols, [&](int col) { return rnd<T>(xs[hidden + col] * rnd<T>(xs[col] * r)); });
   };
 
   // One product phase: the CTA's chunks in stream order; mode 0: out = qkv, 1: h += y, 2: gate/up -> act.
@@ -330,8 +370,10 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
           if (bias != nullptr) s += __ldg(bias + row);
           if (mode == 0) {
             Val<T>::store(qkv + row, s);
-          } else {
-            Val<T>::store(h + row, ldcg_val<T>(h + row) + rnd<T>(s));
+          } else {  // the residual from hres (a load from h here cost the chunk's next tasks a round trip)
+            const float hn = rnd<T>(hres[row - hr0] + rnd<T>(s));
+            hres[row - hr0] = hn;
+            Val<T>::store(h + row, hn);
           }
         }
       }
@@ -354,16 +396,25 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     BP_STEP_STAMP(l, 1);
     product(p_qkv, 0);
     BP_STEP_STAMP(l, 2);
-    grid_sync(bar, target);
-    BP_STEP_STAMP(l, 3);
 
-    __syncthreads();  // (the attention scratch aliases xs)
+    // attention: a CTA's first item stages its cache rows, then waits at the barrier after the q/k/v rows
+    // (wait_qkv; every CTA arrives once), so the staging's round trip overlaps the slowest CTA's rows
+    __syncthreads();  // (the attention scratch aliases xs: the q/k/v tasks' reads come first)
+    bool waited = false;
+    auto wait_qkv = [&]() {
+      if (!waited) {
+        grid_sync(bar, target);
+        waited = true;
+        BP_STEP_STAMP(l, 3);
+      }
+    };
     for (int item = c; item < kvh * nchunks && !(kProbe & 1); item += G) {
       const int ch = item / kvh, g = item - ch * kvh;  // chunk-major: the visible chunks spread over the CTAs
       attention_item<T, false>(qkv, keys, values, cos, sin, q_norm, k_norm, eps, p, attn, part, count, heads, kvh, d,
-                               max_len, window, scaling, chunk, g, ch, nchunks, xs);
+                               max_len, window, scaling, chunk, g, ch, nchunks, xs, wait_qkv);
       __syncthreads();
     }
+    wait_qkv();  // (a CTA whose items were all past the position, or that had none)
     BP_STEP_STAMP(l, 4);
     grid_sync(bar, target);
     BP_STEP_STAMP(l, 5);

@@ -163,6 +163,16 @@ def test_the_kernel_constants_match_the_source():
     assert names[-1] == "kPhaseFields" and len(names) - 1 == llama_step.PHASE_FIELDS
     layer = re.search(r"enum LayerField \{(.*?)\};", src, re.S).group(1)
     assert layer.count(",") == llama_step.LAYER_FIELDS and layer.strip().endswith("kLayerFields")
+    # hres's size: the same rounding on both sides
+    assert "int residual_floats(int hidden, int G) { return ((hidden + G - 1) / G + 31) & ~31; }" in src
+
+
+@pytest.mark.parametrize("hidden", [128, 896, 2048, 3584, 4096, 5120])
+@pytest.mark.parametrize("grid", [16, 78, 114, 132, 144])
+def test_hres_holds_every_ctas_residual_rows(hidden, grid):
+    """The o / down phases' rows of a CTA (part_begin's split of hidden rows) fit residual_floats."""
+    most = max((hidden * (c + 1)) // grid - (hidden * c) // grid for c in range(grid))
+    assert most <= llama_step.residual_floats(hidden, grid) < most + 32
 
 
 # -- which decoders it takes -----------------------------------------------------------------------------------

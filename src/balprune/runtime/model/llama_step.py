@@ -26,6 +26,8 @@ LAYER_FIELDS = 6
 #: Bytes of one ring slot (a chunk of rows), at most MAX_SLOTS of them in the shared memory left over.
 SLOT_BYTES = 32 * 1024
 MAX_SLOTS = 8
+#: Bytes of static shared memory the kernel may use at most (its reductions' scratch; attention_item's).
+STATIC_SHARED = 1024
 MIN_SLOTS = 2
 #: Values per lane a task walks at least (fewer: the task's fixed cost, finding its first word, dominates).
 MIN_TASK_VALUES = 8
@@ -158,10 +160,13 @@ class StepKernel:
                 geoms.append((recs, lg, groups[key]))
                 lanes_cols.append(lg.lane_cols)
                 units.append(lg.record_bytes * (2 if key == "gate_up" else 1))
-        xfloats = _round32(max(max(LANES * c for c in lanes_cols), att_floats))
+        # xs holds a phase's x, attention's scratch, and h beside the norm's weights (stage_norm)
+        xfloats = _round32(max(max(LANES * c for c in lanes_cols), att_floats, 2 * cfg.hidden_size))
         xtmp = _round32(max(LANES * (c | 1) for c in lanes_cols))
         slot = max(slot_bytes, _round_up(max(units), 128))
-        fixed = 128 + 4 * (xfloats + xtmp + 2 * MAX_TASKS) + 1024  # (+ the kernel's static shared memory)
+        # the dynamic shared memory before the ring (the kernel's header)
+        before_ring = 128 + 4 * (xfloats + xtmp + 2 * MAX_TASKS + residual_floats(cfg.hidden_size, grid))
+        fixed = before_ring + STATIC_SHARED
         slots = min(MAX_SLOTS, (info.smem_per_block_optin - fixed) // slot)
         if slots < MIN_SLOTS:
             raise ValueError(f"the step kernel needs {fixed + MIN_SLOTS * slot} bytes of shared memory per CTA; "
@@ -171,6 +176,8 @@ class StepKernel:
             key = PHASE_KEYS[i % 4]
             pairs = key == "gate_up"
             rows = recs.shape[0] // (2 if pairs else 1)
+            if key in ("o", "down") and rows != cfg.hidden_size:  # (the kernel keeps their residual rows: hres)
+                raise ValueError(f"layer {i // 4} {key}: {rows} rows, the model's hidden size is {cfg.hidden_size}")
             plan = plan_phase(rows, lg.record_bytes, lg.kept, pairs, grid, slot)
             self.plans.append(plan)
             dev_recs = torch.from_numpy(recs.view(np.int32)).to(dev)
@@ -194,7 +201,7 @@ class StepKernel:
         self.count = torch.zeros(kvh, dtype=torch.int32, device=dev)
         self.bar = torch.zeros(2, dtype=torch.int32, device=dev)
         self.slots, self.slot_bytes = slots, slot
-        self.shared_bytes = 128 + 4 * (xfloats + xtmp + 2 * MAX_TASKS) + slots * slot
+        self.shared_bytes = before_ring + slots * slot
         if self.shared_bytes > 48 * 1024 and self.fn.max_dynamic_shared_size_bytes < self.shared_bytes:
             self.fn.max_dynamic_shared_size_bytes = self.shared_bytes
         import cupy as cp
@@ -216,6 +223,11 @@ class StepKernel:
     def describe(self) -> str:
         return (f"kernels/llama_step.cu: every layer in one launch ({self.grid} CTAs x {THREADS} threads, "
                 f"{self.slots} x {self.slot_bytes // 1024} KiB weight slots, {self.record_bytes / 2**20:.1f} MiB of records)")
+
+
+def residual_floats(hidden: int, grid: int) -> int:
+    """kernels/llama_step.cu's residual_floats: a CTA's most rows of ``hidden``, rounded up to 32 (hres)."""
+    return _round32(-(-hidden // grid))
 
 
 def _round32(n: int) -> int:
