@@ -84,3 +84,32 @@ def test_bench_times_the_other_walk_of_a_bitmask_stored_layer_only():
     bm = bt.with_encoding("bitmask")
     assert alt.convert(bm) is bm
     assert alt.convert(bt.with_encoding("offsets")) is None
+
+
+# -- which timed path runs (stages.pick_path) -----------------------------------------------------------------
+
+def test_the_fastest_path_runs_when_it_is_clearly_faster():
+    from balprune.runtime.model.stages import pick_path
+
+    path, why = pick_path({"dense": 10.0, "balanced_bitmask": 6.0}, {"dense": 4_000_000, "balanced_bitmask": 1_500_000})
+    assert path == "balanced_bitmask" and why == "balanced_bitmask 6.0 us vs dense 10.0 us (1.67x)"
+    # a faster path with more bytes beyond the tie band still wins
+    path, _ = pick_path({"dense": 5.0, "balanced": 5.5}, {"dense": 4_000_000, "balanced": 1_500_000})
+    assert path == "dense"
+
+
+def test_a_near_tie_goes_to_the_path_that_reads_fewer_bytes():
+    from balprune.runtime.model.stages import TIE_FRACTION, pick_path
+
+    near = 5.0 * (1 + TIE_FRACTION) * 0.999
+    path, why = pick_path({"dense": 5.0, "balanced_bitmask": near}, {"dense": 12_600_000, "balanced_bitmask": 4_500_000})
+    assert path == "balanced_bitmask"
+    assert why.startswith(f"balanced_bitmask {near:.1f} us vs dense 5.0 us") and "4.50 MB read against 12.60 MB" in why
+    # equal bytes: the faster of the tie
+    assert pick_path({"balanced": 5.0, "balanced_walk6": 5.1}, {"balanced": 10, "balanced_walk6": 10})[0] == "balanced"
+
+
+def test_one_timed_path_is_the_only_one():
+    from balprune.runtime.model.stages import pick_path
+
+    assert pick_path({"dense": 3.0}, {"dense": 1}) == ("dense", "the only correct path")

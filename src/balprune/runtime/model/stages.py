@@ -354,6 +354,31 @@ class Projection:
             self.dense = None
 
 
+#: Timed paths within this fraction of the fastest tie, and the one of them that reads the fewest bytes runs: the
+#: same speed with less memory. Launch-bound products differ by run-to-run noise at this level (the 1B decode A/B
+#: of kernels/NOTES.md v32 bound a q/k/v product dense in one run and bitmask in the other, 5.1-5.4 us), and a
+#: packed model should not keep a dense copy for noise.
+TIE_FRACTION = 0.03
+
+
+def pick_path(times_us: dict[str, float], nbytes: dict[str, int]) -> tuple[str, str]:
+    """The path ``dispatch`` binds among correct timed paths (``times_us``: path -> us; ``nbytes``: path -> bytes
+    it reads) and why: the fewest bytes among those within TIE_FRACTION of the fastest (the faster among
+    equal bytes)."""
+    fastest = min(times_us, key=times_us.get)
+    ties = [p for p in times_us if times_us[p] <= times_us[fastest] * (1.0 + TIE_FRACTION)]
+    path = min(ties, key=lambda p: (nbytes.get(p, float("inf")), times_us[p]))
+    others = [p for p in times_us if p != path]
+    if not others:
+        return path, "the only correct path"
+    o = fastest if path != fastest else others[0]
+    reason = f"{path} {times_us[path]:.1f} us vs {o} {times_us[o]:.1f} us ({times_us[o] / times_us[path]:.2f}x)"
+    if path != fastest:
+        reason += (f"; within {TIE_FRACTION:.0%} of the fastest, {nbytes[path] / 1e6:.2f} MB read against "
+                   f"{nbytes[fastest] / 1e6:.2f} MB")
+    return path, reason
+
+
 def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Choice:
     """Gate, time and bind ``proj``'s paths with the data now in its x buffer (see module doc).
 
@@ -364,7 +389,7 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
     unit of work, e.g. an LM step gated over two steps from the zero state) and ``unavailable``
     ({candidate: why it cannot run}, reported).
 
-    ``paths``: "auto" (fastest correct), "sparse" (balprune's kernel where the layer has one,
+    ``paths``: "auto" (fastest correct; pick_path breaks near-ties by bytes), "sparse" (balprune's kernel where the layer has one,
     else dense) or "dense". Without ``measure`` the forced path is bound untimed.
     """
     if paths not in ("auto", "sparse", "dense"):
@@ -429,13 +454,8 @@ def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Cho
         choice.path = sparse_path or "dense"
         choice.reason = "untimed: sparse where available"
     else:
-        choice.path = min(choice.times_us, key=choice.times_us.get)
-        others = [p for p in choice.times_us if p != choice.path]
-        if others:
-            o = others[0]
-            choice.reason = (f"{choice.path} {choice.times_us[choice.path]:.1f} us vs {o} {choice.times_us[o]:.1f} us "
-                             f"({choice.times_us[o] / choice.times_us[choice.path]:.2f}x)")
-        else:
+        choice.path, choice.reason = pick_path(choice.times_us, choice.bytes)
+        if len(choice.times_us) == 1:
             choice.reason = choice.unavailable.get("sparse") or "the only correct path"
     variant = best_key[choice.path]
     if variant != choice.path:
