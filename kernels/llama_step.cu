@@ -111,15 +111,16 @@ __host__ __device__ __forceinline__ int residual_floats(int hidden, int G) { ret
 constexpr int kStageBatch = 8;
 
 // All CTAs of the grid meet here; `target` counts the arrivals this CTA waits for (it grows by the grid size per
-// barrier). Writes before the barrier are visible to every CTA after it (a release fence before the arrival, an
-// acquire load while waiting, then the CTA's barrier).
+// barrier). Writes before the barrier are visible to every CTA after it (the CTA's barrier, a fence and a release
+// reduction for the arrival, an acquire load while waiting, then the CTA's barrier).
 __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
   if (kProbe & 8) return;
   target += gridDim.x;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    atomicAdd(bar, 1u);
+    // an arrival that does not wait for its answer (atomicAdd's return cost a round trip before the first poll)
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
     unsigned v;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
