@@ -1,6 +1,10 @@
 // llama_step.cu: every decoder layer of a Llama-family decode step at batch 1 in ONE persistent launch
 // (balprune.runtime.model.llama_step), the lane records of every product streamed into shared memory.
 //
+// What a CTA waits for on its critical path is memory round trips, and while every SM's copies stream each one
+// takes ~2 us instead of ~0.8 (kernels/NOTES.md v12): so staging loads all of a thread's columns before it stores
+// any, and nothing between two barriers waits for memory more than once where that can be avoided (v33).
+//
 // Why: as separate launches (llama_ops.cu + one product launch each) a 1B layer is eight launches whose products
 // take 5-11 us each against 1.5-4 us of reading (kernels/NOTES.md v27-v29): each launch ramps from nothing in
 // flight, and programmatic dependent launch took only 4% off. Here the weights of the whole step are one stream
@@ -15,10 +19,12 @@
 //   qkv:  every CTA computes xn = T(w * T(h * rsqrt(mean(h^2) + eps))) itself (h is a few KB), its q/k/v rows
 //         -> qkv = T(acc + bias)
 //   attention: work items (chunk, K/V head) over the CTAs: attention_item (llama_common.cuh; RoPE, the cache
-//         append, the last CTA of a head combines) -> attn
-//   o:    x = attn; its rows -> h[row] = T(h[row] + T(acc + bias))
+//         append, the last CTA of a head combines) -> attn. A CTA's first item stages its cache rows before the
+//         barrier after q/k/v (they are earlier steps'), so that round trip overlaps the wait.
+//   o:    x = attn; its rows -> h[row] = T(h[row] + T(acc + bias)), h[row] from hres (the CTA's own rows of h,
+//         kept in shared memory from the last norm's staging: o and down have the same hidden rows)
 //   gate/up: x = the post norm of h; row pairs (gate i, up i) -> act[i] = T(T(silu(T(g))) * T(u))
-//   down: x = act; its rows -> h[row] = T(h[row] + T(acc))
+//   down: x = act; its rows -> h[row] = T(h[row] + T(acc)) (hres as for o)
 // After the last layer, CTA 0 writes the final norm of h to xn (the head is the next launch).
 //
 // Lane records (formats/layouts.py lane_records, the one owner of the layout): a row of B = 32 * nb blocks of L
