@@ -305,8 +305,11 @@ __device__ __forceinline__ void attention_item(
     for (int cc = c_lo; cc <= c_hi; ++cc) {
       const float m = __ldcg(base + cc * slots + d), l = __ldcg(base + cc * slots + d + 1);
       const float o = __ldcg(base + cc * slots + e);
-      const float nm = fmaxf(M, m);  // (m is finite: a chunk counted here has a visible position)
-      const float fo = __expf(M - nm), fc = __expf(m - nm);  // (exp(-inf) = 0 for the first chunk)
+      // a chunk whose visible scores all rounded to -inf (16-bit overflow) has m = -inf: it weighs 0, as in the
+      // two-pass combine, never exp(-inf - -inf) = NaN
+      const float ninf = -__int_as_float(0x7f800000);
+      const float nm = fmaxf(M, m);
+      const float fo = M == ninf ? 0.0f : __expf(M - nm), fc = m == ninf ? 0.0f : __expf(m - nm);
       L = fmaf(L, fo, l * fc);
       acc = fmaf(acc, fo, o * fc);
       M = nm;
