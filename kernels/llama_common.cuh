@@ -306,10 +306,10 @@ __device__ __forceinline__ void attention_item(
       const float m = __ldcg(base + cc * slots + d), l = __ldcg(base + cc * slots + d + 1);
       const float o = __ldcg(base + cc * slots + e);
       // a chunk whose visible scores all rounded to -inf (16-bit overflow) has m = -inf: it weighs 0, as in the
-      // two-pass combine, never exp(-inf - -inf) = NaN
-      const float ninf = -__int_as_float(0x7f800000);
+      // two-pass combine, never exp(-inf - -inf) = NaN (fmaxf takes -1e30 over a NaN difference; branches here
+      // made ptxas spill)
       const float nm = fmaxf(M, m);
-      const float fo = M == ninf ? 0.0f : __expf(M - nm), fc = m == ninf ? 0.0f : __expf(m - nm);
+      const float fo = __expf(fmaxf(M - nm, -1e30f)), fc = __expf(fmaxf(m - nm, -1e30f));
       L = fmaf(L, fo, l * fc);
       acc = fmaf(acc, fo, o * fc);
       M = nm;
