@@ -8,7 +8,7 @@
 #   vision  vision-tests, resnet50, vgg16                   (~8 min)
 #   next    suites, decode, layers-8b                       (~10 min)
 #   step    step-tests, checks, decode-ab                   (~8 min: the persistent decode step, kernels/llama_step.cu)
-#   probe   step-tests, step-probe, llama-tests, decode-new (~8 min: where the persistent step's time goes)
+#   probe   step-probe, step-tests, llama-tests, decode-new (~7 min: where the persistent step's time goes)
 # BASE: a previous tree for the same-run A/B steps, made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
@@ -98,7 +98,7 @@ case $MODE in
           vision_model vgg16 vgg16 --blocks 32 --sparsity 0.92 ;;
   next) suites; decode; layers_8b ;;
   step) step_tests; checks; decode_ab ;;
-  probe) step_tests; step_probe
+  probe) step_probe; step_tests
          timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1
          decode_new ;;
   *) echo "unknown mode $MODE (min, combo, vision, next, step, probe)" >&2; exit 2 ;;
