@@ -40,7 +40,7 @@ step_probe() {  # where the persistent step's time goes (benchmarks/step_probe.p
   { echo "== step probe base"
     (cd /tmp/main_tree && timeout 120 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline --probes 0)
     echo "== step probe new"
-    timeout 200 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline
+    timeout 200 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline --probes 0,4,8,15,23,31
   } >"$OUT/step_probe.txt" 2>&1
 }
 decode_new() {  # the 1B step at 70% (head pruned), this tree only: the persistent step against the fused layers
