@@ -8,7 +8,7 @@
 #   vision  vision-tests, resnet50, vgg16                   (~8 min)
 #   next    suites, decode, layers-8b                       (~10 min)
 #   step    step-tests, checks, decode-ab                   (~8 min: the persistent decode step, kernels/llama_step.cu)
-#   probe   step-probe, step-tests, llama-tests, decode-new (~7 min: where the persistent step's time goes)
+#   probe   step-probe, decode-new, step-tests, base probe, llama-tests (~7 min: the persistent step's time)
 # BASE: a previous tree for the same-run A/B steps, made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
@@ -34,17 +34,21 @@ step_tests() {
   timeout 240 ${T/ -x/} --tb=short --show-capture=no tests/gpu/test_llama_step_gpu.py -k "small or graph or auto or variants" >"$OUT/t_step.txt" 2>&1
   timeout 100 ${T/ -x/} --tb=short --show-capture=no tests/gpu/test_llama_step_gpu.py -k "wide and not graph" >>"$OUT/t_step.txt" 2>&1
 }
-step_probe() {  # where the persistent step's time goes (benchmarks/step_probe.py): the base tree's timeline, then
-  # this tree's timeline and parts left out in turn
-  base_tree
-  { echo "== step probe base"
-    (cd /tmp/main_tree && timeout 120 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline --probes 0)
-    echo "== step probe new"
+step_probe() {  # where the persistent step's time goes (benchmarks/step_probe.py): this tree's timeline and parts left
+  # out in turn; with "base", the base tree's timeline (appended)
+  if [ "${1:-}" = base ]; then
+    base_tree
+    { echo "== step probe base"
+      (cd /tmp/main_tree && timeout 120 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline --probes 0)
+    } >>"$OUT/step_probe.txt" 2>&1
+    return
+  fi
+  { echo "== step probe new"
     timeout 200 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline --probes 0,4,8,15,23,31
   } >"$OUT/step_probe.txt" 2>&1
 }
 decode_new() {  # the 1B step at 70% (head pruned), this tree only: the persistent step against the fused layers
-  timeout 80 python3 benchmarks/llm_decode.py --model 1b --configs 70% --contexts 128,1024 --steps 32 --prune-head \
+  timeout 80 python3 benchmarks/llm_decode.py --model 1b --configs 70% --contexts 128 --steps 32 --prune-head \
     >"$OUT/decode_new.txt" 2>&1
 }
 vision_tests() {
@@ -98,9 +102,8 @@ case $MODE in
           vision_model vgg16 vgg16 --blocks 32 --sparsity 0.92 ;;
   next) suites; decode; layers_8b ;;
   step) step_tests; checks; decode_ab ;;
-  probe) step_probe; step_tests
-         timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1
-         decode_new ;;
+  probe) step_probe; decode_new; step_tests; step_probe base
+         timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1 ;;
   *) echo "unknown mode $MODE (min, combo, vision, next, step, probe)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
