@@ -9,6 +9,7 @@
 #   next    suites, decode, layers-8b                       (~10 min)
 #   step    step-tests, checks, decode-ab                   (~8 min: the persistent decode step, kernels/llama_step.cu)
 #   probe   step-probe, decode-new, step-tests, base probe, llama-tests (~7 min: the persistent step's time)
+#   probe1  the timeline and the full build only, decode-new (~3 min: a session's last device minutes)
 # BASE: a previous tree for the same-run A/B steps, made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
@@ -102,9 +103,11 @@ case $MODE in
           vision_model vgg16 vgg16 --blocks 32 --sparsity 0.92 ;;
   next) suites; decode; layers_8b ;;
   step) step_tests; checks; decode_ab ;;
+  probe1) { echo "== step probe new"; timeout 120 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline \
+            --probes 0; } >"$OUT/step_probe.txt" 2>&1; decode_new ;;
   probe) step_probe; decode_new; step_tests; step_probe base
          timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1 ;;
-  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe)" >&2; exit 2 ;;
+  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
 grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-400
