@@ -35,6 +35,17 @@ def test_path_is_the_faster_of_our_kernel_and_dense_and_says_why():
     assert eight["speedup"]["dense"] == pytest.approx(0.5)  # the kernel's own ratio stays visible
 
 
+def test_a_near_tie_is_the_path_that_reads_fewer_bytes_as_in_the_runtime():
+    """bench reports the path by the runtime's rule (runtime.measure.pick_path): within 3% of dense, the balanced
+    kernel, which reads a third of the bytes, is the path, and the reason says so."""
+    rep = _report([_m("balanced", 10.2, nbytes=4_500_000), _m("dense", 10.0, nbytes=12_600_000)])
+    (row,) = rows(rep)
+    assert row["path"] == "balanced" and row["path_us"] == 10.2
+    assert row["path_reason"] == "within 3% of dense (10.0 us), 4.50 MB read against 12.60 MB"
+    rep = _report([_m("balanced", 10.5, nbytes=4_500_000), _m("dense", 10.0, nbytes=12_600_000)])
+    assert rows(rep)[0]["path"] == "dense"
+
+
 def test_failed_kernel_is_never_the_path():
     rep = _report([_m("balanced", 1.0, correct=False), _m("dense", 60.0)])
     (row,) = rows(rep)

@@ -86,10 +86,10 @@ def test_bench_times_the_other_walk_of_a_bitmask_stored_layer_only():
     assert alt.convert(bt.with_encoding("offsets")) is None
 
 
-# -- which timed path runs (stages.pick_path) -----------------------------------------------------------------
+# -- which timed path runs (measure.pick_path) -----------------------------------------------------------------
 
 def test_the_fastest_path_runs_when_it_is_clearly_faster():
-    from balprune.runtime.model.stages import pick_path
+    from balprune.runtime.measure import pick_path
 
     path, why = pick_path({"dense": 10.0, "balanced_bitmask": 6.0}, {"dense": 4_000_000, "balanced_bitmask": 1_500_000})
     assert path == "balanced_bitmask" and why == "balanced_bitmask 6.0 us vs dense 10.0 us (1.67x)"
@@ -99,7 +99,7 @@ def test_the_fastest_path_runs_when_it_is_clearly_faster():
 
 
 def test_a_near_tie_goes_to_the_path_that_reads_fewer_bytes():
-    from balprune.runtime.model.stages import TIE_FRACTION, pick_path
+    from balprune.runtime.measure import TIE_FRACTION, pick_path
 
     near = 5.0 * (1 + TIE_FRACTION) * 0.999
     path, why = pick_path({"dense": 5.0, "balanced_bitmask": near}, {"dense": 12_600_000, "balanced_bitmask": 4_500_000})
@@ -110,6 +110,6 @@ def test_a_near_tie_goes_to_the_path_that_reads_fewer_bytes():
 
 
 def test_one_timed_path_is_the_only_one():
-    from balprune.runtime.model.stages import pick_path
+    from balprune.runtime.measure import pick_path
 
     assert pick_path({"dense": 3.0}, {"dense": 1}) == ("dense", "the only correct path")

@@ -13,7 +13,8 @@ from balprune.cli import main
 from balprune.formats.packed_file import read_packed
 from balprune.models import detect, reference_module, reference_outputs, relative_error, sample_inputs
 from balprune.models.reference import TOLERANCE
-from balprune.runtime.model.stages import pick_path, split_candidate
+from balprune.runtime.measure import pick_path
+from balprune.runtime.model.stages import split_candidate
 from balprune.save import save_state_dict
 
 _why = gpu_skip_reason()

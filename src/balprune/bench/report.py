@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..patterns.registry import ENCODINGS, MODEL_BITMASK_PATH, MODEL_CONV_PATH
+from ..runtime.measure import TIE_FRACTION, pick_path
 from ..values import as_float
 
 #: Kernels balprune itself can run a layer with (the runtime's choice is the faster of them): a failure
@@ -132,12 +133,18 @@ def rows(report: BenchReport) -> list[dict]:
         row["subject"] = subject
         s = ks.get(subject)
         row["ideal_us"] = (s.bytes / (report.read_bandwidth_gbps * 1e3)) if s is not None else None
-        own = [ks[k] for k in OWN_PATHS if _finite(ks.get(k)) and _own(k, subject)]
-        best = min(own, key=lambda m: m.median_us) if own else None
+        own = {k: ks[k] for k in OWN_PATHS if _finite(ks.get(k)) and _own(k, subject)}
+        # the runtime's rule (a near-tie goes to the path that reads fewer bytes)
+        best = own[pick_path({k: m.median_us for k, m in own.items()}, {k: m.bytes for k, m in own.items()})[0]] \
+            if own else None
         row["path"] = best.kernel if best else None
         row["path_us"] = best.median_us if best else None
         if best is not None and best.kernel == "dense" and _finite(s):
             row["path_reason"] = f"{subject} kernel {s.median_us / best.median_us:.2f}x slower than dense here"
+        elif best is not None and own and best.median_us > min(m.median_us for m in own.values()):
+            fastest = min(own.values(), key=lambda m: m.median_us)
+            row["path_reason"] = (f"within {TIE_FRACTION:.0%} of {fastest.kernel} ({fastest.median_us:.1f} us), "
+                                  f"{best.bytes / 1e6:.2f} MB read against {fastest.bytes / 1e6:.2f} MB")
         else:
             row["path_reason"] = ""
         row["speedup"] = {}

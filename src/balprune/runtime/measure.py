@@ -482,7 +482,32 @@ def measure_us(fn: Callable[[], None], reps: int = 20, trials: int = 3) -> float
     return best
 
 
-__all__ = ["ACCUMULATION_FACTOR", "MODEL_TOLERANCE", "STAGE_TOLERANCE", "Timer", "Timing", "UNIT_ROUNDOFF",
+#: Timed paths within this fraction of the fastest tie, and the one of them that reads the fewest bytes runs: the
+#: same speed with less memory. Launch-bound products differ by run-to-run noise at this level (the 1B decode A/B
+#: of kernels/NOTES.md v32 bound a q/k/v product dense in one run and bitmask in the other, 5.1-5.4 us), and a
+#: packed model should not keep a dense copy for noise.
+TIE_FRACTION = 0.03
+
+
+def pick_path(times_us: dict[str, float], nbytes: dict[str, int]) -> tuple[str, str]:
+    """The path the model runtime's dispatcher binds (and `bench` reports as the runtime's) among correct timed paths (``times_us``: path -> us; ``nbytes``: path -> bytes
+    it reads) and why: the fewest bytes among those within TIE_FRACTION of the fastest (the faster among
+    equal bytes)."""
+    fastest = min(times_us, key=times_us.get)
+    ties = [p for p in times_us if times_us[p] <= times_us[fastest] * (1.0 + TIE_FRACTION)]
+    path = min(ties, key=lambda p: (nbytes.get(p, float("inf")), times_us[p]))
+    others = [p for p in times_us if p != path]
+    if not others:
+        return path, "the only correct path"
+    o = fastest if path != fastest else others[0]
+    reason = f"{path} {times_us[path]:.1f} us vs {o} {times_us[o]:.1f} us ({times_us[o] / times_us[path]:.2f}x)"
+    if path != fastest:
+        reason += (f"; within {TIE_FRACTION:.0%} of the fastest, {nbytes[path] / 1e6:.2f} MB read against "
+                   f"{nbytes[fastest] / 1e6:.2f} MB")
+    return path, reason
+
+
+__all__ = ["ACCUMULATION_FACTOR", "MODEL_TOLERANCE", "STAGE_TOLERANCE", "TIE_FRACTION", "Timer", "Timing", "UNIT_ROUNDOFF",
            "capture_graph", "copies_for", "cupy_on_torch_stream", "elementwise_tolerance", "exact_float32",
            "float32_is_exact", "free_device_memory",
            "gpu_failures", "measure_us", "on_torch_stream_ctx", "precision", "product_tolerance",

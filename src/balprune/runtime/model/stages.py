@@ -21,7 +21,7 @@ import torch
 from ...errors import GpuRuntimeError, UsageError
 from ...patterns.registry import MODEL_BITMASK_PATH
 from .._linear import STORAGE, TORCH_OF
-from ..measure import STAGE_TOLERANCE, cupy_on_torch_stream, measure_us, relative_error
+from ..measure import STAGE_TOLERANCE, cupy_on_torch_stream, measure_us, pick_path, relative_error
 
 __all__ = ["Choice", "CupyViews", "ModelKernels", "Projection", "dispatch", "launch_variants",
            "model_kernel_variants", "ptr", "sparse_alternatives", "sparse_operator", "split_candidate"]
@@ -352,31 +352,6 @@ class Projection:
             self.sparse = None
         if path != "dense" and not keep_dense:
             self.dense = None
-
-
-#: Timed paths within this fraction of the fastest tie, and the one of them that reads the fewest bytes runs: the
-#: same speed with less memory. Launch-bound products differ by run-to-run noise at this level (the 1B decode A/B
-#: of kernels/NOTES.md v32 bound a q/k/v product dense in one run and bitmask in the other, 5.1-5.4 us), and a
-#: packed model should not keep a dense copy for noise.
-TIE_FRACTION = 0.03
-
-
-def pick_path(times_us: dict[str, float], nbytes: dict[str, int]) -> tuple[str, str]:
-    """The path ``dispatch`` binds among correct timed paths (``times_us``: path -> us; ``nbytes``: path -> bytes
-    it reads) and why: the fewest bytes among those within TIE_FRACTION of the fastest (the faster among
-    equal bytes)."""
-    fastest = min(times_us, key=times_us.get)
-    ties = [p for p in times_us if times_us[p] <= times_us[fastest] * (1.0 + TIE_FRACTION)]
-    path = min(ties, key=lambda p: (nbytes.get(p, float("inf")), times_us[p]))
-    others = [p for p in times_us if p != path]
-    if not others:
-        return path, "the only correct path"
-    o = fastest if path != fastest else others[0]
-    reason = f"{path} {times_us[path]:.1f} us vs {o} {times_us[o]:.1f} us ({times_us[o] / times_us[path]:.2f}x)"
-    if path != fastest:
-        reason += (f"; within {TIE_FRACTION:.0%} of the fastest, {nbytes[path] / 1e6:.2f} MB read against "
-                   f"{nbytes[fastest] / 1e6:.2f} MB")
-    return path, reason
 
 
 def dispatch(proj: Projection, paths: str = "auto", measure: bool = True) -> Choice:
