@@ -1284,3 +1284,19 @@ def test_key_on_safetensors_refused(cli, small_st, tmp_path):
 def test_missing_sparsity_is_usage_error(cli, small_pt, tmp_path):
     g = Guard(tmp_path)
     assert_fails(cli("prune", small_pt, "-o", tmp_path / "o.safetensors"), 2, g, mentions=("--sparsity",))
+
+
+@pytest.mark.parametrize("option", ["--include", "--exclude"])
+def test_a_glob_over_the_recorded_option_limit_is_refused_before_any_work(cli, tmp_path, option):
+    """The packed file records the globs and its reader takes texts of at most spec.MAX_TEXT: such a glob was
+    accepted, then the strict re-read refused the written file naming its temp path (a recipe's ran a whole
+    fine-tuning first). Now: exit 2 naming the option, nothing written."""
+    from balprune.formats.spec import MAX_TEXT
+
+    src = tmp_path / "m.safetensors"
+    assert cli("example", "tiny-cnn", "-o", src).code == 0
+    out = tmp_path / "o.safetensors"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = cli("prune", src, "-s", "0.5", "-b", "4", option, "x" * (MAX_TEXT + 1), "-o", out)
+    assert r.code == 2 and f"{option}: a glob of {MAX_TEXT + 1} characters" in r.err, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

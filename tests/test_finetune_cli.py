@@ -262,6 +262,10 @@ def test_init_starts_from_a_given_state_dict(cli, tmp_path):
     torch.save({"other.weight": torch.zeros(2, 2)}, tmp_path / "start.pt")
     r = cli("finetune", write_recipe(tmp_path, text, "init.toml"), "--out", tmp_path / "c", "--device", "cpu")
     assert r.code == 4 and "does not fit the task's model" in r.err
+    assert not (tmp_path / "c").exists()  # refused before the run folder is made (it was left empty)
+    r = cli("sweep", write_recipe(tmp_path, text, "init.toml"), "--out", tmp_path / "s", "--device", "cpu",
+            "--no-plot")
+    assert r.code == 4 and "does not fit the task's model" in r.err and not (tmp_path / "s").exists()
     r = cli("finetune", write_recipe(tmp_path, text.replace("start.pt", "nowhere.pt"), "init.toml"),
             "--out", tmp_path / "d")
     assert r.code == 4 and "nowhere.pt does not exist" in r.err

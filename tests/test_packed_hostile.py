@@ -243,7 +243,8 @@ def test_broken_content_refused_before_anything_is_densified(cli, made, tmp_path
 # --------------------------------------------------------------------------- 2. manifest field types
 
 BAD_VALUES = {"list": ["x"], "dict": {"a": 1}, "bool": True, "float": 1.5, "string": "7", "null": None,
-              "huge": 2**64, "negative": -3}
+              "huge": 2**64, "negative": -3,
+              "vast": 10**400}  # (JSON holds it; float() of it overflows: it was exit 70 in the number fields)
 
 #: Per pattern: the tensor whose entry is edited and every key of its entry.
 ENTRY_FIELDS = {
@@ -305,6 +306,7 @@ MANIFEST_CASES = {
     "options-pattern-dict": (_option("pattern", {"a": 1}), ("options.pattern",)),
     "options-sparsity-string": (_option("sparsity", "0.5"), ("options.sparsity",)),
     "options-sparsity-bool": (_option("sparsity", True), ("options.sparsity",)),
+    "options-sparsity-vast": (_option("sparsity", -10**400), ("options.sparsity",)),
     "options-blocks-float": (_option("blocks", 32.0), ("options.blocks",)),
     "options-include-string": (_option("include", "fc*"), ("options.include",)),
     "options-schedule-list": (_option("schedule", []), ("options.schedule",)),

@@ -19,6 +19,7 @@ from pathlib import Path
 from .container import short_repr
 from .errors import ConfigError, UsageError
 from .formats.layouts import INDEX_CHOICES
+from .formats.spec import MAX_TEXT
 from .patterns.kinds import Pattern, PatternKind, pattern_to_dict
 from .patterns.registry import CLI_SPELLING, OPTION_TOML_TYPES, PATTERN_KEY_OWNER, PATTERNS
 from .prune.criteria import Criterion
@@ -98,6 +99,11 @@ class PruneOptions:
     calibration: CalibrationOptions | None = None
 
     def __post_init__(self) -> None:
+        for what, globs in (("include", self.include), ("exclude", self.exclude)):
+            for g in globs:  # (the manifest records them, and its reader takes texts of at most MAX_TEXT)
+                if not isinstance(g, str) or len(g) > MAX_TEXT:
+                    raise ConfigError(f"{what}: globs are strings of at most {MAX_TEXT} characters, got "
+                                      f"{short_repr(g)}")
         if self.criterion.calibrated and self.calibration is None:
             raise ConfigError(f"criterion {self.criterion.value} needs calibration data")
         if not self.criterion.calibrated and self.calibration is not None:
@@ -389,6 +395,11 @@ def prune_options_from_config(
             raise error(f"[prune] {key}: expected a list of glob strings")
     inc = tuple(include) or tuple(base.get("include", ()))
     exc = tuple(exclude) or tuple(base.get("exclude", ()))
+    for key, globs, cli in (("include", inc, bool(include)), ("exclude", exc, bool(exclude))):
+        for g in globs:  # before any work: the packed file records them, its reader takes at most MAX_TEXT
+            if len(g) > MAX_TEXT:
+                raise error(f"{'--' if cli else '[prune] '}{key}: a glob of {len(g)} characters, over the "
+                            f"{MAX_TEXT}-character limit of a recorded option")
     strict_cfg = base.get("strict", False)
     if not isinstance(strict_cfg, bool):
         raise error("[prune] strict: expected true or false")

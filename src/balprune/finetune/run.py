@@ -33,6 +33,7 @@ from ..container import AtomicOutput
 from ..errors import InvalidInputError, NoGpuError, OutputError, UsageError
 from ..iopaths import check_io
 from ..tasks import Task, make_task
+from ..values import as_float
 from .pruner import Pruner
 from .recipe import Recipe
 
@@ -290,7 +291,7 @@ def is_stage_record(s: object) -> bool:
 
 
 def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(as_float(v))
 
 
 def _metric_map(v: object) -> bool:
@@ -397,9 +398,9 @@ def run_finetune(recipe: Recipe, out: Path, *, data: Path | None = None, resume:
     task = task if task is not None else make_task(recipe.task, recipe.task_options, data)
     if export and recipe.options.strict:
         check_export_strict(task, recipe)  # what the export's strict check would refuse, before hours of training
+    session = Session(recipe, task, dev)  # (loads [train] init: a refused one leaves no run folder behind)
     prepare_run_folder(out, resume=resume, force=force)
     t = recipe.train
-    session = Session(recipe, task, dev)
     pruner = Pruner(session.model, recipe.options, optimizer=session.optimizer)
     n = pruner.steps
     key = recipe.key()

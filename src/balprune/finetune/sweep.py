@@ -30,6 +30,7 @@ from .recipe import Recipe, recipe_with_pattern
 from .run import (
     METRICS,
     ProgressEvent,
+    Session,
     is_stage_record,
     make_out_folder,
     resolve_device,
@@ -150,6 +151,8 @@ def run_sweep(recipe: Recipe, out: Path, variants: list[Variant], sparsities: li
     recipes = {(v, s): _point_recipe(recipe, v, s) for v in variants for s in sparsities}
     dev = resolve_device(device)
     task = make_task(recipe.task, recipe.task_options, data)
+    if recipe.train.init:  # a [train] init the runs would refuse, refused before any folder is made
+        Session(recipe, task, dev)
     out = make_out_folder(out)
     runs = out / "runs"
     if (out / "sweep.json").exists() or (runs.exists() and any(runs.iterdir())):

@@ -31,6 +31,7 @@ from .. import safeio
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..container import short_repr
 from ..errors import InvalidInputError
+from ..values import as_float
 
 #: model_type -> the transformers class that loads it (written as ``architectures`` by the example writer).
 ARCHITECTURES = {
@@ -145,7 +146,7 @@ def _typed_int(where: str, field: str, v: object) -> int:
 def _float(where: str, field: str, v: object, *, lo_exclusive: float = 0.0, hi: float = math.inf) -> float:
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise _err(where, field, f"must be a number, found {short_repr(v)}")
-    f = float(v)
+    f = as_float(v)  # (a JSON integer too large for a float: inf, refused below, not an OverflowError)
     if not math.isfinite(f) or not lo_exclusive < f <= hi:
         raise _err(where, field, f"must be a finite number in ({lo_exclusive:g}, {hi:g}], found {short_repr(v)}")
     return f
