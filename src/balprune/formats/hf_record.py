@@ -102,13 +102,6 @@ def _check_text(name: str, text: str, where: str, error: type[InvalidInputError]
                 if not isinstance(st, str) or not st or len(st) > MAX_MODEL_TYPE:
                     raise error(f"{where}: config.json field '{part}.model_type' must be a non-empty string of at "
                                 f"most {MAX_MODEL_TYPE} characters, found {short_repr(st)}")
-        from ..llm.family import ARCHITECTURES, parse_config  # (here: llm reads formats)
-
-        if mt in ARCHITECTURES:  # a Llama-family config is checked as the LLM commands read it (a file verify
-            try:                 # accepts is one every command can use)
-                parse_config(data, f"{where}: config.json")
-            except InvalidInputError as exc:
-                raise error(exc.message) from None
     return data
 
 
