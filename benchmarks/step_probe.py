@@ -8,8 +8,8 @@ Run on the GPU machine from the repository root:
 
 The decoder layers of llm_decode.py's random model (same shapes, pruned in memory the same way, 32 blocks per
 row), the step kernel launched alone at a fixed cache position: ``replays`` launches captured in one CUDA
-graph, best of three replays, us per launch. Each probe is a build of the kernel with BP_STEP_PROBE set
-(the kernel's header): a bit set leaves that part out (1 attention, 2 staging of x, 4 task dots, 8 grid
+graph, best of three replays, us per launch (runtime.measure.measure_us). Each probe is a build of the kernel
+with BP_STEP_PROBE set (the kernel's header): a bit set leaves that part out (1 attention, 2 staging of x, 4 task dots, 8 grid
 barriers, 16 the weight stream), so what it computes is wrong and only its time counts. The differences
 place the time: 0 - 4 is the dots' share the stream does not hide, 23 - 31 the grid barriers (5 per layer),
 15 the stream alone against the floor (its bytes at the same run's plain-read bandwidth), 32 asks for no
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_decode import CONFIGS, MODELS, weights  # noqa: E402
 
-from balprune.runtime.measure import Timer, capture_graph, cupy_on_torch_stream  # noqa: E402
+from balprune.runtime.measure import Timer, cupy_on_torch_stream, measure_us  # noqa: E402
 from balprune.runtime.model.llama import LlamaDecoder, dense_projection  # noqa: E402
 from balprune.runtime.model.llama_step import StepKernel  # noqa: E402
 
@@ -45,24 +45,6 @@ STAMPS_PER_LAYER, STAMP_LAYERS, STAMP_CTAS = 16, 64, 160
 
 def left_out(probe: int) -> str:
     return ", ".join(name for bit, name in PARTS.items() if probe & bit) or "nothing"
-
-
-def launch_us(kernel: StepKernel, replays: int) -> float:
-    """us per launch: ``replays`` launches in one CUDA graph, the best of three replays."""
-    def many():
-        for _ in range(replays):
-            kernel.launch()
-
-    graph = capture_graph(many, warmup=1)
-    best = float("inf")
-    for _ in range(3):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) * 1000.0 / replays)
-    return best
 
 
 def timeline(kernel: StepKernel, layers: int) -> dict:
@@ -121,7 +103,8 @@ def main() -> int:
         for probe in (64, 96):
             kernel = StepKernel(dec, dec.stacked, 0, defines=(f"BP_STEP_PROBE={probe}",))
             with torch.no_grad():
-                row = {"probe": probe, "left_out": left_out(probe), "us_graph": round(launch_us(kernel, a.replays), 1),
+                us = measure_us(kernel.launch, reps=a.replays)
+                row = {"probe": probe, "left_out": left_out(probe), "us_graph": round(us, 1),
                        **timeline(kernel, cfg.num_hidden_layers)}
             print(json.dumps(row), flush=True)
     for slot in (int(s) for s in a.slots.split(",")):
@@ -129,7 +112,7 @@ def main() -> int:
             kernel = StepKernel(dec, dec.stacked, 0, slot_bytes=slot,
                                 defines=(f"BP_STEP_PROBE={probe}",) if probe else ())
             with torch.no_grad():
-                us = launch_us(kernel, a.replays)
+                us = measure_us(kernel.launch, reps=a.replays)
             row = {"probe": probe, "left_out": left_out(probe), "slot_bytes": kernel.slot_bytes, "slots": kernel.slots,
                    "shared_bytes": kernel.shared_bytes, "record_MB": round(kernel.record_bytes / 1e6, 2),
                    "floor_us": round(kernel.record_bytes / bw / 1e3, 1), "us": round(us, 1),

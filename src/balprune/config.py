@@ -99,11 +99,6 @@ class PruneOptions:
     calibration: CalibrationOptions | None = None
 
     def __post_init__(self) -> None:
-        for what, globs in (("include", self.include), ("exclude", self.exclude)):
-            for g in globs:  # (the manifest records them, and its reader takes texts of at most MAX_TEXT)
-                if not isinstance(g, str) or len(g) > MAX_TEXT:
-                    raise ConfigError(f"{what}: globs are strings of at most {MAX_TEXT} characters, got "
-                                      f"{short_repr(g)}")
         if self.criterion.calibrated and self.calibration is None:
             raise ConfigError(f"criterion {self.criterion.value} needs calibration data")
         if not self.criterion.calibrated and self.calibration is not None:

@@ -137,12 +137,12 @@ def rows(report: BenchReport) -> list[dict]:
         # the runtime's rule (a near-tie goes to the path that reads fewer bytes)
         best = own[pick_path({k: m.median_us for k, m in own.items()}, {k: m.bytes for k, m in own.items()})[0]] \
             if own else None
+        fastest = min(own.values(), key=lambda m: m.median_us) if own else None
         row["path"] = best.kernel if best else None
         row["path_us"] = best.median_us if best else None
         if best is not None and best.kernel == "dense" and _finite(s):
             row["path_reason"] = f"{subject} kernel {s.median_us / best.median_us:.2f}x slower than dense here"
-        elif best is not None and own and best.median_us > min(m.median_us for m in own.values()):
-            fastest = min(own.values(), key=lambda m: m.median_us)
+        elif best is not fastest:
             row["path_reason"] = (f"within {TIE_FRACTION:.0%} of {fastest.kernel} ({fastest.median_us:.1f} us), "
                                   f"{best.bytes / 1e6:.2f} MB read against {fastest.bytes / 1e6:.2f} MB")
         else:

@@ -30,8 +30,8 @@ from .recipe import Recipe, recipe_with_pattern
 from .run import (
     METRICS,
     ProgressEvent,
-    Session,
     is_stage_record,
+    load_init,
     make_out_folder,
     resolve_device,
     run_finetune,
@@ -152,7 +152,7 @@ def run_sweep(recipe: Recipe, out: Path, variants: list[Variant], sparsities: li
     dev = resolve_device(device)
     task = make_task(recipe.task, recipe.task_options, data)
     if recipe.train.init:  # a [train] init the runs would refuse, refused before any folder is made
-        Session(recipe, task, dev)
+        load_init(task.build_model(), Path(recipe.train.init))
     out = make_out_folder(out)
     runs = out / "runs"
     if (out / "sweep.json").exists() or (runs.exists() and any(runs.iterdir())):

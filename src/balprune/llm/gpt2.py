@@ -52,8 +52,7 @@ def recognition_type(config: dict | None) -> str | None:
         return None
     subs = [config.get(k) for k in ("encoder", "decoder")]
     if config.get("model_type") not in CONV1D_MODEL_TYPES and any(
-            isinstance(c, dict) and isinstance(c.get("model_type"), str) and c["model_type"] in CONV1D_MODEL_TYPES
-            for c in subs):
+            isinstance(c, dict) and c.get("model_type") in CONV1D_MODEL_TYPES for c in subs):
         return None
     return config.get("model_type")
 

@@ -8,6 +8,7 @@ measure through this module, so a figure means the same thing wherever it is pri
 * ``capture_graph`` / ``measure_us``: one call captured in a CUDA graph (torch ops and balprune's
   kernels in one graph) and the dispatcher's hot per-call time from its replays;
 * ``relative_error``: ||y - ref|| / ||ref|| in float64 (inf for a non-finite output);
+* ``pick_path``: which of a stage's correct timed paths runs (the fastest; a near-tie to fewer bytes);
 * the gates: ``product_tolerance`` (one matrix product against float64 arithmetic on the same
   rounded operands, the bound derived below), ``STAGE_TOLERANCE`` (a runtime stage: a product,
   or a whole recurrence / token step) and ``MODEL_TOLERANCE`` (a whole model's outputs against the
