@@ -21,7 +21,7 @@ from helpers import one_error_line, run_subprocess, small_state_dict, transforme
 from safetensors import safe_open
 
 from balprune.checkpoint import TorchCheckpoint
-from balprune.errors import OutputError
+from balprune.errors import InvalidInputError, OutputError
 from balprune.formats import hf_record
 from balprune.formats.packed_file import read_packed
 from balprune.llm.family import read_config
@@ -291,9 +291,9 @@ HUGE = json.dumps({"model_type": "llama", "pad": "x" * (1 << 20)})
 
 
 # (edit, words in the error, whether verify refuses it too: the format's own rules on the record are
-# JSON objects within their caps; that a Llama config.json is one the LLM commands can read and fits the
-# weights is unpack --hf-folder's check, as bench --model's is that a file is a built-in model: a
-# recorded config of a RoPE kind they do not run, e.g. linear or YaRN scaling, is still a valid record)
+# JSON objects within their caps, and a Llama-family config.json's fields well-formed (bad-inputs rule 31:
+# llm.family.check_recorded); that it fits the weights is unpack --hf-folder's check, as bench --model's
+# is that a file is a built-in model)
 @pytest.mark.parametrize("edit, words, verify_refuses", [
     (_hostile_config("{garbage"), "not valid JSON", True),
     (_hostile_config(HUGE), "limit", True),
@@ -302,9 +302,9 @@ HUGE = json.dumps({"model_type": "llama", "pad": "x" * (1 << 20)})
     (lambda m: m.pop("hf:config.json"), "without config.json", True),
     (lambda m: m.update({"hf:model.py": "import os"}), "unknown __metadata__ key", True),
     (lambda m: m.update({"hf:tokenizer.json": "[" * 200 + "]" * 200}), "nested", True),
-    (_config_with(hidden_size="64"), "hidden_size", False),
-    (_config_with(num_hidden_layers=10**9), "num_hidden_layers", False),
-    (_config_with(rms_norm_eps=10**400), "rms_norm_eps", False),  # (float() of it overflowed: exit 70)
+    (_config_with(hidden_size="64"), "hidden_size", True),
+    (_config_with(num_hidden_layers=10**9), "num_hidden_layers", True),
+    (_config_with(rms_norm_eps=10**400), "rms_norm_eps", True),  # (float() of it overflowed: exit 70)
     (_config_with(model_type="encoder-decoder", encoder={"model_type": ["gpt2"]}), "encoder.model_type", True),
     (_config_with(hidden_size=128), "shape", False),
     (_config_with(model_type="qwen2"), "q_proj.bias' is missing", False),
@@ -322,6 +322,55 @@ def test_hostile_record_refused_and_nothing_written(cli, tmp_path, pruned, edit,
     assert words in one_error_line(r.err)
     assert listing(tmp_path) == before  # no OUT, no temp folder
     assert cli("verify", bad).code == (4 if verify_refuses else 0)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1},
+    {"type": "linear", "factor": 2.0},
+])
+def test_record_of_a_rope_kind_the_runtime_does_not_run(cli, tmp_path, pruned, rope):
+    """A well-formed config of a RoPE kind the LLM runtime does not run (YaRN, linear) is a valid record:
+    verify accepts it and unpack --hf-folder rebuilds the folder (the layout does not depend on RoPE); the
+    commands that run the model refuse it naming the field; a malformed factor of such a kind is refused
+    by verify too."""
+    from balprune.llm.family import parse_config
+
+    _, packed = pruned
+    good = tmp_path / "rope.safetensors"
+    good.write_bytes(packed.read_bytes())
+    rewrite_metadata(good, _config_with(rope_scaling=rope))
+    assert cli("verify", good).code == 0
+    assert cli("unpack", good, "--hf-folder", tmp_path / "OUT").code == 0
+    config = json.loads((tmp_path / "OUT" / "config.json").read_text())
+    assert config["rope_scaling"] == rope
+    with pytest.raises(InvalidInputError, match="is not"):
+        parse_config(config)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(packed.read_bytes())
+    rewrite_metadata(bad, _config_with(rope_scaling={**rope, "factor": "4"}))
+    r = cli("verify", bad)
+    assert r.code == 4 and "factor" in one_error_line(r.err)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": [4]}}, "rope_scaling.factor"),
+])
+def test_prune_refuses_a_malformed_llama_config_before_writing(cli, tmp_path, changes, field):
+    """prune records a folder's config.json: a Llama-family one with malformed fields is refused (exit 4,
+    naming the file and the field) before any output exists, the source untouched; a well-formed one of
+    a RoPE kind the runtime does not run is pruned and recorded."""
+    src = llama_source(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **changes}))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = cli("prune", src, "--blocks", "4", "--sparsity", "0.5", "-o", tmp_path / "P.safetensors")
+    assert r.code == 4 and field in one_error_line(r.err) and "config.json" in one_error_line(r.err), r.err
+    assert not (tmp_path / "P.safetensors").exists()
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    (src / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    assert cli("prune", src, "--blocks", "4", "--sparsity", "0.5", "-o", tmp_path / "P.safetensors").code == 0
+    assert read_packed(tmp_path / "P.safetensors").hf_files().config["rope_scaling"]["rope_type"] == "yarn"
 
 
 def test_failure_midway_leaves_nothing(cli, tmp_path, pruned, monkeypatch):

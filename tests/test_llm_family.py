@@ -19,6 +19,7 @@ from balprune.llm.family import (
     Llama3RopeScaling,
     LlmConfig,
     check_layout,
+    check_recorded,
     expected_tensors,
     open_llm,
     parse_config,
@@ -132,7 +133,7 @@ HOSTILE = {
     "model-type-list": ({"model_type": ["llama"]}, ["'model_type'", "expected"]),
     "rope-yarn": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["rope_scaling.rope_type", "'yarn'",
                                                                            "llama3"]),
-    "rope-linear-old-key": ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_scaling.rope_type",
+    "rope-linear-old-key": ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_scaling.type",
                                                                                    "'linear'"]),
     "rope-not-object": ({"rope_scaling": "llama3"}, ["'rope_scaling'", "object"]),
     "rope-unknown-key": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -169,6 +170,56 @@ def test_hostile_config_refused(tmp_path, case):
     else:
         text = json.dumps(_config(**changes))
     _refused(tmp_path, text, *words)
+
+
+#: Well-formed configs of features the runtime does not run: refused by the LLM commands, a valid record
+#: for verify / prune / unpack (parse_config(runtime=False)).
+UNSUPPORTED = {
+    "rope-yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1}},
+    "rope-linear-old-key": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    "rope-dynamic-v5": {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500000.0}},
+    "gelu": {"hidden_act": "gelu"},
+    "mlp-bias": {"mlp_bias": True},
+    "layer-kinds": {"layer_types": ["sliding_attention", "full_attention"]},
+    "partial-rotary": {"partial_rotary_factor": 0.5},
+}
+
+#: Malformed whether or not the runtime would run the model: refused by both parses.
+MALFORMED = {
+    "act-number": ({"hidden_act": 5}, "'hidden_act'"),
+    "act-huge": ({"hidden_act": "x" * 1000}, "'hidden_act'"),
+    "layer-kind-number": ({"layer_types": [1, "full_attention"]}, "'layer_types'"),
+    "partial-rotary-over-1": ({"partial_rotary_factor": 2}, "'partial_rotary_factor'"),
+    "rope-kind-number": ({"rope_scaling": {"rope_type": 7, "factor": 2.0}}, "'rope_scaling.rope_type'"),
+    "yarn-factor-text": ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}}, "'rope_scaling.factor'"),
+    "yarn-factor-huge": ({"rope_scaling": {"rope_type": "yarn", "factor": 10**400}}, "'rope_scaling.factor'"),
+    "mlp-bias-text": ({"mlp_bias": "yes"}, "'mlp_bias'"),
+    "hidden-text": ({"hidden_size": "64"}, "'hidden_size'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_unsupported_but_well_formed_is_a_record(case):
+    """parse_config refuses what the runtime does not run; runtime=False (verify, prune, unpack) reads the
+    sizes of the same config."""
+    cfg = _config(**UNSUPPORTED[case])
+    with pytest.raises(InvalidInputError):
+        parse_config(cfg)
+    assert parse_config(cfg, runtime=False).hidden_size == TINY.hidden_size
+    assert check_recorded(cfg, "x").num_hidden_layers == TINY.num_hidden_layers
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_refused_by_both_parses(case):
+    changes, field = MALFORMED[case]
+    with pytest.raises(InvalidInputError, match=field):
+        parse_config(_config(**changes), runtime=False)
+    with pytest.raises(InvalidInputError):  # (a yarn kind is refused as a kind before its factor is read)
+        parse_config(_config(**changes))
+
+
+def test_check_recorded_leaves_other_model_types_alone():
+    assert check_recorded({"model_type": "gpt2", "n_embd": "anything"}, "x") is None
 
 
 @pytest.mark.parametrize("text, words", [

@@ -308,8 +308,12 @@ def verify(
 ) -> None:
     """Check every invariant of a packed file; exit 4 naming the first violation."""
     from ..formats.packed_file import summarize, verify_packed
+    from ..llm.family import check_recorded
 
     pf = verify_packed(packed)
+    files = pf.hf_files()
+    if files is not None:  # bad-inputs rule 31: a recorded Llama-family config.json the LLM commands can read
+        check_recorded(files.config, f"{packed}: recorded config.json")
     rows = summarize(pf)
     if as_json:
         typer.echo(json.dumps({"schema": "balprune.verify/1", "file": str(packed), "ok": True, "tensors": len(rows)}))

@@ -59,6 +59,9 @@ MAX_ROPE_FACTOR = 1e6
 FLOAT_CODES = frozenset({"F32", "F16", "BF16", "F64"})
 TORCH_DTYPE_NAMES = frozenset({"float32", "float16", "bfloat16"})
 
+#: Longest name read from config.json (an activation, a layer kind, a RoPE kind): honest ones are short.
+_MAX_NAME = 64
+
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
               "original_max_position_embeddings", "partial_rotary_factor"}
 
@@ -226,8 +229,16 @@ _DEFAULT_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def parse_config(data: object, where: str = "config.json") -> LlmConfig:
-    """An :class:`LlmConfig` from a parsed config.json object; InvalidInputError naming ``where`` and the field."""
+def parse_config(data: object, where: str = "config.json", *, runtime: bool = True) -> LlmConfig:
+    """An :class:`LlmConfig` from a parsed config.json object; InvalidInputError naming ``where`` and the field.
+
+    ``runtime`` (the LLM commands): refuse what the reference model and the decode runtime do not run
+    (an activation other than SiLU, MLP biases, sliding-window or non-full-attention layers, RoPE kinds
+    other than default and llama3, keys of other RoPE kinds). ``runtime=False`` (``verify``, ``prune`` and
+    ``unpack --hf-folder``, which keep or rebuild the file rather than run the model): those fields are
+    type-checked, not refused, so a well-formed YaRN or linear-RoPE model passes; the returned config then
+    describes the sizes and the tensor layout only (its ``rope_scaling`` is None for every kind but llama3).
+    """
     if not isinstance(data, dict):
         raise InvalidInputError(f"{where}: must hold a JSON object, found {type(data).__name__}")
     if "model_type" not in data:
@@ -263,9 +274,11 @@ def parse_config(data: object, where: str = "config.json") -> LlmConfig:
     max_pos = _int(where, "max_position_embeddings", get("max_position_embeddings", _DEFAULT_POSITIONS[mt]), 1,
                    MAX_POSITIONS)
     act = data.get("hidden_act", "silu")
-    if act != "silu":
+    if runtime and act != "silu":
         raise _err(where, "hidden_act", f"must be 'silu' (SwiGLU), found {short_repr(act)}")
-    if _bool(where, "mlp_bias", get("mlp_bias", False)):
+    if not isinstance(act, str) or not 0 < len(act) <= _MAX_NAME:
+        raise _err(where, "hidden_act", f"must be an activation's name, found {short_repr(act)}")
+    if _bool(where, "mlp_bias", get("mlp_bias", False)) and runtime:
         raise _err(where, "mlp_bias", "true is not supported (no Llama-family release biases its MLP)")
     if mt == "qwen2":
         bias = True
@@ -273,19 +286,20 @@ def parse_config(data: object, where: str = "config.json") -> LlmConfig:
         bias = False
     else:
         bias = _bool(where, "attention_bias", get("attention_bias", False))
-    _check_layer_types(data, where, ints["num_hidden_layers"])
+    _check_layer_types(data, where, ints["num_hidden_layers"], runtime)
     sliding = None
     if mt == "mistral":
         sliding = data.get("sliding_window")
         if sliding is not None:
             sliding = _int(where, "sliding_window", sliding, 1, MAX_POSITIONS)
     elif data.get("use_sliding_window") is not None and _bool(where, "use_sliding_window", data["use_sliding_window"]):
-        raise _err(where, "use_sliding_window", "true is not supported (sliding-window layers in qwen models)")
+        if runtime:
+            raise _err(where, "use_sliding_window", "true is not supported (sliding-window layers in qwen models)")
     dtype_key = "torch_dtype" if data.get("torch_dtype") is not None else "dtype"
     dtype = data.get(dtype_key)
     if dtype is not None and (not isinstance(dtype, str) or dtype not in TORCH_DTYPE_NAMES):
         raise _err(where, dtype_key, f"must be one of {', '.join(sorted(TORCH_DTYPE_NAMES))}, found {short_repr(dtype)}")
-    theta, scaling = _parse_rope(data, where, max_pos)
+    theta, scaling = _parse_rope(data, where, max_pos, runtime)
     cfg_fields = dict(
         model_type=mt, **ints, num_key_value_heads=kv, head_dim=head_dim,
         rms_norm_eps=_float(where, "rms_norm_eps", get("rms_norm_eps", 1e-6), hi=1.0),
@@ -300,19 +314,23 @@ def parse_config(data: object, where: str = "config.json") -> LlmConfig:
     return LlmConfig(**cfg_fields)
 
 
-def _check_layer_types(data: dict, where: str, layers: int) -> None:
+def _check_layer_types(data: dict, where: str, layers: int, runtime: bool) -> None:
     lt = data.get("layer_types")
     if lt is None:
         return
     if not isinstance(lt, list) or len(lt) != layers:
         raise _err(where, "layer_types", f"must list one entry per layer ({layers}), found {short_repr(lt)}")
-    bad = next((t for t in lt if t != "full_attention"), None)
+    bad = next((t for t in lt if not isinstance(t, str) or not 0 < len(t) <= _MAX_NAME), None)
     if bad is not None:
+        raise _err(where, "layer_types", f"must hold layer kinds' names, found {short_repr(bad)}")
+    bad = next((t for t in lt if t != "full_attention"), None)
+    if bad is not None and runtime:
         raise _err(where, "layer_types", f"only 'full_attention' layers are supported, found {short_repr(bad)}")
 
 
-def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3RopeScaling | None]:
-    """(rope_theta, llama3 scaling or None) from either serialisation (module docstring)."""
+def _parse_rope(data: dict, where: str, max_pos: int, runtime: bool) -> tuple[float, Llama3RopeScaling | None]:
+    """(rope_theta, llama3 scaling or None) from either serialisation (module docstring); with ``runtime``
+    False, another kind's own keys pass and its ``factor`` is type-checked (parse_config)."""
     key = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
     rope = data.get(key)
     if rope is None:
@@ -320,22 +338,31 @@ def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3Rope
     if not isinstance(rope, dict):
         raise _err(where, key, f"must be an object or null, found {short_repr(rope)}")
     unknown = sorted(set(rope) - _ROPE_KEYS)
-    if unknown:
+    if unknown and runtime:
         raise _err(where, f"{key}.{unknown[0]}", "is not a key of the supported RoPE kinds (default, llama3)")
     theta_field = f"{key}.rope_theta" if rope.get("rope_theta") is not None else "rope_theta"
     theta = rope.get("rope_theta") if rope.get("rope_theta") is not None else data.get("rope_theta")
     theta = 10000.0 if theta is None else _float(where, theta_field, theta, lo_exclusive=1.0, hi=MAX_ROPE_THETA)
     prf = rope.get("partial_rotary_factor", data.get("partial_rotary_factor"))
-    if prf is not None and prf != 1.0:
-        raise _err(where, "partial_rotary_factor", f"must be 1 (RoPE on the whole head), found {short_repr(prf)}")
+    if prf is not None:
+        _float(where, "partial_rotary_factor", prf, hi=1.0)
+        if prf != 1.0 and runtime:
+            raise _err(where, "partial_rotary_factor", f"must be 1 (RoPE on the whole head), found {short_repr(prf)}")
+    kind_field = f"{key}.rope_type" if "rope_type" in rope else f"{key}.type"
     kind = rope.get("rope_type", rope.get("type", "default"))
+    if not isinstance(kind, str) or not 0 < len(kind) <= _MAX_NAME:
+        raise _err(where, kind_field, f"must be a RoPE kind's name, found {short_repr(kind)}")
     if kind == "default":
         extra = sorted(set(rope) & {"factor", "low_freq_factor", "high_freq_factor"})
         if extra:
             raise _err(where, f"{key}.{extra[0]}", "makes no sense with rope type 'default'")
         return theta, None
     if kind != "llama3":
-        raise _err(where, f"{key}.rope_type", f"{short_repr(kind)} is not supported: expected 'default' or 'llama3'")
+        if runtime:
+            raise _err(where, kind_field, f"{short_repr(kind)} is not supported: expected 'default' or 'llama3'")
+        if rope.get("factor") is not None:  # linear, dynamic, yarn, longrope: a scale of the context
+            _float(where, f"{key}.factor", rope["factor"], hi=MAX_ROPE_FACTOR)
+        return theta, None
     for k in ("factor", "low_freq_factor", "high_freq_factor"):
         if rope.get(k) is None:
             raise _err(where, f"{key}.{k}", "is missing (llama3 RoPE scaling needs it)")
@@ -350,6 +377,15 @@ def _parse_rope(data: dict, where: str, max_pos: int) -> tuple[float, Llama3Rope
         raise _err(where, f"{key}.high_freq_factor", f"({scaling.high_freq_factor:g}) must be greater than "
                    f"low_freq_factor ({scaling.low_freq_factor:g})")
     return theta, scaling
+
+
+def check_recorded(config: dict, where: str) -> LlmConfig | None:
+    """A config.json that a packed file records or ``prune`` is about to record: a Llama-family one is
+    parsed as ``parse_config(runtime=False)`` does (its config when it is one, None for other model types),
+    so no command writes or accepts a record whose fields the LLM commands would refuse as malformed."""
+    if config.get("model_type") not in ARCHITECTURES:
+        return None
+    return parse_config(config, where, runtime=False)
 
 
 def read_config(folder: str | os.PathLike[str]) -> LlmConfig:

@@ -145,10 +145,10 @@ def _check_config(files: hf_record.HfFiles, pf: PackedFile) -> None:
     """For a model type of the Llama family, config.json must describe exactly the packed tensors (names,
     source shapes, float dtypes): what from_pretrained will look for. Other model types are written as
     they are (their config.json was checked to be a JSON object with a string model_type)."""
-    if files.model_type not in family.ARCHITECTURES:
-        return
     where = f"--like {files.paths[0]}" if files.paths else f"{pf.path}: recorded config.json"
-    cfg = family.parse_config(files.config, where)
+    cfg = family.check_recorded(files.config, where)
+    if cfg is None:
+        return
     view = Checkpoint(str(pf.path), [])
     view.tensors = tuple(SourceTensor(n, e["dtype"], pf.source_shape(n), pf.dense_bytes(n))
                          for n, e in pf.manifest["tensors"].items())

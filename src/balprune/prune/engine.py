@@ -19,6 +19,7 @@ from ..config import PruneOptions
 from ..container import AtomicOutput, StreamingWriter, check_not_an_input, verify_written
 from ..errors import InvalidInputError, OutputError
 from ..formats import BalancedTensor, BsrTensor, CsrTensor, hf_record, spec
+from ..llm.family import check_recorded
 from ..llm.gpt2 import conv1d_weights, recognition_type
 from ..models.bnfold import fold_batch_norms
 from ..patterns.balanced import balanced_offsets, geometry_for
@@ -303,6 +304,8 @@ def prune_checkpoint(ckpt: Checkpoint, output: Path, options: PruneOptions, *, f
     output = Path(output)
     if hf is None:
         hf = hf_record.read_beside(ckpt.files)
+    if hf is not None:  # a Llama-family record the LLM commands would refuse is refused before it is written
+        check_recorded(hf.config, f"{hf.paths[0]}" if hf.paths else "recorded config.json")
     ckpt, fold_note = fold_batch_norms(ckpt)  # a torchvision ResNet: BN folded into its convs first
     check_not_an_input(output, [*ckpt.files, *(hf.paths if hf else ())])
     # Opening the output first makes a missing or unwritable folder fail before any work.
