@@ -16,7 +16,8 @@ place the time: 0 - 4 is the dots' share the stream does not hide, 23 - 31 the g
 weights across a barrier. ``--slots``: ring slot sizes to compare (bytes). ``--timeline``: first, builds 64 and 96
 (probe 64: thread 0 of every CTA stamps its clock at 15 points of every layer, see the kernel's header), one
 eager launch after three: per point, the time since the previous point (us, each CTA's mean over the layers),
-median and max over the CTAs.
+median and max over the CTAs. ``--profile N``: N eager launches of the first probe's build and nothing else
+(what ncu profiles: benchmarks/device.sh ncu).
 """
 from __future__ import annotations
 
@@ -86,7 +87,12 @@ def main() -> int:
     ap.add_argument("--probes", default="0,1,2,4,8,23,31,7,15")
     ap.add_argument("--slots", default="32768", help="ring slot sizes in bytes, comma-separated")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--ways", default="1", help="BP_STEP_WAYS builds to time (tasks a warp walks at once), "
+                    "comma-separated; each one's output is compared with the first's from the same input")
     ap.add_argument("--timeline", action="store_true", help="the probe 64 and 96 timelines first")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="only N eager launches of the first probe's build, nothing timed (for ncu: "
+                         "benchmarks/device.sh ncu)")
     a = ap.parse_args()
     cfg, dt = MODELS[a.model], getattr(torch, a.dtype)
     bw = Timer(0).read_bandwidth_gbps()
@@ -99,6 +105,14 @@ def main() -> int:
             "layers": cfg.num_hidden_layers, "grid_barriers": 5 * cfg.num_hidden_layers,
             "device": torch.cuda.get_device_name()}
     print(json.dumps(head), flush=True)
+    if a.profile:
+        probe = int(a.probes.split(",")[0])
+        kernel = StepKernel(dec, dec.stacked, 0, defines=(f"BP_STEP_PROBE={probe}",) if probe else ())
+        with torch.no_grad(), cupy_on_torch_stream():
+            for _ in range(a.profile):
+                kernel.launch()
+        torch.cuda.synchronize()
+        return 0
     if a.timeline:
         for probe in (64, 96):
             kernel = StepKernel(dec, dec.stacked, 0, defines=(f"BP_STEP_PROBE={probe}",))
@@ -107,18 +121,36 @@ def main() -> int:
                 row = {"probe": probe, "left_out": left_out(probe), "us_graph": round(us, 1),
                        **timeline(kernel, cfg.num_hidden_layers)}
             print(json.dumps(row), flush=True)
+    h0 = dec.h.clone()
+
+    def one_step(kernel: StepKernel) -> torch.Tensor:
+        """The final norm's output of one launch from the same h (the cache slot it appends is rewritten alike)."""
+        dec.h.copy_(h0)
+        with torch.no_grad(), cupy_on_torch_stream():
+            kernel.launch()
+        torch.cuda.synchronize()
+        return dec.xn.float().clone()
+
+    reference = None
     for slot in (int(s) for s in a.slots.split(",")):
-        for probe in (int(p) for p in a.probes.split(",")):
-            kernel = StepKernel(dec, dec.stacked, 0, slot_bytes=slot,
-                                defines=(f"BP_STEP_PROBE={probe}",) if probe else ())
-            with torch.no_grad():
-                us = measure_us(kernel.launch, reps=a.replays)
-            row = {"probe": probe, "left_out": left_out(probe), "slot_bytes": kernel.slot_bytes, "slots": kernel.slots,
-                   "shared_bytes": kernel.shared_bytes, "record_MB": round(kernel.record_bytes / 1e6, 2),
-                   "floor_us": round(kernel.record_bytes / bw / 1e3, 1), "us": round(us, 1),
-                   "stream_GBps": round(kernel.record_bytes / us / 1e3, 1)}
-            print(json.dumps(row), flush=True)
-            del kernel
+        for ways in (int(w) for w in a.ways.split(",")):
+            for probe in (int(p) for p in a.probes.split(",")):
+                defines = ((f"BP_STEP_PROBE={probe}",) if probe else ()) + ((f"BP_STEP_WAYS={ways}",) if ways != 1 else ())
+                kernel = StepKernel(dec, dec.stacked, 0, slot_bytes=slot, defines=defines)
+                row = {"probe": probe, "ways": ways}
+                if probe == 0:
+                    out = one_step(kernel)
+                    if reference is None:
+                        reference = out
+                    row["max_abs_diff_vs_first"] = float((out - reference).abs().max())
+                with torch.no_grad():
+                    us = measure_us(kernel.launch, reps=a.replays)
+                row |= {"left_out": left_out(probe), "slot_bytes": kernel.slot_bytes, "slots": kernel.slots,
+                        "shared_bytes": kernel.shared_bytes, "record_MB": round(kernel.record_bytes / 1e6, 2),
+                        "floor_us": round(kernel.record_bytes / bw / 1e3, 1), "us": round(us, 1),
+                        "stream_GBps": round(kernel.record_bytes / us / 1e3, 1)}
+                print(json.dumps(row), flush=True)
+                del kernel
     return 0
 
 

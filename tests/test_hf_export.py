@@ -373,6 +373,40 @@ def test_prune_refuses_a_malformed_llama_config_before_writing(cli, tmp_path, ch
     assert read_packed(tmp_path / "P.safetensors").hf_files().config["rope_scaling"]["rope_type"] == "yarn"
 
 
+def test_record_with_mlp_biases_round_trips(cli, tmp_path):
+    """A Llama folder whose MLP carries biases (mlp_bias true: transformers builds it, the runtime does not run
+    it) is pruned, verified and rebuilt with its biases; eval's parse refuses it naming the field."""
+    from safetensors.torch import load_file, save_file
+
+    from balprune.llm.family import parse_config
+
+    src = llama_source(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    shard = src / "model-00001-of-00001.safetensors"
+    tensors = load_file(shard)
+    h, i = config["hidden_size"], config["intermediate_size"]
+    for n in range(config["num_hidden_layers"]):
+        p = f"model.layers.{n}.mlp."
+        tensors[p + "gate_proj.bias"] = torch.full((i,), 0.5)
+        tensors[p + "up_proj.bias"] = torch.full((i,), 0.25)
+        tensors[p + "down_proj.bias"] = torch.full((h,), 0.125)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {n: shard.name for n in tensors}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    (src / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))
+    packed = tmp_path / "P.safetensors"
+    assert cli("prune", src, "--blocks", "4", "--sparsity", "0.5", "-o", packed).code == 0
+    assert cli("verify", packed).code == 0
+    assert cli("unpack", packed, "--hf-folder", tmp_path / "OUT").code == 0
+    out = {}
+    for f in (tmp_path / "OUT").glob("*.safetensors"):
+        out |= load_file(f)
+    assert torch.equal(out["model.layers.0.mlp.down_proj.bias"], torch.full((h,), 0.125))
+    with pytest.raises(InvalidInputError, match="mlp_bias"):
+        parse_config(json.loads((tmp_path / "OUT" / "config.json").read_text()))
+
+
 def test_failure_midway_leaves_nothing(cli, tmp_path, pruned, monkeypatch):
     """An error while the shards are written (here: after the first tensor) leaves no OUT and no temp
     folder; over an existing folder with --force, the old folder stays as it was."""

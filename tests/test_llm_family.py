@@ -182,6 +182,9 @@ UNSUPPORTED = {
     "mlp-bias": {"mlp_bias": True},
     "layer-kinds": {"layer_types": ["sliding_attention", "full_attention"]},
     "partial-rotary": {"partial_rotary_factor": 0.5},
+    "float64": {"torch_dtype": "float64"},
+    "head-dim-own": {"model_type": "mistral", "hidden_size": 18, "head_dim": 4},  # 18 % 4 heads != 0
+    "default-with-factor": {"rope_scaling": {"rope_type": "default", "factor": 1.0}},
 }
 
 #: Malformed whether or not the runtime would run the model: refused by both parses.
@@ -189,6 +192,7 @@ MALFORMED = {
     "act-number": ({"hidden_act": 5}, "'hidden_act'"),
     "act-huge": ({"hidden_act": "x" * 1000}, "'hidden_act'"),
     "layer-kind-number": ({"layer_types": [1, "full_attention"]}, "'layer_types'"),
+    "layer-kind-null": ({"layer_types": [None, "full_attention"]}, "'layer_types'"),
     "partial-rotary-over-1": ({"partial_rotary_factor": 2}, "'partial_rotary_factor'"),
     "rope-kind-number": ({"rope_scaling": {"rope_type": 7, "factor": 2.0}}, "'rope_scaling.rope_type'"),
     "yarn-factor-text": ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}}, "'rope_scaling.factor'"),
@@ -200,13 +204,20 @@ MALFORMED = {
 
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED))
 def test_unsupported_but_well_formed_is_a_record(case):
-    """parse_config refuses what the runtime does not run; runtime=False (verify, prune, unpack) reads the
-    sizes of the same config."""
+    """parse_config refuses what the runtime does not run, or passes it (float64 is a dtype it reads);
+    runtime=False (verify, prune, unpack) reads the sizes of the same config."""
     cfg = _config(**UNSUPPORTED[case])
-    with pytest.raises(InvalidInputError):
-        parse_config(cfg)
-    assert parse_config(cfg, runtime=False).hidden_size == TINY.hidden_size
+    if case != "float64":
+        with pytest.raises(InvalidInputError):
+            parse_config(cfg)
+    assert parse_config(cfg, runtime=False).hidden_size == cfg["hidden_size"]
     assert check_recorded(cfg, "x").num_hidden_layers == TINY.num_hidden_layers
+
+
+def test_a_null_layer_kind_is_refused_by_the_runtime_parse():
+    """(a null entry once passed both the names check and the full-attention check)"""
+    with pytest.raises(InvalidInputError, match="layer_types"):
+        parse_config(_config(layer_types=["full_attention", None]))
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))

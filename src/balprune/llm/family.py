@@ -57,7 +57,7 @@ MAX_ROPE_FACTOR = 1e6
 
 #: Weight dtypes the reference model reads (safetensors codes).
 FLOAT_CODES = frozenset({"F32", "F16", "BF16", "F64"})
-TORCH_DTYPE_NAMES = frozenset({"float32", "float16", "bfloat16"})
+TORCH_DTYPE_NAMES = frozenset({"float32", "float16", "bfloat16", "float64"})
 
 #: Longest name read from config.json (an activation, a layer kind, a RoPE kind): honest ones are short.
 _MAX_NAME = 64
@@ -83,6 +83,8 @@ class LlmConfig:
     ``attention_bias`` says whether q/k/v carry biases; ``o_bias`` whether o_proj does too (llama and
     qwen3 put ``attention_bias`` on all four, qwen2 biases q/k/v only). ``sliding_window`` (mistral) is
     None for full causal attention. ``torch_dtype`` is the dtype the folder declares (None: not stated).
+    ``mlp_bias``: gate/up/down carry biases -- only ever true in a config read with ``parse_config(runtime=
+    False)`` (a record's layout); the reference model refuses it.
     """
 
     model_type: str
@@ -101,6 +103,7 @@ class LlmConfig:
     max_position_embeddings: int
     torch_dtype: str | None
     sliding_window: int | None = None
+    mlp_bias: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "config")
@@ -182,8 +185,6 @@ def _validate(c: LlmConfig, where: str) -> None:
     _int(where, "num_key_value_heads", c.num_key_value_heads, 1, MAX_HEADS)
     _int(where, "head_dim", c.head_dim, 2, MAX_HEAD_DIM)
     _int(where, "max_position_embeddings", c.max_position_embeddings, 1, MAX_POSITIONS)
-    if c.hidden_size % c.num_attention_heads:
-        raise _err(where, "num_attention_heads", f"({c.num_attention_heads}) must divide hidden_size ({c.hidden_size})")
     if c.num_attention_heads % c.num_key_value_heads:
         raise _err(where, "num_key_value_heads",
                    f"({c.num_key_value_heads}) must divide num_attention_heads ({c.num_attention_heads})")
@@ -195,6 +196,7 @@ def _validate(c: LlmConfig, where: str) -> None:
     _float(where, "rope_theta", c.rope_theta, lo_exclusive=1.0, hi=MAX_ROPE_THETA)
     _bool(where, "tie_word_embeddings", c.tie_word_embeddings)
     _bool(where, "attention_bias", c.attention_bias)
+    _bool(where, "mlp_bias", c.mlp_bias)
     if c.model_type == "qwen2" and not c.attention_bias:
         raise _err(where, "attention_bias", "must be true for qwen2 (its q/k/v projections always carry biases)")
     if c.model_type == "mistral" and c.attention_bias:
@@ -278,7 +280,8 @@ def parse_config(data: object, where: str = "config.json", *, runtime: bool = Tr
         raise _err(where, "hidden_act", f"must be 'silu' (SwiGLU), found {short_repr(act)}")
     if not isinstance(act, str) or not 0 < len(act) <= _MAX_NAME:
         raise _err(where, "hidden_act", f"must be an activation's name, found {short_repr(act)}")
-    if _bool(where, "mlp_bias", get("mlp_bias", False)) and runtime:
+    mlp_bias = _bool(where, "mlp_bias", get("mlp_bias", False))
+    if mlp_bias and runtime:
         raise _err(where, "mlp_bias", "true is not supported (no Llama-family release biases its MLP)")
     if mt == "qwen2":
         bias = True
@@ -299,6 +302,8 @@ def parse_config(data: object, where: str = "config.json", *, runtime: bool = Tr
     dtype = data.get(dtype_key)
     if dtype is not None and (not isinstance(dtype, str) or dtype not in TORCH_DTYPE_NAMES):
         raise _err(where, dtype_key, f"must be one of {', '.join(sorted(TORCH_DTYPE_NAMES))}, found {short_repr(dtype)}")
+    if runtime and ints["hidden_size"] % heads:  # (a record may state a head_dim of its own: its layout needs none)
+        raise _err(where, "num_attention_heads", f"({heads}) must divide hidden_size ({ints['hidden_size']})")
     theta, scaling = _parse_rope(data, where, max_pos, runtime)
     cfg_fields = dict(
         model_type=mt, **ints, num_key_value_heads=kv, head_dim=head_dim,
@@ -306,6 +311,7 @@ def parse_config(data: object, where: str = "config.json", *, runtime: bool = Tr
         rope_theta=theta, rope_scaling=scaling,
         tie_word_embeddings=_bool(where, "tie_word_embeddings", get("tie_word_embeddings", False)),
         attention_bias=bias, max_position_embeddings=max_pos, torch_dtype=dtype, sliding_window=sliding,
+        mlp_bias=mlp_bias,
     )
     cfg = object.__new__(LlmConfig)  # validate with the file's name in the messages, then build for real
     for k, v in cfg_fields.items():
@@ -320,12 +326,11 @@ def _check_layer_types(data: dict, where: str, layers: int, runtime: bool) -> No
         return
     if not isinstance(lt, list) or len(lt) != layers:
         raise _err(where, "layer_types", f"must list one entry per layer ({layers}), found {short_repr(lt)}")
-    bad = next((t for t in lt if not isinstance(t, str) or not 0 < len(t) <= _MAX_NAME), None)
-    if bad is not None:
-        raise _err(where, "layer_types", f"must hold layer kinds' names, found {short_repr(bad)}")
-    bad = next((t for t in lt if t != "full_attention"), None)
-    if bad is not None and runtime:
-        raise _err(where, "layer_types", f"only 'full_attention' layers are supported, found {short_repr(bad)}")
+    for t in lt:
+        if not isinstance(t, str) or not 0 < len(t) <= _MAX_NAME:
+            raise _err(where, "layer_types", f"must hold layer kinds' names, found {short_repr(t)}")
+        if runtime and t != "full_attention":
+            raise _err(where, "layer_types", f"only 'full_attention' layers are supported, found {short_repr(t)}")
 
 
 def _parse_rope(data: dict, where: str, max_pos: int, runtime: bool) -> tuple[float, Llama3RopeScaling | None]:
@@ -354,7 +359,7 @@ def _parse_rope(data: dict, where: str, max_pos: int, runtime: bool) -> tuple[fl
         raise _err(where, kind_field, f"must be a RoPE kind's name, found {short_repr(kind)}")
     if kind == "default":
         extra = sorted(set(rope) & {"factor", "low_freq_factor", "high_freq_factor"})
-        if extra:
+        if extra and runtime:
             raise _err(where, f"{key}.{extra[0]}", "makes no sense with rope type 'default'")
         return theta, None
     if kind != "llama3":
@@ -423,6 +428,10 @@ def expected_tensors(cfg: LlmConfig) -> dict[str, tuple[int, ...]]:
         out[p + "mlp.gate_proj.weight"] = (i, h)
         out[p + "mlp.up_proj.weight"] = (i, h)
         out[p + "mlp.down_proj.weight"] = (h, i)
+        if cfg.mlp_bias:
+            out[p + "mlp.gate_proj.bias"] = (i,)
+            out[p + "mlp.up_proj.bias"] = (i,)
+            out[p + "mlp.down_proj.bias"] = (h,)
     out["model.norm.weight"] = (h,)
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (cfg.vocab_size, h)

@@ -217,6 +217,8 @@ class ReferenceLM(nn.Module):
     """
 
     def __init__(self, cfg: LlmConfig, dtype: torch.dtype = torch.float32) -> None:
+        if cfg.mlp_bias:  # (parse_config(runtime=True) never returns one: a record's layout only)
+            raise InvalidInputError("the reference model has no MLP biases (config.json sets mlp_bias true)")
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
