@@ -10,9 +10,10 @@
 #   step    step-tests, checks, decode-ab                   (~8 min: the persistent decode step, kernels/llama_step.cu)
 #   probe   step-probe, decode-new, step-tests, base probe, llama-tests (~7 min: the persistent step's time)
 #   probe1  the timeline and the full build only, decode-new (~3 min: a session's last device minutes)
-#   ncu     the persistent step (1B 70%) under ncu --set full: details, the SASS lines warps stall on; then the
-#           BP_STEP_WAYS builds timed and compared (~5 min)
-# BASE: a previous tree for the same-run A/B steps, made here (untracked: it travels with the working tree):
+#   builds  builds of the persistent step (1B 70%) timed and compared: BASE is step_probe.py's --builds, e.g.
+#           ';flow' (~2 min)
+#   ncu     the persistent step under ncu --set full: details, the SASS lines warps stall on (~3 min)
+# BASE: a previous tree for the same-run A/B steps (mode builds: the builds to compare), made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
 MODE=${1:?usage: device.sh MODE OUT [BASE]}
@@ -105,21 +106,22 @@ case $MODE in
           vision_model vgg16 vgg16 --blocks 32 --sparsity 0.92 ;;
   next) suites; decode; layers_8b ;;
   step) step_tests; checks; decode_ab ;;
-  ncu) ncu -k regex:llama_step --launch-skip 2 --launch-count 1 --set full --import-source no -f -o "$OUT/step" \
-         python3 benchmarks/step_probe.py --profile 3 >"$OUT/ncu_run.txt" 2>&1
+  builds) [ -n "$BASE" ] || { echo "builds needs the builds as its third argument (step_probe.py --builds)" >&2; exit 2; }
+          timeout 150 python3 benchmarks/step_probe.py --probes 0 --builds "$BASE" >"$OUT/step_builds.txt" 2>&1
+          grep '"us"' "$OUT/step_builds.txt" | cut -c1-250 ;;
+  ncu) timeout 200 ncu -k regex:llama_step --launch-skip 2 --launch-count 1 --set full --import-source no -f \
+         -o "$OUT/step" python3 benchmarks/step_probe.py --profile 3 >"$OUT/ncu_run.txt" 2>&1
        ncu -i "$OUT/step.ncu-rep" --page details >"$OUT/ncu_details.txt" 2>&1
        ncu -i "$OUT/step.ncu-rep" --page source --csv --print-source sass >/tmp/src.csv 2>"$OUT/ncu_src_err.txt"
        python3 benchmarks/ncu_top.py /tmp/src.csv --top 80 >"$OUT/ncu_top.txt" 2>&1
        gzip -c /tmp/src.csv >"$OUT/ncu_src.csv.gz"
-       tail -3 "$OUT/ncu_run.txt"; grep -E "Duration|Warp Cycles Per Issued|Issued Warp|Stall|Eligible|No Eligible" "$OUT/ncu_details.txt" | head -20
-       head -50 "$OUT/ncu_top.txt" | cut -c1-200
-       timeout 150 python3 benchmarks/step_probe.py --probes 0 --ways 1,2,3,4 >"$OUT/step_ways.txt" 2>&1
-       grep '"us"' "$OUT/step_ways.txt" | cut -c1-200 ;;
+       tail -3 "$OUT/ncu_run.txt"; grep -E "Duration|Warp Cycles Per Issued|Issued Warp|Stall|Eligible" "$OUT/ncu_details.txt" | head -20
+       head -40 "$OUT/ncu_top.txt" | cut -c1-200 ;;
   probe1) { echo "== step probe new"; timeout 120 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline \
             --probes 0; } >"$OUT/step_probe.txt" 2>&1; decode_new ;;
   probe) step_probe; decode_new; step_tests; step_probe base
          timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1 ;;
-  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1, ncu)" >&2; exit 2 ;;
+  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1, builds, ncu)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
 grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-400

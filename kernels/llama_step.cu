@@ -58,6 +58,15 @@
 #ifndef BP_STEP_PROBE
 #define BP_STEP_PROBE 0
 #endif
+// BP_STEP_FLOW (a -D define, 0 in the runtime until measured; llama_step.py's StepKernel(flow=True) sets it and
+// sizes the shared memory for it): no CTA barrier per chunk (kernels/NOTES.md v35). Warp 0 is the producer: per
+// chunk it waits until every other warp has counted itself in on the slot's `empty` mbarrier (their task sums
+// written), asks for the slot's next copy, then runs the chunk's epilogue; warps 1.. walk the tasks, count
+// themselves in, and go straight on to their tasks of the next chunk (waiting only for its data). Task sums are
+// kept per slot (a chunk's epilogue may run while later chunks' tasks are walked).
+#ifndef BP_STEP_FLOW
+#define BP_STEP_FLOW 0
+#endif
 #if BP_STEP_PROBE & 64
 constexpr int kStampsPerLayer = 16, kStampLayers = 64, kStampCtas = 160;
 constexpr int kStampSlots = kStampsPerLayer * kStampLayers + 4;  // + globaltimer and clock64 at start and end
@@ -88,6 +97,8 @@ __device__ unsigned long long bp_step_stamps[kStampCtas * kStampSlots];
 namespace bp {
 
 constexpr int kProbe = BP_STEP_PROBE;
+constexpr bool kFlow = BP_STEP_FLOW != 0;
+constexpr int kMaxSlots = 8;  // mbarriers: full[kMaxSlots] then (flow) empty[kMaxSlots] in the first 128 bytes
 
 constexpr int kStepThreads = 512;
 constexpr int kMaxTasks = 1024;  // tasks of one chunk (rows x groups)
@@ -200,89 +211,6 @@ __device__ __forceinline__ float task_dot(const unsigned* rec, int W, int t0, in
   return s;
 }
 
-// BP_STEP_WAYS (a -D define, default 1): tasks a warp walks at once. Each task's walk is one dependent chain (FLO,
-// x's address, its shared load, the FFMA; the next take issues after the FFMA, in order), and with one CTA of 16
-// warps per SM too few chains are in flight to hide it (kernels/NOTES.md v33 "Measured", v34). The WAYS tasks'
-// chains interleave; each task's sum is formed exactly as task_dot forms it (bit-identical results).
-#ifndef BP_STEP_WAYS
-#define BP_STEP_WAYS 1
-#endif
-constexpr int kWays = BP_STEP_WAYS;
-static_assert(kWays >= 1 && kWays <= 8, "BP_STEP_WAYS: tasks a warp walks at once, 1 to 8");
-
-// WAYS tasks at once: task k reads record rec[k], values [t0[k], t1[k]) (t0 even); `on[k]` false: no task (warp-
-// uniform, like the lengths). Returns each task's warp sum in s[k] (every lane).
-template <typename T, int WAYS>
-__device__ __forceinline__ void task_dots(const unsigned* const (&rec)[WAYS], const bool (&on)[WAYS], int W,
-                                          const int (&t0)[WAYS], const int (&t1)[WAYS], const float* xs, int lane,
-                                          float (&s)[WAYS]) {
-  int w[WAYS], len = 0;
-  unsigned m[WAYS];
-  float a0[WAYS], a1[WAYS];
-#pragma unroll
-  for (int k = 0; k < WAYS; ++k) {  // each task's word holding its value t0, as task_dot finds it
-    const unsigned* words = rec[k] + lane;
-    int before = 0;
-    w[k] = 0;
-    m[k] = on[k] ? words[0] : 0u;
-    int cnt = __popc(m[k]);
-    while (on[k] && before + cnt <= t0[k] && w[k] + 1 < W) {
-      before += cnt;
-      m[k] = words[32 * ++w[k]];
-      cnt = __popc(m[k]);
-    }
-    for (int b = before; on[k] && b < t0[k]; ++b) m[k] &= m[k] - 1;
-    a0[k] = 0.0f;
-    a1[k] = 0.0f;
-    if (on[k]) len = max(len, t1[k] - t0[k]);
-  }
-  // Per round: every task's two takes first (the bit scans: no shared load waited for unless a word runs out),
-  // then every shared load, then the FFMAs, so the WAYS chains' load latencies overlap instead of adding up.
-  for (int i = 0; i < len; i += 2) {
-    int xa[WAYS], xb[WAYS];
-    bool g0[WAYS], g1[WAYS];
-#pragma unroll
-    for (int k = 0; k < WAYS; ++k) {
-      const int t = t0[k] + i;
-      g0[k] = on[k] && t < t1[k];  // (uniform over the warp)
-      g1[k] = g0[k] && t + 1 < t1[k];
-      const unsigned* words = rec[k] + lane;
-      xa[k] = xb[k] = lane;
-      if (g0[k]) {
-        while (m[k] == 0) m[k] = words[32 * ++w[k]];
-        xa[k] = (((w[k] << 5) + __ffs(m[k]) - 1) << 5) + lane;
-        m[k] &= m[k] - 1;
-      }
-      if (g1[k]) {
-        while (m[k] == 0) m[k] = words[32 * ++w[k]];
-        xb[k] = (((w[k] << 5) + __ffs(m[k]) - 1) << 5) + lane;
-        m[k] &= m[k] - 1;
-      }
-    }
-    float v0[WAYS], v1[WAYS], x0[WAYS], x1[WAYS];
-#pragma unroll
-    for (int k = 0; k < WAYS; ++k) {
-      v0[k] = v1[k] = 0.0f;
-      if (g0[k]) LaneVals<T>::pair(rec[k] + 32 * W + lane, t0[k] + i, g1[k], v0[k], v1[k]);
-      if (!g1[k]) v1[k] = 0.0f;  // (a 16-bit unit's unused half is padding: its value must not count)
-      x0[k] = g0[k] ? xs[xa[k]] : 0.0f;
-      x1[k] = g1[k] ? xs[xb[k]] : 0.0f;
-    }
-#pragma unroll
-    for (int k = 0; k < WAYS; ++k) {
-      a0[k] = fmaf(v0[k], x0[k], a0[k]);
-      a1[k] = fmaf(v1[k], x1[k], a1[k]);
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < WAYS; ++k) s[k] = a0[k] + a1[k];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-    for (int k = 0; k < WAYS; ++k) s[k] += __shfl_xor_sync(0xffffffffu, s[k], o);
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     const unsigned long long* __restrict__ phases_g, const unsigned long long* __restrict__ layers_g, int nlayers,
@@ -292,10 +220,11 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     int xfloats, int xtmp_floats, int slots, unsigned slot_bytes) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);  // [slots <= kMaxSlots]
+  unsigned long long* empty = full + kMaxSlots;                             // (flow) [slots]
   float* xs = reinterpret_cast<float*>(smem + 128);                         // [xfloats]; attention's scratch too
   float* xtmp = xs + xfloats;                                              // [xtmp_floats]
-  float* tsum = xtmp + xtmp_floats;                                        // [2][kMaxTasks]
-  float* hres = tsum + 2 * kMaxTasks;                                      // [residual_floats(hidden, G)]
+  float* tsum = xtmp + xtmp_floats;                                        // [2 (flow: slots)][kMaxTasks]
+  float* hres = tsum + (kFlow ? slots : 2) * kMaxTasks;                     // [residual_floats(hidden, G)]
   unsigned char* ring = reinterpret_cast<unsigned char*>(hres + residual_floats(hidden, gridDim.x));
   __shared__ float red[32];
   const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -340,6 +269,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
   BP_STEP_EDGE(0);
   if (tid == 0) {
     for (int s = 0; s < slots; ++s) mbar_init(full + s, 1);
+    for (int s = 0; kFlow && s < slots; ++s) mbar_init(empty + s, (blockDim.x >> 5) - 1);
     mbar_init_fence();
     for (int s = 0; s < slots && !(kProbe & 16); ++s) issue_next();
   }
@@ -427,45 +357,9 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     const unsigned rec_words = (unsigned)(ph(pi, kRecBytes) / 4);
     const float* bias = reinterpret_cast<const float*>(ph(pi, kBias));
     const int recs_per_row = mode == 2 ? 2 : 1;
-    for (int a = r0; a < r1; a += per) {
-      const int nrows = min(per, r1 - a);
-      const int slot = (int)(q % slots);
-      mbar_wait(full + slot, (unsigned)((q / slots) & 1));
-      const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
-      float* sums = tsum + (q & 1) * kMaxTasks;
-      const int tasks = nrows * recs_per_row * groups;
-      if (kWays == 1) {
-        for (int task = warp; task < tasks && !(kProbe & 4); task += warps) {
-          const int rec = task / groups, g = task - rec * groups;
-          const int t0 = (int)(((long long)g * n / groups) & ~1LL);
-          const int t1 = g + 1 == groups ? n : (int)(((long long)(g + 1) * n / groups) & ~1LL);
-          const float s = task_dot<T>(base + (size_t)rec * rec_words, W, t0, t1, xs, lane);
-          if (lane == 0) sums[task] = s;
-        }
-      } else {  // warp w: tasks w, w + warps, ... kWays at a time
-        for (int first = warp; first < tasks && !(kProbe & 4); first += warps * kWays) {
-          const unsigned* recs[kWays];
-          bool on[kWays];
-          int t0[kWays], t1[kWays];
-          float s[kWays];
-#pragma unroll
-          for (int k = 0; k < kWays; ++k) {
-            const int task = first + k * warps;
-            on[k] = task < tasks;
-            const int rec = on[k] ? task / groups : 0, g = on[k] ? task - rec * groups : 0;
-            recs[k] = base + (size_t)rec * rec_words;
-            t0[k] = (g * n / groups) & ~1;  // (a record fits shared memory, so n * groups is far below 2^31)
-            t1[k] = g + 1 == groups ? n : ((g + 1) * n / groups) & ~1;
-          }
-          task_dots<T, kWays>(recs, on, W, t0, t1, xs, lane, s);
-#pragma unroll
-          for (int k = 0; k < kWays; ++k)
-            if (on[k] && lane == 0) sums[first + k * warps] = s[k];
-        }
-      }
-      __syncthreads();  // the slot is read and the sums are written
-      if (tid == 0) issue_next();
-      for (int i = tid; i < nrows; i += nt) {
+    // The chunk's epilogue: its rows from the task sums, by threads [e0, r1) in steps of `step`.
+    auto epilogue = [&](const float* sums, int a, int nrows, int e0, int step) {
+      for (int i = e0; i < nrows; i += step) {
         const int row = a + i;
         if (mode == 2) {
           float sg = 0.0f, su = 0.0f;
@@ -489,7 +383,44 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
           }
         }
       }
-      ++q;  // (the next chunk's sums go to the other half of tsum; a barrier separates its reuse)
+    };
+    // A warp's tasks of a chunk: tasks first, first + stride, ... into sums.
+    auto walk = [&](const unsigned* base, int tasks, int first, int stride, float* sums) {
+      for (int task = first; task < tasks && !(kProbe & 4); task += stride) {
+        const int rec = task / groups, g = task - rec * groups;
+        const int t0 = (int)(((long long)g * n / groups) & ~1LL);
+        const int t1 = g + 1 == groups ? n : (int)(((long long)(g + 1) * n / groups) & ~1LL);
+        const float s = task_dot<T>(base + (size_t)rec * rec_words, W, t0, t1, xs, lane);
+        if (lane == 0) sums[task] = s;
+      }
+    };
+    for (int a = r0; a < r1; a += per) {
+      const int nrows = min(per, r1 - a);
+      const int slot = (int)(q % slots);
+      const unsigned parity = (unsigned)((q / slots) & 1);
+      const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
+      const int tasks = nrows * recs_per_row * groups;
+      if (kFlow) {
+        float* sums = tsum + slot * kMaxTasks;
+        if (warp != 0) {  // a consumer: its tasks, then counted in; on to the next chunk without waiting for others
+          mbar_wait(full + slot, parity);
+          walk(base, tasks, warp - 1, warps - 1, sums);
+          __syncwarp();  // (lane 0's sums stores come before its arrival, which releases them to warp 0)
+          if (lane == 0) mbar_arrive(empty + slot);
+        } else {  // the producer: the slot is free once every consumer is in; its next copy, then the epilogue
+          mbar_wait(empty + slot, parity);
+          if (lane == 0) issue_next();
+          epilogue(sums, a, nrows, lane, 32);
+        }
+      } else {
+        float* sums = tsum + (q & 1) * kMaxTasks;
+        mbar_wait(full + slot, parity);
+        walk(base, tasks, warp, warps, sums);
+        __syncthreads();  // the slot is read and the sums are written
+        if (tid == 0) issue_next();
+        epilogue(sums, a, nrows, tid, nt);
+      }
+      ++q;  // (without flow the next chunk's sums go to the other half of tsum; a barrier separates its reuse)
     }
   };
 

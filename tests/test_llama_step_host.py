@@ -158,6 +158,9 @@ def test_the_kernel_constants_match_the_source():
     src = kernel_source("llama_step.cu")
     assert re.search(r"constexpr int kStepThreads = (\d+);", src).group(1) == str(llama_step.THREADS)
     assert re.search(r"constexpr int kMaxTasks = (\d+);", src).group(1) == str(llama_step.MAX_TASKS)
+    # (the flow build's empty mbarriers sit at full + kMaxSlots, both arrays in the 128 bytes the host reserves)
+    assert re.search(r"constexpr int kMaxSlots = (\d+);", src).group(1) == str(llama_step.MAX_SLOTS)
+    assert 2 * 8 * llama_step.MAX_SLOTS <= 128
     phase = re.search(r"enum PhaseField \{(.*?)\};", src, re.S).group(1)
     names = re.findall(r"\b(k[A-Z]\w*)\b(?:\s*=\s*\d+)?\s*,", re.sub(r"//[^\n]*", "", phase) + ",")
     assert names[-1] == "kPhaseFields" and len(names) - 1 == llama_step.PHASE_FIELDS

@@ -105,3 +105,25 @@ def test_auto_chooses_by_timing_and_says_so(tmp_path):
     (tmp_path / "b4").mkdir()
     four = PackedLlama.open(_file(tmp_path / "b4", "small", blocks=4), max_len=64, dtype="float16")
     assert four.decode_ops["path"] == "fused" and "multiple of 32" in four.decode_ops["persistent"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_flow_build_equals_the_runtime_build(tmp_path, shape, dtype):
+    """StepKernel(flow=True) (BP_STEP_FLOW: no CTA barrier per chunk, kernels/NOTES.md v35) computes every task sum
+    and every epilogue as the runtime's build does: the logits of 24 steps are equal bit for bit."""
+    from balprune.runtime.model.llama import PackedLlama
+    from balprune.runtime.model.llama_step import StepKernel
+
+    rt = PackedLlama.open(_file(tmp_path, shape, "--sparsity", "0.7"), max_len=64, dtype=dtype, persistent="on")
+    assert rt.decode_ops["path"] == "persistent", rt.decode_ops
+    tokens = rt.generate(PROMPT, 24)
+
+    def run() -> list[torch.Tensor]:
+        rt.reset()
+        return [rt.prefill(PROMPT).cpu()] + [rt.step(t).cpu() for t in tokens[:-1]]
+
+    want = run()
+    rt.decoder.persistent = StepKernel(rt.decoder, rt.decoder.stacked, rt.device, flow=True)
+    got = run()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
