@@ -67,6 +67,12 @@
 #ifndef BP_STEP_FLOW
 #define BP_STEP_FLOW 0
 #endif
+// BP_STEP_RELAXED_POLL (a -D define, 0 in the runtime until measured; kernels/NOTES.md v36): the grid barrier's
+// thread 0 polls with relaxed loads and acquires once, with a fence, when the count is reached (each
+// ld.acquire.gpu poll compiles to a load and an invalidation of the SM's whole L1).
+#ifndef BP_STEP_RELAXED_POLL
+#define BP_STEP_RELAXED_POLL 0
+#endif
 #if BP_STEP_PROBE & 64
 constexpr int kStampsPerLayer = 16, kStampLayers = 64, kStampCtas = 160;
 constexpr int kStampSlots = kStampsPerLayer * kStampLayers + 4;  // + globaltimer and clock64 at start and end
@@ -139,9 +145,16 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
     // an arrival that does not wait for its answer (atomicAdd's return cost a round trip before the first poll)
     asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
     unsigned v;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
-    } while (v < target);
+    if (BP_STEP_RELAXED_POLL) {
+      do {
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+      } while (v < target);
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");  // (the acquire of the arrivals the last load observed)
+    } else {
+      do {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+      } while (v < target);
+    }
   }
   __syncthreads();
 }
