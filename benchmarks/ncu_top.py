@@ -31,12 +31,14 @@ def main() -> int:
     start = next(i for i, row in enumerate(lines) if any("Source" == c or "# Address" == c or "Address" == c for c in row))
     head, rows = lines[start], lines[start + 1:]
     total_col = next(i for i, c in enumerate(head) if c.startswith("Warp Stall Sampling (All"))
-    reasons = [i for i, c in enumerate(head) if c.startswith("stall_") or (c.startswith("Warp Stall Sampling") and i != total_col and "Not-issued" not in c and "All" not in c)]
+    # ncu names one column per stall reason twice: all samples ("stall_x") and not-issued ones ("stall_x (Not Issued)")
+    reasons = [i for i, c in enumerate(head) if c.startswith("stall_") and "Not Issued" not in c]
     src_col = next(i for i, c in enumerate(head) if c == "Source")
     addr_col = next((i for i, c in enumerate(head) if "Address" in c), 0)
     total = sum(number(r[total_col]) for r in rows if len(r) > total_col)
-    print(f"columns: {len(head)}; reason columns: {[head[i] for i in reasons][:30]}")
     print(f"warp stall samples: {total:.0f}")
+    by_reason = sorted(((sum(number(r[i]) for r in rows if len(r) > i), head[i]) for i in reasons), reverse=True)
+    print("by reason: " + ", ".join(f"{name} {100 * v / total:.1f}%" for v, name in by_reason[:10] if total))
     ranked = sorted((r for r in rows if len(r) > total_col), key=lambda r: -number(r[total_col]))
     for r in ranked[: a.top]:
         share = number(r[total_col]) / total if total else 0.0
