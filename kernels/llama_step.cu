@@ -39,7 +39,7 @@
 // phases: [4 * layers][kPhaseFields] u64 (fields below), layers: [layers][kLayerFields] u64.
 // Dynamic shared memory (bytes): 128 (mbarriers) + 4 * xfloats (xs, >= 2 * hidden: stage_norm loads h and the
 // norm's weights into it; attention's scratch aliases it) + 4 * (xcap_pad) (xtmp: x in column order, padded per
-// lane range) + 4 * 2 * kMaxTasks (task sums) + 4 * residual_floats(hidden, grid) (hres) + slots * slot_bytes
+// lane range) + 4 * 2 * kMaxTasks (task sums; BP_STEP_FLOW: 4 * slots * kMaxTasks) + 4 * residual_floats(hidden, grid) (hres) + slots * slot_bytes
 // (the ring), each part 128-aligned (llama_step.py computes it). The o and down phases have hidden rows.
 // Grid: one CTA per SM, all resident (cooperative launch); block kStepThreads.
 // bar: u32 [2], zero before the first launch; every launch leaves them zero.
@@ -63,7 +63,9 @@
 // chunk it waits until every other warp has counted itself in on the slot's `empty` mbarrier (their task sums
 // written), asks for the slot's next copy, then runs the chunk's epilogue; warps 1.. walk the tasks, count
 // themselves in, and go straight on to their tasks of the next chunk (waiting only for its data). Task sums are
-// kept per slot (a chunk's epilogue may run while later chunks' tasks are walked).
+// kept per slot (a chunk's epilogue may run while later chunks' tasks are walked). The tasks are planned as for
+// 16 warps, so every task sum, and so the result, is the runtime build's bit for bit. (Probe 64's stamps are
+// thread 0's, the producer's: "rows done" then marks the phase's last epilogue.)
 #ifndef BP_STEP_FLOW
 #define BP_STEP_FLOW 0
 #endif
@@ -370,7 +372,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     const unsigned rec_words = (unsigned)(ph(pi, kRecBytes) / 4);
     const float* bias = reinterpret_cast<const float*>(ph(pi, kBias));
     const int recs_per_row = mode == 2 ? 2 : 1;
-    // The chunk's epilogue: its rows from the task sums, by threads [e0, r1) in steps of `step`.
+    // The chunk's epilogue: its rows [0, nrows) from the task sums, row i by thread e0 + k * step.
     auto epilogue = [&](const float* sums, int a, int nrows, int e0, int step) {
       for (int i = e0; i < nrows; i += step) {
         const int row = a + i;
@@ -418,12 +420,15 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
         if (warp != 0) {  // a consumer: its tasks, then counted in; on to the next chunk without waiting for others
           mbar_wait(full + slot, parity);
           walk(base, tasks, warp - 1, warps - 1, sums);
-          __syncwarp();  // (lane 0's sums stores come before its arrival, which releases them to warp 0)
+          __syncwarp();  // (every lane's reads of the slot come before lane 0's arrival, which releases them)
           if (lane == 0) mbar_arrive(empty + slot);
-        } else {  // the producer: the slot is free once every consumer is in; its next copy, then the epilogue
+        } else {  // the producer: once every consumer is in, the epilogue, then the slot's next copy
           mbar_wait(empty + slot, parity);
-          if (lane == 0) issue_next();
+          // the epilogue first: the next copy into this slot lets the consumers walk it and write its task sums
+          // (the same tsum block) while the epilogue would still be reading them
           epilogue(sums, a, nrows, lane, 32);
+          __syncwarp();
+          if (lane == 0) issue_next();
         }
       } else {
         float* sums = tsum + (q & 1) * kMaxTasks;

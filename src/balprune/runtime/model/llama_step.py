@@ -66,7 +66,8 @@ def plan_phase(rows: int, record_bytes: int, kept: int, pairs: bool, grid: int, 
     per = max(1, -(-most // chunks))
     per = min(per, slot_bytes // unit, MAX_TASKS // recs)
 
-    def busy(g: int) -> float:  # the warps' share of a chunk's rounds that do work (a barrier ends each chunk)
+    def busy(g: int) -> float:  # the warps' share of a chunk's rounds that do work (a barrier ends each chunk
+        # in the runtime's build; the flow build keeps this plan so that its sums are the same)
         tasks = per * recs * g
         return tasks / (-(-tasks // warps) * warps)
 
@@ -185,8 +186,8 @@ class StepKernel:
             rows = recs.shape[0] // (2 if pairs else 1)
             if key in ("o", "down") and rows != cfg.hidden_size:  # (the kernel keeps their residual rows: hres)
                 raise ValueError(f"layer {i // 4} {key}: {rows} rows, the model's hidden size is {cfg.hidden_size}")
-            plan = plan_phase(rows, lg.record_bytes, lg.kept, pairs, grid, slot,
-                              warps=THREADS // 32 - (1 if flow else 0))  # (flow: warp 0 walks no tasks)
+            # (flow: warp 0 walks no tasks, but the plan stays the 16-warp one: the same task sums, bit for bit)
+            plan = plan_phase(rows, lg.record_bytes, lg.kept, pairs, grid, slot)
             self.plans.append(plan)
             dev_recs = torch.from_numpy(recs.view(np.int32)).to(dev)
             self.buffers.append(dev_recs)
