@@ -61,7 +61,7 @@
 // BP_STEP_FLOW (a -D define, 0 in the runtime until measured; llama_step.py's StepKernel(flow=True) sets it and
 // sizes the shared memory for it): no CTA barrier per chunk (kernels/NOTES.md v35). Warp 0 is the producer: per
 // chunk it waits until every other warp has counted itself in on the slot's `empty` mbarrier (their task sums
-// written), asks for the slot's next copy, then runs the chunk's epilogue; warps 1.. walk the tasks, count
+// written), runs the chunk's epilogue, then asks for the slot's next copy; warps 1.. walk the tasks, count
 // themselves in, and go straight on to their tasks of the next chunk (waiting only for its data). Task sums are
 // kept per slot (a chunk's epilogue may run while later chunks' tasks are walked). The tasks are planned as for
 // 16 warps, so every task sum, and so the result, is the runtime build's bit for bit. (Probe 64's stamps are
@@ -372,6 +372,9 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     const unsigned rec_words = (unsigned)(ph(pi, kRecBytes) / 4);
     const float* bias = reinterpret_cast<const float*>(ph(pi, kBias));
     const int recs_per_row = mode == 2 ? 2 : 1;
+    // The flow build's chunk epilogue and task walk. The runtime's build below keeps v33's loop text as it was
+    // measured (with these lambdas in its place its PTX differs); once v35 is measured, the loser goes and the
+    // winner keeps one copy of each.
     // The chunk's epilogue: its rows [0, nrows) from the task sums, row i by thread e0 + k * step.
     auto epilogue = [&](const float* sums, int a, int nrows, int e0, int step) {
       for (int i = e0; i < nrows; i += step) {
@@ -412,14 +415,13 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     for (int a = r0; a < r1; a += per) {
       const int nrows = min(per, r1 - a);
       const int slot = (int)(q % slots);
-      const unsigned parity = (unsigned)((q / slots) & 1);
-      const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
-      const int tasks = nrows * recs_per_row * groups;
       if (kFlow) {
+        const unsigned parity = (unsigned)((q / slots) & 1);
         float* sums = tsum + slot * kMaxTasks;
         if (warp != 0) {  // a consumer: its tasks, then counted in; on to the next chunk without waiting for others
           mbar_wait(full + slot, parity);
-          walk(base, tasks, warp - 1, warps - 1, sums);
+          const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
+          walk(base, nrows * recs_per_row * groups, warp - 1, warps - 1, sums);
           __syncwarp();  // (every lane's reads of the slot come before lane 0's arrival, which releases them)
           if (lane == 0) mbar_arrive(empty + slot);
         } else {  // the producer: once every consumer is in, the epilogue, then the slot's next copy
@@ -430,13 +432,44 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
           __syncwarp();
           if (lane == 0) issue_next();
         }
-      } else {
+      } else {  // (the runtime's build: v33 as measured, PTX unchanged)
+        mbar_wait(full + slot, (unsigned)((q / slots) & 1));
+        const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
         float* sums = tsum + (q & 1) * kMaxTasks;
-        mbar_wait(full + slot, parity);
-        walk(base, tasks, warp, warps, sums);
+        const int tasks = nrows * recs_per_row * groups;
+        for (int task = warp; task < tasks && !(kProbe & 4); task += warps) {
+          const int rec = task / groups, g = task - rec * groups;
+          const int t0 = (int)(((long long)g * n / groups) & ~1LL);
+          const int t1 = g + 1 == groups ? n : (int)(((long long)(g + 1) * n / groups) & ~1LL);
+          const float s = task_dot<T>(base + (size_t)rec * rec_words, W, t0, t1, xs, lane);
+          if (lane == 0) sums[task] = s;
+        }
         __syncthreads();  // the slot is read and the sums are written
         if (tid == 0) issue_next();
-        epilogue(sums, a, nrows, tid, nt);
+        for (int i = tid; i < nrows; i += nt) {
+          const int row = a + i;
+          if (mode == 2) {
+            float sg = 0.0f, su = 0.0f;
+            for (int g = 0; g < groups; ++g) {
+              sg += sums[(2 * i) * groups + g];
+              su += sums[(2 * i + 1) * groups + g];
+            }
+            const float gv = rnd<T>(sg), uv = rnd<T>(su);
+            const float si = rnd<T>(gv / (1.0f + __expf(-gv)));
+            Val<T>::store(act + row, si * uv);
+          } else {
+            float s = 0.0f;
+            for (int g = 0; g < groups; ++g) s += sums[i * groups + g];
+            if (bias != nullptr) s += __ldg(bias + row);
+            if (mode == 0) {
+              Val<T>::store(qkv + row, s);
+            } else {  // the residual from hres (a load from h here cost the chunk's next tasks a round trip)
+              const float hn = rnd<T>(hres[row - hr0] + rnd<T>(s));
+              hres[row - hr0] = hn;
+              Val<T>::store(h + row, hn);
+            }
+          }
+        }
       }
       ++q;  // (without flow the next chunk's sums go to the other half of tsum; a barrier separates its reuse)
     }

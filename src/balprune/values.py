@@ -27,6 +27,12 @@ def as_float(v: int | float) -> float:
         return math.inf if v > 0 else -math.inf
 
 
+def finite_number(v: object) -> bool:
+    """``v`` is a JSON/TOML number (an int or float, not a bool) with a finite value (as_float: an integer of
+    any size is judged by its float, inf past the float range)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(as_float(v))
+
+
 def number_repr(v: object) -> str:
     """``repr(v)`` for an error line, an integer of more than 20 digits as its digit count (a file's 400-digit
     number is not worth a line of its own)."""

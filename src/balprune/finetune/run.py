@@ -33,7 +33,7 @@ from ..container import AtomicOutput
 from ..errors import InvalidInputError, NoGpuError, OutputError, UsageError
 from ..iopaths import check_io
 from ..tasks import Task, make_task
-from ..values import as_float
+from ..values import finite_number
 from .pruner import Pruner
 from .recipe import Recipe
 
@@ -291,7 +291,7 @@ def is_stage_record(s: object) -> bool:
 
 
 def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(as_float(v))
+    return finite_number(v)
 
 
 def _metric_map(v: object) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,9 @@ class PackedFile:
     parsed: container.ParsedFile
     manifest: dict
     tool_version: str
+    # hf_files' result once parsed (a recorded tokenizer.json may be 32 MiB of JSON: verify_packed, then verify's
+    # and the LLM commands' own reads, parse it once)
+    _hf: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
@@ -52,7 +55,9 @@ class PackedFile:
     def hf_files(self) -> hf_record.HfFiles | None:
         """The source HF folder's files the file records (``hf:config.json`` ...), every one checked
         (hf_record.parse_texts: JSON objects within their caps); None when it records none."""
-        return hf_record.parse_texts(self.parsed.metadata, str(self.path))
+        if not self._hf:
+            self._hf.append(hf_record.parse_texts(self.parsed.metadata, str(self.path)))
+        return self._hf[0]
 
     def _raw(self, stored_name: str) -> torch.Tensor:
         e = self.parsed.entry(stored_name)

@@ -25,7 +25,7 @@ from ..container import RESERVED_NAME as _RESERVED_NAME
 from ..container import check_tensor_name as _check_name
 from ..container import short_repr
 from ..errors import FormatError, InvalidInputError
-from ..values import as_float
+from ..values import finite_number
 from . import hf_record
 
 FORMAT_NAME = "balprune.packed"
@@ -138,8 +138,8 @@ def req_int(entry: dict, key: str, name: str, minimum: int = 0) -> int:
 
 def req_float(entry: dict, key: str, name: str) -> float:
     v = entry.get(key)
-    # (as_float: a JSON integer too large for a float is inf, refused, not an OverflowError)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(as_float(v)) or not 0 <= v <= 1:
+    # (finite_number: a JSON integer too large for a float is refused, not an OverflowError)
+    if not finite_number(v) or not 0 <= v <= 1:
         raise FormatError(f"{_where(name, key)} must be a number in [0, 1], got {short_repr(v)}")
     return float(v)
 
@@ -206,7 +206,7 @@ def _option_ok(kind: str, v: object) -> bool:
     if kind == "text":
         return isinstance(v, str) and len(v) <= MAX_TEXT
     if kind == "number":
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(as_float(v))
+        return finite_number(v)
     if kind == "int":
         return _is_int(v)
     if kind == "ints":

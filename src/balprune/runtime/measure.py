@@ -491,9 +491,9 @@ TIE_FRACTION = 0.03
 
 
 def pick_path(times_us: dict[str, float], nbytes: dict[str, int]) -> tuple[str, str]:
-    """The path the model runtime's dispatcher binds (and `bench` reports as the runtime's) among correct timed paths (``times_us``: path -> us; ``nbytes``: path -> bytes
-    it reads) and why: the fewest bytes among those within TIE_FRACTION of the fastest (the faster among
-    equal bytes)."""
+    """The path the model runtime's dispatcher binds (and ``bench`` reports as the runtime's) among correct timed
+    paths (``times_us``: path -> us; ``nbytes``: path -> bytes it reads) and why: the fewest bytes among those
+    within TIE_FRACTION of the fastest (the faster among equal bytes)."""
     fastest = min(times_us, key=times_us.get)
     ties = [p for p in times_us if times_us[p] <= times_us[fastest] * (1.0 + TIE_FRACTION)]
     path = min(ties, key=lambda p: (nbytes.get(p, float("inf")), times_us[p]))
