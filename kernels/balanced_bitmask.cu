@@ -277,24 +277,13 @@ __device__ __forceinline__ void prefetch_first_group_l1(const Words<4>* vals, co
     for (int q = 0; q < rounds && n < BP_BM_L1_UNITS; ++q, ++n) prefetch_l1(v + (long long)(q * C + c) * P);
 }
 
+// Stage x for one CTA's batch columns n0 .. n0 + NB - 1: element i = (cs * SP + s) * NB + n of xs holds
+// x[(s * seg_cols + cs) * batch + n0 + n] (0 past cols, past the batch and for segments s >= S). x [cols, batch]
+// row-major in T. The caller synchronises the CTA before reading xs.
 template <typename T, typename XT, int NB>
-__global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
-    balanced_bitmask_spmm(const Words<4>* __restrict__ vals, const unsigned* __restrict__ masks, int rows, int Q,
-                          int C, int W, int P, int seg_keep, int seg_cols, int S, const T* __restrict__ x, int cols,
-                          int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
-  // weights only, before the prologue; at batch 1 (batch tiles of 2+ are at the 64-register budget already)
-  if (NB == 1) prefetch_first_group_l1(vals, masks, rows, Q, C, W, P, S);
-  if (blockIdx.y == 0)  // weights only, before the prologue: this CTA's first rows into L2
-    prefetch_cta_rows_l2(vals, (long long)Q * C * P * 16, masks, (long long)Q * W * P * 4,
-                         (long long)blockIdx.x * (blockDim.x >> 5) * (32 / P), (blockDim.x >> 5) * (32 / P), rows);
-  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  XT* xs = reinterpret_cast<XT*>(smem_raw);
-  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
-  const int SP = Q * P;
-  const int n0 = blockIdx.y * NB;
+__device__ __forceinline__ void stage_x_segments(const T* __restrict__ x, XT* xs, int cols, int batch, int n0,
+                                                 int seg_cols, int SP, int S) {
   const int xs_elems = seg_cols * SP * NB;
-  // stage x: element i = (cs * SP + s) * NB + n holds x[(s * seg_cols + cs) * batch + n0 + n].
   constexpr int VX = 16 / sizeof(T);  // x elements per 16-byte load
   if (NB == 1 && batch == 1 && seg_cols % VX == 0 && (reinterpret_cast<unsigned long long>(x) & 15) == 0) {
     // batch 1: consecutive threads take the same 16-byte piece of consecutive segments, so each
@@ -350,6 +339,26 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
         if (i0 + j * blockDim.x < xs_elems) Val<XT>::store(xs + i0 + j * blockDim.x, v[j]);
     }
   }
+}
+
+template <typename T, typename XT, int NB>
+__global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
+    balanced_bitmask_spmm(const Words<4>* __restrict__ vals, const unsigned* __restrict__ masks, int rows, int Q,
+                          int C, int W, int P, int seg_keep, int seg_cols, int S, const T* __restrict__ x, int cols,
+                          int batch, T* __restrict__ y, const float* __restrict__ bias, int act) {
+  // weights only, before the prologue; at batch 1 (batch tiles of 2+ are at the 64-register budget already)
+  if (NB == 1) prefetch_first_group_l1(vals, masks, rows, Q, C, W, P, S);
+  if (blockIdx.y == 0)  // weights only, before the prologue: this CTA's first rows into L2
+    prefetch_cta_rows_l2(vals, (long long)Q * C * P * 16, masks, (long long)Q * W * P * 4,
+                         (long long)blockIdx.x * (blockDim.x >> 5) * (32 / P), (blockDim.x >> 5) * (32 / P), rows);
+  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  XT* xs = reinterpret_cast<XT*>(smem_raw);
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+  const int SP = Q * P;
+  const int n0 = blockIdx.y * NB;
+  const int xs_elems = seg_cols * SP * NB;
+  stage_x_segments<T, XT, NB>(x, xs, cols, batch, n0, seg_cols, SP, S);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int mask_words_per_lane = BP_BM_WALK == 6 ? 2 * (W + 1) : W;
@@ -530,6 +539,139 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
       if (tail) values_fma<T, XT, NB>(ld_words<4>(vp + (long long)full * P), 0, tail, walk, acc);
     }
 #endif
+    // the P lanes of a row add their sums (groups are aligned runs of P lanes)
+#pragma unroll
+    for (int n = 0; n < NB; ++n)
+      for (int off = P >> 1; off > 0; off >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
+    if (row < rows && l == 0) {
+#pragma unroll
+      for (int n = 0; n < NB; ++n)
+        if (n0 + n < batch) Val<T>::store(y + (long long)row * batch + n0 + n, epilogue(acc[n], bias, act, row));
+    }
+  }
+}
+
+// ---- the delta walk (BitmaskLinear walk 7; kernels/NOTES.md v37) --------------------------------------
+//
+// The same segments, lanes and x staging as the mask walks, but a lane's segment is a list of entries in column
+// order, each a 4-bit column step and a value (formats/layouts.py delta_segments): a value's x address is the
+// previous one's plus step * xcol. Per value that is a shift, a mask, a multiply-add, the x load, the value's
+// conversion and the FMA -- no bit search, no empty-word test and no branch: the mask walks spend ~16 SASS
+// instructions per value (walk 6), which at batch 1 is what bounds them, not their bytes. The price is 4 bits per
+// kept value instead of one per column, phantom entries where two kept columns are more than 15 apart, and every
+// segment of a row group padded to the group's entry count (a multiple of 8): +4% bytes at 70%, +11% at 50% on the
+// 8B shapes. Padding entries step 0 with value 0.
+//   vals   [steps * UPS][32] 16-byte units, deltas [steps][32] u32 (8 steps per word, the first in the low nibble),
+//   starts [groups + 1] u32: row group G's steps starts[G] .. starts[G+1] - 1, Q rounds of D = (...) / Q steps;
+//   lane (row - G * rpw) * P + l walks segment q * P + l in round q.
+// Kernel-side constants the host layout must agree with (tests/test_layouts.py reads them): entries per word of
+// steps (one step of the walk), and the largest step (4 bits).
+#define BP_BM_DELTA_ENTRIES 8
+#define BP_BM_DELTA_MAX 15
+// Steps (of 8 entries) loaded ahead of their use, per lane, at batch tiles of 1 or 2 with 16-bit values.
+#ifndef BP_DELTA_AHEAD
+#define BP_DELTA_AHEAD 4
+#endif
+
+// Eight entries of one step: their columns from the word of steps (addr: x's shared address at the previous
+// entry's column), their values from the step's UPS units.
+template <typename T, typename XT, int NB, int UPS>
+__device__ __forceinline__ void delta_step(unsigned steps, const Words<4> (&u)[UPS], unsigned& addr, unsigned xcol,
+                                           float (&acc)[NB]) {
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+  static_assert(BP_BM_DELTA_ENTRIES * 4 == 32 && BP_BM_DELTA_MAX == 15, "eight 4-bit steps per word");
+#pragma unroll
+  for (int t = 0; t < BP_BM_DELTA_ENTRIES; ++t) {
+    addr += ((steps >> (4 * t)) & (unsigned)BP_BM_DELTA_MAX) * xcol;
+    float xv[NB];
+    lds_x<XT, NB>(addr, xv);
+    const float w = Val<T>::template at<4>(u[t / V], t % V);
+#pragma unroll
+    for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+  }
+}
+
+template <typename T, typename XT, int NB>
+__global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
+    balanced_delta_spmm(const Words<4>* __restrict__ vals, const unsigned* __restrict__ deltas,
+                        const unsigned* __restrict__ starts, int rows, int Q, int P, int seg_cols, int S,
+                        const T* __restrict__ x, int cols, int batch, T* __restrict__ y, const float* __restrict__ bias,
+                        int act) {
+  constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
+  constexpr int UPS = V < BP_BM_DELTA_ENTRIES ? BP_BM_DELTA_ENTRIES / V : 1;  // 16-byte units per step
+  // steps in flight per lane (registers: 1 + 4 * UPS each)
+  constexpr int AH = NB >= 8 ? 1 : (UPS > 1 || NB >= 4) ? 2 : BP_DELTA_AHEAD;
+  const int warps = blockDim.x >> 5;
+  const int rpw = 32 / P;
+  const int groups = (rows + rpw - 1) / rpw;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  {  // weights only, before the prologue: the CTA's first groups into L2, this warp's first steps into L1
+    const int g0 = blockIdx.x * warps;
+    if (blockIdx.y == 0 && g0 < groups) {
+      const int g1 = g0 + warps < groups ? g0 + warps : groups;
+      const long long s0 = __ldg(starts + g0), s1 = __ldg(starts + g1);
+      const long long cap = prefetch_share() * 4 / (4 + 16 * UPS);
+      prefetch_rows_l2(deltas + s0 * 32, (s1 - s0) * 128, (s1 - s0) * 128, (s1 - s0) * 128, cap);
+      prefetch_rows_l2(vals + s0 * UPS * 32, (s1 - s0) * UPS * 512, (s1 - s0) * UPS * 512, (s1 - s0) * UPS * 512,
+                       cap * 4 * UPS);
+    }
+    const int gw = g0 + warp;
+    if (NB == 1 && gw < groups) {
+      const long long s0 = __ldg(starts + gw), s1 = __ldg(starts + gw + 1);
+      for (long long st = s0; st < s1 && st < s0 + 2 * BP_DELTA_AHEAD; ++st) {
+        prefetch_l1(deltas + st * 32 + lane);
+#pragma unroll
+        for (int i = 0; i < UPS; ++i) prefetch_l1(vals + (st * UPS + i) * 32 + lane);
+      }
+    }
+  }
+  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  XT* xs = reinterpret_cast<XT*>(smem_raw);
+  const int SP = Q * P;
+  const int n0 = blockIdx.y * NB;
+  stage_x_segments<T, XT, NB>(x, xs, cols, batch, n0, seg_cols, SP, S);
+  __syncthreads();
+  const int l = lane & (P - 1);
+  const unsigned xcol = (unsigned)(SP * NB * sizeof(XT));  // x bytes between consecutive columns of a segment
+  for (int group = blockIdx.x * warps + warp; group < groups; group += gridDim.x * warps) {
+    const int row = group * rpw + lane / P;
+    const unsigned g0 = __ldg(starts + group);
+    const int D = (int)((__ldg(starts + group + 1) - g0) / (unsigned)Q);  // steps per round (uniform: the warp's)
+    float acc[NB];
+#pragma unroll
+    for (int n = 0; n < NB; ++n) acc[n] = 0.0f;
+    for (int q = 0; q < Q; ++q) {
+      const long long step0 = (long long)g0 + (long long)q * D;
+      const unsigned* dp = deltas + step0 * 32 + lane;
+      const Words<4>* vp = vals + step0 * UPS * 32 + lane;
+      unsigned addr = smem_addr(xs + (q * P + l) * NB);  // column 0 of the lane's segment
+      unsigned sw[AH];
+      Words<4> u[AH][UPS];
+#pragma unroll
+      for (int a = 0; a < AH; ++a)
+        if (a < D) {
+          sw[a] = __ldg(dp + a * 32);
+#pragma unroll
+          for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + (a * UPS + i) * 32);
+        }
+      // rolling: the moment step d0 + a is consumed, its registers load step d0 + a + AH
+      for (int d0 = 0; d0 < D; d0 += AH) {
+#pragma unroll
+        for (int a = 0; a < AH; ++a) {
+          if (d0 + a < D) {  // uniform over the warp
+            delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
+            const int nx = d0 + a + AH;
+            if (nx < D) {
+              sw[a] = __ldg(dp + nx * 32);
+#pragma unroll
+              for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + (nx * UPS + i) * 32);
+            }
+          }
+        }
+      }
+    }
     // the P lanes of a row add their sums (groups are aligned runs of P lanes)
 #pragma unroll
     for (int n = 0; n < NB; ++n)

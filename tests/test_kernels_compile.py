@@ -73,8 +73,9 @@ def test_every_bitmask_variant_compiles_without_spills(tmp_path):
     from balprune.runtime.bitmask import WALKS
     from balprune.runtime.bitmask import kernel_variants as bitmask_variants
 
-    for walk in WALKS:  # both walks (kernels/NOTES.md v26)
-        _assert_fit_64_registers_no_spills(tmp_path, bitmask_variants(), "balanced_bitmask.cu", f"-DBP_BM_WALK={walk}")
+    for walk in WALKS:  # every walk (kernels/NOTES.md v26, v37: walk 7 is the delta kernel's instantiations)
+        _assert_fit_64_registers_no_spills(tmp_path, bitmask_variants(walk), "balanced_bitmask.cu",
+                                           f"-DBP_BM_WALK={walk}")
 
 
 def test_every_nm24_variant_compiles_without_spills(tmp_path):

@@ -154,6 +154,8 @@ def test_kernel_constants_match_the_layout():
     consts = dict(re.findall(r"#define (BP_BM_\w+) (\d+)", src))
     assert int(consts["BP_BM_UNIT_BYTES"]) == layouts.UNIT_BYTES
     assert int(consts["BP_BM_WORD_BITS"]) == layouts.WORD_BITS
+    assert int(consts["BP_BM_DELTA_ENTRIES"]) == layouts.DELTA_STEP_ENTRIES
+    assert int(consts["BP_BM_DELTA_MAX"]) == layouts.DELTA_MAX_STEP
     from balprune.runtime.bitmask import THREADS
 
     assert f"__launch_bounds__({THREADS}," in src
@@ -315,3 +317,110 @@ def test_the_gap_rule_flags_exactly_the_words_the_loop_free_walk_cannot_pass():
             assert free is None, words
         else:
             assert free == looped, words
+
+
+# -- the delta walk's layout (kernels/balanced_bitmask.cu balanced_delta_spmm, walk 7) --------------------------
+
+def _delta(bt: BalancedTensor):
+    from balprune.runtime.balanced import _host_numpy
+
+    return layouts.delta_segments(_host_numpy(bt.values), bt.indices.numpy(), bt.geometry.block_length)
+
+
+def _delta_entries(deltas, starts, dg, rows):
+    """{(row, segment): [(step, position in the segment's entries)]} decoded from the step words."""
+    out = {}
+    for G in range(len(starts) - 1):
+        D = (int(starts[G + 1]) - int(starts[G])) // dg.rounds
+        for q in range(dg.rounds):
+            w = deltas[int(starts[G]) + q * D: int(starts[G]) + (q + 1) * D]  # [D, 32]
+            for lane in range(32):
+                r, s = G * dg.rows_per_group + lane // dg.lanes, q * dg.lanes + lane % dg.lanes
+                out[r, s] = [int(w[d, lane]) >> (4 * j) & 15 for d in range(D) for j in range(8)]
+    return out
+
+
+@pytest.mark.parametrize("rows,cols,pattern", GEOMETRIES + [(37, 4096, BalancedPattern(0.7, blocks=32))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_delta_device_layout_computes_the_product(rows, cols, pattern, dtype):
+    bt = _tensor(rows, cols, pattern, dtype)
+    units, deltas, starts, dg = _delta(bt)
+    assert deltas.dtype == np.uint32 and deltas.shape[1] == 32 and starts.dtype == np.uint32
+    assert units.shape == (int(starts[-1]) * dg.units_per_step, 32, dg.per_unit) and units.dtype == _host(dtype)
+    assert len(starts) == -(-rows // dg.rows_per_group) + 1 and starts[0] == 0
+    assert ((np.diff(starts.astype(np.int64)) % dg.rounds) == 0).all()  # whole steps per round
+    x = np.random.default_rng(1).standard_normal((cols, 3))
+    dense = bt.to_dense().to(torch.float64).numpy()
+    np.testing.assert_allclose(layouts.delta_reference(units, deltas, starts, dg, rows, x), dense @ x,
+                               rtol=1e-12, atol=1e-12)
+
+
+def _host(dtype):
+    return {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+
+
+def test_delta_steps_walk_exactly_the_kept_columns_with_phantoms_for_long_gaps():
+    """Kept columns 0, 15, 16, 31, 63 and 127 of one block of 128 (k = 6): steps 0, 15, 1, 15, then the gap of 32
+    as 15 + 15 + 2 (two phantoms), then 64 as 15 * 4 + 4; a row group pads its segments to 8 * ceil(E / 8)."""
+    rows, L = 3, 128
+    pattern = BalancedPattern(1 - 6 / 128, blocks=None, block_size=L)
+    w = torch.full((rows, L), 1e-3)
+    keep = [0, 15, 16, 31, 63, 127]
+    w[0, keep] = torch.arange(1.0, 7.0)
+    w[1, :6] = 2.0  # columns 0 .. 5: steps 0, 1, 1, 1, 1, 1
+    w[2, 122:] = 3.0  # the last six: 122 as 15 * 8 + 2, then 1s
+    g = geometry_for(rows, L, pattern)
+    bt = BalancedTensor.from_offsets(w, pattern, balanced_offsets(w, g, dtype=g.index_dtype))
+    units, deltas, starts, dg = _delta(bt)
+    assert (dg.g, dg.segments, dg.lanes, dg.rows_per_group) == (1, 1, 1, 32)
+    ent = _delta_entries(deltas, starts, dg, rows)
+    e0 = [0, 15, 1, 15, 15, 15, 2, 15, 15, 15, 15, 4]
+    assert ent[0, 0][: len(e0)] == e0 and not any(ent[0, 0][len(e0):])
+    assert ent[1, 0][:6] == [0, 1, 1, 1, 1, 1] and not any(ent[1, 0][6:])
+    e2 = [15] * 8 + [2, 1, 1, 1, 1, 1]
+    assert ent[2, 0][: len(e2)] == e2 and not any(ent[2, 0][len(e2):])
+    assert len(ent[0, 0]) == 16  # the group's longest segment (row 2: 14 entries) padded to 16
+    vals = units.reshape(-1, 32, dg.per_unit).transpose(1, 0, 2).reshape(32, -1)  # [lane, entries]
+    assert vals[0, [0, 1, 2, 3, 6, 11]].tolist() == [1, 2, 3, 4, 5, 6]
+    assert not vals[0, [4, 5, 7, 8, 9, 10]].any() and not vals[0, 12:].any()  # phantoms and padding are 0
+    x = np.arange(L, dtype=np.float64)
+    np.testing.assert_array_equal(layouts.delta_reference(units, deltas, starts, dg, rows, x),
+                                  bt.to_dense().double().numpy() @ x)
+
+
+def test_row_groups_pad_to_their_own_entry_count():
+    # 1B-like rows (k = 19 of L = 64, two blocks a segment: 38 entries, 40 with padding) and one row whose long gaps
+    # need phantoms: only its group's segments grow
+    rows, cols = 64, 2048
+    pattern = BalancedPattern(0.7, blocks=32)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(5))
+    w[40, :] = 1e-3
+    w[40, ::64] = 1.0  # column 0 of every block ...
+    w[40, 45::64] = 1.0  # ... and 45: gaps of 45 in each block (two phantoms each)
+    g = geometry_for(rows, cols, pattern)
+    bt = BalancedTensor.from_offsets(w, pattern, balanced_offsets(w, g, dtype=g.index_dtype))
+    units, deltas, starts, dg = _delta(bt)
+    assert (dg.g, dg.seg_keep, dg.lanes, dg.rows_per_group) == (2, 38, 16, 2)
+    per_group = np.diff(starts.astype(np.int64)) // dg.rounds * 8
+    assert per_group[40 // 2] > 40 and (np.delete(per_group, 40 // 2) <= 48).all()
+    x = np.random.default_rng(2).standard_normal(cols)
+    np.testing.assert_allclose(layouts.delta_reference(units, deltas, starts, dg, rows, x),
+                               bt.to_dense().double().numpy() @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_delta_layout_is_deterministic_and_copies_value_bits():
+    bt = _tensor(9, 700, BalancedPattern(0.7, blocks=None, block_size=70), torch.float16)
+    a, b = _delta(bt), _delta(bt)
+    for x, y in zip(a[:3], b[:3]):
+        assert x.tobytes() == y.tobytes()
+    kept = np.sort(a[0].view(np.uint16)[a[0].view(np.uint16) != 0])
+    want = bt.values.numpy().view(np.uint16)
+    assert np.array_equal(kept, np.sort(want[want != 0]))  # the values' bits, none converted or lost
+
+
+def test_delta_geometry_rounds_entries_to_whole_steps():
+    # k = 19 of L = 64 (1B at 70%): g = 2 pads 38 to 40 where g = 1 pads 19 to 24; 2:4 fp16 takes 4 blocks (8 entries)
+    assert layouts.DeltaGeometry(32, 64, 19, 2).g == 2
+    assert layouts.DeltaGeometry(256, 4, 2, 2).g == 4
+    dg = layouts.DeltaGeometry(32, 128, 64, 4)
+    assert (dg.g, dg.units_per_step, dg.per_unit) == (1, 2, 4)

@@ -15,9 +15,9 @@ index encodings:
 In memory a BalancedTensor always holds the offsets form (the canonical arrays); ``mask_from_offsets``
 and ``offsets_from_mask`` convert exactly. ``choose_encoding`` is the rule for ``--index auto``.
 ``check_balanced_arrays`` and ``check_bitmask_arrays`` are THE validators of the two encodings
-(formats and the runtime's host validation call them). ``interleave_rows`` and
-``bitmask_segments`` are the device layouts of kernels/balanced_spmv.cu and
-kernels/balanced_bitmask.cu (kernels/README.md); the kernel-side constants they assume
+(formats and the runtime's host validation call them). ``interleave_rows``,
+``bitmask_segments`` and ``delta_segments`` are the device layouts of kernels/balanced_spmv.cu and
+kernels/balanced_bitmask.cu (its mask walks and its delta walk; kernels/README.md); the kernel-side constants they assume
 (UNIT_BYTES, WORD_BITS) are checked against the .cu sources by tests/test_kernels_compile.py.
 """
 
@@ -399,6 +399,159 @@ def bitmask_reference(units: np.ndarray, words: np.ndarray, sg: SegmentGeometry,
             y[r] += vals[r, : len(cols)] @ xx[cols]
     return y
 
+
+
+# -- the delta walk's layout (kernels/balanced_bitmask.cu, balanced_delta_spmm) -------------------------
+
+#: Largest column step one 4-bit delta encodes; a longer gap between kept columns takes phantom entries.
+DELTA_MAX_STEP = 15
+#: Entries per delta word (eight 4-bit steps, the first in the low nibble): one step of the kernel.
+DELTA_STEP_ENTRIES = 8
+
+
+class DeltaGeometry:
+    """How the delta walk (kernels/balanced_bitmask.cu, balanced_delta_spmm) cuts a row: like
+    SegmentGeometry, S segments of g whole blocks (seg_cols = g*L columns; phantom blocks fill the
+    last one), P lanes per row (32/P rows per warp: a row group), Q rounds, x staged interleaved by
+    segment exactly as the bitmask kernel stages it. Instead of mask words a segment holds a list of
+    entries in column order, each a 4-bit column step from the previous entry (the first from the
+    segment's column 0) and a value; a gap of more than 15 columns takes phantom entries (step 15,
+    value 0). Every segment of a row group is padded with (step 0, value 0) entries to the group's
+    entry count E (a multiple of 8): the trip count is uniform over the warp, and one 32-bit word of
+    steps covers 8 entries (one 16-byte unit of fp16/bf16 values, two of fp32).
+
+    g is the smallest number of blocks per segment (1 to 32) whose bytes per row without phantoms,
+    S * ceil8(g*k) * (itemsize + 1/2), are within 10% of the fewest (k = 19 of L = 64 takes g = 2:
+    38 entries pad to 40 where g = 1 pads 19 to 24).
+    """
+
+    def __init__(self, blocks: int, block_length: int, keep: int, itemsize: int) -> None:
+        L = block_length
+        self.per_unit = UNIT_BYTES // itemsize
+        self.units_per_step = DELTA_STEP_ENTRIES // self.per_unit if self.per_unit < DELTA_STEP_ENTRIES else 1
+
+        def row_bytes(g: int) -> float:
+            entries = -(-g * keep // DELTA_STEP_ENTRIES) * DELTA_STEP_ENTRIES
+            return -(-blocks // g) * entries * (itemsize + 0.5)
+
+        least = min(row_bytes(g) for g in range(1, WORD_BITS + 1))
+        self.g = next(g for g in range(1, WORD_BITS + 1) if row_bytes(g) * 10 <= least * 11)
+        self.segments = -(-blocks // self.g)
+        self.seg_cols = self.g * L
+        self.seg_keep = self.g * keep
+        self.lanes = min(32, _next_pow2(self.segments))
+        self.rounds = -(-self.segments // self.lanes)
+        self.rows_per_group = 32 // self.lanes
+        self.padded_cols = self.segments * self.seg_cols
+        self.staged_cols = self.seg_cols * self.rounds * self.lanes  # x as the kernel stages it
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (self.g, self.segments, self.seg_cols, self.seg_keep, self.per_unit, self.lanes, self.rounds,
+                self.padded_cols)
+
+
+def delta_segments(values: np.ndarray, indices: np.ndarray,
+                   block_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, DeltaGeometry]:
+    """The delta walk's device layout from offsets [R, k, B] numpy arrays.
+
+    Returns (units [steps * u, 32, V] of the values' dtype, deltas [steps, 32] uint32, starts
+    [groups + 1] uint32, geometry), u = dg.units_per_step. Row group G (rows G*rpw .. G*rpw + rpw - 1,
+    rpw = 32/P; rows past R hold only padding) owns steps starts[G] .. starts[G+1] - 1, Q rounds of
+    D_G = (starts[G+1] - starts[G]) / Q steps; step starts[G] + q*D_G + d holds, at lane
+    (row - G*rpw)*P + l, the entries 8d .. 8d + 7 of segment s = q*P + l: deltas[step, lane] their
+    4-bit column steps (entry 8d + j in bits 4j .. 4j + 3), units[step*u + i, lane] their values
+    (V per unit, in entry order). A segment past S holds padding only (x is staged 0 there). Values'
+    bits are copied, never converted; identical input gives identical arrays.
+    """
+    R, k, B = values.shape
+    L = block_length
+    dg = DeltaGeometry(B, L, k, values.dtype.itemsize)
+    g, S, P, Q, rpw = dg.g, dg.segments, dg.lanes, dg.rounds, dg.rows_per_group
+    n = dg.seg_keep
+    groups = -(-R // rpw)
+    Rp = groups * rpw
+    # columns of a segment's kept entries in column order [R, S, g*k]; phantom blocks (past B) keep their
+    # first k columns with value 0, as in bitmask_segments (past the row: x staged 0)
+    Bp = S * g
+    col = np.empty((R, Bp, k), dtype=np.int64)
+    col[:, :B, :] = indices.transpose(0, 2, 1)
+    col[:, B:, :] = np.arange(k)
+    col += (np.arange(Bp) % g)[None, :, None] * L
+    col = col.reshape(R, S, n)
+    vb = np.zeros((R, Bp, k), dtype=values.dtype)
+    vb[:, :B, :] = values.transpose(0, 2, 1)
+    vb = vb.reshape(R, S, n)
+    step = np.diff(col, axis=2, prepend=0)  # the first entry steps from column 0
+    phantoms = np.maximum(0, (step - 1) // DELTA_MAX_STEP)  # entries of step 15 before this one
+    pos = np.arange(n)[None, None, :] + np.cumsum(phantoms, axis=2)
+    count = pos[:, :, -1] + 1 if n else np.zeros((R, S), dtype=np.int64)
+    E_max = int(count.max()) if count.size else 0
+    per_group = np.zeros(groups, dtype=np.int64)
+    if R:
+        np.maximum.at(per_group, np.arange(R) // rpw, count.max(axis=1))
+    per_group = -(-per_group // DELTA_STEP_ENTRIES) * DELTA_STEP_ENTRIES  # E_G, a multiple of 8
+    E_cap = max(DELTA_STEP_ENTRIES, -(-E_max // DELTA_STEP_ENTRIES) * DELTA_STEP_ENTRIES)
+    V, u = dg.per_unit, dg.units_per_step
+    steps_total = int(per_group.sum()) // DELTA_STEP_ENTRIES * Q
+    item = values.dtype.itemsize
+    check_fits_memory(Rp * Q * P * E_cap * (3 + 2 * item) + steps_total * 32 * (4 + u * UNIT_BYTES),
+                      f"the delta walk's layout of a [{R}, {B * L}] tensor")
+    # entries [Rp, Q*P, E_cap]: phantoms step 15, the kept entries at pos, padding step 0 (value 0)
+    ent_d = np.where(np.arange(E_cap)[None, None, :] < count[:, :, None], DELTA_MAX_STEP, 0).astype(np.uint8)
+    ent_v = np.zeros((R, S, E_cap), dtype=values.dtype)
+    np.put_along_axis(ent_d, pos, (step - DELTA_MAX_STEP * phantoms).astype(np.uint8), axis=2)
+    np.put_along_axis(ent_v, pos, vb, axis=2)
+    full_d = np.zeros((Rp, Q * P, E_cap), dtype=np.uint8)
+    full_v = np.zeros((Rp, Q * P, E_cap), dtype=values.dtype)
+    full_d[:R, :S], full_v[:R, :S] = ent_d, ent_v
+    del ent_d, ent_v
+    starts = np.zeros(groups + 1, dtype=np.int64)
+    starts[1:] = np.cumsum(per_group // DELTA_STEP_ENTRIES * Q)
+    deltas = np.zeros((steps_total, 32), dtype=np.uint32)
+    units = np.zeros((steps_total * u, 32, V), dtype=values.dtype)
+    shifts = (4 * np.arange(DELTA_STEP_ENTRIES)).astype(np.uint32)
+    for E in np.unique(per_group):
+        gs = np.nonzero(per_group == E)[0]
+        D = int(E) // DELTA_STEP_ENTRIES
+        rows = (gs[:, None] * rpw + np.arange(rpw)[None, :]).ravel()
+        # [ng, rpw, Q, P, D, 8] -> [ng, Q, D, rpw, P, 8]: lane = (row in group) * P + l
+        d = full_d[rows, :, :E].reshape(len(gs), rpw, Q, P, D, DELTA_STEP_ENTRIES).transpose(0, 2, 4, 1, 3, 5)
+        words = (d.astype(np.uint32) << shifts).sum(axis=-1, dtype=np.uint32)  # [ng, Q, D, rpw, P]
+        at = (starts[gs][:, None] + np.arange(Q * D)[None, :]).ravel()
+        deltas[at] = words.reshape(-1, 32)
+        # values [ng, rpw, Q, P, D*u, V] -> [ng, Q, D*u, rpw, P, V]
+        v = full_v[rows, :, :E].reshape(len(gs), rpw, Q, P, D * u, V).transpose(0, 2, 4, 1, 3, 5)
+        uat = (starts[gs][:, None] * u + np.arange(Q * D * u)[None, :]).ravel()
+        units[uat] = v.reshape(-1, 32, V)
+    if starts[-1] >= 1 << 32:
+        raise FormatError(f"a [{R}, {B * L}] tensor needs {starts[-1]} delta steps: more than 32-bit indexing holds")
+    return units, deltas, starts.astype(np.uint32), dg
+
+
+def delta_reference(units: np.ndarray, deltas: np.ndarray, starts: np.ndarray, dg: DeltaGeometry, rows: int,
+                    x: np.ndarray) -> np.ndarray:
+    """y = W x computed from the delta walk's device layout the way the kernel walks it (float64; x
+    [cols] or [cols, N]): the CPU model of balanced_delta_spmm that tests hold the layout to."""
+    P, Q, rpw, u = dg.lanes, dg.rounds, dg.rows_per_group, dg.units_per_step
+    xx = np.zeros((dg.staged_cols,) + x.shape[1:], dtype=np.float64)
+    xx[: x.shape[0]] = x
+    y = np.zeros((rows,) + x.shape[1:], dtype=np.float64)
+    shifts = (4 * np.arange(DELTA_STEP_ENTRIES)).astype(np.uint32)
+    for G in range(len(starts) - 1):
+        D = (int(starts[G + 1]) - int(starts[G])) // Q
+        for q in range(Q):
+            s0 = int(starts[G]) + q * D
+            w = deltas[s0:s0 + D]  # [D, 32]
+            steps = ((w[:, :, None] >> shifts) & 15).transpose(1, 0, 2).reshape(32, -1)  # [lane, 8D]
+            vals = units[s0 * u:(s0 + D) * u].transpose(1, 0, 2).reshape(32, -1).astype(np.float64)
+            col = np.cumsum(steps.astype(np.int64), axis=1)
+            for lane in range(32):
+                r = G * rpw + lane // P
+                s = q * P + lane % P
+                if r >= rows or not col.shape[1]:
+                    continue
+                y[r] += vals[lane] @ xx[s * dg.seg_cols + col[lane]]
+    return y
 
 # -- the persistent decode step's lane records (kernels/llama_step.cu) ------------------------------
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError, UsageError
-from ..formats.layouts import SegmentGeometry, bitmask_segments
+from ..formats.layouts import DeltaGeometry, SegmentGeometry, bitmask_segments, delta_segments
 from ._linear import STORAGE as _STORAGE
 from ._linear import VALUE_DTYPES as _VALUE_DTYPES
 from .balanced import INT_LIMIT, BalancedOperator, _host_numpy, checked_arrays
@@ -31,10 +31,14 @@ def batch_tiles(dtype: str) -> tuple[int, ...]:
 
 #: The kernel's walk (kernels/balanced_bitmask.cu BP_BM_WALK, kernels/NOTES.md v26): 5 walks one
 #: segment per lane at a time; 6 (the uniform walk, two segments per lane at once, over a paired layout)
-#: is faster on long rows and slower on small launches (measured, BENCHMARKS.md), so the model runtime
-#: times every walk (stages.sparse_alternatives), so does bench (walk6_alternative), and a bare operator
-#: takes the default, 5. WALKS lists the default first.
-WALKS = (5, 6)
+#: is faster on long rows and slower on small launches (measured, BENCHMARKS.md); 7 (the delta walk,
+#: kernels/NOTES.md v37: DeltaLinear, its own layout of 4-bit column steps, ~8 instructions per value
+#: where the mask walks take ~16). The model runtime times every walk (stages.sparse_alternatives), so does
+#: bench (walk6_alternative, walk7_alternative), and a bare operator takes the default, 5. WALKS lists the
+#: default first.
+WALKS = (5, 6, 7)
+#: The walk whose layout is delta_segments' (BitmaskLinear(walk=DELTA_WALK) is a DeltaLinear).
+DELTA_WALK = 7
 WALK = WALKS[0]
 #: Threads per CTA: the kernel's __launch_bounds__(256, 4).
 THREADS = 256
@@ -48,17 +52,24 @@ def kernel_name(dtype: str, batch_tile: int, x_own: bool) -> str:
     return f"bp::balanced_bitmask_spmm<{t}, {t if x_own else 'float'}, {batch_tile}>"
 
 
-def kernel_variants() -> list[str]:
-    """Every instantiation the runtime can launch (``plan``'s choices; the compile test builds them all):
-    x staged as fp32 at NB = 1 (and at every NB for float32), in the 16-bit types' own type at NB = 1
-    when fp32 does not fit, and always beyond NB = 1."""
+def delta_kernel_name(dtype: str, batch_tile: int, x_own: bool) -> str:
+    """The CuPy name expression of bp::balanced_delta_spmm<T, XT, NB> (x staged as in kernel_name)."""
+    t = _STORAGE[dtype][1]
+    return f"bp::balanced_delta_spmm<{t}, {t if x_own else 'float'}, {batch_tile}>"
+
+
+def kernel_variants(walk: int = WALK) -> list[str]:
+    """Every instantiation the runtime can launch for ``walk`` (``plan``'s choices; the compile test builds
+    them all): x staged as fp32 at NB = 1 (and at every NB for float32), in the 16-bit types' own type at
+    NB = 1 when fp32 does not fit, and always beyond NB = 1."""
+    name = delta_kernel_name if walk == DELTA_WALK else kernel_name
     names = []
     for d in _STORAGE:
         for nb in batch_tiles(d):
             if d == "float32" or nb == 1:
-                names.append(kernel_name(d, nb, False))
+                names.append(name(d, nb, False))
             if d != "float32":
-                names.append(kernel_name(d, nb, True))
+                names.append(name(d, nb, True))
     return names
 
 
@@ -70,8 +81,12 @@ class BitmaskLinear(BalancedOperator):
     PackedFile.load, which checked them) or with ``from_tensor(BalancedTensor)``. The call contract
     is SparseLinear's (x [cols] or [cols, N] in the layer's dtype, C-contiguous). ``defines``: extra
     -D options for the kernel build (experiments, e.g. "BP_BM_AHEAD=4"). ``walk``: the kernel's walk
-    version (WALKS; it also decides the layout: 6 pairs each lane's rounds).
+    version (WALKS; it also decides the layout: 6 pairs each lane's rounds; 7 builds a DeltaLinear).
     """
+
+    def __new__(cls, *args, walk: int = WALK, **kw):
+        # walk 7 is its own layout and kernel: the one knob callers turn (stages, bench, probes) picks the class
+        return super().__new__(DeltaLinear if cls is BitmaskLinear and walk == DELTA_WALK else cls)
 
     def __init__(self, values, indices, *, cols: int, block_length: int, device: int = 0, validate: bool = True,
                  name: str = "tensor", defines: tuple[str, ...] = (), walk: int = WALK) -> None:
@@ -89,15 +104,22 @@ class BitmaskLinear(BalancedOperator):
         self.walk = int(walk)
         self.defines = (f"BP_BM_WALK={self.walk}",) + tuple(defines)
         # the staged x is indexed with 32-bit ints: refuse before building the layout
-        if SegmentGeometry(blocks, self.block_length, keep, v.element_size()).staged_cols * BATCH_TILES[-1] > INT_LIMIT:
+        if self._geometry(blocks, keep, v.element_size()).staged_cols * BATCH_TILES[-1] > INT_LIMIT:
             raise FormatError(f"{name}: {cols} columns exceed the bitmask kernel's 32-bit indexing")
-        units, words, sg = bitmask_segments(_host_numpy(v), i.numpy(), self.block_length, paired=self.walk == 6)
-        self.segments = sg
         with cp.cuda.Device(self.device):
-            self.units_dev = cp.asarray(units)
-            self.words_dev = cp.asarray(words)
+            self._build_layout(cp, _host_numpy(v), i.numpy())
         self._kernels: dict[tuple, object] = {}
         self._configs: dict[int, dict] = {}
+
+    def _geometry(self, blocks: int, keep: int, itemsize: int):
+        return SegmentGeometry(blocks, self.block_length, keep, itemsize)
+
+    def _build_layout(self, cp, values, indices) -> None:
+        """The device arrays of the walk's layout (on the current device)."""
+        units, words, sg = bitmask_segments(values, indices, self.block_length, paired=self.walk == 6)
+        self.segments = sg
+        self.units_dev = cp.asarray(units)
+        self.words_dev = cp.asarray(words)
 
     @property
     def weight_bytes(self) -> int:
@@ -139,7 +161,7 @@ class BitmaskLinear(BalancedOperator):
         nb, own = self.plan(batch)
         smem = self.shared_bytes(nb, own)
         k = self._kernel(nb, own, smem)
-        rows_per_cta = (32 // self.segments.lanes) * (THREADS // 32)
+        rows_per_cta = (32 // self.segments.lanes) * (THREADS // 32)  # (a delta row group is 32 / lanes rows)
         per_sm = max(1, min(info.max_threads_per_sm // THREADS, info.regs_per_sm // max(1, k.num_regs * THREADS),
                             info.smem_per_sm // (smem + 1024)))
         passes = -(-batch // nb)
@@ -160,9 +182,9 @@ class BitmaskLinear(BalancedOperator):
 
 
 def walk6_alternative(packed):
-    """bench's walk-6 path of a balanced layer (patterns.registry.BenchAlternative): the tensor itself when
-    it is stored with bitmask indices, else None. bench times both walks, as the model runtime does
-    (model.stages.sparse_alternatives): neither is the faster on every shape."""
+    """bench's walk-6 (and walk-7) path of a balanced layer (patterns.registry.BenchAlternative): the tensor
+    itself when it is stored with bitmask indices, else None. bench times every walk, as the model runtime does
+    (model.stages.sparse_alternatives): none is the faster on every shape."""
     return packed if getattr(packed, "encoding", None) == "bitmask" else None
 
 
@@ -171,5 +193,46 @@ def walk6_from_tensor(packed, **kw) -> BitmaskLinear:
     return BitmaskLinear.from_tensor(packed, walk=6, **kw)
 
 
-__all__ = ["BATCH_TILES", "WALK", "WALKS", "BitmaskLinear", "kernel_name", "kernel_variants", "walk6_alternative",
-           "walk6_from_tensor"]
+def walk7_from_tensor(packed, **kw) -> BitmaskLinear:
+    """``BitmaskLinear.from_tensor`` on walk 7, the delta walk (a DeltaLinear)."""
+    return BitmaskLinear.from_tensor(packed, walk=DELTA_WALK, **kw)
+
+
+class DeltaLinear(BitmaskLinear):
+    """BitmaskLinear's walk 7: the same kernel file, staging and call contract, its own device layout
+    (formats.layouts.delta_segments: per kept value a 4-bit column step, segments of a row group padded
+    to one entry count) and kernel (bp::balanced_delta_spmm). Built as ``BitmaskLinear(..., walk=7)``."""
+
+    def _geometry(self, blocks: int, keep: int, itemsize: int):
+        return DeltaGeometry(blocks, self.block_length, keep, itemsize)
+
+    def _build_layout(self, cp, values, indices) -> None:
+        units, deltas, starts, dg = delta_segments(values, indices, self.block_length)
+        self.segments = dg
+        self.units_dev = cp.asarray(units)
+        self.deltas_dev = cp.asarray(deltas)
+        self.starts_dev = cp.asarray(starts)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of value units, step words and group starts the kernel streams per pass (padding included)."""
+        return int(self.units_dev.nbytes + self.deltas_dev.nbytes + self.starts_dev.nbytes)
+
+    def shared_bytes(self, batch_tile: int, x_own: bool) -> int:
+        """Dynamic shared memory of a launch: x staged [seg_cols, Q*P, NB] as in BitmaskLinear, nothing else."""
+        item = _X_STAGE_BYTES[self.dtype] if x_own else 4
+        return -(-self.segments.staged_cols * batch_tile * item // 16) * 16
+
+    def _kernel(self, nb: int, own: bool, smem: int):
+        return self._compiled((nb, own), "balanced_bitmask.cu", delta_kernel_name(self.dtype, nb, own), smem)
+
+    def _launch_args(self, x, y, batch: int, cfg: dict) -> tuple:
+        """The kernel arguments of one launch (balanced_delta_spmm's parameter order, up to y)."""
+        dg = self.segments
+        return (self.units_dev, self.deltas_dev, self.starts_dev, np.int32(self.rows), np.int32(dg.rounds),
+                np.int32(dg.lanes), np.int32(dg.seg_cols), np.int32(dg.segments), x, np.int32(self.cols),
+                np.int32(batch), y)
+
+
+__all__ = ["BATCH_TILES", "DELTA_WALK", "WALK", "WALKS", "BitmaskLinear", "DeltaLinear", "delta_kernel_name",
+           "kernel_name", "kernel_variants", "walk6_alternative", "walk6_from_tensor", "walk7_from_tensor"]
