@@ -11,7 +11,7 @@
 #   probe   step-probe, decode-new, step-tests, base probe, llama-tests (~7 min: the persistent step's time)
 #   probe1  the timeline and the full build only, decode-new (~3 min: a session's last device minutes)
 #   builds  builds of the persistent step (1B 70%) timed and compared: BASE is step_probe.py's --builds, e.g.
-#           ';flow' (~2 min)
+#           ';BP_STEP_X=1' (~2 min)
 #   ncu     the persistent step under ncu --set full: details, the SASS lines warps stall on (~3 min)
 # BASE: a previous tree for the same-run A/B steps (mode builds: the builds to compare), made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base

@@ -88,8 +88,7 @@ def main() -> int:
     ap.add_argument("--slots", default="32768", help="ring slot sizes in bytes, comma-separated")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--builds", default="", help="builds to time beside each other: ';'-separated sets of -D "
-                    "defines, each comma-separated ('' = the runtime's build; 'flow' = StepKernel(flow=True); e.g. "
-                    "';flow'); each probe-0 build's "
+                    "defines, each comma-separated ('' = the runtime's build; e.g. ';BP_STEP_X=1'); each probe-0 build's "
                     "output is compared with the first's from the same input")
     ap.add_argument("--timeline", action="store_true", help="the probe 64 and 96 timelines first")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -136,11 +135,10 @@ def main() -> int:
     reference = None
     for slot in (int(s) for s in a.slots.split(",")):
         for build in a.builds.split(";"):
-            extra = tuple(d for d in build.split(",") if d and d != "flow")
+            extra = tuple(d for d in build.split(",") if d)
             for probe in (int(p) for p in a.probes.split(",")):
                 defines = ((f"BP_STEP_PROBE={probe}",) if probe else ()) + extra
-                kernel = StepKernel(dec, dec.stacked, 0, slot_bytes=slot, defines=defines,
-                                    flow="flow" in build.split(","))
+                kernel = StepKernel(dec, dec.stacked, 0, slot_bytes=slot, defines=defines)
                 row = {"probe": probe, "build": build or "runtime"}
                 if probe == 0:
                     out = one_step(kernel)

@@ -39,7 +39,7 @@
 // phases: [4 * layers][kPhaseFields] u64 (fields below), layers: [layers][kLayerFields] u64.
 // Dynamic shared memory (bytes): 128 (mbarriers) + 4 * xfloats (xs, >= 2 * hidden: stage_norm loads h and the
 // norm's weights into it; attention's scratch aliases it) + 4 * (xcap_pad) (xtmp: x in column order, padded per
-// lane range) + 4 * 2 * kMaxTasks (task sums; BP_STEP_FLOW: 4 * slots * kMaxTasks) + 4 * residual_floats(hidden, grid) (hres) + slots * slot_bytes
+// lane range) + 4 * 2 * kMaxTasks (task sums) + 4 * residual_floats(hidden, grid) (hres) + slots * slot_bytes
 // (the ring), each part 128-aligned (llama_step.py computes it). The o and down phases have hidden rows.
 // Grid: one CTA per SM, all resident (cooperative launch); block kStepThreads.
 // bar: u32 [2], zero before the first launch; every launch leaves them zero.
@@ -57,23 +57,6 @@
 //       10 gate/up rows done, 11 barrier, 12 down x staged, 13 down rows done, 14 barrier
 #ifndef BP_STEP_PROBE
 #define BP_STEP_PROBE 0
-#endif
-// BP_STEP_FLOW (a -D define, 0 in the runtime until measured; llama_step.py's StepKernel(flow=True) sets it and
-// sizes the shared memory for it): no CTA barrier per chunk (kernels/NOTES.md v35). Warp 0 is the producer: per
-// chunk it waits until every other warp has counted itself in on the slot's `empty` mbarrier (their task sums
-// written), runs the chunk's epilogue, then asks for the slot's next copy; warps 1.. walk the tasks, count
-// themselves in, and go straight on to their tasks of the next chunk (waiting only for its data). Task sums are
-// kept per slot (a chunk's epilogue may run while later chunks' tasks are walked). The tasks are planned as for
-// 16 warps, so every task sum, and so the result, is the runtime build's bit for bit. (Probe 64's stamps are
-// thread 0's, the producer's: "rows done" then marks the phase's last epilogue.)
-#ifndef BP_STEP_FLOW
-#define BP_STEP_FLOW 0
-#endif
-// BP_STEP_RELAXED_POLL (a -D define, 0 in the runtime until measured; kernels/NOTES.md v36): the grid barrier's
-// thread 0 polls with relaxed loads and acquires once, with a fence, when the count is reached (each
-// ld.acquire.gpu poll compiles to a load and an invalidation of the SM's whole L1).
-#ifndef BP_STEP_RELAXED_POLL
-#define BP_STEP_RELAXED_POLL 0
 #endif
 #if BP_STEP_PROBE & 64
 constexpr int kStampsPerLayer = 16, kStampLayers = 64, kStampCtas = 160;
@@ -105,8 +88,7 @@ __device__ unsigned long long bp_step_stamps[kStampCtas * kStampSlots];
 namespace bp {
 
 constexpr int kProbe = BP_STEP_PROBE;
-constexpr bool kFlow = BP_STEP_FLOW != 0;
-constexpr int kMaxSlots = 8;  // mbarriers: full[kMaxSlots] then (flow) empty[kMaxSlots] in the first 128 bytes
+constexpr int kMaxSlots = 8;  // mbarriers: full[kMaxSlots] in the first 128 bytes
 
 constexpr int kStepThreads = 512;
 constexpr int kMaxTasks = 1024;  // tasks of one chunk (rows x groups)
@@ -147,16 +129,9 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
     // an arrival that does not wait for its answer (atomicAdd's return cost a round trip before the first poll)
     asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
     unsigned v;
-    if (BP_STEP_RELAXED_POLL) {
-      do {
-        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
-      } while (v < target);
-      asm volatile("fence.acq_rel.gpu;" ::: "memory");  // (the acquire of the arrivals the last load observed)
-    } else {
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
-      } while (v < target);
-    }
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+    } while (v < target);
   }
   __syncthreads();
 }
@@ -235,11 +210,10 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     int xfloats, int xtmp_floats, int slots, unsigned slot_bytes) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);  // [slots <= kMaxSlots]
-  unsigned long long* empty = full + kMaxSlots;                             // (flow) [slots]
   float* xs = reinterpret_cast<float*>(smem + 128);                         // [xfloats]; attention's scratch too
   float* xtmp = xs + xfloats;                                              // [xtmp_floats]
-  float* tsum = xtmp + xtmp_floats;                                        // [2 (flow: slots)][kMaxTasks]
-  float* hres = tsum + (kFlow ? slots : 2) * kMaxTasks;                     // [residual_floats(hidden, G)]
+  float* tsum = xtmp + xtmp_floats;                                        // [2][kMaxTasks]
+  float* hres = tsum + 2 * kMaxTasks;                                      // [residual_floats(hidden, G)]
   unsigned char* ring = reinterpret_cast<unsigned char*>(hres + residual_floats(hidden, gridDim.x));
   __shared__ float red[32];
   const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -284,7 +258,6 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
   BP_STEP_EDGE(0);
   if (tid == 0) {
     for (int s = 0; s < slots; ++s) mbar_init(full + s, 1);
-    for (int s = 0; kFlow && s < slots; ++s) mbar_init(empty + s, (blockDim.x >> 5) - 1);
     mbar_init_fence();
     for (int s = 0; s < slots && !(kProbe & 16); ++s) issue_next();
   }
@@ -372,12 +345,23 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
     const unsigned rec_words = (unsigned)(ph(pi, kRecBytes) / 4);
     const float* bias = reinterpret_cast<const float*>(ph(pi, kBias));
     const int recs_per_row = mode == 2 ? 2 : 1;
-    // The flow build's chunk epilogue and task walk. The runtime's build below keeps v33's loop text as it was
-    // measured (with these lambdas in its place its PTX differs); once v35 is measured, the loser goes and the
-    // winner keeps one copy of each.
-    // The chunk's epilogue: its rows [0, nrows) from the task sums, row i by thread e0 + k * step.
-    auto epilogue = [&](const float* sums, int a, int nrows, int e0, int step) {
-      for (int i = e0; i < nrows; i += step) {
+    for (int a = r0; a < r1; a += per) {
+      const int nrows = min(per, r1 - a);
+      const int slot = (int)(q % slots);
+      mbar_wait(full + slot, (unsigned)((q / slots) & 1));
+      const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
+      float* sums = tsum + (q & 1) * kMaxTasks;
+      const int tasks = nrows * recs_per_row * groups;
+      for (int task = warp; task < tasks && !(kProbe & 4); task += warps) {
+        const int rec = task / groups, g = task - rec * groups;
+        const int t0 = (int)(((long long)g * n / groups) & ~1LL);
+        const int t1 = g + 1 == groups ? n : (int)(((long long)(g + 1) * n / groups) & ~1LL);
+        const float s = task_dot<T>(base + (size_t)rec * rec_words, W, t0, t1, xs, lane);
+        if (lane == 0) sums[task] = s;
+      }
+      __syncthreads();  // the slot is read and the sums are written
+      if (tid == 0) issue_next();
+      for (int i = tid; i < nrows; i += nt) {
         const int row = a + i;
         if (mode == 2) {
           float sg = 0.0f, su = 0.0f;
@@ -401,77 +385,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) llama_step(
           }
         }
       }
-    };
-    // A warp's tasks of a chunk: tasks first, first + stride, ... into sums.
-    auto walk = [&](const unsigned* base, int tasks, int first, int stride, float* sums) {
-      for (int task = first; task < tasks && !(kProbe & 4); task += stride) {
-        const int rec = task / groups, g = task - rec * groups;
-        const int t0 = (int)(((long long)g * n / groups) & ~1LL);
-        const int t1 = g + 1 == groups ? n : (int)(((long long)(g + 1) * n / groups) & ~1LL);
-        const float s = task_dot<T>(base + (size_t)rec * rec_words, W, t0, t1, xs, lane);
-        if (lane == 0) sums[task] = s;
-      }
-    };
-    for (int a = r0; a < r1; a += per) {
-      const int nrows = min(per, r1 - a);
-      const int slot = (int)(q % slots);
-      if (kFlow) {
-        const unsigned parity = (unsigned)((q / slots) & 1);
-        float* sums = tsum + slot * kMaxTasks;
-        if (warp != 0) {  // a consumer: its tasks, then counted in; on to the next chunk without waiting for others
-          mbar_wait(full + slot, parity);
-          const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
-          walk(base, nrows * recs_per_row * groups, warp - 1, warps - 1, sums);
-          __syncwarp();  // (every lane's reads of the slot come before lane 0's arrival, which releases them)
-          if (lane == 0) mbar_arrive(empty + slot);
-        } else {  // the producer: once every consumer is in, the epilogue, then the slot's next copy
-          mbar_wait(empty + slot, parity);
-          // the epilogue first: the next copy into this slot lets the consumers walk it and write its task sums
-          // (the same tsum block) while the epilogue would still be reading them
-          epilogue(sums, a, nrows, lane, 32);
-          __syncwarp();
-          if (lane == 0) issue_next();
-        }
-      } else {  // (the runtime's build: v33 as measured, PTX unchanged)
-        mbar_wait(full + slot, (unsigned)((q / slots) & 1));
-        const unsigned* base = reinterpret_cast<const unsigned*>(ring + (size_t)slot * slot_bytes);
-        float* sums = tsum + (q & 1) * kMaxTasks;
-        const int tasks = nrows * recs_per_row * groups;
-        for (int task = warp; task < tasks && !(kProbe & 4); task += warps) {
-          const int rec = task / groups, g = task - rec * groups;
-          const int t0 = (int)(((long long)g * n / groups) & ~1LL);
-          const int t1 = g + 1 == groups ? n : (int)(((long long)(g + 1) * n / groups) & ~1LL);
-          const float s = task_dot<T>(base + (size_t)rec * rec_words, W, t0, t1, xs, lane);
-          if (lane == 0) sums[task] = s;
-        }
-        __syncthreads();  // the slot is read and the sums are written
-        if (tid == 0) issue_next();
-        for (int i = tid; i < nrows; i += nt) {
-          const int row = a + i;
-          if (mode == 2) {
-            float sg = 0.0f, su = 0.0f;
-            for (int g = 0; g < groups; ++g) {
-              sg += sums[(2 * i) * groups + g];
-              su += sums[(2 * i + 1) * groups + g];
-            }
-            const float gv = rnd<T>(sg), uv = rnd<T>(su);
-            const float si = rnd<T>(gv / (1.0f + __expf(-gv)));
-            Val<T>::store(act + row, si * uv);
-          } else {
-            float s = 0.0f;
-            for (int g = 0; g < groups; ++g) s += sums[i * groups + g];
-            if (bias != nullptr) s += __ldg(bias + row);
-            if (mode == 0) {
-              Val<T>::store(qkv + row, s);
-            } else {  // the residual from hres (a load from h here cost the chunk's next tasks a round trip)
-              const float hn = rnd<T>(hres[row - hr0] + rnd<T>(s));
-              hres[row - hr0] = hn;
-              Val<T>::store(h + row, hn);
-            }
-          }
-        }
-      }
-      ++q;  // (without flow the next chunk's sums go to the other half of tsum; a barrier separates its reuse)
+      ++q;  // (the next chunk's sums go to the other half of tsum; a barrier separates its reuse)
     }
   };
 

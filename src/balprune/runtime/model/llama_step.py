@@ -66,8 +66,7 @@ def plan_phase(rows: int, record_bytes: int, kept: int, pairs: bool, grid: int, 
     per = max(1, -(-most // chunks))
     per = min(per, slot_bytes // unit, MAX_TASKS // recs)
 
-    def busy(g: int) -> float:  # the warps' share of a chunk's rounds that do work (a barrier ends each chunk
-        # in the runtime's build; the flow build keeps this plan so that its sums are the same)
+    def busy(g: int) -> float:  # the warps' share of a chunk's rounds that do work (a barrier ends each chunk)
         tasks = per * recs * g
         return tasks / (-(-tasks // warps) * warps)
 
@@ -121,12 +120,10 @@ class StepKernel:
     key -> (stacked BalancedTensor, fp32 bias or None), as LlamaDecoder kept them. ``launch()`` runs every
     decoder layer and the final norm (into dec.xn) on the current CuPy stream. ValueError (with the reason)
     when it cannot take the decoder or does not fit this GPU's shared memory. ``defines``: -D options of the
-    build (benchmarks/step_probe.py's BP_STEP_PROBE; none in the runtime). ``flow``: the BP_STEP_FLOW build (no CTA
-    barrier per chunk: warp 0 produces and runs the epilogues, the other warps walk the tasks; task sums per
-    slot), not the runtime's until measured (kernels/NOTES.md v35)."""
+    build (benchmarks/step_probe.py's BP_STEP_PROBE; none in the runtime)."""
 
     def __init__(self, dec, stacked: list[dict[str, tuple]], device: int, *, slot_bytes: int = SLOT_BYTES,
-                 defines: tuple[str, ...] = (), flow: bool = False) -> None:
+                 defines: tuple[str, ...] = ()) -> None:
         from ...formats.layouts import LANES
         from .. import _gpu
         from .._launch import function_ptr, prepared
@@ -143,8 +140,6 @@ class StepKernel:
             raise ValueError("the step kernel's bulk copies need sm_90 or newer")
         grid = info.multiprocessors
         name = f"bp::llama_step<{_KERNEL_TYPE[dec.dtype]}>"
-        if flow:
-            defines = (*defines, "BP_STEP_FLOW=1")
         self.module = load_module("llama_step.cu", (name,), device=device, defines=defines)
         self.fn = self.module.get_function(name)
         dev = dec.h.device
@@ -169,16 +164,13 @@ class StepKernel:
         xfloats = _round32(max(max(LANES * c for c in lanes_cols), att_floats, 2 * cfg.hidden_size))
         xtmp = _round32(max(LANES * (c | 1) for c in lanes_cols))
         slot = max(slot_bytes, _round_up(max(units), 128))
-        # the dynamic shared memory before the ring (the kernel's header); with flow a slot brings its task sums
-        per_slot = slot + (4 * MAX_TASKS if flow else 0)
-        fixed = (128 + 4 * (xfloats + xtmp + (0 if flow else 2 * MAX_TASKS) + residual_floats(cfg.hidden_size, grid))
-                 + STATIC_SHARED)
-        slots = min(MAX_SLOTS, (info.smem_per_block_optin - fixed) // per_slot)
+        # the dynamic shared memory before the ring (the kernel's header)
+        before_ring = 128 + 4 * (xfloats + xtmp + 2 * MAX_TASKS + residual_floats(cfg.hidden_size, grid))
+        fixed = before_ring + STATIC_SHARED
+        slots = min(MAX_SLOTS, (info.smem_per_block_optin - fixed) // slot)
         if slots < MIN_SLOTS:
-            raise ValueError(f"the step kernel needs {fixed + MIN_SLOTS * per_slot} bytes of shared memory per CTA; "
+            raise ValueError(f"the step kernel needs {fixed + MIN_SLOTS * slot} bytes of shared memory per CTA; "
                              f"this GPU allows {info.smem_per_block_optin}")
-        sums = (slots if flow else 2) * MAX_TASKS
-        before_ring = 128 + 4 * (xfloats + xtmp + sums + residual_floats(cfg.hidden_size, grid))
         self.plans: list[PhasePlan] = []
         for i, (recs, lg, (packed, bias)) in enumerate(geoms):
             key = PHASE_KEYS[i % 4]
@@ -186,7 +178,6 @@ class StepKernel:
             rows = recs.shape[0] // (2 if pairs else 1)
             if key in ("o", "down") and rows != cfg.hidden_size:  # (the kernel keeps their residual rows: hres)
                 raise ValueError(f"layer {i // 4} {key}: {rows} rows, the model's hidden size is {cfg.hidden_size}")
-            # (flow: warp 0 walks no tasks, but the plan stays the 16-warp one: the same task sums, bit for bit)
             plan = plan_phase(rows, lg.record_bytes, lg.kept, pairs, grid, slot)
             self.plans.append(plan)
             dev_recs = torch.from_numpy(recs.view(np.int32)).to(dev)
