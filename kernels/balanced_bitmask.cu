@@ -662,12 +662,11 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
         for (int a = 0; a < AH; ++a) {
           if (d0 + a < D) {  // uniform over the warp
             delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
-            const int nx = d0 + a + AH;
-            if (nx < D) {
-              sw[a] = __ldg(dp + nx * 32);
+            // past the last step the last one again (an L1 hit, never used): no branch around the loads
+            const int nx = min(d0 + a + AH, D - 1);
+            sw[a] = __ldg(dp + nx * 32);
 #pragma unroll
-              for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + (nx * UPS + i) * 32);
-            }
+            for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + (nx * UPS + i) * 32);
           }
         }
       }
