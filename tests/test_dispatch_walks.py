@@ -86,6 +86,21 @@ def test_bench_times_the_other_walk_of_a_bitmask_stored_layer_only():
     assert alt.convert(bt.with_encoding("offsets")) is None
 
 
+def test_walk_7_builds_the_delta_operator_and_bench_times_it():
+    """BitmaskLinear(walk=7) is a DeltaLinear (its own layout and kernel, the same call contract); every other walk
+    the mask kernel's operator. bench's table times the delta walk of a bitmask-stored layer as balanced_walk7."""
+    from balprune.bench.report import ALTERNATIVES
+    from balprune.patterns.registry import ENCODINGS
+    from balprune.runtime.bitmask import DELTA_WALK, DeltaLinear
+
+    assert DELTA_WALK in WALKS and WALK != DELTA_WALK
+    assert type(BitmaskLinear.__new__(BitmaskLinear, walk=DELTA_WALK)) is DeltaLinear
+    assert type(BitmaskLinear.__new__(BitmaskLinear, walk=6)) is BitmaskLinear
+    assert type(BitmaskLinear.__new__(BitmaskLinear)) is BitmaskLinear
+    alt = next(a for a in ENCODINGS["balanced"].bench_alternatives if a.kernel == "balanced_walk7")
+    assert "balanced_walk7" in ALTERNATIVES["balanced"] and alt.operator.path.endswith(":walk7_from_tensor")
+
+
 # -- which timed path runs (measure.pick_path) -----------------------------------------------------------------
 
 def test_the_fastest_path_runs_when_it_is_clearly_faster():

@@ -90,7 +90,7 @@ def _launch(op, bt: BalancedTensor, batch: int, *, bias: bool = False, relu: boo
     assert_within_rounding(got.reshape(ref.shape), ref, absdot, g.keep * g.blocks + 1, bt.dtype)
 
 
-@pytest.mark.parametrize("walk", [5, 6, 7])
+@pytest.mark.parametrize("walk", [5, 6, 7], ids=lambda w: f"walk{w}")
 @pytest.mark.parametrize("batch", [1, 3, 4, 16])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -102,7 +102,7 @@ def test_bitmask_against_float64(dtype, case, batch, walk):
     _launch(op, bt, batch)
 
 
-@pytest.mark.parametrize("walk", [5, 6, 7])
+@pytest.mark.parametrize("walk", [5, 6, 7], ids=lambda w: f"walk{w}")
 @pytest.mark.parametrize("relu,bias", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -113,7 +113,7 @@ def test_bitmask_epilogue(dtype, batch, relu, bias, walk):
     _launch(BitmaskLinear.from_tensor(bt, walk=walk), bt, batch, bias=bias, relu=relu)
 
 
-@pytest.mark.parametrize("walk", [5, 6, 7])
+@pytest.mark.parametrize("walk", [5, 6, 7], ids=lambda w: f"walk{w}")
 def test_bitmask_tall_matrix_many_row_groups(walk):
     """Thousands of rows: every CTA of the persistent grid walks many row groups."""
     from balprune.runtime.bitmask import BitmaskLinear
