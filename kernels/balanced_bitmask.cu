@@ -583,11 +583,16 @@ __device__ __forceinline__ void delta_step(unsigned steps, const Words<4> (&u)[U
 #pragma unroll
   for (int t = 0; t < BP_BM_DELTA_ENTRIES; ++t) {
     addr += ((steps >> (4 * t)) & (unsigned)BP_BM_DELTA_MAX) * xcol;
-    float xv[NB];
-    lds_x<XT, NB>(addr, xv);
     const float w = Val<T>::template at<4>(u[t / V], t % V);
+    // x in pieces of at most 4 batch columns (16 x values live at once spill at NB = 16)
+    constexpr int NP = NB < 4 ? NB : 4;
 #pragma unroll
-    for (int n = 0; n < NB; ++n) acc[n] = fmaf(w, xv[n], acc[n]);
+    for (int n0 = 0; n0 < NB; n0 += NP) {
+      float xv[NP];
+      lds_x<XT, NP>(addr + n0 * (unsigned)sizeof(XT), xv);
+#pragma unroll
+      for (int n = 0; n < NP; ++n) acc[n0 + n] = fmaf(w, xv[n], acc[n0 + n]);
+    }
   }
 }
 
@@ -602,8 +607,8 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   // steps in flight per lane (registers: 1 + 4 * UPS each)
   constexpr int AH = NB >= 8 ? 1 : (UPS > 1 || NB >= 4) ? 2 : BP_DELTA_AHEAD;
   const int warps = blockDim.x >> 5;
-  const int rpw = 32 / P;
-  const int groups = (rows + rpw - 1) / rpw;
+  const int lg = __ffs(P) - 1;  // P is a power of two: rows per group 32 / P = 1 << (5 - lg)
+  const int groups = (rows + (1 << (5 - lg)) - 1) >> (5 - lg);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   {  // weights only, before the prologue: the CTA's first groups into L2, this warp's first steps into L1
@@ -636,7 +641,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   const int l = lane & (P - 1);
   const unsigned xcol = (unsigned)(SP * NB * sizeof(XT));  // x bytes between consecutive columns of a segment
   for (int group = blockIdx.x * warps + warp; group < groups; group += gridDim.x * warps) {
-    const int row = group * rpw + lane / P;
+    const int row = (group << (5 - lg)) + (lane >> lg);
     const unsigned g0 = __ldg(starts + group);
     const int D = (int)((__ldg(starts + group + 1) - g0) / (unsigned)Q);  // steps per round (uniform: the warp's)
     float acc[NB];
