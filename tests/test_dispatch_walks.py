@@ -69,36 +69,39 @@ def test_binding_the_default_walk_drops_the_other_layout():
     assert proj.alternatives == [(MODEL_BITMASK_PATH, default)]
 
 
-def test_bench_times_the_other_walk_of_a_bitmask_stored_layer_only():
-    """bench's per-layer table (patterns.registry: balanced's bench_alternatives) times walk 6 beside the
-    subject (the default walk) for a bitmask-stored layer, so its path column can name the runtime's choice;
-    an offsets-stored layer has no such path."""
+def test_bench_times_the_other_walks_of_a_bitmask_stored_layer_only():
+    """bench's per-layer table (patterns.registry: balanced's bench_alternatives) times the mask walks beside the
+    subject (the default walk, the delta walk) for a bitmask-stored layer, so its path column can name the
+    runtime's choice; an offsets-stored layer has no such path."""
     from helpers import balanced_conv_weight
 
     from balprune.bench.report import ALTERNATIVES
     from balprune.patterns.registry import ENCODINGS
 
-    assert OTHER == 6 and "balanced_walk6" in ALTERNATIVES["balanced"]
-    alt = next(a for a in ENCODINGS["balanced"].bench_alternatives if a.kernel == "balanced_walk6")
-    bt, _ = balanced_conv_weight(8, 16, 1, 1, 0.5, blocks=4)
-    bm = bt.with_encoding("bitmask")
-    assert alt.convert(bm) is bm
-    assert alt.convert(bt.with_encoding("offsets")) is None
+    others = [w for w in WALKS if w != WALK]
+    assert others == [5, 6]
+    for walk in others:
+        kernel = f"balanced_walk{walk}"
+        assert kernel in ALTERNATIVES["balanced"]
+        alt = next(a for a in ENCODINGS["balanced"].bench_alternatives if a.kernel == kernel)
+        assert alt.operator.path.endswith(f":walk{walk}_from_tensor")
+        bt, _ = balanced_conv_weight(8, 16, 1, 1, 0.5, blocks=4)
+        bm = bt.with_encoding("bitmask")
+        assert alt.convert(bm) is bm
+        assert alt.convert(bt.with_encoding("offsets")) is None
+    assert f"balanced_walk{WALK}" not in ALTERNATIVES["balanced"]  # the subject is the default walk
 
 
-def test_walk_7_builds_the_delta_operator_and_bench_times_it():
-    """BitmaskLinear(walk=7) is a DeltaLinear (its own layout and kernel, the same call contract); every other walk
-    the mask kernel's operator. bench's table times the delta walk of a bitmask-stored layer as balanced_walk7."""
-    from balprune.bench.report import ALTERNATIVES
-    from balprune.patterns.registry import ENCODINGS
+def test_the_default_walk_is_the_delta_operator():
+    """BitmaskLinear() and BitmaskLinear(walk=7) are a DeltaLinear (its own layout and kernel, the same call
+    contract); the mask walks the mask kernel's operator."""
     from balprune.runtime.bitmask import DELTA_WALK, DeltaLinear
 
-    assert DELTA_WALK in WALKS and WALK != DELTA_WALK
+    assert WALK == DELTA_WALK
+    assert type(BitmaskLinear.__new__(BitmaskLinear)) is DeltaLinear
     assert type(BitmaskLinear.__new__(BitmaskLinear, walk=DELTA_WALK)) is DeltaLinear
     assert type(BitmaskLinear.__new__(BitmaskLinear, walk=6)) is BitmaskLinear
-    assert type(BitmaskLinear.__new__(BitmaskLinear)) is BitmaskLinear
-    alt = next(a for a in ENCODINGS["balanced"].bench_alternatives if a.kernel == "balanced_walk7")
-    assert "balanced_walk7" in ALTERNATIVES["balanced"] and alt.operator.path.endswith(":walk7_from_tensor")
+    assert type(BitmaskLinear.__new__(BitmaskLinear, walk=5)) is BitmaskLinear
 
 
 # -- which timed path runs (measure.pick_path) -----------------------------------------------------------------

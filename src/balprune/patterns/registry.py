@@ -228,14 +228,13 @@ ENCODINGS: dict[str, Encoding] = {enc.name: enc for enc in (
                  lambda packed: packed.with_encoding("offsets") if packed.encoding == "bitmask" else None,
                  Ref("balprune.runtime.balanced:BalancedLinear.from_tensor"),
                  "offsets indices, converted in memory"),
-                 # the bitmask kernel's other walks (runtime.bitmask.WALKS; the subject runs the default one)
+                 # the bitmask kernel's mask walks (runtime.bitmask.WALKS; the subject runs the default, the delta walk)
                  BenchAlternative(
-                 "balanced_walk6", Ref("balprune.runtime.bitmask:walk6_alternative"),
-                 Ref("balprune.runtime.bitmask:walk6_from_tensor"), "bitmask indices, the kernel's walk 6"),
-                 # its delta walk: 4-bit column steps in its own device layout (kernels/NOTES.md v37)
+                 "balanced_walk5", Ref("balprune.runtime.bitmask:bitmask_alternative"),
+                 Ref("balprune.runtime.bitmask:walk5_from_tensor"), "bitmask indices, the kernel's mask walk 5"),
                  BenchAlternative(
-                 "balanced_walk7", Ref("balprune.runtime.bitmask:walk6_alternative"),
-                 Ref("balprune.runtime.bitmask:walk7_from_tensor"), "bitmask indices, the delta walk (walk 7)"),
+                 "balanced_walk6", Ref("balprune.runtime.bitmask:bitmask_alternative"),
+                 Ref("balprune.runtime.bitmask:walk6_from_tensor"), "bitmask indices, the kernel's mask walk 6"),
                  # 2:4 in fp16/bf16 on the sparse tensor cores (kernels/NOTES.md v16; tests/gpu/test_nm24_gpu.py
                  # checks it against float64 on the device)
                  BenchAlternative(

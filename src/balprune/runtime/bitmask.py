@@ -1,12 +1,13 @@
 """Balanced-sparse layers read through the bitmask index encoding: kernels/balanced_bitmask.cu.
 
-``BitmaskLinear`` holds one balanced matrix in the bitmask kernel's device layout
-(formats.layouts.bitmask_segments: one bit per column, values in column order, cut into segments
-of whole blocks and interleaved over lanes) and computes y = act(W x + bias) with fp32
-accumulation. It reads one bit of index per weight instead of the offsets kernels' one or two
-bytes per kept value: the smaller of the two below ~87.5% sparsity (u8 offsets), which is where
-LLM linears are pruned. Host validation is the offsets validator (validate_balanced): the arrays
-arrive in the offsets form every BalancedTensor holds in memory, whatever the file stored.
+``BitmaskLinear`` holds one balanced matrix in a device layout of that kernel file and computes
+y = act(W x + bias) with fp32 accumulation. Its default walk, the delta walk (``DeltaLinear``,
+formats.layouts.delta_segments), stores per kept value a 4-bit column step from the previous kept
+column; the mask walks 5 and 6 (formats.layouts.bitmask_segments) one bit per column. Either reads
+far fewer index bytes than the offsets kernels' one or two bytes per kept value below ~87.5%
+sparsity, which is where LLM linears are pruned. Host validation is the offsets validator
+(validate_balanced): the arrays arrive in the offsets form every BalancedTensor holds in memory,
+whatever the file stored.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ def batch_tiles(dtype: str) -> tuple[int, ...]:
     return BATCH_TILES[:-1] if dtype == "float32" else BATCH_TILES
 
 
-#: The kernel's walk (kernels/balanced_bitmask.cu BP_BM_WALK, kernels/NOTES.md v26): 5 walks one
-#: segment per lane at a time; 6 (the uniform walk, two segments per lane at once, over a paired layout)
-#: is faster on long rows and slower on small launches (measured, BENCHMARKS.md); 7 (the delta walk,
-#: kernels/NOTES.md v37: DeltaLinear, its own layout of 4-bit column steps, ~8 instructions per value
-#: where the mask walks take ~16). The model runtime times every walk (stages.sparse_alternatives), so does
-#: bench (walk6_alternative, walk7_alternative), and a bare operator takes the default, 5. WALKS lists the
-#: default first.
-WALKS = (5, 6, 7)
+#: The kernel's walks (kernels/balanced_bitmask.cu): 7, the default, is the delta walk (DeltaLinear,
+#: kernels/NOTES.md v37: its own layout of 4-bit column steps, ~7.4 SASS instructions per value; measured faster
+#: than both mask walks on every Llama shape, BENCHMARKS.md); the mask walks (BP_BM_WALK) are 5, one segment per
+#: lane at a time, and 6 (the uniform walk, two segments per lane at once, over a paired layout; ~16 instructions
+#: per value). The model runtime times every walk (stages.sparse_alternatives), so does bench (the subject kernel
+#: is the default walk, balanced_walk5 / balanced_walk6 the others), and a bare operator takes the default.
+#: WALKS lists the default first.
+WALKS = (7, 5, 6)
 #: The walk whose layout is delta_segments' (BitmaskLinear(walk=DELTA_WALK) is a DeltaLinear).
 DELTA_WALK = 7
 WALK = WALKS[0]
@@ -181,21 +182,21 @@ class BitmaskLinear(BalancedOperator):
                 f"k={self.keep}, {self.dtype}, device={self.device})")
 
 
-def walk6_alternative(packed):
-    """bench's walk-6 (and walk-7) path of a balanced layer (patterns.registry.BenchAlternative): the tensor
-    itself when it is stored with bitmask indices, else None. bench times every walk, as the model runtime does
-    (model.stages.sparse_alternatives): none is the faster on every shape."""
+def bitmask_alternative(packed):
+    """bench's path of a balanced layer on a walk that is not the default (patterns.registry.BenchAlternative):
+    the tensor itself when it is stored with bitmask indices, else None. bench times every walk, as the model
+    runtime does (model.stages.sparse_alternatives)."""
     return packed if getattr(packed, "encoding", None) == "bitmask" else None
 
 
+def walk5_from_tensor(packed, **kw) -> BitmaskLinear:
+    """``BitmaskLinear.from_tensor`` on mask walk 5 (the subject kernel of a bitmask-stored layer is the default walk)."""
+    return BitmaskLinear.from_tensor(packed, walk=5, **kw)
+
+
 def walk6_from_tensor(packed, **kw) -> BitmaskLinear:
-    """``BitmaskLinear.from_tensor`` on walk 6 (the subject kernel of a bitmask-stored layer is the default walk)."""
+    """``BitmaskLinear.from_tensor`` on mask walk 6."""
     return BitmaskLinear.from_tensor(packed, walk=6, **kw)
-
-
-def walk7_from_tensor(packed, **kw) -> BitmaskLinear:
-    """``BitmaskLinear.from_tensor`` on walk 7, the delta walk (a DeltaLinear)."""
-    return BitmaskLinear.from_tensor(packed, walk=DELTA_WALK, **kw)
 
 
 class DeltaLinear(BitmaskLinear):
@@ -234,5 +235,5 @@ class DeltaLinear(BitmaskLinear):
                 np.int32(batch), y)
 
 
-__all__ = ["BATCH_TILES", "DELTA_WALK", "WALK", "WALKS", "BitmaskLinear", "DeltaLinear", "delta_kernel_name",
-           "kernel_name", "kernel_variants", "walk6_alternative", "walk6_from_tensor", "walk7_from_tensor"]
+__all__ = ["BATCH_TILES", "DELTA_WALK", "WALK", "WALKS", "BitmaskLinear", "DeltaLinear", "bitmask_alternative",
+           "delta_kernel_name", "kernel_name", "kernel_variants", "walk5_from_tensor", "walk6_from_tensor"]

@@ -173,9 +173,10 @@ def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[lis
     values = packed.values.to(TORCH_OF[dtype])
     out, unavailable = [], {}
     if bitmask:
-        # every walk of the bitmask kernel, each on its own device layout: neither is the faster on every
-        # shape (kernels/NOTES.md v26 measured), so the dispatcher times them (launch_variants labels the
-        # ones that are not the default) and release_unbound keeps the bound one's layout only
+        # every walk of the bitmask kernel, each on its own device layout: the delta walk (the default) was the
+        # fastest on every Llama shape measured (kernels/NOTES.md v37), the mask walks traded places with each
+        # other by shape (v26), so the dispatcher times them all (launch_variants labels the ones that are not
+        # the default) and release_unbound keeps the bound one's layout only
         try:
             for walk in WALKS:  # the default first
                 out.append((MODEL_BITMASK_PATH, BitmaskLinear(values, packed.indices, cols=g.cols,
