@@ -568,10 +568,6 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
 // steps (one step of the walk), and the largest step (4 bits).
 #define BP_BM_DELTA_ENTRIES 8
 #define BP_BM_DELTA_MAX 15
-// Steps of the warp's next row group asked into L1 when a group starts (batch 1; 0: none). kernels/NOTES.md v38.
-#ifndef BP_DELTA_NEXT_L1
-#define BP_DELTA_NEXT_L1 4
-#endif
 // Steps (of 8 entries) loaded ahead of their use, per lane, at batch tiles of 1 or 2 with 16-bit values.
 #ifndef BP_DELTA_AHEAD
 #define BP_DELTA_AHEAD 4
@@ -648,19 +644,6 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
     const int row = (group << (5 - lg)) + (lane >> lg);
     const unsigned g0 = __ldg(starts + group);
     const int D = (int)((__ldg(starts + group + 1) - g0) / (unsigned)Q);  // steps per round (uniform: the warp's)
-    if (BP_DELTA_NEXT_L1 > 0 && NB == 1) {
-      // the warp's next group's first steps into L1 now: its look-ahead starts there, and without this every
-      // group boundary waits a whole memory round trip (a group is 8 steps at 50% on the 8B shapes)
-      const int next = group + gridDim.x * warps;
-      if (next < groups) {
-        const long long n0 = __ldg(starts + next), n1 = __ldg(starts + next + 1);
-        for (long long st = n0; st < n1 && st < n0 + BP_DELTA_NEXT_L1; ++st) {
-          prefetch_l1(deltas + st * 32 + lane);
-#pragma unroll
-          for (int i = 0; i < UPS; ++i) prefetch_l1(vals + (st * UPS + i) * 32 + lane);
-        }
-      }
-    }
     float acc[NB];
 #pragma unroll
     for (int n = 0; n < NB; ++n) acc[n] = 0.0f;
