@@ -496,31 +496,33 @@ def delta_segments(values: np.ndarray, indices: np.ndarray,
     item = values.dtype.itemsize
     check_fits_memory(Rp * Q * P * E_cap * (3 + 2 * item) + steps_total * 32 * (4 + u * UNIT_BYTES),
                       f"the delta walk's layout of a [{R}, {B * L}] tensor")
-    # entries [Rp, Q*P, E_cap]: phantoms step 15, the kept entries at pos, padding step 0 (value 0)
-    ent_d = np.where(np.arange(E_cap)[None, None, :] < count[:, :, None], DELTA_MAX_STEP, 0).astype(np.uint8)
-    ent_v = np.zeros((R, S, E_cap), dtype=values.dtype)
-    np.put_along_axis(ent_d, pos, (step - DELTA_MAX_STEP * phantoms).astype(np.uint8), axis=2)
-    np.put_along_axis(ent_v, pos, vb, axis=2)
-    full_d = np.zeros((Rp, Q * P, E_cap), dtype=np.uint8)
-    full_v = np.zeros((Rp, Q * P, E_cap), dtype=values.dtype)
-    full_d[:R, :S], full_v[:R, :S] = ent_d, ent_v
-    del ent_d, ent_v
+    # entries [Rp, Q*P, E_cap]: phantoms step 15, the kept entries at pos, padding step 0 (value 0); rows past R and
+    # segments past S padding only
+    ent_d = np.zeros((Rp, Q * P, E_cap), dtype=np.uint8)
+    ent_v = np.zeros((Rp, Q * P, E_cap), dtype=values.dtype)
+    real_d, real_v = ent_d[:R, :S], ent_v[:R, :S]
+    real_d[np.arange(E_cap)[None, None, :] < count[:, :, None]] = DELTA_MAX_STEP
+    np.put_along_axis(real_d, pos, (step - DELTA_MAX_STEP * phantoms).astype(np.uint8), axis=2)
+    np.put_along_axis(real_v, pos, vb, axis=2)
+    del col, vb, step, phantoms, pos
     starts = np.zeros(groups + 1, dtype=np.int64)
     starts[1:] = np.cumsum(per_group // DELTA_STEP_ENTRIES * Q)
     deltas = np.zeros((steps_total, 32), dtype=np.uint32)
     units = np.zeros((steps_total * u, 32, V), dtype=values.dtype)
-    shifts = (4 * np.arange(DELTA_STEP_ENTRIES)).astype(np.uint32)
     for E in np.unique(per_group):
         gs = np.nonzero(per_group == E)[0]
         D = int(E) // DELTA_STEP_ENTRIES
-        rows = (gs[:, None] * rpw + np.arange(rpw)[None, :]).ravel()
-        # [ng, rpw, Q, P, D, 8] -> [ng, Q, D, rpw, P, 8]: lane = (row in group) * P + l
-        d = full_d[rows, :, :E].reshape(len(gs), rpw, Q, P, D, DELTA_STEP_ENTRIES).transpose(0, 2, 4, 1, 3, 5)
-        words = (d.astype(np.uint32) << shifts).sum(axis=-1, dtype=np.uint32)  # [ng, Q, D, rpw, P]
+        # (one entry count for every group, the usual case: the groups' rows in order, no gather)
+        rows = slice(None) if len(gs) == groups else (gs[:, None] * rpw + np.arange(rpw)[None, :]).ravel()
+        # two steps a byte (the first in the low nibble), four bytes a little-endian word: [.., D, 4] -> [.., D]
+        e = ent_d[rows, :, :E]
+        nib = (e[..., 0::2] | (e[..., 1::2] << 4)).reshape(len(gs), rpw, Q, P, D, DELTA_STEP_ENTRIES // 2)
+        # [ng, rpw, Q, P, D, 4] -> [ng, Q, D, rpw, P, 4]: lane = (row in group) * P + l
+        words = np.ascontiguousarray(nib.transpose(0, 2, 4, 1, 3, 5)).view("<u4")
         at = (starts[gs][:, None] + np.arange(Q * D)[None, :]).ravel()
         deltas[at] = words.reshape(-1, 32)
         # values [ng, rpw, Q, P, D*u, V] -> [ng, Q, D*u, rpw, P, V]
-        v = full_v[rows, :, :E].reshape(len(gs), rpw, Q, P, D * u, V).transpose(0, 2, 4, 1, 3, 5)
+        v = ent_v[rows, :, :E].reshape(len(gs), rpw, Q, P, D * u, V).transpose(0, 2, 4, 1, 3, 5)
         uat = (starts[gs][:, None] * u + np.arange(Q * D * u)[None, :]).ravel()
         units[uat] = v.reshape(-1, 32, V)
     if starts[-1] >= 1 << 32:
