@@ -1,6 +1,6 @@
 """Probe: the bitmask kernel against the offsets kernel, dense cuBLAS and a plain read, on LLM linears.
 
-python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6]
+python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6|7]
 Per shape x sparsity (balanced, 32 blocks) and N:M: graph-replayed per-launch us (hot, 20 launches
 per graph) and cold per-launch medians (rotating copies > 4.5x L2) of: the bitmask kernel, the
 offsets kernel (BalancedLinear defaults), torch dense (cuBLAS), and a plain read of the bitmask

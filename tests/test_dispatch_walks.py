@@ -95,13 +95,23 @@ def test_bench_times_the_other_walks_of_a_bitmask_stored_layer_only():
 def test_the_default_walk_is_the_delta_operator():
     """BitmaskLinear() and BitmaskLinear(walk=7) are a DeltaLinear (its own layout and kernel, the same call
     contract); the mask walks the mask kernel's operator."""
+    import copy
+
     from balprune.runtime.bitmask import DELTA_WALK, DeltaLinear
 
     assert WALK == DELTA_WALK
-    assert type(BitmaskLinear.__new__(BitmaskLinear)) is DeltaLinear
-    assert type(BitmaskLinear.__new__(BitmaskLinear, walk=DELTA_WALK)) is DeltaLinear
-    assert type(BitmaskLinear.__new__(BitmaskLinear, walk=6)) is BitmaskLinear
-    assert type(BitmaskLinear.__new__(BitmaskLinear, walk=5)) is BitmaskLinear
+    args = (None, None)  # (values, indices): __new__ looks at the walk only
+    assert type(BitmaskLinear.__new__(BitmaskLinear, *args)) is DeltaLinear
+    assert type(BitmaskLinear.__new__(BitmaskLinear, *args, walk=DELTA_WALK)) is DeltaLinear
+    assert type(BitmaskLinear.__new__(BitmaskLinear, *args, walk=6)) is BitmaskLinear
+    assert type(BitmaskLinear.__new__(BitmaskLinear, *args, walk=5)) is BitmaskLinear
+    # a copy (launch_variants' shallow copies) keeps its class: cls.__new__(cls) with no arguments
+    mask = BitmaskLinear.__new__(BitmaskLinear, *args, walk=5)
+    mask.walk = 5
+    assert type(copy.copy(mask)) is BitmaskLinear and copy.copy(mask).walk == 5
+    delta = BitmaskLinear.__new__(BitmaskLinear, *args)
+    delta.walk = DELTA_WALK
+    assert type(copy.copy(delta)) is DeltaLinear
 
 
 # -- which timed path runs (measure.pick_path) -----------------------------------------------------------------

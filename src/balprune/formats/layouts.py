@@ -18,7 +18,8 @@ and ``offsets_from_mask`` convert exactly. ``choose_encoding`` is the rule for `
 (formats and the runtime's host validation call them). ``interleave_rows``,
 ``bitmask_segments`` and ``delta_segments`` are the device layouts of kernels/balanced_spmv.cu and
 kernels/balanced_bitmask.cu (its mask walks and its delta walk; kernels/README.md); the kernel-side constants they assume
-(UNIT_BYTES, WORD_BITS) are checked against the .cu sources by tests/test_kernels_compile.py.
+(UNIT_BYTES, WORD_BITS; DELTA_STEP_ENTRIES, DELTA_MAX_STEP) are checked against the .cu sources by
+tests/test_layouts.py.
 """
 
 from __future__ import annotations
@@ -470,10 +471,19 @@ def delta_segments(values: np.ndarray, indices: np.ndarray,
     n = dg.seg_keep
     groups = -(-R // rpw)
     Rp = groups * rpw
+    V, u = dg.per_unit, dg.units_per_step
+    item = values.dtype.itemsize
+    # before anything is allocated: the int32 temporaries per kept entry (columns, steps, phantoms, positions) and
+    # the values in column order, then the entry arrays, the output and the packing's copies at the most entries a
+    # segment can take (g*k plus a phantom per 15 columns), rounded to whole steps
+    e_bound = -(-(n + -(-dg.seg_cols // DELTA_MAX_STEP)) // DELTA_STEP_ENTRIES) * DELTA_STEP_ENTRIES
+    check_fits_memory(R * S * n * (16 + item) + Rp * Q * P * e_bound * (3 + 3 * item),
+                      f"the delta walk's layout of a [{R}, {B * L}] tensor")
     # columns of a segment's kept entries in column order [R, S, g*k]; phantom blocks (past B) keep their
-    # first k columns with value 0, as in bitmask_segments (past the row: x staged 0)
+    # first k columns with value 0, as in bitmask_segments (past the row: x staged 0). int32: a segment has at
+    # most 32 * MAX_BLOCK_LENGTH columns
     Bp = S * g
-    col = np.empty((R, Bp, k), dtype=np.int64)
+    col = np.empty((R, Bp, k), dtype=np.int32)
     col[:, :B, :] = indices.transpose(0, 2, 1)
     col[:, B:, :] = np.arange(k)
     col += (np.arange(Bp) % g)[None, :, None] * L
@@ -481,21 +491,17 @@ def delta_segments(values: np.ndarray, indices: np.ndarray,
     vb = np.zeros((R, Bp, k), dtype=values.dtype)
     vb[:, :B, :] = values.transpose(0, 2, 1)
     vb = vb.reshape(R, S, n)
-    step = np.diff(col, axis=2, prepend=0)  # the first entry steps from column 0
+    step = np.diff(col, axis=2, prepend=np.int32(0))  # the first entry steps from column 0
     phantoms = np.maximum(0, (step - 1) // DELTA_MAX_STEP)  # entries of step 15 before this one
-    pos = np.arange(n)[None, None, :] + np.cumsum(phantoms, axis=2)
-    count = pos[:, :, -1] + 1 if n else np.zeros((R, S), dtype=np.int64)
+    pos = np.arange(n, dtype=np.int32)[None, None, :] + np.cumsum(phantoms, axis=2, dtype=np.int32)
+    count = pos[:, :, -1].astype(np.int64) + 1 if n else np.zeros((R, S), dtype=np.int64)
     E_max = int(count.max()) if count.size else 0
     per_group = np.zeros(groups, dtype=np.int64)
     if R:
         np.maximum.at(per_group, np.arange(R) // rpw, count.max(axis=1))
     per_group = -(-per_group // DELTA_STEP_ENTRIES) * DELTA_STEP_ENTRIES  # E_G, a multiple of 8
     E_cap = max(DELTA_STEP_ENTRIES, -(-E_max // DELTA_STEP_ENTRIES) * DELTA_STEP_ENTRIES)
-    V, u = dg.per_unit, dg.units_per_step
     steps_total = int(per_group.sum()) // DELTA_STEP_ENTRIES * Q
-    item = values.dtype.itemsize
-    check_fits_memory(Rp * Q * P * E_cap * (3 + 2 * item) + steps_total * 32 * (4 + u * UNIT_BYTES),
-                      f"the delta walk's layout of a [{R}, {B * L}] tensor")
     # entries [Rp, Q*P, E_cap]: phantoms step 15, the kept entries at pos, padding step 0 (value 0); rows past R and
     # segments past S padding only
     ent_d = np.zeros((Rp, Q * P, E_cap), dtype=np.uint8)

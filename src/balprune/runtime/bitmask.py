@@ -86,8 +86,11 @@ class BitmaskLinear(BalancedOperator):
     """
 
     def __new__(cls, *args, walk: int = WALK, **kw):
-        # walk 7 is its own layout and kernel: the one knob callers turn (stages, bench, probes) picks the class
-        return super().__new__(DeltaLinear if cls is BitmaskLinear and walk == DELTA_WALK else cls)
+        # walk 7 is its own layout and kernel: the one knob callers turn (stages, bench, probes) picks the class.
+        # Only a construction (arguments given) is redirected: copy.copy calls cls.__new__(cls) bare, and a copy of
+        # a mask-walk operator must stay one
+        delta = cls is BitmaskLinear and walk == DELTA_WALK and bool(args or kw)
+        return super().__new__(DeltaLinear if delta else cls)
 
     def __init__(self, values, indices, *, cols: int, block_length: int, device: int = 0, validate: bool = True,
                  name: str = "tensor", defines: tuple[str, ...] = (), walk: int = WALK) -> None:

@@ -177,13 +177,16 @@ def sparse_alternatives(packed, dtype: str, device: int, name: str) -> tuple[lis
         # fastest on every Llama shape measured (kernels/NOTES.md v37), the mask walks traded places with each
         # other by shape (v26), so the dispatcher times them all (launch_variants labels the ones that are not
         # the default) and release_unbound keeps the bound one's layout only
-        try:
-            for walk in WALKS:  # the default first
+        failed = []
+        for walk in WALKS:  # the default first; a walk past its own limits leaves the others to run
+            try:
                 out.append((MODEL_BITMASK_PATH, BitmaskLinear(values, packed.indices, cols=g.cols,
                                                               block_length=g.block_length, device=device, name=name,
                                                               validate=False, walk=walk)))
-        except FormatError as exc:  # the kernel's own limits (32-bit staging index)
-            unavailable[MODEL_BITMASK_PATH] = str(exc)
+            except FormatError as exc:  # the kernel's own limits (32-bit staging index, 32-bit delta steps)
+                failed.append(f"walk {walk}: {exc}")
+        if len(failed) == len(WALKS):
+            unavailable[MODEL_BITMASK_PATH] = "; ".join(failed)
     if nm24:
         out.append(("balanced_nm24", Nm24Linear(values, packed.indices, cols=g.cols, block_length=g.block_length,
                                                 device=device, name=name, validate=False)))
