@@ -277,6 +277,21 @@ __device__ __forceinline__ void prefetch_first_group_l1(const Words<4>* vals, co
     for (int q = 0; q < rounds && n < BP_BM_L1_UNITS; ++q, ++n) prefetch_l1(v + (long long)(q * C + c) * P);
 }
 
+// The end of a row in both kernels: the P lanes of the row add their sums (groups are aligned runs of P lanes),
+// then its lane l == 0 writes y[row, n0 ..] through the epilogue (bias, activation) in fp32, rounded to T once.
+template <typename T, int NB>
+__device__ __forceinline__ void store_row(float (&acc)[NB], int P, int l, int row, int rows, int n0, int batch,
+                                          T* __restrict__ y, const float* __restrict__ bias, int act) {
+#pragma unroll
+  for (int n = 0; n < NB; ++n)
+    for (int off = P >> 1; off > 0; off >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
+  if (row < rows && l == 0) {
+#pragma unroll
+    for (int n = 0; n < NB; ++n)
+      if (n0 + n < batch) Val<T>::store(y + (long long)row * batch + n0 + n, epilogue(acc[n], bias, act, row));
+  }
+}
+
 // Stage x for one CTA's batch columns n0 .. n0 + NB - 1: element i = (cs * SP + s) * NB + n of xs holds
 // x[(s * seg_cols + cs) * batch + n0 + n] (0 past cols, past the batch and for segments s >= S). x [cols, batch]
 // row-major in T. The caller synchronises the CTA before reading xs.
@@ -539,15 +554,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
       if (tail) values_fma<T, XT, NB>(ld_words<4>(vp + (long long)full * P), 0, tail, walk, acc);
     }
 #endif
-    // the P lanes of a row add their sums (groups are aligned runs of P lanes)
-#pragma unroll
-    for (int n = 0; n < NB; ++n)
-      for (int off = P >> 1; off > 0; off >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
-    if (row < rows && l == 0) {
-#pragma unroll
-      for (int n = 0; n < NB; ++n)
-        if (n0 + n < batch) Val<T>::store(y + (long long)row * batch + n0 + n, epilogue(acc[n], bias, act, row));
-    }
+    store_row<T, NB>(acc, P, l, row, rows, n0, batch, y, bias, act);
   }
 }
 
@@ -676,15 +683,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
         }
       }
     }
-    // the P lanes of a row add their sums (groups are aligned runs of P lanes)
-#pragma unroll
-    for (int n = 0; n < NB; ++n)
-      for (int off = P >> 1; off > 0; off >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
-    if (row < rows && l == 0) {
-#pragma unroll
-      for (int n = 0; n < NB; ++n)
-        if (n0 + n < batch) Val<T>::store(y + (long long)row * batch + n0 + n, epilogue(acc[n], bias, act, row));
-    }
+    store_row<T, NB>(acc, P, l, row, rows, n0, batch, y, bias, act);
   }
 }
 

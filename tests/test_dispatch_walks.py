@@ -141,3 +141,24 @@ def test_one_timed_path_is_the_only_one():
     from balprune.runtime.measure import pick_path
 
     assert pick_path({"dense": 3.0}, {"dense": 1}) == ("dense", "the only correct path")
+
+
+def test_shared_memory_is_x_plus_each_walks_mask_words():
+    """BitmaskLinear.shared_bytes: x staged [seg_cols, Q*P, NB] (16-byte rounded), then per warp and lane the mask
+    words the walk keeps (walk 5: W; walk 6: 2 * (W + 1)); the delta walk keeps none (its steps stream from global)."""
+    from balprune.formats.layouts import DeltaGeometry, SegmentGeometry
+    from balprune.runtime.bitmask import THREADS, DeltaLinear
+
+    def shell(cls, walk, geometry):
+        op = BitmaskLinear.__new__(cls)
+        op.walk, op.dtype, op.segments = walk, "float16", geometry
+        return op
+
+    sg = SegmentGeometry(32, 128, 64, 2)  # 8B q/o at 50%: 4096 staged columns, W = 4 words per segment
+    dg = DeltaGeometry(32, 128, 64, 2)
+    assert sg.staged_cols == dg.staged_cols == 4096 and sg.words == 4
+    warps_words = THREADS // 32 * 32 * 4  # bytes of one mask word per lane of every warp
+    assert shell(BitmaskLinear, 5, sg).shared_bytes(1, False) == 4096 * 4 + 4 * warps_words
+    assert shell(BitmaskLinear, 6, sg).shared_bytes(1, False) == 4096 * 4 + 10 * warps_words
+    assert shell(DeltaLinear, 7, dg).shared_bytes(1, False) == 4096 * 4
+    assert shell(DeltaLinear, 7, dg).shared_bytes(4, True) == 4096 * 4 * 2

@@ -132,12 +132,16 @@ class BitmaskLinear(BalancedOperator):
 
     def shared_bytes(self, batch_tile: int, x_own: bool) -> int:
         """Dynamic shared memory of a launch: x staged [seg_cols, Q*P, NB] as fp32 or in its own
-        type (rounded up to 16 bytes), then per warp and lane the mask words of its segment (walk 5:
-        W words) or of its two segments, each with one spare slot (walk 6: 2 * (W + 1) words)."""
-        sg = self.segments
+        type (rounded up to 16 bytes), then per warp and lane ``_words_per_lane()`` mask words."""
         item = _X_STAGE_BYTES[self.dtype] if x_own else 4
-        words_per_lane = 2 * (sg.words + 1) if self.walk == 6 else sg.words
-        return -(-sg.staged_cols * batch_tile * item // 16) * 16 + (THREADS // 32) * words_per_lane * 32 * 4
+        x_bytes = -(-self.segments.staged_cols * batch_tile * item // 16) * 16
+        return x_bytes + (THREADS // 32) * self._words_per_lane() * 32 * 4
+
+    def _words_per_lane(self) -> int:
+        """Mask words a lane keeps in shared memory: its segment's (walk 5: W) or its two segments', each
+        with one spare slot (walk 6: 2 * (W + 1))."""
+        sg = self.segments
+        return 2 * (sg.words + 1) if self.walk == 6 else sg.words
 
     def plan(self, batch: int) -> tuple[int, bool]:
         """(batch tile NB, x in its own type) for ``batch`` columns: the widest tile up to the batch
@@ -222,10 +226,8 @@ class DeltaLinear(BitmaskLinear):
         """Bytes of value units, step words and group starts the kernel streams per pass (padding included)."""
         return int(self.units_dev.nbytes + self.deltas_dev.nbytes + self.starts_dev.nbytes)
 
-    def shared_bytes(self, batch_tile: int, x_own: bool) -> int:
-        """Dynamic shared memory of a launch: x staged [seg_cols, Q*P, NB] as in BitmaskLinear, nothing else."""
-        item = _X_STAGE_BYTES[self.dtype] if x_own else 4
-        return -(-self.segments.staged_cols * batch_tile * item // 16) * 16
+    def _words_per_lane(self) -> int:
+        return 0  # the steps stream from global memory: shared memory holds x only
 
     def _kernel(self, nb: int, own: bool, smem: int):
         return self._compiled((nb, own), "balanced_bitmask.cu", delta_kernel_name(self.dtype, nb, own), smem)
