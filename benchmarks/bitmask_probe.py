@@ -2,7 +2,7 @@
 
 python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6|7]
 Per shape x sparsity (balanced, 32 blocks) and N:M: graph-replayed per-launch us (hot, 20 launches
-per graph) and cold per-launch medians (rotating copies > 4.5x L2) of: the bitmask kernel, the
+per graph) and cold per-launch medians (rotating copies > 4.5x L2) of: the bitmask kernel, dense, the
 offsets kernel (BalancedLinear defaults), torch dense (cuBLAS), and a plain read of the bitmask
 kernel's bytes; the ratios dense / bitmask and read / bitmask. Prints one line per case.
 """
@@ -97,6 +97,9 @@ def main() -> int:
                     res["bitmask_cold"] = timer.time([o.prepared_launch(xc, yb, batch) for o in bms]).median_us
                     res["read_cold"] = timer.time([timer.read_launch(bm.weight_bytes) for _ in range(n)]).median_us
                     del bms
+                    wds = [wd.clone() for _ in range(copies_for(wd.numel() * wd.element_size(), l2))]
+                    res["dense_cold"] = timer.time([functools.partial(torch.mm, wc, xm, out=out) for wc in wds]).median_us
+                    del wds
                     if nm is not None:
                         nms = [Nm24Linear.from_tensor(bt, validate=False) for _ in range(n)]
                         res["nm24_cold"] = timer.time([o.prepared_launch(xc, yn, batch) for o in nms]).median_us

@@ -579,6 +579,9 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
 #ifndef BP_DELTA_AHEAD
 #define BP_DELTA_AHEAD 4
 #endif
+#ifndef BP_DELTA_FLAT
+#define BP_DELTA_FLAT 1
+#endif
 
 // Eight entries of one step: their columns from the word of steps (addr: x's shared address at the previous
 // entry's column), their values from the step's UPS units.
@@ -618,6 +621,122 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   const int groups = (rows + (1 << (5 - lg)) - 1) >> (5 - lg);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+#if BP_DELTA_FLAT
+  // Each warp owns one contiguous run of row groups, [gb, ge): their steps are one contiguous stream in memory
+  // (starts[gb] .. starts[ge] - 1), walked with one rolling look-ahead that crosses round and group ends, so the
+  // loads of the next group are in flight while this one finishes (a grid-stride loop restarts the look-ahead,
+  // and waits a memory round trip, at every group).
+  const long long wtot = (long long)gridDim.x * warps, wid = (long long)blockIdx.x * warps + warp;
+  const int gb = (int)(wid * groups / wtot), ge = (int)((wid + 1) * groups / wtot);
+  {  // weights only, before the prologue: the CTA's run into L2 (up to its share), this warp's first steps into L1
+    const int cb = (int)((long long)blockIdx.x * warps * groups / wtot);
+    const int ce = (int)(((long long)blockIdx.x + 1) * warps * groups / wtot);
+    if (blockIdx.y == 0 && cb < ce) {
+      const long long s0 = __ldg(starts + cb), s1 = __ldg(starts + ce);
+      const long long cap = prefetch_share() * 4 / (4 + 16 * UPS);
+      prefetch_rows_l2(deltas + s0 * 32, (s1 - s0) * 128, (s1 - s0) * 128, (s1 - s0) * 128, cap);
+      prefetch_rows_l2(vals + s0 * UPS * 32, (s1 - s0) * UPS * 512, (s1 - s0) * UPS * 512, (s1 - s0) * UPS * 512,
+                       cap * 4 * UPS);
+    }
+    if (NB == 1 && gb < ge) {
+      const long long s0 = __ldg(starts + gb), s1 = __ldg(starts + ge);
+      for (long long st = s0; st < s1 && st < s0 + 2 * BP_DELTA_AHEAD; ++st) {
+        prefetch_l1(deltas + st * 32 + lane);
+#pragma unroll
+        for (int i = 0; i < UPS; ++i) prefetch_l1(vals + (st * UPS + i) * 32 + lane);
+      }
+    }
+  }
+  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  XT* xs = reinterpret_cast<XT*>(smem_raw);
+  const int SP = Q * P;
+  const int n0 = blockIdx.y * NB;
+  stage_x_segments<T, XT, NB>(x, xs, cols, batch, n0, seg_cols, SP, S);
+  __syncthreads();
+  if (gb >= ge) return;  // (no barrier below)
+  const int l = lane & (P - 1);
+  const unsigned xcol = (unsigned)(SP * NB * sizeof(XT));  // x bytes between consecutive columns of a segment
+  const unsigned xbase = smem_addr(xs + l * NB), xround = (unsigned)(P * NB * sizeof(XT));  // round q: + q * xround
+  const unsigned* dp = deltas + lane;
+  const Words<4>* vp = vals + lane;
+  unsigned s = __ldg(starts + gb);          // the next step to consume (flat, over the warp's run)
+  const unsigned s1 = __ldg(starts + ge);   // the run's end
+  unsigned end = __ldg(starts + gb + 1);    // the current group's end
+  unsigned after = __ldg(starts + gb + (gb + 1 < ge ? 2 : 1));  // the next group's end (loaded a group ahead)
+  int group = gb;
+  float acc[NB];
+#pragma unroll
+  for (int n = 0; n < NB; ++n) acc[n] = 0.0f;
+  unsigned sw[AH];
+  Words<4> u[AH][UPS];
+  if (s < s1) {
+#pragma unroll
+    for (int a = 0; a < AH; ++a) {
+      const unsigned nx = min(s + a, s1 - 1);
+      sw[a] = __ldg(dp + (size_t)nx * 32);
+#pragma unroll
+      for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + ((size_t)nx * UPS + i) * 32);
+    }
+  }
+  int D = (int)((end - s) / (unsigned)Q);  // steps per round of the current group
+  int left = D, q = 0;                      // steps left in round q
+  unsigned addr = xbase;
+  // Groups without steps (every row of them empty) store bias / activation of zero and take nothing from the stream.
+  // Called when a group's last round ends (or before the first): moves to the next group that has steps.
+  auto next_group = [&]() {
+    while (left == 0) {  // uniform over the warp (a group's step count is)
+      store_row<T, NB>(acc, P, l, (group << (5 - lg)) + (lane >> lg), rows, n0, batch, y, bias, act);
+#pragma unroll
+      for (int n = 0; n < NB; ++n) acc[n] = 0.0f;
+      if (++group == ge) return;
+      const unsigned begin = end;
+      end = after;
+      if (group + 1 < ge) after = __ldg(starts + group + 2);
+      D = (int)((end - begin) / (unsigned)Q);
+      left = D;
+    }
+  };
+  if (left == 0) next_group();
+  // The round's last step consumed: the next round of the group, or the next group.
+  auto round_end = [&]() {
+    if (++q < Q) {
+      left = D;
+      addr = xbase + q * xround;
+    } else {
+      q = 0;
+      addr = xbase;
+      next_group();
+    }
+  };
+  for (; s < s1; s += AH) {
+    if (left >= AH && s + AH <= s1) {  // (uniform) AH steps of one round: no test per step
+#pragma unroll
+      for (int a = 0; a < AH; ++a) {
+        delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
+        // past the run's last step the last one again (an L1 hit, never used): no branch around the loads
+        const unsigned nx = min(s + a + AH, s1 - 1);
+        sw[a] = __ldg(dp + (size_t)nx * 32);
+#pragma unroll
+        for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + ((size_t)nx * UPS + i) * 32);
+      }
+      left -= AH;
+      if (left == 0) round_end();
+    } else {  // a round or the run ends inside these AH steps
+#pragma unroll
+      for (int a = 0; a < AH; ++a) {
+        if (s + a < s1) {  // uniform over the warp
+          delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
+          const unsigned nx = min(s + a + AH, s1 - 1);
+          sw[a] = __ldg(dp + (size_t)nx * 32);
+#pragma unroll
+          for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + ((size_t)nx * UPS + i) * 32);
+          if (--left == 0) round_end();
+        }
+      }
+    }
+  }
+#else
   {  // weights only, before the prologue: the CTA's first groups into L2, this warp's first steps into L1
     const int g0 = blockIdx.x * warps;
     if (blockIdx.y == 0 && g0 < groups) {
@@ -685,6 +804,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
     }
     store_row<T, NB>(acc, P, l, row, rows, n0, batch, y, bias, act);
   }
+#endif
 }
 
 }  // namespace bp

@@ -129,6 +129,42 @@ def test_bitmask_tall_matrix_many_row_groups(walk):
     _launch(op, bt, 16)
 
 
+#: tall matrices for the delta walk's runs of row groups: (rows, cols, pattern)
+RUNS = {"L1024": (1100, 4096, BalancedPattern(0.5, blocks=None, block_size=1024)),  # 8 rows a group (4 lanes each)
+        "L128": (900, 4096, BalancedPattern(0.7, blocks=32)),
+        "L143": (4200, 1000, BalancedPattern(0.7, blocks=7)),  # 32 rows a group, one lane each
+        "L16": (1000, 4096, BalancedPattern(0.875, blocks=None, block_size=16)),  # two rounds a group
+        "L4": (1500, 4096, BalancedPattern(0.5, blocks=None, block_size=4))}  # 2:4, eight rounds a group
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("batch", [1, 2, 4, 16])
+@pytest.mark.parametrize("case", list(RUNS))
+def test_delta_walk_long_runs_of_row_groups(case, batch, dtype):
+    """The delta walk gives each warp one contiguous run of row groups and keeps its look-ahead running across
+    round and group ends (kernels/NOTES.md v39). On a grid of one SM's CTAs every warp walks many groups; a
+    pruned-away run of 64 columns in a random third of the rows gives their groups phantom entries, so
+    consecutive groups of a run have different step counts and rounds end inside a look-ahead window."""
+    import dataclasses
+
+    from balprune.runtime.bitmask import BitmaskLinear
+
+    rows, cols, pattern = RUNS[case]
+    gen = torch.Generator().manual_seed(rows + cols)
+    w = torch.randn(rows, cols, generator=gen)
+    for r in torch.randperm(rows, generator=gen)[: rows // 3].tolist():
+        c0 = int(torch.randint(0, cols - 64, (1,), generator=gen))
+        w[r, c0:c0 + 64] *= 1e-3
+    w = w.to(dtype)
+    g = geometry_for(rows, cols, pattern)
+    bt = BalancedTensor.from_offsets(w, pattern, balanced_offsets(w, g, dtype=g.index_dtype))
+    op = BitmaskLinear.from_tensor(bt, validate=False, walk=7)
+    op.info = dataclasses.replace(op.info, multiprocessors=1)
+    groups = -(-rows // op.segments.rows_per_group)
+    assert op.launch_config(batch)["grid"][0] * 8 * 4 <= groups  # four or more row groups per warp
+    _launch(op, bt, batch)
+
+
 def test_operator_for_picks_the_stored_encoding():
     from balprune.runtime import BalancedLinear, operator_for
     from balprune.runtime.bitmask import BitmaskLinear
