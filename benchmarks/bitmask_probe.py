@@ -2,9 +2,10 @@
 
 python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6|7]
 Per shape x sparsity (balanced, 32 blocks) and N:M: graph-replayed per-launch us (hot, 20 launches
-per graph) and cold per-launch medians (rotating copies > 4.5x L2) of: the bitmask kernel, dense, the
-offsets kernel (BalancedLinear defaults), torch dense (cuBLAS), and a plain read of the bitmask
-kernel's bytes; the ratios dense / bitmask and read / bitmask. Prints one line per case.
+per graph) of the bitmask kernel, the offsets kernel (BalancedLinear defaults), torch dense (cuBLAS)
+and a plain read of the bitmask kernel's bytes; with --cold also eager per-launch medians over rotating
+copies (> 4.5x L2) of the bitmask kernel, the read and dense; the ratios dense / bitmask and read /
+bitmask (hot). Prints one line per case.
 """
 from __future__ import annotations
 

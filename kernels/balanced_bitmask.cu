@@ -579,9 +579,6 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
 #ifndef BP_DELTA_AHEAD
 #define BP_DELTA_AHEAD 4
 #endif
-#ifndef BP_DELTA_FLAT
-#define BP_DELTA_FLAT 1
-#endif
 
 // Eight entries of one step: their columns from the word of steps (addr: x's shared address at the previous
 // entry's column), their values from the step's UPS units.
@@ -621,7 +618,6 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   const int groups = (rows + (1 << (5 - lg)) - 1) >> (5 - lg);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-#if BP_DELTA_FLAT
   // Each warp owns one contiguous run of row groups, [gb, ge): their steps are one contiguous stream in memory
   // (starts[gb] .. starts[ge] - 1), walked with one rolling look-ahead that crosses round and group ends, so the
   // loads of the next group are in flight while this one finishes (a grid-stride loop restarts the look-ahead,
@@ -736,75 +732,6 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
       }
     }
   }
-#else
-  {  // weights only, before the prologue: the CTA's first groups into L2, this warp's first steps into L1
-    const int g0 = blockIdx.x * warps;
-    if (blockIdx.y == 0 && g0 < groups) {
-      const int g1 = g0 + warps < groups ? g0 + warps : groups;
-      const long long s0 = __ldg(starts + g0), s1 = __ldg(starts + g1);
-      const long long cap = prefetch_share() * 4 / (4 + 16 * UPS);
-      prefetch_rows_l2(deltas + s0 * 32, (s1 - s0) * 128, (s1 - s0) * 128, (s1 - s0) * 128, cap);
-      prefetch_rows_l2(vals + s0 * UPS * 32, (s1 - s0) * UPS * 512, (s1 - s0) * UPS * 512, (s1 - s0) * UPS * 512,
-                       cap * 4 * UPS);
-    }
-    const int gw = g0 + warp;
-    if (NB == 1 && gw < groups) {
-      const long long s0 = __ldg(starts + gw), s1 = __ldg(starts + gw + 1);
-      for (long long st = s0; st < s1 && st < s0 + 2 * BP_DELTA_AHEAD; ++st) {
-        prefetch_l1(deltas + st * 32 + lane);
-#pragma unroll
-        for (int i = 0; i < UPS; ++i) prefetch_l1(vals + (st * UPS + i) * 32 + lane);
-      }
-    }
-  }
-  overlap_prologue();  // then wait for the previous grid (bp_common.cuh)
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  XT* xs = reinterpret_cast<XT*>(smem_raw);
-  const int SP = Q * P;
-  const int n0 = blockIdx.y * NB;
-  stage_x_segments<T, XT, NB>(x, xs, cols, batch, n0, seg_cols, SP, S);
-  __syncthreads();
-  const int l = lane & (P - 1);
-  const unsigned xcol = (unsigned)(SP * NB * sizeof(XT));  // x bytes between consecutive columns of a segment
-  for (int group = blockIdx.x * warps + warp; group < groups; group += gridDim.x * warps) {
-    const int row = (group << (5 - lg)) + (lane >> lg);
-    const unsigned g0 = __ldg(starts + group);
-    const int D = (int)((__ldg(starts + group + 1) - g0) / (unsigned)Q);  // steps per round (uniform: the warp's)
-    float acc[NB];
-#pragma unroll
-    for (int n = 0; n < NB; ++n) acc[n] = 0.0f;
-    for (int q = 0; q < Q; ++q) {
-      const long long step0 = (long long)g0 + (long long)q * D;
-      const unsigned* dp = deltas + step0 * 32 + lane;
-      const Words<4>* vp = vals + step0 * UPS * 32 + lane;
-      unsigned addr = smem_addr(xs + (q * P + l) * NB);  // column 0 of the lane's segment
-      unsigned sw[AH];
-      Words<4> u[AH][UPS];
-#pragma unroll
-      for (int a = 0; a < AH; ++a)
-        if (a < D) {
-          sw[a] = __ldg(dp + a * 32);
-#pragma unroll
-          for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + (a * UPS + i) * 32);
-        }
-      // rolling: the moment step d0 + a is consumed, its registers load step d0 + a + AH
-      for (int d0 = 0; d0 < D; d0 += AH) {
-#pragma unroll
-        for (int a = 0; a < AH; ++a) {
-          if (d0 + a < D) {  // uniform over the warp
-            delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
-            // past the last step the last one again (an L1 hit, never used): no branch around the loads
-            const int nx = min(d0 + a + AH, D - 1);
-            sw[a] = __ldg(dp + nx * 32);
-#pragma unroll
-            for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + (nx * UPS + i) * 32);
-          }
-        }
-      }
-    }
-    store_row<T, NB>(acc, P, l, row, rows, n0, batch, y, bias, act);
-  }
-#endif
 }
 
 }  // namespace bp
