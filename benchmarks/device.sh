@@ -13,6 +13,8 @@
 #   builds  builds of the persistent step (1B 70%) timed and compared: BASE is step_probe.py's --builds, e.g.
 #           ';BP_STEP_X=1' (~2 min)
 #   ncu     the persistent step under ncu --set full: details, the SASS lines warps stall on (~3 min)
+#   delta   the delta walk: its GPU tests, bitmask_probe on the 8B shapes (hot and cold) for each build in BASE
+#           (';'-separated -D lists, '' = this tree's, e.g. ';BP_DELTA_AHEAD=8'), the 8B layer at 50% (~8 min)
 # BASE: a previous tree for the same-run A/B steps (mode builds: the builds to compare), made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
@@ -117,11 +119,24 @@ case $MODE in
        gzip -c /tmp/src.csv >"$OUT/ncu_src.csv.gz"
        tail -3 "$OUT/ncu_run.txt"; grep -E "Duration|Warp Cycles Per Issued|Issued Warp|Stall|Eligible" "$OUT/ncu_details.txt" | head -20
        head -40 "$OUT/ncu_top.txt" | cut -c1-200 ;;
+  delta) timeout 120 $T tests/gpu/test_bitmask_gpu.py -k "long_runs or walk7" >"$OUT/t_bitmask.txt" 2>&1
+         IFS=';' read -ra builds <<<"${BASE:-}"
+         [ ${#builds[@]} -gt 0 ] || builds=("")
+         for b in "${builds[@]}"; do
+           echo "== probe 8b defines=$b"
+           timeout 100 python3 benchmarks/bitmask_probe.py --shapes 8b --configs 50%,70% --batch 1 --walk 7 --cold \
+             ${b:+--defines "$b"}
+         done >"$OUT/probe_delta.txt" 2>&1
+         grep -oE '== .*|"layer": "[^"]*"|"config": "[^"]*"|"(bitmask|bitmask_cold|read_cold|dense_cold)": [0-9.]+' \
+           "$OUT/probe_delta.txt" | paste -sd' ' | sed 's/ == /\n== /g'
+         timeout 200 python3 benchmarks/llm_layers.py --models 8b --dtypes float16 --configs 50 --batch 1 --index auto \
+           --out /tmp/llm-layers >"$OUT/layers_8b.txt" 2>&1
+         cp /tmp/llm-layers/table.txt "$OUT/layers_8b_table.txt" 2>/dev/null ;;
   probe1) { echo "== step probe new"; timeout 120 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline \
             --probes 0; } >"$OUT/step_probe.txt" 2>&1; decode_new ;;
   probe) step_probe; decode_new; step_tests; step_probe base
          timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1 ;;
-  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1, builds, ncu)" >&2; exit 2 ;;
+  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1, builds, ncu, delta)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
 grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-400
