@@ -46,10 +46,10 @@ def _kernels(text: str) -> list[tuple[str, str, str]]:
 #: the kernels' weight arrays: no grid writes them, so a kernel may prefetch them before its prologue (the delta
 #: walk's step words and row-group starts are weights too)
 WEIGHTS = {"vals", "idx", "masks", "records", "deltas", "starts"}
-#: what may be called before the prologue: the L2 / L1 prefetch of weights and the arithmetic around it (__ffs
-#: included), and __ldg (a read-only load: of a weight array, as the pointer check above holds it)
+#: what may be called before the prologue: the L2 / L1 prefetch of weights and the arithmetic around it (__ffs,
+#: min and max included), and __ldg (a read-only load: of a weight array, as the pointer check above holds it)
 PRE_PROLOGUE_CALLS = {"prefetch_l2", "prefetch_rows_l2", "prefetch_cta_rows_l2", "prefetch_share", "reinterpret_cast",
-                      "prefetch_l1", "prefetch_first_group_l1", "__ldg", "__ffs"}
+                      "prefetch_l1", "prefetch_first_group_l1", "__ldg", "__ffs", "min", "max"}
 #: kernels that read other constants of the step before their prologue (bp_common.cuh states the rule), with
 #: the pointers they may read there: no grid of the step writes them. add_rms_norm: its norm weights;
 #: attention_item (attention_split's body): the KV cache below the position (earlier steps wrote it), staged into

@@ -235,7 +235,8 @@ class DeltaLinear(BitmaskLinear):
     def _launch_args(self, x, y, batch: int, cfg: dict) -> tuple:
         """The kernel arguments of one launch (balanced_delta_spmm's parameter order, up to y)."""
         dg = self.segments
-        return (self.units_dev, self.deltas_dev, self.starts_dev, np.int32(self.rows), np.int32(dg.rounds),
+        return (self.units_dev, self.deltas_dev, self.starts_dev, np.uint32(self.deltas_dev.shape[0]),
+                np.int32(self.rows), np.int32(dg.rounds),
                 np.int32(dg.lanes), np.int32(dg.seg_cols), np.int32(dg.segments), x, np.int32(self.cols),
                 np.int32(batch), y)
 
