@@ -162,3 +162,60 @@ def test_shared_memory_is_x_plus_each_walks_mask_words():
     assert shell(BitmaskLinear, 6, sg).shared_bytes(1, False) == 4096 * 4 + 10 * warps_words
     assert shell(DeltaLinear, 7, dg).shared_bytes(1, False) == 4096 * 4
     assert shell(DeltaLinear, 7, dg).shared_bytes(4, True) == 4096 * 4 * 2
+
+
+def _kernel_params(name: str) -> list[tuple[str, str]]:
+    """(C type, name) of each parameter of __global__ ``name`` in kernels/balanced_bitmask.cu."""
+    import re
+
+    from balprune.runtime.kernels import kernels_dir
+
+    text = (kernels_dir() / "balanced_bitmask.cu").read_text()
+    m = re.search(r"__global__[^;{]*?\b" + name + r"\s*\(([^)]*)\)", text, flags=re.S)
+    assert m, name
+    params = []
+    for p in m.group(1).split(","):
+        words = p.replace("__restrict__", " ").replace("*", " * ").split()
+        params.append((" ".join(w for w in words[:-1] if w != "const"), words[-1]))
+    return params
+
+
+def test_launch_arguments_match_the_kernels_parameter_lists():
+    """BitmaskLinear._launch_args (mask walks) and DeltaLinear._launch_args (the delta walk) pass, in order, an
+    array for each pointer parameter up to y, a uint32 for each unsigned and an int32 for each int: a wrong order
+    or type would otherwise first show on a GPU as a wrong product. The epilogue's bias and act follow y."""
+    import numpy as np
+
+    from balprune.formats.layouts import DeltaGeometry, SegmentGeometry
+    from balprune.runtime.bitmask import DeltaLinear
+
+    def shell(cls, walk, geometry, arrays):
+        op = BitmaskLinear.__new__(cls)
+        op.walk, op.dtype, op.segments, op.rows, op.cols = walk, "float16", geometry, 64, 4096
+        for attr, n in arrays.items():
+            setattr(op, attr, np.zeros(n, np.uint32))
+        return op
+
+    x, y = object(), object()
+    cases = [("balanced_bitmask_spmm", shell(BitmaskLinear, 5, SegmentGeometry(32, 128, 64, 2),
+                                             {"units_dev": 8, "words_dev": 8})),
+             ("balanced_delta_spmm", shell(DeltaLinear, 7, DeltaGeometry(32, 128, 64, 2),
+                                           {"units_dev": 8, "deltas_dev": (5, 32), "starts_dev": 3}))]
+    for kernel, op in cases:
+        params = _kernel_params(kernel)
+        names = [n for _, n in params]
+        params = params[: names.index("y") + 1]
+        args = op._launch_args(x, y, 1, {})
+        assert len(args) == len(params), (kernel, names)
+        for (ctype, pname), arg in zip(params, args):
+            if pname == "x":
+                assert arg is x
+            elif pname == "y":
+                assert arg is y
+            elif "*" in ctype:
+                assert isinstance(arg, np.ndarray), (kernel, pname)
+            else:
+                assert type(arg) is {"unsigned": np.uint32, "int": np.int32}[ctype], (kernel, pname, type(arg))
+    delta_names = [n for _, n in _kernel_params("balanced_delta_spmm")]
+    delta_args = dict(zip(delta_names, cases[1][1]._launch_args(x, y, 1, {})))
+    assert delta_args["steps"] == 5  # deltas' first dimension

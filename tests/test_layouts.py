@@ -418,6 +418,15 @@ def test_delta_layout_is_deterministic_and_copies_value_bits():
     assert np.array_equal(kept, np.sort(want[want != 0]))  # the values' bits, none converted or lost
 
 
+def test_delta_layout_of_no_rows_is_empty():
+    """Zero rows (no row group): empty arrays and one start, not a broadcast error from the kept entries' block
+    copy (whose width g*k may exceed the one-step minimum of the entry arrays)."""
+    values, indices = np.zeros((0, 40, 4), np.float16), np.zeros((0, 40, 4), np.uint8)
+    units, deltas, starts, dg = layouts.delta_segments(values, indices, 64)
+    assert units.shape[0] == deltas.shape[0] == 0 and starts.tolist() == [0]
+    assert layouts.delta_reference(units, deltas, starts, dg, 0, np.ones(256)).shape == (0,)
+
+
 def test_delta_geometry_rounds_entries_to_whole_steps():
     # k = 19 of L = 64 (1B at 70%): g = 2 pads 38 to 40 where g = 1 pads 19 to 24; 2:4 fp16 takes 4 blocks (8 entries)
     assert layouts.DeltaGeometry(32, 64, 19, 2).g == 2

@@ -505,7 +505,7 @@ def delta_segments(values: np.ndarray, indices: np.ndarray,
     count = np.full((R, S), n, dtype=np.int64)
     if len(r):
         count[r, sg] = pos[:, -1].astype(np.int64) + 1
-    E_max = int(count.max()) if count.size else 0
+    E_max = max(int(count.max()) if count.size else 0, n)  # (>= n: the block copy below writes n entries)
     per_group = np.zeros(groups, dtype=np.int64)
     if R:
         np.maximum.at(per_group, np.arange(R) // rpw, count.max(axis=1))
