@@ -1,6 +1,6 @@
 """Probe: the bitmask kernel against the offsets kernel, dense cuBLAS and a plain read, on LLM linears.
 
-python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6|7]
+python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--layers gate/up,down] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6|7]
 Per shape x sparsity (balanced, 32 blocks) and N:M: graph-replayed per-launch us (hot, 20 launches
 per graph) of the bitmask kernel, the offsets kernel (BalancedLinear defaults), torch dense (cuBLAS)
 and a plain read of the bitmask kernel's bytes; with --cold also eager per-launch medians over rotating
@@ -35,6 +35,7 @@ CONFIGS = {"50%": BalancedPattern(0.5, blocks=32), "70%": BalancedPattern(0.7, b
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8b")
+    ap.add_argument("--layers", default="", help="a comma list of the shapes' layers (q/o, k/v, gate/up, down); default all")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -49,6 +50,8 @@ def main() -> int:
     l2 = timer.info.l2_bytes if hasattr(timer.info, "l2_bytes") else 50 << 20
     rows_out = []
     for lname, (R, K) in SHAPES[a.shapes].items():
+        if a.layers and lname not in a.layers.split(","):
+            continue
         w = (torch.randn(R, K, generator=torch.Generator().manual_seed(R + K)) * 0.02).to(dt)
         wd = w.cuda()
         for cname in a.configs.split(","):

@@ -14,7 +14,9 @@
 #           ';BP_STEP_X=1' (~2 min)
 #   ncu     the persistent step under ncu --set full: details, the SASS lines warps stall on (~3 min)
 #   delta   the delta walk: its GPU tests, bitmask_probe on the 8B shapes (hot and cold) for each build in BASE
-#           (';'-separated -D lists, '' = this tree's, e.g. ';BP_DELTA_AHEAD=8'), the 8B layer at 50% (~8 min)
+#           (';'-separated -D lists, '' = this tree's, e.g. ';BP_DELTA_AHEAD=6'), the 8B layer at 50% (~8 min)
+#   ncu-delta  the delta walk's first launch on 8B gate/up at 50% (batch 1, caches flushed: cold) under ncu --set
+#           full: details (stall reasons, DRAM throughput, occupancy), the SASS lines warps stall on (~3 min)
 # BASE: a previous tree for the same-run A/B steps (mode builds: the builds to compare), made here (untracked: it travels with the working tree):
 #   mkdir ab_base && git archive REV src kernels benchmarks | tar -x -C ab_base
 set -uo pipefail
@@ -132,11 +134,21 @@ case $MODE in
          timeout 200 python3 benchmarks/llm_layers.py --models 8b --dtypes float16 --configs 50 --batch 1 --index auto \
            --out /tmp/llm-layers >"$OUT/layers_8b.txt" 2>&1
          cp /tmp/llm-layers/table.txt "$OUT/layers_8b_table.txt" 2>/dev/null ;;
+  ncu-delta)
+         timeout 200 ncu -k regex:balanced_delta_spmm --launch-count 1 --set full --import-source no -f -o "$OUT/delta" \
+           python3 benchmarks/bitmask_probe.py --shapes 8b --layers gate/up --configs 50% --batch 1 --walk 7 \
+           >"$OUT/ncu_run.txt" 2>&1
+         ncu -i "$OUT/delta.ncu-rep" --page details >"$OUT/ncu_details.txt" 2>&1
+         ncu -i "$OUT/delta.ncu-rep" --page source --csv --print-source sass >/tmp/src.csv 2>"$OUT/ncu_src_err.txt"
+         python3 benchmarks/ncu_top.py /tmp/src.csv --top 80 >"$OUT/ncu_top.txt" 2>&1
+         grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Warp Cycles Per Issued|Issued Warp|Stall|Eligible" \
+           "$OUT/ncu_details.txt" | head -24
+         head -30 "$OUT/ncu_top.txt" | cut -c1-200 ;;
   probe1) { echo "== step probe new"; timeout 120 python3 benchmarks/step_probe.py --model 1b --config 70% --timeline \
             --probes 0; } >"$OUT/step_probe.txt" 2>&1; decode_new ;;
   probe) step_probe; decode_new; step_tests; step_probe base
          timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1 ;;
-  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1, builds, ncu, delta)" >&2; exit 2 ;;
+  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1, builds, ncu, delta, ncu-delta)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
 grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-400
