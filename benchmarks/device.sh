@@ -14,7 +14,8 @@
 #           ';BP_STEP_X=1' (~2 min)
 #   ncu     the persistent step under ncu --set full: details, the SASS lines warps stall on (~3 min)
 #   delta   the delta walk: its GPU tests, bitmask_probe on the 8B shapes (hot and cold) for each build in BASE
-#           (';'-separated -D lists, '' = this tree's, e.g. ';BP_DELTA_AHEAD=6'), the 8B layer at 50% (~8 min)
+#           (';'-separated -D lists, '' = this tree's, e.g. ';BP_DELTA_AHEAD=6'), the large shapes with x staged
+#           in fp16 at batch 1 (--x-own), the 8B layer at 50% (~9 min)
 #   ncu-delta  the delta walk's first launch on 8B gate/up at 50% (batch 1, caches flushed: cold) under ncu --set
 #           full: details (stall reasons, DRAM throughput, occupancy), the SASS lines warps stall on (~3 min)
 # BASE: a previous tree for the same-run A/B steps (mode builds: the builds to compare), made here (untracked: it travels with the working tree):
@@ -129,9 +130,12 @@ case $MODE in
            timeout 100 python3 benchmarks/bitmask_probe.py --shapes 8b --configs 50%,70% --batch 1 --walk 7 --cold \
              ${b:+--defines "$b"}
          done >"$OUT/probe_delta.txt" 2>&1
+         { echo "== probe 8b x staged in fp16 at batch 1"
+           timeout 60 python3 benchmarks/bitmask_probe.py --shapes 8b --layers down,gate/up --configs 50%,70% \
+             --batch 1 --walk 7 --cold --x-own; } >>"$OUT/probe_delta.txt" 2>&1
          grep -oE '== .*|"layer": "[^"]*"|"config": "[^"]*"|"(bitmask|bitmask_cold|read_cold|dense_cold)": [0-9.]+' \
            "$OUT/probe_delta.txt" | paste -sd' ' | sed 's/ == /\n== /g'
-         timeout 200 python3 benchmarks/llm_layers.py --models 8b --dtypes float16 --configs 50 --batch 1 --index auto \
+         timeout 170 python3 benchmarks/llm_layers.py --models 8b --dtypes float16 --configs 50 --batch 1 --index auto \
            --out /tmp/llm-layers >"$OUT/layers_8b.txt" 2>&1
          cp /tmp/llm-layers/table.txt "$OUT/layers_8b_table.txt" 2>/dev/null ;;
   ncu-delta)
