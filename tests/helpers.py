@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -250,10 +251,30 @@ def emulate_stage_input(tid, nthreads: int, chans: int, rows: int, cols: int, c0
 def assert_source_has(filename: str, lines) -> None:
     """Each of ``lines`` (whitespace-normalised) still in kernels/``filename``: the lines a thread emulation
     mirrors, so that an edit to the kernel must revisit the emulation."""
-    import re
 
     from balprune.runtime.kernels import kernel_source
 
     src = re.sub(r"\s+", " ", kernel_source(filename))
     for line in lines:
         assert line in src, f"{filename} no longer has: {line}"
+
+
+def strip_comments(text: str) -> str:
+    """CUDA/C++ source without its comments (block and line)."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+def global_kernels(text: str) -> list[tuple[str, str, str]]:
+    """(name, parameter list, body after its opening brace) of every __global__ function of ``text``."""
+    out = []
+    for m in re.finditer(r"__global__", text):
+        head_end = text.index("{", m.end())
+        head = re.sub(r"__launch_bounds__\s*\([^)]*\)", " ", text[m.end():head_end])
+        name = re.search(r"(\w+)\s*\(", head)
+        depth, end = 1, head_end + 1
+        while depth:  # the body ends at the brace that closes the opening one
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        out.append((name.group(1), head[name.end():], text[head_end + 1:end - 1]))
+    return out

@@ -166,18 +166,17 @@ def test_shared_memory_is_x_plus_each_walks_mask_words():
 
 def _kernel_params(name: str) -> list[tuple[str, str]]:
     """(C type, name) of each parameter of __global__ ``name`` in kernels/balanced_bitmask.cu."""
-    import re
+    from helpers import global_kernels, strip_comments
 
     from balprune.runtime.kernels import kernels_dir
 
-    text = (kernels_dir() / "balanced_bitmask.cu").read_text()
-    m = re.search(r"__global__[^;{]*?\b" + name + r"\s*\(([^)]*)\)", text, flags=re.S)
-    assert m, name
-    params = []
-    for p in m.group(1).split(","):
+    text = strip_comments((kernels_dir() / "balanced_bitmask.cu").read_text())
+    params = next(p for n, p, _ in global_kernels(text) if n == name)
+    out = []
+    for p in params[: params.rindex(")")].split(","):
         words = p.replace("__restrict__", " ").replace("*", " * ").split()
-        params.append((" ".join(w for w in words[:-1] if w != "const"), words[-1]))
-    return params
+        out.append((" ".join(w for w in words[:-1] if w != "const"), words[-1]))
+    return out
 
 
 def test_launch_arguments_match_the_kernels_parameter_lists():

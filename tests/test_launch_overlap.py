@@ -16,31 +16,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import global_kernels, strip_comments  # noqa: E402
 
 from balprune.runtime import _launch
 from balprune.runtime.kernels import kernels_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "balprune" / "runtime"
-
-
-def _strip_comments(text: str) -> str:
-    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
-    return re.sub(r"//[^\n]*", " ", text)
-
-
-def _kernels(text: str) -> list[tuple[str, str, str]]:
-    """(name, parameter list, body after its opening brace) of every __global__ function of ``text``."""
-    out = []
-    for m in re.finditer(r"__global__", text):
-        head_end = text.index("{", m.end())
-        head = re.sub(r"__launch_bounds__\s*\([^)]*\)", " ", text[m.end():head_end])
-        name = re.search(r"(\w+)\s*\(", head)
-        depth, end = 1, head_end + 1
-        while depth:  # the body ends at the brace that closes the opening one
-            depth += {"{": 1, "}": -1}.get(text[end], 0)
-            end += 1
-        out.append((name.group(1), head[name.end():], text[head_end + 1:end - 1]))
-    return out
 
 
 #: the kernels' weight arrays: no grid writes them, so a kernel may prefetch them before its prologue (the delta
@@ -71,7 +52,7 @@ SHARED_PARAMS = {"sm"}
 
 def _device_function(name: str) -> tuple[str, str]:
     """(parameter list, body) of the __device__ function ``name`` (DELEGATES says where it is)."""
-    text = _strip_comments((kernels_dir() / DELEGATES[name]).read_text())
+    text = strip_comments((kernels_dir() / DELEGATES[name]).read_text())
     m = re.search(r"__device__[^;{]*?\b" + name + r"\s*\(", text)
     assert m, f"{name} not found in {DELEGATES[name]}"
     head_end = text.index("{", m.end())
@@ -102,8 +83,8 @@ def _check_prologue(filename: str, name: str, params: str, body: str, prologue: 
 
 @pytest.mark.parametrize("filename", _launch.OVERLAP_KERNEL_FILES)
 def test_every_overlappable_kernel_waits_before_it_touches_anything_but_weights(filename):
-    text = _strip_comments((kernels_dir() / filename).read_text())
-    kernels = _kernels(text)
+    text = strip_comments((kernels_dir() / filename).read_text())
+    kernels = global_kernels(text)
     assert kernels, f"no kernels in {filename}"
     for name, params, body in kernels:
         delegate = re.search(r"\b(" + "|".join(DELEGATES) + r")\s*<[^>]*\btrue\s*>\s*\(", body)
@@ -121,7 +102,7 @@ def test_every_overlappable_kernel_waits_before_it_touches_anything_but_weights(
 
 
 def test_the_prologue_waits_before_it_lets_the_next_grid_in():
-    text = _strip_comments((kernels_dir() / "bp_common.cuh").read_text())
+    text = strip_comments((kernels_dir() / "bp_common.cuh").read_text())
     body = text[text.index("void overlap_prologue()"):]
     body = body[:body.index("\n}")]
     assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents")
