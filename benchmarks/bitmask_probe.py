@@ -1,6 +1,6 @@
 """Probe: the bitmask kernel against the offsets kernel, dense cuBLAS and a plain read, on LLM linears.
 
-python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--layers gate/up,down] [--x-own] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6|7]
+python3 benchmarks/bitmask_probe.py [--shapes 8b|1b] [--layers gate/up,down] [--x-own] [--ctas-per-sm 3] [--dtype float16] [--batch 1,4,16] [--defines A=1,B=2] [--walk 5|6|7]
 Per shape x sparsity (balanced, 32 blocks) and N:M: graph-replayed per-launch us (hot, 20 launches
 per graph) of the bitmask kernel, the offsets kernel (BalancedLinear defaults), torch dense (cuBLAS)
 and a plain read of the bitmask kernel's bytes; with --cold also eager per-launch medians over rotating
@@ -32,10 +32,20 @@ CONFIGS = {"50%": BalancedPattern(0.5, blocks=32), "70%": BalancedPattern(0.7, b
            "4:8": BalancedPattern(0.5, blocks=None, block_size=8)}
 
 
-def operator(bt, defines, walk, x_own: bool) -> BitmaskLinear:
-    """The bitmask operator under test; ``x_own``: its plan stages x in the 16-bit type wherever that fits (an
-    experiment of this probe: the runtime's rule is BitmaskLinear.plan)."""
+def operator(bt, defines, walk, x_own: bool, ctas_per_sm: int = 0) -> BitmaskLinear:
+    """The bitmask operator under test; ``x_own``: its plan stages x in the 16-bit type wherever that fits;
+    ``ctas_per_sm``: its grid capped at that many CTAs an SM (experiments of this probe: the runtime's rules are
+    BitmaskLinear.plan and its launch configuration's occupancy bound)."""
     op = BitmaskLinear.from_tensor(bt, validate=False, defines=defines, **walk)
+    if ctas_per_sm:
+        config = op._launch_config
+
+        def capped_config(batch: int) -> dict:
+            cfg = config(batch)
+            grid = min(cfg["grid"][0], op.info.multiprocessors * ctas_per_sm)
+            return {**cfg, "grid": (grid, cfg["grid"][1]), "ctas_per_sm": min(cfg["ctas_per_sm"], ctas_per_sm)}
+
+        op._launch_config = capped_config
     if x_own and op.dtype != "float32":
         plan = op.plan
 
@@ -61,6 +71,8 @@ def main() -> int:
     ap.add_argument("--x-own", action="store_true",
                     help="stage x in the layer's own 16-bit type at batch tile 1 too (the runtime stages fp32 where it "
                          "fits; fp32 x of K = 14336 takes 57 KB a CTA, 3 CTAs an SM)")
+    ap.add_argument("--ctas-per-sm", type=int, default=0,
+                    help="cap the bitmask kernel's grid at this many CTAs an SM (fewer warps, each with a longer run)")
     a = ap.parse_args()
     dt = getattr(torch, a.dtype)
     defines = tuple(d for d in a.defines.split(",") if d)
@@ -77,7 +89,7 @@ def main() -> int:
             g = geometry_for(R, K, pat)
             bt = BalancedTensor.from_offsets(w, pat, balanced_offsets(w, g, dtype=g.index_dtype))
             walk = {} if a.walk is None else {"walk": a.walk}
-            bm = operator(bt, defines, walk, a.x_own)
+            bm = operator(bt, defines, walk, a.x_own, a.ctas_per_sm)
             off = BalancedLinear.from_tensor(bt, validate=False)
             # 2:4 also runs on the sparse tensor cores (kernels/nm24_sparse_mma.cu)
             nm = Nm24Linear.from_tensor(bt, validate=False) if cname == "2:4" else None
@@ -115,7 +127,7 @@ def main() -> int:
                     res["nm24_read"] = timer.graph_time([timer.read_launch(nm.weight_bytes)]).median_us
                 if a.cold:
                     n = copies_for(bm.weight_bytes, l2)
-                    bms = [operator(bt, defines, walk, a.x_own) for _ in range(n)]
+                    bms = [operator(bt, defines, walk, a.x_own, a.ctas_per_sm) for _ in range(n)]
                     res["bitmask_cold"] = timer.time([o.prepared_launch(xc, yb, batch) for o in bms]).median_us
                     res["read_cold"] = timer.time([timer.read_launch(bm.weight_bytes) for _ in range(n)]).median_us
                     del bms

@@ -15,7 +15,8 @@
 #   ncu     the persistent step under ncu --set full: details, the SASS lines warps stall on (~3 min)
 #   delta   the delta walk: its GPU tests, bitmask_probe on the 8B shapes (hot and cold) for each build in BASE
 #           (';'-separated -D lists, '' = this tree's, e.g. ';BP_DELTA_AHEAD=6'), the large shapes with x staged
-#           in fp16 at batch 1 (--x-own), the 8B layer at 50% (~9 min)
+#           in fp16 at batch 1 (--x-own), the 8B layer at 50% (~9 min); with a previous tree in ab_base, the probe
+#           in that tree first
 #   ncu-delta  the delta walk's first launch on 8B gate/up at 50% (batch 1, caches flushed: cold) under ncu --set
 #           full: details (stall reasons, DRAM throughput, occupancy), the SASS lines warps stall on (~3 min)
 # BASE: a previous tree for the same-run A/B steps (mode builds: the builds to compare), made here (untracked: it travels with the working tree):
@@ -125,11 +126,16 @@ case $MODE in
   delta) timeout 120 $T tests/gpu/test_bitmask_gpu.py -k "long_runs or walk7" >"$OUT/t_bitmask.txt" 2>&1
          IFS=';' read -ra builds <<<"${BASE:-}"
          [ ${#builds[@]} -gt 0 ] || builds=("")
+         if [ -d ab_base ]; then  # a previous tree (see BASE above), timed first: this tree's change against it
+           echo "== probe 8b base tree"
+           (cd ab_base && timeout 100 python3 benchmarks/bitmask_probe.py --shapes 8b --configs 50%,70% --batch 1 \
+             --walk 7 --cold)
+         fi >"$OUT/probe_delta.txt" 2>&1
          for b in "${builds[@]}"; do
            echo "== probe 8b defines=$b"
            timeout 100 python3 benchmarks/bitmask_probe.py --shapes 8b --configs 50%,70% --batch 1 --walk 7 --cold \
              ${b:+--defines "$b"}
-         done >"$OUT/probe_delta.txt" 2>&1
+         done >>"$OUT/probe_delta.txt" 2>&1
          { echo "== probe 8b x staged in fp16 at batch 1"
            timeout 60 python3 benchmarks/bitmask_probe.py --shapes 8b --layers down,gate/up --configs 50%,70% \
              --batch 1 --walk 7 --cold --x-own; } >>"$OUT/probe_delta.txt" 2>&1

@@ -579,11 +579,6 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
 #ifndef BP_DELTA_AHEAD
 #define BP_DELTA_AHEAD 4
 #endif
-// v40 (kernels/NOTES.md; not yet run): the prefetch ranges before the prologue estimated from `steps`, not loaded
-#ifndef BP_DELTA_EST
-#define BP_DELTA_EST 0
-#endif
-
 // Eight entries of one step: their columns from the word of steps (addr: x's shared address at the previous
 // entry's column), their values from the step's UPS units.
 template <typename T, typename XT, int NB, int UPS>
@@ -610,7 +605,7 @@ __device__ __forceinline__ void delta_step(unsigned steps, const Words<4> (&u)[U
 template <typename T, typename XT, int NB>
 __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
     balanced_delta_spmm(const Words<4>* __restrict__ vals, const unsigned* __restrict__ deltas,
-                        const unsigned* __restrict__ starts, unsigned steps, int rows, int Q, int P, int seg_cols, int S,
+                        const unsigned* __restrict__ starts, int rows, int Q, int P, int seg_cols, int S,
                         const T* __restrict__ x, int cols, int batch, T* __restrict__ y, const float* __restrict__ bias,
                         int act) {
   constexpr int V = BP_BM_UNIT_BYTES / sizeof(T);
@@ -628,40 +623,12 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   // and waits a memory round trip, at every group).
   const long long wtot = (long long)gridDim.x * warps, wid = (long long)blockIdx.x * warps + warp;
   const int gb = (int)(wid * groups / wtot), ge = (int)((wid + 1) * groups / wtot);
-  if (BP_DELTA_EST && NB == 1) {  // weights only, before the prologue: the CTA's run into L2 (its share), this warp's
-    // first steps into L1 -- where they are estimated, not loaded: a run's steps are about its share of all
-    // `steps` (the row groups of one balanced matrix differ by phantom entries only), so nothing waits for a
-    // cold `starts` line before the prefetches go out, and x's staging below overlaps their flight
-    // (batch tile 1 only: the NB = 2 build spills with it)
-    const float per_group = (float)steps / (float)max(groups, 1), per_warp = (float)groups / (float)wtot;
-    const long long cb = (long long)((float)(blockIdx.x * warps) * per_warp);
-    const long long ce = (long long)((float)((blockIdx.x + 1) * warps) * per_warp);
-    if (blockIdx.y == 0 && cb < ce) {
-      // the run's first bytes, one 128-byte line per thread and step: steps from s0, up to the CTA's share
-      const unsigned s0 = (unsigned)(per_group * cb), s1 = min((unsigned)(per_group * ce), steps);
-      const unsigned cap = (unsigned)(prefetch_share() / (128 + 512 * UPS));  // steps the share covers
-      const unsigned n = s1 > s0 ? min(s1 - s0, cap) : 0u;  // (a rounded estimate may pass the end: clamped)
-      const unsigned* dl = deltas + (size_t)s0 * 32;  // per step: one line of steps, 4 * UPS lines of values
-      const Words<4>* vl = vals + (size_t)s0 * UPS * 32;
-#pragma unroll 1
-      for (unsigned i = threadIdx.x; i < n; i += blockDim.x) prefetch_l2(dl + i * 32);
-#pragma unroll 1
-      for (unsigned i = threadIdx.x; i < n * 4 * UPS; i += blockDim.x) prefetch_l2(vl + i * 8);
-    }
-    if (gb < ge) {
-      const long long s0 = (long long)(per_group * gb), s1 = min((long long)(per_group * ge), (long long)steps);
-      for (long long st = s0; st < s1 && st < s0 + 2 * BP_DELTA_AHEAD; ++st) {
-        prefetch_l1(deltas + st * 32 + lane);
-#pragma unroll
-        for (int i = 0; i < UPS; ++i) prefetch_l1(vals + (st * UPS + i) * 32 + lane);
-      }
-    }
-  } else {  // weights only, before the prologue: the CTA's run into L2 (up to its share), this warp's first steps into L1
+  {  // weights only, before the prologue: the CTA's run into L2 (up to its share), this warp's first steps into L1
     const int cb = (int)((long long)blockIdx.x * warps * groups / wtot);
     const int ce = (int)(((long long)blockIdx.x + 1) * warps * groups / wtot);
     if (blockIdx.y == 0 && cb < ce) {
       const long long s0 = __ldg(starts + cb), s1 = __ldg(starts + ce);
-      const long long cap = prefetch_share() * 4 / (4 + 16 * UPS);
+      const long long cap = prefetch_share() * 4 / (4 + 16 * UPS);  // the share split by bytes per step
       prefetch_rows_l2(deltas + s0 * 32, (s1 - s0) * 128, (s1 - s0) * 128, (s1 - s0) * 128, cap);
       prefetch_rows_l2(vals + s0 * UPS * 32, (s1 - s0) * UPS * 512, (s1 - s0) * UPS * 512, (s1 - s0) * UPS * 512,
                        cap * 4 * UPS);
@@ -698,18 +665,25 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   for (int n = 0; n < NB; ++n) acc[n] = 0.0f;
   unsigned sw[AH];
   Words<4> u[AH][UPS];
+  // Slot a of the look-ahead: step nx's word of steps and its values.
+  auto load = [&](int a, unsigned nx) {
+    sw[a] = __ldg(dp + (size_t)nx * 32);
+#pragma unroll
+    for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + ((size_t)nx * UPS + i) * 32);
+  };
   if (s < s1) {
 #pragma unroll
-    for (int a = 0; a < AH; ++a) {
-      const unsigned nx = min(s + a, s1 - 1);
-      sw[a] = __ldg(dp + (size_t)nx * 32);
-#pragma unroll
-      for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + ((size_t)nx * UPS + i) * 32);
-    }
+    for (int a = 0; a < AH; ++a) load(a, min(s + a, s1 - 1));
   }
   int D = (int)((end - s) / (unsigned)Q);  // steps per round of the current group
   int left = D, q = 0;                      // steps left in round q
   unsigned addr = xbase;
+  // Consumes slot a (step s + a) and reloads it with the step AH on; past the run's last step the last one again
+  // (an L1 hit, never used), so there is no branch around the loads.
+  auto take = [&](int a) {
+    delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
+    load(a, min(s + a + AH, s1 - 1));
+  };
   // Groups without steps (every row of them empty) store bias / activation of zero and take nothing from the stream.
   // Called when a group's last round ends (or before the first): moves to the next group that has steps.
   auto next_group = [&]() {
@@ -725,7 +699,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
       left = D;
     }
   };
-  if (left == 0) next_group();
+  next_group();  // (a no-op unless the run's first groups are empty)
   // The round's last step consumed: the next round of the group, or the next group.
   auto round_end = [&]() {
     if (++q < Q) {
@@ -740,25 +714,14 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   for (; s < s1; s += AH) {
     if (left >= AH && s + AH <= s1) {  // (uniform) AH steps of one round: no test per step
 #pragma unroll
-      for (int a = 0; a < AH; ++a) {
-        delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
-        // past the run's last step the last one again (an L1 hit, never used): no branch around the loads
-        const unsigned nx = min(s + a + AH, s1 - 1);
-        sw[a] = __ldg(dp + (size_t)nx * 32);
-#pragma unroll
-        for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + ((size_t)nx * UPS + i) * 32);
-      }
+      for (int a = 0; a < AH; ++a) take(a);
       left -= AH;
       if (left == 0) round_end();
     } else {  // a round or the run ends inside these AH steps
 #pragma unroll
       for (int a = 0; a < AH; ++a) {
         if (s + a < s1) {  // uniform over the warp
-          delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
-          const unsigned nx = min(s + a + AH, s1 - 1);
-          sw[a] = __ldg(dp + (size_t)nx * 32);
-#pragma unroll
-          for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + ((size_t)nx * UPS + i) * 32);
+          take(a);
           if (--left == 0) round_end();
         }
       }

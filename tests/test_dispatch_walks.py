@@ -217,4 +217,6 @@ def test_launch_arguments_match_the_kernels_parameter_lists():
                 assert type(arg) is {"unsigned": np.uint32, "int": np.int32}[ctype], (kernel, pname, type(arg))
     delta_names = [n for _, n in _kernel_params("balanced_delta_spmm")]
     delta_args = dict(zip(delta_names, cases[1][1]._launch_args(x, y, 1, {})))
-    assert delta_args["steps"] == 5  # deltas' first dimension
+    dg = cases[1][1].segments
+    assert (delta_args["rows"], delta_args["Q"], delta_args["P"], delta_args["seg_cols"], delta_args["S"]) == \
+        (64, dg.rounds, dg.lanes, dg.seg_cols, dg.segments)

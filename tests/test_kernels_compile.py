@@ -78,15 +78,6 @@ def test_every_bitmask_variant_compiles_without_spills(tmp_path):
                                            f"-DBP_BM_WALK={walk}")
 
 
-def test_delta_walk_estimated_prefetch_build_compiles_without_spills(tmp_path):
-    """The delta walk's v40 build (BP_DELTA_EST=1, kernels/NOTES.md: waiting for its device A/B) fits as the
-    default build does: its first version spilled the NB = 2 variants."""
-    from balprune.runtime.bitmask import DELTA_WALK, kernel_variants
-
-    _assert_fit_64_registers_no_spills(tmp_path, kernel_variants(DELTA_WALK), "balanced_bitmask.cu",
-                                       f"-DBP_BM_WALK={DELTA_WALK}", "-DBP_DELTA_EST=1")
-
-
 def test_every_nm24_variant_compiles_without_spills(tmp_path):
     """kernels/nm24_sparse_mma.cu (mma.sp on the sparse tensor cores): every (dtype, batch tile) the
     runtime launches, at <= 64 registers (16 warps per CTA, two CTAs per SM) and no local memory."""

@@ -171,7 +171,7 @@ class BitmaskLinear(BalancedOperator):
         k = self._kernel(nb, own, smem)
         rows_per_cta = (32 // self.segments.lanes) * (THREADS // 32)  # (a delta row group is 32 / lanes rows)
         per_sm = max(1, min(info.max_threads_per_sm // THREADS, info.regs_per_sm // max(1, k.num_regs * THREADS),
-                            info.smem_per_sm // (smem + 1024)))
+                            info.smem_per_sm // (smem + k.shared_size_bytes + 1024)))  # (+ static: a build's own)
         passes = -(-batch // nb)
         grid_x = max(1, min(-(-self.rows // rows_per_cta), info.multiprocessors * per_sm))
         return {"kernel": k, "grid": (grid_x, passes), "block": (THREADS,), "shared_mem": smem, "batch_tile": nb,
@@ -235,8 +235,7 @@ class DeltaLinear(BitmaskLinear):
     def _launch_args(self, x, y, batch: int, cfg: dict) -> tuple:
         """The kernel arguments of one launch (balanced_delta_spmm's parameter order, up to y)."""
         dg = self.segments
-        return (self.units_dev, self.deltas_dev, self.starts_dev, np.uint32(self.deltas_dev.shape[0]),
-                np.int32(self.rows), np.int32(dg.rounds),
+        return (self.units_dev, self.deltas_dev, self.starts_dev, np.int32(self.rows), np.int32(dg.rounds),
                 np.int32(dg.lanes), np.int32(dg.seg_cols), np.int32(dg.segments), x, np.int32(self.cols),
                 np.int32(batch), y)
 
