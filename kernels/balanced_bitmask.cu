@@ -579,6 +579,13 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
 #ifndef BP_DELTA_AHEAD
 #define BP_DELTA_AHEAD 4
 #endif
+// v42 (kernels/NOTES.md; written, not yet run): each consumed step also asks L2 for the step BP_DELTA_PF_L2 steps
+// past the register look-ahead (0: off). A prefetch has no destination register, so it takes no scoreboard: every
+// look-ahead load shares the one scoreboard the x loads leave free (NOTES "Where the delta walk waits"), which
+// makes the register look-ahead one batch per round trip; with the lines already in L2 that round trip is L2's.
+#ifndef BP_DELTA_PF_L2
+#define BP_DELTA_PF_L2 0
+#endif
 // Eight entries of one step: their columns from the word of steps (addr: x's shared address at the previous
 // entry's column), their values from the step's UPS units.
 template <typename T, typename XT, int NB, int UPS>
@@ -683,6 +690,12 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   auto take = [&](int a) {
     delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
     load(a, min(s + a + AH, s1 - 1));
+    if (BP_DELTA_PF_L2 > 0 && s + a + AH + BP_DELTA_PF_L2 < s1) {  // (uniform over the warp)
+      const size_t pf = s + a + AH + BP_DELTA_PF_L2;
+      prefetch_l2(dp + pf * 32);
+#pragma unroll
+      for (int i = 0; i < UPS; ++i) prefetch_l2(vp + (pf * UPS + i) * 32);
+    }
   };
   // Groups without steps (every row of them empty) store bias / activation of zero and take nothing from the stream.
   // Called when a group's last round ends (or before the first): moves to the next group that has steps.

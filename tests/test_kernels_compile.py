@@ -78,6 +78,15 @@ def test_every_bitmask_variant_compiles_without_spills(tmp_path):
                                            f"-DBP_BM_WALK={walk}")
 
 
+def test_delta_walk_l2_prefetch_build_compiles_without_spills(tmp_path):
+    """The delta walk's v42 build (BP_DELTA_PF_L2, kernels/NOTES.md: waiting for its device A/B) fits as the
+    default build does: every variant at <= 64 registers, no local memory."""
+    from balprune.runtime.bitmask import DELTA_WALK, kernel_variants
+
+    _assert_fit_64_registers_no_spills(tmp_path, kernel_variants(DELTA_WALK), "balanced_bitmask.cu",
+                                       f"-DBP_BM_WALK={DELTA_WALK}", "-DBP_DELTA_PF_L2=8")
+
+
 def test_every_nm24_variant_compiles_without_spills(tmp_path):
     """kernels/nm24_sparse_mma.cu (mma.sp on the sparse tensor cores): every (dtype, batch tile) the
     runtime launches, at <= 64 registers (16 warps per CTA, two CTAs per SM) and no local memory."""
