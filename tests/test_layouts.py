@@ -72,6 +72,18 @@ def test_bitmask_round_trip_is_exact_with_k_bits_per_block(rows, cols, pattern):
 
 
 @pytest.mark.parametrize("rows,cols,pattern", GEOMETRIES)
+def test_offsets_from_mask_is_the_same_in_chunks_of_rows(rows, cols, pattern, monkeypatch):
+    """The mask is decoded a chunk of rows at a time (memory bound); chunks of one and two rows give the
+    offsets of one pass, also where L is not a power of two (the in-block column is a remainder then)."""
+    bt = _tensor(rows, cols, pattern, seed=5)
+    g = bt.geometry
+    mask = bt.with_encoding(BITMASK).parts()["mask"]
+    for chunk_rows in (1, 2):
+        monkeypatch.setattr(layouts, "CHECK_CHUNK_ENTRIES", chunk_rows * g.blocks * g.block_length)
+        assert torch.equal(offsets_from_mask(mask, g.blocks, g.block_length, g.keep), bt.indices), chunk_rows
+
+
+@pytest.mark.parametrize("rows,cols,pattern", GEOMETRIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("paired", [False, True])
 def test_bitmask_device_layout_computes_the_product(rows, cols, pattern, dtype, paired):
