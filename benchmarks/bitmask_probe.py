@@ -70,10 +70,12 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--x-own", action="store_true",
                     help="stage x in the layer's own 16-bit type at batch tile 1 too (the runtime stages fp32 where it "
-                         "fits; fp32 x of K = 14336 takes 57 KB a CTA, 3 CTAs an SM)")
+                         "fits: fp32 x of K = 14336 takes 56 KB a CTA)")
     ap.add_argument("--ctas-per-sm", type=int, default=0,
                     help="cap the bitmask kernel's grid at this many CTAs an SM (fewer warps, each with a longer run)")
     a = ap.parse_args()
+    if a.ctas_per_sm < 0:
+        ap.error("--ctas-per-sm is a count of CTAs (0: the runtime's grid)")
     dt = getattr(torch, a.dtype)
     defines = tuple(d for d in a.defines.split(",") if d)
     timer = Timer(0)

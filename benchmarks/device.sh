@@ -17,8 +17,8 @@
 #           (';'-separated -D lists, '' = this tree's, e.g. ';BP_DELTA_AHEAD=6'), the large shapes with x staged
 #           in fp16 at batch 1 (--x-own), the 8B layer at 50% (~9 min); with a previous tree in ab_base, the probe
 #           in that tree first
-#   delta-pf  the delta walk's GPU tests, bitmask_probe on the 8B shapes (hot and cold) at BP_DELTA_PF_L2 = 0 / 4 / 8
-#           / 16 (kernels/NOTES.md v42), then gate/up and down with the grid capped at 3 and 2 CTAs an SM (~7 min)
+#   delta-pf  the delta walk's GPU tests, bitmask_probe on the 8B shapes (hot and cold) at BP_DELTA_PF_L2 = 0 / 2 / 4
+#           / 8 (kernels/NOTES.md v42), then gate/up and down with the grid capped at 3 and 2 CTAs an SM (~7 min)
 #   ncu-delta  the delta walk's first launch on 8B gate/up at 50% (batch 1, caches flushed: cold) under ncu --set
 #           full: details (stall reasons, DRAM throughput, occupancy), the SASS lines warps stall on (~3 min)
 # BASE: a previous tree for the same-run A/B steps (mode builds: the builds to compare), made here (untracked: it travels with the working tree):
@@ -147,19 +147,19 @@ case $MODE in
            --out /tmp/llm-layers >"$OUT/layers_8b.txt" 2>&1
          cp /tmp/llm-layers/table.txt "$OUT/layers_8b_table.txt" 2>/dev/null ;;
   delta-pf)
-         timeout 120 $T tests/gpu/test_bitmask_gpu.py -k "long_runs or walk7" >"$OUT/t_bitmask.txt" 2>&1
+         timeout 100 $T tests/gpu/test_bitmask_gpu.py -k "long_runs or walk7" >"$OUT/t_bitmask.txt" 2>&1
          tail -1 "$OUT/t_bitmask.txt"
-         for b in "" BP_DELTA_PF_L2=4 BP_DELTA_PF_L2=8 BP_DELTA_PF_L2=16; do
+         for b in "" BP_DELTA_PF_L2=2 BP_DELTA_PF_L2=4 BP_DELTA_PF_L2=8; do
            echo "== probe 8b defines=$b"
-           timeout 90 python3 benchmarks/bitmask_probe.py --shapes 8b --configs 50%,70% --batch 1 --walk 7 --cold \
+           timeout 85 python3 benchmarks/bitmask_probe.py --shapes 8b --configs 50%,70% --batch 1 --walk 7 --cold \
              ${b:+--defines "$b"}
          done >"$OUT/probe_pf.txt" 2>&1
          for c in 3 2; do
            echo "== probe 8b ctas per SM $c"
-           timeout 60 python3 benchmarks/bitmask_probe.py --shapes 8b --layers gate/up,down --configs 50%,70% --batch 1 \
+           timeout 55 python3 benchmarks/bitmask_probe.py --shapes 8b --layers gate/up,down --configs 50%,70% --batch 1 \
              --walk 7 --cold --ctas-per-sm $c
          done >>"$OUT/probe_pf.txt" 2>&1
-         grep -oE '== .*|"layer": "[^"]*"|"config": "[^"]*"|"(bitmask|bitmask_cold|read_cold)": [0-9.]+' \
+         grep -oE '^== .*|"layer": "[^"]*"|"config": "[^"]*"|"(bitmask|bitmask_cold|read_cold)": [0-9.]+' \
            "$OUT/probe_pf.txt" | paste -sd' ' | sed 's/ == /\n== /g' ;;
   ncu-delta)
          timeout 200 ncu -k regex:balanced_delta_spmm --launch-count 1 --set full --import-source no -f -o "$OUT/delta" \
@@ -175,7 +175,7 @@ case $MODE in
             --probes 0; } >"$OUT/step_probe.txt" 2>&1; decode_new ;;
   probe) step_probe; decode_new; step_tests; step_probe base
          timeout 110 $T tests/gpu/test_llama_gpu.py -k "fused-ops or graph_replay or overlapped or wide" >"$OUT/t_llama.txt" 2>&1 ;;
-  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1, builds, ncu, delta, ncu-delta)" >&2; exit 2 ;;
+  *) echo "unknown mode $MODE (min, combo, vision, next, step, probe, probe1, builds, ncu, delta, delta-pf, ncu-delta)" >&2; exit 2 ;;
 esac
 grep -hE "passed|failed|error" "$OUT"/t_*.txt 2>/dev/null | tail -6
 grep -h "ms_per_token\|products_ms\|== " "$OUT"/decode*.txt 2>/dev/null | cut -c1-400

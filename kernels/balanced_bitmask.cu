@@ -681,6 +681,14 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   if (s < s1) {
 #pragma unroll
     for (int a = 0; a < AH; ++a) load(a, min(s + a, s1 - 1));
+    if (BP_DELTA_PF_L2 > 0) {  // (v42) the steps the rolling prefetch in take() starts past: AH .. AH + PF - 1
+#pragma unroll 1
+      for (unsigned st = s + AH; st < min(s + AH + BP_DELTA_PF_L2, s1); ++st) {
+        prefetch_l2(dp + (size_t)st * 32);
+#pragma unroll
+        for (int i = 0; i < UPS; ++i) prefetch_l2(vp + ((size_t)st * UPS + i) * 32);
+      }
+    }
   }
   int D = (int)((end - s) / (unsigned)Q);  // steps per round of the current group
   int left = D, q = 0;                      // steps left in round q

@@ -198,7 +198,8 @@ def test_launch_arguments_match_the_kernels_parameter_lists():
     x, y = object(), object()
     cases = [("balanced_bitmask_spmm", shell(BitmaskLinear, 5, SegmentGeometry(32, 128, 64, 2),
                                              {"units_dev": 8, "words_dev": 8})),
-             ("balanced_delta_spmm", shell(DeltaLinear, 7, DeltaGeometry(32, 128, 64, 2),
+             # (48 blocks: S = 48 segments, P = 32 lanes, Q = 2 rounds -- a swap of any two is seen)
+             ("balanced_delta_spmm", shell(DeltaLinear, 7, DeltaGeometry(48, 128, 64, 2),
                                            {"units_dev": 8, "deltas_dev": (5, 32), "starts_dev": 3}))]
     for kernel, op in cases:
         params = _kernel_params(kernel)
@@ -218,5 +219,6 @@ def test_launch_arguments_match_the_kernels_parameter_lists():
     delta_names = [n for _, n in _kernel_params("balanced_delta_spmm")]
     delta_args = dict(zip(delta_names, cases[1][1]._launch_args(x, y, 1, {})))
     dg = cases[1][1].segments
+    assert len({dg.segments, dg.lanes, dg.rounds, dg.seg_cols}) == 4, dg.as_tuple()
     assert (delta_args["rows"], delta_args["Q"], delta_args["P"], delta_args["seg_cols"], delta_args["S"]) == \
         (64, dg.rounds, dg.lanes, dg.seg_cols, dg.segments)

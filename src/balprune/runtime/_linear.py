@@ -31,14 +31,15 @@ class SparseLinear:
     def _compiled(self, key, filename: str, name: str, smem: int = 0):
         """The kernel ``name`` of kernels/``filename`` built for this layer's device and ``defines``
         (cached per ``key`` on the operator; runtime.kernels caches the module), with its dynamic
-        shared-memory limit raised to ``smem`` where that is above the 48 KB default."""
+        shared-memory limit raised to ``smem`` where that plus the build's static shared memory passes the
+        48 KB a launch gets by default."""
         k = self._kernels.get(key)
         if k is None:
             from .kernels import load_module
 
             k = load_module(filename, (name,), device=self.device, defines=self.defines).get_function(name)
             self._kernels[key] = k
-        if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
+        if smem + k.shared_size_bytes > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
             k.max_dynamic_shared_size_bytes = smem
         return k
 
