@@ -678,16 +678,18 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
 #pragma unroll
     for (int i = 0; i < UPS; ++i) u[a][i] = ld_words<4>(vp + ((size_t)nx * UPS + i) * 32);
   };
+  // (v42) Step st's word of steps and values asked of L2 (a prefetch takes no scoreboard).
+  auto prefetch_step_l2 = [&](size_t st) {
+    prefetch_l2(dp + st * 32);
+#pragma unroll
+    for (int i = 0; i < UPS; ++i) prefetch_l2(vp + (st * UPS + i) * 32);
+  };
   if (s < s1) {
 #pragma unroll
     for (int a = 0; a < AH; ++a) load(a, min(s + a, s1 - 1));
     if (BP_DELTA_PF_L2 > 0) {  // (v42) the steps the rolling prefetch in take() starts past: AH .. AH + PF - 1
 #pragma unroll 1
-      for (unsigned st = s + AH; st < min(s + AH + BP_DELTA_PF_L2, s1); ++st) {
-        prefetch_l2(dp + (size_t)st * 32);
-#pragma unroll
-        for (int i = 0; i < UPS; ++i) prefetch_l2(vp + ((size_t)st * UPS + i) * 32);
-      }
+      for (unsigned st = s + AH; st < min(s + AH + BP_DELTA_PF_L2, s1); ++st) prefetch_step_l2(st);
     }
   }
   int D = (int)((end - s) / (unsigned)Q);  // steps per round of the current group
@@ -698,12 +700,7 @@ __global__ void __launch_bounds__(256, BP_BM_MIN_CTAS)
   auto take = [&](int a) {
     delta_step<T, XT, NB, UPS>(sw[a], u[a], addr, xcol, acc);
     load(a, min(s + a + AH, s1 - 1));
-    if (BP_DELTA_PF_L2 > 0 && s + a + AH + BP_DELTA_PF_L2 < s1) {  // (uniform over the warp)
-      const size_t pf = s + a + AH + BP_DELTA_PF_L2;
-      prefetch_l2(dp + pf * 32);
-#pragma unroll
-      for (int i = 0; i < UPS; ++i) prefetch_l2(vp + (pf * UPS + i) * 32);
-    }
+    if (BP_DELTA_PF_L2 > 0 && s + a + AH + BP_DELTA_PF_L2 < s1) prefetch_step_l2(s + a + AH + BP_DELTA_PF_L2);
   };
   // Groups without steps (every row of them empty) store bias / activation of zero and take nothing from the stream.
   // Called when a group's last round ends (or before the first): moves to the next group that has steps.

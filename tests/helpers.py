@@ -265,6 +265,15 @@ def strip_comments(text: str) -> str:
     return re.sub(r"//[^\n]*", " ", text)
 
 
+def block_body(text: str, open_brace: int) -> str:
+    """The text between the brace at ``open_brace`` and the brace that closes it."""
+    depth, end = 1, open_brace + 1
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        end += 1
+    return text[open_brace + 1:end - 1]
+
+
 def global_kernels(text: str) -> list[tuple[str, str, str]]:
     """(name, parameter list, body after its opening brace) of every __global__ function of ``text``."""
     out = []
@@ -272,9 +281,5 @@ def global_kernels(text: str) -> list[tuple[str, str, str]]:
         head_end = text.index("{", m.end())
         head = re.sub(r"__launch_bounds__\s*\([^)]*\)", " ", text[m.end():head_end])
         name = re.search(r"(\w+)\s*\(", head)
-        depth, end = 1, head_end + 1
-        while depth:  # the body ends at the brace that closes the opening one
-            depth += {"{": 1, "}": -1}.get(text[end], 0)
-            end += 1
-        out.append((name.group(1), head[name.end():], text[head_end + 1:end - 1]))
+        out.append((name.group(1), head[name.end():], block_body(text, head_end)))
     return out

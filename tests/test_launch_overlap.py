@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import global_kernels, strip_comments  # noqa: E402
+from helpers import block_body, global_kernels, strip_comments
 
 from balprune.runtime import _launch
 from balprune.runtime.kernels import kernels_dir
@@ -56,11 +56,7 @@ def _device_function(name: str) -> tuple[str, str]:
     m = re.search(r"__device__[^;{]*?\b" + name + r"\s*\(", text)
     assert m, f"{name} not found in {DELEGATES[name]}"
     head_end = text.index("{", m.end())
-    depth, end = 1, head_end + 1
-    while depth:
-        depth += {"{": 1, "}": -1}.get(text[end], 0)
-        end += 1
-    return text[m.end():head_end], text[head_end + 1:end - 1]
+    return text[m.end():head_end], block_body(text, head_end)
 
 
 def _check_prologue(filename: str, name: str, params: str, body: str, prologue: str) -> None:
